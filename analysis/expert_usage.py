@@ -1,0 +1,113 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # MLP expert specialisation across the shared layers (SPEC §7.2, F1–F4)
+#
+# Reads the statistics that `python -m moeut.analyze checkpoint=<run dir>` stored in
+# `<run dir>/analysis/routing_stats.npz` (no model is run here) and the run's Hydra config.
+# Set the run directory with the environment variable `MOEUT_RUN_DIR` (and optionally
+# `MOEUT_ANALYSIS_DIR` if the statistics were written elsewhere).
+
+# %%
+import os
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from IPython.display import display
+from omegaconf import OmegaConf
+
+from moeut import analysis as A
+from moeut import analyze as Z
+
+run_dir = os.environ.get("MOEUT_RUN_DIR")
+if not run_dir:
+    raise RuntimeError("set MOEUT_RUN_DIR to a run directory analysed with `python -m moeut.analyze`")
+analysis_dir = Path(os.environ.get("MOEUT_ANALYSIS_DIR", Path(run_dir) / "analysis"))
+stats = A.load_stats(str(analysis_dir))
+meta = stats["meta"]
+run = meta.get("run_name") or Path(run_dir).name
+G, R, NE, K = meta["n_groups"], meta["n_repeats"], meta["n_experts"], meta["k"]
+print(f"run {run}: G={G}, R={R}, N_E={NE}, K={K}; {meta['n_tokens']} validation tokens, "
+      f"perplexity {meta['val_ppl']:.2f}")
+
+# %% [markdown]
+# The run's resolved Hydra config (training `.hydra/config.yaml` or the checkpoint's `config.yaml`)
+# and the analysis config.
+
+# %%
+run_cfg_path = meta.get("run_config")
+if run_cfg_path and os.path.isfile(run_cfg_path):
+    print(OmegaConf.to_yaml(OmegaConf.load(run_cfg_path)))
+else:
+    print("no Hydra config stored with the run; model config from the checkpoint:")
+    print(OmegaConf.to_yaml(OmegaConf.create(meta["model_config"])))
+if (analysis_dir / "analyze_config.yaml").is_file():
+    print(OmegaConf.to_yaml(OmegaConf.load(analysis_dir / "analyze_config.yaml")))
+
+# %% [markdown]
+# ## F1 — expert usage by layer
+# `P[r, e]` is the share of expert e's selections that happen at repetition r. Experts are ordered
+# by the authors' thresholded "centre of mass" (0.9-quantile per expert, unnormalised score).
+
+# %%
+for g in range(G):
+    p = A.expert_layer_usage(stats["mlp_counts"][g])
+    order, score = A.com_order(p, 0.9)
+    top_layer = p.argmax(0)
+    print(f"g={g}: experts whose selections peak at each repetition:",
+          np.bincount(top_layer[p.sum(0) > 0], minlength=R).tolist())
+    display(Z.plot_f1(stats, g, run))
+    display(Z.plot_f1(stats, g, run, normalised=True))
+
+# %% [markdown]
+# ## F2 — distinct experts per token id
+# A token that always used the same K experts would sit at K; larger values mean the choice of
+# expert depends on the context.
+
+# %%
+tec = A.token_counts_from_stats(stats)
+for l in Z.f2_layers(stats, None):
+    n_used = A.distinct_experts_per_token(tec, int(stats["layer_g"][l]), int(stats["layer_r"][l]))
+    seen = n_used[n_used > 0]
+    print(f"layer {l + 1}: {len(seen)} token ids seen, median #experts {np.median(seen):.1f} (K = {K})")
+display(Z.plot_f2(stats, run))
+
+# %% [markdown]
+# ## F3 — per-layer share of each token's expert set (member g = 0)
+
+# %%
+top = A.top_tokens(stats["token_freq"], 6000)
+img = A.layer_share_of_token_set(tec, 0, top)
+print("mean share per layer (most frequent 100 tokens):", np.round(np.nanmean(img[:, :100], 1), 3).tolist())
+display(Z.plot_f3(stats, run, 0, 6000))
+
+# %% [markdown]
+# ## F4 — per-token Jaccard overlap between repetitions
+# From the streamed sums over every validation position; the stored per-position expert sets
+# (first `store_positions` positions) give the same matrix on their subset.
+
+# %%
+for g in range(G):
+    j = A.jaccard_from_sums(stats["jaccard_sum"][g], int(stats["n_positions"]))
+    print(f"g={g}: Jaccard between repetitions\n", np.round(j, 3))
+    layers = [l for l in range(meta["n_layers"]) if stats["layer_g"][l] == g]
+    layers.sort(key=lambda l: stats["layer_r"][l])
+    subset = stats["sets"][:, layers, :]
+    if len(subset):
+        print("  same, from the first", len(subset), "stored positions:\n", np.round(A.jaccard_matrix(subset), 3))
+    display(Z.plot_f4(stats, run, g))
+plt.close("all")

@@ -1,0 +1,18 @@
+"""MoEUT: Mixture-of-Experts Universal Transformers (Csordás et al., NeurIPS 2024)."""
+from .config import PRESETS, DenseConfig, MoEUTConfig, get_preset
+from .outputs import LMOutput, RoutingRecord
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # lazy: importing the package does not build kernels or models
+    if name in ("MoEUTLM", "KVCache"):
+        from . import model
+        return getattr(model, name)
+    if name in ("from_official", "to_official"):
+        from . import official
+        return getattr(official, name)
+    if name in ("build_model", "load_model", "save_checkpoint"):
+        from . import checkpoint
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'moeut' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Data pipeline: corpus sources -> SentencePiece tokenizer -> uint16 memmap shards -> windows."""

@@ -1,0 +1,163 @@
+"""Windows of T+1 tokens over memmapped shards and the paper's samplers (SPEC 5.5-5.7).
+
+Window i is tokens [i*T, i*T + T + 1) of the concatenated stream of all shards: inputs are
+w[:-1], targets w[1:], and the extra token is the next window's first. Windows ignore document
+boundaries. Shard offsets are cumulative sizes of the *previous* shards (the official code's
+off-by-one accumulation is deliberately not replicated, SPEC 5.5).
+"""
+from __future__ import annotations
+
+import bisect
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .prepare import TokenManifest
+
+SAMPLERS = ("sequential", "shuffled")
+
+
+class TokenStream:
+    """Read-only concatenation of uint16 memmap shards."""
+
+    def __init__(self, manifest: TokenManifest):
+        self.manifest = manifest
+        self.shards: List[np.memmap] = []
+        for path, info in zip(manifest.shard_paths(), manifest.shards):
+            n = int(info["tokens"])
+            if n == 0:
+                continue
+            mm = np.memmap(path, dtype=np.dtype(manifest.dtype), mode="r")
+            if len(mm) != n:
+                raise ValueError(f"{path}: holds {len(mm)} tokens but manifest.json says {n} "
+                                 f"(delete {manifest.path} to re-tokenise)")
+            self.shards.append(mm)
+        # starts[k] = first global position of shard k
+        self.starts = [0]
+        for mm in self.shards:
+            self.starts.append(self.starts[-1] + len(mm))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def slice(self, a: int, b: int) -> np.ndarray:
+        """Tokens [a, b) as int64, crossing shard boundaries when needed."""
+        if not 0 <= a <= b <= len(self):
+            raise IndexError(f"token range [{a}, {b}) outside stream of {len(self)}")
+        out = np.empty(b - a, dtype=np.int64)
+        k = bisect.bisect_right(self.starts, a) - 1
+        pos = a
+        while pos < b:
+            s0 = self.starts[k]
+            take = min(b, self.starts[k + 1]) - pos
+            out[pos - a: pos - a + take] = self.shards[k][pos - s0: pos - s0 + take]
+            pos += take
+            k += 1
+        return out
+
+
+class WindowDataset:
+    """Non-overlapping windows of T inputs + 1 target token. `limit_tokens` caps the stream used
+    (the paper's train limit / validation budget)."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, limit_tokens: Optional[int] = None):
+        self.stream = stream
+        self.seq_len = seq_len
+        usable = len(stream) if limit_tokens is None else min(len(stream), limit_tokens + 1)
+        # Each window needs T+1 tokens; the last target may be the first token past the limit.
+        self.n_windows = max(0, (usable - 1) // seq_len)
+
+    def __len__(self) -> int:
+        return self.n_windows
+
+    def window(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.n_windows:
+            raise IndexError(f"window {i} outside [0, {self.n_windows})")
+        a = i * self.seq_len
+        return self.stream.slice(a, a + self.seq_len + 1)
+
+    def batch(self, indices: Sequence[int]) -> torch.Tensor:
+        """int64 [len(indices), T+1]."""
+        if len(indices) == 0:
+            return torch.empty(0, self.seq_len + 1, dtype=torch.long)
+        return torch.from_numpy(np.stack([self.window(int(i)) for i in indices]))
+
+
+class StreamSampler:
+    """The paper's sequential multi-stream sampler, or a shuffled variant (SPEC 5.6).
+
+    `batch_size` is the *global* batch B. Sequential: n = N div B windows per stream; step p
+    uses windows [p, p+n, ..., p+(B-1)n]; stream j reads windows j*n ... j*n+n-1 in order.
+    Shuffled: a fresh permutation of the N windows per epoch (seeded by seed+epoch), B per step.
+    After n steps an epoch ends and the order repeats (sequential) or is re-drawn (shuffled);
+    the paper's train limit makes that never happen there.
+    Data parallelism: rank r takes the contiguous block of B/W streams [r*B/W, (r+1)*B/W).
+    The state is the global step position p (and nothing else), saved in checkpoints.
+    """
+
+    def __init__(self, n_windows: int, batch_size: int, mode: str = "sequential", seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if mode not in SAMPLERS:
+            raise ValueError(f"data.sampler: {mode!r} is not one of {SAMPLERS}")
+        if batch_size % world_size:
+            raise ValueError(f"train.batch_size={batch_size} not divisible by world size {world_size}")
+        self.n_per_stream = n_windows // batch_size
+        if self.n_per_stream == 0:
+            raise ValueError(f"dataset has {n_windows} windows, fewer than one batch of {batch_size}; "
+                             f"use more data or a smaller batch")
+        self.n_windows, self.batch_size, self.mode, self.seed = n_windows, batch_size, mode, seed
+        self.rank, self.world_size = rank, world_size
+        self.position = 0  # global step position p
+        self._perm_epoch, self._perm = -1, None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_per_stream
+
+    def global_indices(self, position: int) -> np.ndarray:
+        """Window ids of all B streams at `position` (int64 [B])."""
+        epoch, p = divmod(position, self.n_per_stream)
+        if self.mode == "sequential":
+            return p + self.n_per_stream * np.arange(self.batch_size, dtype=np.int64)
+        if self._perm_epoch != epoch:
+            rng = np.random.default_rng(self.seed + epoch)
+            self._perm = rng.permutation(self.n_per_stream * self.batch_size)
+            self._perm_epoch = epoch
+        return self._perm[p * self.batch_size:(p + 1) * self.batch_size].astype(np.int64)
+
+    def local_indices(self, position: int) -> np.ndarray:
+        b = self.batch_size // self.world_size
+        return self.global_indices(position)[self.rank * b:(self.rank + 1) * b]
+
+    def next(self) -> np.ndarray:
+        idx = self.local_indices(self.position)
+        self.position += 1
+        return idx
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.n_per_stream
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"position": self.position, "mode": self.mode, "seed": self.seed,
+                "n_windows": self.n_windows, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        if state.get("n_windows") != self.n_windows or state.get("batch_size") != self.batch_size:
+            import warnings
+            warnings.warn(f"sampler state was saved for {state.get('n_windows')} windows x batch "
+                          f"{state.get('batch_size')}, now {self.n_windows} x {self.batch_size}: "
+                          f"the data order after resume differs from the original run")
+        self.position = int(state["position"])
+
+
+def validation_windows(stream: TokenStream, seq_len: int, n_tokens: Optional[int]) -> WindowDataset:
+    """The first `n_tokens` tokens as non-overlapping windows (SPEC 5.7: 1,032,192 for C4)."""
+    return WindowDataset(stream, seq_len, limit_tokens=n_tokens)
+
+
+def paper_valid_tokens(corpus: str, seq_len: int = 1024) -> int:
+    """SPEC 5.7: int((const div T) * 0.005) * T with the authors' constants."""
+    const = 842021184 if corpus == "pes2o" else 206453965
+    return int((const // seq_len) * 0.005) * seq_len

@@ -1,0 +1,68 @@
+"""Language models whose log-probabilities are known exactly, for testing scorers.
+
+They follow the package's model interface (`model(ids[B, T]).logits -> [B, T, V]`), so the same
+engine that scores MoEUT scores them, and a test can compute every expected score by hand.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..outputs import LMOutput
+
+
+class _Fake(nn.Module):
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self._dev = nn.Parameter(torch.zeros(()), requires_grad=False)  # so .to(device) works
+
+    def _out(self, logits_BTV: torch.Tensor) -> LMOutput:
+        return LMOutput(logits=logits_BTV, reg_loss=torch.zeros((), device=logits_BTV.device))
+
+
+class UnigramLM(_Fake):
+    """Context-free: logits at every position are the same vector `logits_V`, so
+    log P(tok_p | tok_<p) = log_softmax(logits_V)[tok_p]. All zeros = the uniform model."""
+
+    def __init__(self, logits_V: torch.Tensor):
+        super().__init__(logits_V.numel())
+        self.register_buffer("logits_V", logits_V.float().clone())
+
+    def forward(self, input_ids, **kw) -> LMOutput:
+        B, T = input_ids.shape
+        return self._out(self.logits_V.expand(B, T, -1).clone())
+
+
+class BigramLM(_Fake):
+    """logits at position p are row `table_VV[tok_p]`: log P(tok_p | tok_<p) =
+    log_softmax(table_VV[tok_{p-1}])[tok_p]."""
+
+    def __init__(self, table_VV: torch.Tensor):
+        super().__init__(table_VV.shape[0])
+        self.register_buffer("table_VV", table_VV.float().clone())
+
+    def forward(self, input_ids, **kw) -> LMOutput:
+        return self._out(self.table_VV[input_ids])
+
+
+class PeekingLM(_Fake):
+    """Cheats: the logits at position p put `margin` on the *actual* next input token, so every
+    argmax prediction is right, except at the positions in `wrong_at` (counted from the start of
+    the sequence), where `wrong_id` gets the margin instead."""
+
+    def __init__(self, vocab_size: int, margin: float = 10.0, wrong_at=(), wrong_id: int = 0):
+        super().__init__(vocab_size)
+        self.margin = margin
+        self.wrong_at = set(wrong_at)
+        self.wrong_id = wrong_id
+
+    def forward(self, input_ids, **kw) -> LMOutput:
+        B, T = input_ids.shape
+        nxt_BT = torch.roll(input_ids, -1, dims=1)
+        for p in self.wrong_at:
+            if p < T:
+                nxt_BT[:, p] = self.wrong_id
+        logits = torch.zeros(B, T, self.vocab_size, device=input_ids.device)
+        logits.scatter_(-1, nxt_BT[..., None], self.margin)
+        return self._out(logits)

@@ -1,0 +1,265 @@
+"""Paper-parity zero-shot scorer (SPEC 6.1): batched teacher-forced log-probabilities.
+
+Rules implemented here, for every task:
+- No BOS is ever prepended, so the first token of a sequence is never scored: one forward over n
+  tokens gives n - 1 next-token log-probabilities.
+- Every option is its own full sequence (no prefix sharing). Sequences are right-padded to a
+  multiple of `pad_multiple` (128 in the paper's code) and bucketed by length, longest first;
+  the options of one item go into the same batch where they fit. Right padding is safe because
+  the model is causal: a padded position can never influence an earlier one, and padded positions
+  are never read back.
+- Log-probabilities are computed in float64 (log_softmax of the upcast logits of the scored
+  positions only, so memory stays O(scored tokens x V)).
+- The model runs in eval mode under torch.no_grad(); bf16 autocast on CUDA.
+
+The engine only needs `model(input_ids[B, T]) -> object with .logits [B, T, V]` (LMOutput, or a
+Hugging Face CausalLMOutput), so it works for MoEUT, the baselines and the HF export alike.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Hashable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover - tqdm is a dependency
+    tqdm = None
+
+
+@dataclass
+class ScoreRequest:
+    """One sequence to score. Tokens at positions score_from..n-1 are scored (score_from >= 1)."""
+
+    ids: List[int]
+    score_from: int
+    item: Hashable = None  # requests with the same item key are batched together where they fit
+    want_argmax: bool = False  # also return the argmax prediction at every position 0..n-2
+
+
+@dataclass
+class ScoreResult:
+    logprob: float  # float64 sum of log P(tok_p | tok_<p) over the scored positions
+    n_scored: int  # number of scored tokens (n - score_from)
+    greedy: bool  # every scored token is the model's argmax at its position
+    token_logprobs: List[float] = field(default_factory=list)  # per scored token, float64
+    argmax: Optional[List[int]] = None  # argmax next-token prediction at positions 0..n-2
+
+
+def make_request(context_ids: Sequence[int], continuation_ids: Sequence[int], item: Hashable = None,
+                 want_argmax: bool = False) -> ScoreRequest:
+    """Context and continuation are tokenised separately by the caller and concatenated here
+    (SPEC 6.1). The continuation starts at c = len(context); with an empty context the first
+    continuation token is unscored, because there is no BOS to condition it on."""
+    ids = [int(i) for i in context_ids] + [int(i) for i in continuation_ids]
+    return ScoreRequest(ids=ids, score_from=max(len(context_ids), 1), item=item, want_argmax=want_argmax)
+
+
+def resolve_device(device: Optional[str] = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_autocast_dtype(dtype: Optional[str], device: torch.device) -> Optional[torch.dtype]:
+    """'auto' = bf16 on CUDA (the paper evaluates under bf16 autocast), none on CPU."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else None
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+             "float16": torch.float16, "fp32": None, "float32": None, "none": None}
+    if dtype not in table:
+        raise ValueError(f"dtype: unknown value {dtype!r}; use one of {sorted(table)} or 'auto'")
+    return table[dtype]
+
+
+def _logits_of(out: Any) -> torch.Tensor:
+    logits = getattr(out, "logits", out)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise TypeError("the model must return an object with .logits of shape [B, T, V] "
+                        f"(got {type(out).__name__})")
+    return logits
+
+
+class Scorer:
+    """Batched log-likelihood engine over any causal LM following the package's model interface."""
+
+    def __init__(self, model: torch.nn.Module, *, device: Optional[str] = None, batch_size: int = 16,
+                 pad_multiple: int = 128, dtype: Optional[str] = "auto", max_length: Optional[int] = None,
+                 pad_id: int = 0, progress: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        if pad_multiple < 1:
+            raise ValueError(f"pad_multiple: must be >= 1, got {pad_multiple}")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.batch_size = batch_size
+        self.pad_multiple = pad_multiple
+        self.autocast_dtype = resolve_autocast_dtype(dtype, self.device)
+        self.max_length = max_length
+        self.pad_id = pad_id
+        self.progress = progress
+
+    # ---------------------------------------------------------------------------------------
+    def _truncate(self, r: ScoreRequest) -> ScoreRequest:
+        """Left-truncate an over-long sequence, keeping every scored token and one token of
+        context before it (as lm-eval does). Only used when max_length is set."""
+        if self.max_length is None or len(r.ids) <= self.max_length:
+            return r
+        n_scored = len(r.ids) - r.score_from
+        if n_scored + 1 > self.max_length:
+            raise ValueError(f"a continuation of {n_scored} tokens does not fit in max_length="
+                             f"{self.max_length}")
+        if r.want_argmax:
+            raise ValueError(f"a sequence of {len(r.ids)} tokens exceeds max_length={self.max_length} "
+                             "and asks for per-position argmax (LAMBADA): raise max_length")
+        cut = len(r.ids) - self.max_length
+        return ScoreRequest(ids=r.ids[cut:], score_from=r.score_from - cut, item=r.item)
+
+    def _batches(self, requests: List[ScoreRequest]) -> List[List[int]]:
+        """Indices of requests grouped into batches: items (all their options) sorted by their
+        longest sequence, longest first, packed greedily; an item with more options than the
+        batch size is split."""
+        by_item: Dict[Any, List[int]] = {}
+        for i, r in enumerate(requests):
+            key = ("__single__", i) if r.item is None else ("item", r.item)
+            by_item.setdefault(key, []).append(i)
+        groups = sorted(by_item.values(), key=lambda idx: -max(len(requests[i].ids) for i in idx))
+        batches: List[List[int]] = []
+        cur: List[int] = []
+        for idx in groups:
+            if cur and len(cur) + len(idx) > self.batch_size:
+                batches.append(cur)
+                cur = []
+            for i in idx:
+                if len(cur) == self.batch_size:
+                    batches.append(cur)
+                    cur = []
+                cur.append(i)
+        if cur:
+            batches.append(cur)
+        return batches
+
+    @torch.no_grad()
+    def score(self, requests: Sequence[ScoreRequest], desc: str = "scoring") -> List[ScoreResult]:
+        requests = [self._truncate(r) for r in requests]
+        for k, r in enumerate(requests):
+            if r.score_from < 1 or r.score_from > len(r.ids):
+                raise ValueError(f"request {k}: score_from={r.score_from} outside 1..{len(r.ids)} "
+                                 "(the first token is never scored)")
+        results: List[Optional[ScoreResult]] = [None] * len(requests)
+        batches = self._batches(list(requests))
+        it = batches
+        if self.progress and tqdm is not None:
+            it = tqdm(batches, desc=desc, unit="batch", leave=False)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in it:
+                self._score_batch([requests[i] for i in batch], batch, results)
+        finally:
+            self.model.train(was_training)
+        return results  # type: ignore[return-value]
+
+    def _score_batch(self, reqs: List[ScoreRequest], idx: List[int], results: List) -> None:
+        n_max = max(len(r.ids) for r in reqs)
+        t_pad = int(math.ceil(n_max / self.pad_multiple) * self.pad_multiple)
+        ids_BT = torch.full((len(reqs), t_pad), self.pad_id, dtype=torch.long)
+        for b, r in enumerate(reqs):
+            ids_BT[b, :len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
+        ids_BT = ids_BT.to(self.device)
+        ctx = (torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+               if self.autocast_dtype is not None else contextlib.nullcontext())
+        with ctx:
+            logits_BTV = _logits_of(self.model(ids_BT))
+        for b, r in enumerate(reqs):
+            n, c = len(r.ids), r.score_from
+            # logits at position p predict token p+1: rows c-1..n-2 predict tokens c..n-1.
+            rows_SV = logits_BTV[b, c - 1:n - 1].double()
+            targets_S = ids_BT[b, c:n]
+            logp_SV = F.log_softmax(rows_SV, dim=-1)
+            tok_lp_S = logp_SV.gather(-1, targets_S[:, None])[:, 0]
+            greedy = bool((rows_SV.argmax(-1) == targets_S).all()) if n > c else True
+            argmax = None
+            if r.want_argmax:
+                argmax = logits_BTV[b, :n - 1].float().argmax(-1).tolist()
+            tok_lp = tok_lp_S.cpu().tolist()
+            results[idx[b]] = ScoreResult(logprob=math.fsum(tok_lp), n_scored=n - c, greedy=greedy,
+                                          token_logprobs=tok_lp, argmax=argmax)
+
+
+# -------------------------------------------------------------------------------------------
+# Multiple choice (SPEC 6.1)
+# -------------------------------------------------------------------------------------------
+
+@dataclass
+class MCItem:
+    context: str  # may be "" (BLiMP: whole sentences, no context)
+    options: List[str]
+    gold: int
+    group: str = "all"
+    id: Any = None
+
+
+def option_scores(results: Sequence[ScoreResult], normalize: bool) -> List[float]:
+    """Sum of continuation log-probs, divided by the number of continuation *tokens* if
+    normalising. An option with no scored token scores 0 (it cannot be normalised)."""
+    out = []
+    for r in results:
+        if normalize:
+            out.append(r.logprob / r.n_scored if r.n_scored > 0 else 0.0)
+        else:
+            out.append(r.logprob)
+    return out
+
+
+def is_correct(scores: Sequence[float], gold: int) -> bool:
+    """Strictly greater than every distractor: ties count as wrong (SPEC 6.1)."""
+    return all(scores[gold] > s for j, s in enumerate(scores) if j != gold)
+
+
+def evaluate_multiple_choice(items: Sequence[MCItem], scorer: Scorer, tokenizer, *, normalize: bool,
+                             desc: str = "multiple choice", keep_items: bool = False) -> Dict[str, Any]:
+    """Score every option of every item; accuracy per group, group_average and seq_average."""
+    requests: List[ScoreRequest] = []
+    spans = []
+    for k, it in enumerate(items):
+        if not 0 <= it.gold < len(it.options):
+            raise ValueError(f"item {it.id!r}: gold index {it.gold} outside 0..{len(it.options) - 1}")
+        ctx_ids = tokenizer.encode(it.context) if it.context else []
+        start = len(requests)
+        for opt in it.options:
+            requests.append(make_request(ctx_ids, tokenizer.encode(opt), item=k))
+        spans.append((start, len(requests)))
+    results = scorer.score(requests, desc=desc)
+    groups: Dict[str, Dict[str, int]] = {}
+    per_item = []
+    for it, (s, e) in zip(items, spans):
+        scores = option_scores(results[s:e], normalize)
+        ok = is_correct(scores, it.gold)
+        g = groups.setdefault(it.group, {"n_ok": 0, "n_total": 0})
+        g["n_ok"] += int(ok)
+        g["n_total"] += 1
+        if keep_items:
+            per_item.append({"id": it.id, "group": it.group, "gold": it.gold, "scores": scores,
+                             "correct": ok})
+    return summarize_groups(groups, per_item if keep_items else None)
+
+
+def summarize_groups(groups: Dict[str, Dict[str, int]], per_item=None) -> Dict[str, Any]:
+    for g in groups.values():
+        g["accuracy"] = g["n_ok"] / g["n_total"] if g["n_total"] else float("nan")
+    n_ok = sum(g["n_ok"] for g in groups.values())
+    n_total = sum(g["n_total"] for g in groups.values())
+    out: Dict[str, Any] = {
+        "group_average": (sum(g["accuracy"] for g in groups.values()) / len(groups)) if groups else float("nan"),
+        "seq_average": n_ok / n_total if n_total else float("nan"),
+        "n_items": n_total,
+        "groups": groups,
+    }
+    if per_item is not None:
+        out["items"] = per_item
+    return out

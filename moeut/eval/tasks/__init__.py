@@ -1,0 +1,44 @@
+"""Zero-shot tasks of the paper's table (SPEC 6.2), by name."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from .arc import ARC
+from .base import EvalOptions, Task, TaskDataMissing, TaskFormatError, default_data_dir
+from .blimp import Blimp
+from .cbt import CBT
+from .hellaswag import HellaSwag
+from .lambada import Lambada
+from .piqa import PIQA
+
+TASKS: Dict[str, Task] = {t.name: t for t in (Lambada(), Blimp(), CBT(), HellaSwag(), PIQA(),
+                                              ARC("ARC-Easy"), ARC("ARC-Challenge"))}
+# The six tasks whose accuracies the paper's "Average" column averages (SPEC 6.3).
+TABLE_TASKS = ("lambada", "blimp", "cbt", "hellaswag", "piqa", "arc_easy")
+ALIASES = {"arc_e": "arc_easy", "arc_c": "arc_challenge", "arc-easy": "arc_easy",
+           "arc-challenge": "arc_challenge", "lambada_openai": "lambada"}
+
+
+def get_task(name: str) -> Task:
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in TASKS:
+        raise ValueError(f"tasks: unknown task {name!r}; known tasks: {sorted(TASKS)}")
+    return TASKS[key]
+
+
+def resolve_tasks(names) -> List[Task]:
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"tasks: empty task list; known tasks: {sorted(TASKS)}")
+    out, seen = [], set()
+    for n in names:
+        t = get_task(str(n))
+        if t.name not in seen:
+            seen.add(t.name)
+            out.append(t)
+    return out
+
+
+__all__ = ["TASKS", "TABLE_TASKS", "EvalOptions", "Task", "TaskDataMissing", "TaskFormatError",
+           "default_data_dir", "get_task", "resolve_tasks"]

@@ -1,0 +1,197 @@
+"""Zero-shot evaluation of a model or a checkpoint on the paper's tasks (SPEC 6), no Hydra here.
+
+`evaluate_model` scores an in-memory model; `evaluate_checkpoint` loads a run dir / checkpoint dir,
+evaluates, and writes `<run dir>/eval/results_step_XXXXXXX.json` plus the paper-layout table
+(`table_step_XXXXXXX.{md,csv,tex}`). `moeut.evaluate` is the Hydra command line around it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .scoring import Scorer
+from .table import row_from_results, to_markdown, write_tables
+from .tasks import TaskDataMissing, resolve_tasks
+from .tasks.base import EvalOptions
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TASKS = ("lambada", "blimp", "cbt", "hellaswag", "piqa", "arc_easy", "arc_challenge")
+
+
+def evaluate_model(model: torch.nn.Module, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS,
+                   opts: Optional[EvalOptions] = None, *, device: Optional[str] = None,
+                   batch_size: int = 16, pad_multiple: int = 128, dtype: Optional[str] = "auto",
+                   progress: bool = True, skip_missing: bool = True) -> Dict[str, Dict[str, Any]]:
+    """{task name: metrics} ({"skipped": reason} for a task whose data is missing)."""
+    opts = opts or EvalOptions()
+    task_objs = resolve_tasks(tasks)  # unknown names fail here, before any model work
+    if getattr(model, "config", None) is not None and hasattr(model.config, "vocab_size"):
+        check_vocab(model.config.vocab_size, tokenizer)
+    scorer = Scorer(model, device=device, batch_size=batch_size, pad_multiple=pad_multiple, dtype=dtype,
+                    progress=progress)
+    out: Dict[str, Dict[str, Any]] = {}
+    for task in task_objs:
+        try:
+            items = task.load(opts)
+        except TaskDataMissing as e:
+            if not skip_missing:
+                raise
+            msg = f"{task.name}: skipped, data missing: {e}"
+            warnings.warn(msg)
+            log.warning(msg)
+            out[task.name] = {"skipped": str(e)}
+            continue
+        t0 = time.time()
+        metrics = task.evaluate(items, scorer, tokenizer, opts)
+        metrics["seconds"] = round(time.time() - t0, 3)
+        log.info("%s: accuracy %.4f on %d items", task.name, metrics.get("accuracy", float("nan")),
+                 metrics.get("n_items", 0))
+        out[task.name] = metrics
+    return out
+
+
+def check_vocab(model_vocab: int, tokenizer) -> None:
+    if tokenizer.vocab_size != model_vocab:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
+                         f"{model_vocab}: wrong tokenizer for this checkpoint")
+
+
+def run_dir_of(checkpoint_dir: str) -> str:
+    """run_dir/checkpoints/step_X -> run_dir; a bare checkpoint dir is its own run dir."""
+    p = Path(checkpoint_dir).resolve()
+    if p.parent.name == "checkpoints":
+        return str(p.parent.parent)
+    return str(p)
+
+
+def read_val_perplexity(run_dir: str, step: Optional[int] = None) -> Optional[float]:
+    """Best effort: the validation perplexity from run_dir/metrics.jsonl. Accepts any key ending in
+    "perplexity" with a "val" path component ("val/perplexity", "validation/val/perplexity").
+    Prefers the line logged at `step`, else the last one that has such a key."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    last, at_step = None, None
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(rec, dict):
+                continue
+            for k, v in rec.items():
+                parts = str(k).split("/")
+                if (str(k).endswith("perplexity") and any(p in ("val", "validation") or p.startswith("val")
+                                                          for p in parts[:-1])
+                        and isinstance(v, (int, float)) and math.isfinite(v)):
+                    last = float(v)
+                    if step is not None and rec.get("step") == step:
+                        at_step = float(v)
+    return at_step if at_step is not None else last
+
+
+def dataset_name_of(checkpoint_dir: str) -> Optional[str]:
+    """Best effort: the training corpus name from meta.json or config.yaml of the checkpoint."""
+    meta_path = os.path.join(checkpoint_dir, "meta.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        for k in ("dataset", "data_name", "corpus"):
+            if isinstance(meta.get(k), str):
+                return meta[k]
+    except (OSError, ValueError):
+        pass
+    cfg_path = os.path.join(checkpoint_dir, "config.yaml")
+    if os.path.isfile(cfg_path):
+        try:
+            from omegaconf import OmegaConf
+            cfg = OmegaConf.load(cfg_path)
+            for key in ("data.name", "data.dataset", "data.corpus", "dataset"):
+                v = OmegaConf.select(cfg, key, default=None)
+                if isinstance(v, str):
+                    return v
+        except Exception:  # noqa: BLE001 - best effort only
+            pass
+    return None
+
+
+def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
+                        opts: Optional[EvalOptions] = None, *, tokenizer_path: Optional[str] = None,
+                        out_dir: Optional[str] = None, device: Optional[str] = None, batch_size: int = 16,
+                        pad_multiple: int = 128, dtype: Optional[str] = "auto", progress: bool = True,
+                        dataset: Optional[str] = None) -> Dict[str, Any]:
+    """Load, evaluate, write results JSON + tables; returns the results dict (with "files")."""
+    from ..checkpoint import load_model, resolve_checkpoint
+    from ..data.tokenizer import Tokenizer
+
+    opts = opts or EvalOptions()
+    resolve_tasks(tasks)  # fail fast on unknown task names
+    ckpt_dir = resolve_checkpoint(checkpoint)
+    loaded = load_model(ckpt_dir, map_location="cpu")
+    tokenizer = loaded.tokenizer
+    if tokenizer_path:
+        override = Tokenizer.load(tokenizer_path)
+        if tokenizer is not None and override.sha256 != tokenizer.sha256:
+            warnings.warn(f"tokenizer {tokenizer_path} differs from the one stored in {ckpt_dir}")
+        tokenizer = override
+    if tokenizer is None:
+        raise ValueError(f"checkpoint {ckpt_dir} has no tokenizer.model: pass tokenizer=<path to .model>")
+    check_vocab(loaded.config.vocab_size, tokenizer)
+
+    t0 = time.time()
+    task_results = evaluate_model(loaded.model, tokenizer, tasks, opts, device=device,
+                                  batch_size=batch_size, pad_multiple=pad_multiple, dtype=dtype,
+                                  progress=progress)
+    run_dir = run_dir_of(ckpt_dir)
+    step = loaded.meta.get("step")
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    results: Dict[str, Any] = {
+        "checkpoint": ckpt_dir,
+        "run_dir": run_dir,
+        "step": step,
+        "arch": getattr(loaded.config, "arch", None),
+        "n_params": n_params,
+        "dataset": dataset or dataset_name_of(ckpt_dir),
+        "val_perplexity": read_val_perplexity(run_dir, step),
+        "tokenizer_sha256": tokenizer.sha256,
+        "options": {"limit": opts.limit, "data_dir": str(opts.root), "length_normalize": opts.length_normalize,
+                    "normalize_by_task": dict(opts.normalize_by_task),
+                    "hellaswag_strip_brackets": opts.hellaswag_strip_brackets, "paths": dict(opts.paths),
+                    "batch_size": batch_size, "pad_multiple": pad_multiple, "dtype": str(dtype),
+                    "device": str(device)},
+        "tasks": task_results,
+        "seconds": round(time.time() - t0, 3),
+    }
+    row = row_from_results(results)
+    results["table_row"] = row
+    out_dir = out_dir or os.path.join(run_dir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    tag = f"step_{int(step):07d}" if isinstance(step, int) else "final"
+    json_path = os.path.join(out_dir, f"results_{tag}.json")
+    tmp = json_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1, default=_json_default)
+    os.replace(tmp, json_path)
+    files = write_tables([row], os.path.join(out_dir, f"table_{tag}"))
+    files["json"] = json_path
+    results["files"] = files
+    log.info("results written to %s", json_path)
+    return results
+
+
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

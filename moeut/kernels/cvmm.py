@@ -1,0 +1,302 @@
+"""CVMM: the expert matmul ("conditional vector-matrix multiply", SPEC §3) behind one function.
+
+Every expert projection in MoEUT is the same operation over *slots*. A routing decision assigns
+each of N rows k experts, giving S = N*k slots, slot n = row*k + j. For slot n with expert e[n]:
+
+    y[n] = x[src(n)] @ W[e[n]]                       W: [E, D_in, D_out]
+
+and the result is either kept per slot or reduced over groups of consecutive slots with weights:
+
+    out[n // out_group] += gate[n] * y[n]
+
+`src(n)` is `n // src_div` when x is *scattered* (one row per token or per token-head), or the
+slot's own position in expert-sorted order when x is *grouped* (the output of a previous
+projection kept in sorted order). The four uses in the model (SPEC 3.1):
+
+    projection     x                  src_div   out_group   gates        output
+    MLP up         x [N, d]           K         grouped     -            [S, d_expert] sorted
+    MLP down       h [S, d_exp] sorted grouped  K           s [N, K]     [N, d]
+    SwitchHead V   x [N, d]           H*k       k           s_v [N,H,k]  [N*H, d_head]
+    SwitchHead O   o [N*H, d_head]    k         H*k         s_o [N,H,k]  [N, d]
+
+Keeping the MLP's hidden activations in expert-sorted order between the up and the down
+projection (ScatterMoE's "grouped in/out") means the [S, d_expert] tensor is never scattered or
+gathered: the only gather is of the input rows and the only scatter-add is the final combine.
+
+`make_plan` sorts the expert ids once per routing decision; the same plan serves both MLP
+projections (SPEC 3.1 "Preparation").
+
+Backends (selected per call by `backend=` or the MOEUT_CVMM_BACKEND environment variable):
+  - "grouped_mm": pure PyTorch, `torch._grouped_mm` (one GEMM per expert group) with a custom
+    autograd function whose backward gathers instead of scattering where it can. Falls back to
+    a per-expert loop over `torch.split` slices when strides are not 16-byte aligned (e.g.
+    d_head 82 in fp32) -- never `w[e]` indexing, whose backward is O(E*|W|) (SPEC 3.8).
+  - "torch_loop": the per-expert loop always; the simplest reference.
+  - "triton": the fused kernels in `moeut.kernels.cvmm_triton` (registered by that module).
+  - "auto": Triton for CUDA tensors when available (sm >= 80), else "grouped_mm".
+
+Precision policy (SPEC 3.3): the op runs in the autocast dtype when autocast is on for the
+input's device, else in fp32 (inputs are cast); accumulation is fp32 inside the GEMMs; the
+weight gradient is returned in the weights' dtype (fp32 master weights); gate gradients in the
+gates' dtype.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+BACKEND_ENV = "MOEUT_CVMM_BACKEND"
+
+
+@dataclass
+class ExpertPlan:
+    """Expert-sorted view of one routing decision (computed once, reused by every projection).
+
+    n_slots S = N * k. Slot n belongs to row n // k and has expert id `expert_ids.flatten()[n]`.
+    """
+
+    n_experts: int
+    n_slots: int
+    k: int  # slots per routing row
+    order: torch.Tensor  # [S] int64: slot ids in expert-sorted order (sorted position -> slot)
+    inverse: torch.Tensor  # [S] int64: sorted position of each slot (slot -> sorted position)
+    sorted_experts: torch.Tensor  # [S] int32: expert id of each sorted position
+    offsets: torch.Tensor  # [E] int32: cumulative end of each expert's group (torch._grouped_mm `offs`)
+
+
+def make_plan(expert_ids: torch.Tensor, n_experts: int) -> ExpertPlan:
+    """Sort routing decisions by expert. `expert_ids`: [..., k] integer ids in [0, n_experts)."""
+    k = expert_ids.shape[-1]
+    flat_S = expert_ids.reshape(-1)
+    # A stable sort keeps slots of one expert in token order: deterministic, and it makes the
+    # gathers in the backward pass walk memory mostly forward.
+    sorted_experts_S, order_S = torch.sort(flat_S, stable=True)
+    inverse_S = torch.empty_like(order_S)
+    inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
+    counts_E = torch.bincount(flat_S, minlength=n_experts)
+    offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    return ExpertPlan(n_experts=n_experts, n_slots=flat_S.numel(), k=k, order=order_S,
+                      inverse=inverse_S, sorted_experts=sorted_experts_S.to(torch.int32),
+                      offsets=offsets_E)
+
+
+# ------------------------------------------------------------------------------------------
+# Grouped GEMM primitives (pure PyTorch)
+# ------------------------------------------------------------------------------------------
+
+def _aligned(t: torch.Tensor) -> bool:
+    es = t.element_size()
+    return all((s * es) % 16 == 0 for s, n in zip(t.stride(), t.shape) if n > 1 and s != 1)
+
+
+def _counts(offsets: torch.Tensor):
+    ends = offsets.tolist()  # host sync: only on the loop fallback (CPU / odd shapes)
+    return [b - a for a, b in zip([0] + ends[:-1], ends)]
+
+
+def grouped_mm(a_SI: torch.Tensor, w_EIO: torch.Tensor, offsets: torch.Tensor, force_loop: bool = False):
+    """out[s] = a[s] @ w[e(s)] for rows grouped contiguously by expert (ends in `offsets`)."""
+    if not force_loop and _aligned(a_SI) and _aligned(w_EIO) and a_SI.dtype == w_EIO.dtype:
+        return torch._grouped_mm(a_SI, w_EIO, offs=offsets)
+    parts = torch.split(a_SI, _counts(offsets))  # split, not slicing: one backward, no zero-fill
+    out = [p @ w for p, w in zip(parts, w_EIO.unbind(0)) if p.shape[0] > 0]
+    if not out:
+        return a_SI.new_zeros(0, w_EIO.shape[-1])
+    return torch.cat(out, 0)
+
+
+def grouped_weight_grad(a_SI: torch.Tensor, g_SO: torch.Tensor, offsets: torch.Tensor, n_experts: int,
+                        force_loop: bool = False):
+    """dW[e] = sum over rows s of group e: a[s]^T g[s]  -> [E, I, O]; empty groups give 0."""
+    a_IS = a_SI.t()
+    if not force_loop and _aligned(a_IS) and _aligned(g_SO):
+        return torch._grouped_mm(a_IS, g_SO, offs=offsets)
+    counts = _counts(offsets)
+    out = a_SI.new_zeros(n_experts, a_SI.shape[1], g_SO.shape[1])
+    for e, (pa, pg) in enumerate(zip(torch.split(a_SI, counts), torch.split(g_SO, counts))):
+        if pa.shape[0] > 0:
+            torch.mm(pa.t(), pg, out=out[e])
+    return out
+
+
+class _CVMMTorch(torch.autograd.Function):
+    """Pure-PyTorch CVMM with a hand-written backward (no atomics, no O(E*|W|) traffic)."""
+
+    @staticmethod
+    def forward(ctx, x, w_master, gates, order, inverse, offsets, src_div, grouped_in, out_group, grouped_out,
+                force_loop):
+        S = order.numel()
+        E = w_master.shape[0]
+        w = w_master.to(x.dtype)  # op dtype; dW is returned in the master weights' dtype
+        if grouped_in:
+            xs_SI = x
+            src_S = None
+        else:
+            src_S = order // src_div
+            xs_SI = x.index_select(0, src_S)
+        ys_SO = grouped_mm(xs_SI, w, offsets, force_loop)
+        gates_sorted_S = None
+        if gates is not None:
+            gates_sorted_S = gates.index_select(0, order).to(ys_SO.dtype)
+            out = ys_SO * gates_sorted_S[:, None]
+        else:
+            out = ys_SO
+        if not grouped_out:
+            if out_group == 1:
+                out = out.index_select(0, inverse)
+            else:
+                # Combine: row t sums its out_group consecutive slots; embedding_bag is the fastest
+                # CPU reduction measured (SPEC 3.8) and is not an atomic scatter on GPU.
+                out = F.embedding_bag(inverse.view(-1, out_group), out, mode="sum")
+        ctx.save_for_backward(xs_SI, w, gates_sorted_S if gates is not None else None,
+                              ys_SO if (gates is not None and ctx.needs_input_grad[2]) else None,
+                              order, inverse, offsets, src_S)
+        ctx.meta = (S, E, x.shape[0], src_div, grouped_in, out_group, grouped_out, force_loop,
+                    gates.dtype if gates is not None else None, w_master.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xs_SI, w, gates_sorted_S, ys_SO, order, inverse, offsets, src_S = ctx.saved_tensors
+        S, E, M, src_div, grouped_in, out_group, grouped_out, force_loop, gates_dtype, w_dtype = ctx.meta
+        grad_out = grad_out.contiguous()
+        # Upstream gradient of every slot, in sorted order: a gather, never a scatter.
+        if grouped_out:
+            g_SO = grad_out
+        elif out_group == 1:
+            g_SO = grad_out.index_select(0, order)
+        else:
+            g_SO = grad_out.index_select(0, order // out_group)
+        d_gates = None
+        if gates_sorted_S is not None:
+            if ys_SO is not None:
+                d_sorted_S = (g_SO.float() * ys_SO.float()).sum(-1)
+                d_gates = d_sorted_S.index_select(0, inverse).to(gates_dtype)
+            g_SO = g_SO * gates_sorted_S[:, None]
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dxs_SI = grouped_mm(g_SO, w.transpose(1, 2), offsets, force_loop)
+            if grouped_in:
+                dx = dxs_SI
+            elif M * src_div == S:
+                # Each source row owns src_div consecutive slots: sum them by a bag-sum over their
+                # sorted positions (a gather-reduce; no index_add).
+                dx = F.embedding_bag(inverse.view(M, src_div), dxs_SI, mode="sum")
+            else:
+                dx = dxs_SI.new_zeros(M, dxs_SI.shape[1]).index_add_(0, src_S, dxs_SI)
+        if ctx.needs_input_grad[1]:
+            dw = grouped_weight_grad(xs_SI, g_SO, offsets, E, force_loop).to(w_dtype)
+        return dx, dw, d_gates, None, None, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------
+# Backend registry and dispatch
+# ------------------------------------------------------------------------------------------
+
+CVMMFn = Callable[..., torch.Tensor]
+_BACKENDS: Dict[str, CVMMFn] = {}
+
+
+def register_backend(name: str, fn: CVMMFn) -> None:
+    """Register `fn(x, w, plan, *, src_div, grouped_in, out_group, grouped_out, gates)`. x is already
+    in the op dtype; w is the master weight (the backend casts it and returns dW in w.dtype)."""
+    _BACKENDS[name] = fn
+
+
+def _torch_backend(force_loop: bool) -> CVMMFn:
+    def run(x, w, plan, *, src_div, grouped_in, out_group, grouped_out, gates):
+        return _CVMMTorch.apply(x, w, gates, plan.order, plan.inverse, plan.offsets, src_div, grouped_in,
+                                out_group, grouped_out, force_loop)
+    return run
+
+
+register_backend("grouped_mm", _torch_backend(force_loop=False))
+register_backend("torch_loop", _torch_backend(force_loop=True))
+
+_warned_volta = False
+
+
+def _triton_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    if "triton" not in _BACKENDS:
+        try:
+            from . import cvmm_triton  # noqa: F401  (registers the backend)
+        except Exception:  # Triton missing or broken: the PyTorch path still works
+            return False
+    return "triton" in _BACKENDS
+
+
+def resolve_backend(name: Optional[str], device: torch.device) -> str:
+    """Backend for this call: MOEUT_CVMM_BACKEND env > explicit name > auto (SPEC 3.5)."""
+    global _warned_volta
+    name = os.environ.get(BACKEND_ENV) or name or "auto"
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+            if not _warned_volta:
+                warnings.warn("CVMM: GPU older than sm_80: using the PyTorch per-expert loop "
+                              "(Triton fp16 tl.dot is broken on Volta, SPEC 3.5)")
+                _warned_volta = True
+            return "torch_loop"
+        return "triton" if _triton_available(device) else "grouped_mm"
+    if name == "triton" and "triton" not in _BACKENDS:
+        from . import cvmm_triton  # noqa: F401  (raises a clear ImportError if Triton is missing)
+    if name not in _BACKENDS:
+        raise ValueError(f"cvmm_backend: unknown backend {name!r}; known: auto, {sorted(_BACKENDS)}")
+    return name
+
+
+def op_dtype(device_type: str) -> torch.dtype:
+    """Autocast dtype when autocast is on for this device type, else fp32 (SPEC 3.3)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.float32
+
+
+def cvmm(x: torch.Tensor, w: torch.Tensor, plan: ExpertPlan, *, src_div: int = 1, grouped_in: bool = False,
+         out_group: int = 1, grouped_out: bool = False, gates: Optional[torch.Tensor] = None,
+         backend: Optional[str] = None) -> torch.Tensor:
+    """Expert matmul over the slots of `plan` (see the module docstring for the semantics).
+
+    x: [M, D_in] scattered rows (slot n reads row n // src_div), or [S, D_in] in sorted order if
+    grouped_in. w: [E, D_in, D_out]. gates: [S] weights in slot order, or None.
+    Returns [S, D_out] in sorted order if grouped_out, else [S // out_group, D_out] in row order.
+    """
+    S = plan.n_slots
+    if w.dim() != 3 or w.shape[0] != plan.n_experts:
+        raise ValueError(f"cvmm: weights must be [E={plan.n_experts}, D_in, D_out], got {tuple(w.shape)}")
+    if x.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"cvmm: x must be [M, D_in={w.shape[1]}], got {tuple(x.shape)}")
+    if grouped_in and x.shape[0] != S:
+        raise ValueError(f"cvmm: grouped input needs one row per slot ({S}), got {x.shape[0]}")
+    if not grouped_in and x.shape[0] * src_div != S:
+        raise ValueError(f"cvmm: {x.shape[0]} rows x src_div {src_div} != {S} slots")
+    if not grouped_out and S % out_group != 0:
+        raise ValueError(f"cvmm: out_group {out_group} does not divide {S} slots")
+    if gates is not None and gates.numel() != S:
+        raise ValueError(f"cvmm: gates must have one value per slot ({S}), got {tuple(gates.shape)}")
+    name = resolve_backend(backend, x.device)
+    dtype = op_dtype(x.device.type)
+    gates_flat = gates.reshape(-1) if gates is not None else None
+    with torch.autocast(x.device.type, enabled=False):
+        return _BACKENDS[name](x.to(dtype), w, plan, src_div=src_div,
+                               grouped_in=grouped_in, out_group=out_group, grouped_out=grouped_out,
+                               gates=gates_flat)
+
+
+def cvmm_reference(x, w, expert_ids, *, src_div=1, out_group=1, gates=None):
+    """Naive oracle for tests: an explicit per-slot weight gather + einsum (float64 if given)."""
+    e_S = expert_ids.reshape(-1)
+    S = e_S.numel()
+    src = torch.arange(S, device=x.device) // src_div
+    y_SO = torch.einsum("si,sio->so", x[src], w[e_S])
+    if gates is not None:
+        y_SO = y_SO * gates.reshape(-1)[:, None]
+    if out_group == 1:
+        return y_SO
+    return y_SO.view(S // out_group, out_group, -1).sum(1)
