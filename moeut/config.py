@@ -57,6 +57,10 @@ class MoEUTConfig:
     moe_capacity_factor: float = 0.0  # Switch: 0 = dropless
     cvmm_backend: str = "auto"
     arch: str = "moeut"
+    # DeepSeekMoE device-level balance loss (SPEC 8.5): routed experts split into this many
+    # consecutive groups ("devices"), weight alpha2 (0 = off, the default at our scale).
+    moe_device_groups: int = 1
+    moe_device_balance_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -104,6 +108,17 @@ class MoEUTConfig:
                "regulariser weights must be >= 0")
         _check(0 <= self.moe_n_shared < self.ff_k or self.mlp_type != "deepseek", c, "moe_n_shared",
                f"K_s={self.moe_n_shared} must be < ff_k={self.ff_k}")
+        _check(self.moe_balance_weight >= 0 and self.moe_zloss_weight >= 0, c, "moe_balance_weight",
+               "MoE auxiliary loss weights must be >= 0")
+        _check(self.moe_capacity_factor >= 0, c, "moe_capacity_factor",
+               f"must be >= 0 (0 = dropless), got {self.moe_capacity_factor}")
+        _check(isinstance(self.moe_device_groups, int) and self.moe_device_groups >= 1, c, "moe_device_groups",
+               f"must be a positive integer, got {self.moe_device_groups!r}")
+        _check(self.mlp_type != "deepseek"
+               or (self.ff_n_experts - self.moe_n_shared) % self.moe_device_groups == 0, c, "moe_device_groups",
+               f"{self.moe_device_groups} groups do not divide the "
+               f"{self.ff_n_experts - self.moe_n_shared} routed experts")
+        _check(self.moe_device_balance_weight >= 0, c, "moe_device_balance_weight", "must be >= 0")
 
 
 @dataclass
@@ -265,6 +280,8 @@ PAPER_TRAIN: Dict[str, Dict[str, float]] = {
 
 def get_preset(name: str, **overrides):
     """A fresh copy of preset `name`, with field overrides applied (and validated)."""
+    if name not in PRESETS:
+        _ensure_baselines_registered()  # baselines add their presets (SUT, DeepSeekMoE, ...) on import
     if name not in PRESETS:
         raise ValueError(f"model.preset: unknown preset {name!r}; known presets: {sorted(PRESETS)}")
     base = PRESETS[name]

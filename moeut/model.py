@@ -101,6 +101,13 @@ class ForwardState:
         self.seq_len: Dict[Tuple[str, int], int] = {}
         self.record: Optional[RoutingRecord] = None
         self.records: List[RoutingRecord] = []
+        # Extra auxiliary losses of other MoE MLP types (balance, z-loss), already weighted;
+        # summed into reg_loss. Only added in training mode.
+        self.aux_losses: Dict[str, torch.Tensor] = {}
+
+    def add_aux(self, name: str, value: torch.Tensor) -> None:
+        if self.training:
+            self.aux_losses[name] = self.aux_losses[name] + value if name in self.aux_losses else value
 
     def add_gate_logits(self, kind: str, g: int, z_BTE: torch.Tensor) -> None:
         """z: [B, T, E] or [B, T, H, E] pre-sigmoid logits in fp32."""
@@ -381,7 +388,7 @@ class MoEUTLM(nn.Module):
             term = weight[kind] * entropy_reg_term(lse_list, state.seq_len[(kind, g)])
             terms[f"reg/{kind}_g{g}"] = term.detach()
             reg = reg + term
-        for name, value in getattr(state, "aux_losses", {}).items():
+        for name, value in state.aux_losses.items():
             terms[f"aux/{name}"] = value.detach()
             reg = reg + value
         return reg, terms

@@ -78,7 +78,9 @@ def make_plan(expert_ids: torch.Tensor, n_experts: int) -> ExpertPlan:
     sorted_experts_S, order_S = torch.sort(flat_S, stable=True)
     inverse_S = torch.empty_like(order_S)
     inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-    counts_E = torch.bincount(flat_S, minlength=n_experts)
+    # scatter_add, not bincount: bincount's output size is data-dependent (a torch.compile graph break).
+    counts_E = torch.zeros(n_experts, dtype=torch.int64, device=flat_S.device)
+    counts_E.scatter_add_(0, flat_S.long(), torch.ones_like(flat_S, dtype=torch.int64))
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
     return ExpertPlan(n_experts=n_experts, n_slots=flat_S.numel(), k=k, order=order_S,
                       inverse=inverse_S, sorted_experts=sorted_experts_S.to(torch.int32),
@@ -125,45 +127,51 @@ def grouped_weight_grad(a_SI: torch.Tensor, g_SO: torch.Tensor, offsets: torch.T
 
 
 class _CVMMTorch(torch.autograd.Function):
-    """Pure-PyTorch CVMM with a hand-written backward (no atomics, no O(E*|W|) traffic)."""
+    """Pure-PyTorch CVMM with a hand-written backward (no atomics, no O(E*|W|) traffic).
+
+    Gates are applied on the narrower side of the projection: y = (g*x) W equals g*(x W), and
+    scaling the [S, D_in] rows instead of the [S, D_out] rows is cheaper when D_in < D_out (the
+    MLP down projection: 128 vs d_model). On that side the gate gradient falls out of the dX
+    GEMM: dgate = <dY W^T, x>. On the output side the gate is fused into the bag-sum combine.
+    """
 
     @staticmethod
     def forward(ctx, x, w_master, gates, order, inverse, offsets, src_div, grouped_in, out_group, grouped_out,
                 force_loop):
         S = order.numel()
-        E = w_master.shape[0]
+        E, D_in, D_out = w_master.shape
         w = w_master.to(x.dtype)  # op dtype; dW is returned in the master weights' dtype
         if grouped_in:
-            xs_SI = x
-            src_S = None
+            xs_SI, src_S = x, None
         else:
             src_S = order // src_div
             xs_SI = x.index_select(0, src_S)
-        ys_SO = grouped_mm(xs_SI, w, offsets, force_loop)
-        gates_sorted_S = None
-        if gates is not None:
-            gates_sorted_S = gates.index_select(0, order).to(ys_SO.dtype)
-            out = ys_SO * gates_sorted_S[:, None]
-        else:
-            out = ys_SO
-        if not grouped_out:
-            if out_group == 1:
+        gates_sorted_S = gates.index_select(0, order).to(x.dtype) if gates is not None else None
+        gate_in = gates is not None and D_in <= D_out
+        xg_SI = xs_SI * gates_sorted_S[:, None] if gate_in else xs_SI
+        ys_SO = grouped_mm(xg_SI, w, offsets, force_loop)
+        if grouped_out or out_group == 1:
+            out = ys_SO * gates_sorted_S[:, None] if (gates is not None and not gate_in) else ys_SO
+            if not grouped_out:
                 out = out.index_select(0, inverse)
-            else:
-                # Combine: row t sums its out_group consecutive slots; embedding_bag is the fastest
-                # CPU reduction measured (SPEC 3.8) and is not an atomic scatter on GPU.
-                out = F.embedding_bag(inverse.view(-1, out_group), out, mode="sum")
-        ctx.save_for_backward(xs_SI, w, gates_sorted_S if gates is not None else None,
-                              ys_SO if (gates is not None and ctx.needs_input_grad[2]) else None,
+        else:
+            # Combine: row t sums its out_group consecutive slots. embedding_bag is the fastest CPU
+            # reduction measured (SPEC 3.8), is not an atomic scatter, and fuses the gate weights.
+            psw = gates_sorted_S.index_select(0, inverse).view(-1, out_group) \
+                if (gates is not None and not gate_in) else None
+            out = F.embedding_bag(inverse.view(-1, out_group), ys_SO, mode="sum", per_sample_weights=psw)
+        need_gate_grad = gates is not None and ctx.needs_input_grad[2]
+        ctx.save_for_backward(xs_SI, xg_SI if gate_in else None, w, gates_sorted_S,
+                              ys_SO if (need_gate_grad and not gate_in) else None,
                               order, inverse, offsets, src_S)
         ctx.meta = (S, E, x.shape[0], src_div, grouped_in, out_group, grouped_out, force_loop,
-                    gates.dtype if gates is not None else None, w_master.dtype)
+                    gates.dtype if gates is not None else None, w_master.dtype, gate_in)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        xs_SI, w, gates_sorted_S, ys_SO, order, inverse, offsets, src_S = ctx.saved_tensors
-        S, E, M, src_div, grouped_in, out_group, grouped_out, force_loop, gates_dtype, w_dtype = ctx.meta
+        xs_SI, xg_SI, w, gates_sorted_S, ys_SO, order, inverse, offsets, src_S = ctx.saved_tensors
+        S, E, M, src_div, grouped_in, out_group, grouped_out, force_loop, gates_dtype, w_dtype, gate_in = ctx.meta
         grad_out = grad_out.contiguous()
         # Upstream gradient of every slot, in sorted order: a gather, never a scatter.
         if grouped_out:
@@ -172,16 +180,21 @@ class _CVMMTorch(torch.autograd.Function):
             g_SO = grad_out.index_select(0, order)
         else:
             g_SO = grad_out.index_select(0, order // out_group)
-        d_gates = None
-        if gates_sorted_S is not None:
-            if ys_SO is not None:
-                d_sorted_S = (g_SO.float() * ys_SO.float()).sum(-1)
-                d_gates = d_sorted_S.index_select(0, inverse).to(gates_dtype)
+        need_gate_grad = gates_sorted_S is not None and ctx.needs_input_grad[2]
+        d_gates = dx = dw = None
+        if gates_sorted_S is not None and not gate_in:
+            if need_gate_grad:
+                d_gates = (g_SO * ys_SO).sum(-1, dtype=torch.float32)
             g_SO = g_SO * gates_sorted_S[:, None]
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] or (need_gate_grad and gate_in):
             dxs_SI = grouped_mm(g_SO, w.transpose(1, 2), offsets, force_loop)
-            if grouped_in:
+            if gate_in:
+                if need_gate_grad:
+                    d_gates = (dxs_SI * xs_SI).sum(-1, dtype=torch.float32)
+                dxs_SI = dxs_SI * gates_sorted_S[:, None]
+            if not ctx.needs_input_grad[0]:
+                pass
+            elif grouped_in:
                 dx = dxs_SI
             elif M * src_div == S:
                 # Each source row owns src_div consecutive slots: sum them by a bag-sum over their
@@ -190,7 +203,9 @@ class _CVMMTorch(torch.autograd.Function):
             else:
                 dx = dxs_SI.new_zeros(M, dxs_SI.shape[1]).index_add_(0, src_S, dxs_SI)
         if ctx.needs_input_grad[1]:
-            dw = grouped_weight_grad(xs_SI, g_SO, offsets, E, force_loop).to(w_dtype)
+            dw = grouped_weight_grad(xg_SI if gate_in else xs_SI, g_SO, offsets, E, force_loop).to(w_dtype)
+        if d_gates is not None:
+            d_gates = d_gates.index_select(0, inverse).to(gates_dtype)
         return dx, dw, d_gates, None, None, None, None, None, None, None, None
 
 
