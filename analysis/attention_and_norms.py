@@ -20,6 +20,7 @@
 # `metrics.jsonl`. Set `MOEUT_RUN_DIR` (and optionally `MOEUT_ANALYSIS_DIR`).
 
 # %%
+# %matplotlib inline
 import os
 from pathlib import Path
 

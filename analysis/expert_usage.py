@@ -22,6 +22,7 @@
 # `MOEUT_ANALYSIS_DIR` if the statistics were written elsewhere).
 
 # %%
+# %matplotlib inline
 import os
 from pathlib import Path
 

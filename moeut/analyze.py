@@ -218,7 +218,11 @@ class RoutingAccumulator:
             raise ValueError("RoutingAccumulator.add: the model returned no routing records "
                              "(was collect_routing=True passed? is this a MoE model?)")
         B, T = input_ids.shape
-        ids = input_ids.reshape(-1).to("cpu", torch.int64)  # [N], N = B*T positions
+        # Heavy work (unique keys, one-hot overlaps) runs on the records' device (the GPU in a real
+        # pass); only reduced results travel to the host.
+        dev = next((r.mlp_idx.device for r in records if r.mlp_idx is not None), input_ids.device)
+        ids_dev = input_ids.reshape(-1).to(dev, torch.int64)  # [N], N = B*T positions
+        ids = ids_dev.cpu()
         if int(ids.max()) >= self.V or int(ids.min()) < 0:
             raise ValueError(f"input ids outside 0..{self.V - 1}")
         self.stats.update(records)
@@ -227,23 +231,22 @@ class RoutingAccumulator:
         if len(by_l) != self.L or [r.l for r in by_l] != list(range(self.L)):
             raise ValueError(f"expected one routing record per absolute layer 0..{self.L - 1}, got "
                              f"layers {[r.l for r in by_l]}")
-        sets = torch.zeros(0)
         per_member: Dict[int, Dict[int, torch.Tensor]] = {}
         keys = []
         for rec in by_l:
             self.layer_g[rec.l], self.layer_r[rec.l] = rec.g, rec.r
             if rec.mlp_idx is None:
                 raise ValueError(f"routing record l={rec.l} has no mlp_idx")
-            idx = rec.mlp_idx.reshape(B * T, -1).to("cpu", torch.int64)  # [N, K]
+            idx = rec.mlp_idx.reshape(B * T, -1).to(dev, torch.int64)  # [N, K]
             if self.k is None:
                 self.k = idx.shape[1]
             per_member.setdefault(rec.g, {})[rec.r] = idx
             # flat key ((g*R + r)*N_E + e)*V + v: one sparse counter for N[g, r, e, v]
             base = (rec.g * self.R + rec.r) * self.NE
-            keys.append(((base + idx) * self.V + ids[:, None]).reshape(-1))
+            keys.append(((base + idx) * self.V + ids_dev[:, None]).reshape(-1))
             self._add_norms(rec, B * T)
         uk, uc = torch.unique(torch.cat(keys), return_counts=True)
-        self.tokens.add(uk.numpy(), uc.numpy().astype(np.int64))
+        self.tokens.add(uk.cpu().numpy(), uc.cpu().numpy().astype(np.int64))
         for g, reps in per_member.items():
             if len(reps) != self.R:
                 raise ValueError(f"member g={g} has {len(reps)} applications, expected R={self.R}")
@@ -254,7 +257,7 @@ class RoutingAccumulator:
             n = min(B * T, self.store_positions - self._n_stored)
             s_all = torch.stack([per_member[r.g][r.r][:n] for r in by_l], 1)  # [n, L, K]
             dt = np.int16 if self.NE < 32768 else np.int32
-            self._sets.append(s_all.numpy().astype(dt))
+            self._sets.append(s_all.cpu().numpy().astype(dt))
             self._set_tokens.append(ids[:n].numpy().astype(np.int32))
             self._n_stored += n
 
@@ -262,14 +265,15 @@ class RoutingAccumulator:
         """Intersections of the K-sets of every pair of repetitions, per position, through one-hot
         matmuls (chunked so that [chunk, R, N_E] stays small): J = |A∩B| / (2K - |A∩B|)."""
         N, R, K = s.shape
-        chunk = max(1, (1 << 22) // (R * self.NE))
+        chunk = max(1, (1 << (24 if s.is_cuda else 22)) // (R * self.NE))
         for i in range(0, N, chunk):
             part = s[i:i + chunk]  # [n, R, K]
-            onehot = torch.zeros(part.shape[0], R, self.NE)
+            onehot = torch.zeros(part.shape[0], R, self.NE, device=s.device)
             onehot.scatter_(2, part, 1.0)  # [n, R, N_E]
+            # 0/1 inputs and sums <= K: exact in fp32, also with TF32 matmuls on GPU
             inter = torch.bmm(onehot, onehot.transpose(1, 2)).double()  # [n, R, R]
-            self.inter_sum[g] += inter.sum(0).numpy()
-            self.jaccard_sum[g] += (inter / (2 * K - inter)).sum(0).numpy()
+            self.inter_sum[g] += inter.sum(0).cpu().numpy()
+            self.jaccard_sum[g] += (inter / (2 * K - inter)).sum(0).cpu().numpy()
 
     def _add_norms(self, rec: RoutingRecord, n: int) -> None:
         if rec.in_norm is None or rec.update_norm is None:
@@ -412,7 +416,7 @@ def plot_f1(stats: Dict[str, Any], g: int, run: str, quantile: float = 0.9, norm
     layers = _layers_of_member(stats, g)
     ax.set_yticks(range(R))
     ax.set_yticklabels([_layer_label(l) for l in layers])
-    ax.set_xlabel(f"expert (sorted by {'normalised ' if normalised else ''}thresholded centre of mass)")
+    ax.set_xlabel(f"expert rank (sorted by {'normalised ' if normalised else ''}thresholded centre of mass)")
     ax.set_ylabel("layer (repetition of member g)")
     ax.set_title(f"{run}: MLP expert usage by layer, g={g}" + (" (normalised order)" if normalised else ""))
     fig.colorbar(im, ax=ax, label="share of the expert's selections P[r, e]")
@@ -516,6 +520,7 @@ def plot_f5(stats, run: str, which: str, metrics_rows: Optional[List[dict]] = No
 
 
 def plot_f6(stats, run: str, g: int, gate: str):
+    from matplotlib.ticker import MaxNLocator
     counts = stats[f"att_{gate}_counts"][g]  # [R, H, E_att]
     R, H, E = counts.shape
     fig = _fig("f6")
@@ -528,6 +533,7 @@ def plot_f6(stats, run: str, g: int, gate: str):
         im = ax.imshow(counts[:, h, :], aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=vmax)
         ax.set_title(f"head {h}")
         ax.set_xlabel("expert")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_yticks(range(R))
         ax.set_yticklabels([_layer_label(l) for l in layers] if h == 0 else [])
     fig.colorbar(im, ax=fig.axes[:H], label="selections (raw counts)")
@@ -538,6 +544,7 @@ def plot_f6(stats, run: str, g: int, gate: str):
         ax.bar(np.arange(E) + h * width, tot[h], width=width,
                label=f"head {h} (min {tot[h].min()}, max {tot[h].max()})")
     ax.set_xlabel("expert rank within head (most used first)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("selections over all layers")
     ax.legend(fontsize="small")
     ppl = A.att_usage_rel_ppl(counts)

@@ -15,7 +15,7 @@ checkpointing (which re-runs forwards) cannot count anything twice.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
