@@ -21,7 +21,7 @@ from .eval.zeroshot import evaluate_checkpoint
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
-_KNOWN_KEYS = {"checkpoint", "tokenizer", "tasks", "limit", "data_dir", "paths", "out_dir", "dataset",
+_KNOWN_KEYS = {"checkpoint", "tokenizer", "tasks", "limit", "source", "data_dir", "paths", "out_dir", "dataset",
                "length_normalize", "normalize_by_task", "hellaswag_strip_brackets", "keep_items", "device",
                "dtype", "batch_size", "pad_multiple", "progress"}
 
@@ -45,7 +45,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
                        normalize_by_task=dict(c.get("normalize_by_task") or {}),
                        hellaswag_strip_brackets=bool(c.get("hellaswag_strip_brackets", False)),
                        paths={k: str(v) for k, v in (c.get("paths") or {}).items()},
-                       keep_items=bool(c.get("keep_items", False)))
+                       keep_items=bool(c.get("keep_items", False)), source=str(c.get("source") or "local"))
     return evaluate_checkpoint(str(c["checkpoint"]), tasks, opts, tokenizer_path=c.get("tokenizer"),
                                out_dir=c.get("out_dir"), device=c.get("device"),
                                batch_size=int(c.get("batch_size", 16)), pad_multiple=int(c.get("pad_multiple", 128)),

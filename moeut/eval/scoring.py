@@ -95,7 +95,7 @@ class Scorer:
         if pad_multiple < 1:
             raise ValueError(f"pad_multiple: must be >= 1, got {pad_multiple}")
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device)  # score() switches to eval mode and restores the mode after
         self.batch_size = batch_size
         self.pad_multiple = pad_multiple
         self.autocast_dtype = resolve_autocast_dtype(dtype, self.device)

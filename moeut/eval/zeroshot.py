@@ -13,12 +13,12 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
 from .scoring import Scorer
-from .table import row_from_results, to_markdown, write_tables
+from .table import row_from_results, write_tables
 from .tasks import TaskDataMissing, resolve_tasks
 from .tasks.base import EvalOptions
 
@@ -164,7 +164,7 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
         "dataset": dataset or dataset_name_of(ckpt_dir),
         "val_perplexity": read_val_perplexity(run_dir, step),
         "tokenizer_sha256": tokenizer.sha256,
-        "options": {"limit": opts.limit, "data_dir": str(opts.root), "length_normalize": opts.length_normalize,
+        "options": {"limit": opts.limit, "source": opts.source, "data_dir": str(opts.root), "length_normalize": opts.length_normalize,
                     "normalize_by_task": dict(opts.normalize_by_task),
                     "hellaswag_strip_brackets": opts.hellaswag_strip_brackets, "paths": dict(opts.paths),
                     "batch_size": batch_size, "pad_multiple": pad_multiple, "dtype": str(dtype),

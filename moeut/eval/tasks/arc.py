@@ -54,7 +54,7 @@ class ARC(Task):
         self.name = "arc_easy" if subset == "ARC-Easy" else "arc_challenge"
         self.column = "ARC-E" if subset == "ARC-Easy" else None
 
-    def load(self, opts: EvalOptions) -> List[MCItem]:
+    def load_local(self, opts: EvalOptions) -> List[MCItem]:
         override = opts.paths.get(self.name)
         fname = f"{self.subset}-Test.jsonl"
         root = opts.root / "arc"

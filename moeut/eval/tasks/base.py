@@ -31,6 +31,9 @@ class EvalOptions:
     hellaswag_strip_brackets: bool = False  # False = official regex quirk (parity), True = lm-eval
     paths: Dict[str, str] = field(default_factory=dict)  # per-task file/dir overrides
     keep_items: bool = False  # store per-item scores in the results
+    # "local": files under data_dir only (default; what the tests use). "hf": download from the
+    # Hugging Face hub (moeut.eval.tasks.hub). "auto": local files, else the hub when online.
+    source: str = "local"
 
     @property
     def root(self) -> Path:
@@ -97,6 +100,23 @@ class Task:
     column: Optional[str] = None  # results-table column, None = not in the paper's table
 
     def load(self, opts: EvalOptions) -> List[Any]:
+        """Items from local files, or from the hub per `opts.source` (see EvalOptions)."""
+        if opts.source not in ("local", "hf", "auto"):
+            raise ValueError(f"source: must be 'local', 'hf' or 'auto', got {opts.source!r}")
+        if opts.source == "hf":
+            from .hub import load_from_hub
+            return load_from_hub(self.name, opts)
+        try:
+            return self.load_local(opts)
+        except TaskDataMissing as local_err:
+            if opts.source != "auto":
+                raise
+            from .hub import hub_offline, load_from_hub
+            if hub_offline():
+                raise TaskDataMissing(f"{local_err} (and the hub is offline)") from None
+            return load_from_hub(self.name, opts)
+
+    def load_local(self, opts: EvalOptions) -> List[Any]:
         raise NotImplementedError
 
     def evaluate(self, items: List[Any], scorer, tokenizer, opts: EvalOptions) -> Dict[str, Any]:

@@ -47,7 +47,7 @@ class Blimp(Task):
     column = "BLiMP"
     normalize_default = False
 
-    def load(self, opts: EvalOptions) -> List[MCItem]:
+    def load_local(self, opts: EvalOptions) -> List[MCItem]:
         root = opts.path_for(self.name, opts.root / "blimp")
         if not root.is_dir():
             raise TaskDataMissing(f"BLiMP directory not found: {root} (expects the 67 <paradigm>.jsonl files)")

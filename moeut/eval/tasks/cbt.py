@@ -44,6 +44,16 @@ def detokenize(text: str) -> str:
     return text
 
 
+def make_cbt_item(story_lines: List[str], query: str, answer: str, candidates: List[str], group: str,
+                  item_id) -> MCItem:
+    """context = detokenised story lines joined with " " + " " + detokenised query text before
+    XXXXX; option = detokenise(candidate + query text after XXXXX)."""
+    before, after = query.split("XXXXX", 1)
+    context = " ".join(detokenize(s) for s in story_lines) + " " + detokenize(before)
+    options = [detokenize(c + after) for c in candidates]
+    return MCItem(context=context, options=options, gold=candidates.index(answer), group=group, id=item_id)
+
+
 def parse_cbt_file(path: Path, group: str, limit=None) -> List[MCItem]:
     """Parse a CBT file into 10-way items; malformed lines raise TaskFormatError(file:line)."""
     items: List[MCItem] = []
@@ -82,11 +92,7 @@ def parse_cbt_file(path: Path, group: str, limit=None) -> List[MCItem]:
         if len(candidates) != 10:
             skipped += 1  # SPEC 6.2: only 10-option questions are kept
             continue
-        before, after = query.split("XXXXX", 1)
-        context = " ".join(detokenize(s) for s in story_lines) + " " + detokenize(before)
-        options = [detokenize(c + after) for c in candidates]
-        items.append(MCItem(context=context, options=options, gold=candidates.index(answer), group=group,
-                            id=f"{group}:{item_line}"))
+        items.append(make_cbt_item(story_lines, query, answer, candidates, group, f"{group}:{item_line}"))
         if limit is not None and len(items) >= limit:
             break
     if story and (limit is None or len(items) < limit):
@@ -111,7 +117,7 @@ class CBT(Task):
                 found[t] = p
         return found
 
-    def load(self, opts: EvalOptions) -> List[MCItem]:
+    def load_local(self, opts: EvalOptions) -> List[MCItem]:
         root = opts.path_for(self.name, opts.root / "cbt")
         files = self.files(opts)
         if not files:

@@ -88,7 +88,7 @@ class HellaSwag(Task):
     column = "HellaSwag"
     normalize_default = True
 
-    def load(self, opts: EvalOptions) -> List[MCItem]:
+    def load_local(self, opts: EvalOptions) -> List[MCItem]:
         root = opts.root / "hellaswag"
         override = opts.paths.get(self.name)
         path = Path(override) if override else first_existing([

@@ -10,7 +10,6 @@ with the gold word.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Dict, List
 
 from ..scoring import ScoreRequest
@@ -21,7 +20,7 @@ class Lambada(Task):
     name = "lambada"
     column = "LAMBADA"
 
-    def load(self, opts: EvalOptions) -> List[Dict[str, Any]]:
+    def load_local(self, opts: EvalOptions) -> List[Dict[str, Any]]:
         path = opts.path_for(self.name, opts.root / "lambada" / "lambada_test.jsonl")
         items = []
         for lineno, rec in read_jsonl(path, ["text"], check_limit(opts.limit)):

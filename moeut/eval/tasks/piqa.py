@@ -5,7 +5,6 @@ by default. Labels: one line per item, 0 (= sol1) or 1 (= sol2).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Dict, List
 
 from ..scoring import MCItem, evaluate_multiple_choice
@@ -18,7 +17,7 @@ class PIQA(Task):
     column = "PIQA"
     normalize_default = True
 
-    def load(self, opts: EvalOptions) -> List[MCItem]:
+    def load_local(self, opts: EvalOptions) -> List[MCItem]:
         root = opts.path_for(self.name, opts.root / "piqa")
         data, labels_path = root / "valid.jsonl", root / "valid-labels.lst"
         if not data.is_file() or not labels_path.is_file():

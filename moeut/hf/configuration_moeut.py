@@ -1,0 +1,25 @@
+"""Hugging Face config for MoEUT exports (`model_type="moeut"`).
+
+The native architecture (moeut.config.MoEUTConfig / DenseConfig / ...) travels verbatim in
+`moeut_config` (dataclasses.asdict, with its "arch"), so the export rebuilds exactly the trained
+model. Named MoEUTHFConfig in code to avoid clashing with moeut.config.MoEUTConfig.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from transformers import PretrainedConfig
+
+
+class MoEUTHFConfig(PretrainedConfig):
+    model_type = "moeut"
+
+    def __init__(self, moeut_config: Optional[Dict[str, Any]] = None, **kwargs):
+        self.moeut_config = dict(moeut_config or {})
+        kwargs.setdefault("tie_word_embeddings", False)  # the head is untied from the embedding
+        if self.moeut_config:
+            kwargs.setdefault("vocab_size", self.moeut_config.get("vocab_size"))
+            kwargs.setdefault("hidden_size", self.moeut_config.get("d_model"))
+            kwargs.setdefault("num_hidden_layers", self.moeut_config.get("n_layers"))
+        # No BOS/EOS/pad ids: the model never uses them (SPEC 1.1).
+        super().__init__(**kwargs)

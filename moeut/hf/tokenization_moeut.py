@@ -1,0 +1,54 @@
+"""Hugging Face tokenizer over the run's SentencePiece model (copied into every export).
+
+Adds no special tokens: MoEUT has no BOS/EOS (SPEC 1.1), so `tokenizer(text).input_ids` equals
+`moeut.data.tokenizer.Tokenizer.encode(text)`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Dict, List, Optional, Tuple
+
+from transformers import PreTrainedTokenizer
+
+
+class MoEUTTokenizer(PreTrainedTokenizer):
+    vocab_files_names = {"vocab_file": "tokenizer.model"}
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self, vocab_file: str, **kwargs):
+        import sentencepiece as spm
+        self.vocab_file = vocab_file
+        self.sp = spm.SentencePieceProcessor(model_file=vocab_file)
+        for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            kwargs.setdefault(k, None)
+        super().__init__(**kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def get_vocab(self) -> Dict[str, int]:
+        return {self.sp.id_to_piece(i): i for i in range(self.vocab_size)}
+
+    def _tokenize(self, text: str, **kwargs) -> List[str]:
+        return self.sp.encode(text, out_type=str)
+
+    def _convert_token_to_id(self, token: str) -> int:
+        return self.sp.piece_to_id(token)
+
+    def _convert_id_to_token(self, index: int) -> str:
+        return self.sp.id_to_piece(int(index))
+
+    def convert_tokens_to_string(self, tokens: List[str]) -> str:
+        return self.sp.decode_pieces(list(tokens))
+
+    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        return list(token_ids_0) + (list(token_ids_1) if token_ids_1 else [])
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: Optional[str] = None) -> Tuple[str]:
+        name = (filename_prefix + "-" if filename_prefix else "") + "tokenizer.model"
+        dst = os.path.join(save_directory, name)
+        if os.path.abspath(self.vocab_file) != os.path.abspath(dst):
+            shutil.copyfile(self.vocab_file, dst)
+        return (dst,)
