@@ -1,0 +1,410 @@
+"""List, dry-run and launch the paper's experiment grids (`sweeps/*.yaml`) as Hydra multiruns.
+
+    python -m moeut.sweep list                                   # every sweep file, job counts
+    python -m moeut.sweep dry-run sweeps/main_table.yaml         # each job's overrides and run dir
+    python -m moeut.sweep launch sweeps/main_table.yaml \\
+        --set hydra.launcher.partition=gpu --set hydra.launcher.account=myproj
+    python -m moeut.sweep launch sweeps/cpu_smoke.yaml --local   # basic launcher, this machine
+
+A sweep file is YAML:
+
+    name: g_ablation                   # sweep dir = <root>/<name>; wandb group = <name>
+    description: ...                   # what paper table/figure it reproduces
+    expected_jobs: 7                   # checked on every list/dry-run/launch
+    common: [train.log_interval=100]   # overrides for every job (optional)
+    grids:                             # one `python train.py -m` per grid (each its own launcher)
+      - launcher: submitit_slurm_1gpu  # a conf/hydra/launcher/ preset (--local: basic)
+        overrides:                     # Hydra multirun overrides: comma lists = Cartesian product
+          - experiment=c4_moeut_244m,c4_moeut_244m_g1
+
+Run directories. Each job runs in `<sweep dir>/<override dirname>`, where the dirname is Hydra's
+`${hydra.job.override_dirname}` built from the grid's own overrides only (common overrides, extra
+`--set` overrides and `seed` are excluded), e.g. `main_table/experiment=c4_moeut_244m`. The name
+depends on what the job *is*, not on its position in the sweep, so a SLURM requeue, a re-launch of
+the whole sweep after a crash, or a sweep file that gained a job all land every job in its old
+directory, where train.py auto-resumes from the newest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SWEEPS_DIR = REPO_ROOT / "sweeps"
+DEFAULT_ROOT = os.environ.get("MOEUT_SWEEP_ROOT", "outputs/sweeps")
+# keys that never name a run directory: the seed (a re-seeded rerun should resume, not fork)
+ALWAYS_EXCLUDED = ("seed",)
+SUBDIR = "${hydra.job.override_dirname}"
+# launcher settings the dry run prints per job
+RESOURCE_KEYS = ("partition", "account", "qos", "nodes", "tasks_per_node", "gpus_per_node",
+                 "cpus_per_task", "mem_gb", "timeout_min", "constraint")
+
+
+# ------------------------------------------------------------------------------------------
+# Sweep files
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class Grid:
+    overrides: List[str]
+    launcher: str = "submitit_slurm_1gpu"
+    name: Optional[str] = None
+
+
+@dataclass
+class SweepFile:
+    path: Path
+    name: str
+    description: str
+    grids: List[Grid]
+    common: List[str] = field(default_factory=list)
+    expected_jobs: Optional[int] = None
+    wandb_group_key: str = "logger.group"
+
+
+def _err(path: Path, msg: str) -> ValueError:
+    return ValueError(f"sweep file {path}: {msg}")
+
+
+def load_sweep(path: os.PathLike) -> SweepFile:
+    """Parse and validate a sweep file; errors name the file and the field."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep file {path} not found")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as e:  # noqa: BLE001 - YAML syntax errors come with their line
+        raise _err(path, f"not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise _err(path, "top level must be a mapping")
+    known = {"name", "description", "grids", "common", "expected_jobs", "wandb_group_key", "paper"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise _err(path, f"unknown field(s) {unknown}; known: {sorted(known)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise _err(path, "field 'name' must be a non-empty string without '/'")
+
+    def str_list(value: Any, where: str) -> List[str]:
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _err(path, f"field '{where}' must be a list of override strings")
+        for v in value:
+            if "=" not in v and not v.startswith("~"):
+                raise _err(path, f"field '{where}': {v!r} is not a Hydra override (key=value)")
+        return list(value)
+
+    grids_raw = raw.get("grids")
+    if not isinstance(grids_raw, list) or not grids_raw:
+        raise _err(path, "field 'grids' must be a non-empty list")
+    grids = []
+    for i, g in enumerate(grids_raw):
+        if not isinstance(g, dict):
+            raise _err(path, f"grids[{i}] must be a mapping with 'overrides' (and 'launcher')")
+        bad = sorted(set(g) - {"overrides", "launcher", "name"})
+        if bad:
+            raise _err(path, f"grids[{i}]: unknown field(s) {bad}")
+        ov = str_list(g.get("overrides"), f"grids[{i}].overrides")
+        if not ov:
+            raise _err(path, f"grids[{i}].overrides is empty")
+        for o in ov:
+            if o.split("=", 1)[0].lstrip("+~").startswith("hydra"):
+                raise _err(path, f"grids[{i}].overrides: {o!r}: hydra.* keys are set by the sweep "
+                                 "tool (use 'launcher', or --set on the command line)")
+        grids.append(Grid(overrides=ov, launcher=str(g.get("launcher", "submitit_slurm_1gpu")),
+                          name=g.get("name")))
+    exp = raw.get("expected_jobs")
+    if exp is not None and (not isinstance(exp, int) or exp < 1):
+        raise _err(path, "field 'expected_jobs' must be a positive integer")
+    return SweepFile(path=path, name=name, description=str(raw.get("description", "")).strip(),
+                     grids=grids, common=str_list(raw.get("common"), "common"), expected_jobs=exp,
+                     wandb_group_key=str(raw.get("wandb_group_key", "logger.group")))
+
+
+def list_sweep_files(sweeps_dir: os.PathLike = DEFAULT_SWEEPS_DIR) -> List[Path]:
+    return sorted(p for p in Path(sweeps_dir).glob("*.yaml") if p.is_file())
+
+
+# ------------------------------------------------------------------------------------------
+# Expanding a grid into jobs (Hydra's own parser and BasicSweeper semantics)
+# ------------------------------------------------------------------------------------------
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def expand(overrides: Sequence[str], config_loader: Any = None) -> List[List[str]]:
+    """The job override lists Hydra's basic sweeper makes from `overrides` (Cartesian product of
+    comma lists / range() / choice(); glob() needs `config_loader`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    parser = OverridesParser.create(config_loader=config_loader)
+    parsed = parser.parse_overrides(list(overrides))
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return batches[0]
+
+
+@dataclass
+class Job:
+    grid: int
+    launcher: str
+    overrides: List[str]          # what the job's train.py sees (task overrides)
+    hydra_overrides: List[str]    # sweep dir / subdir / launcher settings
+    run_dir: Optional[str] = None
+    resources: Dict[str, Any] = field(default_factory=dict)  # resolved SLURM settings (dry run)
+
+
+def hydra_overrides(sweep: SweepFile, grid: Grid, root: str, local: bool,
+                    launcher: Optional[str], extra: Sequence[str]) -> List[str]:
+    """hydra.* overrides for one grid: launcher preset, sweep dir, override-named subdir."""
+    exclude = sorted({_key(o) for o in list(sweep.common) + list(extra) if not _key(o).startswith("hydra")}
+                     | set(ALWAYS_EXCLUDED) | {sweep.wandb_group_key})
+    chosen = "basic" if local else (launcher or grid.launcher)
+    return [f"hydra/launcher={chosen}",
+            f"hydra.sweep.dir={root}/{sweep.name}",
+            f"hydra.sweep.subdir={SUBDIR}",
+            "hydra.job.config.override_dirname.exclude_keys=[" + ",".join(exclude) + "]",
+            *[o for o in extra if _key(o).startswith("hydra")]]
+
+
+def task_overrides(sweep: SweepFile, grid: Grid, extra: Sequence[str], group: bool = True) -> List[str]:
+    ov = [*sweep.common, *grid.overrides, *[o for o in extra if not _key(o).startswith("hydra")]]
+    if group and sweep.wandb_group_key and not any(_key(o) == sweep.wandb_group_key for o in ov):
+        ov.append(f"{sweep.wandb_group_key}={sweep.name}")
+    return ov
+
+
+def plan(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
+         launcher: Optional[str] = None, extra: Sequence[str] = (), group: bool = True,
+         config_loader: Any = None) -> List[Job]:
+    """Every job of the sweep (without composing configs)."""
+    jobs = []
+    for gi, grid in enumerate(sweep.grids):
+        hov = hydra_overrides(sweep, grid, root, local, launcher, extra)
+        for job_ov in expand(task_overrides(sweep, grid, extra, group), config_loader):
+            jobs.append(Job(grid=gi, launcher=hov[0].split("=", 1)[1], overrides=job_ov,
+                            hydra_overrides=hov))
+    return jobs
+
+
+def check_expected(sweep: SweepFile, jobs: Sequence[Job]) -> None:
+    if sweep.expected_jobs is not None and len(jobs) != sweep.expected_jobs:
+        raise ValueError(f"sweep file {sweep.path}: expands to {len(jobs)} jobs but "
+                         f"expected_jobs is {sweep.expected_jobs}")
+
+
+# ------------------------------------------------------------------------------------------
+# Composing every job against the real conf/ (dry run)
+# ------------------------------------------------------------------------------------------
+
+def register_train_schemas(repo_root: Path = REPO_ROOT) -> None:
+    """Import train.py (not run it) so the structured-config schemas it registers in Hydra's
+    ConfigStore exist before composing, exactly as in `python train.py`."""
+    if "moeut_train_entry" in sys.modules:
+        return
+    train_py = repo_root / "train.py"
+    if not train_py.is_file():
+        raise FileNotFoundError(f"{train_py} not found: run from a checkout of the repository")
+    spec = importlib.util.spec_from_file_location("moeut_train_entry", train_py)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["moeut_train_entry"] = module
+    sys.path.insert(0, str(repo_root))
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["moeut_train_entry"]
+        raise
+    finally:
+        sys.path.remove(str(repo_root))
+
+
+def compose_jobs(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
+                 launcher: Optional[str] = None, extra: Sequence[str] = (),
+                 repo_root: Path = REPO_ROOT, config_name: str = "config") -> List[Job]:
+    """Plan the sweep and compose every job's config with Hydra's compose API against the real
+    conf/ (so a missing experiment, a misspelt key or an unknown launcher preset fails here, not
+    on the cluster); fills each job's resolved run dir. Raises ValueError naming the job."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    register_train_schemas(repo_root)
+    try:  # the training code's model-config builder (validates presets and fields); optional
+        from moeut.train_lib.config import build_model_config
+    except ImportError:
+        build_model_config = None
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(repo_root / "conf"), version_base="1.3"):
+        loader = GlobalHydra.instance().hydra.config_loader
+        probe = compose(config_name=config_name)
+        group = OmegaConf.select(probe, sweep.wandb_group_key, default="__absent__") != "__absent__"
+        if not group:
+            print(f"warning: the training config has no '{sweep.wandb_group_key}' key: wandb runs of "
+                  f"this sweep are not grouped (set wandb_group_key in {sweep.path})", file=sys.stderr)
+        jobs = plan(sweep, root, local, launcher, extra, group=group, config_loader=loader)
+        seen: Dict[str, int] = {}
+        for i, job in enumerate(jobs):
+            try:
+                cfg = compose(config_name=config_name, overrides=job.overrides + job.hydra_overrides,
+                              return_hydra_config=True)
+                job.run_dir = str(Path(cfg.hydra.sweep.dir) / cfg.hydra.sweep.subdir)
+                launcher_cfg = cfg.hydra.launcher
+                job.resources = {k: OmegaConf.select(launcher_cfg, k, throw_on_resolution_failure=False)
+                                 for k in RESOURCE_KEYS if k in launcher_cfg}
+                # resolve the job's own config too, as run_job would (HydraConfig set for the
+                # ${hydra:...} resolver): a bad interpolation should fail now, not on the cluster
+                with open_dict(cfg):
+                    cfg.hydra.runtime.output_dir = job.run_dir
+                HydraConfig.instance().set_config(cfg)
+                job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+                OmegaConf.to_container(job_cfg, resolve=True, throw_on_missing=False)
+                if build_model_config is not None:  # unknown preset / bad architecture field
+                    build_model_config(cfg.model)
+            except Exception as e:  # noqa: BLE001 - re-raised with the job named
+                raise ValueError(f"sweep {sweep.name} ({sweep.path}), job #{i} "
+                                 f"[{' '.join(job.overrides)}]: {type(e).__name__}: {e}") from e
+            if job.run_dir in seen:
+                raise ValueError(f"sweep {sweep.name}: jobs #{seen[job.run_dir]} and #{i} share run "
+                                 f"dir {job.run_dir}; make their grid overrides differ")
+            seen[job.run_dir] = i
+    GlobalHydra.instance().clear()
+    check_expected(sweep, jobs)
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------
+# Launching
+# ------------------------------------------------------------------------------------------
+
+def grid_command(sweep: SweepFile, grid_index: int, root: str, local: bool,
+                 launcher: Optional[str], extra: Sequence[str], group: bool = True,
+                 python: str = sys.executable) -> List[str]:
+    """`python train.py -m ...` for one grid (argv list: no shell, `${...}` stays literal)."""
+    grid = sweep.grids[grid_index]
+    return [python, "train.py", "-m", *task_overrides(sweep, grid, extra, group),
+            *hydra_overrides(sweep, grid, root, local, launcher, extra)]
+
+
+def launch(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
+           launcher: Optional[str] = None, extra: Sequence[str] = (), detach: bool = False,
+           repo_root: Path = REPO_ROOT, env: Optional[Dict[str, str]] = None,
+           check: bool = True) -> int:
+    """Run every grid's multirun. Local: one grid after the other in the foreground. SLURM: all
+    grids at once (the submitit launcher blocks until its jobs end), logs in the sweep dir."""
+    jobs = compose_jobs(sweep, root, local, launcher, extra, repo_root) if check else []
+    group = bool(jobs) and any(_key(o) == sweep.wandb_group_key for o in jobs[0].overrides)
+    sweep_dir = (repo_root / root / sweep.name) if not os.path.isabs(root) else Path(root) / sweep.name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "sweep.yaml").write_text(sweep.path.read_text(encoding="utf-8"), encoding="utf-8")
+    run_env = dict(os.environ if env is None else env)
+    # submitit writes the sbatch --signal line with this signal, and the job binds its handler to it
+    run_env.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
+    procs = []
+    for gi in range(len(sweep.grids)):
+        cmd = grid_command(sweep, gi, root, local, launcher, extra, group)
+        print("$ " + shlex.join(cmd[1:] if cmd[0] == sys.executable else cmd), flush=True)
+        if local:
+            rc = subprocess.run(cmd, cwd=repo_root, env=run_env).returncode
+            if rc != 0:
+                print(f"grid {gi} failed with exit code {rc}", file=sys.stderr)
+                return rc
+            continue
+        log = open(sweep_dir / f"launch_grid{gi}.log", "ab")
+        procs.append((gi, subprocess.Popen(cmd, cwd=repo_root, env=run_env, stdout=log,
+                                           stderr=subprocess.STDOUT, start_new_session=detach)))
+        print(f"  grid {gi}: pid {procs[-1][1].pid}, log {log.name}", flush=True)
+    if local or detach:
+        return 0
+    rc = 0
+    for gi, p in procs:
+        code = p.wait()
+        print(f"grid {gi} finished with exit code {code}")
+        rc = rc or code
+    return rc
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------
+
+def _print_jobs(sweep: SweepFile, jobs: Sequence[Job]) -> None:
+    print(f"sweep {sweep.name}: {len(jobs)} job(s) in {len(sweep.grids)} grid(s)  [{sweep.path}]")
+    for i, job in enumerate(jobs):
+        res = " ".join(f"{k}={v}" for k, v in job.resources.items() if v is not None)
+        print(f"  #{i:<3d} grid {job.grid}  launcher={job.launcher}" + (f"  [{res}]" if res else ""))
+        print(f"       overrides: {' '.join(job.overrides)}")
+        print(f"       run dir:   {job.run_dir}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m moeut.sweep",
+                                 description="List, dry-run and launch sweeps/*.yaml grids.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p_list = sub.add_parser("list", help="every sweep file with its job count")
+    p_list.add_argument("--sweeps-dir", default=str(DEFAULT_SWEEPS_DIR))
+    for name, text in (("dry-run", "print every job's overrides and run dir; submit nothing"),
+                       ("launch", "run the sweep (SLURM presets by default, --local: basic launcher)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("sweep", help="a sweep file, or the name of one in sweeps/")
+        p.add_argument("--local", action="store_true", help="Hydra's basic launcher, this machine")
+        p.add_argument("--launcher", default=None,
+                       help="override every grid's launcher preset (e.g. submitit_slurm_8gpu)")
+        p.add_argument("--root", default=DEFAULT_ROOT,
+                       help=f"sweep dirs go to <root>/<name> (default {DEFAULT_ROOT}, env MOEUT_SWEEP_ROOT)")
+        p.add_argument("--set", dest="extra", action="append", default=[], metavar="OVERRIDE",
+                       help="extra override for every job, e.g. --set train.steps=1000 or "
+                            "--set hydra.launcher.partition=gpu (repeatable)")
+        if name == "launch":
+            p.add_argument("--detach", action="store_true",
+                           help="return after starting the submitters (SLURM only)")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "list":
+        files = list_sweep_files(args.sweeps_dir)
+        if not files:
+            print(f"no sweep files in {args.sweeps_dir}", file=sys.stderr)
+            return 1
+        for f in files:
+            try:
+                s = load_sweep(f)
+                n = len(plan(s))
+                flag = "" if s.expected_jobs in (None, n) else f"  (expected {s.expected_jobs}!)"
+                print(f"{s.name:<22s} {n:4d} jobs  {f.name:<24s} {s.description.splitlines()[0] if s.description else ''}{flag}")
+            except Exception as e:  # noqa: BLE001 - list the rest, then fail
+                print(f"{f.name}: ERROR {e}", file=sys.stderr)
+                return 1
+        return 0
+
+    path = Path(args.sweep)
+    if not path.is_file() and (DEFAULT_SWEEPS_DIR / f"{args.sweep}.yaml").is_file():
+        path = DEFAULT_SWEEPS_DIR / f"{args.sweep}.yaml"
+    try:
+        sweep = load_sweep(path)
+        if args.cmd == "dry-run":
+            jobs = compose_jobs(sweep, args.root, args.local, args.launcher, args.extra)
+            _print_jobs(sweep, jobs)
+            for gi in range(len(sweep.grids)):
+                group = any(_key(o) == sweep.wandb_group_key for o in jobs[0].overrides)
+                print(f"grid {gi} command:\n  " + shlex.join(
+                    grid_command(sweep, gi, args.root, args.local, args.launcher, args.extra, group)[1:]))
+            return 0
+        return launch(sweep, args.root, args.local, args.launcher, args.extra, args.detach)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
