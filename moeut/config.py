@@ -300,4 +300,7 @@ def param_count_formula(cfg) -> int:
         H, dh, dff = cfg.n_heads, cfg.d_head, cfg.d_ff
         per = 4 * d * H * dh + 2 * d * dff + dff + d + 4 * d
         return V * d + cfg.group_size * per + d * V + V + 2 * d
-    raise NotImplementedError(f"no closed form for {type(cfg).__name__} with mlp_type")
+    # Switch/DeepSeekMoE MLPs and the baseline architectures (SUT, MoE transformer): closed forms
+    # live next to the other accounting formulas.
+    from .compute import param_count_formula as _baseline_formula
+    return _baseline_formula(cfg)

@@ -1,0 +1,249 @@
+"""Dense pre-LN RoPE Transformer (SPEC 8.1), its layer-shared "naive UT" form (8.3), and the same
+transformer with MoE MLPs in every k-th layer (the Switch/GShard/DeepSeekMoE baselines of 8.5-8.6).
+
+    tokens -> embedding -> for r in 0..R-1: for g in 0..G-1: layer_g -> LN_out -> head (bias, untied)
+    layer:  x = x + Att(LN1 x);  x = x + MLP(LN2 x)
+
+- Attention: Q and a fused K/V projection and the output projection, no biases; RoPE on the first
+  n_rot channels of each head (1.4); scale 1/sqrt(d_head); causal. KV cache as MoEUT (1.9).
+- MLP: Linear(d, d_ff) + bias -> ReLU -> Linear(d_ff, d) + bias.
+- Init (1.6, dense): every Linear inside a layer is drawn trunc-normal(+-2, std 1) and rescaled so
+  its empirical std equals sqrt(2 / (L * fan_in)); biases 0; LayerNorms 1/0; embedding
+  kaiming-normal (std 1/sqrt(d)); head PyTorch default. L = n_layers (layer applications).
+- `DenseConfig.group_size` < n_layers shares layers in the "abab" order; group_size = 1 is the
+  naive Universal Transformer (one shared layer widened to match parameters, 8.3 [ours]).
+
+`MoETransformerLM` keeps all of this and replaces the MLP of every `moe_every`-th layer (layers
+moe_every-1, 2*moe_every-1, ...: Du et al.'s "last FFN of every 4 layers") with a MoE MLP from
+`moeut.baselines.routers` (switch, deepseek) or σ-MoE; expert and router inputs are both LN2(x).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import DenseConfig, MLP_TYPES, _check
+from ..model import ForwardState, KVCache, apply_rope, generate, rope_angles
+from ..outputs import LMOutput, RoutingRecord
+
+
+@torch.no_grad()
+def dense_init_(w: torch.Tensor, n_layers: int) -> None:
+    """Trunc-normal(+-2, std 1), then rescaled to empirical std sqrt(2 / (L * fan_in)) (SPEC 1.6)."""
+    nn.init.trunc_normal_(w, mean=0.0, std=1.0, a=-2.0, b=2.0)
+    fan_in = w.shape[1]
+    w.mul_(math.sqrt(2.0 / (n_layers * fan_in)) / w.std())
+
+
+class DenseAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, d_head: int, n_rot: int, rope_base: float):
+        super().__init__()
+        self.n_heads, self.d_head, self.n_rot, self.rope_base = n_heads, d_head, n_rot, rope_base
+        self.q = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.kv = nn.Linear(d_model, 2 * n_heads * d_head, bias=False)  # fused K/V projection
+        self.o = nn.Linear(n_heads * d_head, d_model, bias=False)
+
+    def forward(self, u_BTd: torch.Tensor, l: int, cache: Optional[KVCache]) -> torch.Tensor:
+        B, T, _ = u_BTd.shape
+        H, D = self.n_heads, self.d_head
+        q_BHTD = self.q(u_BTd).view(B, T, H, D).transpose(1, 2)
+        k_BTHD, v_BTHD = self.kv(u_BTd).view(B, T, 2, H, D).unbind(2)
+        k_BHTD, v_BHTD = k_BTHD.transpose(1, 2), v_BTHD.transpose(1, 2)
+        past = cache.seq_len if cache is not None else 0
+        cos, sin = rope_angles(torch.arange(past, past + T, device=u_BTd.device), self.n_rot, self.rope_base)
+        q_BHTD, k_BHTD = apply_rope(q_BHTD, cos, sin), apply_rope(k_BHTD, cos, sin)
+        attn_mask, is_causal = None, True
+        if cache is not None:
+            if l in cache.k:
+                k_BHTD = torch.cat([cache.k[l], k_BHTD], dim=2)
+                v_BHTD = torch.cat([cache.v[l], v_BHTD], dim=2)
+            cache.k[l], cache.v[l] = k_BHTD, v_BHTD
+            if past > 0:  # new token i sees the whole cache and new positions <= i
+                is_causal = False
+                if T > 1:
+                    attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=u_BTd.device).tril(past)
+        o_BHTD = F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, attn_mask=attn_mask, is_causal=is_causal)
+        return self.o(o_BHTD.transpose(1, 2).reshape(B, T, H * D))
+
+
+class DenseMLP(nn.Module):
+    """Linear + bias -> ReLU -> Linear + bias. Same call signature as the MoE MLPs."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.up = nn.Linear(d_model, d_ff)
+        self.down = nn.Linear(d_ff, d_model)
+
+    def forward(self, x_BTd, gate_in_BTd=None, g: int = 0, state=None):
+        return self.down(F.relu(self.up(x_BTd)))
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, cfg, mlp: nn.Module):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.ln2 = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.attention = DenseAttention(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.n_rotate, cfg.rope_base)
+        self.ffn = mlp
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, g: int, l: int, state: ForwardState, cache: Optional[KVCache]):
+        x = x + self.drop(self.attention(self.ln1(x), l, cache))
+        u = self.ln2(x)
+        return x + self.drop(self.ffn(u, u, g, state))
+
+
+class DenseLM(nn.Module):
+    def __init__(self, cfg: DenseConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        d = cfg.d_model
+        self.embedding = nn.Embedding(cfg.vocab_size, d)
+        self.layers = nn.ModuleList([DenseLayer(cfg, self._make_mlp(cfg, g)) for g in range(cfg.group_size)])
+        self.out_norm = nn.LayerNorm(d, eps=1e-5)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=True)  # untied, with bias
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    def _make_mlp(self, cfg, g: int) -> nn.Module:
+        return DenseMLP(cfg.d_model, cfg.d_ff)
+
+    def reset_parameters(self) -> None:
+        L = self.config.n_layers
+        nn.init.kaiming_normal_(self.embedding.weight, mode="fan_in", nonlinearity="linear")
+        self.lm_head.reset_parameters()
+        self.out_norm.reset_parameters()
+        for layer in self.layers:
+            layer.ln1.reset_parameters()
+            layer.ln2.reset_parameters()
+            for lin in (layer.attention.q, layer.attention.kv, layer.attention.o):
+                dense_init_(lin.weight, L)
+            if isinstance(layer.ffn, DenseMLP):
+                for lin in (layer.ffn.up, layer.ffn.down):
+                    dense_init_(lin.weight, L)
+                    nn.init.zeros_(lin.bias)
+            else:  # MoE MLPs keep their own (σ-MoE-style) init
+                layer.ffn.reset_parameters(self.config)
+
+    def execution_order(self) -> List[Tuple[int, int, int]]:
+        G, R = self.config.group_size, self.config.n_repeats
+        return [(r * G + g, g, r) for r in range(R) for g in range(G)]
+
+    def forward(self, input_ids: torch.Tensor, *, cache: Optional[KVCache] = None,
+                collect_routing: Union[bool, str] = False) -> LMOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        state = ForwardState(self.training and cache is None, collect_routing)
+        x = self.embedding(input_ids)
+        for l, g, r in self.execution_order():
+            x_in = x
+            if state.collect_routing:
+                state.record = RoutingRecord(l=l, g=g, r=r)
+            x = self.layers[g](x, g, l, state, cache)
+            if state.record is not None:  # update magnitudes are meaningful for dense models too (7.2)
+                with torch.no_grad():
+                    xi, xo = x_in.float(), x.float()
+                    state.record.in_norm = xi.norm(dim=-1)
+                    state.record.update_norm = (xo - xi).norm(dim=-1)
+                    state.record.cos_in_out = F.cosine_similarity(xo, xi, dim=-1)
+                state.records.append(state.record)
+                state.record = None
+        if cache is not None:
+            cache.seq_len += input_ids.shape[1]
+        logits = self.lm_head(self.out_norm(x))
+        reg = torch.zeros((), dtype=torch.float32, device=logits.device)
+        terms = {}
+        for name, value in state.aux_losses.items():
+            terms[f"aux/{name}"] = value.detach()
+            reg = reg + value.float()
+        return LMOutput(logits=logits, reg_loss=reg, reg_terms=terms,
+                        routing=state.records if state.collect_routing else None, cache=cache)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: Optional[int] = None, greedy: bool = False, stop_token: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
+                        stop_token=stop_token, generator=generator)
+
+
+# ------------------------------------------------------------------------------------------
+# Non-shared transformer with MoE MLPs in every k-th layer
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class MoETransformerConfig:
+    """Dense pre-LN RoPE transformer whose every `moe_every`-th MLP is a MoE (SPEC 8.5-8.6).
+    MoE field names equal MoEUTConfig's so the MoE MLP classes take either config."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_head: int
+    d_ff: int  # width of the dense MLPs in the non-MoE layers
+    ff_n_experts: int
+    ff_k: int
+    ff_expert_size: int
+    mlp_type: str = "switch"  # switch | deepseek | sigma_moe
+    moe_every: int = 1  # 1: every layer is MoE; 4: Du et al.'s "Every-4" placement
+    moe_n_shared: int = 0
+    moe_balance_weight: float = 0.01
+    moe_zloss_weight: float = 0.001
+    moe_capacity_factor: float = 0.0
+    moe_device_groups: int = 1
+    moe_device_balance_weight: float = 0.0
+    vocab_size: int = 8000
+    rope_base: float = 10000.0
+    rotate_fraction: float = 0.5
+    dropout: float = 0.0
+    expert_dropout: float = 0.0  # σ-MoE option
+    mlp_gate_renorm: bool = False  # σ-MoE option
+    cvmm_backend: str = "auto"
+    arch: str = "moe_transformer"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    group_size = property(lambda self: self.n_layers)  # no sharing
+    n_repeats = property(lambda self: 1)
+
+    @property
+    def n_rotate(self) -> int:
+        n = int(self.rotate_fraction * self.d_head)
+        return n - n % 2
+
+    @property
+    def init_scale(self) -> float:
+        return math.sqrt(2.0 / self.n_layers)
+
+    def is_moe_layer(self, l: int) -> bool:
+        return (l + 1) % self.moe_every == 0
+
+    def validate(self) -> None:
+        c = type(self).__name__
+        for name in ("d_model", "n_layers", "n_heads", "d_head", "d_ff", "ff_n_experts", "ff_k",
+                     "ff_expert_size", "moe_every", "vocab_size", "moe_device_groups"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v > 0, c, name, f"must be a positive integer, got {v!r}")
+        _check(self.mlp_type in MLP_TYPES, c, "mlp_type", f"{self.mlp_type!r} is not one of {MLP_TYPES}")
+        _check(self.moe_every <= self.n_layers, c, "moe_every",
+               f"moe_every={self.moe_every} > n_layers={self.n_layers}: no layer would be MoE")
+        _check(self.ff_k <= self.ff_n_experts, c, "ff_k", f"K={self.ff_k} > ff_n_experts={self.ff_n_experts}")
+        _check(self.mlp_type != "deepseek" or 0 <= self.moe_n_shared < self.ff_k, c, "moe_n_shared",
+               f"K_s={self.moe_n_shared} must be < ff_k={self.ff_k}")
+        _check(self.moe_capacity_factor >= 0, c, "moe_capacity_factor", "must be >= 0 (0 = dropless)")
+        _check(0.0 <= self.dropout < 1.0, c, "dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+class MoETransformerLM(DenseLM):
+    def _make_mlp(self, cfg: MoETransformerConfig, g: int) -> nn.Module:
+        if not cfg.is_moe_layer(g):
+            return DenseMLP(cfg.d_model, cfg.d_ff)
+        from .routers import build_moe_mlp
+        return build_moe_mlp(cfg)

@@ -1,0 +1,397 @@
+"""SUT: Sparse Universal Transformer (Tan et al., EMNLP 2023), as ported in the MoEUT training code
+(SPEC 8.4, presets 2.6). Re-implemented from the SPEC text.
+
+    x = LN_in(E[tokens] * sqrt(d))                      (non-affine input norm, no LN_out)
+    s, R, acc = x, 1, 0
+    for l in 1..L:                                      one shared post-LN layer applied L times
+        h     = LN2(y + MoE(y)),  y = LN1(s + MoA(s))
+        alpha = softmax(W2 GELU(W1 h))[halt]            zero-initialised W2: alpha = 0.5 at init
+        p_l   = R * alpha;  R = R * (1 - alpha);  acc = acc + p_l * h
+        s     = acc + R * h                             (next layer input)
+        a position halts once R < 1 - 0.999; from then on its s, R and acc are frozen and it is
+        masked out of the routing statistics
+    logits = Head(s)
+
+- **MoE MLP:** router Linear(d,d) -> tanh -> Linear(d, N_E, no bias); p = softmax; top-K
+  (`sample_topk` > 0: in training, the last `sample_topk` of the K experts are drawn by multinomial
+  from the remaining mass + 1e-6); gates g = p_sel / (sum p_sel + 1e-6); experts 2-layer ReLU MLPs
+  with biases.
+- **MoA attention:** shared K and V projections d -> heads_per_expert * d_head; the query and the
+  output projections are experts (same router structure as the MLP): each of the k selected experts
+  gives heads_per_expert query heads over the shared K/V heads and its own output projection;
+  outputs weighted by the gates and summed. Learned relative-position logits q_t . r[clip(t - tau,
+  0, max_rel)] added to the attention logits (causal, so only non-negative distances exist)
+  [verify: the exact relative-position form of shawntan/SUT].
+- **MIM loss** (per routed module, MLP and MoA query): over all (token, step) pairs x that are not
+  halted, with p(e|x) the router softmax: L = H(E|X) - H(E) = -I(X;E), p(x) uniform. Here the
+  statistics cover one forward (one micro-batch); the training code accumulates them over the
+  micro-batches of an optimiser step [ours: with gradient accumulation the two differ slightly].
+- **ACT loss:** expected depth sum_l l * p_l + R_final * (last step), averaged over tokens.
+- reg_loss = mim_weight * (L_MIM,mlp + L_MIM,att) + act_weight * ACT loss (training only).
+
+KV cache: one entry per step l (the shared layer sees different inputs at every step); halted
+positions keep providing their frozen state's K/V, exactly as in a full forward.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import _check
+from ..kernels.cvmm import cvmm, make_plan
+from ..model import KVCache, generate
+from ..outputs import LMOutput, RoutingRecord
+
+
+@dataclass
+class SUTConfig:
+    d_model: int
+    n_layers: int  # maximum number of ACT steps (applications of the shared layer)
+    ff_n_experts: int
+    ff_expert_size: int
+    ff_k: int
+    att_n_experts: int
+    att_expert_size: int  # = heads_per_expert * d_head
+    att_k: int
+    d_head: int
+    vocab_size: int = 8000
+    mim_weight: float = 0.001
+    act_weight: float = 0.01
+    halt_threshold: float = 0.999  # a position halts when its remaining mass < 1 - threshold
+    sample_topk: int = 0
+    max_relative_positions: int = 64
+    dropout: float = 0.0
+    cvmm_backend: str = "auto"
+    arch: str = "sut"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    group_size = property(lambda self: 1)
+    n_repeats = property(lambda self: self.n_layers)
+    # MoA routes once per token (not per head): routing records hold its query/output experts as
+    # one "head" of att_o_idx [B, T, 1, k] (consumed by moeut.routing.RoutingStats).
+    n_heads = property(lambda self: 1)
+
+    @property
+    def heads_per_expert(self) -> int:
+        return self.att_expert_size // self.d_head
+
+    def validate(self) -> None:
+        c = type(self).__name__
+        for name in ("d_model", "n_layers", "ff_n_experts", "ff_expert_size", "ff_k", "att_n_experts",
+                     "att_expert_size", "att_k", "d_head", "vocab_size", "max_relative_positions"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v > 0, c, name, f"must be a positive integer, got {v!r}")
+        _check(self.att_expert_size % self.d_head == 0, c, "att_expert_size",
+               f"{self.att_expert_size} is not a multiple of d_head={self.d_head}")
+        _check(self.ff_k <= self.ff_n_experts, c, "ff_k", f"K={self.ff_k} > ff_n_experts={self.ff_n_experts}")
+        _check(self.att_k <= self.att_n_experts, c, "att_k", f"k={self.att_k} > att_n_experts={self.att_n_experts}")
+        _check(0 <= self.sample_topk <= self.ff_k, c, "sample_topk", f"must be in [0, ff_k], got {self.sample_topk}")
+        _check(0.5 < self.halt_threshold < 1.0, c, "halt_threshold", f"must be in (0.5, 1), got {self.halt_threshold}")
+        _check(self.mim_weight >= 0 and self.act_weight >= 0, c, "mim_weight", "loss weights must be >= 0")
+        _check(0.0 <= self.dropout < 1.0, c, "dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+# ------------------------------------------------------------------------------------------
+# Losses (pure functions, tested by hand)
+# ------------------------------------------------------------------------------------------
+
+def mim_loss(probs_XE: torch.Tensor) -> torch.Tensor:
+    """H(E|X) - H(E) with p(x) uniform over the rows and p(e|x) the rows (each sums to 1)."""
+    p = probs_XE.float()
+    h_cond = -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean()
+    p_e = p.mean(0)
+    h_marg = -(p_e * torch.log(p_e.clamp_min(1e-20))).sum()
+    return h_cond - h_marg
+
+
+class MIMAccumulator:
+    """Sums of p(e|x) and of H(p(e|x)) over the active (token, step) pairs of one forward."""
+
+    def __init__(self):
+        self.sum_p: Optional[torch.Tensor] = None
+        self.sum_h: Optional[torch.Tensor] = None
+        self.count: Optional[torch.Tensor] = None
+
+    def add(self, probs_NE: torch.Tensor, active_N: torch.Tensor) -> None:
+        w = active_N.float()
+        p = probs_NE.float()
+        h = -(p * torch.log(p.clamp_min(1e-20))).sum(-1)
+        sp, sh, n = (w[:, None] * p).sum(0), (w * h).sum(), w.sum()
+        if self.sum_p is None:
+            self.sum_p, self.sum_h, self.count = sp, sh, n
+        else:
+            self.sum_p, self.sum_h, self.count = self.sum_p + sp, self.sum_h + sh, self.count + n
+
+    def loss(self) -> torch.Tensor:
+        n = self.count.clamp_min(1.0)
+        p_e = self.sum_p / n
+        h_marg = -(p_e * torch.log(p_e.clamp_min(1e-20))).sum()
+        return self.sum_h / n - h_marg
+
+
+# ------------------------------------------------------------------------------------------
+# Router and expert MLP
+# ------------------------------------------------------------------------------------------
+
+class MLPRouter(nn.Module):
+    """Linear(d,d) -> tanh -> Linear(d, E, no bias); softmax; top-k with optional sampling."""
+
+    def __init__(self, d: int, n_experts: int, k: int, sample_topk: int, dropout: float):
+        super().__init__()
+        self.hidden = nn.Linear(d, d)
+        self.out = nn.Linear(d, n_experts, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.k, self.sample_topk = k, sample_topk
+
+    def forward(self, x_Nd: torch.Tensor):
+        z_NE = self.out(self.drop(torch.tanh(self.hidden(x_Nd)))).float()
+        probs_NE = torch.softmax(z_NE, dim=-1)
+        n_sample = self.sample_topk if self.training else 0
+        with torch.no_grad():
+            idx_NK = probs_NE.topk(self.k - n_sample, dim=-1).indices
+            if n_sample > 0:  # draw the remaining experts from the leftover mass (+1e-6 keeps it valid)
+                rest = probs_NE.scatter(-1, idx_NK, 0.0) + 1e-6
+                rest = rest.scatter(-1, idx_NK, 0.0)
+                idx_NK = torch.cat([idx_NK, torch.multinomial(rest, n_sample)], dim=-1)
+        p_sel_NK = probs_NE.gather(-1, idx_NK)
+        gate_NK = p_sel_NK / (p_sel_NK.sum(-1, keepdim=True) + 1e-6)
+        return probs_NE, idx_NK, gate_NK
+
+
+class SUTMoE(nn.Module):
+    def __init__(self, cfg: SUTConfig):
+        super().__init__()
+        d, E, De = cfg.d_model, cfg.ff_n_experts, cfg.ff_expert_size
+        self.n_experts, self.k, self.backend = E, cfg.ff_k, cfg.cvmm_backend
+        self.router = MLPRouter(d, E, cfg.ff_k, cfg.sample_topk, cfg.dropout)
+        self.w1 = nn.Parameter(torch.empty(E, d, De))
+        self.b1 = nn.Parameter(torch.empty(E, De))
+        self.w2 = nn.Parameter(torch.empty(E, De, d))
+        self.b2 = nn.Parameter(torch.empty(E, d))
+
+    def reset_parameters(self) -> None:
+        d, De = self.w1.shape[1], self.w1.shape[2]
+        # PyTorch Linear defaults per expert: U(+-1/sqrt(fan_in)) for weights and biases.
+        for w, b, fan_in in ((self.w1, self.b1, d), (self.w2, self.b2, De)):
+            nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+            nn.init.uniform_(b, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        self.router.hidden.reset_parameters()
+        self.router.out.reset_parameters()
+
+    def forward(self, x_Nd: torch.Tensor):
+        probs_NE, idx_NK, gate_NK = self.router(x_Nd)
+        plan = make_plan(idx_NK, self.n_experts)
+        h_SDe = cvmm(x_Nd, self.w1, plan, src_div=self.k, grouped_out=True, backend=self.backend)
+        h_SDe = F.relu(h_SDe + self.b1.to(h_SDe.dtype).index_select(0, plan.sorted_experts.long()))
+        y_Nd = cvmm(h_SDe, self.w2, plan, grouped_in=True, out_group=self.k, gates=gate_NK, backend=self.backend)
+        # Output biases, weighted by the gates like the rest of each expert's output.
+        y_Nd = y_Nd + (gate_NK[..., None].to(y_Nd.dtype) * self.b2.to(y_Nd.dtype)[idx_NK]).sum(1)
+        return y_Nd, probs_NE, idx_NK, gate_NK
+
+
+class MoAAttention(nn.Module):
+    """Mixture of attention heads: expert Q and O, shared K and V (SPEC 8.4)."""
+
+    def __init__(self, cfg: SUTConfig):
+        super().__init__()
+        d, E = cfg.d_model, cfg.att_n_experts
+        self.n_experts, self.k, self.backend = E, cfg.att_k, cfg.cvmm_backend
+        self.d_head, self.hpe = cfg.d_head, cfg.heads_per_expert
+        self.max_rel = cfg.max_relative_positions
+        self.router = MLPRouter(d, E, cfg.att_k, 0, cfg.dropout)
+        self.k_proj = nn.Linear(d, cfg.att_expert_size, bias=False)
+        self.v_proj = nn.Linear(d, cfg.att_expert_size, bias=False)
+        self.q = nn.Parameter(torch.empty(E, d, cfg.att_expert_size))
+        self.o = nn.Parameter(torch.empty(E, cfg.att_expert_size, d))
+        self.rel = nn.Parameter(torch.empty(self.max_rel + 1, cfg.d_head))  # r[distance]
+
+    def reset_parameters(self) -> None:
+        d, A = self.q.shape[1], self.q.shape[2]
+        nn.init.uniform_(self.q, -1 / math.sqrt(d), 1 / math.sqrt(d))
+        nn.init.uniform_(self.o, -1 / math.sqrt(A), 1 / math.sqrt(A))
+        self.k_proj.reset_parameters()
+        self.v_proj.reset_parameters()
+        nn.init.normal_(self.rel, 0, 1 / math.sqrt(self.d_head))
+        self.router.hidden.reset_parameters()
+        self.router.out.reset_parameters()
+
+    def forward(self, x_BTd: torch.Tensor, l: int, cache: Optional[KVCache]):
+        B, T, d = x_BTd.shape
+        k, hpe, D = self.k, self.hpe, self.d_head
+        x_Nd = x_BTd.reshape(B * T, d)
+        probs_NE, idx_Nk, gate_Nk = self.router(x_Nd)
+        plan = make_plan(idx_Nk, self.n_experts)
+        # One query block of hpe heads per selected expert: k*hpe query heads per token.
+        q_SA = cvmm(x_Nd, self.q, plan, src_div=k, backend=self.backend)  # [N*k, hpe*D] slot order
+        q_BQTD = q_SA.view(B, T, k * hpe, D).transpose(1, 2)  # Q = k*hpe query heads
+        k_BhTD = self.k_proj(x_BTd).view(B, T, hpe, D).transpose(1, 2)
+        v_BhTD = self.v_proj(x_BTd).view(B, T, hpe, D).transpose(1, 2)
+        past = cache.seq_len if cache is not None else 0
+        if cache is not None:
+            if l in cache.k:
+                k_BhTD = torch.cat([cache.k[l], k_BhTD], dim=2)
+                v_BhTD = torch.cat([cache.v[l], v_BhTD], dim=2)
+            cache.k[l], cache.v[l] = k_BhTD, v_BhTD
+        S = k_BhTD.shape[2]
+        # Query head (j, h) reads shared K/V head h: repeat the hpe K/V heads for each of the k experts.
+        k_BQSD = k_BhTD.repeat(1, k, 1, 1).to(q_BQTD.dtype)
+        v_BQSD = v_BhTD.repeat(1, k, 1, 1).to(q_BQTD.dtype)
+        # Relative-position logits q_t . r[clip(t - tau, 0, max_rel)], causal mask as -inf.
+        pos_q = torch.arange(past, past + T, device=x_BTd.device)
+        dist_TS = pos_q[:, None] - torch.arange(S, device=x_BTd.device)[None, :]
+        rel_BQTR = q_BQTD @ self.rel.to(q_BQTD.dtype).t()  # [B, Q, T, max_rel+1]
+        bias_BQTS = rel_BQTR.gather(-1, dist_TS.clamp(0, self.max_rel).expand(B, k * hpe, T, S))
+        bias_BQTS = bias_BQTS.masked_fill(dist_TS < 0, float("-inf"))
+        o_BQTD = F.scaled_dot_product_attention(q_BQTD, k_BQSD, v_BQSD, attn_mask=bias_BQTS)
+        o_SA = o_BQTD.transpose(1, 2).reshape(B * T * k, hpe * D)  # slot order (token, expert j)
+        out_Nd = cvmm(o_SA, self.o, plan, src_div=1, out_group=k, gates=gate_Nk, backend=self.backend)
+        return out_Nd.view(B, T, d), probs_NE, idx_Nk, gate_Nk
+
+
+class SUTLayer(nn.Module):
+    def __init__(self, cfg: SUTConfig):
+        super().__init__()
+        self.attention = MoAAttention(cfg)
+        self.moe = SUTMoE(cfg)
+        self.ln1 = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.ln2 = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, s_BTd: torch.Tensor, l: int, cache: Optional[KVCache]):
+        B, T, d = s_BTd.shape
+        a, att_p, att_idx, att_gate = self.attention(s_BTd, l, cache)
+        y = self.ln1(s_BTd + self.drop(a))
+        m, mlp_p, mlp_idx, mlp_gate = self.moe(y.reshape(B * T, d))
+        h = self.ln2(y + self.drop(m.view(B, T, d)))
+        return h, (att_p, att_idx, att_gate), (mlp_p, mlp_idx, mlp_gate)
+
+
+class StickBreakingHalt(nn.Module):
+    """alpha = softmax(W2 GELU(W1 h))[1]; W2 (d -> 2, no bias) zero-initialised: alpha = 0.5."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.w1 = nn.Linear(d, d)
+        self.w2 = nn.Linear(d, 2, bias=False)
+
+    def reset_parameters(self) -> None:
+        self.w1.reset_parameters()
+        nn.init.zeros_(self.w2.weight)
+
+    def forward(self, h_BTd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(log alpha, log(1 - alpha)), fp32 [B, T]."""
+        logp_BT2 = F.log_softmax(self.w2(F.gelu(self.w1(h_BTd))).float(), dim=-1)
+        return logp_BT2[..., 1], logp_BT2[..., 0]
+
+
+class SUTLM(nn.Module):
+    def __init__(self, cfg: SUTConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        d = cfg.d_model
+        self.embedding = nn.Embedding(cfg.vocab_size, d)
+        self.layer = SUTLayer(cfg)
+        self.halt = StickBreakingHalt(d)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=True)
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.embedding.weight, mode="fan_in", nonlinearity="linear")
+        self.lm_head.reset_parameters()
+        self.layer.attention.reset_parameters()
+        self.layer.moe.reset_parameters()
+        self.layer.ln1.reset_parameters()
+        self.layer.ln2.reset_parameters()
+        self.halt.reset_parameters()
+
+    def forward(self, input_ids: torch.Tensor, *, cache: Optional[KVCache] = None,
+                collect_routing: Union[bool, str] = False, return_halting: bool = False) -> LMOutput:
+        """return_halting: also put the per-position halting distribution [L, B, T] (fp32, sums to 1
+        over L) into `reg_terms["halting"]` (for tests and analysis)."""
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        training = self.training and cache is None
+        B, T = input_ids.shape
+        d = cfg.d_model
+        s = F.layer_norm(self.embedding(input_ids) * math.sqrt(d), (d,))  # non-affine input norm
+        acc = torch.zeros_like(s)
+        log_R = torch.zeros(B, T, device=s.device)  # log remaining mass, fp32
+        active = torch.ones(B, T, dtype=torch.bool, device=s.device)
+        halt_p: List[torch.Tensor] = []
+        expected_depth = torch.zeros(B, T, device=s.device)
+        mim_att, mim_mlp = MIMAccumulator(), MIMAccumulator()
+        records: List[RoutingRecord] = []
+        log_thr = math.log(1.0 - cfg.halt_threshold)
+        for l in range(cfg.n_layers):
+            h, att, mlp = self.layer(s, l, cache)
+            if training and cfg.mim_weight > 0:  # halted positions are masked out of routing stats
+                mim_att.add(att[0], active.view(-1))
+                mim_mlp.add(mlp[0], active.view(-1))
+            if collect_routing:
+                rec = RoutingRecord(l=l, g=0, r=l)
+                rec.mlp_idx = mlp[1].view(B, T, -1).int()
+                rec.mlp_gate = mlp[2].view(B, T, -1).detach().float()
+                # MoA experts are per token, not per head: stored as one "head" of output experts.
+                rec.att_o_idx = att[1].view(B, T, 1, -1).int()
+                rec.att_o_gate = att[2].view(B, T, 1, -1).detach().float()
+                with torch.no_grad():
+                    rec.in_norm = s.float().norm(dim=-1)
+                    rec.update_norm = (h.float() - s.float()).norm(dim=-1)
+                    rec.cos_in_out = F.cosine_similarity(h.float(), s.float(), dim=-1)
+                records.append(rec)
+            log_a, log_1ma = self.halt(h)
+            if l == cfg.n_layers - 1:  # the last step takes all the remaining mass
+                log_a, log_1ma = torch.zeros_like(log_a), torch.full_like(log_1ma, float("-inf"))
+            p_l = torch.exp(log_R + log_a) * active  # halting probability at step l (0 once halted)
+            new_log_R = torch.where(active, log_R + log_1ma, log_R)
+            acc = acc + p_l[..., None].to(h.dtype) * h
+            s_new = acc + torch.exp(new_log_R)[..., None].to(h.dtype) * h
+            s = torch.where(active[..., None], s_new, s)  # halted states are frozen
+            halt_p.append(p_l)
+            expected_depth = expected_depth + (l + 1) * p_l
+            log_R = new_log_R
+            # A newly halted position hands its (tiny) remaining mass to its last step.
+            # (No data-dependent branch: the forward stays free of host synchronisation.)
+            newly = active & (log_R < log_thr)
+            if l < cfg.n_layers - 1:
+                rem = torch.exp(log_R) * newly
+                halt_p[-1] = halt_p[-1] + rem
+                expected_depth = expected_depth + (l + 1) * rem
+            active = active & ~newly
+        if cache is not None:
+            cache.seq_len += T
+        logits = self.lm_head(s)
+        reg = torch.zeros((), dtype=torch.float32, device=logits.device)
+        terms: Dict[str, torch.Tensor] = {}
+        if training:
+            if cfg.mim_weight > 0:
+                for name, accum in (("mim_att", mim_att), ("mim_mlp", mim_mlp)):
+                    term = cfg.mim_weight * accum.loss()
+                    terms[f"aux/{name}"] = term.detach()
+                    reg = reg + term
+            if cfg.act_weight > 0:
+                term = cfg.act_weight * expected_depth.mean()
+                terms["aux/act"] = term.detach()
+                reg = reg + term
+        if return_halting:  # not losses: only on request, so reg_terms' "aux/" entries sum to reg_loss
+            terms["act/expected_depth"] = expected_depth.detach().mean()
+            terms["halting"] = torch.stack(halt_p, 0).detach()
+        return LMOutput(logits=logits, reg_loss=reg, reg_terms=terms,
+                        routing=records if collect_routing else None, cache=cache)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: Optional[int] = None, greedy: bool = False, stop_token: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
+                        stop_token=stop_token, generator=generator)
