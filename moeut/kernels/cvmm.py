@@ -263,7 +263,22 @@ def resolve_backend(name: Optional[str], device: torch.device) -> str:
         from . import cvmm_triton  # noqa: F401  (raises a clear ImportError if Triton is missing)
     if name not in _BACKENDS:
         raise ValueError(f"cvmm_backend: unknown backend {name!r}; known: auto, {sorted(_BACKENDS)}")
+    if name == "triton":
+        check_volta(device)
     return name
+
+
+def check_volta(device: torch.device) -> None:
+    """Forced Triton on a pre-sm_80 GPU with half-precision autocast: refuse (SPEC 3.5)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8:
+        return
+    if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in (torch.float16, torch.bfloat16):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise RuntimeError(
+            f"cvmm_backend='triton' with {torch.get_autocast_dtype('cuda')} autocast on a sm_{major}{minor} GPU: "
+            "Triton's fp16 tl.dot returns zeros on Volta with PyTorch >= 2.2 (pytorch/pytorch#127157, "
+            "triton-lang/triton#4037), and bf16 needs sm_80. Use cvmm_backend='torch_loop' (what 'auto' picks "
+            "there) or run without autocast.")
 
 
 def op_dtype(device_type: str) -> torch.dtype:
@@ -299,6 +314,13 @@ def cvmm(x: torch.Tensor, w: torch.Tensor, plan: ExpertPlan, *, src_div: int = 1
     dtype = op_dtype(x.device.type)
     gates_flat = gates.reshape(-1) if gates is not None else None
     with torch.autocast(x.device.type, enabled=False):
+        if name in ("grouped_mm", "torch_loop") and torch.compiler.is_compiling():
+            # Under torch.compile the PyTorch backends run behind the `moeut::cvmm` custom op: dynamo
+            # cannot trace torch._grouped_mm on CPU fp32 (its fake kernel wants bf16) nor the loop's
+            # .tolist(); an opaque op with a fake implementation needs neither (no graph breaks).
+            from .ops import cvmm_op
+            return cvmm_op(x.to(dtype), w, plan, src_div=src_div, grouped_in=grouped_in, out_group=out_group,
+                           grouped_out=grouped_out, gates=gates_flat, impl=name)
         return _BACKENDS[name](x.to(dtype), w, plan, src_div=src_div,
                                grouped_in=grouped_in, out_group=out_group, grouped_out=grouped_out,
                                gates=gates_flat)
