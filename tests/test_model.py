@@ -193,3 +193,12 @@ def test_bad_config_errors_name_the_field(kw, field):
 def test_input_shape_error():
     with pytest.raises(ValueError, match="input_ids"):
         tiny()(torch.zeros(5, dtype=torch.long))
+
+
+def test_entropy_term_equals_logsumexp_reference():
+    """The max-shifted marginal (an inductor workaround) equals the plain logsumexp formula."""
+    lse = [torch.randn(3, 4, 6) * 5 for _ in range(4)]
+    T = 7
+    log_p = torch.logsumexp(torch.stack(lse, 0), 0) - math.log(T * 4)
+    ref = -(-(log_p.exp() * log_p).sum(-1)).mean()
+    assert abs(entropy_reg_term(lse, T).item() - ref.item()) < 1e-6
