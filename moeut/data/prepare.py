@@ -29,6 +29,7 @@ from .tokenizer import DOC_SEPARATOR, Tokenizer, train_tokenizer
 
 MANIFEST_VERSION = 1
 TOKEN_DTYPE = np.uint16  # SPEC 5.4 [ours]: uint16 for V <= 65535
+_MAX_SENTENCE_CHARS = 4000  # under SentencePiece's 4192-byte max_sentence_length (ASCII text)
 _CHUNK_CHARS = 1 << 21  # ~2 MB of text per pool task: large enough to amortise IPC
 
 
@@ -39,20 +40,27 @@ _CHUNK_CHARS = 1 << 21  # ~2 MB of text per pool task: large enough to amortise 
 def tokenizer_sentences(corpus: Corpus, max_files: Optional[int], max_docs: Optional[int],
                         max_chars: Optional[int], split_paragraphs: bool) -> Iterator[str]:
     """Training "sentences" for SentencePiece (SPEC 5.2): each document with the separator
-    appended, from the first `max_files` files. `split_paragraphs` feeds long documents (books)
-    paragraph by paragraph, separator after the last one: SentencePiece silently skips
-    sentences over max_sentence_length (4192 bytes), which would drop every book [ours]."""
+    appended, from the first `max_files` files.
+
+    `split_paragraphs` is for corpora of long documents (books) [ours]: SentencePiece silently
+    skips sentences over max_sentence_length (4192 bytes), which would drop every book, so a
+    long document is cut at blank lines into pieces of at most ~4000 characters, and each piece
+    gets the separator so that "<STORY_SEP>" is as frequent as in a corpus of short documents
+    (otherwise '<' falls under the character coverage and the separator becomes <unk>).
+    """
     n_docs = n_chars = 0
     for text in corpus.documents(max_files):
         if not text:
             continue
         if split_paragraphs:
-            paras = [p for p in text.split("\n\n") if p.strip()]
-            if not paras:
-                continue
-            paras[-1] = paras[-1] + DOC_SEPARATOR
-            for p in paras:
-                yield p
+            piece = ""
+            for para in text.split("\n\n"):
+                if piece and len(piece) + len(para) > _MAX_SENTENCE_CHARS:
+                    yield piece + DOC_SEPARATOR
+                    piece = ""
+                piece = f"{piece}\n\n{para}" if piece else para
+            if piece.strip():
+                yield piece + DOC_SEPARATOR
         else:
             yield text + DOC_SEPARATOR
         n_docs += 1
@@ -220,16 +228,21 @@ def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer, cache_dir: str, max_tok
             _worker_init(tokenizer.model_proto)
             results = ((fi, _encode_chunk(texts)) for fi, texts in _chunks(corpus))
         for fi, data in results:
-            if cur["fi"] != fi or cur["n"] >= shard_tokens:
-                open_shard(fi)
+            if cur["fi"] != fi:
+                open_shard(fi)  # a new source file starts a new shard
             arr = np.frombuffer(data, dtype=TOKEN_DTYPE)
             if max_tokens is not None and total + len(arr) >= max_tokens:
                 arr = arr[: max_tokens - total]
                 complete = False
-            cur["f"].write(arr.tobytes())
-            cur["n"] += len(arr)
-            total += len(arr)
-            bar.update(len(arr))
+            while len(arr):
+                if cur["n"] >= shard_tokens:
+                    open_shard(fi)
+                part = arr[: shard_tokens - cur["n"]]
+                cur["f"].write(part.tobytes())
+                cur["n"] += len(part)
+                total += len(part)
+                bar.update(len(part))
+                arr = arr[len(part):]
             if not complete:
                 break
         close_shard()
@@ -251,8 +264,13 @@ def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer, cache_dir: str, max_tok
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
         if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+            shutil.rmtree(out_dir, ignore_errors=True)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:  # another process finished the same cache first: use its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            if _usable(out_dir, tokenizer, max_tokens) is None:
+                raise
     except BaseException:
         close_shard()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,292 @@
+"""Hydra structured configs for training (schemas in the ConfigStore) and their conversion.
+
+The YAML files in `conf/` hold values only; these dataclasses are the schemas, so a typo or a
+wrong type fails at composition. `to_typed(cfg)` turns the composed DictConfig into a
+`TrainConfig` and validates cross-field constraints with messages that name the key. Nothing is
+built from the config with `_target_`: train.py reads typed fields.
+
+Model configs: `model.preset` names a preset of `moeut.config.PRESETS`; every architecture field
+of every registered config class (MoEUTConfig, DenseConfig, baselines) is an Optional override
+(None = keep the preset's value), plus a free `model.overrides` dict for fields of architectures
+registered after this module was imported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from ..config import ARCHS, PAPER_TRAIN, PRESETS, _ensure_baselines_registered, get_preset
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# ------------------------------------------------------------------------------------------
+# Resolvers: `${moeut.repo:}` is the repository root, so default data paths work from any cwd.
+# ------------------------------------------------------------------------------------------
+if not OmegaConf.has_resolver("moeut.repo"):
+    OmegaConf.register_new_resolver("moeut.repo", lambda: REPO_ROOT)
+
+
+# ------------------------------------------------------------------------------------------
+# Model schema: union of the fields of every registered architecture, all Optional.
+# ------------------------------------------------------------------------------------------
+
+def _optional_model_fields() -> List[tuple]:
+    _ensure_baselines_registered()
+    seen: Dict[str, Any] = {}
+    for cls, _ in ARCHS.values():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in seen or f.name == "arch":
+                continue
+            tp = hints[f.name]
+            if typing.get_origin(tp) is typing.Union:  # Optional[X] -> X
+                args = [a for a in typing.get_args(tp) if a is not type(None)]
+                tp = args[0] if len(args) == 1 else Any
+            if tp not in (int, float, bool, str):
+                tp = Any
+            seen[f.name] = tp
+    return [(name, Optional[tp], field(default=None)) for name, tp in sorted(seen.items())]
+
+
+ModelSchema = dataclasses.make_dataclass(
+    "ModelSchema",
+    [("preset", str, field(default=MISSING)),
+     ("overrides", Dict[str, Any], field(default_factory=dict))] + _optional_model_fields(),
+)
+ModelSchema.__doc__ = ("model.preset names a preset of moeut.config.PRESETS; any other field "
+                       "overrides the preset's value (None = keep).")
+
+
+@dataclass
+class DataSchema:
+    source: str = "local"  # local | c4 | slimpajama | pes2o | thestack
+    path: Optional[str] = None  # local file/dir, or a hub-layout mirror root (None: stream C4 from the hub)
+    valid_path: Optional[str] = None  # local only: validation file/dir (default: *valid* files in path)
+    text_field: str = "text"
+    revision: Optional[str] = None  # hub revision (C4 defaults to the paper's pinned commit)
+    languages: List[str] = field(default_factory=list)  # The Stack
+    seq_len: int = 1024
+    train_tokens: Optional[int] = None  # token budget; None = (steps + 100) * batch * seq_len + 1
+    valid_tokens: Optional[int] = 1032192  # SPEC 5.7; None = the whole validation split
+    extra_valid: Dict[str, str] = field(default_factory=dict)  # name -> local file/dir, more val sets
+    sampler: str = "sequential"  # sequential (paper) | shuffled
+    shuffle_seed: int = 123
+    # tokenizer (SPEC 5.2)
+    tokenizer_path: Optional[str] = None  # an existing SentencePiece .model (e.g. the released one)
+    vocab_size: int = 8000
+    tokenizer_files: Optional[int] = 10  # train on the first N files (C4 10, SlimPajama 200, ...)
+    tokenizer_docs: Optional[int] = None
+    tokenizer_chars: Optional[int] = None
+    tokenizer_split_paragraphs: bool = False  # books: cut into < 4 kB pieces (see prepare.py)
+    cache_dir: str = "${oc.env:MOEUT_CACHE,${moeut.repo:}/data_cache}"
+    num_workers: int = 2  # tokenisation processes (0 = in-process)
+
+
+@dataclass
+class OptimSchema:
+    lr: float = 2.5e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup: int = 0
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine (SPEC 4.2) | constant
+    grad_clip: Optional[float] = 0.1  # None/0 = off
+
+
+@dataclass
+class TrainSchema:
+    steps: int = 100000  # the schedule length S (`stop_after`)
+    stop_at: Optional[int] = None  # end this invocation early (schedule still spans `steps`)
+    batch_size: int = 64  # global batch in sequences
+    micro_batch_size: Optional[int] = None  # per-rank micro-batch; None = local batch (no accumulation)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA cc>=8, fp16+scaler below, fp32 on CPU) | fp32 | bf16 | fp16
+    compile: bool = False
+    activation_checkpointing: bool = False
+    log_interval: int = 100
+    val_interval: int = 2000
+    val_batch_size: Optional[int] = None  # None = micro batch size
+    save_interval: int = 10000
+    keep_last: int = 3
+    routing_interval: int = 500  # log routing metrics every N steps (SPEC 4.4)
+    routing_every: int = 10  # collect routing counts on every N-th step (SPEC 7.3)
+    resume: str = "auto"  # auto (newest valid checkpoint in the run dir) | never | <checkpoint path>
+    init_from: Optional[str] = None  # warm start: model weights only
+    max_nonfinite: int = 10  # abort after this many non-finite losses in a row
+    threads: Optional[int] = None  # torch CPU threads (None = torch default)
+    dist_timeout_min: int = 30
+    final_eval: bool = True  # validation at the end of training
+
+
+@dataclass
+class LoggerSchema:
+    wandb: str = "disabled"  # disabled | offline | online
+    project: str = "moeut"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # default: the experiment name
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    progress: str = "auto"  # auto (bar on a TTY, lines otherwise) | bar | lines | none
+
+
+@dataclass
+class TrainConfigSchema:
+    model: Any = MISSING  # ModelSchema (typed through the group's own schema)
+    data: DataSchema = field(default_factory=DataSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    train: TrainSchema = field(default_factory=TrainSchema)
+    logger: LoggerSchema = field(default_factory=LoggerSchema)
+    name: str = "run"  # experiment name (wandb name, run-dir name)
+    print_config: bool = True
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=TrainConfigSchema)
+    cs.store(group="model", name="base_model", node=ModelSchema)
+    cs.store(group="data", name="base_data", node=DataSchema)
+    cs.store(group="optim", name="base_optim", node=OptimSchema)
+    cs.store(group="train", name="base_train", node=TrainSchema)
+    cs.store(group="logger", name="base_logger", node=LoggerSchema)
+
+
+register_configs()
+
+
+# ------------------------------------------------------------------------------------------
+# Typed config
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    model: Any  # MoEUTConfig | DenseConfig | ...
+    model_preset: str
+    data: DataSchema
+    optim: OptimSchema
+    train: TrainSchema
+    logger: LoggerSchema
+    name: str
+    print_config: bool
+    raw: Dict[str, Any]  # the resolved container (saved in checkpoints, given to wandb)
+
+
+def build_model_config(model_node: Any):
+    """model.preset + overrides -> the architecture's config dataclass (validated)."""
+    d = OmegaConf.to_container(model_node, resolve=True) if isinstance(model_node, DictConfig) else dict(
+        dataclasses.asdict(model_node) if dataclasses.is_dataclass(model_node) else model_node)
+    preset = d.pop("preset", None)
+    extra = d.pop("overrides", None) or {}
+    if not preset or preset == MISSING:
+        raise ValueError("model.preset: missing; choose one of " + ", ".join(sorted(PRESETS)))
+    if preset not in PRESETS:
+        raise ValueError(f"model.preset: unknown preset {preset!r}; known presets: {', '.join(sorted(PRESETS))}")
+    base = PRESETS[preset]
+    own = {f.name for f in dataclasses.fields(base)}
+    overrides = {k: v for k, v in d.items() if v is not None}
+    overrides.update(extra)
+    foreign = sorted(k for k in overrides if k not in own)
+    if foreign:
+        raise ValueError(f"model.{foreign[0]}: not a field of {type(base).__name__} (preset {preset!r}); "
+                         f"fields: {', '.join(sorted(own))}")
+    try:
+        return get_preset(preset, **overrides)
+    except ValueError as e:
+        raise ValueError(f"model: {e}") from e
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ValueError(f"{key}: {msg}")
+
+
+def to_typed(cfg: DictConfig, world_size: int = 1) -> TrainConfig:
+    """Resolve, convert and validate. Raises ValueError naming the offending key."""
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as e:  # omegaconf MissingMandatoryValue / InterpolationResolutionError
+        raise ValueError(f"config: {e}") from e
+    obj = OmegaConf.to_object(cfg)
+    model_cfg = build_model_config(cfg.model)
+    data, optim, train, logger = obj.data, obj.optim, obj.train, obj.logger
+    for cls, node in ((DataSchema, data), (OptimSchema, optim), (TrainSchema, train), (LoggerSchema, logger)):
+        assert isinstance(node, cls), f"{cls.__name__} expected, got {type(node)}"
+    tc = TrainConfig(model=model_cfg, model_preset=cfg.model.preset, data=data, optim=optim, train=train,
+                     logger=logger, name=obj.name, print_config=obj.print_config, raw=raw)
+    validate(tc, world_size)
+    return tc
+
+
+def validate(tc: TrainConfig, world_size: int = 1) -> None:
+    from ..data.dataset import SAMPLERS
+    from ..data.sources import SOURCES
+    d, o, t, lg = tc.data, tc.optim, tc.train, tc.logger
+    if d.source not in SOURCES:
+        _fail("data.source", f"{d.source!r} is not one of {SOURCES}")
+    if d.source in ("local", "thestack") and not d.path:
+        _fail("data.path", f"required for data.source={d.source}")
+    if d.path and d.source == "local" and not os.path.exists(os.path.expanduser(d.path)):
+        _fail("data.path", f"does not exist: {d.path}")
+    if d.valid_path and not os.path.exists(os.path.expanduser(d.valid_path)):
+        _fail("data.valid_path", f"does not exist: {d.valid_path}")
+    for k, p in d.extra_valid.items():
+        if not os.path.exists(os.path.expanduser(p)):
+            _fail(f"data.extra_valid.{k}", f"does not exist: {p}")
+    if d.tokenizer_path and not os.path.isfile(os.path.expanduser(d.tokenizer_path)):
+        _fail("data.tokenizer_path", f"not a file: {d.tokenizer_path}")
+    if d.sampler not in SAMPLERS:
+        _fail("data.sampler", f"{d.sampler!r} is not one of {SAMPLERS}")
+    if d.seq_len < 1:
+        _fail("data.seq_len", f"must be >= 1, got {d.seq_len}")
+    if d.vocab_size != tc.model.vocab_size:
+        _fail("data.vocab_size", f"{d.vocab_size} differs from the model's vocab_size "
+                                 f"{tc.model.vocab_size} (set model.vocab_size too)")
+    if d.vocab_size > 65536:
+        _fail("data.vocab_size", "token shards are uint16: vocab_size must be <= 65536")
+    if o.schedule not in ("cosine", "constant"):
+        _fail("optim.schedule", f"{o.schedule!r} is not one of ('cosine', 'constant')")
+    if len(o.betas) != 2:
+        _fail("optim.betas", f"needs two values, got {o.betas}")
+    if o.lr <= 0:
+        _fail("optim.lr", f"must be > 0, got {o.lr}")
+    if o.warmup < 0 or o.warmup > t.steps:
+        _fail("optim.warmup", f"must be in [0, train.steps={t.steps}], got {o.warmup}")
+    if t.steps < 1:
+        _fail("train.steps", f"must be >= 1, got {t.steps}")
+    if t.stop_at is not None and not 0 < t.stop_at <= t.steps:
+        _fail("train.stop_at", f"must be in (0, train.steps={t.steps}], got {t.stop_at}")
+    if t.batch_size % world_size:
+        _fail("train.batch_size", f"global batch {t.batch_size} is not divisible by the world size {world_size}")
+    local = t.batch_size // world_size
+    mb = t.micro_batch_size or local
+    if local % mb:
+        _fail("train.batch_size", f"global batch {t.batch_size} is not divisible by world size {world_size} "
+                                  f"x train.micro_batch_size {mb}")
+    if t.precision not in ("auto", "fp32", "bf16", "fp16"):
+        _fail("train.precision", f"{t.precision!r} is not one of auto, fp32, bf16, fp16")
+    for k in ("log_interval", "val_interval", "save_interval", "routing_interval", "routing_every", "keep_last",
+              "max_nonfinite"):
+        if getattr(t, k) < 1:
+            _fail(f"train.{k}", f"must be >= 1, got {getattr(t, k)}")
+    if t.resume not in ("auto", "never") and not os.path.exists(t.resume):
+        _fail("train.resume", f"'auto', 'never' or an existing checkpoint path; got {t.resume!r}")
+    if lg.wandb not in ("disabled", "offline", "online"):
+        _fail("logger.wandb", f"{lg.wandb!r} is not one of disabled, offline, online")
+    if lg.progress not in ("auto", "bar", "lines", "none"):
+        _fail("logger.progress", f"{lg.progress!r} is not one of auto, bar, lines, none")
+
+
+def micro_batch_size(tc: TrainConfig, world_size: int) -> int:
+    return tc.train.micro_batch_size or tc.train.batch_size // world_size
+
+
+def paper_train_settings(size: str) -> Dict[str, float]:
+    """PAPER_TRAIN warm-up and clip for a size label ("44m", ...)."""
+    return dict(PAPER_TRAIN[size])

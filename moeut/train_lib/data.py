@@ -1,0 +1,89 @@
+"""Glue from the `data` config to tokenizer + train/validation windows for one run.
+
+Tokenizer lookup order: data.tokenizer_path -> <run_dir>/tokenizer.model (a resumed run) ->
+<cache_dir>/tokenizers/<corpus key>-v<V>.model -> train one (rank 0) from the first
+`tokenizer_files` files of the train split. The result is always copied into the run dir.
+Token shards live in <cache_dir>/tokens/ keyed by (corpus, split, tokenizer hash), so repeated
+runs reuse them. Under DDP rank 0 prepares everything; the others wait, then read.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict
+
+from ..data.dataset import TokenStream, WindowDataset
+from ..data.prepare import prepare_tokens, train_corpus_tokenizer
+from ..data.sources import Corpus, local_corpus, open_corpus
+from ..data.tokenizer import Tokenizer
+from .distributed import DistInfo, barrier
+
+
+@dataclass
+class RunData:
+    tokenizer: Tokenizer
+    train: WindowDataset
+    valid: Dict[str, WindowDataset]  # "val" first, then data.extra_valid entries
+
+
+def _corpus(d, split: str) -> Corpus:
+    return open_corpus(d.source, d.path, split, text_field=d.text_field, valid_path=d.valid_path,
+                       revision=d.revision, languages=d.languages)
+
+
+def get_tokenizer(d, run_dir: str, dist: DistInfo, log=print) -> Tokenizer:
+    run_tok = os.path.join(run_dir, "tokenizer.model")
+    if d.tokenizer_path:
+        tok = Tokenizer.load(os.path.expanduser(d.tokenizer_path))
+    elif os.path.isfile(run_tok):
+        tok = Tokenizer.load(run_tok)
+    else:
+        corpus = _corpus(d, "train")
+        cached = os.path.join(d.cache_dir, "tokenizers",
+                              f"{corpus.name}-{corpus.key()}-v{d.vocab_size}-f{d.tokenizer_files}"
+                              f"-d{d.tokenizer_docs}-c{d.tokenizer_chars}-p{int(d.tokenizer_split_paragraphs)}.model")
+        if dist.is_main and not os.path.isfile(cached):
+            log(f"[data] training a {d.vocab_size}-piece SentencePiece BPE tokenizer on {corpus.name} ...")
+            tok = train_corpus_tokenizer(corpus, d.vocab_size, max_files=d.tokenizer_files,
+                                         max_docs=d.tokenizer_docs, max_chars=d.tokenizer_chars,
+                                         split_paragraphs=d.tokenizer_split_paragraphs)
+            tok.save(cached)
+        barrier()
+        tok = Tokenizer.load(cached)
+    if tok.vocab_size != d.vocab_size:
+        raise ValueError(f"data.vocab_size: {d.vocab_size} but the tokenizer has {tok.vocab_size} pieces")
+    if dist.is_main:
+        tok.save(run_tok)
+    return tok
+
+
+def prepare_run_data(d, seq_len: int, train_tokens: int, run_dir: str, dist: DistInfo, log=print) -> RunData:
+    tok = get_tokenizer(d, run_dir, dist, log)
+    train_corpus = _corpus(d, "train")
+    valid_corpora = {"val": _corpus(d, "validation")}
+    for name, path in d.extra_valid.items():
+        valid_corpora[name] = local_corpus(path, "validation", d.text_field, valid_path=path, name=name)
+    budgets = {"train": train_tokens + 1}  # +1: the last window's extra target token
+    # +1: the last window's extra target token
+    valid_budget = None if d.valid_tokens is None else d.valid_tokens + 1
+    manifests = {}
+    if dist.is_main:
+        progress = True
+        manifests["train"] = prepare_tokens(train_corpus, tok, d.cache_dir, budgets["train"],
+                                            num_workers=d.num_workers, progress=progress, log=log)
+        for name, c in valid_corpora.items():
+            manifests[name] = prepare_tokens(c, tok, d.cache_dir, valid_budget, num_workers=d.num_workers,
+                                             progress=progress, log=log)
+    barrier()
+    if not dist.is_main:  # the cache is complete now: these calls only read manifests
+        quiet = lambda *a, **k: None  # noqa: E731
+        manifests["train"] = prepare_tokens(train_corpus, tok, d.cache_dir, budgets["train"], log=quiet)
+        for name, c in valid_corpora.items():
+            manifests[name] = prepare_tokens(c, tok, d.cache_dir, valid_budget, log=quiet)
+    train = WindowDataset(TokenStream(manifests["train"]), seq_len, limit_tokens=train_tokens)
+    valid = {name: WindowDataset(TokenStream(manifests[name]), seq_len, limit_tokens=d.valid_tokens)
+             for name in valid_corpora}
+    for name, ds in valid.items():
+        if len(ds) == 0:
+            raise ValueError(f"data: validation set {name!r} has fewer than {seq_len + 1} tokens")
+    return RunData(tok, train, valid)

@@ -1,0 +1,175 @@
+"""End-to-end training on real text (CPU, preset `tiny`, vocab 512, T = 32): loss falls, exact
+resume, SIGTERM checkpoint, corrupt-checkpoint fallback, DDP == single process, micro-batching,
+wandb offline, no network, architecture mismatch."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+
+import train as train_script  # noqa: E402
+from moeut.checkpoint import find_checkpoints, load_model  # noqa: E402
+from moeut.train_lib.config import to_typed  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not (SHARED / "data" / "text" / "c4").exists(), reason="shared data missing")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def tiny_cfg(cache_dir, *overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=cpu_tiny", "name=test", "print_config=false",
+                                           f"data.cache_dir={cache_dir}", "train.log_interval=1",
+                                           "logger.progress=none", "train.threads=1", *overrides])
+    return to_typed(cfg)
+
+
+def run(cache_dir, run_dir, *overrides):
+    return train_script.train(tiny_cfg(cache_dir, *overrides), str(run_dir))
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tiny_run_loss_falls_and_leaves_checkpoint(cache_dir, tmp_path):
+    res = run(cache_dir, tmp_path, "train.steps=30")
+    losses = res["losses"]
+    assert len(losses) == 30 and all(map(lambda x: x == x, losses))
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.5, (first, last)  # ln(512) = 6.24 at init
+    assert res["validation"]["validation/val/perplexity"] < 512
+    recs = metrics(tmp_path)
+    keys = set().union(*recs)
+    for k in ("train/loss", "train/ce", "train/reg", "train/lr", "train/grad_norm", "train/tokens_per_s",
+              "train/memory_mb", "validation/val/perplexity", "moe/g0/usage_rel_ppl", "moe/g0/dead_frac",
+              "moe/g0/universal_score"):
+        assert k in keys, k
+    assert list((tmp_path / "routing").glob("moe_g0_usage_heatmap_step*.png"))
+    # the checkpoint is what evaluation/analysis load
+    loaded = load_model(str(tmp_path))
+    assert loaded.meta["step"] == 30 and loaded.tokenizer is not None and loaded.config.vocab_size == 512
+    assert (Path(loaded.path) / "train_state.pt").exists() and (Path(loaded.path) / "config.yaml").exists()
+    assert (tmp_path / "tokenizer.model").exists()
+
+
+def test_exact_resume(cache_dir, tmp_path):
+    full = run(cache_dir, tmp_path / "full", "train.steps=12")
+    part = run(cache_dir, tmp_path / "split", "train.steps=12", "train.stop_at=5")
+    assert part["step"] == 5 and part["losses"] == full["losses"][:5]
+    rest = run(cache_dir, tmp_path / "split", "train.steps=12")
+    assert rest["step"] == 12 and len(rest["losses"]) == 7
+    assert rest["losses"] == full["losses"][5:]  # bit-exact in fp32 on CPU
+
+
+def test_corrupt_newest_checkpoint_falls_back(cache_dir, tmp_path):
+    run(cache_dir, tmp_path, "train.steps=12", "train.stop_at=4", "train.save_interval=2", "train.keep_last=5")
+    ckpts = find_checkpoints(str(tmp_path))
+    assert [os.path.basename(c) for c in ckpts] == ["step_0000002", "step_0000004"]
+    model_pt = Path(ckpts[-1]) / "model.pt"
+    data = model_pt.read_bytes()
+    model_pt.write_bytes(data[: len(data) // 2])  # truncated write
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*step_0000004"):
+        res = run(cache_dir, tmp_path, "train.steps=12", "train.stop_at=6")
+    assert len(res["losses"]) == 4  # resumed at step 2, ran steps 2..5
+
+
+def test_other_architecture_checkpoint_names_keys(cache_dir, tmp_path):
+    run(cache_dir, tmp_path, "train.steps=3")
+    with pytest.raises(ValueError, match=r"does not match the model architecture: .*(missing|unexpected|shape)"):
+        run(cache_dir, tmp_path, "train.steps=6", "model.group_size=4", "model.att_n_experts=2")
+
+
+def test_micro_batching_matches_full_batch(cache_dir, tmp_path):
+    a = run(cache_dir, tmp_path / "a", "train.steps=4")
+    b = run(cache_dir, tmp_path / "b", "train.steps=4", "train.micro_batch_size=2")
+    assert b["losses"] == pytest.approx(a["losses"], rel=1e-5)
+
+
+def test_nonfinite_loss_aborts(cache_dir, tmp_path):
+    with pytest.raises(train_script.NonFiniteLossError, match="3 non-finite losses in a row"):
+        run(cache_dir, tmp_path, "train.steps=10", "optim.lr=1e30", "optim.grad_clip=null", "train.max_nonfinite=3")
+
+
+def test_wandb_offline_writes_files(cache_dir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    res = run(cache_dir, tmp_path, "train.steps=3", "logger.wandb=offline")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and any(runs[0].glob("*.wandb"))
+    meta = json.loads((Path(res["checkpoint"]) / "meta.json").read_text())
+    assert meta["wandb_id"] and meta["wandb_id"] in runs[0].name
+
+
+def _subprocess_env(cache_dir):
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               WANDB_MODE="disabled", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("MOEUT_DATA", None)
+    return env
+
+
+def _cli(cache_dir, run_dir, *overrides):
+    return ["experiment=cpu_tiny", f"data.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", "print_config=false",
+            "logger.progress=lines", "train.threads=1", *overrides]
+
+
+def test_sigterm_saves_valid_checkpoint_offline(cache_dir, tmp_path):
+    """SIGTERM mid-run: the step finishes, a checkpoint is written and the process exits 0; the
+    run is offline (HF_DATASETS_OFFLINE=1) and reads only ../shared/data."""
+    run(cache_dir, tmp_path / "warm", "train.steps=2")  # tokenizer + shards cached for the subprocess
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *_cli(cache_dir, run_dir, "train.steps=100000",
+                                                                  "train.log_interval=1")],
+                            cwd=REPO, env=_subprocess_env(cache_dir), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[step 3]"):
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(lines)
+    out, _ = proc.communicate(timeout=120)
+    lines.append(out)
+    assert proc.returncode == 0, "".join(lines)
+    ckpt = find_checkpoints(str(run_dir))[-1]
+    loaded = load_model(ckpt)
+    step = loaded.meta["step"]
+    assert 3 <= step < 100000
+    state = torch.load(Path(ckpt) / "train_state.pt", weights_only=False)
+    assert state["step"] == step and state["sampler"]["position"] == step
+    assert "signal received" in "".join(lines)
+
+
+def test_ddp_two_processes_equal_one_process(cache_dir, tmp_path):
+    """torchrun with 2 gloo processes x 4 sequences == 1 process x 8 sequences (same global batch)."""
+    single = run(cache_dir, tmp_path / "single", "train.steps=4")
+    run_dir = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *_cli(cache_dir, run_dir, "train.steps=4", "train.log_interval=1")]
+    p = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(cache_dir), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ddp_losses = [r["train/loss"] for r in metrics(run_dir) if "train/loss" in r]
+    assert ddp_losses == pytest.approx(single["losses"], rel=1e-5)
+    assert len(find_checkpoints(str(run_dir))) == 1  # only rank 0 writes
+
+
+def test_activation_checkpointing_gives_same_losses(cache_dir, tmp_path):
+    a = run(cache_dir, tmp_path / "a", "train.steps=3")
+    b = run(cache_dir, tmp_path / "b", "train.steps=3", "train.activation_checkpointing=true")
+    assert b["losses"] == pytest.approx(a["losses"], rel=1e-6)

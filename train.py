@@ -1,0 +1,358 @@
+"""Train a MoEUT (or baseline) language model: `python train.py experiment=<name>`.
+
+    python train.py                                   # CPU demo: small MoEUT on ../shared/data/text
+    python train.py experiment=c4_moeut_244m data.path=/data/c4   # a paper run (C4 mirror)
+    torchrun --standalone --nproc_per_node=8 train.py experiment=c4_moeut_244m
+    srun python train.py experiment=...               # one task per GPU; reads SLURM_* variables
+    python train.py --cfg job                         # print the resolved config
+
+Reads top to bottom: config -> distributed -> data -> model -> optimiser -> (resume) -> loop
+(micro-batches, clipping, schedule, logging, routing metrics, validation, checkpoints, signals)
+-> final validation. Recipe: SPEC §4; data: SPEC §5; run-dir layout: moeut/checkpoint.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import random
+import resource
+import signal
+import time
+import warnings
+from typing import Any, Dict, List, Optional
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from moeut.checkpoint import build_model, load_state_dict_strict, resolve_checkpoint, unwrap_model
+from moeut.train_lib import checkpoint as ckpt_lib
+from moeut.train_lib.config import TrainConfig, micro_batch_size, to_typed
+from moeut.train_lib.data import prepare_run_data
+from moeut.train_lib.distributed import (all_reduce_sum_, any_rank, barrier, broadcast_object, cleanup,
+                                         env_rank_info, init_distributed)
+from moeut.train_lib.logging import RunLogger
+from moeut.train_lib.schedule import lr_at, set_lr
+from moeut.data.dataset import StreamSampler
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------
+# Small helpers (kept here so the training recipe reads in one file)
+# ------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_precision(precision: str, device: torch.device):
+    """(autocast dtype or None, use GradScaler). SPEC 4.3: bf16 on GPUs with compute capability
+    >= 8 and no scaler; fp16 + GradScaler on older GPUs; fp32 on CPU unless asked."""
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+        else:
+            precision = "fp32"
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return dtype, precision == "fp16"
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> bool:
+    """Recompute each unique layer's activations in backward. Patches the layer instances'
+    forward (state-dict keys unchanged). Layers write routing records/regulariser inputs into the
+    forward's state object; the recomputation appends to an already-consumed state, so nothing
+    is counted twice."""
+    from torch.utils.checkpoint import checkpoint
+    layers = getattr(getattr(model, "transformer", None), "layers", None) or getattr(model, "layers", None)
+    if layers is None:
+        return False
+    for layer in layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    return True
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def make_routing_stats(model_cfg):
+    """RoutingStats for models with sigma-MoE MLP experts, else None (dense baselines)."""
+    if not hasattr(model_cfg, "ff_n_experts") or getattr(model_cfg, "mlp_type", "sigma_moe") != "sigma_moe":
+        return None
+    try:
+        from moeut.routing import RoutingStats
+    except ImportError:
+        return None
+    return RoutingStats.from_config(model_cfg)
+
+
+def flops_per_token(model_cfg, seq_len: int, n_params: int) -> float:
+    try:
+        from moeut.compute import flops_per_token as fpt
+        return float(fpt(model_cfg, seq_len, "paper"))
+    except Exception:  # an architecture the accounting module does not know
+        return 6.0 * n_params
+
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size: int, device, autocast_dtype, dist) -> Dict[str, float]:
+    """Perplexity = exp(sum of token CE / number of predicted tokens) (SPEC 5.7). Windows are
+    split across ranks and the sums all-reduced."""
+    was_training = model.training
+    model.eval()
+    idx = np.arange(len(dataset))[dist.rank::dist.world_size]
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [CE sum, tokens]
+    for a in range(0, len(idx), batch_size):
+        w = dataset.batch(idx[a:a + batch_size]).to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(w[:, :-1]).logits
+        ce = F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten(), reduction="sum")
+        sums += torch.stack([ce.double(), torch.tensor(w[:, 1:].numel(), dtype=torch.float64, device=device)])
+    all_reduce_sum_([sums])
+    model.train(was_training)
+    loss = (sums[0] / sums[1]).item()
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(sums[1].item())}
+
+
+# ------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------
+
+def train(tc: TrainConfig, run_dir: str) -> Dict[str, Any]:
+    t_cfg, o_cfg, d_cfg = tc.train, tc.optim, tc.data
+    dist = init_distributed(t_cfg.device, t_cfg.dist_timeout_min)
+    run_dir = broadcast_object(os.path.abspath(run_dir))  # ranks may compose different timestamps
+    device = dist.device
+    say = print if dist.is_main else (lambda *a, **k: None)
+    if device.type == "cpu":
+        from moeut.cpu import keep_freed_memory
+        keep_freed_memory()  # SPEC 3.8: avoid page-faulting large expert buffers every step
+    if t_cfg.threads:
+        torch.set_num_threads(t_cfg.threads)
+    os.makedirs(run_dir, exist_ok=True)
+    if dist.is_main and tc.print_config:
+        say(OmegaConf.to_yaml(tc.raw))
+
+    # --- data -----------------------------------------------------------------------------
+    T, B = d_cfg.seq_len, t_cfg.batch_size
+    mb = micro_batch_size(tc, dist.world_size)
+    n_micro = (B // dist.world_size) // mb
+    train_tokens = d_cfg.train_tokens or (t_cfg.steps + 100) * B * T  # SPEC 5.4 train limit
+    data = prepare_run_data(d_cfg, T, train_tokens, run_dir, dist, log=say)
+    sampler = StreamSampler(len(data.train), B, d_cfg.sampler, d_cfg.shuffle_seed, dist.rank, dist.world_size)
+    if sampler.steps_per_epoch < t_cfg.steps:
+        say(f"[data] WARNING: {len(data.train)} windows give {sampler.steps_per_epoch} steps per epoch "
+            f"< train.steps={t_cfg.steps}: data will repeat")
+
+    # --- model ----------------------------------------------------------------------------
+    seed_everything(t_cfg.seed)
+    model = build_model(tc.model)
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"[model] {tc.model_preset} ({type(model).__name__}): {n_params:,} parameters")
+    resume = None
+    if t_cfg.resume == "auto":
+        resume = ckpt_lib.load_latest_training_checkpoint(run_dir, log=say)
+    elif t_cfg.resume != "never":
+        resume = ckpt_lib.load_training_checkpoint(resolve_checkpoint(t_cfg.resume))
+    if resume is not None:
+        ckpt_lib.restore_model(resume, model)  # names mismatching keys for another architecture
+        import dataclasses
+        import json
+        stored, now = resume["model_config"], json.loads(json.dumps(dataclasses.asdict(tc.model)))
+        diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+        if diff:
+            raise ValueError(f"train.resume: checkpoint {resume['path']} has a different model config: "
+                             + ", ".join(f"{k}={stored.get(k)!r} (now {now.get(k)!r})" for k in diff))
+    elif t_cfg.init_from:
+        from moeut.checkpoint import load_model
+        load_state_dict_strict(model, load_model(t_cfg.init_from).model.state_dict(), source=t_cfg.init_from)
+        say(f"[model] initialised weights from {t_cfg.init_from}")
+    model.to(device)
+    if t_cfg.activation_checkpointing and not enable_activation_checkpointing(model):
+        warnings.warn("train.activation_checkpointing: this model has no `layers` to checkpoint; ignored")
+    autocast_dtype, use_scaler = pick_precision(t_cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o_cfg.lr, betas=tuple(o_cfg.betas), eps=o_cfg.eps,
+                                  weight_decay=o_cfg.weight_decay)  # all parameters (SPEC 4.1)
+    fwd_model = torch.compile(model) if t_cfg.compile else model
+    if dist.enabled:
+        fwd_model = torch.nn.parallel.DistributedDataParallel(
+            fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
+    step, tokens_seen, wandb_id = 0, 0, None
+    if resume is not None:
+        ckpt_lib.restore_train_state(resume, optimizer, scaler, sampler)
+        st = resume["train"]
+        step, tokens_seen, wandb_id = st["step"], st["tokens_seen"], st.get("wandb_id")
+        say(f"[ckpt] resumed from {resume['path']} at step {step}")
+        del resume
+    else:
+        seed_everything(t_cfg.seed + 1 + dist.rank)  # dropout streams differ per rank
+    stop = t_cfg.stop_at or t_cfg.steps
+
+    # --- logging, signals -----------------------------------------------------------------
+    logger = RunLogger(run_dir, enabled=dist.is_main, wandb_mode=tc.logger.wandb, project=tc.logger.project,
+                       entity=tc.logger.entity, name=tc.logger.name or tc.name, group=tc.logger.group,
+                       tags=tc.logger.tags, config=tc.raw, wandb_id=wandb_id, progress=tc.logger.progress,
+                       total_steps=stop, initial_step=step)
+    wandb_id = broadcast_object(logger.wandb_id)
+    routing = make_routing_stats(tc.model)
+    fpt = flops_per_token(tc.model, T, n_params)
+    try:
+        from moeut.compute import peak_flops
+        peak = peak_flops(device)
+    except ImportError:
+        peak = None
+    stop_signal = {"sig": None}
+
+    def on_signal(signum, frame):  # SLURM pre-emption / time limit: finish the step, save, exit
+        stop_signal["sig"] = signum
+    handled = [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2]
+    old_handlers = {s: signal.signal(s, on_signal) for s in handled}
+
+    def save(at_step: int) -> Optional[str]:
+        if not dist.is_main:  # only rank 0 writes (DDP replicas are identical)
+            return None
+        extra = {"routing_counts": routing.state_counts() if routing is not None else None}
+        path = ckpt_lib.save_training_checkpoint(
+            run_dir, at_step, model, tc.model, optimizer=optimizer, scaler=scaler, sampler=sampler,
+            tokens_seen=tokens_seen, tokenizer=data.tokenizer, raw_config=tc.raw, wandb_id=wandb_id,
+            extra_state=extra, keep_last=t_cfg.keep_last, meta={"preset": tc.model_preset, "name": tc.name})
+        logger.message(f"[ckpt] saved {path}")
+        return path
+
+    def validate(at_step: int) -> Dict[str, float]:
+        res = {}
+        for name, ds in data.valid.items():
+            r = evaluate(unwrap_model(fwd_model), ds, t_cfg.val_batch_size or mb, device, autocast_dtype, dist)
+            res[f"validation/{name}/loss"], res[f"validation/{name}/perplexity"] = r["loss"], r["perplexity"]
+        logger.log(at_step, res, line=True)
+        return res
+
+    # --- the loop -------------------------------------------------------------------------
+    model.train()
+    losses: List[float] = []
+    acc = {"loss": 0.0, "ce": 0.0, "reg": 0.0, "n": 0}
+    nonfinite_run, t_last, tok_last = 0, time.time(), tokens_seen
+    params = [p for p in model.parameters()]
+    val_res: Dict[str, float] = {}
+    status = "finished"
+    try:
+        while step < stop:
+            lr = lr_at(step, o_cfg.lr, o_cfg.warmup, t_cfg.steps, o_cfg.min_lr_ratio, o_cfg.schedule)
+            set_lr(optimizer, lr)
+            collect = routing is not None and step % t_cfg.routing_every == 0
+            window_BT1 = data.train.batch(sampler.next()).to(device)  # this rank's streams [B/W, T+1]
+            loss_sum = torch.zeros(3, dtype=torch.float64, device=device)  # loss, ce, reg (local means)
+            for k, w in enumerate(window_BT1.split(mb)):
+                sync = contextlib.nullcontext() if (not dist.enabled or k == n_micro - 1) else fwd_model.no_sync()
+                with sync:
+                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        out = fwd_model(w[:, :-1], collect_routing=collect)
+                    ce = F.cross_entropy(out.logits.float().flatten(0, 1), w[:, 1:].flatten())
+                    # Each micro-batch's share of the local batch; DDP averages over ranks (SPEC 4.3/4.6).
+                    loss = (ce + out.reg_loss) / n_micro
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                loss_sum += torch.stack([loss.detach(), ce.detach() / n_micro, out.reg_loss.detach() / n_micro]).double()
+                if collect and out.routing:
+                    routing.update(out.routing)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            clip = o_cfg.grad_clip if o_cfg.grad_clip else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            if dist.enabled:  # global mean loss for logging / the non-finite decision on every rank
+                all_reduce_sum_([loss_sum])
+                loss_sum /= dist.world_size
+            loss_val = loss_sum[0].item()
+            if not math.isfinite(loss_val):
+                nonfinite_run += 1
+                optimizer.zero_grad(set_to_none=True)
+                logger.message(f"[train] WARNING: non-finite loss {loss_val} at step {step}; step skipped "
+                               f"({nonfinite_run} in a row)")
+                if nonfinite_run >= t_cfg.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{nonfinite_run} non-finite losses in a row (train.max_nonfinite={t_cfg.max_nonfinite}) "
+                        f"at step {step}: lower optim.lr, check the data, or use train.precision=fp32")
+            else:
+                nonfinite_run = 0
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                acc["loss"] += loss_val
+                acc["ce"] += loss_sum[1].item()
+                acc["reg"] += loss_sum[2].item()
+                acc["n"] += 1
+            losses.append(loss_val)
+            step += 1
+            tokens_seen += B * T
+            logger.advance()
+
+            if step % t_cfg.log_interval == 0 or step == stop:
+                dt = max(time.time() - t_last, 1e-9)
+                tps = (tokens_seen - tok_last) / dt
+                n = max(acc["n"], 1)
+                logger.log(step, {
+                    "train/loss": acc["loss"] / n, "train/ce": acc["ce"] / n, "train/reg": acc["reg"] / n,
+                    "train/lr": lr, "train/grad_norm": float(grad_norm), "train/tokens_per_s": tps,
+                    "train/mfu": (tps * fpt / peak) if peak else None, "train/tokens_seen": tokens_seen,
+                    "train/memory_mb": memory_mb(device)}, line=True)
+                acc = {"loss": 0.0, "ce": 0.0, "reg": 0.0, "n": 0}
+                t_last, tok_last = time.time(), tokens_seen
+            if routing is not None and step % t_cfg.routing_interval == 0:
+                counts = routing.state_counts()
+                all_reduce_sum_(list(counts.values()))  # statistics are summed over ranks (SPEC 4.6)
+                if dist.is_main:
+                    logger.log(step, routing.compute())
+                    os.makedirs(os.path.join(run_dir, "routing"), exist_ok=True)
+                    np.savez(os.path.join(run_dir, "routing", f"counts_step{step:07d}.npz"), **routing.counts_numpy())
+                    for g in range(routing.n_groups):
+                        logger.log_figure(step, f"moe/g{g}/usage_heatmap", routing.heatmap_figure(g))
+                routing.reset()
+            if step % t_cfg.val_interval == 0 and step < stop:
+                val_res = validate(step)
+            if any_rank(stop_signal["sig"] is not None, device):
+                status = "preempted"
+                logger.message(f"[train] signal received: saving at step {step} and exiting")
+                break
+            if step % t_cfg.save_interval == 0 and step < stop:
+                save(step)
+        if status == "finished" and t_cfg.final_eval:
+            val_res = validate(step)
+            for name in data.valid:
+                say(f"validation perplexity ({name}): {val_res[f'validation/{name}/perplexity']:.2f}")
+        ckpt_path = save(step)
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        logger.close()
+    barrier()
+    cleanup()
+    return {"status": status, "step": step, "tokens_seen": tokens_seen, "losses": losses,
+            "validation": val_res, "checkpoint": ckpt_path, "run_dir": run_dir}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> Optional[float]:
+    world_size = env_rank_info()[2]
+    tc = to_typed(cfg, world_size)  # fails here, naming the key, on a bad value
+    result = train(tc, HydraConfig.get().runtime.output_dir)
+    ppl = result["validation"].get("validation/val/perplexity")
+    return ppl  # for Hydra sweepers that minimise the return value
+
+
+if __name__ == "__main__":
+    main()
