@@ -341,6 +341,12 @@ def train(tc: TrainConfig, run_dir: str) -> Dict[str, Any]:
         logger.close()
     barrier()
     cleanup()
+    if status == "preempted":
+        # Under submitit, the handler we replaced requeues the job (respecting max_num_timeout):
+        # call it now that the checkpoint is safe. Plain runs had SIG_DFL (not callable): no-op.
+        prev = old_handlers.get(stop_signal["sig"])
+        if callable(prev):
+            prev(stop_signal["sig"], None)
     return {"status": status, "step": step, "tokens_seen": tokens_seen, "losses": losses,
             "validation": val_res, "checkpoint": ckpt_path, "run_dir": run_dir}
 

@@ -161,8 +161,10 @@ class _CVMMTorch(torch.autograd.Function):
                 if (gates is not None and not gate_in) else None
             out = F.embedding_bag(inverse.view(-1, out_group), ys_SO, mode="sum", per_sample_weights=psw)
         need_gate_grad = gates is not None and ctx.needs_input_grad[2]
-        ctx.save_for_backward(xs_SI, xg_SI if gate_in else None, w, gates_sorted_S,
-                              ys_SO if (need_gate_grad and not gate_in) else None,
+        # Save the un-gathered input, not the [S, D_in] gathered copy: with src_div = K that copy
+        # is K times larger (12x d_model per token at 44M). Backward re-gathers it (one
+        # index_select); the gated copy is rebuilt the same way.
+        ctx.save_for_backward(x, w, gates_sorted_S, ys_SO if (need_gate_grad and not gate_in) else None,
                               order, inverse, offsets, src_S)
         ctx.meta = (S, E, x.shape[0], src_div, grouped_in, out_group, grouped_out, force_loop,
                     gates.dtype if gates is not None else None, w_master.dtype, gate_in)
@@ -170,8 +172,10 @@ class _CVMMTorch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        xs_SI, xg_SI, w, gates_sorted_S, ys_SO, order, inverse, offsets, src_S = ctx.saved_tensors
+        x, w, gates_sorted_S, ys_SO, order, inverse, offsets, src_S = ctx.saved_tensors
         S, E, M, src_div, grouped_in, out_group, grouped_out, force_loop, gates_dtype, w_dtype, gate_in = ctx.meta
+        need_xs = ctx.needs_input_grad[1] or (gate_in and ctx.needs_input_grad[2])
+        xs_SI = (x if grouped_in else x.index_select(0, src_S)) if need_xs else None
         grad_out = grad_out.contiguous()
         # Upstream gradient of every slot, in sorted order: a gather, never a scatter.
         if grouped_out:
@@ -203,7 +207,8 @@ class _CVMMTorch(torch.autograd.Function):
             else:
                 dx = dxs_SI.new_zeros(M, dxs_SI.shape[1]).index_add_(0, src_S, dxs_SI)
         if ctx.needs_input_grad[1]:
-            dw = grouped_weight_grad(xg_SI if gate_in else xs_SI, g_SO, offsets, E, force_loop).to(w_dtype)
+            xg_SI = xs_SI * gates_sorted_S[:, None] if gate_in else xs_SI
+            dw = grouped_weight_grad(xg_SI, g_SO, offsets, E, force_loop).to(w_dtype)
         if d_gates is not None:
             d_gates = d_gates.index_select(0, inverse).to(gates_dtype)
         return dx, dw, d_gates, None, None, None, None, None, None, None, None
