@@ -216,6 +216,11 @@ PRESETS: Dict[str, Union[MoEUTConfig, DenseConfig]] = {
     "tiny": _moeut(64, 4, 2, 2, 16, 4, 16, 4, False, ff_expert_size=32, vocab_size=512),
     "mini": _moeut(128, 4, 2, 2, 32, 4, 32, 4, False, ff_expert_size=64),
     "dense_tiny": _dense(64, 4, 2, 32, 256, vocab_size=512),
+    # --- CPU-scale comparison (docs/results.md) [ours]: a d=256, L=8 scale-down with G=2 (R=4),
+    # its parameter-matched dense model and its MAC-matched dense model ---
+    "cpu_moeut": _moeut(256, 8, 2, 4, 64, 4, 32, 8, False),
+    "cpu_dense_params": _dense(256, 8, 4, 64, 838),
+    "cpu_dense_macs": _dense(256, 8, 4, 64, 1310),
     # --- MoEUT ladder, SPEC 2.1 ---
     "moeut_44m": _moeut(412, 16, 2, 4, 82, 8, 155, 12, False),
     "moeut_126m": _moeut(768, 18, 2, 4, 96, 10, 254, 12, True),
