@@ -74,13 +74,23 @@ def run_dir_of(checkpoint_dir: str) -> str:
 
 
 def read_val_perplexity(run_dir: str, step: Optional[int] = None) -> Optional[float]:
-    """Best effort: the validation perplexity from run_dir/metrics.jsonl. Accepts any key ending in
-    "perplexity" with a "val" path component ("val/perplexity", "validation/val/perplexity").
-    Prefers the line logged at `step`, else the last one that has such a key."""
+    """Best effort: the validation perplexity from run_dir/metrics.jsonl. The training split's
+    own validation set ("validation/val/perplexity", or "val/perplexity") wins over extra
+    validation sets ("validation/c4/perplexity", ...); otherwise any key ending in "perplexity"
+    with a "val" path component. Prefers the line logged at `step`, else the last one."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return None
-    last, at_step = None, None
+
+    def rank(key: str) -> int:  # lower is better; None = not a validation perplexity
+        if key in ("validation/val/perplexity", "val/perplexity"):
+            return 0
+        parts = key.split("/")
+        if key.endswith("perplexity") and any(p in ("val", "validation") or p.startswith("val") for p in parts[:-1]):
+            return 1
+        return -1
+
+    last, at_step = None, None  # (rank, value)
     with open(path) as f:
         for line in f:
             try:
@@ -90,14 +100,15 @@ def read_val_perplexity(run_dir: str, step: Optional[int] = None) -> Optional[fl
             if not isinstance(rec, dict):
                 continue
             for k, v in rec.items():
-                parts = str(k).split("/")
-                if (str(k).endswith("perplexity") and any(p in ("val", "validation") or p.startswith("val")
-                                                          for p in parts[:-1])
-                        and isinstance(v, (int, float)) and math.isfinite(v)):
-                    last = float(v)
-                    if step is not None and rec.get("step") == step:
-                        at_step = float(v)
-    return at_step if at_step is not None else last
+                r = rank(str(k))
+                if r < 0 or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    continue
+                if last is None or r <= last[0]:
+                    last = (r, float(v))
+                if step is not None and rec.get("step") == step and (at_step is None or r <= at_step[0]):
+                    at_step = (r, float(v))
+    best = at_step if at_step is not None else last
+    return best[1] if best is not None else None
 
 
 def dataset_name_of(checkpoint_dir: str) -> Optional[str]:
