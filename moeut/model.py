@@ -105,6 +105,16 @@ class ForwardState:
         # summed into reg_loss. Only added in training mode.
         self.aux_losses: Dict[str, torch.Tensor] = {}
 
+    @torch.no_grad()
+    def finish_record(self, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
+        """Close the current layer's routing record with the residual's norms (SPEC 7.2 F5)."""
+        xi, xo = x_in.float(), x_out.float()
+        self.record.in_norm = xi.norm(dim=-1)
+        self.record.update_norm = (xo - xi).norm(dim=-1)
+        self.record.cos_in_out = F.cosine_similarity(xo, xi, dim=-1)
+        self.records.append(self.record)
+        self.record = None
+
     def add_aux(self, name: str, value: torch.Tensor) -> None:
         if self.training:
             self.aux_losses[name] = self.aux_losses[name] + value if name in self.aux_losses else value
@@ -364,13 +374,7 @@ class MoEUTLM(nn.Module):
                 state.record = RoutingRecord(l=l, g=g, r=r)
             x = self.transformer.layers[g](x, g, l, state, cache, causal)
             if state.record is not None:
-                with torch.no_grad():
-                    xi, xo = x_in.float(), x.float()
-                    state.record.in_norm = xi.norm(dim=-1)
-                    state.record.update_norm = (xo - xi).norm(dim=-1)
-                    state.record.cos_in_out = F.cosine_similarity(xo, xi, dim=-1)
-                state.records.append(state.record)
-                state.record = None
+                state.finish_record(x_in, x)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
         if self.out_norm is not None:

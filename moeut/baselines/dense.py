@@ -147,13 +147,7 @@ class DenseLM(nn.Module):
                 state.record = RoutingRecord(l=l, g=g, r=r)
             x = self.layers[g](x, g, l, state, cache)
             if state.record is not None:  # update magnitudes are meaningful for dense models too (7.2)
-                with torch.no_grad():
-                    xi, xo = x_in.float(), x.float()
-                    state.record.in_norm = xi.norm(dim=-1)
-                    state.record.update_norm = (xo - xi).norm(dim=-1)
-                    state.record.cos_in_out = F.cosine_similarity(xo, xi, dim=-1)
-                state.records.append(state.record)
-                state.record = None
+                state.finish_record(x_in, x)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
         logits = self.lm_head(self.out_norm(x))
