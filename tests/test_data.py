@@ -2,7 +2,6 @@
 import gzip
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,7 @@ from moeut.data.sources import (DataError, c4_corpus, list_local_files, local_co
                                 read_documents, slimpajama_corpus)
 from moeut.data.tokenizer import DOC_SEPARATOR
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-C4 = SHARED / "data" / "text" / "c4"
+from conftest import C4  # the embedded corpus in data/ (data/README.md)
 
 
 def _write_jsonl_gz(path, texts, field="text"):
@@ -26,8 +24,6 @@ def _write_jsonl_gz(path, texts, field="text"):
 
 @pytest.fixture(scope="module")
 def c4_docs():
-    if not (C4 / "train.jsonl.gz").exists():
-        pytest.skip("shared C4 sample missing")
     with gzip.open(C4 / "train.jsonl.gz", "rt") as f:
         return [json.loads(line)["text"] for line in f]
 

@@ -5,7 +5,6 @@ import json
 import math
 import shutil
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +18,8 @@ from moeut.eval.tasks.blimp import PARADIGMS
 from moeut.eval.tasks.cbt import detokenize, parse_cbt_file
 from moeut.eval.tasks.hellaswag import items_from_jsonl, items_from_text, preprocess
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-EVAL = SHARED / "data" / "eval"
-pytestmark = pytest.mark.skipif(not EVAL.is_dir(), reason=f"shared eval data missing: {EVAL}")
+from conftest import EVAL  # noqa: E402  ($MOEUT_SHARED/data/eval: the zero-shot sets are not in the repository)
+pytestmark = pytest.mark.skipif(not EVAL.is_dir(), reason=f"zero-shot sets missing: {EVAL} (set MOEUT_SHARED)")
 
 
 def scorer_for(model, **kw):

@@ -16,8 +16,8 @@ from moeut.eval.fakes import BigramLM  # noqa: E402
 from moeut.eval.harness import MoEUTHarnessLM  # noqa: E402
 from moeut.eval.scoring import MCItem, Scorer, evaluate_multiple_choice  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-PIQA = SHARED / "data" / "eval" / "piqa"
+from conftest import EVAL  # noqa: E402  ($MOEUT_SHARED/data/eval: not in the repository)
+PIQA = EVAL / "piqa"
 
 
 class Inst:  # the part of lm_eval.api.instance.Instance the adapter reads

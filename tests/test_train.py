@@ -14,14 +14,12 @@ import torch
 from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 import train as train_script  # noqa: E402
 from moeut.checkpoint import find_checkpoints, load_model  # noqa: E402
 from moeut.train_lib.config import to_typed  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not (SHARED / "data" / "text" / "c4").exists(), reason="shared data missing")
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +127,7 @@ def _cli(cache_dir, run_dir, *overrides):
 
 def test_sigterm_saves_valid_checkpoint_offline(cache_dir, tmp_path):
     """SIGTERM mid-run: the step finishes, a checkpoint is written and the process exits 0; the
-    run is offline (HF_DATASETS_OFFLINE=1) and reads only ../shared/data."""
+    run is offline (HF_DATASETS_OFFLINE=1) and reads only the corpus carried in data/."""
     run(cache_dir, tmp_path / "warm", "train.steps=2")  # tokenizer + shards cached for the subprocess
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "train.py", *_cli(cache_dir, run_dir, "train.steps=100000",
