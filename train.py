@@ -1,6 +1,6 @@
 """Train a MoEUT (or baseline) language model: `python train.py experiment=<name>`.
 
-    python train.py                                   # CPU demo: small MoEUT on ../shared/data/text
+    python train.py                                   # CPU demo: small MoEUT on the books in data/
     python train.py experiment=c4_moeut_244m data.path=/data/c4   # a paper run (C4 mirror)
     torchrun --standalone --nproc_per_node=8 train.py experiment=c4_moeut_244m
     srun python train.py experiment=...               # one task per GPU; reads SLURM_* variables

@@ -37,7 +37,7 @@ from .outputs import RoutingRecord
 from .routing import RoutingStats
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "text" / "c4" / "valid.jsonl.gz"
+DEFAULT_DATA = REPO_ROOT / "data" / "books" / "valid.jsonl.gz"  # the embedded held-out books (data/README.md)
 STATS_FILE = "routing_stats.npz"
 
 
@@ -48,7 +48,7 @@ STATS_FILE = "routing_stats.npz"
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None  # .jsonl(.gz) / .txt / directory; None = ../shared/data/text/c4/valid.jsonl.gz
+    path: Optional[str] = None  # .jsonl(.gz) / .txt / directory; None = data/books/valid.jsonl.gz in the repo
     text_field: str = "text"  # JSON field holding the document text
 
 

@@ -16,6 +16,10 @@ from moeut.config import PAPER_TRAIN, PRESETS, get_preset  # noqa: E402
 from moeut.train_lib.config import build_model_config, to_typed  # noqa: E402
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+BOOKS = REPO / "data" / "books"
+# data=gutenberg reads ../shared (or $MOEUT_DATA); without it, point its experiments at the embedded books
+EMBEDDED_DATA = [f"data.path={BOOKS / 'train.jsonl.gz'}", f"data.valid_path={BOOKS / 'valid.jsonl.gz'}",
+                 f"data.extra_valid.c4={REPO / 'data' / 'c4_sample' / 'valid.jsonl.gz'}"]
 
 
 def compose_cfg(overrides):
@@ -37,6 +41,8 @@ def test_experiment_list_covers_the_paper():
 def test_every_experiment_composes_and_builds_on_meta(experiment):
     # The Stack needs a mirror path; C4/SlimPajama/peS2o default to hub streaming (path null).
     cfg = compose_cfg([f"experiment={experiment}"] + (["data.path=/tmp"] if "thestack" in experiment else []))
+    if cfg.data.source == "local" and not Path(cfg.data.path).exists():
+        cfg = compose_cfg([f"experiment={experiment}"] + EMBEDDED_DATA)
     tc = to_typed(cfg)
     preset = cfg.model.preset
     assert dataclasses.asdict(tc.model) == dataclasses.asdict(PRESETS[preset]) or experiment.startswith("cpu")
@@ -53,12 +59,15 @@ def test_every_experiment_composes_and_builds_on_meta(experiment):
         assert tc.optim.lr == 2.5e-4 and tc.optim.weight_decay == 0.01
 
 
-def test_default_job_is_cpu_small_on_shared_text():
+def test_default_job_is_cpu_small_on_embedded_books(monkeypatch):
+    """`python train.py` reads only the corpus carried in data/, whatever MOEUT_DATA says."""
+    monkeypatch.setenv("MOEUT_DATA", "/nonexistent")
     tc = to_typed(compose_cfg([]))
     assert tc.model_preset == "mini" and tc.train.device == "cpu" and tc.train.precision == "fp32"
-    assert Path(tc.data.path).resolve() == (REPO.parent / "shared" / "data" / "text" / "gutenberg" /
-                                            "train.jsonl.gz").resolve()
-    assert "c4" in tc.data.extra_valid
+    assert Path(tc.data.path) == BOOKS / "train.jsonl.gz" and Path(tc.data.valid_path) == BOOKS / "valid.jsonl.gz"
+    assert Path(tc.data.extra_valid["c4"]) == REPO / "data" / "c4_sample" / "valid.jsonl.gz"
+    # the default job's batches fit in one pass over the embedded training text (~1.56M tokens, data/README.md)
+    assert tc.train.steps * tc.train.batch_size * tc.data.seq_len <= 1_500_000
 
 
 def test_model_overrides_and_errors():
