@@ -66,8 +66,7 @@ def test_default_job_is_cpu_small_on_embedded_books(monkeypatch):
     assert tc.model_preset == "mini" and tc.train.device == "cpu" and tc.train.precision == "fp32"
     assert Path(tc.data.path) == BOOKS / "train.jsonl.gz" and Path(tc.data.valid_path) == BOOKS / "valid.jsonl.gz"
     assert Path(tc.data.extra_valid["c4"]) == REPO / "data" / "c4_sample" / "valid.jsonl.gz"
-    # the default job's batches fit in one pass over the embedded training text (~1.56M tokens, data/README.md)
-    assert tc.train.steps * tc.train.batch_size * tc.data.seq_len <= 1_500_000
+    # that the default job's tokens fit in one pass over the embedded text: tests/test_embedded.py (slow)
 
 
 def test_model_overrides_and_errors():
