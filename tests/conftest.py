@@ -1,10 +1,3 @@
-"""Fixture locations, resolved so that the suite runs on a fresh clone.
-
-Small fixtures live in the repository: golden vectors in tests/golden/, text in data/ (the
-embedded corpus, data/README.md). Large optional ones (golden/v8000.pt, the zero-shot sets in
-data/eval, the full Gutenberg corpus) are looked up in $MOEUT_SHARED (default: ../shared beside the
-checkout); tests that need them skip with a reason naming the missing file.
-"""
 import gzip
 import json
 import os
@@ -14,6 +7,11 @@ from typing import Optional
 import pytest
 import torch
 
+# Fixture locations, resolved so that the suite runs on a fresh clone. Small fixtures live in the
+# repository: golden vectors in tests/golden/, text in data/ (the embedded corpus, data/README.md).
+# Large optional ones (golden/v8000.pt, the zero-shot sets in data/eval, the full Gutenberg corpus)
+# are looked up in $MOEUT_SHARED (default: ../shared beside the checkout); tests that need them
+# skip with a reason naming the missing file.
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MOEUT_SHARED", REPO.parent / "shared"))
 REPO_GOLDEN = REPO / "tests" / "golden"
