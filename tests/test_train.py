@@ -21,7 +21,6 @@ from moeut.checkpoint import find_checkpoints, load_model  # noqa: E402
 from moeut.train_lib.config import to_typed  # noqa: E402
 
 
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
