@@ -71,7 +71,8 @@ class WindowDataset:
         self.unused_tokens = max(0, usable - 1 - self.n_windows * seq_len)
         if self.unused_tokens and self.n_windows:
             import warnings
-            limit = "the whole stream" if limit_tokens is None else f"the limit of {limit_tokens:,}"
+            limit = ("the whole stream" if limit_tokens is None or len(stream) <= limit_tokens
+                     else f"the limit of {limit_tokens:,}")
             warnings.warn(f"{stream.manifest.path}: the last {self.unused_tokens} of {usable - 1:,} tokens "
                           f"({limit}) do not fill a window of data.seq_len={seq_len} and are not used",
                           stacklevel=2)

@@ -405,17 +405,26 @@ class _Progress:
 
 def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer, cache_dir: str, max_tokens: Optional[int] = None,
                    num_workers: int = 0, shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = True,
-                   log=print) -> TokenManifest:
+                   log=print, verify_checksums: Optional[bool] = None) -> TokenManifest:
     """Tokenise `corpus` into `cache_dir` until `max_tokens` (None = all), or reuse/extend the
     cache (see the module docstring). Shards end at source-file ends and at the first chunk end
-    after `shard_tokens` tokens. Verifies every reused shard's size and sha256; a shard that
-    fails is re-tokenised (with a warning) together with everything after it.
+    after `shard_tokens` tokens. A reused cache is checked against its manifest (config and
+    tokenizer hash, each shard's size and, with `verify_checksums`, sha256; default: only on
+    global rank 0, env RANK, so DDP ranks do not all hash the same files); a shard that fails is
+    re-tokenised, with a warning, together with everything after it.
 
     Raises DataError when the corpus holds no text at all.
     """
     if tokenizer.vocab_size > np.iinfo(TOKEN_DTYPE).max + 1:
         raise ValueError(f"vocab size {tokenizer.vocab_size} does not fit {TOKEN_DTYPE.__name__}")
+    if verify_checksums is None:
+        verify_checksums = int(os.environ.get("RANK", "0")) == 0
     out_dir = token_cache_dir(cache_dir, corpus, tokenizer)
+    if not check_token_cache(corpus, tokenizer, cache_dir, max_tokens, checksums=verify_checksums):
+        total = _read_manifest(out_dir)["total_tokens"]  # ready: no lock needed to read it
+        log(f"[data] reusing {total:,} tokens of {corpus.name}/{corpus.split} from {out_dir}"
+            + (" (checksums verified)" if verify_checksums else ""))
+        return TokenManifest.load(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     with _locked(out_dir + ".lock", log):
         return _prepare_locked(corpus, tokenizer, out_dir, max_tokens, num_workers, shard_tokens, progress, log)
@@ -512,7 +521,9 @@ def _prepare_locked(corpus, tokenizer, out_dir, max_tokens, num_workers, shard_t
     complete = False
     try:
         chunks = _chunks(corpus, _chunk_chars(shard_tokens), start_fi, start_doc)
-        if num_workers > 0:
+        head = list(itertools.islice(chunks, 2))
+        chunks = itertools.chain(head, chunks)
+        if num_workers > 0 and len(head) > 1:  # one chunk: starting a pool costs more than it saves
             # spawn, not fork: the parent may hold OpenMP/torch threads
             pool = mp.get_context("spawn").Pool(num_workers, initializer=_worker_init,
                                                 initargs=(tokenizer.model_proto,))
