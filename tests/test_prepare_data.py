@@ -206,6 +206,23 @@ def test_too_long_documents_warn_with_counts(tmp_path):
         train_tokenizer(short, vocab_size=120, hard_vocab_limit=False)
 
 
+def test_counting_skips_exactly_what_sentencepiece_skips():
+    """Paper parity: skipping over-long documents ourselves (to count them) gives the very model
+    SentencePiece's own silent skip gives (same bytes)."""
+    import io
+    import sentencepiece as spm
+    rng = random.Random(4)
+    docs = [synthetic_text(rng, rng.choice([1, 2, 40])) for _ in range(120)]
+    assert sum(len((d + DOC_SEPARATOR).encode()) > SPM_MAX_SENTENCE_BYTES for d in docs) > 5
+    with pytest.warns(UserWarning, match="longer than SentencePiece's max_sentence_length"):
+        ours = train_tokenizer(docs, vocab_size=150)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([d + DOC_SEPARATOR for d in docs]), model_writer=buf,
+                                   vocab_size=150, model_type="bpe", split_digits=True, hard_vocab_limit=True,
+                                   minloglevel=2)
+    assert ours.model_proto == buf.getvalue()
+
+
 def test_nothing_to_train_on_names_the_setting(tmp_path):
     rng = random.Random(3)
     with pytest.raises(TokenizerTrainingError, match=r"data.tokenizer_split_paragraphs=true"):
@@ -274,6 +291,8 @@ def test_window_tail_and_sampler_remainder_warn(tmp_path, corpus_dir, tok):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         WindowDataset(TokenStream(m), T, limit_tokens=T * 3)  # the limit fits whole windows
+    with pytest.warns(UserWarning, match=rf"holds {n:,} tokens, fewer than the {n + 100:,} asked for"):
+        assert len(WindowDataset(TokenStream(m), T, limit_tokens=n + 99)) == (n - 1) // T
     with pytest.warns(UserWarning, match=r"3 of 19 windows are never sampled.*train.batch_size=4"):
         assert StreamSampler(19, 4).unused_windows == 3
 
@@ -329,6 +348,17 @@ prep.prepare_tokens(local_corpus(sys.argv[1] + "/train", "train", valid_path=sys
                     Tokenizer.load(sys.argv[2]), sys.argv[3], 30000,
                     shard_tokens=2000, num_workers=0, log=lambda *a: None)
 """
+
+
+def test_progress_lines_without_a_terminal(tmp_path, corpus_dir, tok, monkeypatch):
+    monkeypatch.setattr(prep, "_PROGRESS_EVERY_S", 0.0)
+    lines = []
+    prepare_tokens(train_split(corpus_dir), tok, str(tmp_path), 20000, shard_tokens=2000, log=lines.append)
+    prog = [ln for ln in lines if "M tok/s" in ln]
+    assert len(prog) > 5 and "/ 20,000 (" in prog[-1] and "file " in prog[-1]
+    lines.clear()
+    prepare_tokens(train_split(corpus_dir), tok, str(tmp_path / "q"), 20000, progress=False, log=lines.append)
+    assert not [ln for ln in lines if "M tok/s" in ln]
 
 
 def test_sigkill_mid_way_then_restart_equals_uninterrupted(tmp_path, corpus_dir, tok):

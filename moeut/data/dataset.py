@@ -69,6 +69,10 @@ class WindowDataset:
         self.n_windows = max(0, (usable - 1) // seq_len)
         # Predicted tokens inside the limit that no window covers (fewer than T): reported, not hidden.
         self.unused_tokens = max(0, usable - 1 - self.n_windows * seq_len)
+        if limit_tokens is not None and len(stream) < limit_tokens + 1 and self.n_windows:
+            import warnings
+            warnings.warn(f"{stream.manifest.path}: holds {len(stream):,} tokens, fewer than the {limit_tokens + 1:,} "
+                          f"asked for (data.valid_tokens, or the train limit); using all of them", stacklevel=2)
         if self.unused_tokens and self.n_windows:
             import warnings
             limit = ("the whole stream" if limit_tokens is None or len(stream) <= limit_tokens

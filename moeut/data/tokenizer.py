@@ -129,8 +129,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, *, append_sepa
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=all_sentences(), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-            split_digits=True, hard_vocab_limit=hard_vocab_limit, max_sentence_length=max_len, minloglevel=2,
-            **extra)
+            split_digits=True, hard_vocab_limit=hard_vocab_limit, minloglevel=2,
+            # only when not the default: an explicit value is stored in the model and changes its hash
+            **({} if max_len == SPM_MAX_SENTENCE_BYTES else {"max_sentence_length": max_len}), **extra)
     except RuntimeError as e:
         if "Vocabulary size" in str(e) or "vocab_size" in str(e):
             raise TokenizerTrainingError(
