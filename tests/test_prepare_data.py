@@ -262,6 +262,17 @@ def test_bad_records_are_errors_or_counted(tmp_path):
     (tmp_path / "cut.jsonl.gz").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(DataError, match=r"cut.jsonl.gz: cannot be read"):
         list(read_documents(FileRef(str(tmp_path / "cut.jsonl.gz"))))
+    flipped = bytearray(raw)
+    flipped[40] ^= 0xFF
+    (tmp_path / "flip.jsonl.gz").write_bytes(bytes(flipped))
+    with pytest.raises(DataError, match=r"flip.jsonl.gz: cannot be read"):
+        list(read_documents(FileRef(str(tmp_path / "flip.jsonl.gz"))))
+
+
+def _plain_dir(tmp_path):
+    for i in range(3):
+        write_jsonl_gz(tmp_path / "plain" / f"part{i:02d}.jsonl.gz", [f"document {i}"])
+    return tmp_path / "plain"
 
 
 def test_partial_mirror_and_ignored_files_warn(tmp_path):
@@ -269,6 +280,9 @@ def test_partial_mirror_and_ignored_files_warn(tmp_path):
     with pytest.warns(UserWarning, match=r"has 1 of the 1024 expected files \(first missing: "
                                          r"en/c4-train.00001-of-01024.json.gz\)"):
         assert len(c4_corpus(str(tmp_path), "train").files) == 1
+    with pytest.warns(UserWarning, match=r"its last file part02.jsonl.gz is held out for validation"):
+        held = local_corpus(str(_plain_dir(tmp_path)), "train")
+    assert [os.path.basename(f.path) for f in held.files] == ["part00.jsonl.gz", "part01.jsonl.gz"]
     (tmp_path / "en" / "notes.csv").write_text("a,b")
     with pytest.warns(UserWarning, match=r"ignoring 1 file\(s\).*en/notes.csv"):
         list_local_files(str(tmp_path))

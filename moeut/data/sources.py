@@ -25,6 +25,7 @@ import io
 import json
 import os
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -143,7 +144,7 @@ def _read_local(path: str, text_field: str) -> Iterator[str]:
                 yield _text_value(rec[text_field], f"{path}:{lineno}", text_field)
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not valid UTF-8 after line {lineno} ({e.reason})") from e
-        except (EOFError, OSError) as e:  # truncated or corrupt .gz / .zst
+        except (EOFError, OSError, zlib.error) as e:  # truncated or corrupt .gz
             raise DataError(f"{path}: cannot be read after line {lineno} ({e})") from e
 
 
@@ -235,6 +236,9 @@ def local_corpus(path: str, split: str, text_field: str = "text", valid_path: Op
                     raise DataError(f"data directory {path} has a single file and no validation "
                                     f"file: set data.valid_path")
                 train, valid = files[:-1], files[-1:]
+                warnings.warn(f"data directory {path} has no file named *valid*/*test*/*holdout*: its last file "
+                              f"{os.path.relpath(valid[0], path)} is held out for validation, not trained on "
+                              f"(set data.valid_path to choose)")
             files = train if split == "train" else valid
             if not files:
                 raise DataError(f"data directory {path} has no {split} files")
