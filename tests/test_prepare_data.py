@@ -485,7 +485,7 @@ def test_prepare_command_then_ddp_check(tmp_path, corpus_dir):
     longer = to_typed(_compose("config", [*ov, "train.steps=40"]), 2)
     with pytest.raises(TokenCacheError, match=r"holds 30,721 tokens, the run needs 35,841"):
         ensure_prepared(longer, 2)
-    # tampering is caught (rank 0 verifies checksums)
+    # tampering is caught (every rank verifies the checksums)
     shard = res["manifests"]["train"].shard_paths()[0]
     b = bytearray(open(shard, "rb").read())
     b[0] ^= 1

@@ -127,14 +127,14 @@ def ensure_prepared(tc, world_size: int, run_dir: Optional[str] = None,
     """Refuse a multi-process run (`world_size` > 1) whose data is not prepared.
 
     Single-process runs return at once (train.py prepares inline). Under DDP every rank checks
-    the manifests; global rank 0 (env RANK) also verifies the shards' checksums. Raises
+    the manifests and the shards' sizes and checksums, so that all ranks stop together (a rank
+    left waiting in init_process_group would hang until the timeout under plain srun). Raises
     TokenCacheError naming the problems and the `python -m moeut.prepare_data ...` command
     (with the run's own overrides) that fixes them.
     """
     if world_size <= 1:
         return
-    checksums = int(os.environ.get("RANK", "0")) == 0
-    problems = check_prepared(tc, run_dir, checksums=checksums)
+    problems = check_prepared(tc, run_dir, checksums=True)
     if problems:
         shown = "\n  ".join(problems[:5]) + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise TokenCacheError(
