@@ -39,6 +39,7 @@ from moeut.train_lib.distributed import (all_reduce_sum_, any_rank, barrier, bro
 from moeut.train_lib.logging import RunLogger
 from moeut.train_lib.schedule import lr_at, set_lr
 from moeut.data.dataset import StreamSampler
+from moeut.data.pipeline import ensure_prepared
 
 
 class NonFiniteLossError(RuntimeError):
@@ -355,6 +356,7 @@ def train(tc: TrainConfig, run_dir: str) -> Dict[str, Any]:
 def main(cfg: DictConfig) -> Optional[float]:
     world_size = env_rank_info()[2]
     tc = to_typed(cfg, world_size)  # fails here, naming the key, on a bad value
+    ensure_prepared(tc, world_size, HydraConfig.get().runtime.output_dir)  # DDP: no inline tokenising
     result = train(tc, HydraConfig.get().runtime.output_dir)
     ppl = result["validation"].get("validation/val/perplexity")
     return ppl  # for Hydra sweepers that minimise the return value

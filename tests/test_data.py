@@ -171,8 +171,13 @@ def test_memmap_round_trip_matches_naive_encoding(tmp_path, c4_docs, c4_tok):
 
 def test_pool_gives_same_tokens_as_in_process(tmp_path, c4_tok):
     corpus = local_corpus(str(C4 / "train.jsonl.gz"), "train")
-    a = prepare_tokens(corpus, c4_tok, str(tmp_path / "a"), max_tokens=30000, num_workers=0, log=lambda *a: None)
-    b = prepare_tokens(corpus, c4_tok, str(tmp_path / "b"), max_tokens=30000, num_workers=2, log=lambda *a: None)
+    # small shards -> small chunks: several pool tasks (a single chunk is encoded in-process)
+    a = prepare_tokens(corpus, c4_tok, str(tmp_path / "a"), max_tokens=30000, num_workers=0, shard_tokens=4000,
+                       log=lambda *a: None)
+    b = prepare_tokens(corpus, c4_tok, str(tmp_path / "b"), max_tokens=30000, num_workers=2, shard_tokens=4000,
+                       log=lambda *a: None)
+    assert len(b.shards) > 2 and json.load(open(os.path.join(b.path, "manifest.json")))["shards"] == \
+        json.load(open(os.path.join(a.path, "manifest.json")))["shards"]
     np.testing.assert_array_equal(TokenStream(a).slice(0, 30000), TokenStream(b).slice(0, 30000))
 
 

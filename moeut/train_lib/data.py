@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Dict
 
 from ..data.dataset import TokenStream, WindowDataset
+from ..data.pipeline import tokenizer_cache_path
 from ..data.prepare import prepare_tokens, train_corpus_tokenizer
 from ..data.sources import Corpus, local_corpus, open_corpus
 from ..data.tokenizer import Tokenizer
@@ -39,14 +40,12 @@ def get_tokenizer(d, run_dir: str, dist: DistInfo, log=print) -> Tokenizer:
         tok = Tokenizer.load(run_tok)
     else:
         corpus = _corpus(d, "train")
-        cached = os.path.join(d.cache_dir, "tokenizers",
-                              f"{corpus.name}-{corpus.key()}-v{d.vocab_size}-f{d.tokenizer_files}"
-                              f"-d{d.tokenizer_docs}-c{d.tokenizer_chars}-p{int(d.tokenizer_split_paragraphs)}.model")
+        cached = tokenizer_cache_path(d, corpus)  # the same file `python -m moeut.prepare_data` writes
         if dist.is_main and not os.path.isfile(cached):
             log(f"[data] training a {d.vocab_size}-piece SentencePiece BPE tokenizer on {corpus.name} ...")
             tok = train_corpus_tokenizer(corpus, d.vocab_size, max_files=d.tokenizer_files,
                                          max_docs=d.tokenizer_docs, max_chars=d.tokenizer_chars,
-                                         split_paragraphs=d.tokenizer_split_paragraphs)
+                                         split_paragraphs=d.tokenizer_split_paragraphs, log=log)
             tok.save(cached)
         barrier()
         tok = Tokenizer.load(cached)
