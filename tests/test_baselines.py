@@ -92,11 +92,31 @@ def test_variant_trains_on_real_text(name, c4_stream):
         assert model(windows[:2, :-1]).reg_loss.item() == 0.0  # eval: exactly 0
 
 
+def _meta_params(name: str) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(get_preset(name)).parameters())
+
+
 def test_baseline_presets_build_on_meta():
+    """Every baseline preset builds with the closed-form count, and the matches its table comments
+    claim (moeut/baselines/__init__.py) hold exactly."""
+    from moeut.compute import active_params
+    from moeut.config import param_count_formula
+    n = {name: _meta_params(name) for name in BASELINE_PRESETS}
     for name in BASELINE_PRESETS:
-        with torch.device("meta"):
-            model = build_model(get_preset(name))
-        assert sum(p.numel() for p in model.parameters()) > 0, name
+        assert n[name] == param_count_formula(get_preset(name)), name
+    for size in ("44m", "244m"):
+        # Switch router E x d = σ-MoE's gate E x d: only the routing differs.
+        assert n[f"switch_{size}"] == _meta_params(f"sigma_moe_{size}")
+        assert n[f"moeut_switch_{size}"] == _meta_params(f"moeut_{size}")
+        # DeepSeekMoE: same experts; the K_s shared experts have no router row.
+        cfg = get_preset(f"deepseek_{size}")
+        assert n[f"deepseek_{size}"] == _meta_params(f"sigma_moe_{size}") - cfg.n_layers * cfg.moe_n_shared * cfg.d_model
+        cfg = get_preset(f"moeut_deepseek_{size}")
+        assert n[f"moeut_deepseek_{size}"] == _meta_params(f"moeut_{size}") - cfg.group_size * cfg.moe_n_shared * cfg.d_model
+    # DeepSeekMoE 2B validation model (SPEC 8.5): 2.0B total, 0.3B activated.
+    assert abs(n["deepseek_2b"] - 2.0e9) <= 0.05e9
+    assert abs(active_params(get_preset("deepseek_2b")) - 0.3e9) <= 0.02e9
 
 
 def test_naive_ut_is_one_shared_layer_matched_to_moeut():
@@ -367,9 +387,13 @@ def test_generate_runs_for_baselines():
         cfg = SMALL[name]
         if isinstance(cfg, SUTConfig):
             cfg = dataclasses.replace(cfg, sample_topk=0)
-        model = build_model(cfg)
-        out = model.generate(torch.randint(0, V, (2, 4)), 5, greedy=True)
-        assert out.shape == (2, 9)
+        model = build_model(cfg).eval()
+        ids = torch.randint(0, V, (2, 4))
+        out = model.generate(ids, 5, greedy=True)
+        assert out.shape == (2, 9) and torch.equal(out[:, :4], ids)
+        with torch.no_grad():  # each cached greedy token is the argmax of a full forward over its prefix
+            for t in range(4, 9):
+                assert torch.equal(model(out[:, :t]).logits[:, -1].argmax(-1), out[:, t]), (name, t)
 
 
 def test_routing_records_for_new_mlps():
