@@ -262,6 +262,46 @@ def test_capacity_drops_exactly_the_overflow():
     assert torch.equal(keep, want)
 
 
+def test_capacity_groups_and_padding_against_a_loop():
+    """Groups are independent, each with its own capacity; padded tokens take no slot and are never
+    kept (issue 14.3). Oracle: the priority loop per group over the real tokens only."""
+    g = torch.Generator().manual_seed(2)
+    G, N, K, E = 3, 30, 2, 4
+    idx = torch.stack([torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)]) for _ in range(G)])
+    valid = torch.rand(G, N, generator=g) > 0.3
+    n_real = valid.sum(-1)
+    cap = expert_capacity(n_real, 1.0, E)
+    assert cap.tolist() == [expert_capacity(int(n), 1.0, E) for n in n_real]  # tensor = int rule
+    keep = capacity_keep_mask(idx, E, cap, valid)
+    want = torch.zeros(G, N, K, dtype=torch.bool)
+    for b in range(G):
+        load = [0] * E
+        for j in range(K):
+            for t in range(N):
+                e = idx[b, t, j].item()
+                if valid[b, t] and load[e] < cap[b]:
+                    want[b, t, j] = True
+                    load[e] += 1
+    assert torch.equal(keep, want)
+    assert keep.any() and not keep.all()
+
+
+def test_switch_capacity_groups_per_sequence_in_eval_per_batch_in_training():
+    cfg = get_preset("tiny", mlp_type="switch", ff_k=2, ff_n_experts=4, moe_capacity_factor=1.0)
+    moe = SwitchMoE(cfg)
+    moe.reset_parameters(cfg)
+    z = torch.randn(3 * 10, 4, generator=torch.Generator().manual_seed(0))
+    moe.eval()
+    _, idx, gate = moe.route(z, seq_len=10)
+    for b in range(3):  # each sequence alone gives its own rows
+        _, idx_b, gate_b = moe.route(z[b * 10:(b + 1) * 10], seq_len=10)
+        assert torch.equal(idx[b * 10:(b + 1) * 10], idx_b) and torch.equal(gate[b * 10:(b + 1) * 10], gate_b)
+    moe.train()
+    _, idx_t, gate_t = moe.route(z, seq_len=10)  # one group of 30 tokens: capacity 8, not 3 x 8
+    keep = capacity_keep_mask(idx_t, 4, expert_capacity(30, 1.0, 4))
+    assert torch.equal(gate_t > 0, keep) and not torch.equal(gate_t > 0, gate > 0)
+
+
 def test_switch_module_drops_tokens_to_zero_output():
     cfg = get_preset("tiny", mlp_type="switch", ff_k=1, ff_n_experts=4, moe_capacity_factor=0.5)
     moe = SwitchMoE(cfg)

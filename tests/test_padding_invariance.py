@@ -150,3 +150,30 @@ def test_scorer_end_to_end(family):
     batched = score(mates + [req], pad_multiple=128, batch_size=4)[-1].logprob
     for s in (padded, batched):
         assert abs(s - alone) <= 1e-5, (s, alone)
+
+
+def test_bidirectional_moeut_masks_padded_keys():
+    """causal=False (MoEUT's non-causal mode): real positions attend to every key, so padded keys
+    must be masked; the padded batch then gives the unpadded logits at real positions."""
+    model = build_family("moeut").eval()
+    req = _request(20, seed=7)
+    ids, mask = _batch([req], 32)
+    with torch.no_grad():
+        ref = model(req[None], causal=False).logits
+        out = model(ids, attention_mask=mask, causal=False).logits[:, :20]
+        unmasked = model(ids, causal=False).logits[:, :20]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(unmasked, ref, atol=1e-3)  # the mask is what makes them equal
+
+
+@pytest.mark.parametrize("family", ["moeut", "moeut_postln"])
+def test_entropy_regulariser_of_padded_batch_is_mean_of_sequences(family):
+    """SPEC 1.7: the regulariser is a mean over sequences of per-sequence marginals, so a padded
+    batch of sequences of different lengths gives the mean of each sequence's own regulariser."""
+    torch.manual_seed(0)
+    model = build_family(family).train()
+    reqs = [_request(n, seed=50 + n) for n in (33, 12, 64)]
+    ids, mask = _batch(reqs, 64)
+    batched = model(ids, attention_mask=mask).reg_loss
+    alone = torch.stack([model(r[None]).reg_loss for r in reqs]).mean()
+    torch.testing.assert_close(batched, alone, atol=1e-6, rtol=1e-5)
