@@ -12,7 +12,8 @@ Rules implemented here, for every task:
   positions only, so memory stays O(scored tokens x V)).
 - The model runs in eval mode under torch.no_grad(); bf16 autocast on CUDA.
 
-The engine only needs `model(input_ids[B, T]) -> object with .logits [B, T, V]` (LMOutput, or a
+The engine only needs `model(input_ids[B, T], attention_mask=[B, T]) -> object with .logits
+[B, T, V]` (1 = real token, 0 = padding; moeut.outputs "Padding contract") (LMOutput, or a
 Hugging Face CausalLMOutput), so it works for MoEUT, the baselines and the HF export alike.
 """
 from __future__ import annotations
