@@ -12,7 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from moeut.checkpoint import build_model  # noqa: E402
-from moeut.config import PAPER_TRAIN, PRESETS, get_preset  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from moeut.config import PAPER_TRAIN, PRESETS, get_preset, param_count_formula  # noqa: E402
 from moeut.train_lib.config import build_model_config, to_typed  # noqa: E402
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
@@ -45,11 +47,20 @@ def test_every_experiment_composes_and_builds_on_meta(experiment):
         cfg = compose_cfg([f"experiment={experiment}"] + EMBEDDED_DATA)
     tc = to_typed(cfg)
     preset = cfg.model.preset
-    assert dataclasses.asdict(tc.model) == dataclasses.asdict(PRESETS[preset]) or experiment.startswith("cpu")
+    # The composed model = the preset, changed exactly in the fields the experiment sets (paper
+    # runs set none: they use their preset unchanged).
+    explicit = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                if k not in ("preset", "overrides") and v is not None}
+    explicit.update(cfg.model.overrides or {})
+    if not experiment.startswith("cpu"):
+        assert explicit == {}, f"{experiment}: paper runs use their preset unchanged, got {explicit}"
+    got, base = dataclasses.asdict(tc.model), dataclasses.asdict(PRESETS[preset])
+    assert {k for k in base if got[k] != base[k]} <= set(explicit), experiment
+    assert all(got[k] == v for k, v in explicit.items()), (experiment, explicit)
     with torch.device("meta"):
         model = build_model(tc.model)
     n = sum(p.numel() for p in model.parameters())
-    assert n > 0
+    assert n == param_count_formula(tc.model)  # SPEC §2 closed forms, independent of the modules
     # paper runs: warm-up and clip of their size (SPEC 2.1/2.2), the paper's batch and schedule
     size = next((s for s in PAPER_TRAIN if f"_{s}" in experiment), None)
     if size is not None:

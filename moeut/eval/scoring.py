@@ -12,7 +12,8 @@ Rules implemented here, for every task:
   positions only, so memory stays O(scored tokens x V)).
 - The model runs in eval mode under torch.no_grad(); bf16 autocast on CUDA.
 
-The engine only needs `model(input_ids[B, T]) -> object with .logits [B, T, V]` (LMOutput, or a
+The engine only needs `model(input_ids[B, T], attention_mask=[B, T]) -> object with .logits
+[B, T, V]` (1 = real token, 0 = padding; moeut.outputs "Padding contract") (LMOutput, or a
 Hugging Face CausalLMOutput), so it works for MoEUT, the baselines and the HF export alike.
 """
 from __future__ import annotations
@@ -168,13 +169,16 @@ class Scorer:
         n_max = max(len(r.ids) for r in reqs)
         t_pad = int(math.ceil(n_max / self.pad_multiple) * self.pad_multiple)
         ids_BT = torch.full((len(reqs), t_pad), self.pad_id, dtype=torch.long)
+        mask_BT = torch.zeros((len(reqs), t_pad), dtype=torch.long)  # 1 = real token (HF attention_mask)
         for b, r in enumerate(reqs):
             ids_BT[b, :len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
-        ids_BT = ids_BT.to(self.device)
+            mask_BT[b, :len(r.ids)] = 1
+        ids_BT, mask_BT = ids_BT.to(self.device), mask_BT.to(self.device)
         ctx = (torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
                if self.autocast_dtype is not None else contextlib.nullcontext())
         with ctx:
-            logits_BTV = _logits_of(self.model(ids_BT))
+            # The mask keeps pad tokens out of expert capacity (moeut.outputs "Padding contract").
+            logits_BTV = _logits_of(self.model(ids_BT, attention_mask=mask_BT))
         for b, r in enumerate(reqs):
             n, c = len(r.ids), r.score_from
             # logits at position p predict token p+1: rows c-1..n-2 predict tokens c..n-1.

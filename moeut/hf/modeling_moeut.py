@@ -55,7 +55,7 @@ class MoEUTForCausalLM(PreTrainedModel):
             # right padding only: once a row has a 0, it must stay 0 (cummin over the row)
             if not torch.equal(m, m.int().cummin(dim=-1).values.bool()):
                 raise ValueError("MoEUTForCausalLM supports right padding only (attention_mask must be 1...1 0...0)")
-        out = self.model(input_ids)
+        out = self.model(input_ids, attention_mask=attention_mask)  # padded tokens take no expert capacity
         logits = out.logits
         loss = None
         if labels is not None:

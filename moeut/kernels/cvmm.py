@@ -36,9 +36,13 @@ Backends (selected per call by `backend=` or the MOEUT_CVMM_BACKEND environment 
   - "auto": Triton for CUDA tensors when available (sm >= 80), else "grouped_mm".
 
 Precision policy (SPEC 3.3): the op runs in the autocast dtype when autocast is on for the
-input's device, else in fp32 (inputs are cast); accumulation is fp32 inside the GEMMs; the
-weight gradient is returned in the weights' dtype (fp32 master weights); gate gradients in the
-gates' dtype.
+input's device; without autocast it runs in the promoted dtype of input and weights, like any
+PyTorch op (fp32 for the usual fp32 model; bf16/fp16 for a model cast with `.to(dtype)`, whose
+residual stream must stay in that dtype; fp64 for fp64 references). [ours] The official code
+uses fp32 without autocast regardless of the input dtype, which promotes a bf16 model's residual
+stream to fp32 and then fails in its LayerNorms (issue 14.2). Accumulation is fp32 inside the
+GEMMs; the weight gradient is returned in the weights' dtype (fp32 master weights); gate
+gradients in the gates' dtype.
 """
 from __future__ import annotations
 
@@ -101,9 +105,14 @@ def _counts(offsets: torch.Tensor):
     return [b - a for a, b in zip([0] + ends[:-1], ends)]
 
 
+# torch._grouped_mm's dtypes; others (fp64 references) take the per-expert loop.
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def grouped_mm(a_SI: torch.Tensor, w_EIO: torch.Tensor, offsets: torch.Tensor, force_loop: bool = False):
     """out[s] = a[s] @ w[e(s)] for rows grouped contiguously by expert (ends in `offsets`)."""
-    if not force_loop and _aligned(a_SI) and _aligned(w_EIO) and a_SI.dtype == w_EIO.dtype:
+    if not force_loop and _aligned(a_SI) and _aligned(w_EIO) and a_SI.dtype == w_EIO.dtype \
+            and a_SI.dtype in _GROUPED_MM_DTYPES:
         return torch._grouped_mm(a_SI, w_EIO, offs=offsets)
     parts = torch.split(a_SI, _counts(offsets))  # split, not slicing: one backward, no zero-fill
     out = [p @ w for p, w in zip(parts, w_EIO.unbind(0)) if p.shape[0] > 0]
@@ -116,7 +125,8 @@ def grouped_weight_grad(a_SI: torch.Tensor, g_SO: torch.Tensor, offsets: torch.T
                         force_loop: bool = False):
     """dW[e] = sum over rows s of group e: a[s]^T g[s]  -> [E, I, O]; empty groups give 0."""
     a_IS = a_SI.t()
-    if not force_loop and _aligned(a_IS) and _aligned(g_SO):
+    if not force_loop and _aligned(a_IS) and _aligned(g_SO) and a_SI.dtype == g_SO.dtype \
+            and a_SI.dtype in _GROUPED_MM_DTYPES:
         return torch._grouped_mm(a_IS, g_SO, offs=offsets)
     counts = _counts(offsets)
     out = a_SI.new_zeros(n_experts, a_SI.shape[1], g_SO.shape[1])
@@ -286,11 +296,16 @@ def check_volta(device: torch.device) -> None:
             "there) or run without autocast.")
 
 
-def op_dtype(device_type: str) -> torch.dtype:
-    """Autocast dtype when autocast is on for this device type, else fp32 (SPEC 3.3)."""
+def op_dtype(device_type: str, *inputs: torch.Tensor) -> torch.dtype:
+    """Autocast dtype when autocast is on for this device type, else the promoted dtype of the
+    floating `inputs` (fp32 if none): see "Precision policy" above (SPEC 3.3 and our deviation)."""
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
-    return torch.float32
+    dtype = None
+    for t in inputs:
+        if t.is_floating_point():
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return dtype or torch.float32
 
 
 def cvmm(x: torch.Tensor, w: torch.Tensor, plan: ExpertPlan, *, src_div: int = 1, grouped_in: bool = False,
@@ -316,7 +331,7 @@ def cvmm(x: torch.Tensor, w: torch.Tensor, plan: ExpertPlan, *, src_div: int = 1
     if gates is not None and gates.numel() != S:
         raise ValueError(f"cvmm: gates must have one value per slot ({S}), got {tuple(gates.shape)}")
     name = resolve_backend(backend, x.device)
-    dtype = op_dtype(x.device.type)
+    dtype = op_dtype(x.device.type, x, w)
     gates_flat = gates.reshape(-1) if gates is not None else None
     with torch.autocast(x.device.type, enabled=False):
         if name in ("grouped_mm", "torch_loop") and torch.compiler.is_compiling():
