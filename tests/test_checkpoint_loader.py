@@ -8,6 +8,7 @@ readable checkpoint names the run dir and the `checkpoint=` option. Needs no ../
 import json
 import os
 import random
+import sys
 import warnings
 from pathlib import Path
 
@@ -193,3 +194,19 @@ def test_training_resume_uses_the_same_loader(run):
     with pytest.raises(CheckpointError, match="step_0000004"):
         tl.load_training_checkpoint(str(bad.parent))
     assert find_checkpoints(run_dir)  # nothing was deleted or rewritten
+
+
+def test_compare_reads_the_newest_readable_config(run):
+    """analysis/compare.py reads only model_config.json: a damaged one is skipped, named."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "compare_script", Path(__file__).resolve().parents[1] / "analysis" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = compare  # its dataclasses look their module up
+    spec.loader.exec_module(compare)
+    run_dir, _, bad = run
+    cfg4 = bad.parent / "model_config.json"
+    cfg4.write_text(cfg4.read_text()[:20])
+    with pytest.warns(UserWarning, match=r"skipping unreadable checkpoint .*step_0000004.*model_config\.json"):
+        r = compare.load_run(str(run_dir))
+    assert r.config.d_model == 64 and r.params > 0
