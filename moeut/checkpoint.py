@@ -176,7 +176,8 @@ def _candidates(path: str, option: str) -> Tuple[List[str], bool]:
     if os.path.isfile(path):  # a file of a checkpoint (model.pt, meta.json, ...): exactly that checkpoint
         return [os.path.dirname(os.path.abspath(path))], True
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{option}={path}: no such file or directory")
+        raise FileNotFoundError(f"no valid checkpoint: {option}={path} does not exist (give a run dir or a "
+                                f"checkpoints/step_XXXXXXX dir)")
     if _STEP_RE.match(os.path.basename(os.path.normpath(path))) or any(
             os.path.exists(os.path.join(path, n)) for n in ("model_config.json", "meta.json", "model.pt")):
         return [path], True

@@ -114,7 +114,7 @@ def test_no_readable_checkpoint_names_run_dir_and_option(run, tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=r"no valid checkpoint in .*empty_run.*checkpoint="):
         load_model(empty)
-    with pytest.raises(FileNotFoundError, match=r"train\.init_from=.*nowhere: no such file"):
+    with pytest.raises(FileNotFoundError, match=r"no valid checkpoint: train\.init_from=.*nowhere does not exist"):
         load_model(tmp_path / "nowhere", option="train.init_from")
     with pytest.raises(ValueError, match=r"checkpoint: required"):
         load_model("???")
