@@ -56,11 +56,9 @@ def test_auto_model_gives_native_logits(exported, small_tokenizer):
         loss = hf(ids, labels=ids).loss
     ref = torch.nn.functional.cross_entropy(b[:, :-1].reshape(-1, b.shape[-1]), ids[:, 1:].reshape(-1))
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
-    # right padding is position-free for a causal model: the real positions are unchanged
-    mask = torch.ones(3, 40, dtype=torch.long)
-    mask[1, 30:] = 0
+    # an all-ones mask is no padding: the same batched call
     with torch.no_grad():
-        assert torch.equal(hf(ids, attention_mask=mask).logits, b)
+        assert torch.equal(hf(ids, attention_mask=torch.ones(3, 40, dtype=torch.long)).logits, b)
     with pytest.raises(ValueError, match="row 0 is not one contiguous run"):
         hf(ids, attention_mask=torch.tensor([[1, 0] + [1] * 38] * 3))
     with pytest.raises(ValueError, match="row 2 has no real token"):
@@ -179,9 +177,10 @@ def test_cached_decoding_equals_full_forward(exports, preset, small_tokenizer):
     torch.testing.assert_close(inc, full, rtol=0, atol=1e-5)
 
 
-def test_left_padded_batch_equals_each_prompt_alone(exports, small_tokenizer):
+@pytest.mark.parametrize("preset", ["tiny", "cpu_du_every2"])
+def test_left_padded_batch_equals_each_prompt_alone(exports, preset, small_tokenizer):
     from transformers import AutoTokenizer
-    run, out, _ = exports("tiny")
+    run, out, _ = exports(preset)
     hf, native = _auto(out), load_model(run).model
     tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
     assert tok.pad_token is not None and tok.padding_side == "left"
@@ -208,6 +207,24 @@ def test_left_padded_batch_equals_each_prompt_alone(exports, small_tokenizer):
     right = tok(texts, return_tensors="pt", padding=True)
     with pytest.raises(ValueError, match="padding_side='left'"):
         hf.generate(**right, max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cpu_du_every2"])
+def test_padded_rows_equal_each_row_alone(exports, preset, small_tokenizer):
+    """Right and left padding: every row's real positions get the logits of that row run alone
+    (also for a capacity-limited router, where pads must not take capacity); pads get 0."""
+    run, out, _ = exports(preset)
+    hf, native = _auto(out), load_model(run).model
+    ids = _ids((3, 20), small_tokenizer.vocab_size, seed=4)
+    spans = [(0, 20), (0, 13), (6, 20)]  # full, right padded, left padded
+    mask = torch.zeros(3, 20, dtype=torch.long)
+    for i, (s, e) in enumerate(spans):
+        mask[i, s:e] = 1
+    with torch.no_grad():
+        got = hf(ids, attention_mask=mask, use_cache=False).logits
+        for i, (s, e) in enumerate(spans):
+            torch.testing.assert_close(got[i, s:e], native(ids[i:i + 1, s:e]).logits[0], rtol=0, atol=1e-5)
+            assert not got[i, :s].any() and not got[i, e:].any()
 
 
 @pytest.mark.parametrize("preset", ["tiny", "dense_tiny"])

@@ -14,19 +14,19 @@ the library's own cache operations. Each forward builds a native `KVCache` view 
 native model and appends the new positions with `Cache.update`.
 
 Padding (`attention_mask`, [B, past + T], 1 = real token): each row must be one contiguous run of
-real tokens (0...0 1...1 0...0).
-- Right padding (trailing zeros) needs no mask: the model is causal, so real positions never see
-  the pads. Such a row cannot be continued with a cache (the next token would follow the pads):
-  that raises, naming `tokenizer.padding_side`.
-- Left padding (leading zeros, the `generate` convention): the native model has no padding mask,
-  so these batches run row by row, each row without its pads (its first real token at RoPE
-  position 0). The result equals running every prompt on its own, at the cost of B forwards of
-  batch size 1 per step. Logits at padded positions are 0.
+real tokens (0...0 1...1 0...0). A padded batch runs row by row, each row without its pads (its
+first real token at RoPE position 0), so every row's result is exactly that of the row alone, for
+every architecture (capacity-limited routers give pads no capacity because they never see them),
+at the cost of B forwards of batch size 1 per call; logits at padded positions are 0. Unpadded
+batches (no mask, or all ones) run batched.
+- Left padding (leading zeros) is the `generate` convention and the tokenizer's default side.
+- A right-padded row (trailing zeros) scores correctly but cannot be continued with a cache (the
+  next token would follow the pads): that raises, naming `tokenizer.padding_side`.
 `inputs_embeds`, `position_ids`, attention weights and hidden states are not supported (raise).
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -128,42 +128,42 @@ class MoEUTForCausalLM(PreTrainedModel, GenerationMixin):
     def _forward_cached(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], cache):
         B, T = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
-        lead = None
+        span = None
         if attention_mask is not None:
-            lead = self._check_mask(attention_mask, B, past + T, continuing=past > 0)
-        if lead is None or not bool((lead > 0).any()):
+            span = self._check_mask(attention_mask, B, past + T, continuing=past > 0)
+        if span is None or bool((span[0] == 0).all() and (span[1] == past + T).all()):  # no padding
             kv = self._native_cache(cache, past, rows=None)
             logits = self.model(input_ids, cache=kv).logits
             self._append(cache, kv, T)
             return logits
-        # Left padding: row by row, each row's cache and input without its leading pads.
-        from moeut.model import KVCache
+        # Padding: row by row, each row's cache and input without its pads, so that its result is
+        # that of the row alone (for every architecture, capacity-limited routers included).
         logits = None
-        row_caches: List[Optional[KVCache]] = []
-        row_len: List[int] = []  # new real positions of each row
+        row_caches, row_spans = [], []
         for b in range(B):
-            start = int(lead[b])  # first real position of row b (absolute, over past + T)
+            start, end = int(span[0][b]), int(span[1][b])  # real positions [start, end) of past + T
             kv = self._native_cache(cache, past, rows=(b, start)) if cache is not None else None
-            ids = input_ids[b:b + 1, max(0, start - past):]
-            out = self.model(ids, cache=kv).logits
+            s, e = max(0, start - past), end - past  # this row's real positions among the new ones
+            out = self.model(input_ids[b:b + 1, s:e], cache=kv).logits
             if logits is None:
                 logits = out.new_zeros(B, T, out.shape[-1])
-            logits[b, T - ids.shape[1]:] = out[0]
+            logits[b, s:e] = out[0]
             row_caches.append(kv)
-            row_len.append(ids.shape[1])
+            row_spans.append((s, e))
         if cache is not None:
             for l in sorted(row_caches[0].k):
                 new_k, new_v = [], []
-                for kv, t_new in zip(row_caches, row_len):
-                    k, v = kv.k[l][:, :, kv.k[l].shape[2] - t_new:], kv.v[l][:, :, kv.v[l].shape[2] - t_new:]
-                    new_k.append(F.pad(k, (0, 0, T - t_new, 0)))  # zeros stand in for the pads
-                    new_v.append(F.pad(v, (0, 0, T - t_new, 0)))
+                for kv, (s, e) in zip(row_caches, row_spans):
+                    k, v = kv.k[l][:, :, kv.k[l].shape[2] - (e - s):], kv.v[l][:, :, kv.v[l].shape[2] - (e - s):]
+                    new_k.append(F.pad(k, (0, 0, s, T - e)))  # zeros stand in for the pads
+                    new_v.append(F.pad(v, (0, 0, s, T - e)))
                 cache.update(torch.cat(new_k), torch.cat(new_v), l)
         return logits
 
     @staticmethod
-    def _check_mask(attention_mask: torch.Tensor, B: int, total: int, continuing: bool) -> torch.Tensor:
-        """Validate a 2D padding mask; returns the leading pad count per row [B]."""
+    def _check_mask(attention_mask: torch.Tensor, B: int, total: int, continuing: bool):
+        """Validate a 2D padding mask; returns (start, end) [B] each: row b's real positions are
+        [start, end) of the past + T positions."""
         if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, total):
             raise ValueError(f"attention_mask: expected shape [B, past + T] = {[B, total]}, got "
                              f"{list(attention_mask.shape)}")
@@ -176,16 +176,15 @@ class MoEUTForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError(f"attention_mask: row {b} has no real token (all zeros); MoEUT has no BOS to "
                                  f"start from")
             if int(lead[b] + n_real[b] + trail[b]) != total:
-                hint = (" (a right-padded prompt was continued: pad prompts on the left for generation, "
-                        "tokenizer.padding_side='left')" if continuing else "")
-                raise ValueError(f"attention_mask: row {b} is not one contiguous run of 1s (0...0 1...1 0...0)"
-                                 + hint)
+                raise ValueError(f"attention_mask: row {b} is not one contiguous run of 1s (0...0 1...1 0...0); "
+                                 f"if a right-padded prompt was continued, pad prompts on the left for "
+                                 f"generation (tokenizer.padding_side='left')")
         if continuing and bool((trail > 0).any()):
             b = int((trail > 0).nonzero()[0])
             raise ValueError(f"attention_mask: row {b} ends in padding but a cache is used: the next token would "
                              f"follow the pads; pad prompts on the left for generation "
                              f"(tokenizer.padding_side='left')")
-        return lead
+        return lead, total - trail
 
     def _native_cache(self, cache, past: int, rows):
         """A native KVCache viewing the transformers cache (all rows, or rows=(b, start): row b
