@@ -59,6 +59,10 @@ def test_auto_model_gives_native_logits(exported, small_tokenizer):
     # an all-ones mask is no padding: the same batched call
     with torch.no_grad():
         assert torch.equal(hf(ids, attention_mask=torch.ones(3, 40, dtype=torch.long)).logits, b)
+    with torch.no_grad():  # tuple output on request; unknown arguments are named, not dropped silently
+        assert torch.equal(hf(ids, return_dict=False, use_cache=False)[0], b)
+        with pytest.warns(UserWarning, match=r"ignoring unsupported arguments \['token_type_ids'\]"):
+            hf(ids, token_type_ids=torch.zeros_like(ids))
     with pytest.raises(ValueError, match="row 0 is not one contiguous run"):
         hf(ids, attention_mask=torch.tensor([[1, 0] + [1] * 38] * 3))
     with pytest.raises(ValueError, match="row 2 has no real token"):

@@ -26,6 +26,7 @@ batches (no mask, or all ones) run batched.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -107,6 +108,9 @@ class MoEUTForCausalLM(PreTrainedModel, GenerationMixin):
         if output_attentions or output_hidden_states:
             raise ValueError("MoEUTForCausalLM: output_attentions / output_hidden_states are not supported "
                              "(use the native model's collect_routing=True for per-layer records)")
+        ignored = sorted(k for k, v in kwargs.items() if v is not None and k != "position_ids")
+        if ignored:
+            warnings.warn(f"MoEUTForCausalLM.forward: ignoring unsupported arguments {ignored}")
         if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids: expected [B, T] token ids, got "
                              f"{None if input_ids is None else tuple(input_ids.shape)}")
@@ -123,7 +127,8 @@ class MoEUTForCausalLM(PreTrainedModel, GenerationMixin):
             # HF convention: labels are the inputs; shift here; -100 ignored
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
+        return out if return_dict is not False else out.to_tuple()
 
     def _forward_cached(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], cache):
         B, T = input_ids.shape
