@@ -166,7 +166,7 @@ def train(tc: TrainConfig, run_dir: str) -> Dict[str, Any]:
     if t_cfg.resume == "auto":
         resume = ckpt_lib.load_latest_training_checkpoint(run_dir, log=say)
     elif t_cfg.resume != "never":
-        resume = ckpt_lib.load_training_checkpoint(resolve_checkpoint(t_cfg.resume))
+        resume = ckpt_lib.load_training_checkpoint(resolve_checkpoint(t_cfg.resume, option="train.resume"))
     if resume is not None:
         ckpt_lib.restore_model(resume, model)  # names mismatching keys for another architecture
         import dataclasses
@@ -178,7 +178,8 @@ def train(tc: TrainConfig, run_dir: str) -> Dict[str, Any]:
                              + ", ".join(f"{k}={stored.get(k)!r} (now {now.get(k)!r})" for k in diff))
     elif t_cfg.init_from:
         from moeut.checkpoint import load_model
-        load_state_dict_strict(model, load_model(t_cfg.init_from).model.state_dict(), source=t_cfg.init_from)
+        load_state_dict_strict(model, load_model(t_cfg.init_from, option="train.init_from").model.state_dict(),
+                               source=t_cfg.init_from)
         say(f"[model] initialised weights from {t_cfg.init_from}")
     model.to(device)
     if t_cfg.activation_checkpointing and not enable_activation_checkpointing(model):

@@ -737,7 +737,16 @@ def run_analysis(cfg: AnalyzeConfig) -> Dict[str, Any]:
     from .checkpoint import load_model, resolve_checkpoint
     if not cfg.checkpoint or cfg.checkpoint == "???":
         raise ValueError("checkpoint: give a run dir or checkpoint dir (checkpoint=<path>)")
-    ckpt = resolve_checkpoint(cfg.checkpoint)
+    if cfg.seq_len < 1 or cfg.batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be >= 1 (got {cfg.seq_len}, {cfg.batch_size})")
+    # A run dir means its newest readable checkpoint; unreadable ones are skipped with a warning
+    # naming the file (moeut.checkpoint.open_checkpoint). Redrawing needs only the run dir.
+    loaded = None
+    if cfg.reuse_stats:
+        ckpt = resolve_checkpoint(cfg.checkpoint)
+    else:
+        loaded = load_model(cfg.checkpoint)
+        ckpt = loaded.path
     run_dir = run_dir_of(ckpt)
     out_dir = os.path.abspath(cfg.out_dir) if cfg.out_dir else os.path.join(run_dir, "analysis")
     os.makedirs(out_dir, exist_ok=True)
@@ -747,9 +756,9 @@ def run_analysis(cfg: AnalyzeConfig) -> Dict[str, Any]:
     if cfg.reuse_stats and os.path.isfile(stats_path):
         print(f"[analyze] reusing {stats_path}", file=sys.stderr)
     else:
-        if cfg.seq_len < 1 or cfg.batch_size < 1:
-            raise ValueError(f"seq_len and batch_size must be >= 1 (got {cfg.seq_len}, {cfg.batch_size})")
-        loaded = load_model(ckpt)
+        if loaded is None:  # reuse_stats=true but no statistics yet
+            loaded = load_model(cfg.checkpoint)
+            ckpt = loaded.path
         tok = loaded.tokenizer
         if cfg.tokenizer:
             from .data.tokenizer import Tokenizer
@@ -789,13 +798,45 @@ def run_analysis(cfg: AnalyzeConfig) -> Dict[str, Any]:
     return result
 
 
+def is_notebook_source(path: str) -> bool:
+    """A jupytext percent-format notebook source: a `# ---` YAML header holding a `jupytext:`
+    section (what `jupytext --sync` writes). Plain scripts next to the notebooks
+    (analysis/compare.py, analysis/plot_curves.py) have none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(2000)
+    except OSError:
+        return False
+    if not head.startswith("# ---\n"):
+        return False
+    header = head.split("\n# ---\n", 1)[0]
+    return "\n# jupyter:" in header and "\n#   jupytext:" in header
+
+
+def notebook_sources(folder: Optional[str] = None) -> List[str]:
+    """The notebooks among `folder`/*.py (default: the repository's analysis/), sorted."""
+    folder = Path(folder) if folder else REPO_ROOT / "analysis"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"execute_notebooks: notebook folder {folder} does not exist (the notebooks ship "
+                                f"with the repository, not with an installed wheel)")
+    found = sorted(str(p) for p in folder.glob("*.py") if is_notebook_source(str(p)))
+    if not found:
+        raise FileNotFoundError(f"execute_notebooks: no jupytext notebook sources in {folder}")
+    return found
+
+
 def execute_notebooks(run_dir: str, out_dir: str, sources: Optional[Sequence[str]] = None,
                       timeout: int = 600) -> List[str]:
-    """Execute the jupytext notebooks (analysis/*.py, percent format) headless against `run_dir`
-    (passed as MOEUT_RUN_DIR); executed copies are written to `out_dir`."""
+    """Execute the jupytext notebooks (`notebook_sources()`: analysis/*.py with a jupytext header,
+    never the plain scripts there) headless with nbclient against `run_dir` (passed as
+    MOEUT_RUN_DIR); executed copies are written to `out_dir` as .ipynb. Raises ValueError for a
+    given source that is not a notebook, and nbclient's CellExecutionError for a failing cell."""
     import jupytext
     import nbclient
-    srcs = sources or sorted(str(p) for p in (REPO_ROOT / "analysis").glob("*.py"))
+    srcs = list(sources) if sources else notebook_sources()
+    not_nb = [s for s in srcs if not is_notebook_source(s)]
+    if not_nb:
+        raise ValueError(f"execute_notebooks: not jupytext notebook sources: {not_nb}")
     os.makedirs(out_dir, exist_ok=True)
     written = []
     old = os.environ.get("MOEUT_RUN_DIR")

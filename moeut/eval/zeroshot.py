@@ -142,13 +142,13 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
                         pad_multiple: int = 128, dtype: Optional[str] = "auto", progress: bool = True,
                         dataset: Optional[str] = None) -> Dict[str, Any]:
     """Load, evaluate, write results JSON + tables; returns the results dict (with "files")."""
-    from ..checkpoint import load_model, resolve_checkpoint
+    from ..checkpoint import load_model
     from ..data.tokenizer import Tokenizer
 
     opts = opts or EvalOptions()
     resolve_tasks(tasks)  # fail fast on unknown task names
-    ckpt_dir = resolve_checkpoint(checkpoint)
-    loaded = load_model(ckpt_dir, map_location="cpu")
+    loaded = load_model(checkpoint, map_location="cpu")  # run dir: newest readable checkpoint (warns)
+    ckpt_dir = loaded.path
     tokenizer = loaded.tokenizer
     if tokenizer_path:
         override = Tokenizer.load(tokenizer_path)

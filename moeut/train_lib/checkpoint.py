@@ -10,18 +10,17 @@ with a warning (a crash can only leave `step_*.tmp`, but disks and copies do fai
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
-import warnings
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 import yaml
 
-from ..checkpoint import (find_checkpoints, load_state_dict_strict, save_checkpoint, unwrap_model)
+from ..checkpoint import (find_checkpoints, load_state_dict_strict, open_checkpoint, read_checkpoint_file,
+                          save_checkpoint, unwrap_model)
 
 TRAIN_STATE = "train_state.pt"
 
@@ -75,30 +74,26 @@ def prune_checkpoints(run_dir: str, keep_last: int) -> None:
 
 
 def _load_all(path: str) -> Dict[str, Any]:
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    with open(os.path.join(path, "model_config.json")) as f:
-        model_config = json.load(f)
-    model_state = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
-    train_state = torch.load(os.path.join(path, TRAIN_STATE), map_location="cpu", weights_only=False)
+    # read_checkpoint_file names the file in a CheckpointError (missing, truncated, corrupt)
+    meta = read_checkpoint_file(os.path.join(path, "meta.json"))
+    model_config = read_checkpoint_file(os.path.join(path, "model_config.json"))
+    model_state = read_checkpoint_file(os.path.join(path, "model.pt"))
+    train_state = read_checkpoint_file(os.path.join(path, TRAIN_STATE), weights_only=False)
     return {"meta": meta, "model_config": model_config, "model": model_state, "train": train_state, "path": path}
 
 
 def load_latest_training_checkpoint(run_dir: str, log=print) -> Optional[Dict[str, Any]]:
-    """The newest checkpoint in `run_dir` whose files all load, or None. Corrupt ones are
-    skipped with a warning naming them."""
-    for path in reversed(find_checkpoints(run_dir)):
-        try:
-            return _load_all(path)
-        except Exception as e:  # truncated zip, bad JSON, missing file: try the previous one
-            msg = f"skipping unreadable checkpoint {path}: {type(e).__name__}: {e}"
-            warnings.warn(msg)
-            log(f"[ckpt] WARNING {msg}")
-    return None
+    """The newest checkpoint in `run_dir` whose files all load, or None when there is none.
+    Unreadable ones are skipped with a warning naming the file (moeut.checkpoint.open_checkpoint);
+    when every checkpoint is unreadable it raises rather than silently starting over."""
+    if not find_checkpoints(run_dir):
+        return None
+    return open_checkpoint(run_dir, _load_all, option="train.resume", log=log)
 
 
 def load_training_checkpoint(path: str) -> Dict[str, Any]:
-    return _load_all(path)
+    """One checkpoint dir (or a run dir: its newest readable checkpoint), see open_checkpoint."""
+    return open_checkpoint(path, _load_all, option="train.resume")
 
 
 def restore_model(ckpt: Dict[str, Any], model) -> None:
