@@ -90,9 +90,11 @@ def main(argv=None):
              "- each kernel variant compiled for every config it may autotune over, sequentially, into a cold "
              "cache (what the first call on a GPU compiles; autotune benchmarking and launch time not included)",
              f"- command: python benchmarks/compile_cost.py {' '.join(sys.argv[1:] if argv is None else argv)}", "",
-             "| workload | variants | compiles before | compile s before | compiles after | compile s after | "
-             "slowest single compile s (before / after) | autotuned keys after |",
+             "| workload | variants | compiles before | compile CPU s before | compiles after | compile CPU s after | "
+             "slowest single compile CPU s (before / after) | autotuned keys after |",
              "|---|---|---|---|---|---|---|---|"]
+    # Times are CPU seconds of the compiling process and its ptxas children: the machine is shared,
+    # and wall time there measures the other jobs.
     for name, r in results.items():
         lines.append(f"| {name} | {r['variants']} | {r.get('compiles_before', '-')} | "
                      f"{r.get('before', float('nan')):.1f} | {r['compiles']} | {r['after']:.1f} | "

@@ -259,8 +259,22 @@ def aot_compile(spec: Spec, config, arch: int = 90):
                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (ptxas runs as a subprocess): a
+    compile-cost measure that other jobs on a shared machine do not inflate, unlike wall time."""
+    import resource
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _cfg_str(c) -> str:
+    k = c.kwargs
+    return f"BM{k['BM']} BN{k['BN']} BK{k['BK']} w{c.num_warps} s{c.num_stages}"
+
+
 def aot_time(specs: Sequence[Spec], arch: int = 90, configs_of=None, log=print) -> Tuple[float, List[dict]]:
-    """Compile every (variant, config) cold (a fresh TRITON_CACHE_DIR) and time it. `configs_of`
+    """Compile every (variant, config) cold (a fresh TRITON_CACHE_DIR) and time it in CPU seconds
+    (this process + ptxas; single-threaded, so on an idle machine about the wall time). `configs_of`
     overrides a variant's config list (e.g. to measure an older config set). Returns (total s, rows)."""
     import tempfile
     from . import cvmm_triton as kt
@@ -273,13 +287,13 @@ def aot_time(specs: Sequence[Spec], arch: int = 90, configs_of=None, log=print) 
         try:
             for s in specs:
                 for c in (configs_of(s) if configs_of else s.configs):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), _cpu_seconds()
                     k = aot_compile(s, c, arch)
-                    dt = time.perf_counter() - t0
-                    total += dt
-                    rows.append(dict(variant=s.label(), config=str(c), seconds=round(dt, 2),
-                                     shared_bytes=k.metadata.shared))
-                    log(f"  {dt:6.2f} s  {s.label()}  {c}")
+                    dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+                    total += cpu
+                    rows.append(dict(variant=s.label(), config=_cfg_str(c), seconds=round(cpu, 2),
+                                     wall_seconds=round(dt, 2), shared_bytes=k.metadata.shared))
+                    log(f"  {cpu:6.2f} s CPU ({dt:6.2f} s wall)  {s.label()}  {_cfg_str(c)}")
         finally:
             if old is None:
                 os.environ.pop("TRITON_CACHE_DIR", None)
