@@ -75,7 +75,7 @@ bit-identical run to run on the same GPU and software.
 
 Compile footprint and autotuning (see `candidate_configs` and `moeut.kernels.footprint`):
 every kernel specialisation is compiled once per config it may autotune over, so the config sets
-are small and pruned per call: 3 configs for 16-bit / TF32 tiles, one small config for true fp32
+are small and pruned per call: 2 configs for 16-bit / TF32 tiles, one small config for true fp32
 and one for small problems (<= SMALL_S slots: decoding), which are never autotuned. Autotuning is
 keyed on (slots rounded up to a power of two, D_in, D_out, layout flags, precision, dtypes); the
 slot count is not a specialisation (do_not_specialize), and autotune winners persist on disk
@@ -286,8 +286,10 @@ def _cfg(BM, BN, BK, warps, stages):
 # Config sets per precision (SPEC 3.2's official sets had 10 and 13 configs, all autotuned).
 # Every config of a set is compiled on the first call of each autotune key, so the sets are the
 # compile footprint (`moeut.kernels.footprint` lists it): keep them small.
-#   * 16-bit (and TF32): 3 configs. The shapes that matter have d_expert / d_head = 128 on one side
-#     and d_model on the other and are memory-bound: mid-size tiles, deep pipelines.
+#   * 16-bit (and TF32): 2 configs. The shapes that matter have d_expert / d_head = 128 on one side
+#     and d_model on the other and are memory-bound: mid-size tiles, deep pipelines; BN 128 covers
+#     d_expert / d_head in one tile. (Each extra config costs ~1 s of compile per kernel variant:
+#     9 variants for moeut_44m, see docs/benchmarks.md "Triton compile cost".)
 #   * true fp32 (`input_precision="ieee"`: CUDA-core FMAs, no tensor cores): ONE small config, no
 #     autotuning. Big fp32 tiles unroll into huge FMA code that ptxas compiles slowly and that
 #     spills registers (a 128x128x64 fp32 ieee tile takes 4x the compile time of 32x64x32); fp32
@@ -297,17 +299,14 @@ def _cfg(BM, BN, BK, warps, stages):
 FWD_CONFIGS_16 = [
     _cfg(128, 128, 64, 8, 3),
     _cfg(64, 128, 64, 4, 4),
-    _cfg(64, 64, 64, 4, 4),
 ]
 DW_CONFIGS_16 = [
     _cfg(128, 128, 32, 8, 3),
     _cfg(64, 128, 32, 4, 4),
-    _cfg(64, 64, 32, 4, 4),
 ]
 FWD_CONFIGS_TF32 = [  # fp32 tiles are twice as wide: BK 32 keeps 3 stages within sm_80 shared memory
     _cfg(128, 128, 32, 8, 3),
     _cfg(64, 128, 32, 4, 3),
-    _cfg(64, 64, 32, 4, 3),
 ]
 DW_CONFIGS_TF32 = FWD_CONFIGS_TF32
 FWD_CONFIG_FP32 = _cfg(32, 64, 32, 4, 2)
@@ -476,13 +475,25 @@ def _autotune_disk_cache() -> dict:
     return {}
 
 
+def _short_bench():
+    """Benchmark each config for 25 ms (after 5 ms warm-up) instead of Triton's 100 + 25 ms: our
+    kernels run for tens to hundreds of microseconds, so that is still hundreds of runs."""
+    import inspect
+    if "do_bench" not in inspect.signature(triton.autotune).parameters:
+        return {}
+
+    def do_bench(fn, quantiles=None, **kw):
+        return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+    return {"do_bench": do_bench}
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels(interpret: bool):
     """(fwd, fwd_autotuned, dw, dw_autotuned), jitted for the interpreter or the GPU."""
     del interpret  # only the cache key: triton.jit reads TRITON_INTERPRET itself
     fwd = triton.jit(_cvmm_fwd_kernel, do_not_specialize=_FWD_NO_SPECIALIZE)
     dw = triton.jit(_cvmm_dw_kernel, do_not_specialize=_DW_NO_SPECIALIZE)
-    disk = _autotune_disk_cache()
+    disk = {**_autotune_disk_cache(), **_short_bench()}
     fwd_tuned = triton.autotune(FWD_CONFIGS, key=_FWD_KEY, reset_to_zero=["OUT", "DOT_OUT"],
                                 prune_configs_by={"early_config_prune": _prune("fwd")}, **disk)(fwd)
     dw_tuned = triton.autotune(DW_CONFIGS, key=_DW_KEY, reset_to_zero=["DW"],
