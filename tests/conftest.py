@@ -1,3 +1,19 @@
+# --- Triton interpreter (kernels helper; keep this block first) ----------------------------
+# Without a GPU the Triton CVMM kernels are tested under TRITON_INTERPRET=1, which must be set
+# before anything imports Triton (Triton jits its own library functions at import; torch imports
+# Triton lazily). conftest.py is imported before any test module, so a plain `python -m pytest`
+# runs the interpreter tests in-process instead of skipping them. A machine with a GPU keeps the
+# real backend; an explicit TRITON_INTERPRET=0 in the environment is respected.
+import os as _os
+import sys as _sys
+
+if "triton" not in _sys.modules and "TRITON_INTERPRET" not in _os.environ:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        _os.environ["TRITON_INTERPRET"] = "1"
+# ------------------------------------------------------------------------------------------
+
 import gzip
 import json
 import os
