@@ -191,10 +191,14 @@ def config_from_dict(d: Dict[str, Any]):
 
 
 def _ensure_baselines_registered() -> None:
-    try:  # baselines register extra architectures on import
+    """Import moeut.baselines, which registers the baseline architectures and presets. Called only
+    when a name is not registered yet, so a failing import is the reason the name is missing: it
+    is re-raised naming what became unavailable, never swallowed."""
+    try:
         import moeut.baselines  # noqa: F401
-    except ImportError:
-        pass
+    except ImportError as e:
+        raise ImportError(f"moeut.baselines failed to import ({type(e).__name__}: {e}); the baseline "
+                          "architectures (dense, moe_transformer, sut) and their presets are unavailable") from e
 
 
 # ------------------------------------------------------------------------------------------

@@ -4,15 +4,91 @@ output (a tqdm bar on a TTY, one plain line per log interval otherwise, e.g. SLU
 Every record is one JSON line `{"step": s, "time": t, key: value, ...}`; analysis rebuilds curves
 from this file without the wandb API. Figures (routing heatmaps) go to wandb as images and to
 `<run_dir>/routing/` as PNG files.
+
+Messages and progress lines go through Python logging (logger `moeut.train`); `run_log_file`
+also writes everything logged (warnings included, under `python train.py`) to `<run_dir>/train.log`.
+On a resume from step s, records after s (written before the interruption, after the checkpoint)
+are moved to `metrics.rewound.jsonl`, so metrics.jsonl holds exactly one history.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import sys
 import time
-from typing import Any, Dict, Optional
+import warnings
+from typing import Any, Dict, Iterator, Optional
+
+log = logging.getLogger("moeut.train")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@contextlib.contextmanager
+def run_log_file(run_dir: str, enabled: bool = True) -> Iterator[None]:
+    """Append every log record (INFO and up, any logger) to <run_dir>/train.log while inside.
+    Also makes `moeut.train` messages visible on stdout when nothing else (Hydra's job logging)
+    has set up a console handler, e.g. when `train()` is called from Python."""
+    moeut_log = logging.getLogger("moeut")
+    old_level = moeut_log.level
+    moeut_log.setLevel(logging.INFO)
+    handlers = []
+    if not moeut_log.hasHandlers():
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        moeut_log.addHandler(console)
+        handlers.append((moeut_log, console))
+    if enabled:
+        fh = logging.FileHandler(os.path.join(run_dir, "train.log"), mode="a", encoding="utf-8")
+        fh.setLevel(logging.INFO)
+        fh.setFormatter(logging.Formatter(LOG_FORMAT))
+        root = logging.getLogger()
+        root.addHandler(fh)
+        handlers.append((root, fh))
+    try:
+        yield
+    finally:
+        for lg, h in handlers:
+            lg.removeHandler(h)
+            h.close()
+        moeut_log.setLevel(old_level)
+
+
+def log_to_files(text: str, level: int = logging.INFO) -> None:
+    """Send a line to the log files only (train.log), e.g. while a progress bar owns the console."""
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(log.makeRecord(log.name, level, __file__, 0, text, (), None))
+
+
+def rewind_metrics(run_dir: str, step: int) -> int:
+    """Move records with step > `step` from metrics.jsonl to metrics.rewound.jsonl (appended) and
+    rewrite metrics.jsonl atomically; returns how many moved. A resumed run re-logs those steps."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return 0
+    keep, moved = [], []
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                s = json.loads(line).get("step", 0)
+            except ValueError:  # a line cut by a crash: not part of either history
+                moved.append(line if line.endswith("\n") else line + "\n")
+                continue
+            (moved if s > step else keep).append(line if line.endswith("\n") else line + "\n")
+    if not moved:
+        return 0
+    with open(os.path.join(run_dir, "metrics.rewound.jsonl"), "a") as f:
+        f.writelines(moved)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+    return len(moved)
 
 
 class RunLogger:
@@ -20,7 +96,9 @@ class RunLogger:
                  project: str = "moeut", entity: Optional[str] = None, name: Optional[str] = None,
                  group: Optional[str] = None, tags=(), config: Optional[Dict[str, Any]] = None,
                  wandb_id: Optional[str] = None, progress: str = "auto", total_steps: int = 0,
-                 initial_step: int = 0):
+                 initial_step: int = 0, resume_step: Optional[int] = None):
+        """resume_step: the step this start resumes from (None for a fresh run): records of
+        later steps in metrics.jsonl are moved aside (see `rewind_metrics`)."""
         self.enabled = enabled
         self.run_dir = run_dir
         self.wandb = None
@@ -30,6 +108,15 @@ class RunLogger:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
+        if resume_step is not None:
+            n = rewind_metrics(run_dir, resume_step)
+            if n:
+                self.message(f"[log] resuming at step {resume_step}: moved {n} records of later steps from "
+                             "metrics.jsonl to metrics.rewound.jsonl (they are logged again)")
+                if wandb_mode != "disabled" and wandb_id:
+                    warnings.warn(f"logger.wandb: wandb run {wandb_id} already has steps after {resume_step}; "
+                                  "wandb drops records whose step is not larger than its last one, so those "
+                                  "steps keep their first values there (metrics.jsonl has the resumed ones)")
         self._metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
         if wandb_mode != "disabled":
             import wandb
@@ -59,16 +146,18 @@ class RunLogger:
             text = " ".join(f"{k}={_fmt(v)}" for k, v in short.items())
             if self.bar is not None:
                 self.bar.set_postfix_str(text[:200])
+                log_to_files(f"[step {step}] {text}")
             elif self.progress == "lines":
-                print(f"[step {step}] {text}", flush=True)
+                log.info(f"[step {step}] {text}")
 
     def message(self, text: str) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.write(text)
+            log_to_files(text)
         else:
-            print(text, flush=True)
+            log.info(text)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
