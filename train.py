@@ -119,9 +119,9 @@ def flops_per_token(model_cfg, seq_len: int) -> Optional[float]:
     from moeut.compute import flops_per_token as fpt
     try:
         return float(fpt(model_cfg, seq_len, "paper"))
-    except ValueError as e:
+    except (ValueError, AttributeError, TypeError) as e:  # an architecture the accounting does not know
         warnings.warn(f"train/mfu: not logged: FLOPs per token unknown for arch "
-                      f"{getattr(model_cfg, 'arch', '?')!r} ({e})")
+                      f"{getattr(model_cfg, 'arch', '?')!r} ({type(e).__name__}: {e})")
         return None
 
 
@@ -166,7 +166,7 @@ def train(tc: TrainConfig, run_dir: str, run_files: Optional[Dict[str, str]] = N
     dist = init_distributed(t_cfg.device, t_cfg.dist_timeout_min)
     run_dir = broadcast_object(os.path.abspath(run_dir))  # ranks may compose different timestamps
     device = dist.device
-    with run_log_file(run_dir, enabled=False):  # console output only until the start is validated
+    with run_log_file(run_dir, enabled=False) as held:  # train.log gets these once the start is validated
         say = log.info if dist.is_main else (lambda *a, **k: None)
         if device.type == "cpu":
             from moeut.cpu import keep_freed_memory
@@ -180,7 +180,7 @@ def train(tc: TrainConfig, run_dir: str, run_files: Optional[Dict[str, str]] = N
         files = dict(run_files or {})
         ckpt_lib.commit_run_dir(run_dir, setup["tokenizer"], files)
     barrier()
-    with run_log_file(run_dir, enabled=dist.is_main):
+    with run_log_file(run_dir, enabled=dist.is_main, held=held):
         try:
             return _train_loop(tc, run_dir, dist, setup, say)
         except Exception:  # the console gets the traceback from the caller; train.log gets it here
@@ -199,14 +199,6 @@ def _validated_start(tc: TrainConfig, run_dir: str, dist, say) -> Dict[str, Any]
         resume = ckpt_lib.load_latest_training_checkpoint(run_dir, log=say)
     elif t_cfg.resume != "never":
         resume = ckpt_lib.load_training_checkpoint(resolve_checkpoint(t_cfg.resume))
-    if resume is not None:
-        stored, now = resume["model_config"], json.loads(json.dumps(dataclasses.asdict(tc.model)))
-        diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
-        if diff:
-            raise ValueError(f"train.resume: checkpoint {resume['path']} has a different model config: "
-                             + ", ".join(f"model.{k}={stored.get(k)!r} (now {now.get(k)!r})" for k in diff))
-    # --- tokenizer: data.vocab_size, the run's tokenizer.model and the checkpoint's must agree --
-    tok = resolve_tokenizer(d_cfg, run_dir, dist, resume["tokenizer_path"] if resume else None, log=say)
 
     # --- model ----------------------------------------------------------------------------
     seed_all(t_cfg.seed)
@@ -215,12 +207,19 @@ def _validated_start(tc: TrainConfig, run_dir: str, dist, say) -> Dict[str, Any]
     say(f"[model] {tc.model_preset} ({type(model).__name__}): {n_params:,} parameters")
     if resume is not None:
         ckpt_lib.restore_model(resume, model)  # names mismatching keys for another architecture
+        stored, now = resume["model_config"], json.loads(json.dumps(dataclasses.asdict(tc.model)))
+        diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+        if diff:
+            raise ValueError(f"train.resume: checkpoint {resume['path']} has a different model config: "
+                             + ", ".join(f"model.{k}={stored.get(k)!r} (now {now.get(k)!r})" for k in diff))
         if t_cfg.init_from:
             say(f"[model] train.init_from={t_cfg.init_from} ignored: resuming from {resume['path']}")
     elif t_cfg.init_from:
         from moeut.checkpoint import load_model
         load_state_dict_strict(model, load_model(t_cfg.init_from).model.state_dict(), source=t_cfg.init_from)
         say(f"[model] initialised weights from {t_cfg.init_from}")
+    # --- tokenizer: data.vocab_size, the run's tokenizer.model and the checkpoint's must agree --
+    tok = resolve_tokenizer(d_cfg, run_dir, dist, resume["tokenizer_path"] if resume else None, log=say)
     model.to(device)
     if t_cfg.activation_checkpointing and not enable_activation_checkpointing(model):
         warnings.warn("train.activation_checkpointing: this model has no `layers` to checkpoint; ignored")

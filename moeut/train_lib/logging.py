@@ -20,18 +20,34 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 log = logging.getLogger("moeut.train")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class _Held(logging.Handler):
+    """Keeps records in memory until the run dir may be written (see `run_log_file`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @contextlib.contextmanager
-def run_log_file(run_dir: str, enabled: bool = True) -> Iterator[None]:
-    """Append every log record (INFO and up, any logger) to <run_dir>/train.log while inside.
-    Also makes `moeut.train` messages visible on stdout when nothing else (Hydra's job logging)
-    has set up a console handler, e.g. when `train()` is called from Python."""
+def run_log_file(run_dir: str, enabled: bool = True, held: Optional[List[logging.LogRecord]] = None
+                 ) -> Iterator[List[logging.LogRecord]]:
+    """Log records (INFO and up, any logger) while inside: appended to <run_dir>/train.log when
+    `enabled`, else kept in the yielded list, which a later `run_log_file(..., held=that list)`
+    writes to train.log first (so the messages of a start's validation phase reach train.log
+    once the start is accepted, and nothing is written when it is refused).
+    Also makes `moeut` messages visible on stdout when nothing else (Hydra's job logging) has
+    set up a console handler, e.g. when `train()` is called from Python."""
     moeut_log = logging.getLogger("moeut")
+    root = logging.getLogger()
     old_level = moeut_log.level
     moeut_log.setLevel(logging.INFO)
     handlers = []
@@ -44,11 +60,15 @@ def run_log_file(run_dir: str, enabled: bool = True) -> Iterator[None]:
         fh = logging.FileHandler(os.path.join(run_dir, "train.log"), mode="a", encoding="utf-8")
         fh.setLevel(logging.INFO)
         fh.setFormatter(logging.Formatter(LOG_FORMAT))
-        root = logging.getLogger()
-        root.addHandler(fh)
-        handlers.append((root, fh))
+        for rec in held or []:
+            fh.handle(rec)
+        target: logging.Handler = fh
+    else:
+        target = _Held()
+    root.addHandler(target)
+    handlers.append((root, target))
     try:
-        yield
+        yield target.records if isinstance(target, _Held) else []
     finally:
         for lg, h in handlers:
             lg.removeHandler(h)
