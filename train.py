@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import logging
 import math
@@ -396,8 +397,10 @@ def _train_loop(tc: TrainConfig, run_dir: str, dist, setup: Dict[str, Any], say)
                 all_reduce_sum_(list(counts.values()))  # statistics are summed over ranks (SPEC 4.6)
                 if dist.is_main:
                     logger.log(step, routing.compute())
-                    os.makedirs(os.path.join(run_dir, "routing"), exist_ok=True)
-                    np.savez(os.path.join(run_dir, "routing", f"counts_step{step:07d}.npz"), **routing.counts_numpy())
+                    buf = io.BytesIO()
+                    np.savez(buf, **routing.counts_numpy())
+                    ckpt_lib.write_file_atomic(os.path.join(run_dir, "routing", f"counts_step{step:07d}.npz"),
+                                               buf.getvalue())
                     for g in range(routing.n_groups):
                         logger.log_figure(step, f"moe/g{g}/usage_heatmap", routing.heatmap_figure(g))
                 routing.reset()

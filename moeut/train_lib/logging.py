@@ -190,7 +190,8 @@ class RunLogger:
         out = os.path.join(self.run_dir, "routing")
         os.makedirs(out, exist_ok=True)
         path = os.path.join(out, f"{key.replace('/', '_')}_step{step:07d}.png")
-        fig.savefig(path, dpi=80)
+        fig.savefig(path + ".tmp", dpi=80, format="png")  # written whole, then renamed
+        os.replace(path + ".tmp", path)
         if self.wandb is not None:
             import wandb
             self.wandb.log({key: wandb.Image(path)}, step=step)
