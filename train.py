@@ -274,7 +274,7 @@ def _train_loop(tc: TrainConfig, run_dir: str, dist, setup: Dict[str, Any], say)
                        entity=tc.logger.entity, name=tc.logger.name or tc.name, group=tc.logger.group,
                        tags=tc.logger.tags, config=tc.raw, wandb_id=state.wandb_id, progress=tc.logger.progress,
                        total_steps=stop, initial_step=state.step,
-                       resume_step=state.step if setup["resumed"] else None)
+                       resume_step=state.step)  # a fresh start (step 0) moves an old history aside too
     state.wandb_id = broadcast_object(logger.wandb_id)
     fpt = flops_per_token(tc.model, T)
     from moeut.compute import peak_flops
@@ -328,6 +328,7 @@ def _train_loop(tc: TrainConfig, run_dir: str, dist, setup: Dict[str, Any], say)
         logger.close()
         return {"status": "finished", "step": state.step, "tokens_seen": state.tokens_seen, "losses": [],
                 "validation": {}, "checkpoint": None, "run_dir": run_dir}
+    window.start_clock()
     try:
         while state.step < stop:
             step = state.step

@@ -109,6 +109,18 @@ def test_resume_after_crash_rewinds_metrics(cache_dir, tmp_path):
         assert sorted({json.loads(line)["step"] for line in f}) == [4, 6]  # train/ at 6, validation at 4
 
 
+def test_fresh_start_in_used_run_dir_keeps_one_history(cache_dir, tmp_path):
+    """train.resume=never over an old run: metrics.jsonl holds only the new history; the old
+    records are moved to metrics.rewound.jsonl, not mixed in and not lost."""
+    run(cache_dir, tmp_path / "a", "train.steps=3")
+    old = metrics(tmp_path / "a")
+    run(cache_dir, tmp_path / "a", "train.steps=3", "train.resume=never")
+    run(cache_dir, tmp_path / "b", "train.steps=3")
+    assert logged(tmp_path / "a") == logged(tmp_path / "b")
+    with open(tmp_path / "a" / "metrics.rewound.jsonl") as f:
+        assert [json.loads(line) for line in f] == old
+
+
 def test_corrupt_newest_checkpoint_falls_back(cache_dir, tmp_path):
     run(cache_dir, tmp_path, "train.steps=12", "train.stop_at=4", "train.save_interval=2", "train.keep_last=5")
     ckpts = find_checkpoints(str(tmp_path))
@@ -288,6 +300,8 @@ REFUSALS = {
     "model_config_vs_checkpoint": (["model.dropout=0.1"], r"different model config: model.dropout=0.0"),
     "bad_option": (["train.batch_size=0"], r"train.batch_size: must be >= 1, got 0"),
     "bad_choice": (["train.precision=fp8"], r"train.precision: 'fp8' is not one of"),
+    # every checkpoint unreadable: starting over would replace the run
+    "all_checkpoints_corrupt": ([], r"train.resume=auto: none of the 1 checkpoints"),
 }
 
 
@@ -297,6 +311,9 @@ def test_refused_start_leaves_run_dir_untouched(cache_dir, finished_run, tmp_pat
     src, other = finished_run
     run_dir = tmp_path / "run"
     shutil.copytree(src, run_dir)
+    if kind == "all_checkpoints_corrupt":
+        for model_pt in run_dir.glob("checkpoints/step_*/model.pt"):
+            model_pt.write_bytes(model_pt.read_bytes()[:100])
     before = _tree(run_dir)
     overrides, message = REFUSALS[kind]
     overrides = [o.format(other=other) for o in overrides]

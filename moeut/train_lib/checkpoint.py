@@ -66,15 +66,21 @@ def _load_all(path: str) -> Dict[str, Any]:
 
 
 def load_latest_training_checkpoint(run_dir: str, log=print) -> Optional[Dict[str, Any]]:
-    """The newest checkpoint in `run_dir` whose files all load, or None. Corrupt ones are
-    skipped with a warning naming them."""
-    for path in reversed(find_checkpoints(run_dir)):
+    """The newest checkpoint in `run_dir` whose files all load, or None when there is none.
+    Corrupt ones are skipped with a warning naming them; when checkpoints exist but none loads,
+    raises ValueError (starting over would silently replace the run)."""
+    found = find_checkpoints(run_dir)
+    for path in reversed(found):
         try:
             return _load_all(path)
         except Exception as e:  # truncated zip, bad JSON, missing file: try the previous one
             msg = f"skipping unreadable checkpoint {path}: {type(e).__name__}: {e}"
             warnings.warn(msg)
             log(f"[ckpt] WARNING {msg}")
+    if found:
+        raise ValueError(f"train.resume=auto: none of the {len(found)} checkpoints in {run_dir} loads (see the "
+                         "warnings); resume from one with train.resume=<path>, or start over in another "
+                         "hydra.run.dir")
     return None
 
 

@@ -117,7 +117,7 @@ class RunLogger:
                  group: Optional[str] = None, tags=(), config: Optional[Dict[str, Any]] = None,
                  wandb_id: Optional[str] = None, progress: str = "auto", total_steps: int = 0,
                  initial_step: int = 0, resume_step: Optional[int] = None):
-        """resume_step: the step this start resumes from (None for a fresh run): records of
+        """resume_step: the step this start continues from (0 for a fresh start): records of
         later steps in metrics.jsonl are moved aside (see `rewind_metrics`)."""
         self.enabled = enabled
         self.run_dir = run_dir
@@ -131,7 +131,7 @@ class RunLogger:
         if resume_step is not None:
             n = rewind_metrics(run_dir, resume_step)
             if n:
-                self.message(f"[log] resuming at step {resume_step}: moved {n} records of later steps from "
+                self.message(f"[log] starting at step {resume_step}: moved {n} records of later steps from "
                              "metrics.jsonl to metrics.rewound.jsonl (they are logged again)")
                 if wandb_mode != "disabled" and wandb_id:
                     warnings.warn(f"logger.wandb: wandb run {wandb_id} already has steps after {resume_step}; "

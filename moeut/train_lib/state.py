@@ -84,6 +84,10 @@ class LogWindow:
         self.reg_sum += reg
         self.n_finite += 1
 
+    def start_clock(self) -> None:
+        """Time from now (the training loop starts): start-up work is not training time."""
+        self._t0 = time.perf_counter()
+
     def elapsed(self) -> float:
         """Seconds of training in this window, summed over the processes that ran it (downtime
         between an interruption and the resume is not counted)."""
