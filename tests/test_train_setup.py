@@ -234,3 +234,64 @@ def test_baselines_import_error_is_raised(monkeypatch):
         warnings.simplefilter("error")
         with pytest.raises(ImportError):
             C.config_from_dict({"arch": "not_registered"})
+
+
+def _state(seed=0):
+    from moeut.data.dataset import StreamSampler
+    from moeut.routing import RoutingStats
+    from moeut.train_lib.distributed import DistInfo
+    from moeut.train_lib.state import TrainState
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    return TrainState(DistInfo(), opt, None, StreamSampler(100, 4, "shuffled", 7), RoutingStats(2, 2, 4), seed=seed)
+
+
+def test_train_state_round_trip_restores_rng_routing_and_counters():
+    import random
+    import numpy as np
+    from moeut.train_lib.state import seed_all
+    st = _state()
+    st.step, st.tokens_seen, st.wandb_id = 5, 640, "abc"
+    st.sampler.position = 5
+    st.window.add(3.0, 2.0, 1.0)
+    counts = {k: torch.randint(0, 50, v.shape).to(v.dtype) for k, v in st.routing.state_counts().items()}
+    st.routing.load_counts(counts)
+    st.routing.layer_index[:] = [[0, 2], [1, 3]]
+    seed_all(123)
+    d = st.state_dict()
+    want = (torch.rand(4), np.random.rand(3), random.random())  # the streams right after the save
+    seed_all(999)  # a new process: other streams, empty accumulators
+    new = _state(seed=1)
+    new.load_state_dict(d, source="test")
+    got = (torch.rand(4), np.random.rand(3), random.random())
+    assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2] == want[2]
+    assert (new.step, new.tokens_seen, new.wandb_id, new.sampler.position) == (5, 640, "abc", 5)
+    assert new.window.n_finite == 1 and new.window.loss_sum == 3.0
+    for k, v in counts.items():
+        assert torch.equal(new.routing.state_counts()[k], v)
+    assert new.routing.layer_index.tolist() == [[0, 2], [1, 3]]
+    assert torch.equal(new.optimizer.state_dict()["state"][0]["exp_avg"], st.optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_train_state_from_another_world_size_warns_and_keeps_routing_sum():
+    st = _state()
+    counts = {k: torch.randint(0, 50, v.shape).to(v.dtype) for k, v in st.routing.state_counts().items()}
+    st.routing.load_counts(counts)
+    d = st.state_dict()
+    d["ranks"] = [d["ranks"][0], d["ranks"][0]]  # as if written by 2 processes
+    new = _state()
+    with pytest.warns(UserWarning, match=r"train.resume: test was written by 2 process\(es\), this run has 1"):
+        new.load_state_dict(d, source="test")
+    for k, v in counts.items():
+        assert torch.equal(new.routing.state_counts()[k], 2 * v)
+
+
+def test_train_state_sampler_change_warns():
+    st = _state()
+    d = st.state_dict()
+    d["sampler"] = dict(d["sampler"], mode="sequential")
+    with pytest.warns(UserWarning, match="data.sampler: test was trained with 'sequential'"):
+        _state().load_state_dict(d, source="test")
