@@ -266,7 +266,8 @@ def finished_run(cache_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("refuse")
     run(cache_dir, base / "warm", "train.steps=2")  # tokenizer + shards cached for the subprocess
     run_dir = base / "run"
-    p = subprocess.run([sys.executable, "train.py", *_cli(cache_dir, run_dir, "train.steps=3", "train.log_interval=1")],
+    p = subprocess.run([sys.executable, "train.py", *_cli(cache_dir, run_dir, "train.steps=6", "train.stop_at=3",
+                                                           "train.log_interval=1")],
                        cwd=REPO, env=_subprocess_env(cache_dir), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     import gzip
@@ -284,7 +285,7 @@ def test_cli_run_writes_train_log_and_hydra_files(finished_run):
     log = (run_dir / "train.log").read_text()
     assert "[step 3]" in log and "[ckpt] saved" in log and "parameters" in log  # incl. the start's messages
     overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
-    assert "train.steps=3" in overrides and (run_dir / ".hydra" / "config.yaml").exists()
+    assert "train.stop_at=3" in overrides and (run_dir / ".hydra" / "config.yaml").exists()
     assert (run_dir / ".hydra" / "hydra.yaml").exists()
 
 
