@@ -35,6 +35,7 @@ import torch
 from . import analysis as A
 from .outputs import RoutingRecord
 from .routing import RoutingStats
+from .validate import at_least, check_ranges, in_range
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT / "data" / "books" / "valid.jsonl.gz"  # the embedded held-out books (data/README.md)
@@ -55,13 +56,13 @@ class DataConfig:
 @dataclass
 class FigureConfig:
     formats: List[str] = field(default_factory=lambda: ["png", "pdf"])
-    dpi: int = 120
-    quantile: float = 0.9  # F1 threshold quantile (SPEC 7.2)
-    f2_layers: Optional[List[int]] = None  # None = every 4th absolute layer (0, 4, 8, ...) as the paper
-    f2_max_tokens: int = 1000
-    f3_top_tokens: int = 6000
-    f3_member: int = 0
-    f4_members: Optional[List[int]] = None  # None = every member (the paper shows g = 0)
+    dpi: int = field(default=120, metadata=at_least(1))
+    quantile: float = field(default=0.9, metadata=in_range(0, 1))  # F1 threshold quantile (SPEC 7.2)
+    f2_layers: Optional[List[int]] = field(default=None, metadata=at_least(0))  # None = every 4th absolute layer (0, 4, 8, ...) as the paper
+    f2_max_tokens: int = field(default=1000, metadata=at_least(1))
+    f3_top_tokens: int = field(default=6000, metadata=at_least(1))
+    f3_member: int = field(default=0, metadata=at_least(0))
+    f4_members: Optional[List[int]] = field(default=None, metadata=at_least(0))  # None = every member (the paper shows g = 0)
 
 
 @dataclass
@@ -70,10 +71,10 @@ class AnalyzeConfig:
     out_dir: Optional[str] = None  # None = <run dir>/analysis
     tokenizer: Optional[str] = None  # None = the checkpoint's tokenizer.model
     data: DataConfig = field(default_factory=DataConfig)
-    seq_len: int = 1024
-    batch_size: int = 16
-    max_tokens: Optional[int] = 1032192  # SPEC 5.7: C4 validation size; None = all the text
-    store_positions: int = 16384  # per-position expert sets kept for the notebooks
+    seq_len: int = field(default=1024, metadata=at_least(1))
+    batch_size: int = field(default=16, metadata=at_least(1))
+    max_tokens: Optional[int] = field(default=1032192, metadata=at_least(1))  # SPEC 5.7: C4 validation size; None = all the text
+    store_positions: int = field(default=16384, metadata=at_least(0))  # per-position expert sets kept for the notebooks
     device: str = "auto"  # auto / cpu / cuda / cuda:1
     dtype: str = "float32"  # float32 or bfloat16 (autocast, CUDA only)
     reuse_stats: bool = False  # redraw from an existing routing_stats.npz without running the model
@@ -737,8 +738,7 @@ def run_analysis(cfg: AnalyzeConfig) -> Dict[str, Any]:
     from .checkpoint import load_model, resolve_checkpoint
     if not cfg.checkpoint or cfg.checkpoint == "???":
         raise ValueError("checkpoint: give a run dir or checkpoint dir (checkpoint=<path>)")
-    if cfg.seq_len < 1 or cfg.batch_size < 1:
-        raise ValueError(f"seq_len and batch_size must be >= 1 (got {cfg.seq_len}, {cfg.batch_size})")
+    check_ranges(cfg)  # every numeric option against its declared range, named (moeut.validate)
     # A run dir means its newest readable checkpoint; unreadable ones are skipped with a warning
     # naming the file (moeut.checkpoint.open_checkpoint). Redrawing needs only the run dir.
     loaded = None

@@ -193,9 +193,13 @@ def config_from_dict(d: Dict[str, Any]):
 
 def _ensure_baselines_registered() -> None:
     """Kept for callers: the baselines are registered when this module is imported (last line).
-    An ImportError in the baselines propagates: a half-registered registry would silently drop
-    architectures and presets."""
-    import moeut.baselines  # noqa: F401
+    An ImportError in the baselines is re-raised naming what became unavailable, never swallowed:
+    a half-registered registry would silently drop architectures and presets."""
+    try:
+        import moeut.baselines  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"moeut.baselines failed to import ({type(e).__name__}: {e}); the baseline "
+                          "architectures (dense, moe_transformer, sut) and their presets are unavailable") from e
 
 
 # ------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from .eval.tasks import resolve_tasks
 from .eval.tasks.base import EvalOptions
 from .eval.zeroshot import evaluate_checkpoint
+from .validate import Range, check_mapping
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -24,6 +25,10 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 _KNOWN_KEYS = {"checkpoint", "tokenizer", "tasks", "limit", "source", "data_dir", "paths", "out_dir", "dataset",
                "length_normalize", "normalize_by_task", "hellaswag_strip_brackets", "keep_items", "device",
                "dtype", "batch_size", "pad_multiple", "progress"}
+
+
+# Ranges of the numeric options of conf/eval.yaml (no dataclass schema here; same generic check).
+EVAL_RANGES = {"limit": Range(1), "batch_size": Range(1), "pad_multiple": Range(1)}
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
@@ -37,6 +42,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         raise ValueError("checkpoint: required (a run dir or a checkpoints/step_XXXXXXX dir)")
     tasks = c["tasks"]
     resolve_tasks(tasks)  # unknown task -> error listing the known ones
+    check_mapping(c, EVAL_RANGES)  # every numeric option against its range, named (moeut.validate)
     limit = c.get("limit")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit: must be a positive integer or null, got {limit!r}")
