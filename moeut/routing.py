@@ -127,7 +127,7 @@ class RoutingStats:
         c = self._state(dev)
         NE = self.n_experts
         for g, reps in by_group.items():
-            prev_idx = None
+            prev_idx, prev_r = None, None
             for r in sorted(reps):
                 rec = reps[r]
                 keep_N = rec.valid.reshape(-1).bool() if rec.valid is not None else None  # real tokens

@@ -269,7 +269,8 @@ def finished_run(cache_dir, tmp_path_factory):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     import gzip
     from moeut.data.tokenizer import train_tokenizer
-    with gzip.open(SHARED / "data" / "text" / "c4" / "valid.jsonl.gz", "rt") as f:
+    from conftest import C4
+    with gzip.open(C4 / "valid.jsonl.gz", "rt") as f:
         texts = [json.loads(line)["text"] for _, line in zip(range(300), f)]
     other = train_tokenizer(texts[::-1][:150], 512, hard_vocab_limit=False)
     other_path = base / "other_512.model"
