@@ -68,7 +68,7 @@ def test_default_job_fits_the_embedded_corpus(tmp_path, monkeypatch):
     gives at least one full pass of its 300 x 16 windows of 256 tokens, validation its 65,536
     tokens, without ../shared or MOEUT_DATA."""
     from moeut.train_lib.config import to_typed
-    from moeut.train_lib.data import prepare_run_data
+    from moeut.train_lib.data import prepare_run_data, resolve_tokenizer
     from moeut.train_lib.distributed import DistInfo
 
     monkeypatch.setenv("MOEUT_DATA", "/nonexistent")
@@ -76,7 +76,8 @@ def test_default_job_fits_the_embedded_corpus(tmp_path, monkeypatch):
         cfg = to_typed(compose("config", overrides=["name=test", f"data.cache_dir={tmp_path}", "data.num_workers=0"]))
     d, t = cfg.data, cfg.train
     train_tokens = (t.steps + 100) * t.batch_size * d.seq_len  # train.py's default budget
-    data = prepare_run_data(d, d.seq_len, train_tokens, str(tmp_path / "run"), DistInfo(), log=lambda *a: None)
+    tok = resolve_tokenizer(d, str(tmp_path / "run"), DistInfo(), log=lambda *a: None)
+    data = prepare_run_data(d, d.seq_len, train_tokens, tok, DistInfo(), log=lambda *a: None)
     assert data.tokenizer.vocab_size == 8000
     assert len(data.train) >= t.steps * t.batch_size, f"{len(data.train)} windows: the default job would repeat text"
     assert len(data.valid["val"]) == d.valid_tokens // d.seq_len
