@@ -5,7 +5,6 @@
 - `zeroshot`: evaluate a model or a checkpoint, write results JSON and the table.
 - `table`: the paper's results table (markdown, CSV, LaTeX).
 - `harness`: lm-evaluation-harness adapter registered as "moeut" (imports lm_eval; not imported here).
-- `fakes`: models with known log-probabilities, for tests.
 
 Command line: `python -m moeut.evaluate checkpoint=<run dir> tasks=[...] limit=N` (docs/evaluation.md).
 """

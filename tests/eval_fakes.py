@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..outputs import LMOutput
+from moeut.outputs import LMOutput
 
 
 class _Fake(nn.Module):
