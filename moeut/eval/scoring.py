@@ -64,9 +64,14 @@ def make_request(context_ids: Sequence[int], continuation_ids: Sequence[int], it
 
 
 def resolve_device(device: Optional[str] = None) -> torch.device:
+    """None / "auto" = cuda when torch sees a GPU, else cpu. A named CUDA device on a machine
+    without one is a ValueError naming the option (not torch's "not compiled with CUDA")."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asked for but torch sees no CUDA GPU; use device=auto or device=cpu")
+    return dev
 
 
 def resolve_autocast_dtype(dtype: Optional[str], device: torch.device) -> Optional[torch.dtype]:
