@@ -737,6 +737,11 @@ def run_analysis(cfg: AnalyzeConfig) -> Dict[str, Any]:
     from .checkpoint import load_model, resolve_checkpoint
     if not cfg.checkpoint or cfg.checkpoint == "???":
         raise ValueError("checkpoint: give a run dir or checkpoint dir (checkpoint=<path>)")
+    if not os.path.exists(cfg.checkpoint):
+        raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: no such file or directory")
+    if not cfg.figures.formats:
+        raise ValueError("figures.formats: empty, so no figure (and no report) would be written; "
+                         "e.g. figures.formats=[png]")
     ckpt = resolve_checkpoint(cfg.checkpoint)
     run_dir = run_dir_of(ckpt)
     out_dir = os.path.abspath(cfg.out_dir) if cfg.out_dir else os.path.join(run_dir, "analysis")
@@ -747,6 +752,8 @@ def run_analysis(cfg: AnalyzeConfig) -> Dict[str, Any]:
     if cfg.reuse_stats and os.path.isfile(stats_path):
         print(f"[analyze] reusing {stats_path}", file=sys.stderr)
     else:
+        if cfg.reuse_stats:
+            print(f"[analyze] reuse_stats=true but {stats_path} does not exist: computing it", file=sys.stderr)
         if cfg.seq_len < 1 or cfg.batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1 (got {cfg.seq_len}, {cfg.batch_size})")
         loaded = load_model(ckpt)

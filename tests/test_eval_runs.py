@@ -125,3 +125,29 @@ def test_dataset_name_from_the_config_train_writes(tmp_path):
         (tmp_path / data / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         assert dataset_name_of(str(ck)) == expect, data
     assert dataset_name_of(str(tmp_path / "nothing")) is None
+
+
+def test_analyze_and_compare_refuse_nothing_to_do(tiny_run, tmp_path):
+    """moeut.analyze: a checkpoint path that does not exist, or no figure format, is a named
+    error before any work; analysis/compare.py: runs of which none logged the compared metric."""
+    import importlib.util
+    from moeut.analyze import AnalyzeConfig, run_analysis
+    run_dir, _, _ = tiny_run
+    with pytest.raises(FileNotFoundError, match=r"checkpoint=.*nothing: no such file or directory"):
+        run_analysis(AnalyzeConfig(checkpoint=str(tmp_path / "nothing")))
+    cfg = AnalyzeConfig(checkpoint=str(run_dir), out_dir=str(tmp_path / "an"))
+    cfg.figures.formats = []
+    with pytest.raises(ValueError, match=r"figures.formats: empty"):
+        run_analysis(cfg)
+    assert not (tmp_path / "an").exists()
+
+    spec = importlib.util.spec_from_file_location("analysis_compare", REPO / "analysis" / "compare.py")
+    cmp = importlib.util.module_from_spec(spec)
+    sys.modules["analysis_compare"] = cmp
+    spec.loader.exec_module(cmp)
+    # the tiny run has a checkpoint but no metrics.jsonl: no validation perplexity anywhere
+    with pytest.raises(ValueError, match=r"no run has a validation perplexity.*run/metrics.jsonl"):
+        cmp.compare([str(run_dir)], str(tmp_path / "cmp"), seq_len=32, plot=False)
+    with pytest.raises(ValueError, match=r"no run has a --metric 'piqa/accuracy'"):
+        cmp.compare([str(run_dir)], str(tmp_path / "cmp"), seq_len=32, plot=False, metric="piqa/accuracy")
+    assert not (tmp_path / "cmp").exists()
