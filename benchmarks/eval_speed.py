@@ -128,9 +128,11 @@ def main(argv=None):
         from moeut.checkpoint import build_model
         from moeut.config import get_preset
         from moeut.data.tokenizer import train_tokenizer
-        texts = []
-        for name, its in items.items():
-            for it in its[:2000]:
+        texts = []  # tokenizer training text: up to 200 items of each task (more than --limit)
+        big = EvalOptions(data_dir=args.data_dir, limit=max(args.limit, 200))
+        for name in items:
+            its = items[name] if name == "perplexity" else get_task(name).load(big)
+            for it in its:
                 if isinstance(it, str):
                     texts.append(it)
                 elif isinstance(it, dict):

@@ -41,7 +41,7 @@ class ScoreRequest:
 
     ids: List[int]
     score_from: int
-    item: Hashable = None  # requests with the same item key are batched together where they fit
+    item: Hashable = None  # the caller's key (not used for batching: scores do not depend on batch-mates)
     want_argmax: bool = False  # also return the argmax prediction at every position 0..n-2
 
 
