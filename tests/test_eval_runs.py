@@ -55,6 +55,12 @@ def test_wrong_data_dir_fails_and_writes_nothing(tiny_run, tmp_path):
                        ("piqa", "valid.jsonl")):
         assert f"  {task}: " in msg and what in msg
     assert not out.exists()  # nothing written for a run that evaluated nothing
+    # data present but empty: not an accuracy of nan, a task with no items
+    (tmp_path / "empty" / "lambada").mkdir()
+    (tmp_path / "empty" / "lambada" / "lambada_test.jsonl").write_text("\n")
+    with pytest.raises(NoTaskData, match=r"  lambada: its data holds no items"), pytest.warns(UserWarning):
+        run(compose([f"checkpoint={run_dir}", f"data_dir={tmp_path / 'empty'}", f"out_dir={out}", "tasks=[lambada]"]))
+    assert not out.exists()
 
 
 def test_command_line_exit_codes(tiny_run, tmp_path):

@@ -41,7 +41,10 @@ def load_task_items(tasks: Sequence[str], opts: EvalOptions, skip_missing: bool 
     skipped: Dict[str, str] = {}
     for task in resolve_tasks(tasks):  # unknown names fail here, before any model work
         try:
-            loaded[task.name] = task.load(opts)
+            items = task.load(opts)
+            if not items:  # e.g. empty files: evaluating nothing is not a result
+                raise TaskDataMissing("its data holds no items (empty file?)")
+            loaded[task.name] = items
         except TaskDataMissing as e:
             if not skip_missing:
                 raise
