@@ -76,6 +76,17 @@ def simple_score(model, requests, batch_size, device, autocast_dtype):
     return out
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -176,7 +187,8 @@ def main(argv=None):
     print(f"target ratio <= 1.5: {'met' if not slow else 'NOT met for ' + ', '.join(slow)}")
     if args.record:
         dev = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"CPU ({os.cpu_count()} cores, {platform.machine()}), {args.threads} thread(s)")
+               else f"CPU {cpu_name()} ({os.cpu_count()} cores visible, shared with other jobs), "
+                    f"{args.threads} thread(s)")
         lines = [f"\n## Zero-shot evaluation speed (ours vs simple scorer), {datetime.date.today()}\n",
                  f"- device: {dev}; torch {torch.__version__}; python {platform.python_version()}",
                  f"- model: {label}, {n_params:,} parameters; batch {args.batch_size}; ours pad_multiple "

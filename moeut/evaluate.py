@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict
 
@@ -77,7 +78,10 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    res = run(cfg)
+    try:
+        res = run(cfg)
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback; exit 1
+        sys.exit(f"moeut.evaluate: error: {e}")
     print(open(res["files"]["md"]).read(), end="")
     for kind, path in res["files"].items():
         print(f"{kind}: {path}")
