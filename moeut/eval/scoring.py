@@ -12,8 +12,8 @@ Rules implemented here, for every task:
   in one place, `Scorer._forward`, which also receives the real length of every row.
 - All scored positions of a batch are gathered at once (one device-to-host copy per batch, not
   one per sequence).
-- Log-probabilities are computed in float64 (log_softmax of the upcast logits of the scored
-  positions only, so memory stays O(scored tokens x V)).
+- Log-probabilities are computed in float64 (x[t] - logsumexp(x) of the upcast logits of the
+  scored positions only, in chunks of bounded size, so memory stays O(chunk x V)).
 - The model runs in eval mode under torch.no_grad(); bf16 autocast on CUDA.
 
 The engine only needs `model(input_ids[B, T]) -> object with .logits [B, T, V]` (LMOutput, or a
@@ -205,7 +205,7 @@ class Scorer:
         hit_N = torch.cat(hit).cpu().tolist() if hit else []
         argmax_BT = None
         if any(r.want_argmax for r in reqs):
-            argmax_BT = logits_BTV.float().argmax(-1).cpu()
+            argmax_BT = logits_BTV.argmax(-1).cpu()  # an upcast would not change the argmax
         k = 0
         for b, r in enumerate(reqs):
             n, c = len(r.ids), r.score_from
