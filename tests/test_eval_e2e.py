@@ -1,6 +1,7 @@
 """End to end: a tiny checkpoint evaluated on every task with limit=20 through the Hydra config
 (conf/eval.yaml), producing the results JSON and the paper-layout table; bad inputs."""
 import csv
+import os
 import json
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from moeut.eval.tasks import get_task
 from moeut.eval.tasks.base import EvalOptions
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("MOEUT_SHARED", REPO.parent / "shared"))
 EVAL = SHARED / "data" / "eval"
 pytestmark = pytest.mark.skipif(not EVAL.is_dir(), reason=f"shared eval data missing: {EVAL}")
 CANDS = ["Tom", "cat", "dog", "fox", "hen", "pig", "cow", "owl", "bee", "ant"]
@@ -61,7 +62,7 @@ def test_end_to_end_every_task_limit_20(run_dir, small_tokenizer):
     # pad_multiple=16 (paper: 128) and bigger batches keep this CPU test cheap; results do not
     # depend on either (causal model, padded positions never read)
     cfg = compose([f"checkpoint={run_dir / 'run'}", "limit=20", "progress=false", "dataset=c4-sample",
-                   "pad_multiple=16", "batch_size=64",
+                   "pad_multiple=16", "batch_size=64", f"data_dir={EVAL}",
                    f"+paths.cbt={run_dir / 'cbt'}", f"+paths.arc_challenge={run_dir / 'ARC-Challenge-Test.jsonl'}"])
     res = run(cfg)
     tasks = res["tasks"]
@@ -89,7 +90,7 @@ def test_end_to_end_every_task_limit_20(run_dir, small_tokenizer):
     # every task's accuracy against an unbatched, unpadded reference: one forward per sequence
     from moeut.checkpoint import load_model
     model = load_model(run_dir / "run").model
-    opts = EvalOptions(limit=20, paths={"cbt": str(run_dir / "cbt"),
+    opts = EvalOptions(data_dir=str(EVAL), limit=20, paths={"cbt": str(run_dir / "cbt"),
                                         "arc_challenge": str(run_dir / "ARC-Challenge-Test.jsonl")})
     for name, normalize in (("piqa", True), ("arc_easy", True), ("arc_challenge", True), ("hellaswag", True),
                             ("cbt", True), ("blimp", False)):

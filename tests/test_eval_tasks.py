@@ -3,6 +3,7 @@ with models whose log-probabilities are known (tests/eval_fakes.py)."""
 import bz2
 import json
 import math
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ from moeut.eval.tasks.blimp import PARADIGMS
 from moeut.eval.tasks.cbt import detokenize, parse_cbt_file
 from moeut.eval.tasks.hellaswag import items_from_jsonl, items_from_text, preprocess
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(os.environ.get("MOEUT_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 EVAL = SHARED / "data" / "eval"
 pytestmark = pytest.mark.skipif(not EVAL.is_dir(), reason=f"shared eval data missing: {EVAL}")
 

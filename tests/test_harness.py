@@ -12,17 +12,26 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from moeut.checkpoint import build_model, save_checkpoint  # noqa: E402
 from moeut.config import get_preset  # noqa: E402
-from eval_fakes import BigramLM  # noqa: E402
+from eval_fakes import BigramLM, generated_texts  # noqa: E402
 from moeut.eval.harness import MoEUTHarnessLM  # noqa: E402
 from moeut.eval.scoring import MCItem, Scorer, evaluate_multiple_choice  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(os.environ.get("MOEUT_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 PIQA = SHARED / "data" / "eval" / "piqa"
 
 
 class Inst:  # the part of lm_eval.api.instance.Instance the adapter reads
     def __init__(self, *args):
         self.args = args
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    """Shadows conftest's (which needs ../shared): a tokenizer trained on generated sentences."""
+    from moeut.data.tokenizer import train_tokenizer
+    extra = ["It was a bright cold day in April, and the clocks were striking thirteen.",
+             "Once upon a time, the cat sat on the mat and slept. Question: Answer:"] * 20
+    return train_tokenizer(generated_texts(600) + extra, vocab_size=256)
 
 
 @pytest.fixture(scope="module")
