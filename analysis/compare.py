@@ -103,10 +103,13 @@ class Run:
 # ------------------------------------------------------------------------------------------
 
 def _model_config_path(run_dir: str) -> Optional[str]:
-    ckpts = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "step_*", "model_config.json")))
-    ckpts = [p for p in ckpts if not os.path.dirname(p).endswith(".tmp")]
-    if ckpts:
-        return ckpts[-1]
+    from moeut.checkpoint import find_checkpoints, open_checkpoint, read_checkpoint_file
+    if os.path.isdir(os.path.join(run_dir, "checkpoints")) and find_checkpoints(run_dir):
+        def read(ckpt: str) -> str:  # only the config is used: an unreadable one is skipped, named
+            path = os.path.join(ckpt, "model_config.json")
+            read_checkpoint_file(path)
+            return path
+        return open_checkpoint(run_dir, read, option="runs")
     p = os.path.join(run_dir, "model_config.json")
     return p if os.path.exists(p) else None
 

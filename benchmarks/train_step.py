@@ -47,7 +47,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _cpu_peak_rss_mb(preset: str, B: int, T: int, micro: int, clip: float, q) -> None:
+def _cpu_peak_rss_mb(preset: str, B: int, T: int, micro: int, clip: float, q, vocab: int = 8000) -> None:
     """Child process: peak resident-memory growth (sampled every 2 ms) while building `preset`
     and running two training steps. A fresh process per model, because freed memory stays in
     the process (keep_freed_memory) and max-RSS is a high-water mark."""
@@ -55,7 +55,7 @@ def _cpu_peak_rss_mb(preset: str, B: int, T: int, micro: int, clip: float, q) ->
     from moeut.cpu import keep_freed_memory
     keep_freed_memory()
     torch.manual_seed(0)
-    batch = torch.randint(0, 8000, (B, T + 1))
+    batch = torch.randint(0, vocab, (B, T + 1))
     base, peak, done = _rss_mb(), [0.0], threading.Event()
 
     def sample():
@@ -105,7 +105,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     names = [a.moeut, a.dense]
     models, opts, res = {}, {}, {n: {"times": []} for n in names}
-    batch = torch.randint(0, 8000, (B, T + 1), device=device)
+    # Token ids valid for both models (the presets' vocabularies can differ, e.g. tiny's 512).
+    vocab = min(get_preset(n).vocab_size for n in names)
+    batch = torch.randint(0, vocab, (B, T + 1), device=device)
     clip = PAPER_TRAIN["44m"]["grad_clip"]
     for n in names:
         cfg = get_preset(n)
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
             import multiprocessing as mp
             ctx = mp.get_context("spawn")
             q = ctx.Queue()
-            p = ctx.Process(target=_cpu_peak_rss_mb, args=(n, B, T, micro, clip, q))
+            p = ctx.Process(target=_cpu_peak_rss_mb, args=(n, B, T, micro, clip, q, vocab))
             p.start()
             res[n]["peak_mb"] = q.get()
             p.join()

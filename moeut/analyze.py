@@ -35,9 +35,10 @@ import torch
 from . import analysis as A
 from .outputs import RoutingRecord
 from .routing import RoutingStats
+from .validate import at_least, check_ranges, in_range
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "text" / "c4" / "valid.jsonl.gz"
+DEFAULT_DATA = REPO_ROOT / "data" / "books" / "valid.jsonl.gz"  # the embedded held-out books (data/README.md)
 STATS_FILE = "routing_stats.npz"
 
 
@@ -48,20 +49,20 @@ STATS_FILE = "routing_stats.npz"
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None  # .jsonl(.gz) / .txt / directory; None = ../shared/data/text/c4/valid.jsonl.gz
+    path: Optional[str] = None  # .jsonl(.gz) / .txt / directory; None = data/books/valid.jsonl.gz in the repo
     text_field: str = "text"  # JSON field holding the document text
 
 
 @dataclass
 class FigureConfig:
     formats: List[str] = field(default_factory=lambda: ["png", "pdf"])
-    dpi: int = 120
-    quantile: float = 0.9  # F1 threshold quantile (SPEC 7.2)
-    f2_layers: Optional[List[int]] = None  # None = every 4th absolute layer (0, 4, 8, ...) as the paper
-    f2_max_tokens: int = 1000
-    f3_top_tokens: int = 6000
-    f3_member: int = 0
-    f4_members: Optional[List[int]] = None  # None = every member (the paper shows g = 0)
+    dpi: int = field(default=120, metadata=at_least(1))
+    quantile: float = field(default=0.9, metadata=in_range(0, 1))  # F1 threshold quantile (SPEC 7.2)
+    f2_layers: Optional[List[int]] = field(default=None, metadata=at_least(0))  # None = every 4th absolute layer (0, 4, 8, ...) as the paper
+    f2_max_tokens: int = field(default=1000, metadata=at_least(1))
+    f3_top_tokens: int = field(default=6000, metadata=at_least(1))
+    f3_member: int = field(default=0, metadata=at_least(0))
+    f4_members: Optional[List[int]] = field(default=None, metadata=at_least(0))  # None = every member (the paper shows g = 0)
 
 
 @dataclass
@@ -70,10 +71,10 @@ class AnalyzeConfig:
     out_dir: Optional[str] = None  # None = <run dir>/analysis
     tokenizer: Optional[str] = None  # None = the checkpoint's tokenizer.model
     data: DataConfig = field(default_factory=DataConfig)
-    seq_len: int = 1024
-    batch_size: int = 16
-    max_tokens: Optional[int] = 1032192  # SPEC 5.7: C4 validation size; None = all the text
-    store_positions: int = 16384  # per-position expert sets kept for the notebooks
+    seq_len: int = field(default=1024, metadata=at_least(1))
+    batch_size: int = field(default=16, metadata=at_least(1))
+    max_tokens: Optional[int] = field(default=1032192, metadata=at_least(1))  # SPEC 5.7: C4 validation size; None = all the text
+    store_positions: int = field(default=16384, metadata=at_least(0))  # per-position expert sets kept for the notebooks
     device: str = "auto"  # auto / cpu / cuda / cuda:1
     dtype: str = "float32"  # float32 or bfloat16 (autocast, CUDA only)
     reuse_stats: bool = False  # redraw from an existing routing_stats.npz without running the model
@@ -742,7 +743,15 @@ def run_analysis(cfg: AnalyzeConfig) -> Dict[str, Any]:
     if not cfg.figures.formats:
         raise ValueError("figures.formats: empty, so no figure (and no report) would be written; "
                          "e.g. figures.formats=[png]")
-    ckpt = resolve_checkpoint(cfg.checkpoint)
+    check_ranges(cfg)  # every numeric option against its declared range, named (moeut.validate)
+    # A run dir means its newest readable checkpoint; unreadable ones are skipped with a warning
+    # naming the file (moeut.checkpoint.open_checkpoint). Redrawing needs only the run dir.
+    loaded = None
+    if cfg.reuse_stats:
+        ckpt = resolve_checkpoint(cfg.checkpoint)
+    else:
+        loaded = load_model(cfg.checkpoint)
+        ckpt = loaded.path
     run_dir = run_dir_of(ckpt)
     out_dir = os.path.abspath(cfg.out_dir) if cfg.out_dir else os.path.join(run_dir, "analysis")
     os.makedirs(out_dir, exist_ok=True)
@@ -754,9 +763,9 @@ def run_analysis(cfg: AnalyzeConfig) -> Dict[str, Any]:
     else:
         if cfg.reuse_stats:
             print(f"[analyze] reuse_stats=true but {stats_path} does not exist: computing it", file=sys.stderr)
-        if cfg.seq_len < 1 or cfg.batch_size < 1:
-            raise ValueError(f"seq_len and batch_size must be >= 1 (got {cfg.seq_len}, {cfg.batch_size})")
-        loaded = load_model(ckpt)
+        if loaded is None:  # reuse_stats=true but no statistics yet
+            loaded = load_model(cfg.checkpoint)
+            ckpt = loaded.path
         tok = loaded.tokenizer
         if cfg.tokenizer:
             from .data.tokenizer import Tokenizer
@@ -796,13 +805,45 @@ def run_analysis(cfg: AnalyzeConfig) -> Dict[str, Any]:
     return result
 
 
+def is_notebook_source(path: str) -> bool:
+    """A jupytext percent-format notebook source: a `# ---` YAML header holding a `jupytext:`
+    section (what `jupytext --sync` writes). Plain scripts next to the notebooks
+    (analysis/compare.py, analysis/plot_curves.py) have none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(2000)
+    except OSError:
+        return False
+    if not head.startswith("# ---\n"):
+        return False
+    header = head.split("\n# ---\n", 1)[0]
+    return "\n# jupyter:" in header and "\n#   jupytext:" in header
+
+
+def notebook_sources(folder: Optional[str] = None) -> List[str]:
+    """The notebooks among `folder`/*.py (default: the repository's analysis/), sorted."""
+    folder = Path(folder) if folder else REPO_ROOT / "analysis"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"execute_notebooks: notebook folder {folder} does not exist (the notebooks ship "
+                                f"with the repository, not with an installed wheel)")
+    found = sorted(str(p) for p in folder.glob("*.py") if is_notebook_source(str(p)))
+    if not found:
+        raise FileNotFoundError(f"execute_notebooks: no jupytext notebook sources in {folder}")
+    return found
+
+
 def execute_notebooks(run_dir: str, out_dir: str, sources: Optional[Sequence[str]] = None,
                       timeout: int = 600) -> List[str]:
-    """Execute the jupytext notebooks (analysis/*.py, percent format) headless against `run_dir`
-    (passed as MOEUT_RUN_DIR); executed copies are written to `out_dir`."""
+    """Execute the jupytext notebooks (`notebook_sources()`: analysis/*.py with a jupytext header,
+    never the plain scripts there) headless with nbclient against `run_dir` (passed as
+    MOEUT_RUN_DIR); executed copies are written to `out_dir` as .ipynb. Raises ValueError for a
+    given source that is not a notebook, and nbclient's CellExecutionError for a failing cell."""
     import jupytext
     import nbclient
-    srcs = sources or sorted(str(p) for p in (REPO_ROOT / "analysis").glob("*.py"))
+    srcs = list(sources) if sources else notebook_sources()
+    not_nb = [s for s in srcs if not is_notebook_source(s)]
+    if not_nb:
+        raise ValueError(f"execute_notebooks: not jupytext notebook sources: {not_nb}")
     os.makedirs(out_dir, exist_ok=True)
     written = []
     old = os.environ.get("MOEUT_RUN_DIR")

@@ -163,7 +163,8 @@ class DenseConfig:
 
 
 # Architectures register here: arch name -> (config class, "module:ModelClass").
-# Baselines (SUT, ...) add their own entries in moeut/baselines.
+# Baselines (SUT, ...) add their own entries in moeut/baselines, which the last line of this
+# module imports: the registry is complete whatever was imported first.
 ARCHS: Dict[str, tuple] = {
     "moeut": (MoEUTConfig, "moeut.model:MoEUTLM"),
     "dense": (DenseConfig, "moeut.baselines.dense:DenseLM"),
@@ -191,10 +192,14 @@ def config_from_dict(d: Dict[str, Any]):
 
 
 def _ensure_baselines_registered() -> None:
-    try:  # baselines register extra architectures on import
+    """Kept for callers: the baselines are registered when this module is imported (last line).
+    An ImportError in the baselines is re-raised naming what became unavailable, never swallowed:
+    a half-registered registry would silently drop architectures and presets."""
+    try:
         import moeut.baselines  # noqa: F401
-    except ImportError:
-        pass
+    except ImportError as e:
+        raise ImportError(f"moeut.baselines failed to import ({type(e).__name__}: {e}); the baseline "
+                          "architectures (dense, moe_transformer, sut) and their presets are unavailable") from e
 
 
 # ------------------------------------------------------------------------------------------
@@ -309,3 +314,12 @@ def param_count_formula(cfg) -> int:
     # live next to the other accounting formulas.
     from .compute import param_count_formula as _baseline_formula
     return _baseline_formula(cfg)
+
+
+# Register the baselines' architectures and presets (SPEC §8) now, so that ARCHS and PRESETS do
+# not depend on whether something imported moeut.baselines first (issue 14.6: the collected test
+# set used to change with import order). At the end of the module on purpose: moeut.baselines
+# imports names from here (and moeut.model, which imports this module's classes); every one of
+# them is defined by now, and the package __init__ imports this module before any other, so the
+# cycle always resolves in this order.
+from . import baselines as _baselines  # noqa: E402,F401

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from .eval.tasks import resolve_tasks
 from .eval.tasks.base import EvalOptions
 from .eval.zeroshot import evaluate_checkpoint
+from .validate import Range, check_mapping
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -32,6 +33,10 @@ _KNOWN_KEYS = {"checkpoint", "tokenizer", "tasks", "limit", "source", "data_dir"
                "length_normalize", "normalize_by_task", "hellaswag_strip_brackets", "keep_items", "device",
                "dtype", "batch_size", "pad_multiple", "progress", "perplexity"}
 _PPL_KEYS = {"path", "hub", "hub_config", "split", "field", "context_length", "stride"}
+
+
+# Ranges of the numeric options of conf/eval.yaml (no dataclass schema here; same generic check).
+EVAL_RANGES = {"limit": Range(1), "batch_size": Range(1), "pad_multiple": Range(1)}
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
@@ -59,6 +64,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
                                 "folders lambada/, blimp/, piqa/, ...; see docs/evaluation.md)")
     tasks = c["tasks"]
     resolve_tasks(tasks)  # unknown task -> error listing the known ones
+    check_mapping(c, EVAL_RANGES)  # every numeric option against its range, named (moeut.validate)
     limit = c.get("limit")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit: must be a positive integer or null, got {limit!r}")

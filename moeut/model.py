@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .config import MoEUTConfig
 from .kernels.cvmm import cvmm, make_plan
-from .outputs import LMOutput, RoutingRecord
+from .outputs import LMOutput, RoutingRecord, valid_positions
 
 
 # ------------------------------------------------------------------------------------------
@@ -91,14 +91,18 @@ class ForwardState:
     """Collected during one forward: inputs of the entropy regulariser and routing records.
     Passed down explicitly (no module-level history, SPEC 1.8)."""
 
-    def __init__(self, training: bool, collect_routing: Union[bool, str]):
+    def __init__(self, training: bool, collect_routing: Union[bool, str], valid: Optional[torch.Tensor] = None):
         self.training = training
+        # [B, T] bool real positions, None = no padding (moeut.outputs "Padding contract"). Padded
+        # positions are kept out of capacity, routing records' statistics and every auxiliary loss.
+        self.valid = valid
         self.collect_routing = bool(collect_routing)
         self.collect_logits = collect_routing == "logits"
         # (kind, g) -> list over repetitions of [B, (H,) E] per-sequence log-sum-exp over time of
         # log_softmax(gate logits): the running marginal of SPEC 1.7, kept in log space.
         self.lse: Dict[Tuple[str, int], List[torch.Tensor]] = {}
-        self.seq_len: Dict[Tuple[str, int], int] = {}
+        # Tokens per sequence: an int, or [B] counts of real tokens when there is padding.
+        self.seq_len: Dict[Tuple[str, int], Union[int, torch.Tensor]] = {}
         self.record: Optional[RoutingRecord] = None
         self.records: List[RoutingRecord] = []
         # Extra auxiliary losses of other MoE MLP types (balance, z-loss), already weighted;
@@ -119,19 +123,46 @@ class ForwardState:
         if self.training:
             self.aux_losses[name] = self.aux_losses[name] + value if name in self.aux_losses else value
 
+    def new_record(self, l: int, g: int, r: int) -> None:
+        """Open layer application l's routing record (when routing is collected)."""
+        if self.collect_routing:
+            self.record = RoutingRecord(l=l, g=g, r=r, valid=self.valid)
+
     def add_gate_logits(self, kind: str, g: int, z_BTE: torch.Tensor) -> None:
         """z: [B, T, E] or [B, T, H, E] pre-sigmoid logits in fp32."""
         if not self.training:
             return
-        lse = torch.logsumexp(F.log_softmax(z_BTE.float(), dim=-1), dim=1)  # [B, (H,) E]
+        # fp32 whatever the model's dtype: a log-sum-exp over T*R terms loses the marginal in bf16.
+        lsm = F.log_softmax(z_BTE.float(), dim=-1)
+        if self.valid is None:
+            self.seq_len[(kind, g)] = z_BTE.shape[1]
+        else:
+            # Padded positions contribute exp(min - lse) = 0 to the marginal. The most negative
+            # finite value rather than -inf keeps a row without real tokens finite in the backward
+            # (entropy_reg_term leaves such rows out).
+            v = self.valid.view(*self.valid.shape, *([1] * (z_BTE.dim() - 2)))
+            lsm = lsm.masked_fill(~v, torch.finfo(lsm.dtype).min)
+            self.seq_len[(kind, g)] = self.valid.sum(1)
+        lse = torch.logsumexp(lsm, dim=1)  # [B, (H,) E]
         self.lse.setdefault((kind, g), []).append(lse)
-        self.seq_len[(kind, g)] = z_BTE.shape[1]
 
 
-def entropy_reg_term(lse_list: List[torch.Tensor], T: int) -> torch.Tensor:
-    """-mean over (b[, h]) of H(p) with p the per-sequence marginal over time and repetitions."""
+def entropy_reg_term(lse_list: List[torch.Tensor], T: Union[int, torch.Tensor]) -> torch.Tensor:
+    """-mean over (b[, h]) of H(p) with p the per-sequence marginal over time and repetitions.
+    T: tokens per sequence, or [B] real-token counts of a padded batch (rows without any real
+    token are left out of the mean)."""
     R = len(lse_list)
     lse_RBE = torch.stack(lse_list, 0)
+    if isinstance(T, torch.Tensor):
+        shape = (-1,) + (1,) * (lse_RBE.dim() - 2)  # [B, (1,) 1] against [B, (H,) E]
+        has_tokens = (T > 0).view(shape)
+        lse_RBE = torch.where(has_tokens, lse_RBE, torch.zeros_like(lse_RBE))  # any finite value
+        T = T.clamp_min(1).to(lse_RBE.dtype).view(shape)
+        m_BE = lse_RBE.detach().amax(0)
+        log_p = m_BE + (lse_RBE - m_BE).exp().sum(0).log() - torch.log(T * R)
+        entropy = -(log_p.exp() * log_p).sum(-1)  # [B, (H)]
+        w = has_tokens.view(has_tokens.shape[:-1]).expand_as(entropy).to(entropy.dtype)
+        return -(entropy * w).sum() / w.sum().clamp_min(1)
     # logsumexp over repetitions, written out with a detached max shift. Equivalent to
     # torch.logsumexp(lse_RBE, 0), but torch 2.13's inductor (CPU) miscompiles the gradient of a
     # logsumexp over stacked logsumexp results (>100% relative error; eager and aot_eager agree).
@@ -263,6 +294,8 @@ class SwitchHeadAttention(nn.Module):
         q_BHTD, k_BHTD = apply_rope(q_BHTD, cos, sin), apply_rope(k_BHTD, cos, sin)  # queries at absolute positions
 
         attn_mask, is_causal = None, causal
+        if not causal and state.valid is not None:  # bidirectional: keys at padded positions are masked
+            attn_mask = state.valid[:, None, None, :]
         if cache is not None:
             if l in cache.k:
                 k_BHTD = torch.cat([cache.k[l], k_BHTD], dim=2)
@@ -356,22 +389,23 @@ class MoEUTLM(nn.Module):
             return [(r * G + g, g, r) for r in range(R) for g in range(G)]
         return [(g * R + r, g, r) for g in range(G) for r in range(R)]  # aabb: l -> g = l div R
 
-    def forward(self, input_ids: torch.Tensor, *, cache: Optional[KVCache] = None,
-                collect_routing: Union[bool, str] = False, causal: bool = True) -> LMOutput:
-        """input_ids [B, T] int64. collect_routing: True, or "logits" to also keep MLP gate logits.
-        cache: a KVCache to extend (decoding); no regulariser is computed while decoding."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                cache: Optional[KVCache] = None, collect_routing: Union[bool, str] = False,
+                causal: bool = True) -> LMOutput:
+        """input_ids [B, T] int64. attention_mask [B, T] (1 = real token, 0 = right padding; see
+        moeut.outputs "Padding contract"). collect_routing: True, or "logits" to also keep MLP gate
+        logits. cache: a KVCache to extend (decoding); no regulariser is computed while decoding."""
         cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         training = self.training and cache is None
-        state = ForwardState(training, collect_routing)
+        state = ForwardState(training, collect_routing, valid_positions(attention_mask, input_ids, cache is not None))
         x = self.embedding(input_ids)
         if cfg.ln_placement == "post":
             x = F.layer_norm(x * math.sqrt(cfg.d_model), (cfg.d_model,))
         for l, g, r in self.execution_order():
             x_in = x
-            if state.collect_routing:
-                state.record = RoutingRecord(l=l, g=g, r=r)
+            state.new_record(l, g, r)
             x = self.transformer.layers[g](x, g, l, state, cache, causal)
             if state.record is not None:
                 state.finish_record(x_in, x)

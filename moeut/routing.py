@@ -26,6 +26,8 @@ from .outputs import RoutingRecord
 
 def _check_idx(t: torch.Tensor, n: int, what: str, rec: RoutingRecord) -> None:
     # One host sync per record; update() runs only on the sampled steps, never inside the forward.
+    if t.numel() == 0:  # every position padded
+        return
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi >= n:
         raise ValueError(f"RoutingRecord l={rec.l} (g={rec.g}, r={rec.r}): {what} has values in "
@@ -107,7 +109,8 @@ class RoutingStats:
     # -- accumulation ------------------------------------------------------------------------
     @torch.no_grad()
     def update(self, records: Sequence[RoutingRecord]) -> None:
-        """Add one forward's records (any order; each record's own g and r are used)."""
+        """Add one forward's records (any order; each record's own g and r are used). Positions
+        a record marks as padding (`RoutingRecord.valid` False) are not counted."""
         if not records:
             return
         by_group: Dict[int, Dict[int, RoutingRecord]] = {}
@@ -124,11 +127,14 @@ class RoutingStats:
         c = self._state(dev)
         NE = self.n_experts
         for g, reps in by_group.items():
-            prev_idx = None
+            prev_idx, prev_r = None, None
             for r in sorted(reps):
                 rec = reps[r]
+                keep_N = rec.valid.reshape(-1).bool() if rec.valid is not None else None  # real tokens
                 if rec.mlp_idx is not None:
                     idx = rec.mlp_idx.reshape(-1, rec.mlp_idx.shape[-1]).long()  # [N, K]
+                    if keep_N is not None:
+                        idx = idx[keep_N.to(idx.device)]
                     _check_idx(idx, NE, "mlp_idx", rec)
                     c["mlp_counts"][g, r] += torch.bincount(idx.reshape(-1), minlength=NE).to(c["mlp_counts"].device)
                     if prev_idx is not None and prev_idx.shape == idx.shape and r == prev_r + 1:
@@ -140,6 +146,8 @@ class RoutingStats:
                     prev_idx, prev_r = idx, r
                     if rec.mlp_gate is not None:
                         gate = rec.mlp_gate.reshape(-1, rec.mlp_gate.shape[-1]).double()  # [N, K]
+                        if keep_N is not None:
+                            gate = gate[keep_N.to(gate.device)]
                         c["gate_min_sum"][g] += gate.min(-1).values.sum().to(c["gate_min_sum"].device)
                         c["gate_max_sum"][g] += gate.max(-1).values.sum().to(c["gate_max_sum"].device)
                         c["gate_n"][g] += gate.shape[0]
@@ -154,6 +162,8 @@ class RoutingStats:
                         _check_idx(t, E, f"{name}_idx", rec)
                         flat = t.reshape(-1, H, t.shape[-1]).long() + \
                             torch.arange(H, device=t.device)[None, :, None] * E  # [N, H, k] -> h*E + e
+                        if keep_N is not None:
+                            flat = flat[keep_N.to(flat.device)]
                         cnt = torch.bincount(flat.reshape(-1), minlength=H * E).view(H, E)
                         c[f"{name}_counts"][g, r] += cnt.to(c[f"{name}_counts"].device)
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from .validate import at_least
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SWEEPS_DIR = REPO_ROOT / "sweeps"
 DEFAULT_ROOT = os.environ.get("MOEUT_SWEEP_ROOT", "outputs/sweeps")
@@ -65,7 +67,7 @@ class SweepFile:
     description: str
     grids: List[Grid]
     common: List[str] = field(default_factory=list)
-    expected_jobs: Optional[int] = None
+    expected_jobs: Optional[int] = field(default=None, metadata=at_least(1))  # checked in load_sweep
     wandb_group_key: str = "logger.group"
 
 

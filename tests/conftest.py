@@ -1,15 +1,68 @@
+# --- Triton interpreter (kernels helper; keep this block first) ----------------------------
+# Without a GPU the Triton CVMM kernels are tested under TRITON_INTERPRET=1, which must be set
+# before anything imports Triton (Triton jits its own library functions at import; torch imports
+# Triton lazily). conftest.py is imported before any test module, so a plain `python -m pytest`
+# runs the interpreter tests in-process instead of skipping them. A machine with a GPU keeps the
+# real backend; an explicit TRITON_INTERPRET=0 in the environment is respected.
+import os as _os
+import sys as _sys
+
+if "triton" not in _sys.modules and "TRITON_INTERPRET" not in _os.environ:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        _os.environ["TRITON_INTERPRET"] = "1"
+# ------------------------------------------------------------------------------------------
+
 import gzip
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
 
+# Fixture locations, resolved so that the suite runs on a fresh clone. Small fixtures live in the
+# repository: golden vectors in tests/golden/, text in data/ (the embedded corpus, data/README.md).
+# Large optional ones (golden/v8000.pt, the zero-shot sets in data/eval, the full Gutenberg corpus)
+# are looked up in $MOEUT_SHARED (default: ../shared beside the checkout); tests that need them
+# skip with a reason naming the missing file.
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MOEUT_SHARED", REPO.parent / "shared"))
-GOLDEN = SHARED / "golden"
-DATA = SHARED / "data"
+REPO_GOLDEN = REPO / "tests" / "golden"
+SHARED_GOLDEN = SHARED / "golden"
+GOLDEN = REPO_GOLDEN  # where the vendored golden files are
+EMBEDDED = REPO / "data"  # the embedded corpus
+C4 = EMBEDDED / "c4_sample"  # {train,valid}.jsonl.gz: the 980/20-document C4 sample
+BOOKS = EMBEDDED / "books"  # {train,valid}.jsonl.gz: the default corpus
+EVAL = SHARED / "data" / "eval"  # zero-shot sets: not in the repository (optional)
+
+# Golden files the suite knows; the ones not in tests/golden/ are optional (too large to carry).
+GOLDEN_MODEL_FILES = ("tiny.pt", "small_g3.pt", "tiny_training_format.pt", "v8000.pt")
+OPTIONAL_GOLDEN = ("v8000.pt",)
+
+
+def golden_path(name: str) -> Optional[Path]:
+    """tests/golden/<name>, else $MOEUT_SHARED/golden/<name>, else None."""
+    for d in (REPO_GOLDEN, SHARED_GOLDEN):
+        if (d / name).is_file():
+            return d / name
+    return None
+
+
+def golden_or_skip(name: str) -> Path:
+    path = golden_path(name)
+    if path is None:
+        pytest.skip(f"optional golden file missing: {name} (neither {REPO_GOLDEN / name} nor {SHARED_GOLDEN / name})")
+    return path
+
+
+def shared_or_skip(path: Path) -> Path:
+    """`path` (under SHARED) if it exists, else skip naming it."""
+    if not Path(path).exists():
+        pytest.skip(f"optional data missing: {path} (set MOEUT_SHARED to the folder holding data/ and golden/)")
+    return Path(path)
 
 
 @pytest.fixture(autouse=True)
@@ -20,9 +73,7 @@ def _seed_and_threads():
 
 @pytest.fixture(scope="session")
 def c4_texts():
-    path = DATA / "text" / "c4" / "train.jsonl.gz"
-    if not path.exists():
-        pytest.skip(f"shared data missing: {path}")
+    path = C4 / "train.jsonl.gz"
     with gzip.open(path, "rt") as f:
         return [json.loads(line)["text"] for line in f]
 

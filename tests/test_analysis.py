@@ -19,8 +19,9 @@ from moeut import analysis as A  # noqa: E402
 from moeut import analyze as Z  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MOEUT_SHARED", REPO.parent / "shared"))
-C4_VALID = SHARED / "data" / "text" / "c4" / "valid.jsonl.gz"
+from conftest import C4  # noqa: E402  (the embedded corpus, data/README.md)
+
+C4_VALID = C4 / "valid.jsonl.gz"
 
 
 def png_size(path):
@@ -147,8 +148,7 @@ def test_load_texts_errors(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(ValueError, match="holds no"):
         Z.load_texts(str(tmp_path / "d"))
-    if C4_VALID.exists():
-        assert len(Z.load_texts(str(C4_VALID))) == 20
+    assert len(Z.load_texts(str(C4_VALID))) == 20
 
 
 # ------------------------------------------------------------------------------------------
@@ -297,7 +297,6 @@ def test_figures_and_report_from_fake(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, small_tokenizer, c4_texts):
-    pytest.importorskip("moeut.model")
     from moeut.checkpoint import build_model, save_checkpoint
     from moeut.config import get_preset
     from moeut.routing import RoutingStats

@@ -92,11 +92,31 @@ def test_variant_trains_on_real_text(name, c4_stream):
         assert model(windows[:2, :-1]).reg_loss.item() == 0.0  # eval: exactly 0
 
 
+def _meta_params(name: str) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(get_preset(name)).parameters())
+
+
 def test_baseline_presets_build_on_meta():
+    """Every baseline preset builds with the closed-form count, and the matches its table comments
+    claim (moeut/baselines/__init__.py) hold exactly."""
+    from moeut.compute import active_params
+    from moeut.config import param_count_formula
+    n = {name: _meta_params(name) for name in BASELINE_PRESETS}
     for name in BASELINE_PRESETS:
-        with torch.device("meta"):
-            model = build_model(get_preset(name))
-        assert sum(p.numel() for p in model.parameters()) > 0, name
+        assert n[name] == param_count_formula(get_preset(name)), name
+    for size in ("44m", "244m"):
+        # Switch router E x d = σ-MoE's gate E x d: only the routing differs.
+        assert n[f"switch_{size}"] == _meta_params(f"sigma_moe_{size}")
+        assert n[f"moeut_switch_{size}"] == _meta_params(f"moeut_{size}")
+        # DeepSeekMoE: same experts; the K_s shared experts have no router row.
+        cfg = get_preset(f"deepseek_{size}")
+        assert n[f"deepseek_{size}"] == _meta_params(f"sigma_moe_{size}") - cfg.n_layers * cfg.moe_n_shared * cfg.d_model
+        cfg = get_preset(f"moeut_deepseek_{size}")
+        assert n[f"moeut_deepseek_{size}"] == _meta_params(f"moeut_{size}") - cfg.group_size * cfg.moe_n_shared * cfg.d_model
+    # DeepSeekMoE 2B validation model (SPEC 8.5): 2.0B total, 0.3B activated.
+    assert abs(n["deepseek_2b"] - 2.0e9) <= 0.05e9
+    assert abs(active_params(get_preset("deepseek_2b")) - 0.3e9) <= 0.02e9
 
 
 def test_naive_ut_is_one_shared_layer_matched_to_moeut():
@@ -242,6 +262,46 @@ def test_capacity_drops_exactly_the_overflow():
     assert torch.equal(keep, want)
 
 
+def test_capacity_groups_and_padding_against_a_loop():
+    """Groups are independent, each with its own capacity; padded tokens take no slot and are never
+    kept (issue 14.3). Oracle: the priority loop per group over the real tokens only."""
+    g = torch.Generator().manual_seed(2)
+    G, N, K, E = 3, 30, 2, 4
+    idx = torch.stack([torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)]) for _ in range(G)])
+    valid = torch.rand(G, N, generator=g) > 0.3
+    n_real = valid.sum(-1)
+    cap = expert_capacity(n_real, 1.0, E)
+    assert cap.tolist() == [expert_capacity(int(n), 1.0, E) for n in n_real]  # tensor = int rule
+    keep = capacity_keep_mask(idx, E, cap, valid)
+    want = torch.zeros(G, N, K, dtype=torch.bool)
+    for b in range(G):
+        load = [0] * E
+        for j in range(K):
+            for t in range(N):
+                e = idx[b, t, j].item()
+                if valid[b, t] and load[e] < cap[b]:
+                    want[b, t, j] = True
+                    load[e] += 1
+    assert torch.equal(keep, want)
+    assert keep.any() and not keep.all()
+
+
+def test_switch_capacity_groups_per_sequence_in_eval_per_batch_in_training():
+    cfg = get_preset("tiny", mlp_type="switch", ff_k=2, ff_n_experts=4, moe_capacity_factor=1.0)
+    moe = SwitchMoE(cfg)
+    moe.reset_parameters(cfg)
+    z = torch.randn(3 * 10, 4, generator=torch.Generator().manual_seed(0))
+    moe.eval()
+    _, idx, gate = moe.route(z, seq_len=10)
+    for b in range(3):  # each sequence alone gives its own rows
+        _, idx_b, gate_b = moe.route(z[b * 10:(b + 1) * 10], seq_len=10)
+        assert torch.equal(idx[b * 10:(b + 1) * 10], idx_b) and torch.equal(gate[b * 10:(b + 1) * 10], gate_b)
+    moe.train()
+    _, idx_t, gate_t = moe.route(z, seq_len=10)  # one group of 30 tokens: capacity 8, not 3 x 8
+    keep = capacity_keep_mask(idx_t, 4, expert_capacity(30, 1.0, 4))
+    assert torch.equal(gate_t > 0, keep) and not torch.equal(gate_t > 0, gate > 0)
+
+
 def test_switch_module_drops_tokens_to_zero_output():
     cfg = get_preset("tiny", mlp_type="switch", ff_k=1, ff_n_experts=4, moe_capacity_factor=0.5)
     moe = SwitchMoE(cfg)
@@ -367,9 +427,13 @@ def test_generate_runs_for_baselines():
         cfg = SMALL[name]
         if isinstance(cfg, SUTConfig):
             cfg = dataclasses.replace(cfg, sample_topk=0)
-        model = build_model(cfg)
-        out = model.generate(torch.randint(0, V, (2, 4)), 5, greedy=True)
-        assert out.shape == (2, 9)
+        model = build_model(cfg).eval()
+        ids = torch.randint(0, V, (2, 4))
+        out = model.generate(ids, 5, greedy=True)
+        assert out.shape == (2, 9) and torch.equal(out[:, :4], ids)
+        with torch.no_grad():  # each cached greedy token is the argmax of a full forward over its prefix
+            for t in range(4, 9):
+                assert torch.equal(model(out[:, :t]).logits[:, -1].argmax(-1), out[:, t]), (name, t)
 
 
 def test_routing_records_for_new_mlps():

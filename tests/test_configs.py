@@ -12,10 +12,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from moeut.checkpoint import build_model  # noqa: E402
-from moeut.config import PAPER_TRAIN, PRESETS, get_preset  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from moeut.config import PAPER_TRAIN, PRESETS, get_preset, param_count_formula  # noqa: E402
 from moeut.train_lib.config import build_model_config, to_typed  # noqa: E402
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+BOOKS = REPO / "data" / "books"
+# data=gutenberg reads ../shared (or $MOEUT_DATA); without it, point its experiments at the embedded books
+EMBEDDED_DATA = [f"data.path={BOOKS / 'train.jsonl.gz'}", f"data.valid_path={BOOKS / 'valid.jsonl.gz'}",
+                 f"data.extra_valid.c4={REPO / 'data' / 'c4_sample' / 'valid.jsonl.gz'}"]
 
 
 def compose_cfg(overrides):
@@ -37,13 +43,24 @@ def test_experiment_list_covers_the_paper():
 def test_every_experiment_composes_and_builds_on_meta(experiment):
     # The Stack needs a mirror path; C4/SlimPajama/peS2o default to hub streaming (path null).
     cfg = compose_cfg([f"experiment={experiment}"] + (["data.path=/tmp"] if "thestack" in experiment else []))
+    if cfg.data.source == "local" and not Path(cfg.data.path).exists():
+        cfg = compose_cfg([f"experiment={experiment}"] + EMBEDDED_DATA)
     tc = to_typed(cfg)
     preset = cfg.model.preset
-    assert dataclasses.asdict(tc.model) == dataclasses.asdict(PRESETS[preset]) or experiment.startswith("cpu")
+    # The composed model = the preset, changed exactly in the fields the experiment sets (paper
+    # runs set none: they use their preset unchanged).
+    explicit = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                if k not in ("preset", "overrides") and v is not None}
+    explicit.update(cfg.model.overrides or {})
+    if not experiment.startswith("cpu"):
+        assert explicit == {}, f"{experiment}: paper runs use their preset unchanged, got {explicit}"
+    got, base = dataclasses.asdict(tc.model), dataclasses.asdict(PRESETS[preset])
+    assert {k for k in base if got[k] != base[k]} <= set(explicit), experiment
+    assert all(got[k] == v for k, v in explicit.items()), (experiment, explicit)
     with torch.device("meta"):
         model = build_model(tc.model)
     n = sum(p.numel() for p in model.parameters())
-    assert n > 0
+    assert n == param_count_formula(tc.model)  # SPEC §2 closed forms, independent of the modules
     # paper runs: warm-up and clip of their size (SPEC 2.1/2.2), the paper's batch and schedule
     size = next((s for s in PAPER_TRAIN if f"_{s}" in experiment), None)
     if size is not None:
@@ -53,12 +70,14 @@ def test_every_experiment_composes_and_builds_on_meta(experiment):
         assert tc.optim.lr == 2.5e-4 and tc.optim.weight_decay == 0.01
 
 
-def test_default_job_is_cpu_small_on_shared_text():
+def test_default_job_is_cpu_small_on_embedded_books(monkeypatch):
+    """`python train.py` reads only the corpus carried in data/, whatever MOEUT_DATA says."""
+    monkeypatch.setenv("MOEUT_DATA", "/nonexistent")
     tc = to_typed(compose_cfg([]))
     assert tc.model_preset == "mini" and tc.train.device == "cpu" and tc.train.precision == "fp32"
-    assert Path(tc.data.path).resolve() == (REPO.parent / "shared" / "data" / "text" / "gutenberg" /
-                                            "train.jsonl.gz").resolve()
-    assert "c4" in tc.data.extra_valid
+    assert Path(tc.data.path) == BOOKS / "train.jsonl.gz" and Path(tc.data.valid_path) == BOOKS / "valid.jsonl.gz"
+    assert Path(tc.data.extra_valid["c4"]) == REPO / "data" / "c4_sample" / "valid.jsonl.gz"
+    # that the default job's tokens fit in one pass over the embedded text: tests/test_embedded.py (slow)
 
 
 def test_model_overrides_and_errors():

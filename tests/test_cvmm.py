@@ -97,3 +97,62 @@ def test_bad_shapes_raise():
         cvmm(x.float(), w[:4].float(), plan, src_div=src_div)
     with pytest.raises(ValueError, match="unknown backend"):
         cvmm(x.float(), w.float(), plan, src_div=src_div, backend="nope")
+
+
+# ------------------------------------------------------------------------------------------
+# A broken Triton is never dropped silently (issue 14 item 5)
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def broken_triton_import(monkeypatch):
+    """Make `from . import cvmm_triton` fail as with a missing / broken Triton, on an sm_90 'GPU'."""
+    import sys
+    import moeut.kernels as pkg
+    import moeut.kernels.cvmm as cv
+    monkeypatch.delitem(cv._BACKENDS, "triton", raising=False)
+    monkeypatch.delattr(pkg, "cvmm_triton", raising=False)
+    monkeypatch.setitem(sys.modules, "moeut.kernels.cvmm_triton", None)  # import raises ImportError
+    monkeypatch.setattr(cv, "_triton_failure", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.delenv(cv.BACKEND_ENV, raising=False)
+    return cv
+
+
+def test_auto_warns_loudly_when_triton_cannot_be_imported(broken_triton_import):
+    cv = broken_triton_import
+    with pytest.warns(RuntimeWarning, match=r"cvmm_backend.*MOEUT_CVMM_BACKEND"):
+        assert cv.resolve_backend("auto", torch.device("cuda")) == "grouped_mm"
+    assert cv._triton_failure is not None and "cvmm_triton" in cv._triton_failure
+
+
+def test_explicit_triton_raises_when_it_cannot_be_imported(broken_triton_import, monkeypatch):
+    cv = broken_triton_import
+    with pytest.raises(ImportError, match=r"cvmm_backend='triton'.*MOEUT_CVMM_BACKEND=triton"):
+        cv.resolve_backend("triton", torch.device("cuda"))
+    monkeypatch.setenv(cv.BACKEND_ENV, "triton")  # the environment variable is an explicit request too
+    with pytest.raises(ImportError, match="needs a working Triton"):
+        cv.resolve_backend("auto", torch.device("cuda"))
+
+
+def test_auto_falls_back_with_a_warning_when_a_triton_kernel_fails(monkeypatch):
+    """A kernel that fails to compile under 'auto' (ptxas, driver, API mismatch): one loud warning,
+    the correct result from grouped_mm, and no further Triton attempts in this process."""
+    import moeut.kernels.cvmm as cv
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        raise RuntimeError("PTXASError: ptxas fatal: internal error")
+
+    monkeypatch.setitem(cv._BACKENDS, "triton", failing)
+    monkeypatch.setattr(cv, "_triton_failure", None)
+    monkeypatch.setattr(cv, "_resolve", lambda name, device: (
+        ("triton", True) if cv._triton_failure is None else ("grouped_mm", True)))
+    x, w, ids, r, src_div, out_group = random_problem("rows", k=3)
+    plan = make_plan(ids, 6)
+    with pytest.warns(RuntimeWarning, match=r"ptxas.*model\.cvmm_backend=grouped_mm"):
+        out = cvmm(x.float(), w.float(), plan, src_div=src_div, out_group=out_group, gates=r.float())
+    ref = oracle_with_grads(x, w, ids, r, src_div, out_group, torch.ones(out.shape, dtype=torch.float64))[0]
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-5)
+    cvmm(x.float(), w.float(), plan, src_div=src_div, out_group=out_group, gates=r.float())
+    assert len(calls) == 1

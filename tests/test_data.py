@@ -2,7 +2,6 @@
 import gzip
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,7 @@ from moeut.data.sources import (DataError, c4_corpus, list_local_files, local_co
                                 read_documents, slimpajama_corpus)
 from moeut.data.tokenizer import DOC_SEPARATOR
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-C4 = SHARED / "data" / "text" / "c4"
+from conftest import C4  # the embedded corpus in data/ (data/README.md)
 
 
 def _write_jsonl_gz(path, texts, field="text"):
@@ -26,8 +24,6 @@ def _write_jsonl_gz(path, texts, field="text"):
 
 @pytest.fixture(scope="module")
 def c4_docs():
-    if not (C4 / "train.jsonl.gz").exists():
-        pytest.skip("shared C4 sample missing")
     with gzip.open(C4 / "train.jsonl.gz", "rt") as f:
         return [json.loads(line)["text"] for line in f]
 
@@ -175,8 +171,13 @@ def test_memmap_round_trip_matches_naive_encoding(tmp_path, c4_docs, c4_tok):
 
 def test_pool_gives_same_tokens_as_in_process(tmp_path, c4_tok):
     corpus = local_corpus(str(C4 / "train.jsonl.gz"), "train")
-    a = prepare_tokens(corpus, c4_tok, str(tmp_path / "a"), max_tokens=30000, num_workers=0, log=lambda *a: None)
-    b = prepare_tokens(corpus, c4_tok, str(tmp_path / "b"), max_tokens=30000, num_workers=2, log=lambda *a: None)
+    # small shards -> small chunks: several pool tasks (a single chunk is encoded in-process)
+    a = prepare_tokens(corpus, c4_tok, str(tmp_path / "a"), max_tokens=30000, num_workers=0, shard_tokens=4000,
+                       log=lambda *a: None)
+    b = prepare_tokens(corpus, c4_tok, str(tmp_path / "b"), max_tokens=30000, num_workers=2, shard_tokens=4000,
+                       log=lambda *a: None)
+    assert len(b.shards) > 2 and json.load(open(os.path.join(b.path, "manifest.json")))["shards"] == \
+        json.load(open(os.path.join(a.path, "manifest.json")))["shards"]
     np.testing.assert_array_equal(TokenStream(a).slice(0, 30000), TokenStream(b).slice(0, 30000))
 
 

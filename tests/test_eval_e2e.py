@@ -18,9 +18,8 @@ from moeut.eval.tasks import get_task
 from moeut.eval.tasks.base import EvalOptions
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MOEUT_SHARED", REPO.parent / "shared"))
-EVAL = SHARED / "data" / "eval"
-pytestmark = pytest.mark.skipif(not EVAL.is_dir(), reason=f"shared eval data missing: {EVAL}")
+from conftest import C4, EVAL  # noqa: E402  (EVAL: $MOEUT_SHARED/data/eval, not in the repository)
+pytestmark = pytest.mark.skipif(not EVAL.is_dir(), reason=f"zero-shot sets missing: {EVAL} (set MOEUT_SHARED)")
 CANDS = ["Tom", "cat", "dog", "fox", "hen", "pig", "cow", "owl", "bee", "ant"]
 
 
@@ -161,7 +160,7 @@ def test_bad_inputs(run_dir, small_tokenizer, tmp_path):
     # vocabulary mismatch: a tokenizer of another size
     from moeut.data.tokenizer import train_tokenizer
     import gzip
-    texts = [json.loads(l)["text"] for l in gzip.open(SHARED / "data" / "text" / "c4" / "train.jsonl.gz", "rt")][:100]
+    texts = [json.loads(l)["text"] for l in gzip.open(C4 / "train.jsonl.gz", "rt")][:100]
     other = train_tokenizer(texts, vocab_size=300)
     other.save(tmp_path / "other.model")
     with pytest.raises(ValueError, match="tokenizer has 300 pieces but the model's vocab_size is 512"):

@@ -6,7 +6,6 @@ import math
 import os
 import shutil
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +19,8 @@ from moeut.eval.tasks.blimp import PARADIGMS
 from moeut.eval.tasks.cbt import detokenize, parse_cbt_file
 from moeut.eval.tasks.hellaswag import items_from_jsonl, items_from_text, preprocess
 
-SHARED = Path(os.environ.get("MOEUT_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
-EVAL = SHARED / "data" / "eval"
-pytestmark = pytest.mark.skipif(not EVAL.is_dir(), reason=f"shared eval data missing: {EVAL}")
+from conftest import EVAL  # noqa: E402  ($MOEUT_SHARED/data/eval: the zero-shot sets are not in the repository)
+pytestmark = pytest.mark.skipif(not EVAL.is_dir(), reason=f"zero-shot sets missing: {EVAL} (set MOEUT_SHARED)")
 
 
 def scorer_for(model, **kw):

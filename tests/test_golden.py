@@ -1,6 +1,7 @@
-"""Golden equivalence with the official implementation (shared/golden, README there).
+"""Golden equivalence with the official implementation (tests/golden, README there).
 
-Discovers every model file, so new golden files are covered automatically."""
+Covers every model file in tests/golden/ and $MOEUT_SHARED/golden/, so new golden files are
+covered automatically; the large v8000.pt is optional (shared only) and skips, naming itself, when absent."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,27 +9,33 @@ import torch.nn.functional as F
 from moeut.model import KVCache
 from moeut.official import from_official, to_official
 
-from conftest import GOLDEN
+from conftest import GOLDEN_MODEL_FILES, OPTIONAL_GOLDEN, REPO_GOLDEN, SHARED_GOLDEN, golden_or_skip, golden_path
 
-MODEL_FILES = sorted(p for p in GOLDEN.glob("*.pt") if p.name != "cvmm_cases.pt") if GOLDEN.exists() else []
+# Known files first (the optional ones skip by name), then any other model file found in either folder.
+MODEL_FILES = list(GOLDEN_MODEL_FILES) + sorted(
+    {p.name for d in (REPO_GOLDEN, SHARED_GOLDEN) if d.is_dir() for p in d.glob("*.pt")}
+    - set(GOLDEN_MODEL_FILES) - {"cvmm_cases.pt"})
 
 
 def _load(path):
     d = torch.load(path, weights_only=True)
     if "logits_eval" not in d:  # e.g. tiny_training_format: expected outputs live in its source file
         src = d.get("source_golden", path.name.replace("_training_format", ""))
-        ref = torch.load(GOLDEN / (src if src.endswith(".pt") else src + ".pt"), weights_only=True)
+        ref = torch.load(golden_or_skip(src if src.endswith(".pt") else src + ".pt"), weights_only=True)
         return d, ref
     return d, d
 
 
-@pytest.fixture(params=MODEL_FILES, ids=lambda p: p.stem)
+@pytest.fixture(params=MODEL_FILES, ids=lambda name: name[:-3])
 def golden(request):
-    return _load(request.param)
+    return _load(golden_or_skip(request.param))
 
 
 def test_golden_files_present():
-    assert len(MODEL_FILES) >= 4, f"expected golden model files in {GOLDEN}"
+    """Every golden file except the optional large ones is carried in tests/golden/."""
+    required = [n for n in (*GOLDEN_MODEL_FILES, "cvmm_cases.pt") if n not in OPTIONAL_GOLDEN]
+    missing = [n for n in required if not (REPO_GOLDEN / n).is_file()]
+    assert not missing, f"golden files missing from {REPO_GOLDEN}: {missing}"
 
 
 def test_logits_reg_ce_and_grads(golden):
@@ -90,7 +97,7 @@ def test_official_round_trip(golden):
 
 
 def test_official_bad_keys_are_named():
-    weights, _ = _load(GOLDEN / "tiny.pt")
+    weights, _ = _load(golden_path("tiny.pt"))
     sd = dict(weights["state_dict"])
     sd.pop("transformer.layers.1.ffn.keys")
     sd["transformer.layers.0.ffn.bogus"] = torch.zeros(1)

@@ -16,8 +16,8 @@ from eval_fakes import BigramLM, generated_texts  # noqa: E402
 from moeut.eval.harness import MoEUTHarnessLM  # noqa: E402
 from moeut.eval.scoring import MCItem, Scorer, evaluate_multiple_choice  # noqa: E402
 
-SHARED = Path(os.environ.get("MOEUT_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
-PIQA = SHARED / "data" / "eval" / "piqa"
+from conftest import EVAL  # noqa: E402  ($MOEUT_SHARED/data/eval: not in the repository)
+PIQA = EVAL / "piqa"
 
 
 class Inst:  # the part of lm_eval.api.instance.Instance the adapter reads

@@ -9,8 +9,6 @@ from moeut.config import PRESET_PARAMS, PRESETS, param_count_formula
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_param_count(name):
     cfg = PRESETS[name]
-    if cfg.arch != "moeut":
-        pytest.importorskip("moeut.baselines.dense")
     with torch.device("meta"):
         model = build_model(cfg)
     n = sum(p.numel() for p in model.parameters())
@@ -37,3 +35,27 @@ def test_44m_preset_runs_a_forward():
     with torch.no_grad():
         out = model(torch.randint(0, 8000, (1, 8)))
     assert out.logits.shape == (1, 8, 8000) and torch.isfinite(out.logits).all()
+
+
+def test_registry_does_not_depend_on_import_order():
+    """Issue 14.6: presets and architectures used to appear only once something imported
+    moeut.baselines, so `pytest tests/test_presets.py` alone collected 40 cases and 60 after
+    test_baselines.py. A fresh interpreter that imports only moeut.config must see everything."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from moeut.baselines import BASELINE_PRESETS
+    from moeut.config import ARCHS
+    code = ("from moeut.config import PRESETS, ARCHS; "
+            "print(len(PRESETS)); print(','.join(sorted(PRESETS))); print(','.join(sorted(ARCHS)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert int(out[0]) == len(PRESETS)
+    assert set(out[1].split(",")) == set(PRESETS) >= set(BASELINE_PRESETS)
+    assert set(out[2].split(",")) == set(ARCHS) >= {"moeut", "dense", "moe_transformer", "sut"}
+    # The symptom itself: this file collected alone has one param-count case per preset.
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          str(repo / "tests" / "test_presets.py")], capture_output=True, text=True, cwd=repo)
+    cases = [line for line in res.stdout.splitlines() if "::test_param_count[" in line]
+    assert len(cases) == len(PRESETS), res.stdout[-2000:]

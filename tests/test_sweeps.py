@@ -28,7 +28,7 @@ from typing import Dict, List
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from conftest import C4  # noqa: E402  (the embedded C4 sample, data/README.md)
 sys.path.insert(0, str(REPO))
 
 from moeut import summary as summ  # noqa: E402
@@ -231,8 +231,7 @@ def _base_env(tmp_path: Path) -> Dict[str, str]:
 
 
 def _needs_data():
-    if not (SHARED / "data" / "text" / "c4" / "train.jsonl.gz").is_file():
-        pytest.skip(f"real text not found under {SHARED}/data/text")
+    assert (C4 / "train.jsonl.gz").is_file(), f"embedded corpus missing: {C4}/train.jsonl.gz"
 
 
 # ==========================================================================================

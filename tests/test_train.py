@@ -14,14 +14,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 import train as train_script  # noqa: E402
 from moeut.checkpoint import find_checkpoints, load_model  # noqa: E402
 from moeut.train_lib.config import to_typed  # noqa: E402
-
-pytestmark = pytest.mark.skipif(not (SHARED / "data" / "text" / "c4").exists(), reason="shared data missing")
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +64,58 @@ def test_tiny_run_loss_falls_and_leaves_checkpoint(cache_dir, tmp_path):
     assert (tmp_path / "tokenizer.model").exists()
 
 
+# Wall-clock measurements differ between any two runs; everything else must be identical.
+TIMING_KEYS = ("time", "train/tokens_per_s", "train/mfu", "train/memory_mb")
+
+
+def logged(run_dir):
+    """metrics.jsonl without the wall-clock fields."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in metrics(run_dir)]
+
+
+# The general case: dropout and expert dropout draw random numbers every step, the shuffled
+# sampler, a log window (3), routing window (10, counts every 2nd step) and validation (every 4)
+# that all straddle the interruption at step 5.
+GENERAL = ("model.dropout=0.1", "model.expert_dropout=0.2", "data.sampler=shuffled", "train.log_interval=3",
+           "train.val_interval=4")
+
+
 def test_exact_resume(cache_dir, tmp_path):
-    full = run(cache_dir, tmp_path / "full", "train.steps=12")
-    part = run(cache_dir, tmp_path / "split", "train.steps=12", "train.stop_at=5")
+    full = run(cache_dir, tmp_path / "full", "train.steps=12", *GENERAL)
+    part = run(cache_dir, tmp_path / "split", "train.steps=12", "train.stop_at=5", *GENERAL)
     assert part["step"] == 5 and part["losses"] == full["losses"][:5]
-    rest = run(cache_dir, tmp_path / "split", "train.steps=12")
+    rest = run(cache_dir, tmp_path / "split", "train.steps=12", *GENERAL)
     assert rest["step"] == 12 and len(rest["losses"]) == 7
     assert rest["losses"] == full["losses"][5:]  # bit-exact in fp32 on CPU
+    want = logged(tmp_path / "full")
+    assert {r["step"] for r in want if "moe/g0/usage_rel_ppl" in r} == {10}  # routing window spans the stop
+    assert logged(tmp_path / "split") == want  # every logged value, exactly
+
+
+def test_resume_after_crash_rewinds_metrics(cache_dir, tmp_path):
+    """A crash after the step-3 checkpoint, with steps 4..6 already logged: the resume moves those
+    records aside and logs them again, so metrics.jsonl equals an uninterrupted run's."""
+    run(cache_dir, tmp_path / "full", "train.steps=8", *GENERAL)
+    run(cache_dir, tmp_path / "crash", "train.steps=8", "train.stop_at=6", "train.save_interval=3",
+        "train.keep_last=5", *GENERAL)
+    import shutil
+    shutil.rmtree(tmp_path / "crash" / "checkpoints" / "step_0000006")  # the crash came before this save
+    run(cache_dir, tmp_path / "crash", "train.steps=8", *GENERAL)
+    assert logged(tmp_path / "crash") == logged(tmp_path / "full")
+    with open(tmp_path / "crash" / "metrics.rewound.jsonl") as f:
+        assert sorted({json.loads(line)["step"] for line in f}) == [4, 6]  # train/ at 6, validation at 4
+
+
+def test_fresh_start_in_used_run_dir_keeps_one_history(cache_dir, tmp_path):
+    """train.resume=never over an old run: metrics.jsonl holds only the new history; the old
+    records are moved to metrics.rewound.jsonl, not mixed in and not lost."""
+    run(cache_dir, tmp_path / "a", "train.steps=3")
+    old = metrics(tmp_path / "a")
+    run(cache_dir, tmp_path / "a", "train.steps=3", "train.resume=never")
+    run(cache_dir, tmp_path / "b", "train.steps=3")
+    assert logged(tmp_path / "a") == logged(tmp_path / "b")
+    with open(tmp_path / "a" / "metrics.rewound.jsonl") as f:
+        assert [json.loads(line) for line in f] == old
 
 
 def test_corrupt_newest_checkpoint_falls_back(cache_dir, tmp_path):
@@ -129,7 +171,7 @@ def _cli(cache_dir, run_dir, *overrides):
 
 def test_sigterm_saves_valid_checkpoint_offline(cache_dir, tmp_path):
     """SIGTERM mid-run: the step finishes, a checkpoint is written and the process exits 0; the
-    run is offline (HF_DATASETS_OFFLINE=1) and reads only ../shared/data."""
+    run is offline (HF_DATASETS_OFFLINE=1) and reads only the corpus carried in data/."""
     run(cache_dir, tmp_path / "warm", "train.steps=2")  # tokenizer + shards cached for the subprocess
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "train.py", *_cli(cache_dir, run_dir, "train.steps=100000",
@@ -169,7 +211,117 @@ def test_ddp_two_processes_equal_one_process(cache_dir, tmp_path):
     assert len(find_checkpoints(str(run_dir))) == 1  # only rank 0 writes
 
 
+def test_ddp_interrupted_run_logs_what_uninterrupted_logs(cache_dir, tmp_path):
+    """Issue 14.1: 2 gloo processes with dropout, expert dropout and the shuffled sampler. Each
+    rank draws its own dropout masks; the checkpoint keeps every rank's RNG streams and routing
+    accumulators, so stop at 4 + resume logs exactly the uninterrupted run's metrics."""
+    run(cache_dir, tmp_path / "warm", "train.steps=2")  # tokenizer + shards cached for the subprocesses
+    common = ("train.steps=8", "model.dropout=0.1", "model.expert_dropout=0.2", "data.sampler=shuffled",
+              "train.log_interval=3", "train.routing_interval=6", "train.val_interval=4")
+
+    def torchrun(run_dir, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               *_cli(cache_dir, run_dir, *common, *extra)]
+        p = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(cache_dir), capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+    torchrun(tmp_path / "full")
+    torchrun(tmp_path / "split", "train.stop_at=4")
+    state = torch.load(find_checkpoints(str(tmp_path / "split"))[-1] + "/train_state.pt", weights_only=False)
+    assert len(state["ranks"]) == 2  # one RNG state per rank
+    assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])
+    torchrun(tmp_path / "split")
+    want = logged(tmp_path / "full")
+    assert [r["step"] for r in want if "train/loss" in r] == [3, 6, 8]
+    assert logged(tmp_path / "split") == want
+
+
 def test_activation_checkpointing_gives_same_losses(cache_dir, tmp_path):
     a = run(cache_dir, tmp_path / "a", "train.steps=3")
     b = run(cache_dir, tmp_path / "b", "train.steps=3", "train.activation_checkpointing=true")
     assert b["losses"] == pytest.approx(a["losses"], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# Issue 18.1: a refused start leaves the run directory byte-for-byte as it was
+# ------------------------------------------------------------------------------------------
+
+def _tree(root):
+    """{relative path: sha256} of every file, plus every directory (as None)."""
+    import hashlib
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(cache_dir, tmp_path_factory):
+    """A run made by the CLI (so it has .hydra/ and train.log), and another 512-piece tokenizer."""
+    base = tmp_path_factory.mktemp("refuse")
+    run(cache_dir, base / "warm", "train.steps=2")  # tokenizer + shards cached for the subprocess
+    run_dir = base / "run"
+    p = subprocess.run([sys.executable, "train.py", *_cli(cache_dir, run_dir, "train.steps=6", "train.stop_at=3",
+                                                           "train.log_interval=1")],
+                       cwd=REPO, env=_subprocess_env(cache_dir), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    import gzip
+    from moeut.data.tokenizer import train_tokenizer
+    from conftest import C4
+    with gzip.open(C4 / "valid.jsonl.gz", "rt") as f:
+        texts = [json.loads(line)["text"] for _, line in zip(range(300), f)]
+    other = train_tokenizer(texts[::-1][:150], 512, hard_vocab_limit=False)
+    other_path = base / "other_512.model"
+    other.save(other_path)
+    return run_dir, other_path
+
+
+def test_cli_run_writes_train_log_and_hydra_files(finished_run):
+    run_dir, _ = finished_run
+    log = (run_dir / "train.log").read_text()
+    assert "[step 3]" in log and "[ckpt] saved" in log and "parameters" in log  # incl. the start's messages
+    overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert "train.stop_at=3" in overrides and (run_dir / ".hydra" / "config.yaml").exists()
+    assert (run_dir / ".hydra" / "hydra.yaml").exists()
+
+
+REFUSALS = {
+    # the run's tokenizer has 512 pieces (resume=never: even a fresh start may not replace it)
+    "vocab_vs_tokenizer": (["model.vocab_size=1024", "data.vocab_size=1024", "train.resume=never"],
+                           r"data.vocab_size is 1024 but the tokenizer .*tokenizer.model has 512 pieces"),
+    "vocab_vs_checkpoint": (["model.vocab_size=1024", "data.vocab_size=1024"],
+                            r"shape mismatches embedding.weight: checkpoint \(512, 64\)"),
+    # issue 18.1's case: a tokenizer that is not the run's (was copied over R/tokenizer.model)
+    "other_tokenizer": (["data.tokenizer_path={other}"], r"data.tokenizer_path: the tokenizer .* differs from the run's"),
+    "model_vs_checkpoint": (["model.group_size=4", "model.att_n_experts=2"], r"does not match the model architecture"),
+    "model_config_vs_checkpoint": (["model.dropout=0.1"], r"different model config: model.dropout=0.0"),
+    "bad_option": (["train.batch_size=0"], r"train.batch_size: must be >= 1, got 0"),
+    "bad_choice": (["train.precision=fp8"], r"train.precision: 'fp8' is not one of"),
+    # every checkpoint unreadable: starting over would replace the run
+    "all_checkpoints_corrupt": ([], r"train.resume=auto: none of the 1 checkpoints"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSALS))
+def test_refused_start_leaves_run_dir_untouched(cache_dir, finished_run, tmp_path, kind):
+    import shutil
+    src, other = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(src, run_dir)
+    if kind == "all_checkpoints_corrupt":
+        for model_pt in run_dir.glob("checkpoints/step_*/model.pt"):
+            model_pt.write_bytes(model_pt.read_bytes()[:100])
+    before = _tree(run_dir)
+    overrides, message = REFUSALS[kind]
+    overrides = [o.format(other=other) for o in overrides]
+    p = subprocess.run([sys.executable, "train.py", *_cli(cache_dir, run_dir, "train.steps=6", *overrides)],
+                       cwd=REPO, env=_subprocess_env(cache_dir), capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    import re
+    assert re.search(message, p.stdout + p.stderr), p.stdout[-2000:] + p.stderr[-2000:]
+    assert _tree(run_dir) == before  # no file written, changed, added or removed
+    if kind == "other_tokenizer":  # and the plain resume still works afterwards
+        res = run(cache_dir, run_dir, "train.steps=6")
+        assert res["step"] == 6 and len(res["losses"]) == 3

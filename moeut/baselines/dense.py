@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..config import DenseConfig, MLP_TYPES, _check
 from ..model import ForwardState, KVCache, apply_rope, generate, rope_angles
-from ..outputs import LMOutput, RoutingRecord
+from ..outputs import LMOutput, valid_positions
 
 
 @torch.no_grad()
@@ -135,16 +135,18 @@ class DenseLM(nn.Module):
         G, R = self.config.group_size, self.config.n_repeats
         return [(r * G + g, g, r) for r in range(R) for g in range(G)]
 
-    def forward(self, input_ids: torch.Tensor, *, cache: Optional[KVCache] = None,
-                collect_routing: Union[bool, str] = False) -> LMOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                cache: Optional[KVCache] = None, collect_routing: Union[bool, str] = False) -> LMOutput:
+        """input_ids [B, T]; attention_mask [B, T] 1 = real, 0 = right padding (moeut.outputs
+        "Padding contract"); cache: a KVCache to extend (decoding)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-        state = ForwardState(self.training and cache is None, collect_routing)
+        state = ForwardState(self.training and cache is None, collect_routing,
+                             valid_positions(attention_mask, input_ids, cache is not None))
         x = self.embedding(input_ids)
         for l, g, r in self.execution_order():
             x_in = x
-            if state.collect_routing:
-                state.record = RoutingRecord(l=l, g=g, r=r)
+            state.new_record(l, g, r)
             x = self.layers[g](x, g, l, state, cache)
             if state.record is not None:  # update magnitudes are meaningful for dense models too (7.2)
                 state.finish_record(x_in, x)

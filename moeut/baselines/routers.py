@@ -49,71 +49,104 @@ from ..kernels.cvmm import cvmm, make_plan
 # Loss and capacity functions (pure; tested on hand-built routings)
 # ------------------------------------------------------------------------------------------
 
-def switch_balance_loss(probs_NE: torch.Tensor, top1_N: torch.Tensor) -> torch.Tensor:
+# Every loss below takes an optional `weight_N` (1 = real token, 0 = padding): padded tokens are
+# then left out of every count and mean (moeut.outputs "Padding contract"). weight_N=None is all ones.
+
+def _token_weights(weight_N: Optional[torch.Tensor], N: int, device) -> torch.Tensor:
+    if weight_N is None:
+        return torch.ones(N, device=device, dtype=torch.float32)
+    return weight_N.reshape(N).float()
+
+
+def switch_balance_loss(probs_NE: torch.Tensor, top1_N: torch.Tensor,
+                        weight_N: Optional[torch.Tensor] = None) -> torch.Tensor:
     """E * sum_e f_e * P_e. f_e (no gradient) = share of tokens whose first choice is e;
     P_e = mean router probability. Uniform routing gives 1; all tokens on one expert with
     probability 1 gives the maximum E."""
     N, E = probs_NE.shape
+    w_N = _token_weights(weight_N, N, probs_NE.device)
+    n = w_N.sum().clamp_min(1.0)
     f_E = torch.zeros(E, device=probs_NE.device, dtype=torch.float32)
-    f_E.scatter_add_(0, top1_N.long(), torch.ones(N, device=probs_NE.device, dtype=torch.float32))
-    f_E = f_E / N
-    P_E = probs_NE.float().mean(0)
+    f_E.scatter_add_(0, top1_N.long(), w_N)
+    f_E = f_E / n
+    P_E = (probs_NE.float() * w_N[:, None]).sum(0) / n
     return E * (f_E * P_E).sum()
 
 
-def router_z_loss(z_NE: torch.Tensor) -> torch.Tensor:
+def router_z_loss(z_NE: torch.Tensor, weight_N: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(z)^2."""
-    return torch.logsumexp(z_NE.float(), dim=-1).square().mean()
+    sq_N = torch.logsumexp(z_NE.float(), dim=-1).square()
+    if weight_N is None:
+        return sq_N.mean()
+    w_N = _token_weights(weight_N, z_NE.shape[0], z_NE.device)
+    return (sq_N * w_N).sum() / w_N.sum().clamp_min(1.0)
 
 
-def deepseek_balance_loss(scores_NE: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+def _routed_share(scores_NE: torch.Tensor, idx_NK: torch.Tensor, weight_N: Optional[torch.Tensor]):
+    """(f_E, P_E) of DeepSeekMoE's balance losses: f_i = N'/(K'*N) * #{t selects i}, P_i = mean_t s_i,t."""
+    N, E = scores_NE.shape
+    K = idx_NK.shape[-1]
+    w_N = _token_weights(weight_N, N, scores_NE.device)
+    n = w_N.sum().clamp_min(1.0)
+    counts_E = torch.zeros(E, device=scores_NE.device, dtype=torch.float32)
+    counts_E.scatter_add_(0, idx_NK.reshape(-1).long(), w_N[:, None].expand(N, K).reshape(-1))
+    return counts_E * (E / K) / n, (scores_NE.float() * w_N[:, None]).sum(0) / n
+
+
+def deepseek_balance_loss(scores_NE: torch.Tensor, idx_NK: torch.Tensor,
+                          weight_N: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Expert-level balance sum_i f_i P_i (unweighted) over N' routed experts, K' picks per token:
     f_i = N'/(K'*N) * #{t selects i} (no gradient), P_i = mean_t s_{i,t}. Uniform routing gives 1;
     all tokens on the same K' experts holding all the probability mass gives the maximum N'/K'."""
-    N, E = scores_NE.shape
-    K = idx_NK.shape[-1]
-    counts_E = torch.zeros(E, device=scores_NE.device, dtype=torch.float32)
-    counts_E.scatter_add_(0, idx_NK.reshape(-1).long(),
-                          torch.ones(idx_NK.numel(), device=scores_NE.device, dtype=torch.float32))
-    f_E = counts_E * (E / (K * N))
-    P_E = scores_NE.float().mean(0)
+    f_E, P_E = _routed_share(scores_NE, idx_NK, weight_N)
     return (f_E * P_E).sum()
 
 
-def deepseek_device_balance_loss(scores_NE: torch.Tensor, idx_NK: torch.Tensor, n_groups: int) -> torch.Tensor:
+def deepseek_device_balance_loss(scores_NE: torch.Tensor, idx_NK: torch.Tensor, n_groups: int,
+                                 weight_N: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Device-level balance sum_d f'_d P'_d (unweighted) with D equal consecutive groups of routed
     experts: f'_d = mean of the group's f_i, P'_d = sum of the group's P_i (SPEC 8.5)."""
-    N, E = scores_NE.shape
-    K = idx_NK.shape[-1]
+    E = scores_NE.shape[1]
     if E % n_groups:
         raise ValueError(f"moe_device_groups: {n_groups} groups do not divide {E} routed experts")
-    counts_E = torch.zeros(E, device=scores_NE.device, dtype=torch.float32)
-    counts_E.scatter_add_(0, idx_NK.reshape(-1).long(),
-                          torch.ones(idx_NK.numel(), device=scores_NE.device, dtype=torch.float32))
-    f_DG = (counts_E * (E / (K * N))).view(n_groups, E // n_groups)
-    P_DG = scores_NE.float().mean(0).view(n_groups, E // n_groups)
+    f_E, P_E = _routed_share(scores_NE, idx_NK, weight_N)
+    f_DG, P_DG = f_E.view(n_groups, E // n_groups), P_E.view(n_groups, E // n_groups)
     return (f_DG.mean(1) * P_DG.sum(1)).sum()
 
 
-def expert_capacity(n_tokens: int, capacity_factor: float, n_experts: int) -> int:
-    """C = round_up_to_4(n_tokens * CF / E) (axlearn's rule, SPEC 8.6)."""
+def expert_capacity(n_tokens, capacity_factor: float, n_experts: int):
+    """C = round_up_to_4(n_tokens * CF / E) (axlearn's rule, SPEC 8.6). n_tokens: an int (-> int),
+    or an integer tensor of per-group token counts (-> int64 tensor; no host synchronisation)."""
+    if isinstance(n_tokens, torch.Tensor):  # the same float64 arithmetic as the int branch
+        c = torch.ceil(n_tokens.double() * capacity_factor / n_experts)
+        return (4 * torch.ceil(c / 4)).long()
     c = math.ceil(n_tokens * capacity_factor / n_experts)
     return int(4 * math.ceil(c / 4))
 
 
-def capacity_keep_mask(idx_NK: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
-    """Which routing slots fit into their expert's capacity: [N, K] bool.
+def capacity_keep_mask(idx_NK: torch.Tensor, n_experts: int, capacity,
+                       valid_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Which routing slots fit into their expert's capacity: [..., N, K] bool.
 
+    idx_NK: [..., N, K] expert ids; leading dims are independent groups (GShard's "groups"), each
+    with its own capacity (an int, or a tensor of the leading shape). valid_N [..., N] bool: padded
+    tokens (False) take no capacity and are never kept.
     Priority (GShard): every token's first choice before any second choice; within one choice
     rank, earlier tokens first. A slot is kept iff fewer than `capacity` higher-priority slots
     went to the same expert."""
-    N, K = idx_NK.shape
-    # [K, N, E] one-hot in priority order (choice rank major, token minor).
-    onehot_KNE = F.one_hot(idx_NK.t().long(), n_experts)
-    flat = onehot_KNE.reshape(K * N, n_experts)
-    position = (flat.cumsum(0) - flat)  # slots ahead of this one at the same expert
-    pos_KN = (position * flat).sum(-1).view(K, N)
-    return (pos_KN < capacity).t()
+    *G, N, K = idx_NK.shape
+    # [..., K, N, E] one-hot in priority order (choice rank major, token minor).
+    onehot_KNE = F.one_hot(idx_NK.transpose(-1, -2).long(), n_experts)
+    if valid_N is not None:
+        onehot_KNE = onehot_KNE * valid_N[..., None, :, None].long()
+    flat = onehot_KNE.reshape(*G, K * N, n_experts)
+    position = (flat.cumsum(-2) - flat)  # slots ahead of this one at the same expert
+    pos_KN = (position * flat).sum(-1).view(*G, K, N)
+    cap = torch.as_tensor(capacity, device=idx_NK.device)
+    keep_NK = (pos_KN < cap.view(*cap.shape, *([1] * (pos_KN.dim() - cap.dim())))).transpose(-1, -2)
+    if valid_N is not None:
+        keep_NK = keep_NK & valid_N[..., None]
+    return keep_NK
 
 
 # ------------------------------------------------------------------------------------------
@@ -167,27 +200,45 @@ class SwitchMoE(nn.Module):
         nn.init.normal_(self.router, 0, cfg.init_scale / math.sqrt(cfg.d_model))
         self.experts.reset_parameters(cfg.init_scale, cfg.ff_n_experts * cfg.ff_expert_size)
 
-    def route(self, z_NE: torch.Tensor):
-        """Router logits (fp32) -> probabilities, selected experts and their gates (dropping applied)."""
+    def route(self, z_NE: torch.Tensor, seq_len: Optional[int] = None, valid_N: Optional[torch.Tensor] = None):
+        """Router logits (fp32) -> probabilities, selected experts and their gates (dropping applied).
+
+        Capacity groups (GShard's "group", SPEC 8.6): in training, all real tokens of the
+        micro-batch (the usual choice; by definition it depends on the batch). In eval mode, each
+        sequence of `seq_len` consecutive rows is its own group, so that a score depends neither
+        on the batch size nor on the other sequences of the batch [ours; unverified what axlearn /
+        Du et al. use at evaluation: SPEC 8.6 only says CF 2.0 for train and eval]. Padded rows
+        (valid_N False) take no capacity and get gate 0 in both modes."""
         probs_NE = torch.softmax(z_NE, dim=-1)
         # topk(sorted=True) = argmax, then argmax of the rest ("naive" second expert).
         p_sel_NK, idx_NK = probs_NE.topk(self.k, dim=-1, sorted=True)
         gate_NK = p_sel_NK if self.k == 1 else p_sel_NK / p_sel_NK.sum(-1, keepdim=True)
         if self.capacity_factor > 0:
-            cap = expert_capacity(z_NE.shape[0], self.capacity_factor, self.n_experts)
+            N = z_NE.shape[0]
+            per_sequence = not self.training and seq_len is not None
+            L = seq_len if per_sequence else N  # rows per group
+            idx_GLK = idx_NK.view(N // L, L, self.k)
+            valid_GL = valid_N.view(N // L, L) if valid_N is not None else None
+            n_tokens = valid_GL.sum(-1) if valid_GL is not None else L
+            cap = expert_capacity(n_tokens, self.capacity_factor, self.n_experts)
+            keep_NK = capacity_keep_mask(idx_GLK, self.n_experts, cap, valid_GL).reshape(N, self.k)
             # Renormalised before dropping (GShard): a dropped slot does not re-weight the others.
-            gate_NK = gate_NK * capacity_keep_mask(idx_NK, self.n_experts, cap).to(gate_NK.dtype)
+            gate_NK = gate_NK * keep_NK.to(gate_NK.dtype)
         return probs_NE, idx_NK, gate_NK
 
     def forward(self, x_BTd: torch.Tensor, gate_in_BTd: torch.Tensor, g: int, state) -> torch.Tensor:
         B, T, d = x_BTd.shape
+        valid_N = state.valid.reshape(B * T) if getattr(state, "valid", None) is not None else None
+        # Router in fp32 whatever the model's dtype: softmax, top-k ties and the capacity order
+        # must not change with bf16 rounding of the logits' exponentials.
         z_NE = F.linear(gate_in_BTd.reshape(B * T, d), self.router).float()
-        probs_NE, idx_NK, gate_NK = self.route(z_NE)
+        probs_NE, idx_NK, gate_NK = self.route(z_NE, T, valid_N)
         if state.training:
             if self.balance_weight > 0:
-                state.add_aux(f"balance_g{g}", self.balance_weight * switch_balance_loss(probs_NE, idx_NK[:, 0]))
+                state.add_aux(f"balance_g{g}", self.balance_weight
+                              * switch_balance_loss(probs_NE, idx_NK[:, 0], valid_N))
             if self.zloss_weight > 0:
-                state.add_aux(f"zloss_g{g}", self.zloss_weight * router_z_loss(z_NE))
+                state.add_aux(f"zloss_g{g}", self.zloss_weight * router_z_loss(z_NE, valid_N))
         _record(state, idx_NK.view(B, T, self.k), gate_NK.view(B, T, self.k), z_NE.view(B, T, -1))
         y_Nd = self.experts.run(x_BTd.reshape(B * T, d), idx_NK, gate_NK)
         return y_Nd.view(B, T, d)
@@ -238,14 +289,16 @@ class DeepSeekMoE(nn.Module):
     def forward(self, x_BTd: torch.Tensor, gate_in_BTd: torch.Tensor, g: int, state) -> torch.Tensor:
         B, T, d = x_BTd.shape
         x_Nd = x_BTd.reshape(B * T, d)
-        z_NE = F.linear(gate_in_BTd.reshape(B * T, d), self.centroids).float()
+        valid_N = state.valid.reshape(B * T) if getattr(state, "valid", None) is not None else None
+        z_NE = F.linear(gate_in_BTd.reshape(B * T, d), self.centroids).float()  # fp32 softmax (see SwitchMoE)
         scores_NE, idx_NK, gate_NK = self.route(z_NE)
         if state.training:
             if self.balance_weight > 0:
-                state.add_aux(f"balance_g{g}", self.balance_weight * deepseek_balance_loss(scores_NE, idx_NK))
+                state.add_aux(f"balance_g{g}", self.balance_weight
+                              * deepseek_balance_loss(scores_NE, idx_NK, valid_N))
             if self.device_weight > 0:
                 state.add_aux(f"device_balance_g{g}", self.device_weight
-                              * deepseek_device_balance_loss(scores_NE, idx_NK, self.device_groups))
+                              * deepseek_device_balance_loss(scores_NE, idx_NK, self.device_groups, valid_N))
         if state.record is not None:
             # Records use the global numbering: shared experts are 0..K_s-1 (always selected, gate 1),
             # routed expert i is K_s + i; so records have ff_k slots over ff_n_experts experts.

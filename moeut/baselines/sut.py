@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ..config import _check
 from ..kernels.cvmm import cvmm, make_plan
 from ..model import KVCache, generate
-from ..outputs import LMOutput, RoutingRecord
+from ..outputs import LMOutput, RoutingRecord, valid_positions
 
 
 @dataclass
@@ -313,13 +313,17 @@ class SUTLM(nn.Module):
         self.layer.ln2.reset_parameters()
         self.halt.reset_parameters()
 
-    def forward(self, input_ids: torch.Tensor, *, cache: Optional[KVCache] = None,
-                collect_routing: Union[bool, str] = False, return_halting: bool = False) -> LMOutput:
-        """return_halting: also put the per-position halting distribution [L, B, T] (fp32, sums to 1
-        over L) into `reg_terms["halting"]` (for tests and analysis)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                cache: Optional[KVCache] = None, collect_routing: Union[bool, str] = False,
+                return_halting: bool = False) -> LMOutput:
+        """attention_mask [B, T]: 1 = real, 0 = right padding (moeut.outputs "Padding contract"):
+        padded positions are left out of the MIM statistics, the ACT loss's average and the
+        routing records' statistics. return_halting: also put the per-position halting
+        distribution [L, B, T] (fp32, sums to 1 over L) into `reg_terms["halting"]`."""
         cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        valid = valid_positions(attention_mask, input_ids, cache is not None)
         training = self.training and cache is None
         B, T = input_ids.shape
         d = cfg.d_model
@@ -334,11 +338,12 @@ class SUTLM(nn.Module):
         log_thr = math.log(1.0 - cfg.halt_threshold)
         for l in range(cfg.n_layers):
             h, att, mlp = self.layer(s, l, cache)
-            if training and cfg.mim_weight > 0:  # halted positions are masked out of routing stats
-                mim_att.add(att[0], active.view(-1))
-                mim_mlp.add(mlp[0], active.view(-1))
+            if training and cfg.mim_weight > 0:  # halted and padded positions are masked out of routing stats
+                counted = (active if valid is None else active & valid).view(-1)
+                mim_att.add(att[0], counted)
+                mim_mlp.add(mlp[0], counted)
             if collect_routing:
-                rec = RoutingRecord(l=l, g=0, r=l)
+                rec = RoutingRecord(l=l, g=0, r=l, valid=valid)
                 rec.mlp_idx = mlp[1].view(B, T, -1).int()
                 rec.mlp_gate = mlp[2].view(B, T, -1).detach().float()
                 # MoA experts are per token, not per head: stored as one "head" of output experts.
@@ -380,7 +385,10 @@ class SUTLM(nn.Module):
                     terms[f"aux/{name}"] = term.detach()
                     reg = reg + term
             if cfg.act_weight > 0:
-                term = cfg.act_weight * expected_depth.mean()
+                # Averaged over non-pad tokens (SPEC 8.4).
+                depth = expected_depth.mean() if valid is None else \
+                    (expected_depth * valid).sum() / valid.sum().clamp_min(1)
+                term = cfg.act_weight * depth
                 terms["aux/act"] = term.detach()
                 reg = reg + term
         if return_halting:  # not losses: only on request, so reg_terms' "aux/" entries sum to reg_loss

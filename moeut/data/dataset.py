@@ -67,6 +67,19 @@ class WindowDataset:
         usable = len(stream) if limit_tokens is None else min(len(stream), limit_tokens + 1)
         # Each window needs T+1 tokens; the last target may be the first token past the limit.
         self.n_windows = max(0, (usable - 1) // seq_len)
+        # Predicted tokens inside the limit that no window covers (fewer than T): reported, not hidden.
+        self.unused_tokens = max(0, usable - 1 - self.n_windows * seq_len)
+        if limit_tokens is not None and len(stream) < limit_tokens + 1 and self.n_windows:
+            import warnings
+            warnings.warn(f"{stream.manifest.path}: holds {len(stream):,} tokens, fewer than the {limit_tokens + 1:,} "
+                          f"asked for (data.valid_tokens, or the train limit); using all of them", stacklevel=2)
+        if self.unused_tokens and self.n_windows:
+            import warnings
+            limit = ("the whole stream" if limit_tokens is None or len(stream) <= limit_tokens
+                     else f"the limit of {limit_tokens:,}")
+            warnings.warn(f"{stream.manifest.path}: the last {self.unused_tokens} of {usable - 1:,} tokens "
+                          f"({limit}) do not fill a window of data.seq_len={seq_len} and are not used",
+                          stacklevel=2)
 
     def __len__(self) -> int:
         return self.n_windows
@@ -107,6 +120,11 @@ class StreamSampler:
             raise ValueError(f"dataset has {n_windows} windows, fewer than one batch of {batch_size}; "
                              f"use more data or a smaller batch")
         self.n_windows, self.batch_size, self.mode, self.seed = n_windows, batch_size, mode, seed
+        self.unused_windows = n_windows - self.n_per_stream * batch_size
+        if self.unused_windows:  # the paper's sampler gives each of the B streams N div B windows
+            import warnings
+            warnings.warn(f"{self.unused_windows} of {n_windows} windows are never sampled: they do not fill "
+                          f"one more window for each of the train.batch_size={batch_size} streams", stacklevel=2)
         self.rank, self.world_size = rank, world_size
         self.position = 0  # global step position p
         self._perm_epoch, self._perm = -1, None

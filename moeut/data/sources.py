@@ -24,6 +24,8 @@ import hashlib
 import io
 import json
 import os
+import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -106,8 +108,16 @@ def _read_local(path: str, text_field: str) -> Iterator[str]:
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
     if path.endswith(".txt"):
-        with open(path, "r", encoding="utf-8", errors="replace") as f:
-            yield f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            text = raw.decode("utf-8", errors="replace")
+            n_bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+            warnings.warn(f"{path}: not valid UTF-8 (first bad byte at offset {e.start}); {n_bad} invalid "
+                          f"byte sequence(s) replaced by U+FFFD")
+            yield text
         return
     if path.endswith(".parquet"):
         try:
@@ -115,21 +125,37 @@ def _read_local(path: str, text_field: str) -> Iterator[str]:
         except ImportError as e:
             raise DataError(f"{path}: reading parquet (The Stack) needs 'pyarrow'") from e
         table = pq.read_table(path, columns=[text_field])
-        for v in table.column(text_field).to_pylist():
-            yield v or ""
+        for row, v in enumerate(table.column(text_field).to_pylist()):
+            yield _text_value(v, f"{path}: row {row}", text_field)
         return
     with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(rec, dict) or text_field not in rec:
-                raise DataError(f"{path}:{lineno}: record has no field {text_field!r} "
-                                f"(set data.text_field)")
-            yield rec[text_field] or ""
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+                if not isinstance(rec, dict) or text_field not in rec:
+                    raise DataError(f"{path}:{lineno}: record has no field {text_field!r} "
+                                    f"(set data.text_field)")
+                yield _text_value(rec[text_field], f"{path}:{lineno}", text_field)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not valid UTF-8 after line {lineno} ({e.reason})") from e
+        except (EOFError, OSError, zlib.error) as e:  # truncated or corrupt .gz
+            raise DataError(f"{path}: cannot be read after line {lineno} ({e})") from e
+
+
+def _text_value(v, where: str, text_field: str) -> str:
+    """A record's text: None reads as an empty document (callers count and skip those); any
+    other non-string is an error, never silently dropped."""
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise DataError(f"{where}: field {text_field!r} is a {type(v).__name__}, not text (set data.text_field)")
+    return v
 
 
 def _read_hub(ref: FileRef, text_field: str) -> Iterator[str]:
@@ -145,8 +171,10 @@ def _read_hub(ref: FileRef, text_field: str) -> Iterator[str]:
     # file extension). Not exercised by the offline test suite.
     ds = datasets.load_dataset(ref.hub_repo, data_files=[ref.path], split="train", streaming=True,
                                revision=ref.revision)
-    for rec in ds:
-        yield rec.get(text_field) or ""
+    for i, rec in enumerate(ds):
+        if text_field not in rec:
+            raise DataError(f"{ref.describe()}: record {i} has no field {text_field!r} (set data.text_field)")
+        yield _text_value(rec[text_field], f"{ref.describe()}: record {i}", text_field)
 
 
 def read_documents(ref: FileRef, text_field: str = "text") -> Iterator[str]:
@@ -173,10 +201,14 @@ def list_local_files(path: str) -> List[str]:
         return [path]
     if not os.path.isdir(path):
         raise DataError(f"data path does not exist: {path}")
-    found = []
+    found, ignored = [], []
     for root, dirs, files in os.walk(path):
         dirs.sort()
         found.extend(os.path.join(root, f) for f in sorted(files) if _is_text_file(f))
+        ignored.extend(os.path.join(root, f) for f in sorted(files) if not _is_text_file(f) and not f.startswith("."))
+    if found and ignored:
+        warnings.warn(f"data directory {path}: ignoring {len(ignored)} file(s) that are not "
+                      f"{'/'.join(TEXT_SUFFIXES)} (e.g. {os.path.relpath(ignored[0], path)})")
     if not found:
         raise DataError(f"data directory {path} contains no usable text files "
                         f"(looked for {', '.join(TEXT_SUFFIXES)})")
@@ -204,6 +236,9 @@ def local_corpus(path: str, split: str, text_field: str = "text", valid_path: Op
                     raise DataError(f"data directory {path} has a single file and no validation "
                                     f"file: set data.valid_path")
                 train, valid = files[:-1], files[-1:]
+                warnings.warn(f"data directory {path} has no file named *valid*/*test*/*holdout*: its last file "
+                              f"{os.path.relpath(valid[0], path)} is held out for validation, not trained on "
+                              f"(set data.valid_path to choose)")
             files = train if split == "train" else valid
             if not files:
                 raise DataError(f"data directory {path} has no {split} files")
@@ -222,6 +257,10 @@ def _mirror_or_hub(root: Optional[str], rel_paths: Sequence[str], repo: str, rev
     if not present:
         raise DataError(f"data.path: {what} mirror {root} has none of the expected files "
                         f"(e.g. {rel_paths[0]})")
+    if len(present) < len(rel_paths):  # a partial mirror is usable, but say what is missing
+        missing = next(p for p in rel_paths if not os.path.isfile(os.path.join(root, p)))
+        warnings.warn(f"data.path: {what} mirror {root} has {len(present)} of the {len(rel_paths)} expected "
+                      f"files (first missing: {missing}); using those it has, in order")
     return present
 
 

@@ -22,6 +22,7 @@ class Tokenizer:
         self.model_proto = bytes(model_proto)
         self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
         self.sha256 = hashlib.sha256(self.model_proto).hexdigest()
+        self.train_stats: Optional[dict] = None  # set by train_tokenizer: sentences used / skipped
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "Tokenizer":
@@ -56,23 +57,93 @@ class Tokenizer:
         return self.sp.id_to_piece(int(i))
 
 
+# SentencePiece's trainer skips every input "sentence" longer than this many UTF-8 bytes (its
+# default max_sentence_length; checked on the raw bytes, before normalisation), logging it only
+# at a level we silence. We pass the value explicitly and count the skips ourselves.
+SPM_MAX_SENTENCE_BYTES = 4192
+
+
+class TokenizerTrainingError(ValueError):
+    """The tokenizer corpus leaves nothing (or too little) to train on; names the setting."""
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, *, append_separator: bool = True,
-                    hard_vocab_limit: bool = True, **extra) -> Tokenizer:
+                    hard_vocab_limit: bool = True, source: str = "the tokenizer corpus",
+                    **extra) -> Tokenizer:
     """Train SentencePiece BPE exactly as SPEC 5.2: model_type bpe, split_digits, other options
     default. Each "sentence" is a whole document with the separator appended.
 
     `hard_vocab_limit=False` is for tiny test corpora that cannot fill the vocabulary.
-    Note [verify]: SentencePiece's default max_sentence_length (4192 bytes) silently skips longer
-    documents during training; we keep the default for parity with the paper.
+    Sentences over SPM_MAX_SENTENCE_BYTES bytes are skipped, as SentencePiece's default does (the
+    paper's tokenizer was trained that way on C4), but never silently: the skipped count and its
+    share of the text bytes are warned about, naming `data.tokenizer_split_paragraphs` (which cuts
+    long documents into pieces that fit, see moeut.data.prepare.split_text_bytes). The counts are
+    in the returned tokenizer's `train_stats`.
+
+    Raises TokenizerTrainingError when no sentence is left to train on, or when the corpus is too
+    small for `vocab_size`.
     """
+    import warnings
+    max_len = int(extra.pop("max_sentence_length", SPM_MAX_SENTENCE_BYTES))
+    stats = {"sentences": 0, "bytes": 0, "empty": 0, "too_long": 0, "too_long_bytes": 0,
+             "largest_too_long_bytes": 0}
 
     def sentences() -> Iterator[str]:
         for t in texts:
-            if t:
-                yield t + DOC_SEPARATOR if append_separator else t
+            if not t:
+                stats["empty"] += 1
+                continue
+            s = t + DOC_SEPARATOR if append_separator else t
+            n = len(s.encode("utf-8"))
+            if n > max_len:  # SentencePiece would drop it without a word: count it instead
+                stats["too_long"] += 1
+                stats["too_long_bytes"] += n
+                stats["largest_too_long_bytes"] = max(stats["largest_too_long_bytes"], n)
+                continue
+            stats["sentences"] += 1
+            stats["bytes"] += n
+            yield s
+
+    it = sentences()
+    first = next(it, None)
+
+    def lost() -> str:
+        total = stats["bytes"] + stats["too_long_bytes"]
+        return (f"{stats['too_long']} of {stats['too_long'] + stats['sentences']} sentences "
+                f"({100.0 * stats['too_long_bytes'] / max(total, 1):.1f} % of the text bytes, the largest "
+                f"{stats['largest_too_long_bytes']:,} bytes) are longer than SentencePiece's "
+                f"max_sentence_length of {max_len} bytes")
+
+    if first is None:
+        why = (f"{lost()} and would be skipped; set data.tokenizer_split_paragraphs=true to split long "
+               f"documents") if stats["too_long"] else (
+               f"every document was empty ({stats['empty']}); check data.path, data.text_field and "
+               f"data.tokenizer_files / tokenizer_docs / tokenizer_chars")
+        raise TokenizerTrainingError(f"nothing to train the tokenizer on in {source}: {why}")
+
+    def all_sentences() -> Iterator[str]:
+        yield first
+        yield from it
 
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences(), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-        split_digits=True, hard_vocab_limit=hard_vocab_limit, minloglevel=2, **extra)
-    return Tokenizer(buf.getvalue())
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=all_sentences(), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+            split_digits=True, hard_vocab_limit=hard_vocab_limit, minloglevel=2,
+            # only when not the default: an explicit value is stored in the model and changes its hash
+            **({} if max_len == SPM_MAX_SENTENCE_BYTES else {"max_sentence_length": max_len}), **extra)
+    except RuntimeError as e:
+        if "Vocabulary size" in str(e) or "vocab_size" in str(e):
+            raise TokenizerTrainingError(
+                f"data.vocab_size={vocab_size}: {source} ({stats['sentences']} sentences, "
+                f"{stats['bytes']:,} bytes) is too small for this vocabulary; give the tokenizer more text "
+                f"(data.tokenizer_files / tokenizer_docs / tokenizer_chars) or lower data.vocab_size "
+                f"({e})") from e
+        raise
+    if stats["too_long"]:
+        warnings.warn(f"tokenizer training on {source}: {lost()} and were skipped (SentencePiece's default, "
+                      f"as in the paper); set data.tokenizer_split_paragraphs=true to split long documents "
+                      f"into pieces that fit instead", stacklevel=2)
+    tok = Tokenizer(buf.getvalue())
+    tok.train_stats = dict(stats)
+    return tok

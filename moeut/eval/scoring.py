@@ -16,7 +16,8 @@ Rules implemented here, for every task:
   scored positions only, in chunks of bounded size, so memory stays O(chunk x V)).
 - The model runs in eval mode under torch.no_grad(); bf16 autocast on CUDA.
 
-The engine only needs `model(input_ids[B, T]) -> object with .logits [B, T, V]` (LMOutput, or a
+The engine only needs `model(input_ids[B, T], attention_mask=[B, T]) -> object with .logits
+[B, T, V]` (1 = real token, 0 = padding; moeut.outputs "Padding contract") (LMOutput, or a
 Hugging Face CausalLMOutput), so it works for MoEUT, the baselines and the HF export alike.
 """
 from __future__ import annotations
@@ -162,8 +163,11 @@ class Scorer:
         lengths_B [B] = real tokens per row (positions >= length are padding)."""
         ctx = (torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
                if self.autocast_dtype is not None else contextlib.nullcontext())
+        # 1 = real token (HF attention_mask): padding takes no expert capacity and enters no routing
+        # statistics (moeut.outputs "Padding contract"); an all-ones mask runs the unpadded path.
+        mask_BT = (torch.arange(ids_BT.shape[1], device=ids_BT.device)[None, :] < lengths_B[:, None]).long()
         with ctx:
-            out = self.model(ids_BT)
+            out = self.model(ids_BT, attention_mask=mask_BT)
         return _logits_of(out)
 
     # Scored rows upcast to float64 at once. On CPU a chunk that fits in the cache (2^19 float64

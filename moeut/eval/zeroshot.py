@@ -209,7 +209,8 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
             log.warning("perplexity.context_length: not set and the run config has no data.seq_len; "
                         "using %d", DEFAULT_CONTEXT)
         opts.perplexity = {**opts.perplexity, "context_length": seq_len or DEFAULT_CONTEXT}
-    loaded = load_model(ckpt_dir, map_location="cpu")
+    loaded = load_model(ckpt_dir, map_location="cpu")  # one loader: names a corrupt file
+    ckpt_dir = loaded.path
     tokenizer = loaded.tokenizer
     if tokenizer_path:
         override = Tokenizer.load(tokenizer_path)

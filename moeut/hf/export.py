@@ -28,7 +28,12 @@ def export(checkpoint: str, out: str, *, dtype: Optional[str] = None) -> str:
     from .modeling_moeut import MoEUTForCausalLM
 
     loaded = load_model(checkpoint)
-    hf_cfg = MoEUTHFConfig(moeut_config=dataclasses.asdict(loaded.config))
+    pad_id = None
+    if loaded.tokenizer is not None:  # generate pads finished rows with it; never produced by encoding
+        from .tokenization_moeut import MoEUTTokenizer
+        sp = loaded.tokenizer.sp
+        pad_id = sp.piece_to_id(MoEUTTokenizer.default_pad_piece(sp))
+    hf_cfg = MoEUTHFConfig(moeut_config=dataclasses.asdict(loaded.config), pad_token_id=pad_id)
     MoEUTHFConfig.register_for_auto_class()
     MoEUTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     hf_model = MoEUTForCausalLM(hf_cfg)

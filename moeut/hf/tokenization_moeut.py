@@ -2,6 +2,12 @@
 
 Adds no special tokens: MoEUT has no BOS/EOS (SPEC 1.1), so `tokenizer(text).input_ids` equals
 `moeut.data.tokenizer.Tokenizer.encode(text)`.
+
+Padding: the pad token is a SentencePiece *control* piece (`<pad>` if the model has one, else
+`</s>`, else `<s>`), which encoding text never produces, so a pad id is never mistaken for text
+(generate may infer the attention mask from it). The model never sees the pads: right pads follow
+the real tokens of a causal model, and left pads (the default side, for `generate`) are removed
+row by row (modeling_moeut.py).
 """
 from __future__ import annotations
 
@@ -20,9 +26,20 @@ class MoEUTTokenizer(PreTrainedTokenizer):
         import sentencepiece as spm
         self.vocab_file = vocab_file
         self.sp = spm.SentencePieceProcessor(model_file=vocab_file)
-        for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        for k in ("bos_token", "eos_token", "unk_token"):
             kwargs.setdefault(k, None)
+        if kwargs.get("pad_token") is None:
+            kwargs["pad_token"] = self.default_pad_piece(self.sp)
+        kwargs.setdefault("padding_side", "left")
         super().__init__(**kwargs)
+
+    @staticmethod
+    def default_pad_piece(sp) -> str:
+        """A control piece of the SentencePiece model to pad with (never produced by encoding)."""
+        for i in (sp.pad_id(), sp.eos_id(), sp.bos_id()):
+            if 0 <= i < sp.get_piece_size() and sp.is_control(i):
+                return sp.id_to_piece(i)
+        raise ValueError("tokenizer.model has no control piece (<pad>, </s> or <s>) to pad with; pass pad_token=")
 
     @property
     def vocab_size(self) -> int:

@@ -33,12 +33,19 @@ Backends (selected per call by `backend=` or the MOEUT_CVMM_BACKEND environment 
     d_head 82 in fp32) -- never `w[e]` indexing, whose backward is O(E*|W|) (SPEC 3.8).
   - "torch_loop": the per-expert loop always; the simplest reference.
   - "triton": the fused kernels in `moeut.kernels.cvmm_triton` (registered by that module).
-  - "auto": Triton for CUDA tensors when available (sm >= 80), else "grouped_mm".
+  - "auto": Triton for CUDA tensors when available (sm >= 80), else "grouped_mm". A Triton that
+    cannot be imported or whose kernels fail to compile is never dropped silently: "auto" warns
+    once (naming the cvmm_backend option and MOEUT_CVMM_BACKEND) and uses "grouped_mm"; an
+    explicit "triton" raises.
 
 Precision policy (SPEC 3.3): the op runs in the autocast dtype when autocast is on for the
-input's device, else in fp32 (inputs are cast); accumulation is fp32 inside the GEMMs; the
-weight gradient is returned in the weights' dtype (fp32 master weights); gate gradients in the
-gates' dtype.
+input's device; without autocast it runs in the promoted dtype of input and weights, like any
+PyTorch op (fp32 for the usual fp32 model; bf16/fp16 for a model cast with `.to(dtype)`, whose
+residual stream must stay in that dtype; fp64 for fp64 references). [ours] The official code
+uses fp32 without autocast regardless of the input dtype, which promotes a bf16 model's residual
+stream to fp32 and then fails in its LayerNorms (issue 14.2). Accumulation is fp32 inside the
+GEMMs; the weight gradient is returned in the weights' dtype (fp32 master weights); gate
+gradients in the gates' dtype.
 """
 from __future__ import annotations
 
@@ -101,9 +108,14 @@ def _counts(offsets: torch.Tensor):
     return [b - a for a, b in zip([0] + ends[:-1], ends)]
 
 
+# torch._grouped_mm's dtypes; others (fp64 references) take the per-expert loop.
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def grouped_mm(a_SI: torch.Tensor, w_EIO: torch.Tensor, offsets: torch.Tensor, force_loop: bool = False):
     """out[s] = a[s] @ w[e(s)] for rows grouped contiguously by expert (ends in `offsets`)."""
-    if not force_loop and _aligned(a_SI) and _aligned(w_EIO) and a_SI.dtype == w_EIO.dtype:
+    if not force_loop and _aligned(a_SI) and _aligned(w_EIO) and a_SI.dtype == w_EIO.dtype \
+            and a_SI.dtype in _GROUPED_MM_DTYPES:
         return torch._grouped_mm(a_SI, w_EIO, offs=offsets)
     parts = torch.split(a_SI, _counts(offsets))  # split, not slicing: one backward, no zero-fill
     out = [p @ w for p, w in zip(parts, w_EIO.unbind(0)) if p.shape[0] > 0]
@@ -116,7 +128,8 @@ def grouped_weight_grad(a_SI: torch.Tensor, g_SO: torch.Tensor, offsets: torch.T
                         force_loop: bool = False):
     """dW[e] = sum over rows s of group e: a[s]^T g[s]  -> [E, I, O]; empty groups give 0."""
     a_IS = a_SI.t()
-    if not force_loop and _aligned(a_IS) and _aligned(g_SO):
+    if not force_loop and _aligned(a_IS) and _aligned(g_SO) and a_SI.dtype == g_SO.dtype \
+            and a_SI.dtype in _GROUPED_MM_DTYPES:
         return torch._grouped_mm(a_IS, g_SO, offs=offsets)
     counts = _counts(offsets)
     out = a_SI.new_zeros(n_experts, a_SI.shape[1], g_SO.shape[1])
@@ -239,21 +252,45 @@ register_backend("grouped_mm", _torch_backend(force_loop=False))
 register_backend("torch_loop", _torch_backend(force_loop=True))
 
 _warned_volta = False
+_triton_failure: Optional[str] = None  # why "auto" stopped using Triton in this process (warned once)
+
+_FALLBACK_HINT = ("Fix the Triton install (see docs/kernels.md), or choose a backend explicitly with the "
+                  "model option cvmm_backend (e.g. model.cvmm_backend=grouped_mm) or the environment variable "
+                  f"{BACKEND_ENV}=grouped_mm, which also silences this warning.")
+
+
+def _triton_fallback(reason: str) -> None:
+    """'auto' on CUDA cannot use Triton: warn once, loudly, and use grouped_mm from now on."""
+    global _triton_failure
+    if _triton_failure is None:
+        _triton_failure = reason
+        warnings.warn(f"CVMM: cvmm_backend='auto' on a CUDA GPU could not use the Triton kernels ({reason}); "
+                      "falling back to the PyTorch 'grouped_mm' backend for the rest of this process, which is "
+                      f"slower and uses more memory. {_FALLBACK_HINT}", RuntimeWarning, stacklevel=3)
+
+
+def _import_triton_backend():
+    try:
+        from . import cvmm_triton  # noqa: F401  (registers the backend)
+    except Exception as e:  # ImportError, or a broken install failing inside triton
+        raise ImportError(f"cvmm_backend='triton' (model option, or {BACKEND_ENV}=triton) needs a working "
+                          f"Triton, but importing moeut.kernels.cvmm_triton failed: {type(e).__name__}: {e}") from e
 
 
 def _triton_available(device: torch.device) -> bool:
-    if device.type != "cuda":
+    if device.type != "cuda" or _triton_failure is not None:
         return False
     if "triton" not in _BACKENDS:
         try:
-            from . import cvmm_triton  # noqa: F401  (registers the backend)
-        except Exception:  # Triton missing or broken: the PyTorch path still works
+            _import_triton_backend()
+        except ImportError as e:  # Triton missing or broken: the PyTorch path still works, but say so
+            _triton_fallback(str(e.__cause__ or e))
             return False
     return "triton" in _BACKENDS
 
 
-def resolve_backend(name: Optional[str], device: torch.device) -> str:
-    """Backend for this call: MOEUT_CVMM_BACKEND env > explicit name > auto (SPEC 3.5)."""
+def _resolve(name: Optional[str], device: torch.device):
+    """(backend, chosen_by_auto) for this call: MOEUT_CVMM_BACKEND env > explicit name > auto."""
     global _warned_volta
     name = os.environ.get(BACKEND_ENV) or name or "auto"
     if name == "auto":
@@ -262,15 +299,25 @@ def resolve_backend(name: Optional[str], device: torch.device) -> str:
                 warnings.warn("CVMM: GPU older than sm_80: using the PyTorch per-expert loop "
                               "(Triton fp16 tl.dot is broken on Volta, SPEC 3.5)")
                 _warned_volta = True
-            return "torch_loop"
-        return "triton" if _triton_available(device) else "grouped_mm"
+            return "torch_loop", True
+        return ("triton" if _triton_available(device) else "grouped_mm"), True
     if name == "triton" and "triton" not in _BACKENDS:
-        from . import cvmm_triton  # noqa: F401  (raises a clear ImportError if Triton is missing)
+        _import_triton_backend()  # raises an ImportError naming the option if Triton is missing or broken
     if name not in _BACKENDS:
         raise ValueError(f"cvmm_backend: unknown backend {name!r}; known: auto, {sorted(_BACKENDS)}")
     if name == "triton":
         check_volta(device)
-    return name
+    return name, False
+
+
+def resolve_backend(name: Optional[str], device: torch.device) -> str:
+    """Backend for this call: MOEUT_CVMM_BACKEND env > explicit name > auto (SPEC 3.5).
+
+    auto: Triton on CUDA sm >= 80, torch_loop on older GPUs, grouped_mm elsewhere. If Triton cannot
+    be imported (or, see `cvmm`, its kernels fail to compile), auto warns once naming the
+    cvmm_backend option / MOEUT_CVMM_BACKEND and uses grouped_mm. Raises ImportError when
+    "triton" is requested explicitly and cannot be imported, ValueError for an unknown name."""
+    return _resolve(name, device)[0]
 
 
 def check_volta(device: torch.device) -> None:
@@ -286,11 +333,16 @@ def check_volta(device: torch.device) -> None:
             "there) or run without autocast.")
 
 
-def op_dtype(device_type: str) -> torch.dtype:
-    """Autocast dtype when autocast is on for this device type, else fp32 (SPEC 3.3)."""
+def op_dtype(device_type: str, *inputs: torch.Tensor) -> torch.dtype:
+    """Autocast dtype when autocast is on for this device type, else the promoted dtype of the
+    floating `inputs` (fp32 if none): see "Precision policy" above (SPEC 3.3 and our deviation)."""
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
-    return torch.float32
+    dtype = None
+    for t in inputs:
+        if t.is_floating_point():
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return dtype or torch.float32
 
 
 def cvmm(x: torch.Tensor, w: torch.Tensor, plan: ExpertPlan, *, src_div: int = 1, grouped_in: bool = False,
@@ -315,9 +367,21 @@ def cvmm(x: torch.Tensor, w: torch.Tensor, plan: ExpertPlan, *, src_div: int = 1
         raise ValueError(f"cvmm: out_group {out_group} does not divide {S} slots")
     if gates is not None and gates.numel() != S:
         raise ValueError(f"cvmm: gates must have one value per slot ({S}), got {tuple(gates.shape)}")
-    name = resolve_backend(backend, x.device)
-    dtype = op_dtype(x.device.type)
+    name, auto = _resolve(backend, x.device)
+    dtype = op_dtype(x.device.type, x, w)
     gates_flat = gates.reshape(-1) if gates is not None else None
+    if auto and name == "triton" and not torch.compiler.is_compiling():
+        # First use compiles the kernels: a broken Triton (ptxas, driver, API mismatch) fails here.
+        # Under "auto" that must not end the run, nor pass silently: warn and use grouped_mm.
+        try:
+            with torch.autocast(x.device.type, enabled=False):
+                return _BACKENDS["triton"](x.to(dtype), w, plan, src_div=src_div, grouped_in=grouped_in,
+                                           out_group=out_group, grouped_out=grouped_out, gates=gates_flat)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:
+            _triton_fallback(f"the Triton kernel failed: {type(e).__name__}: {str(e)[:500]}")
+            name = "grouped_mm"
     with torch.autocast(x.device.type, enabled=False):
         if name in ("grouped_mm", "torch_loop") and torch.compiler.is_compiling():
             # Under torch.compile the PyTorch backends run behind the `moeut::cvmm` custom op: dynamo

@@ -73,10 +73,15 @@ summed in a fixed order) *and* autotuning (the K-reduction order depends on the 
 different autotune winner in another process would change the bits). Results are then
 bit-identical run to run on the same GPU and software.
 
-Autotuning is keyed on the problem shape (slots rounded up to a power of two, D_in, D_out, the
-layout flags and the dtypes) over a small config set. `pin_config(...)` or the environment
-variable MOEUT_TRITON_CONFIG="BM=16,BN=16,BK=16,num_warps=1,num_stages=1" pins one config for every
-kernel (required under TRITON_INTERPRET=1, where autotuning cannot benchmark).
+Compile footprint and autotuning (see `candidate_configs` and `moeut.kernels.footprint`):
+every kernel specialisation is compiled once per config it may autotune over, so the config sets
+are small and pruned per call: 2 configs for 16-bit / TF32 tiles, one small config for true fp32
+and one for small problems (<= SMALL_S slots: decoding), which are never autotuned. Autotuning is
+keyed on (slots rounded up to a power of two, D_in, D_out, layout flags, precision, dtypes); the
+slot count is not a specialisation (do_not_specialize), and autotune winners persist on disk
+(Triton's `cache_results`, in TRITON_CACHE_DIR). `pin_config(...)` or the environment variable
+MOEUT_TRITON_CONFIG="BM=16,BN=16,BK=16,num_warps=1,num_stages=1" pins one config for every kernel
+(required under TRITON_INTERPRET=1, where autotuning cannot benchmark).
 
 Importing this module registers the "triton" backend of `moeut.kernels.cvmm`.
 """
@@ -278,31 +283,101 @@ def _cfg(BM, BN, BK, warps, stages):
     return triton.Config({"BM": BM, "BN": BN, "BK": BK}, num_warps=warps, num_stages=stages)
 
 
-# Small sets (SPEC 3.2 used 10 and 13): the shapes that matter have d_expert / d_head = 128 on
-# one side and d_model on the other, and are memory-bound, so mid-size tiles with deep pipelines.
-FWD_CONFIGS = [
+# Config sets per precision (SPEC 3.2's official sets had 10 and 13 configs, all autotuned).
+# Every config of a set is compiled on the first call of each autotune key, so the sets are the
+# compile footprint (`moeut.kernels.footprint` lists it): keep them small.
+#   * 16-bit (and TF32): 2 configs. The shapes that matter have d_expert / d_head = 128 on one side
+#     and d_model on the other and are memory-bound: mid-size tiles, deep pipelines; BN 128 covers
+#     d_expert / d_head in one tile. (Each extra config costs ~1 s of compile per kernel variant:
+#     9 variants for moeut_44m, see docs/benchmarks.md "Triton compile cost".)
+#   * true fp32 (`input_precision="ieee"`: CUDA-core FMAs, no tensor cores): ONE small config, no
+#     autotuning. Big fp32 tiles unroll into huge FMA code that ptxas compiles slowly and that
+#     spills registers (a 128x128x64 fp32 ieee tile takes 4x the compile time of 32x64x32); fp32
+#     is for golden checks and debugging, where compile time dominates.
+#   * small problems (at most SMALL_S slots: decoding, prefill of short prompts, tiny batches):
+#     one small config, no autotuning, so decode-sized calls never benchmark anything.
+FWD_CONFIGS_16 = [
     _cfg(128, 128, 64, 8, 3),
     _cfg(64, 128, 64, 4, 4),
-    _cfg(128, 64, 64, 4, 4),
-    _cfg(64, 64, 64, 4, 4),
-    _cfg(128, 128, 32, 8, 4),
-    _cfg(32, 64, 64, 4, 3),  # small S (decoding, tiny batches)
 ]
-DW_CONFIGS = [
+DW_CONFIGS_16 = [
     _cfg(128, 128, 32, 8, 3),
     _cfg(64, 128, 32, 4, 4),
-    _cfg(128, 64, 32, 4, 4),
-    _cfg(64, 64, 32, 4, 4),
-    _cfg(128, 128, 64, 8, 3),
-    _cfg(64, 64, 64, 4, 3),
 ]
+FWD_CONFIGS_TF32 = [  # fp32 tiles are twice as wide: BK 32 keeps 3 stages within sm_80 shared memory
+    _cfg(128, 128, 32, 8, 3),
+    _cfg(64, 128, 32, 4, 3),
+]
+DW_CONFIGS_TF32 = FWD_CONFIGS_TF32
+FWD_CONFIG_FP32 = _cfg(32, 64, 32, 4, 2)
+DW_CONFIG_FP32 = _cfg(64, 64, 32, 4, 2)
+FWD_CONFIG_SMALL = _cfg(32, 64, 64, 4, 3)
+FWD_CONFIG_SMALL_FP32 = _cfg(32, 64, 32, 4, 2)
+DW_CONFIG_SMALL = _cfg(32, 64, 32, 4, 2)
+SMALL_S = 2048  # slots: at most this many -> the fixed small config (decode, short prompts)
+
+
+def _unique(configs):
+    seen, out = set(), []
+    for c in configs:
+        if str(c) not in seen:
+            seen.add(str(c))
+            out.append(c)
+    return out
+
+
+# The autotuners' full lists; `candidate_configs` prunes them per call (dtype, precision, size).
+FWD_CONFIGS = _unique(FWD_CONFIGS_16 + FWD_CONFIGS_TF32 + [FWD_CONFIG_FP32, FWD_CONFIG_SMALL, FWD_CONFIG_SMALL_FP32])
+DW_CONFIGS = _unique(DW_CONFIGS_16 + DW_CONFIGS_TF32 + [DW_CONFIG_FP32, DW_CONFIG_SMALL])
 # The fixed config used in deterministic mode (no autotune); mid-size, fits every sm_80+ part.
 FWD_DETERMINISTIC = _cfg(64, 128, 64, 4, 4)
 DW_DETERMINISTIC = _cfg(64, 128, 32, 4, 4)
 INTERPRET_DEFAULT = _cfg(16, 16, 16, 1, 1)
 
-_FWD_KEY = ["S_BUCKET", "K", "N", "A_GATHER", "O_SCATTER", "OUT_ATOMIC", "HAS_SCALE", "HAS_DOT", "PADDED"]
-_DW_KEY = ["S_BUCKET", "K", "N", "X_GATHER", "G_GATHER", "HAS_SCALE", "ATOMIC"]
+# Autotune keys. S_BUCKET is the slot count rounded up to a power of two (0 for small problems),
+# so odd sizes share one tuning result; the tensors' dtypes are added by Triton itself.
+_FWD_KEY = ["S_BUCKET", "K", "N", "A_GATHER", "O_SCATTER", "OUT_ATOMIC", "HAS_SCALE", "HAS_DOT", "PADDED", "DOT_PREC"]
+_DW_KEY = ["S_BUCKET", "K", "N", "X_GATHER", "G_GATHER", "HAS_SCALE", "ATOMIC", "DOT_PREC"]
+# Integer arguments Triton must not specialise on (it compiles a variant per "== 1" and
+# "divisible by 16" class of every int argument): the slot count and its bucket change with the
+# batch and at every decoding step, E never matters to the code.
+_FWD_NO_SPECIALIZE = ["S", "E", "S_BUCKET"]
+_DW_NO_SPECIALIZE = ["E", "S_BUCKET"]
+
+
+def candidate_configs(kind: str, dtype: torch.dtype, s_bucket: int, tf32: bool = False):
+    """The configs a launch of kernel `kind` ("fwd" or "dw") may compile and autotune over, for
+    tiles in `dtype` and a problem of `s_bucket` slots (`_bucket(S)`; 0 = small). One config
+    means no autotuning. Used by the autotuners' pruning and by `moeut.kernels.footprint`."""
+    if kind not in ("fwd", "dw"):
+        raise ValueError(f"candidate_configs: kind must be 'fwd' or 'dw', got {kind!r}")
+    fp32 = dtype == torch.float32
+    if s_bucket == 0:  # small problem: never autotune
+        if kind == "fwd":
+            return [FWD_CONFIG_SMALL_FP32 if fp32 else FWD_CONFIG_SMALL]
+        return [DW_CONFIG_SMALL]
+    if fp32 and not tf32:
+        return [FWD_CONFIG_FP32 if kind == "fwd" else DW_CONFIG_FP32]
+    if fp32:
+        return list(FWD_CONFIGS_TF32 if kind == "fwd" else DW_CONFIGS_TF32)
+    return list(FWD_CONFIGS_16 if kind == "fwd" else DW_CONFIGS_16)
+
+
+_TORCH_DTYPE = {"torch.float32": torch.float32, "torch.float16": torch.float16, "torch.bfloat16": torch.bfloat16}
+
+
+def _prune(kind: str):
+    """Triton `early_config_prune` hook: keep `candidate_configs` of this call's problem."""
+    tile_arg = "A" if kind == "fwd" else "X"
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        dtype = _TORCH_DTYPE.get(str(args[tile_arg].dtype), torch.float32)
+        keep = {str(c) for c in candidate_configs(kind, dtype, int(args["S_BUCKET"]),
+                                                  tf32=args.get("DOT_PREC") == "tf32")}
+        return [c for c in configs if str(c) in keep]
+    return prune
+
 
 _pinned: Optional[triton.Config] = None
 _allow_tf32: Optional[bool] = None
@@ -351,6 +426,8 @@ def set_allow_tf32(flag: Optional[bool]) -> None:
 
 
 def interpreting() -> bool:
+    if _recorder is not None:  # recording the GPU footprint: launch as the real backend would
+        return False
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -359,6 +436,8 @@ def deterministic() -> bool:
 
 
 def _allow_tf32_now() -> bool:
+    if _recorder is not None:
+        return _recorder.tf32
     if _allow_tf32 is not None:
         return _allow_tf32
     return os.environ.get(TF32_ENV, "0") not in ("", "0")
@@ -380,18 +459,105 @@ def _pinned_config() -> Optional[triton.Config]:
     return INTERPRET_DEFAULT if interpreting() else None
 
 
+AUTOTUNE_CACHE_ENV = "MOEUT_TRITON_AUTOTUNE_CACHE"
+
+
+def _autotune_disk_cache() -> dict:
+    """`cache_results=True` (Triton >= 3.2; 3.6 and 3.9 have it): autotune winners are stored as
+    JSON in Triton's cache directory (TRITON_CACHE_DIR, default ~/.triton/cache), keyed by the
+    kernel source, Triton version, GPU target, tuning key and configs, so a new process does not
+    benchmark again. MOEUT_TRITON_AUTOTUNE_CACHE=0 switches it off."""
+    import inspect
+    if os.environ.get(AUTOTUNE_CACHE_ENV, "1") in ("0", ""):
+        return {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        return {"cache_results": True}
+    return {}
+
+
+def _short_bench():
+    """Benchmark each config for 25 ms (after 5 ms warm-up) instead of Triton's 100 + 25 ms: our
+    kernels run for tens to hundreds of microseconds, so that is still hundreds of runs."""
+    import inspect
+    if "do_bench" not in inspect.signature(triton.autotune).parameters:
+        return {}
+
+    def do_bench(fn, quantiles=None, **kw):
+        return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+    return {"do_bench": do_bench}
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels(interpret: bool):
     """(fwd, fwd_autotuned, dw, dw_autotuned), jitted for the interpreter or the GPU."""
     del interpret  # only the cache key: triton.jit reads TRITON_INTERPRET itself
-    fwd = triton.jit(_cvmm_fwd_kernel)
-    dw = triton.jit(_cvmm_dw_kernel)
-    fwd_tuned = triton.autotune(FWD_CONFIGS, key=_FWD_KEY, reset_to_zero=["OUT", "DOT_OUT"])(fwd)
-    dw_tuned = triton.autotune(DW_CONFIGS, key=_DW_KEY, reset_to_zero=["DW"])(dw)
+    fwd = triton.jit(_cvmm_fwd_kernel, do_not_specialize=_FWD_NO_SPECIALIZE)
+    dw = triton.jit(_cvmm_dw_kernel, do_not_specialize=_DW_NO_SPECIALIZE)
+    disk = {**_autotune_disk_cache(), **_short_bench()}
+    fwd_tuned = triton.autotune(FWD_CONFIGS, key=_FWD_KEY, reset_to_zero=["OUT", "DOT_OUT"],
+                                prune_configs_by={"early_config_prune": _prune("fwd")}, **disk)(fwd)
+    dw_tuned = triton.autotune(DW_CONFIGS, key=_DW_KEY, reset_to_zero=["DW"],
+                               prune_configs_by={"early_config_prune": _prune("dw")}, **disk)(dw)
     return fwd, fwd_tuned, dw, dw_tuned
 
 
+# ------------------------------------------------------------------------------------------
+# Recording (the compile footprint without a GPU, see moeut.kernels.footprint)
+# ------------------------------------------------------------------------------------------
+
+class Recorder:
+    """While active (`with recording(...) as rec`), launches are recorded in `rec.launches`
+    instead of run: one dict per launch with the kernel, its constexpr arguments, the dtypes of
+    its tensor arguments, its integer arguments, the autotune key and the configs it would compile.
+    `s_scale` multiplies every slot count (trace a small batch, report the real one); `sms` is
+    the target GPU's multiprocessor count (the weight-gradient split depends on it)."""
+
+    def __init__(self, s_scale: float = 1.0, sms: int = 132, tf32: bool = False):
+        self.s_scale, self.sms, self.tf32 = s_scale, sms, tf32
+        self.launches = []
+
+
+_recorder: Optional[Recorder] = None
+
+
+class recording:
+    def __init__(self, **kw):
+        self.rec = Recorder(**kw)
+
+    def __enter__(self) -> Recorder:
+        global _recorder
+        self._prev, _recorder = _recorder, self.rec
+        return self.rec
+
+    def __exit__(self, *exc):
+        global _recorder
+        _recorder = self._prev
+        return False
+
+
+def _record(kind, args, kwargs):
+    import inspect
+    fn = _cvmm_fwd_kernel if kind == "fwd" else _cvmm_dw_kernel
+    names = list(inspect.signature(fn).parameters)
+    named = dict(zip(names, args))
+    tensors = {n: str(v.dtype).replace("torch.", "") for n, v in named.items() if isinstance(v, torch.Tensor)}
+    ints = {n: int(v) for n, v in named.items() if not isinstance(v, torch.Tensor)}
+    keys = _FWD_KEY if kind == "fwd" else _DW_KEY
+    key = tuple({**ints, **kwargs}[k] for k in keys) + tuple(tensors[n] for n in names if n in tensors)
+    cfg = _pinned_config()
+    if cfg is None and deterministic():
+        cfg = FWD_DETERMINISTIC if kind == "fwd" else DW_DETERMINISTIC
+    tile = named["A" if kind == "fwd" else "X"]
+    configs = [cfg] if cfg is not None else candidate_configs(kind, tile.dtype, ints["S_BUCKET"],
+                                                              tf32=kwargs["DOT_PREC"] == "tf32")
+    _recorder.launches.append(dict(kernel=kind, constexprs=dict(kwargs), tensors=tensors, ints=ints, key=key,
+                                   configs=configs, no_specialize=_FWD_NO_SPECIALIZE if kind == "fwd"
+                                   else _DW_NO_SPECIALIZE))
+
+
 def _launch(kind: str, grid, args, kwargs):
+    if _recorder is not None:
+        return _record(kind, args, kwargs)
     fwd, fwd_tuned, dw, dw_tuned = _kernels(interpreting())
     raw, tuned, det = (fwd, fwd_tuned, FWD_DETERMINISTIC) if kind == "fwd" else (dw, dw_tuned, DW_DETERMINISTIC)
     cfg = _pinned_config()
@@ -425,8 +591,18 @@ class _nullctx:
         return False
 
 
+def _slots(S: int) -> int:
+    """S, or under a footprint recording the slot count of the batch being reported."""
+    return S if _recorder is None else int(round(S * _recorder.s_scale))
+
+
 def _bucket(S: int) -> int:
-    return 1 << max(S - 1, 0).bit_length()
+    """Autotune bucket of a problem with S slots: 0 for small problems (<= SMALL_S; one fixed
+    config, never tuned), else S rounded up to a power of two."""
+    S = _slots(S)
+    if S <= SMALL_S:
+        return 0
+    return 1 << (S - 1).bit_length()
 
 
 # ------------------------------------------------------------------------------------------
@@ -507,11 +683,14 @@ def _dw_split(S: int, E: int, K: int, N: int, device: torch.device, det: bool) -
         if split < 1:
             raise ValueError(f"{DW_SPLIT_ENV}: must be >= 1, got {split}")
         return split
-    if device.type != "cuda":
+    if _recorder is not None:
+        sms, S = _recorder.sms, _slots(S)
+    elif device.type != "cuda":
         return 1
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
     # Split the slot axis only when (expert, tile) programs alone cannot fill the GPU (e.g. the
     # SwitchHead banks: E = H * E_att is small), keeping >= 256 slots per program.
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     programs = E * triton.cdiv(K, 128) * triton.cdiv(N, 128)
     split = max(1, min(triton.cdiv(2 * sms, programs), (S // max(E, 1)) // 256))
     if det:  # partial sums need split * |W| fp32 scratch: cap it at 256 MiB

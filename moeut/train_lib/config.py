@@ -22,6 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ..config import ARCHS, PAPER_TRAIN, PRESETS, _ensure_baselines_registered, get_preset
+from ..validate import Range, at_least, check_mapping, check_ranges, field_range, in_range, positive
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,13 +38,38 @@ if not OmegaConf.has_resolver("moeut.repo"):
 # Model schema: union of the fields of every registered architecture, all Optional.
 # ------------------------------------------------------------------------------------------
 
+# Ranges of the architecture fields as command-line overrides (`model.<name>=...`), checked at
+# start with the option's name. A field of an architecture config may instead declare its own
+# range in its metadata (moeut.validate), which wins. Cross-field rules (ff_k <= ff_n_experts,
+# n_layers divisible by group_size, ...) stay in each config class's validate().
+MODEL_RANGES: Dict[str, Range] = {
+    **{k: Range(1) for k in ("d_model", "n_layers", "group_size", "n_heads", "d_head", "att_n_experts",
+                             "ff_n_experts", "ff_k", "ff_expert_size", "att_k", "d_ff", "moe_every",
+                             "moe_device_groups", "att_expert_size", "max_relative_positions")},
+    "vocab_size": Range(2, 65536),
+    **{k: Range(0) for k in ("entropy_reg", "att_entropy_reg", "moe_n_shared", "moe_balance_weight",
+                             "moe_zloss_weight", "moe_capacity_factor", "moe_device_balance_weight",
+                             "mim_weight", "act_weight", "sample_topk")},
+    "rope_base": Range(0, lo_open=True),
+    "rotate_fraction": Range(0, 1, lo_open=True),
+    "dropout": Range(0, 1, hi_open=True),
+    "expert_dropout": Range(0, 1, hi_open=True),
+    "halt_threshold": Range(0.5, 1, lo_open=True, hi_open=True),
+}
+
+
 def _optional_model_fields() -> List[tuple]:
     _ensure_baselines_registered()
     seen: Dict[str, Any] = {}
+    ranges: Dict[str, Range] = {}
     for cls, _ in ARCHS.values():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if f.name in seen or f.name == "arch":
+            if f.name == "arch":
+                continue
+            if field_range(f) is not None:
+                ranges.setdefault(f.name, field_range(f))
+            if f.name in seen:
                 continue
             tp = hints[f.name]
             if typing.get_origin(tp) is typing.Union:  # Optional[X] -> X
@@ -52,7 +78,12 @@ def _optional_model_fields() -> List[tuple]:
             if tp not in (int, float, bool, str):
                 tp = Any
             seen[f.name] = tp
-    return [(name, Optional[tp], field(default=None)) for name, tp in sorted(seen.items())]
+    out = []
+    for name, tp in sorted(seen.items()):
+        rng = ranges.get(name) or MODEL_RANGES.get(name)
+        meta = {"range": rng} if rng is not None else {}
+        out.append((name, Optional[tp], field(default=None, metadata=meta)))
+    return out
 
 
 ModelSchema = dataclasses.make_dataclass(
@@ -72,58 +103,58 @@ class DataSchema:
     text_field: str = "text"
     revision: Optional[str] = None  # hub revision (C4 defaults to the paper's pinned commit)
     languages: List[str] = field(default_factory=list)  # The Stack
-    seq_len: int = 1024
-    train_tokens: Optional[int] = None  # token budget; None = (steps + 100) * batch * seq_len + 1
-    valid_tokens: Optional[int] = 1032192  # SPEC 5.7; None = the whole validation split
+    seq_len: int = field(default=1024, metadata=at_least(1))
+    train_tokens: Optional[int] = field(default=None, metadata=at_least(1))  # token budget; None = (steps + 100) * batch * seq_len + 1
+    valid_tokens: Optional[int] = field(default=1032192, metadata=at_least(1))  # SPEC 5.7; None = the whole validation split
     extra_valid: Dict[str, str] = field(default_factory=dict)  # name -> local file/dir, more val sets
     sampler: str = "sequential"  # sequential (paper) | shuffled
-    shuffle_seed: int = 123
+    shuffle_seed: int = field(default=123, metadata=at_least(0))
     # tokenizer (SPEC 5.2)
     tokenizer_path: Optional[str] = None  # an existing SentencePiece .model (e.g. the released one)
-    vocab_size: int = 8000
-    tokenizer_files: Optional[int] = 10  # train on the first N files (C4 10, SlimPajama 200, ...)
-    tokenizer_docs: Optional[int] = None
-    tokenizer_chars: Optional[int] = None
+    vocab_size: int = field(default=8000, metadata=in_range(2, 65536))  # token shards are uint16
+    tokenizer_files: Optional[int] = field(default=10, metadata=at_least(1))  # train on the first N files (C4 10, SlimPajama 200, ...)
+    tokenizer_docs: Optional[int] = field(default=None, metadata=at_least(1))
+    tokenizer_chars: Optional[int] = field(default=None, metadata=at_least(1))
     tokenizer_split_paragraphs: bool = False  # books: cut into < 4 kB pieces (see prepare.py)
     cache_dir: str = "${oc.env:MOEUT_CACHE,${moeut.repo:}/data_cache}"
-    num_workers: int = 2  # tokenisation processes (0 = in-process)
+    num_workers: int = field(default=2, metadata=at_least(0))  # tokenisation processes (0 = in-process)
 
 
 @dataclass
 class OptimSchema:
-    lr: float = 2.5e-4
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    warmup: int = 0
-    min_lr_ratio: float = 0.1
+    lr: float = field(default=2.5e-4, metadata=positive())
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999], metadata=in_range(0, 1, hi_open=True))
+    eps: float = field(default=1e-8, metadata=positive())
+    weight_decay: float = field(default=0.01, metadata=at_least(0))
+    warmup: int = field(default=0, metadata=at_least(0))  # <= train.steps (checked with it)
+    min_lr_ratio: float = field(default=0.1, metadata=in_range(0, 1))
     schedule: str = "cosine"  # cosine (SPEC 4.2) | constant
-    grad_clip: Optional[float] = 0.1  # None/0 = off
+    grad_clip: Optional[float] = field(default=0.1, metadata=at_least(0))  # None/0 = off
 
 
 @dataclass
 class TrainSchema:
-    steps: int = 100000  # the schedule length S (`stop_after`)
-    stop_at: Optional[int] = None  # end this invocation early (schedule still spans `steps`)
-    batch_size: int = 64  # global batch in sequences
-    micro_batch_size: Optional[int] = None  # per-rank micro-batch; None = local batch (no accumulation)
-    seed: int = 0
+    steps: int = field(default=100000, metadata=at_least(1))  # the schedule length S (`stop_after`)
+    stop_at: Optional[int] = field(default=None, metadata=at_least(1))  # end this invocation early (schedule still spans `steps`)
+    batch_size: int = field(default=64, metadata=at_least(1))  # global batch in sequences
+    micro_batch_size: Optional[int] = field(default=None, metadata=at_least(1))  # per-rank micro-batch; None = local batch (no accumulation)
+    seed: int = field(default=0, metadata=at_least(0))
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA cc>=8, fp16+scaler below, fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False
     activation_checkpointing: bool = False
-    log_interval: int = 100
-    val_interval: int = 2000
-    val_batch_size: Optional[int] = None  # None = micro batch size
-    save_interval: int = 10000
-    keep_last: int = 3
-    routing_interval: int = 500  # log routing metrics every N steps (SPEC 4.4)
-    routing_every: int = 10  # collect routing counts on every N-th step (SPEC 7.3)
+    log_interval: int = field(default=100, metadata=at_least(1))
+    val_interval: int = field(default=2000, metadata=at_least(1))
+    val_batch_size: Optional[int] = field(default=None, metadata=at_least(1))  # None = micro batch size
+    save_interval: int = field(default=10000, metadata=at_least(1))
+    keep_last: int = field(default=3, metadata=at_least(1))
+    routing_interval: int = field(default=500, metadata=at_least(1))  # log routing metrics every N steps (SPEC 4.4)
+    routing_every: int = field(default=10, metadata=at_least(1))  # collect routing counts on every N-th step (SPEC 7.3)
     resume: str = "auto"  # auto (newest valid checkpoint in the run dir) | never | <checkpoint path>
     init_from: Optional[str] = None  # warm start: model weights only
-    max_nonfinite: int = 10  # abort after this many non-finite losses in a row
-    threads: Optional[int] = None  # torch CPU threads (None = torch default)
-    dist_timeout_min: int = 30
+    max_nonfinite: int = field(default=10, metadata=at_least(1))  # abort after this many non-finite losses in a row
+    threads: Optional[int] = field(default=None, metadata=at_least(1))  # torch CPU threads (None = torch default)
+    dist_timeout_min: int = field(default=30, metadata=at_least(1))
     final_eval: bool = True  # validation at the end of training
 
 
@@ -214,10 +245,15 @@ def to_typed(cfg: DictConfig, world_size: int = 1) -> TrainConfig:
     except Exception as e:  # omegaconf MissingMandatoryValue / InterpolationResolutionError
         raise ValueError(f"config: {e}") from e
     obj = OmegaConf.to_object(cfg)
-    model_cfg = build_model_config(cfg.model)
     data, optim, train, logger = obj.data, obj.optim, obj.train, obj.logger
     for cls, node in ((DataSchema, data), (OptimSchema, optim), (TrainSchema, train), (LoggerSchema, logger)):
         assert isinstance(node, cls), f"{cls.__name__} expected, got {type(node)}"
+    # Every numeric option against the range declared in its schema, before any cross-field rule.
+    for key, node in (("model", obj.model), ("data", data), ("optim", optim), ("train", train), ("logger", logger)):
+        if dataclasses.is_dataclass(node):
+            check_ranges(node, key)
+    check_mapping(dict(getattr(obj.model, "overrides", None) or {}), MODEL_RANGES, "model.overrides")
+    model_cfg = build_model_config(cfg.model)
     tc = TrainConfig(model=model_cfg, model_preset=cfg.model.preset, data=data, optim=optim, train=train,
                      logger=logger, name=obj.name, print_config=obj.print_config, raw=raw)
     validate(tc, world_size)
@@ -243,23 +279,15 @@ def validate(tc: TrainConfig, world_size: int = 1) -> None:
         _fail("data.tokenizer_path", f"not a file: {d.tokenizer_path}")
     if d.sampler not in SAMPLERS:
         _fail("data.sampler", f"{d.sampler!r} is not one of {SAMPLERS}")
-    if d.seq_len < 1:
-        _fail("data.seq_len", f"must be >= 1, got {d.seq_len}")
     if d.vocab_size != tc.model.vocab_size:
         _fail("data.vocab_size", f"{d.vocab_size} differs from the model's vocab_size "
                                  f"{tc.model.vocab_size} (set model.vocab_size too)")
-    if d.vocab_size > 65536:
-        _fail("data.vocab_size", "token shards are uint16: vocab_size must be <= 65536")
     if o.schedule not in ("cosine", "constant"):
         _fail("optim.schedule", f"{o.schedule!r} is not one of ('cosine', 'constant')")
     if len(o.betas) != 2:
         _fail("optim.betas", f"needs two values, got {o.betas}")
-    if o.lr <= 0:
-        _fail("optim.lr", f"must be > 0, got {o.lr}")
-    if o.warmup < 0 or o.warmup > t.steps:
+    if o.warmup > t.steps:
         _fail("optim.warmup", f"must be in [0, train.steps={t.steps}], got {o.warmup}")
-    if t.steps < 1:
-        _fail("train.steps", f"must be >= 1, got {t.steps}")
     if t.stop_at is not None and not 0 < t.stop_at <= t.steps:
         _fail("train.stop_at", f"must be in (0, train.steps={t.steps}], got {t.stop_at}")
     if t.batch_size % world_size:
@@ -271,10 +299,6 @@ def validate(tc: TrainConfig, world_size: int = 1) -> None:
                                   f"x train.micro_batch_size {mb}")
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         _fail("train.precision", f"{t.precision!r} is not one of auto, fp32, bf16, fp16")
-    for k in ("log_interval", "val_interval", "save_interval", "routing_interval", "routing_every", "keep_last",
-              "max_nonfinite"):
-        if getattr(t, k) < 1:
-            _fail(f"train.{k}", f"must be >= 1, got {getattr(t, k)}")
     if t.resume not in ("auto", "never") and not os.path.exists(t.resume):
         _fail("train.resume", f"'auto', 'never' or an existing checkpoint path; got {t.resume!r}")
     if lg.wandb not in ("disabled", "offline", "online"):

@@ -1,8 +1,9 @@
 """Glue from the `data` config to tokenizer + train/validation windows for one run.
 
-Tokenizer lookup order: data.tokenizer_path -> <run_dir>/tokenizer.model (a resumed run) ->
-<cache_dir>/tokenizers/<corpus key>-v<V>.model -> train one (rank 0) from the first
-`tokenizer_files` files of the train split. The result is always copied into the run dir.
+Tokenizer lookup order: data.tokenizer_path -> <run_dir>/tokenizer.model (a resumed run) -> the
+resumed checkpoint's -> <cache_dir>/tokenizers/<corpus key>-v<V>.model -> train one (rank 0) from
+the first `tokenizer_files` files of the train split. Nothing here writes into the run dir:
+train.py copies the tokenizer there (`commit_run_dir`) once the whole start is validated.
 Token shards live in <cache_dir>/tokens/ keyed by (corpus, split, tokenizer hash), so repeated
 runs reuse them. Under DDP rank 0 prepares everything; the others wait, then read.
 """
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 from ..data.dataset import TokenStream, WindowDataset
+from ..data.pipeline import tokenizer_cache_path
 from ..data.prepare import prepare_tokens, train_corpus_tokenizer
 from ..data.sources import Corpus, local_corpus, open_corpus
 from ..data.tokenizer import Tokenizer
@@ -31,34 +33,51 @@ def _corpus(d, split: str) -> Corpus:
                        revision=d.revision, languages=d.languages)
 
 
-def get_tokenizer(d, run_dir: str, dist: DistInfo, log=print) -> Tokenizer:
+def resolve_tokenizer(d, run_dir: str, dist: DistInfo, checkpoint_tokenizer: Optional[str] = None,
+                      log=print) -> Tokenizer:
+    """The run's tokenizer, checked against everything it must agree with; writes nothing into
+    the run dir (`commit_run_dir` copies it there once the whole start is validated).
+
+    Lookup: data.tokenizer_path -> <run_dir>/tokenizer.model -> the resumed checkpoint's
+    tokenizer.model -> the cache -> train one (rank 0) into the cache.
+    Raises ValueError naming the option when its vocabulary size differs from data.vocab_size,
+    or when it differs from the run's or the checkpoint's tokenizer (a run keeps one tokenizer).
+    """
     run_tok = os.path.join(run_dir, "tokenizer.model")
     if d.tokenizer_path:
-        tok = Tokenizer.load(os.path.expanduser(d.tokenizer_path))
+        src, key = os.path.expanduser(d.tokenizer_path), "data.tokenizer_path"
+        tok = Tokenizer.load(src)
     elif os.path.isfile(run_tok):
+        src, key = run_tok, "data.vocab_size"
         tok = Tokenizer.load(run_tok)
+    elif checkpoint_tokenizer:
+        src, key = checkpoint_tokenizer, "data.vocab_size"
+        tok = Tokenizer.load(checkpoint_tokenizer)
     else:
         corpus = _corpus(d, "train")
-        cached = os.path.join(d.cache_dir, "tokenizers",
-                              f"{corpus.name}-{corpus.key()}-v{d.vocab_size}-f{d.tokenizer_files}"
-                              f"-d{d.tokenizer_docs}-c{d.tokenizer_chars}-p{int(d.tokenizer_split_paragraphs)}.model")
+        cached = tokenizer_cache_path(d, corpus)  # the same file `python -m moeut.prepare_data` writes
         if dist.is_main and not os.path.isfile(cached):
             log(f"[data] training a {d.vocab_size}-piece SentencePiece BPE tokenizer on {corpus.name} ...")
             tok = train_corpus_tokenizer(corpus, d.vocab_size, max_files=d.tokenizer_files,
                                          max_docs=d.tokenizer_docs, max_chars=d.tokenizer_chars,
-                                         split_paragraphs=d.tokenizer_split_paragraphs)
+                                         split_paragraphs=d.tokenizer_split_paragraphs, log=log)
             tok.save(cached)
         barrier()
+        src, key = cached, "data.vocab_size"
         tok = Tokenizer.load(cached)
     if tok.vocab_size != d.vocab_size:
-        raise ValueError(f"data.vocab_size: {d.vocab_size} but the tokenizer has {tok.vocab_size} pieces")
-    if dist.is_main:
-        tok.save(run_tok)
+        raise ValueError(f"{key}: data.vocab_size is {d.vocab_size} but the tokenizer {src} has "
+                         f"{tok.vocab_size} pieces")
+    for other, what in ((run_tok, "the run's tokenizer"), (checkpoint_tokenizer, "the resumed checkpoint's tokenizer")):
+        if other and os.path.abspath(other) != os.path.abspath(src) and os.path.isfile(other):
+            if Tokenizer.load(other).sha256 != tok.sha256:
+                raise ValueError(f"{key}: the tokenizer {src} differs from {what} {other}; a run keeps one "
+                                 f"tokenizer: start a new run (another hydra.run.dir) or drop data.tokenizer_path")
     return tok
 
 
-def prepare_run_data(d, seq_len: int, train_tokens: int, run_dir: str, dist: DistInfo, log=print) -> RunData:
-    tok = get_tokenizer(d, run_dir, dist, log)
+def prepare_run_data(d, seq_len: int, train_tokens: int, tok: Tokenizer, dist: DistInfo, log=print) -> RunData:
+    """Token windows for training and validation (written to the cache, never to the run dir)."""
     train_corpus = _corpus(d, "train")
     valid_corpora = {"val": _corpus(d, "validation")}
     for name, path in d.extra_valid.items():

@@ -97,6 +97,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def gather_object(obj: Any, dst: int = 0) -> Optional[List[Any]]:
+    """Every rank's `obj` as a list on rank `dst` (None elsewhere); [obj] without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: Optional[List[Any]] = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def all_reduce_sum_(tensors: List[torch.Tensor]) -> None:
     if dist.is_available() and dist.is_initialized():
         for t in tensors:

@@ -4,15 +4,111 @@ output (a tqdm bar on a TTY, one plain line per log interval otherwise, e.g. SLU
 Every record is one JSON line `{"step": s, "time": t, key: value, ...}`; analysis rebuilds curves
 from this file without the wandb API. Figures (routing heatmaps) go to wandb as images and to
 `<run_dir>/routing/` as PNG files.
+
+Messages and progress lines go through Python logging (logger `moeut.train`); `run_log_file`
+also writes everything logged (warnings included, under `python train.py`) to `<run_dir>/train.log`.
+On a resume from step s, records after s (written before the interruption, after the checkpoint)
+are moved to `metrics.rewound.jsonl`, so metrics.jsonl holds exactly one history.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import sys
 import time
-from typing import Any, Dict, Optional
+import warnings
+from typing import Any, Dict, Iterator, List, Optional
+
+log = logging.getLogger("moeut.train")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _Held(logging.Handler):
+    """Keeps records in memory until the run dir may be written (see `run_log_file`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def run_log_file(run_dir: str, enabled: bool = True, held: Optional[List[logging.LogRecord]] = None
+                 ) -> Iterator[List[logging.LogRecord]]:
+    """Log records (INFO and up, any logger) while inside: appended to <run_dir>/train.log when
+    `enabled`, else kept in the yielded list, which a later `run_log_file(..., held=that list)`
+    writes to train.log first (so the messages of a start's validation phase reach train.log
+    once the start is accepted, and nothing is written when it is refused).
+    Also makes `moeut` messages visible on stdout when nothing else (Hydra's job logging) has
+    set up a console handler, e.g. when `train()` is called from Python."""
+    moeut_log = logging.getLogger("moeut")
+    root = logging.getLogger()
+    old_level = moeut_log.level
+    moeut_log.setLevel(logging.INFO)
+    handlers = []
+    if not moeut_log.hasHandlers():
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        moeut_log.addHandler(console)
+        handlers.append((moeut_log, console))
+    if enabled:
+        fh = logging.FileHandler(os.path.join(run_dir, "train.log"), mode="a", encoding="utf-8")
+        fh.setLevel(logging.INFO)
+        fh.setFormatter(logging.Formatter(LOG_FORMAT))
+        for rec in held or []:
+            fh.handle(rec)
+        target: logging.Handler = fh
+    else:
+        target = _Held()
+    root.addHandler(target)
+    handlers.append((root, target))
+    try:
+        yield target.records if isinstance(target, _Held) else []
+    finally:
+        for lg, h in handlers:
+            lg.removeHandler(h)
+            h.close()
+        moeut_log.setLevel(old_level)
+
+
+def log_to_files(text: str, level: int = logging.INFO) -> None:
+    """Send a line to the log files only (train.log), e.g. while a progress bar owns the console."""
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(log.makeRecord(log.name, level, __file__, 0, text, (), None))
+
+
+def rewind_metrics(run_dir: str, step: int) -> int:
+    """Move records with step > `step` from metrics.jsonl to metrics.rewound.jsonl (appended) and
+    rewrite metrics.jsonl atomically; returns how many moved. A resumed run re-logs those steps."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return 0
+    keep, moved = [], []
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                s = json.loads(line).get("step", 0)
+            except ValueError:  # a line cut by a crash: not part of either history
+                moved.append(line if line.endswith("\n") else line + "\n")
+                continue
+            (moved if s > step else keep).append(line if line.endswith("\n") else line + "\n")
+    if not moved:
+        return 0
+    with open(os.path.join(run_dir, "metrics.rewound.jsonl"), "a") as f:
+        f.writelines(moved)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+    return len(moved)
 
 
 class RunLogger:
@@ -20,7 +116,9 @@ class RunLogger:
                  project: str = "moeut", entity: Optional[str] = None, name: Optional[str] = None,
                  group: Optional[str] = None, tags=(), config: Optional[Dict[str, Any]] = None,
                  wandb_id: Optional[str] = None, progress: str = "auto", total_steps: int = 0,
-                 initial_step: int = 0):
+                 initial_step: int = 0, resume_step: Optional[int] = None):
+        """resume_step: the step this start continues from (0 for a fresh start): records of
+        later steps in metrics.jsonl are moved aside (see `rewind_metrics`)."""
         self.enabled = enabled
         self.run_dir = run_dir
         self.wandb = None
@@ -30,6 +128,15 @@ class RunLogger:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
+        if resume_step is not None:
+            n = rewind_metrics(run_dir, resume_step)
+            if n:
+                self.message(f"[log] starting at step {resume_step}: moved {n} records of later steps from "
+                             "metrics.jsonl to metrics.rewound.jsonl (they are logged again)")
+                if wandb_mode != "disabled" and wandb_id:
+                    warnings.warn(f"logger.wandb: wandb run {wandb_id} already has steps after {resume_step}; "
+                                  "wandb drops records whose step is not larger than its last one, so those "
+                                  "steps keep their first values there (metrics.jsonl has the resumed ones)")
         self._metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
         if wandb_mode != "disabled":
             import wandb
@@ -59,16 +166,18 @@ class RunLogger:
             text = " ".join(f"{k}={_fmt(v)}" for k, v in short.items())
             if self.bar is not None:
                 self.bar.set_postfix_str(text[:200])
+                log_to_files(f"[step {step}] {text}")
             elif self.progress == "lines":
-                print(f"[step {step}] {text}", flush=True)
+                log.info(f"[step {step}] {text}")
 
     def message(self, text: str) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.write(text)
+            log_to_files(text)
         else:
-            print(text, flush=True)
+            log.info(text)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -81,7 +190,8 @@ class RunLogger:
         out = os.path.join(self.run_dir, "routing")
         os.makedirs(out, exist_ok=True)
         path = os.path.join(out, f"{key.replace('/', '_')}_step{step:07d}.png")
-        fig.savefig(path, dpi=80)
+        fig.savefig(path + ".tmp", dpi=80, format="png")  # written whole, then renamed
+        os.replace(path + ".tmp", path)
         if self.wandb is not None:
             import wandb
             self.wandb.log({key: wandb.Image(path)}, step=step)

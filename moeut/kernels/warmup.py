@@ -1,0 +1,120 @@
+"""Pre-warm the Triton caches for a model: compile (and autotune) everything a run will need.
+
+    python -m moeut.kernels.warmup preset=moeut_44m dtype=bf16            # batch 64 x 1024 + decoding
+    python -m moeut.kernels.warmup preset=moeut_44m dtype=bf16 batch=16 seq_len=256 decode=false
+
+Runs `steps` forward + backward passes of the model on the GPU at the given batch (random tokens),
+then (decode=true) a KV-cache decode of `prefill` tokens and 8 single-token steps, and prints the
+wall time of each: the first pass includes compiling and autotuning, the second is the warm step
+time. Compiled kernels land in Triton's cache (TRITON_CACHE_DIR, default ~/.triton/cache) and
+autotune winners beside them (`cache_results`), so later processes -- training, evaluation --
+start warm. Run it once per machine / cache directory, per model shape and dtype; the list of what
+gets compiled is `python -m moeut.kernels.footprint` with the same arguments.
+
+Arguments (key=value): preset [moeut_44m], dtype bf16|fp16|fp32|tf32 [bf16], batch [64],
+seq_len [1024], steps [2], decode true|false [true], prefill [100], device [cuda; cpu only for a
+dry run, where the PyTorch implementation runs and nothing is compiled].
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+
+DEFAULTS = dict(preset="moeut_44m", dtype="bf16", batch="64", seq_len="1024", steps="2", decode="true",
+                prefill="100", device="")
+
+
+def cache_dirs() -> dict:
+    """Where the compiled kernels and autotune results go (Triton), and inductor's cache."""
+    home = os.path.expanduser("~")
+    triton_dir = os.environ.get("TRITON_CACHE_DIR") or os.path.join(
+        os.environ.get("TRITON_HOME", home), ".triton", "cache")
+    import tempfile
+    user = os.environ.get("USER", "root")
+    inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")
+    return {"triton": triton_dir, "inductor": inductor}
+
+
+def _parse(argv: Sequence[str]) -> dict:
+    a = dict(DEFAULTS)
+    for item in argv:
+        if "=" not in item:
+            raise ValueError(f"expected key=value, got {item!r} (keys: {', '.join(DEFAULTS)})")
+        k, v = item.split("=", 1)
+        if k not in DEFAULTS:
+            raise ValueError(f"unknown key {k!r} (keys: {', '.join(DEFAULTS)})")
+        a[k] = v
+    for k in ("batch", "seq_len", "steps", "prefill"):
+        try:
+            a[k] = int(a[k])
+        except ValueError:
+            raise ValueError(f"{k}: expected an integer, got {a[k]!r}") from None
+    if a["decode"] not in ("true", "false"):
+        raise ValueError(f"decode: expected true or false, got {a['decode']!r}")
+    return a
+
+
+def warm(preset: str, dtype: str, batch: int, seq_len: int, steps: int = 2, decode: bool = True,
+         prefill: int = 100, device: Optional[str] = None, log=print) -> dict:
+    """Run the passes described in the module docstring; returns their wall times in seconds."""
+    import torch.nn.functional as F
+    from moeut.checkpoint import build_model
+    from moeut.model import KVCache
+    from .footprint import model_config
+    from . import cvmm_triton as kt
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype in ("fp32", "tf32"):
+        kt.set_allow_tf32(dtype == "tf32")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = build_model(model_config(preset)).to(dev).train()
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (batch, seq_len + 1), device=dev)
+    res = {"build_s": time.perf_counter() - t0, "step_s": []}
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    for i in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(ids[:, :-1])
+        loss = F.cross_entropy(out.logits.float().flatten(0, 1), ids[:, 1:].flatten()) + out.reg_loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        sync()
+        res["step_s"].append(time.perf_counter() - t0)
+        log(f"[warmup] {preset} {dtype} training step {i + 1} ({batch} x {seq_len}): {res['step_s'][-1]:.2f} s")
+    if decode:
+        model.eval()
+        sync()
+        t0 = time.perf_counter()
+        cache = KVCache()
+        with torch.no_grad(), torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+            model(ids[:1, :prefill], cache=cache)
+            for s in range(8):
+                model(ids[:1, prefill + s:prefill + s + 1], cache=cache)
+        sync()
+        res["decode_s"] = time.perf_counter() - t0
+        log(f"[warmup] decode (prefill {prefill} + 8 steps): {res['decode_s']:.2f} s")
+    return res
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = _parse(sys.argv[1:] if argv is None else argv)
+    dirs = cache_dirs()
+    print(f"[warmup] Triton cache (kernels + autotune results): {dirs['triton']}")
+    warm(a["preset"], a["dtype"], a["batch"], a["seq_len"], a["steps"], a["decode"] == "true", a["prefill"],
+         a["device"] or None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

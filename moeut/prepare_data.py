@@ -1,0 +1,90 @@
+"""Prepare a training run's data ahead of time: `python -m moeut.prepare_data [overrides]`.
+
+Takes train.py's config and overrides (`experiment=c4_moeut_244m data.path=/data/c4 ...`; see
+conf/prepare_data.yaml), trains or loads the tokenizer and tokenises the train split (up to the
+run's train limit), the validation split and every data.extra_valid set into data.cache_dir, on
+all cores (`prepare.workers`), with progress, resumable after a kill, each cache with a
+manifest.json that train.py verifies. A DDP run refuses to start without it
+(moeut.data.pipeline.ensure_prepared). `prepare.check=true` only reports (exit status 1 when
+something is missing). docs/training.md, "Preparing data".
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .data.pipeline import check_prepared, prepare_run_data_caches
+from .train_lib.config import DataSchema, LoggerSchema, OptimSchema, TrainConfigSchema, TrainSchema, to_typed
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@dataclass
+class PrepareOptions:
+    workers: Optional[int] = None  # None = every core this process may use
+    progress: bool = True
+    run_dir: Optional[str] = None  # a run being resumed: use its tokenizer.model
+    check: bool = False  # only check; exit 1 if the run would tokenise
+
+
+@dataclass
+class PrepareConfigSchema(TrainConfigSchema):
+    """train.py's schema plus `prepare`. Listed after `config` in the defaults: MISSING fields
+    leave the composed training config untouched, `prepare` is added."""
+    model: Any = MISSING
+    data: DataSchema = MISSING
+    optim: OptimSchema = MISSING
+    train: TrainSchema = MISSING
+    logger: LoggerSchema = MISSING
+    name: str = MISSING
+    print_config: bool = MISSING
+    prepare: PrepareOptions = field(default_factory=PrepareOptions)
+
+
+ConfigStore.instance().store(name="base_prepare_config", node=PrepareConfigSchema)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def run(cfg: DictConfig, log=print) -> Dict[str, Any]:
+    """Prepare (or with prepare.check only check) from a composed prepare_data config.
+    Returns {"problems": [...]} for a check, else {"manifests": {name: TokenManifest}}."""
+    opts = OmegaConf.to_object(cfg.prepare)
+    tc = to_typed(cfg)  # train.py's validation (the extra `prepare` node is ignored there)
+    if opts.workers is not None and opts.workers < 0:
+        raise ValueError(f"prepare.workers: must be >= 0 (0 = in-process), got {opts.workers}")
+    if opts.check:
+        problems = check_prepared(tc, opts.run_dir)
+        for p in problems:
+            log(f"[data] not ready: {p}")
+        if not problems:
+            log("[data] every cache this run reads is prepared and verified")
+        return {"problems": problems}
+    workers = available_cores() if opts.workers is None else opts.workers
+    log(f"[data] preparing {tc.data.source} data for {tc.name} in {tc.data.cache_dir} with {workers} worker(s)")
+    return {"manifests": prepare_run_data_caches(tc, workers, opts.run_dir, progress=opts.progress, log=log)}
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="prepare_data")
+def main(cfg: DictConfig) -> None:
+    res = run(cfg)
+    if res.get("problems"):
+        sys.exit(1)
+    for name, m in res.get("manifests", {}).items():
+        print(f"{name}: {m.total_tokens:,} tokens in {len(m.shards)} shard(s) -> {m.path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""One checkpoint loader for every reader (moeut.checkpoint.open_checkpoint; issue 18.2).
+
+A run whose newest model.pt was cut in half: evaluation, analysis, the HF export and training's
+resume fall back to the previous checkpoint with a warning naming the skipped file; pointing at the
+damaged checkpoint (its dir or the file) stops with an error naming the file; a run dir with no
+readable checkpoint names the run dir and the `checkpoint=` option. Needs no ../shared data.
+"""
+import json
+import os
+import random
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeut.checkpoint import (CheckpointError, build_model, find_checkpoints, load_model, open_checkpoint,
+                              resolve_checkpoint, save_checkpoint)
+from moeut.config import get_preset
+
+WORDS = ("the cat dog bird sat ran flew over under a mat tree house river quickly slowly red green blue "
+         "small big old young man woman child saw heard found took gave").split()
+
+
+def _text(n_sentences: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
+                    for _ in range(n_sentences))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from moeut.data.tokenizer import train_tokenizer
+    return train_tokenizer([_text(20, s) for s in range(40)], vocab_size=160, hard_vocab_limit=False)
+
+
+@pytest.fixture()
+def run(tmp_path, tokenizer):
+    """A run with checkpoints at steps 2 and 4 (different weights); step 4's model.pt is cut in half.
+    Returns (run dir, state dict of step 2, path of the damaged file)."""
+    cfg = get_preset("tiny", vocab_size=tokenizer.vocab_size)
+    states = {}
+    for step in (2, 4):
+        torch.manual_seed(step)
+        model = build_model(cfg)
+        states[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        save_checkpoint(tmp_path / "run" / "checkpoints", step, model, cfg, tokenizer=tokenizer,
+                        meta={"tokens_seen": 100 * step})
+    bad = tmp_path / "run" / "checkpoints" / "step_0000004" / "model.pt"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # a truncated copy
+    return tmp_path / "run", states[2], bad
+
+
+SKIP_RE = r"skipping unreadable checkpoint .*step_0000004.*model\.pt"
+
+
+def _assert_fell_back(record, bad):
+    msgs = [str(w.message) for w in record]
+    assert any("skipping unreadable checkpoint" in m and str(bad) in m for m in msgs), msgs
+    assert any("using" in m and "step_0000002" in m for m in msgs), msgs
+
+
+def test_load_model_falls_back_to_previous(run):
+    run_dir, state2, bad = run
+    with pytest.warns(UserWarning, match=SKIP_RE) as rec:
+        loaded = load_model(run_dir)
+    _assert_fell_back(rec, bad)
+    assert loaded.meta["step"] == 2 and loaded.path.endswith("step_0000002")
+    got = loaded.model.state_dict()
+    assert all(torch.equal(got[k], state2[k]) for k in state2)  # the weights of step 2, not step 4
+    # the cheap resolver (completeness check without loading) agrees
+    with pytest.warns(UserWarning, match=SKIP_RE):
+        assert resolve_checkpoint(run_dir).endswith("step_0000002")
+
+
+@pytest.mark.parametrize("target", ["dir", "file"])
+def test_pointing_at_the_damaged_checkpoint_names_the_file(run, target):
+    run_dir, _, bad = run
+    path = bad.parent if target == "dir" else bad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no silent fallback to another checkpoint
+        with pytest.raises(CheckpointError) as e:
+            load_model(path)
+        assert e.value.file == str(bad) and str(bad) in str(e.value) and "truncated or corrupt" in str(e.value)
+        with pytest.raises(CheckpointError, match="model.pt"):
+            resolve_checkpoint(path)
+
+
+def test_corrupt_middle_is_found_by_loading(run):
+    """A damaged file whose zip directory is intact passes the cheap check; loading still falls back."""
+    run_dir, _, bad = run
+    good = bad.parent.parent / "step_0000002" / "model.pt"
+    ckpt4 = bad.parent
+    torch.manual_seed(9)
+    cfg = get_preset("tiny", vocab_size=json.loads((ckpt4 / "model_config.json").read_text())["vocab_size"])
+    torch.save(build_model(cfg).state_dict(), bad)  # repair step 4, then damage its tokenizer instead
+    (ckpt4 / "tokenizer.model").write_bytes(b"\x00garbage")
+    with pytest.warns(UserWarning, match=r"skipping unreadable checkpoint .*step_0000004.*tokenizer\.model"):
+        assert load_model(run_dir).path == str(good.parent)
+
+
+def test_no_readable_checkpoint_names_run_dir_and_option(run, tmp_path):
+    run_dir, _, bad = run
+    p2 = run_dir / "checkpoints" / "step_0000002" / "meta.json"
+    p2.write_text('{"step": 2')  # truncated JSON
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint"):
+        with pytest.raises(FileNotFoundError) as e:
+            load_model(run_dir)
+    msg = str(e.value)
+    assert str(run_dir) in msg and "checkpoint=" in msg and str(bad) in msg and str(p2) in msg
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no valid checkpoint in .*empty_run.*checkpoint="):
+        load_model(empty)
+    with pytest.raises(FileNotFoundError, match=r"no valid checkpoint: train\.init_from=.*nowhere does not exist"):
+        load_model(tmp_path / "nowhere", option="train.init_from")
+    with pytest.raises(ValueError, match=r"checkpoint: required"):
+        load_model("???")
+
+
+def test_other_errors_are_not_mistaken_for_corruption(run, tokenizer):
+    """A vocabulary mismatch is a user error, not a damaged file: no fallback, the error propagates."""
+    run_dir, _, bad = run
+    calls = []
+
+    def read(c):
+        calls.append(os.path.basename(c))
+        raise ValueError("vocab_size 160 != expected 8000")
+    with pytest.raises(ValueError, match="expected 8000"):
+        open_checkpoint(run_dir, read)
+    assert calls == ["step_0000004"]
+
+
+def test_export_falls_back(run, tmp_path):
+    pytest.importorskip("transformers")
+    from moeut.hf.export import export
+    run_dir, _, bad = run
+    with pytest.warns(UserWarning, match=SKIP_RE):
+        out = export(str(run_dir), str(tmp_path / "export"))
+    assert json.loads((Path(out) / "moeut_export.json").read_text())["step"] == 2
+    with pytest.raises(CheckpointError, match=str(bad).replace(".", r"\.")):
+        export(str(bad.parent), str(tmp_path / "export2"))
+    assert not (tmp_path / "export2").exists()  # nothing written for a refused export
+
+
+def test_analyze_falls_back(run, tmp_path):
+    from moeut import analyze as Z
+    run_dir, _, bad = run
+    data = tmp_path / "valid.txt"
+    data.write_text(_text(60, 123))
+    cfg = Z.AnalyzeConfig(checkpoint=str(run_dir), data=Z.DataConfig(path=str(data)), seq_len=16, batch_size=4,
+                          max_tokens=256, device="cpu", out_dir=str(tmp_path / "an"),
+                          figures=Z.FigureConfig(formats=["png"], dpi=30), report=False)
+    with pytest.warns(UserWarning, match=SKIP_RE):
+        res = Z.run_analysis(cfg)
+    from moeut.analysis import load_stats
+    meta = load_stats(res["stats"])["meta"]
+    assert meta["step"] == 2 and meta["checkpoint"].endswith("step_0000002")
+    cfg.checkpoint = str(bad)
+    with pytest.raises(CheckpointError, match="step_0000004"):
+        Z.run_analysis(cfg)
+
+
+def test_evaluate_falls_back(run, tmp_path):
+    from moeut.eval.tasks.base import EvalOptions
+    from moeut.eval.zeroshot import evaluate_checkpoint
+    run_dir, _, bad = run
+    lam = tmp_path / "lambada.jsonl"
+    lam.write_text("".join(json.dumps({"text": _text(2, s)[:-1]}) + "\n" for s in range(3)))
+    opts = EvalOptions(paths={"lambada": str(lam)}, limit=3)
+    with pytest.warns(UserWarning, match=SKIP_RE):
+        res = evaluate_checkpoint(str(run_dir), ["lambada"], opts, out_dir=str(tmp_path / "ev"), device="cpu",
+                                  progress=False)
+    assert res["step"] == 2 and res["checkpoint"].endswith("step_0000002")
+    with pytest.raises(CheckpointError, match="step_0000004"):
+        evaluate_checkpoint(str(bad.parent), ["lambada"], opts, out_dir=str(tmp_path / "ev2"), device="cpu",
+                            progress=False)
+
+
+def test_training_resume_uses_the_same_loader(run):
+    """Training's resume (moeut.train_lib.checkpoint) reads through open_checkpoint as well: a
+    damaged train_state.pt of the newest checkpoint is skipped, naming the file."""
+    from moeut.train_lib import checkpoint as tl
+    run_dir, _, bad = run
+    logged = []
+    # step 2 has no train_state.pt (save_checkpoint without extra files): nothing is readable
+    with pytest.warns(UserWarning, match=SKIP_RE):
+        with pytest.raises(FileNotFoundError, match=r"train\.resume="):
+            tl.load_latest_training_checkpoint(str(run_dir), log=logged.append)
+    assert any(str(bad) in m for m in logged)
+    assert any("train_state.pt" in m and "missing" in m for m in logged)
+    with pytest.raises(CheckpointError, match="step_0000004"):
+        tl.load_training_checkpoint(str(bad.parent))
+    assert find_checkpoints(run_dir)  # nothing was deleted or rewritten
+
+
+def test_compare_reads_the_newest_readable_config(run):
+    """analysis/compare.py reads only model_config.json: a damaged one is skipped, named."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "compare_script", Path(__file__).resolve().parents[1] / "analysis" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = compare  # its dataclasses look their module up
+    spec.loader.exec_module(compare)
+    run_dir, _, bad = run
+    cfg4 = bad.parent / "model_config.json"
+    cfg4.write_text(cfg4.read_text()[:20])
+    with pytest.warns(UserWarning, match=r"skipping unreadable checkpoint .*step_0000004.*model_config\.json"):
+        r = compare.load_run(str(run_dir))
+    assert r.config.d_model == 64 and r.params > 0
