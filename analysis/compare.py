@@ -40,6 +40,7 @@ import os
 import re
 import statistics
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -413,11 +414,28 @@ def measure_runs(runs: List[Run], batch_size: int, seq_len: int, device: str, dt
 # Entry point
 # ------------------------------------------------------------------------------------------
 
+def check_has_metric(runs: List[Run], metric: str, val_key: Optional[str] = None) -> None:
+    """A comparison whose quality metric no run has would be a table of dashes: fail naming what
+    is missing; warn for the runs that lack it while others have it."""
+    where = {r.name: (os.path.join(r.path, "metrics.jsonl") if metric == "val_ppl"
+                      else os.path.join(r.path, "eval", "results_*.json")) for r in runs}
+    lacking = [r for r in runs if not math.isfinite(r.metric(metric))]
+    what = (f"validation perplexity (key {val_key!r})" if val_key else
+            f"validation perplexity (a key matching {VAL_RE.pattern})") if metric == "val_ppl" else f"--metric {metric!r}"
+    if len(lacking) == len(runs):
+        raise ValueError(f"no run has a {what}; nothing to compare. Looked in: "
+                         + ", ".join(where[r.name] for r in runs)
+                         + ("" if metric == "val_ppl" else " (eval keys look like 'piqa/accuracy' or 'eval/mean_acc')"))
+    for r in lacking:
+        warnings.warn(f"{r.name}: no {what} in {where[r.name]}; its cells read n/a")
+
+
 def compare(run_dirs: Sequence[str], out_dir: str, *, seq_len: int = 1024, param_tol: float = 0.05,
             metric: str = "val_ppl", val_key: Optional[str] = None, mac_budget: Optional[float] = None,
             time_budget: Optional[float] = None, plot: bool = True, measure: Optional[Dict[str, Any]] = None
             ) -> Dict[str, Any]:
     runs = [load_run(d, seq_len, val_key) for d in run_dirs]
+    check_has_metric(runs, metric, val_key)
     if measure:
         measure_runs(runs, seq_len=seq_len, **measure)
     os.makedirs(out_dir, exist_ok=True)

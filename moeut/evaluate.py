@@ -1,6 +1,11 @@
 """Zero-shot evaluation entry point (SPEC 6), configured by Hydra (conf/eval.yaml).
 
     python -m moeut.evaluate checkpoint=runs/c4_moeut_44m tasks=[lambada,blimp,piqa] limit=100
+    python -m moeut.evaluate checkpoint=runs/c4_moeut_44m tasks=[perplexity] perplexity.path=book.txt
+
+A run that has nothing to work on fails (non-zero exit) with a message naming what is missing:
+no `checkpoint=`, a checkpoint path that does not exist, a `data_dir=` that does not exist, or no
+task finding its data. A task whose data alone is missing is skipped and reported as skipped.
 
 Any key of conf/eval.yaml can be overridden on the command line (`data_dir=...`,
 `paths.cbt=/data/CBTest/data`, `normalize_by_task.cbt=false`, `hellaswag_strip_brackets=true`).
@@ -8,6 +13,8 @@ Any key of conf/eval.yaml can be overridden on the command line (`data_dir=...`,
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any, Dict
 
@@ -24,7 +31,8 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 _KNOWN_KEYS = {"checkpoint", "tokenizer", "tasks", "limit", "source", "data_dir", "paths", "out_dir", "dataset",
                "length_normalize", "normalize_by_task", "hellaswag_strip_brackets", "keep_items", "device",
-               "dtype", "batch_size", "pad_multiple", "progress"}
+               "dtype", "batch_size", "pad_multiple", "progress", "perplexity"}
+_PPL_KEYS = {"path", "hub", "hub_config", "split", "field", "context_length", "stride"}
 
 
 # Ranges of the numeric options of conf/eval.yaml (no dataclass schema here; same generic check).
@@ -33,13 +41,27 @@ EVAL_RANGES = {"limit": Range(1), "batch_size": Range(1), "pad_multiple": Range(
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
     """Evaluate from a composed eval config (used by main and by tests)."""
+    if "checkpoint" not in cfg or OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
+        raise ValueError("checkpoint: required: pass checkpoint=<run dir or its checkpoints/step_XXXXXXX dir>")
     c = OmegaConf.to_container(cfg, resolve=True)
     c.pop("hydra", None)
     unknown = sorted(set(c) - _KNOWN_KEYS)
     if unknown:
         raise ValueError(f"eval config: unknown key(s) {unknown}; known: {sorted(_KNOWN_KEYS)}")
-    if not c.get("checkpoint"):
-        raise ValueError("checkpoint: required (a run dir or a checkpoints/step_XXXXXXX dir)")
+    if not os.path.exists(str(c["checkpoint"])):
+        raise FileNotFoundError(f"checkpoint={c['checkpoint']}: no such file or directory "
+                                "(no valid checkpoint found; pass a run dir or a checkpoints/step_XXXXXXX dir)")
+    ppl = dict(c.get("perplexity") or {})
+    bad = sorted(set(ppl) - _PPL_KEYS)
+    if bad:
+        raise ValueError(f"perplexity: unknown key(s) {bad}; known: {sorted(_PPL_KEYS)}")
+    for key in ("context_length", "stride"):
+        if ppl.get(key) is not None and (not isinstance(ppl[key], int) or ppl[key] < 1):
+            raise ValueError(f"perplexity.{key}: must be a positive integer or null, got {ppl[key]!r}")
+    source = str(c.get("source") or "local")
+    if c.get("data_dir") and source != "hf" and not os.path.isdir(str(c["data_dir"])):
+        raise FileNotFoundError(f"data_dir={c['data_dir']}: no such directory (it should hold the task "
+                                "folders lambada/, blimp/, piqa/, ...; see docs/evaluation.md)")
     tasks = c["tasks"]
     resolve_tasks(tasks)  # unknown task -> error listing the known ones
     check_mapping(c, EVAL_RANGES)  # every numeric option against its range, named (moeut.validate)
@@ -51,17 +73,21 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
                        normalize_by_task=dict(c.get("normalize_by_task") or {}),
                        hellaswag_strip_brackets=bool(c.get("hellaswag_strip_brackets", False)),
                        paths={k: str(v) for k, v in (c.get("paths") or {}).items()},
-                       keep_items=bool(c.get("keep_items", False)), source=str(c.get("source") or "local"))
+                       keep_items=bool(c.get("keep_items", False)), source=source,
+                       perplexity={k: v for k, v in ppl.items() if v is not None})
     return evaluate_checkpoint(str(c["checkpoint"]), tasks, opts, tokenizer_path=c.get("tokenizer"),
                                out_dir=c.get("out_dir"), device=c.get("device"),
-                               batch_size=int(c.get("batch_size", 16)), pad_multiple=int(c.get("pad_multiple", 128)),
+                               batch_size=int(c.get("batch_size", 16)), pad_multiple=int(c.get("pad_multiple", 1)),
                                dtype=c.get("dtype"), progress=bool(c.get("progress", True)),
                                dataset=c.get("dataset"))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    res = run(cfg)
+    try:
+        res = run(cfg)
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback; exit 1
+        sys.exit(f"moeut.evaluate: error: {e}")
     print(open(res["files"]["md"]).read(), end="")
     for kind, path in res["files"].items():
         print(f"{kind}: {path}")

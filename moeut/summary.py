@@ -13,7 +13,9 @@ run it reads, tolerating missing pieces:
 - the newest checkpoint's `model_config.json` (`moeut.checkpoint.find_checkpoints`): architecture,
   G, K, d_expert, LayerNorm placement, and the parameter count (SPEC §2 closed form, or the model
   built on the meta device when no closed form exists);
-- `eval/*.json`: evaluation results, flattened to `eval/<file>/<task>/<metric>` numbers.
+- `eval/*.json`: the newest `python -m moeut.evaluate` results as `eval/<task>` accuracies
+  (`eval/text_ppl`, `eval/bits_per_byte` for the perplexity task; "skipped" for a task without
+  data), and lm-eval results files as `lm_eval/<task>/<metric>` (see `read_eval`).
 
 Outputs (in `--out`, default the sweep dir): `summary.csv`, `summary.md` and the plots
 `ppl_vs_params.png` (perplexity vs parameters, one line per architecture and dataset: the paper's
@@ -207,25 +209,37 @@ def count_params(model_config: Dict[str, Any]) -> Optional[int]:
         return None
 
 
-def _flatten(prefix: str, obj: Any, out: Dict[str, float]) -> None:
-    if _is_number(obj):
-        out[prefix] = obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _flatten(f"{prefix}/{k}" if prefix else str(k), v, out)
+# moeut.evaluate's paper-table tasks, in the table's order (moeut/eval/table.py)
+_EVAL_TASKS = ("lambada", "blimp", "cbt", "hellaswag", "piqa", "arc_easy", "arc_challenge")
 
 
-def read_eval(run_dir: Path) -> Dict[str, float]:
-    """Numbers from `<run>/eval/*.json`, keyed `eval/<file stem>/<path inside the JSON>`.
+def _is_moeut_eval(data: Any) -> bool:
+    """A results file written by `python -m moeut.evaluate` (moeut/eval/zeroshot.py)."""
+    return isinstance(data, dict) and isinstance(data.get("tasks"), dict) and "table_row" in data
 
-    The evaluation command's exact layout is not fixed here: lm-eval style files
-    ({"results": {task: {metric: v}}}) are unwrapped one level, anything else is flattened;
-    non-numeric leaves (configs, sample lists) are ignored.
+
+def _is_lm_eval(data: Any) -> bool:
+    """An lm-evaluation-harness results file: {"results": {task: {"acc,none": v, ...}}, ...}."""
+    return (isinstance(data, dict) and isinstance(data.get("results"), dict)
+            and all(isinstance(v, dict) for v in data["results"].values()))
+
+
+def read_eval(run_dir: Path) -> Dict[str, Any]:
+    """Evaluation numbers of a run from `<run>/eval/*.json`.
+
+    - `python -m moeut.evaluate` results (`results_step_XXXXXXX.json`): the newest step's file
+      gives `eval/<task>` = the task's table accuracy (a fraction), or "skipped" when the task
+      was asked for but had no data; `eval/text_ppl` and `eval/bits_per_byte` for the
+      perplexity task; `eval_step` and `eval_limit` (null = every item) say what was evaluated.
+    - lm-evaluation-harness results: `lm_eval/<task>/<metric>` (metric without lm-eval's
+      ",none" filter suffix; stderr entries dropped).
+    - Any other JSON in eval/ is ignored with a warning naming the file.
     """
-    out: Dict[str, float] = {}
+    out: Dict[str, Any] = {}
     eval_dir = run_dir / "eval"
     if not eval_dir.is_dir():
         return out
+    ours = []
     for p in sorted(eval_dir.glob("*.json")):
         try:
             with open(p, encoding="utf-8") as f:
@@ -233,9 +247,37 @@ def read_eval(run_dir: Path) -> Dict[str, float]:
         except (OSError, json.JSONDecodeError) as e:
             warnings.warn(f"{p}: skipping unreadable evaluation file ({e})")
             continue
-        if isinstance(data, dict) and isinstance(data.get("results"), dict):
-            data = data["results"]
-        _flatten(f"eval/{p.stem}", data, out)
+        if _is_moeut_eval(data):
+            step = data.get("step")
+            ours.append((step if isinstance(step, int) else -1, p.stat().st_mtime, data))
+        elif _is_lm_eval(data):
+            for task, metrics in data["results"].items():
+                for k, v in metrics.items():
+                    name = str(k).split(",", 1)[0]
+                    if _is_number(v) and not name.endswith("_stderr"):
+                        out[f"lm_eval/{task}/{name}"] = v
+        else:
+            warnings.warn(f"{p}: not a moeut.evaluate or lm-eval results file; ignored by the summary")
+    if ours:
+        _, _, data = max(ours, key=lambda t: (t[0], t[1]))
+        out["eval_step"] = data.get("step")
+        out["eval_limit"] = (data.get("options") or {}).get("limit")
+        tasks = data["tasks"]
+        for name in list(_EVAL_TASKS) + sorted(set(tasks) - set(_EVAL_TASKS) - {"perplexity"}):
+            t = tasks.get(name)
+            if not isinstance(t, dict):
+                continue
+            if "skipped" in t:
+                out[f"eval/{name}"] = "skipped"
+            elif _is_number(t.get("accuracy")):
+                out[f"eval/{name}"] = t["accuracy"]
+        ppl = tasks.get("perplexity")
+        if isinstance(ppl, dict):
+            if "skipped" in ppl:
+                out["eval/text_ppl"] = out["eval/bits_per_byte"] = "skipped"
+            else:
+                out["eval/text_ppl"] = ppl.get("perplexity")
+                out["eval/bits_per_byte"] = ppl.get("bits_per_byte")
     return out
 
 
@@ -301,7 +343,8 @@ def table_columns(rows: Sequence[Dict[str, Any]]) -> List[str]:
     lead = [c for c in LEAD_COLUMNS if c in present]
     rest = sorted(present - set(lead) - {"overrides"})
     # evaluation numbers after the training metrics; overrides last (long)
-    rest = [c for c in rest if not c.startswith("eval/")] + [c for c in rest if c.startswith("eval/")]
+    is_eval = lambda c: c.startswith(("eval/", "eval_", "lm_eval/"))  # noqa: E731
+    rest = [c for c in rest if not is_eval(c)] + [c for c in rest if is_eval(c)]
     return lead + rest + (["overrides"] if "overrides" in present else [])
 
 
@@ -319,7 +362,7 @@ def _fmt(v: Any) -> str:
 
 def to_markdown(rows: Sequence[Dict[str, Any]], columns: Optional[Sequence[str]] = None) -> str:
     columns = list(columns or [c for c in table_columns(rows)
-                               if c in LEAD_COLUMNS or c.startswith("eval/")])
+                               if c in LEAD_COLUMNS or c.startswith(("eval/", "eval_", "lm_eval/"))])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in columns) + " |")

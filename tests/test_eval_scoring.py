@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from moeut.eval.fakes import BigramLM, UnigramLM
+from eval_fakes import BigramLM, UnigramLM
 from moeut.eval.scoring import (MCItem, ScoreRequest, Scorer, evaluate_multiple_choice, is_correct,
                                 make_request, option_scores)
 
@@ -72,12 +72,50 @@ def test_batched_engine_matches_naive_loop(batch_size, pad_multiple):
         assert out.n_scored == len(r.ids) - r.score_from
 
 
-def test_batches_longest_first_and_items_kept_together():
+def test_batches_sorted_by_length_longest_first():
     scorer = Scorer(UnigramLM(torch.zeros(5)), device="cpu", batch_size=4, progress=False)
     reqs = [make_request([1] * n, [2], item=k // 2) for k, n in enumerate([3, 3, 9, 9, 5, 6, 1, 2])]
-    batches = scorer._batches(reqs)
-    # items: 0 -> len 4, 1 -> len 10, 2 -> len 7, 3 -> len 3; longest first, 2 items (4 seqs) per batch
-    assert batches == [[2, 3, 4, 5], [0, 1, 6, 7]]
+    # lengths 4 4 10 10 6 7 2 3 -> by length, longest first, ties by index, 4 per batch
+    assert scorer._batches(reqs) == [[2, 3, 5, 4], [0, 1, 7, 6]]
+
+
+def test_batch_is_padded_to_its_longest_sequence_only():
+    """The forward sees [B, longest in batch] (rounded up to pad_multiple), not 128 columns."""
+    seen = []
+
+    class Spy(UnigramLM):
+        def forward(self, input_ids, **kw):
+            seen.append(tuple(input_ids.shape))
+            return super().forward(input_ids)
+
+    reqs = [make_request([1] * n, [2]) for n in (3, 12, 5, 7, 2)]
+    Scorer(Spy(torch.zeros(5)), device="cpu", batch_size=2, progress=False).score(reqs)
+    assert seen == [(2, 13), (2, 6), (1, 3)]
+    seen.clear()
+    Scorer(Spy(torch.zeros(5)), device="cpu", batch_size=2, pad_multiple=8, progress=False).score(reqs)
+    assert seen == [(2, 16), (2, 8), (1, 8)]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "dense_tiny"])
+def test_scores_do_not_depend_on_padding_or_batch_mates(preset):
+    """A real (dropless) model: every request scored alone, unpadded, equals the same request
+    scored in shuffled batches of other requests padded to 128 (the paper's layout)."""
+    from moeut.checkpoint import build_model
+    from moeut.config import get_preset
+    torch.manual_seed(0)
+    model = build_model(get_preset(preset, vocab_size=64)).eval()
+    rnd = random.Random(1)
+    reqs = [make_request([rnd.randrange(64) for _ in range(rnd.randrange(1, 30))],
+                         [rnd.randrange(64) for _ in range(rnd.randrange(1, 6))]) for _ in range(24)]
+    alone = [Scorer(model, device="cpu", batch_size=1, progress=False).score([r])[0] for r in reqs]
+    for batch_size, pad in ((5, 128), (24, 1), (7, 3)):
+        order = list(range(len(reqs)))
+        rnd.shuffle(order)
+        res = Scorer(model, device="cpu", batch_size=batch_size, pad_multiple=pad,
+                     progress=False).score([reqs[i] for i in order])
+        for k, i in enumerate(order):
+            assert res[k].logprob == pytest.approx(alone[i].logprob, abs=1e-4)
+            assert res[k].n_scored == alone[i].n_scored and res[k].greedy == alone[i].greedy
 
 
 def test_tie_counts_as_wrong_and_normalisation_by_tokens():

@@ -12,7 +12,7 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from moeut.checkpoint import build_model, save_checkpoint  # noqa: E402
 from moeut.config import get_preset  # noqa: E402
-from moeut.eval.fakes import BigramLM  # noqa: E402
+from eval_fakes import BigramLM, generated_texts  # noqa: E402
 from moeut.eval.harness import MoEUTHarnessLM  # noqa: E402
 from moeut.eval.scoring import MCItem, Scorer, evaluate_multiple_choice  # noqa: E402
 
@@ -23,6 +23,15 @@ PIQA = EVAL / "piqa"
 class Inst:  # the part of lm_eval.api.instance.Instance the adapter reads
     def __init__(self, *args):
         self.args = args
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    """Shadows conftest's (which needs ../shared): a tokenizer trained on generated sentences."""
+    from moeut.data.tokenizer import train_tokenizer
+    extra = ["It was a bright cold day in April, and the clocks were striking thirteen.",
+             "Once upon a time, the cat sat on the mat and slept. Question: Answer:"] * 20
+    return train_tokenizer(generated_texts(600) + extra, vocab_size=256)
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +176,34 @@ def test_harness_cli_wrapper(tmp_path, tiny_model, small_tokenizer):
         "validation_split: validation\noutput_type: multiple_choice\ndoc_to_text: \"{{goal}}\"\n"
         "doc_to_target: label\ndoc_to_choice: \"{{[sol1, sol2]}}\"\nmetric_list:\n  - metric: acc\n")
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "c"))
+    # no device named anywhere: the wrapper picks the one that exists (lm-eval's default is cuda:0)
     out = subprocess.run([sys.executable, "-m", "moeut.eval.harness_cli", "run", "--model", "moeut",
-                          "--model_args", f"checkpoint={tmp_path / 'run'},device=cpu,pad_multiple=8",
-                          "--tasks", "moeut_cli_local", "--include_path", str(tmp_path / "tasks")],
+                          "--model_args", f"checkpoint={tmp_path / 'run'}",
+                          "--tasks", "moeut_cli_local", "--include_path", str(tmp_path / "tasks"),
+                          "--output_path", str(tmp_path / "res")],
                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "moeut_cli_local" in out.stdout and "acc" in out.stdout
+    if not torch.cuda.is_available():
+        assert "no --device given; using cpu" in out.stderr
+    (res_file,) = (tmp_path / "res").rglob("results_*.json")
+    acc = json.loads(res_file.read_text())["results"]["moeut_cli_local"]["acc,none"]
+    # the paper scorer, unnormalised, on the same 4 items (gold = sol1, lm-eval's " " delimiter)
+    items = [MCItem(g["goal"], [" " + g["sol1"], " " + g["sol2"]], 0) for g in goals]
+    m = evaluate_multiple_choice(items, Scorer(tiny_model, device="cpu", progress=False), small_tokenizer,
+                                 normalize=False)
+    assert acc == pytest.approx(m["seq_average"])
+
+
+def test_harness_cli_device_default():
+    from moeut.eval.harness_cli import with_default_device
+    base = ["run", "--model", "moeut", "--model_args", "checkpoint=x"]
+    assert with_default_device(base, cuda_available=False) == base + ["--device", "cpu"]
+    assert with_default_device(base, cuda_available=True) == base + ["--device", "cuda"]
+    named = ["run", "--model", "moeut", "--model_args", "checkpoint=x,device=cpu"]
+    assert with_default_device(named, cuda_available=True) == named
+    assert with_default_device(base + ["--device", "cuda:1"], cuda_available=False) == base + ["--device", "cuda:1"]
+    assert with_default_device(["ls", "tasks"], cuda_available=False) == ["ls", "tasks"]
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device: 'cuda:0' asked for but torch sees no CUDA GPU"):
+            MoEUTHarnessLM(model=BigramLM(torch.zeros(4, 4)), tokenizer=object(), device="cuda:0")

@@ -384,7 +384,7 @@ def test_summary_table_and_plots_from_run_dirs(tmp_path):
     assert round(rows["c4_moeut_244m_g3"]["params"] / 1e4) == 24384  # SPEC 2.3: 243.84M
     assert rows["c4_moeut_244m"]["val_ppl"] == 15.0 and rows["c4_moeut_244m"]["best_val_ppl"] == 15.0
     assert rows["c4_moeut_244m"]["step"] == 2000 and rows["c4_moeut_244m"]["dataset"] == "c4"
-    assert rows["c4_moeut_244m"]["eval/zeroshot/lambada/acc"] == 0.25
+    assert rows["c4_moeut_244m"]["lm_eval/lambada/acc"] == 0.25  # an lm-eval results layout
     assert rows["c4_moeut_244m_g3"]["G"] == 3 and rows["c4_moeut_244m_g3"]["val_ppl"] == 15.5
     assert "K" not in rows["c4_dense_244m"]
     # the G-ablation group holds the three MoEUT runs (G = 2, 3, 18), sorted by G; dense is not in it

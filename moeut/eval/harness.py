@@ -43,7 +43,7 @@ class MoEUTHarnessLM(LM):
     def __init__(self, checkpoint: Optional[str] = None, *, model: Optional[torch.nn.Module] = None,
                  tokenizer=None, tokenizer_path: Optional[str] = None, device: Optional[str] = "auto",
                  batch_size: Any = 16, dtype: str = "auto", max_length: Any = 1024,
-                 pad_multiple: Any = 128, max_gen_toks: Any = 256, progress: Any = False, **unused):
+                 pad_multiple: Any = 1, max_gen_toks: Any = 256, progress: Any = False, **unused):
         super().__init__()
         if unused:
             log.warning("moeut adapter: ignoring unknown model_args %s", sorted(unused))
@@ -67,7 +67,7 @@ class MoEUTHarnessLM(LM):
         self._max_length = _to_int(max_length, 1024)
         self.max_gen_toks = _to_int(max_gen_toks, 256)
         self.scorer = Scorer(model, device=device, batch_size=_to_int(batch_size, 16),
-                             pad_multiple=_to_int(pad_multiple, 128), dtype=dtype, max_length=self._max_length,
+                             pad_multiple=_to_int(pad_multiple, 1), dtype=dtype, max_length=self._max_length,
                              progress=str(progress).lower() in ("1", "true", "yes"))
         self.model = self.scorer.model
         self._device = self.scorer.device

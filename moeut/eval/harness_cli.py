@@ -5,13 +5,43 @@
 
 (lm-eval 0.4.13's CLI has sub-commands `run`, `ls`, `validate`; the arguments are lm_eval's own.)
 Its CLI only knows models whose modules were imported; this wrapper imports the adapter first.
+
+Device: lm-eval's CLI defaults to `--device cuda:0`, which fails on a machine without CUDA. Unless
+the command names a device (`--device ...` or `device=` in `--model_args`), this wrapper passes
+the one that exists: `cuda` when torch sees a GPU, else `cpu` (and says so).
 """
 from __future__ import annotations
+
+import logging
+import sys
+from typing import List, Optional
+
+log = logging.getLogger(__name__)
+
+
+def with_default_device(argv: List[str], cuda_available: Optional[bool] = None) -> List[str]:
+    """argv plus `--device cuda|cpu` when it runs a model and names no device itself."""
+    if "--model" not in argv and not any(a.startswith("--model=") for a in argv):
+        return argv
+    if any(a == "--device" or a.startswith("--device=") for a in argv):
+        return argv
+    for i, a in enumerate(argv):
+        if a == "--model_args" and i + 1 < len(argv) and "device=" in argv[i + 1]:
+            return argv
+        if a.startswith("--model_args=") and "device=" in a:
+            return argv
+    if cuda_available is None:
+        import torch
+        cuda_available = torch.cuda.is_available()
+    device = "cuda" if cuda_available else "cpu"
+    print(f"moeut.eval.harness_cli: no --device given; using {device}", file=sys.stderr)
+    return argv + ["--device", device]
 
 
 def main() -> None:
     from . import harness  # noqa: F401  (registers "moeut")
     from lm_eval.__main__ import cli_evaluate
+    sys.argv = [sys.argv[0]] + with_default_device(sys.argv[1:])
     cli_evaluate()
 
 

@@ -2,9 +2,13 @@
 
 Columns: dataset | #params | model | val PPL | LAMBADA | BLiMP | CBT | HellaSwag | PIQA | ARC-E |
 Average. Accuracies x100 with one decimal, PPL with two. Average = mean of the six accuracies
-(PPL excluded). When a task was not evaluated (e.g. no CBT data), its cell is "–" and the average
-is taken over the tasks present and marked with "*" and the count, e.g. "51.3* (5/6)", so a
-partial average is never mistaken for the paper's.
+(PPL excluded). A task that was asked for but skipped (e.g. no CBT data) reads "skipped" (the
+reason is in the results JSON and in a note under the markdown table); a task that was not asked
+for reads "–". Either way the average is taken over the tasks present and marked with "*" and the
+count, e.g. "51.3* (5/6)", so a partial average is never mistaken for the paper's.
+
+When any row has the `perplexity` task (perplexity of a user's text), two more columns follow:
+"text PPL" and "bits/byte".
 
 Usage: `python -m moeut.eval.table results1.json results2.json ... [--out table]` combines
 result files of `moeut.evaluate` into one table.
@@ -23,6 +27,8 @@ COLUMNS = ("dataset", "#params", "model", "val PPL", "LAMBADA", "BLiMP", "CBT", 
            "ARC-E", "Average")
 TASK_COLUMNS = (("LAMBADA", "lambada"), ("BLiMP", "blimp"), ("CBT", "cbt"), ("HellaSwag", "hellaswag"),
                 ("PIQA", "piqa"), ("ARC-E", "arc_easy"))
+PPL_COLUMNS = ("text PPL", "bits/byte")
+SKIPPED = "skipped"
 PAPER_SIZES_M = (44, 126, 244, 319, 728, 1040)
 
 
@@ -56,29 +62,54 @@ def row_from_results(res: Dict[str, Any]) -> Dict[str, str]:
             row[col] = f"{100 * acc:.1f}"
             accs.append(acc)
         else:
-            row[col] = "–"
+            row[col] = SKIPPED if "skipped" in tasks.get(name, {}) else "–"
     if len(accs) == len(TASK_COLUMNS):
         row["Average"] = f"{100 * sum(accs) / len(accs):.1f}"
     elif accs:
         row["Average"] = f"{100 * sum(accs) / len(accs):.1f}* ({len(accs)}/{len(TASK_COLUMNS)})"
     else:
         row["Average"] = "–"
+    if "perplexity" in tasks:
+        t = tasks["perplexity"]
+        for col, key, fmt in (("text PPL", "perplexity", "{:.2f}"), ("bits/byte", "bits_per_byte", "{:.4f}")):
+            v = t.get(key)
+            row[col] = (fmt.format(v) if isinstance(v, (int, float)) and math.isfinite(v)
+                        else SKIPPED if "skipped" in t else "–")
     return row
 
 
-def to_markdown(rows: Sequence[Dict[str, str]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+def skipped_notes(results: Sequence[Dict[str, Any]]) -> List[str]:
+    """One line per skipped task of each results dict: "<task> skipped: <reason>"."""
+    out = []
+    for res in results:
+        for name, t in (res.get("tasks") or {}).items():
+            if isinstance(t, dict) and "skipped" in t:
+                out.append(f"{name} skipped: {t['skipped']}")
+    return out
+
+
+def columns_of(rows: Sequence[Dict[str, str]]) -> List[str]:
+    return list(COLUMNS) + ([c for c in PPL_COLUMNS] if any(c in r for r in rows for c in PPL_COLUMNS) else [])
+
+
+def to_markdown(rows: Sequence[Dict[str, str]], notes: Sequence[str] = ()) -> str:
+    cols = columns_of(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(r[c] for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(r.get(c, "–") for c in cols) + " |")
+    if notes:
+        lines.append("")
+        lines += [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
 def to_csv(rows: Sequence[Dict[str, str]]) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+    cols = columns_of(rows)
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow(r)
+        w.writerow({c: r.get(c, "–") for c in cols})
     return buf.getvalue()
 
 
@@ -90,22 +121,23 @@ def _tex_escape(s: str) -> str:
 
 
 def to_latex(rows: Sequence[Dict[str, str]]) -> str:
-    lines = [r"\begin{tabular}{lll" + "r" * (len(COLUMNS) - 3) + "}", r"\toprule",
-             " & ".join(_tex_escape(c) for c in COLUMNS) + r" \\", r"\midrule"]
+    cols = columns_of(rows)
+    lines = [r"\begin{tabular}{lll" + "r" * (len(cols) - 3) + "}", r"\toprule",
+             " & ".join(_tex_escape(c) for c in cols) + r" \\", r"\midrule"]
     for r in rows:
-        lines.append(" & ".join(_tex_escape(r[c]) for c in COLUMNS) + r" \\")
+        lines.append(" & ".join(_tex_escape(r.get(c, "–")) for c in cols) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
 
-def write_tables(rows: Sequence[Dict[str, str]], stem: str) -> Dict[str, str]:
-    """Write stem.md, stem.csv and stem.tex; returns {format: path}."""
+def write_tables(rows: Sequence[Dict[str, str]], stem: str, notes: Sequence[str] = ()) -> Dict[str, str]:
+    """Write stem.md (with `notes` under the table), stem.csv and stem.tex; returns {format: path}."""
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     out = {}
-    for ext, fn in (("md", to_markdown), ("csv", to_csv), ("tex", to_latex)):
+    for ext, text in (("md", to_markdown(rows, notes)), ("csv", to_csv(rows)), ("tex", to_latex(rows))):
         path = f"{stem}.{ext}"
         with open(path, "w") as f:
-            f.write(fn(rows))
+            f.write(text)
         out[ext] = path
     return out
 
@@ -115,15 +147,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("results", nargs="+", help="results JSON files written by python -m moeut.evaluate")
     ap.add_argument("--out", default=None, help="write OUT.md, OUT.csv, OUT.tex (default: print markdown)")
     args = ap.parse_args(argv)
-    rows = []
+    rows, results = [], []
     for p in args.results:
         with open(p) as f:
-            rows.append(row_from_results(json.load(f)))
+            results.append(json.load(f))
+        rows.append(row_from_results(results[-1]))
+    notes = skipped_notes(results)
     if args.out:
-        for path in write_tables(rows, args.out).values():
+        for path in write_tables(rows, args.out, notes).values():
             print(path)
     else:
-        print(to_markdown(rows), end="")
+        print(to_markdown(rows, notes), end="")
 
 
 if __name__ == "__main__":

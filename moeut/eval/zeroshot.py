@@ -13,48 +13,80 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from .scoring import Scorer
-from .table import row_from_results, write_tables
+from .table import row_from_results, skipped_notes, write_tables
 from .tasks import TaskDataMissing, resolve_tasks
 from .tasks.base import EvalOptions
+from .tasks.perplexity import DEFAULT_CONTEXT
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ("lambada", "blimp", "cbt", "hellaswag", "piqa", "arc_easy", "arc_challenge")
 
 
-def evaluate_model(model: torch.nn.Module, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS,
-                   opts: Optional[EvalOptions] = None, *, device: Optional[str] = None,
-                   batch_size: int = 16, pad_multiple: int = 128, dtype: Optional[str] = "auto",
-                   progress: bool = True, skip_missing: bool = True) -> Dict[str, Dict[str, Any]]:
-    """{task name: metrics} ({"skipped": reason} for a task whose data is missing)."""
-    opts = opts or EvalOptions()
-    task_objs = resolve_tasks(tasks)  # unknown names fail here, before any model work
-    if getattr(model, "config", None) is not None and hasattr(model.config, "vocab_size"):
-        check_vocab(model.config.vocab_size, tokenizer)
-    scorer = Scorer(model, device=device, batch_size=batch_size, pad_multiple=pad_multiple, dtype=dtype,
-                    progress=progress)
-    out: Dict[str, Dict[str, Any]] = {}
-    for task in task_objs:
+class NoTaskData(FileNotFoundError):
+    """Every requested task was skipped for missing data: nothing was evaluated."""
+
+
+def load_task_items(tasks: Sequence[str], opts: EvalOptions, skip_missing: bool = True
+                    ) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """({task name: items}, {task name: reason skipped}) in the order asked. Raises NoTaskData,
+    naming each task's missing file, when no task found its data (a run that would evaluate
+    nothing must not look like a success)."""
+    loaded: Dict[str, Any] = {}
+    skipped: Dict[str, str] = {}
+    for task in resolve_tasks(tasks):  # unknown names fail here, before any model work
         try:
             items = task.load(opts)
+            if not items:  # e.g. empty files: evaluating nothing is not a result
+                raise TaskDataMissing("its data holds no items (empty file?)")
+            loaded[task.name] = items
         except TaskDataMissing as e:
             if not skip_missing:
                 raise
             msg = f"{task.name}: skipped, data missing: {e}"
             warnings.warn(msg)
             log.warning(msg)
-            out[task.name] = {"skipped": str(e)}
+            skipped[task.name] = str(e)
+    if not loaded:
+        where = f"data_dir={opts.root}" if opts.source != "hf" else "source=hf"
+        raise NoTaskData("no task found its data, nothing was evaluated (" + where + "):\n"
+                         + "\n".join(f"  {k}: {v}" for k, v in skipped.items())
+                         + "\nset data_dir=<dir with the task folders>, paths.<task>=<file or dir>, "
+                           "or source=hf (docs/evaluation.md)")
+    return loaded, skipped
+
+
+def evaluate_model(model: torch.nn.Module, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS,
+                   opts: Optional[EvalOptions] = None, *, device: Optional[str] = None,
+                   batch_size: int = 16, pad_multiple: int = 1, dtype: Optional[str] = "auto",
+                   progress: bool = True, skip_missing: bool = True,
+                   items: Optional[Tuple[Dict[str, Any], Dict[str, str]]] = None) -> Dict[str, Dict[str, Any]]:
+    """{task name: metrics}; a task whose data is missing gets {"skipped": reason}. `items`: the
+    output of load_task_items, when the caller loaded them already. Raises NoTaskData when every
+    task's data is missing."""
+    opts = opts or EvalOptions()
+    loaded, skipped = items if items is not None else load_task_items(tasks, opts, skip_missing)
+    if getattr(model, "config", None) is not None and hasattr(model.config, "vocab_size"):
+        check_vocab(model.config.vocab_size, tokenizer)
+    scorer = Scorer(model, device=device, batch_size=batch_size, pad_multiple=pad_multiple, dtype=dtype,
+                    progress=progress)
+    out: Dict[str, Dict[str, Any]] = {}
+    for task in resolve_tasks(tasks):
+        if task.name in skipped:
+            out[task.name] = {"skipped": skipped[task.name]}
             continue
         t0 = time.time()
-        metrics = task.evaluate(items, scorer, tokenizer, opts)
+        metrics = task.evaluate(loaded[task.name], scorer, tokenizer, opts)
         metrics["seconds"] = round(time.time() - t0, 3)
-        log.info("%s: accuracy %.4f on %d items", task.name, metrics.get("accuracy", float("nan")),
-                 metrics.get("n_items", 0))
+        if "accuracy" in metrics:
+            log.info("%s: accuracy %.4f on %d items", task.name, metrics["accuracy"], metrics.get("n_items", 0))
+        else:
+            log.info("%s: %s", task.name, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         out[task.name] = metrics
     return out
 
@@ -111,43 +143,73 @@ def read_val_perplexity(run_dir: str, step: Optional[int] = None) -> Optional[fl
     return best[1] if best is not None else None
 
 
-def dataset_name_of(checkpoint_dir: str) -> Optional[str]:
-    """Best effort: the training corpus name from meta.json or config.yaml of the checkpoint."""
-    meta_path = os.path.join(checkpoint_dir, "meta.json")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        for k in ("dataset", "data_name", "corpus"):
-            if isinstance(meta.get(k), str):
-                return meta[k]
-    except (OSError, ValueError):
-        pass
-    cfg_path = os.path.join(checkpoint_dir, "config.yaml")
-    if os.path.isfile(cfg_path):
+# data.source of the training config -> the corpus name the paper's table uses
+_CORPUS_NAMES = {"c4": "C4", "slimpajama": "SlimPajama", "pes2o": "peS2o", "thestack": "The Stack"}
+
+
+def run_config_of(checkpoint_dir: str) -> Optional[Dict[str, Any]]:
+    """The resolved training config written by train.py: <checkpoint>/config.yaml, else the run
+    dir's .hydra/config.yaml; None when neither exists or parses."""
+    run_dir = run_dir_of(checkpoint_dir)
+    for path in (os.path.join(checkpoint_dir, "config.yaml"), os.path.join(run_dir, ".hydra", "config.yaml")):
+        if not os.path.isfile(path):
+            continue
         try:
-            from omegaconf import OmegaConf
-            cfg = OmegaConf.load(cfg_path)
-            for key in ("data.name", "data.dataset", "data.corpus", "dataset"):
-                v = OmegaConf.select(cfg, key, default=None)
-                if isinstance(v, str):
-                    return v
-        except Exception:  # noqa: BLE001 - best effort only
-            pass
+            import yaml
+            with open(path) as f:
+                cfg = yaml.safe_load(f)
+        except Exception as e:  # noqa: BLE001 - the caller falls back and says so
+            log.warning("could not read the run config %s: %s", path, e)
+            continue
+        if isinstance(cfg, dict):
+            return cfg
     return None
+
+
+def dataset_name_of(checkpoint_dir: str) -> Optional[str]:
+    """The training corpus of a checkpoint, from the `data` section train.py saves: a hub corpus
+    by its `data.source` (c4 -> "C4", slimpajama, pes2o, thestack), local files by the folder
+    holding `data.path` (…/c4/train.jsonl.gz -> "c4"). None when the run config is absent."""
+    cfg = run_config_of(checkpoint_dir)
+    data = (cfg or {}).get("data")
+    if not isinstance(data, dict):
+        return None
+    source = data.get("source")
+    if isinstance(source, str) and source != "local":
+        return _CORPUS_NAMES.get(source, source)
+    path = data.get("path")
+    if isinstance(path, str) and path:
+        p = Path(path)
+        return p.parent.name or p.stem
+    return None
+
+
+def _seq_len_of(checkpoint_dir: str) -> Optional[int]:
+    data = (run_config_of(checkpoint_dir) or {}).get("data")
+    v = data.get("seq_len") if isinstance(data, dict) else None
+    return v if isinstance(v, int) and v > 1 else None
 
 
 def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
                         opts: Optional[EvalOptions] = None, *, tokenizer_path: Optional[str] = None,
                         out_dir: Optional[str] = None, device: Optional[str] = None, batch_size: int = 16,
-                        pad_multiple: int = 128, dtype: Optional[str] = "auto", progress: bool = True,
+                        pad_multiple: int = 1, dtype: Optional[str] = "auto", progress: bool = True,
                         dataset: Optional[str] = None) -> Dict[str, Any]:
-    """Load, evaluate, write results JSON + tables; returns the results dict (with "files")."""
-    from ..checkpoint import load_model
+    """Load, evaluate, write results JSON + tables; returns the results dict (with "files").
+    Task data are loaded before the model: NoTaskData when no task has any (nothing written)."""
+    from ..checkpoint import load_model, resolve_checkpoint
     from ..data.tokenizer import Tokenizer
 
     opts = opts or EvalOptions()
-    resolve_tasks(tasks)  # fail fast on unknown task names
-    loaded = load_model(checkpoint, map_location="cpu")  # run dir: newest readable checkpoint (warns)
+    items = load_task_items(tasks, opts)
+    ckpt_dir = resolve_checkpoint(checkpoint)
+    if "perplexity" in items[0] and not opts.perplexity.get("context_length"):
+        seq_len = _seq_len_of(ckpt_dir)
+        if seq_len is None:
+            log.warning("perplexity.context_length: not set and the run config has no data.seq_len; "
+                        "using %d", DEFAULT_CONTEXT)
+        opts.perplexity = {**opts.perplexity, "context_length": seq_len or DEFAULT_CONTEXT}
+    loaded = load_model(ckpt_dir, map_location="cpu")  # one loader: names a corrupt file
     ckpt_dir = loaded.path
     tokenizer = loaded.tokenizer
     if tokenizer_path:
@@ -162,7 +224,7 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
     t0 = time.time()
     task_results = evaluate_model(loaded.model, tokenizer, tasks, opts, device=device,
                                   batch_size=batch_size, pad_multiple=pad_multiple, dtype=dtype,
-                                  progress=progress)
+                                  progress=progress, items=items)
     run_dir = run_dir_of(ckpt_dir)
     step = loaded.meta.get("step")
     n_params = sum(p.numel() for p in loaded.model.parameters())
@@ -179,7 +241,7 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
                     "normalize_by_task": dict(opts.normalize_by_task),
                     "hellaswag_strip_brackets": opts.hellaswag_strip_brackets, "paths": dict(opts.paths),
                     "batch_size": batch_size, "pad_multiple": pad_multiple, "dtype": str(dtype),
-                    "device": str(device)},
+                    "device": str(device), "perplexity": dict(opts.perplexity)},
         "tasks": task_results,
         "seconds": round(time.time() - t0, 3),
     }
@@ -193,7 +255,7 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
     with open(tmp, "w") as f:
         json.dump(results, f, indent=1, default=_json_default)
     os.replace(tmp, json_path)
-    files = write_tables([row], os.path.join(out_dir, f"table_{tag}"))
+    files = write_tables([row], os.path.join(out_dir, f"table_{tag}"), skipped_notes([results]))
     files["json"] = json_path
     results["files"] = files
     log.info("results written to %s", json_path)

@@ -9,14 +9,16 @@ from .blimp import Blimp
 from .cbt import CBT
 from .hellaswag import HellaSwag
 from .lambada import Lambada
+from .perplexity import Perplexity
 from .piqa import PIQA
 
 TASKS: Dict[str, Task] = {t.name: t for t in (Lambada(), Blimp(), CBT(), HellaSwag(), PIQA(),
-                                              ARC("ARC-Easy"), ARC("ARC-Challenge"))}
+                                              ARC("ARC-Easy"), ARC("ARC-Challenge"),
+                                              Perplexity())}
 # The six tasks whose accuracies the paper's "Average" column averages (SPEC 6.3).
 TABLE_TASKS = ("lambada", "blimp", "cbt", "hellaswag", "piqa", "arc_easy")
 ALIASES = {"arc_e": "arc_easy", "arc_c": "arc_challenge", "arc-easy": "arc_easy",
-           "arc-challenge": "arc_challenge", "lambada_openai": "lambada"}
+           "arc-challenge": "arc_challenge", "lambada_openai": "lambada", "ppl": "perplexity"}
 
 
 def get_task(name: str) -> Task:

@@ -34,6 +34,9 @@ class EvalOptions:
     # "local": files under data_dir only (default; what the tests use). "hf": download from the
     # Hugging Face hub (moeut.eval.tasks.hub). "auto": local files, else the hub when online.
     source: str = "local"
+    # task `perplexity` (tasks/perplexity.py): path | hub, hub_config, split, field,
+    # context_length (None = the run's data.seq_len, else 1024), stride (None = context_length - 1)
+    perplexity: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def root(self) -> Path:

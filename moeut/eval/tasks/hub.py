@@ -120,6 +120,31 @@ def arc_items(records, subset: str) -> List[MCItem]:
     return out
 
 
+def text_docs(records, field: str, where: str) -> List[str]:
+    """Documents (strings) of a hub text dataset, e.g. wikitext's `text` rows."""
+    out = []
+    for i, r in enumerate(records):
+        _need(r, [field], f"{where} hub record {i} (set perplexity.field)")
+        if not isinstance(r[field], str):
+            raise TaskFormatError(f"{where} hub record {i}: field {field!r} must be a string")
+        out.append(r[field])
+    return out
+
+
+def load_text_from_hub(repo: str, config: Optional[str], split: str, field: str,
+                       limit: Optional[int]) -> List[str]:
+    """Task `perplexity` with perplexity.hub=<dataset id>: its `field` column, `limit` rows."""
+    if hub_offline():
+        raise TaskDataMissing(f"perplexity.hub={repo}: the hub is offline (HF_DATASETS_OFFLINE or HF_HUB_OFFLINE is set)")
+    try:
+        import datasets
+    except ImportError as e:
+        raise TaskDataMissing(f"perplexity.hub={repo}: needs the `datasets` package ({e})") from None
+    ds = datasets.load_dataset(repo, config, split=split)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    return text_docs((ds[i] for i in range(n)), field, f"perplexity.hub={repo}")
+
+
 def load_from_hub(task: str, opts: EvalOptions):
     limit = check_limit(opts.limit)
     if task == "lambada":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..outputs import LMOutput
+from moeut.outputs import LMOutput
 
 
 class _Fake(nn.Module):
@@ -66,3 +66,48 @@ class PeekingLM(_Fake):
         logits = torch.zeros(B, T, self.vocab_size, device=input_ids.device)
         logits.scatter_(-1, nxt_BT[..., None], self.margin)
         return self._out(logits)
+
+
+class PositionLM(_Fake):
+    """logits at input position p are p + 1 on token 0 and 0 elsewhere, whatever the tokens: so
+    log P(token 1 at position p + 1) = -log(e^(p + 1) + V - 1) reveals how many tokens of context
+    (p + 1) the scorer gave it."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__(vocab_size)
+
+    def forward(self, input_ids, **kw) -> LMOutput:
+        B, T = input_ids.shape
+        logits = torch.zeros(B, T, self.vocab_size, device=input_ids.device)
+        logits[:, :, 0] = torch.arange(1, T + 1, dtype=torch.float32, device=input_ids.device)
+        return self._out(logits)
+
+
+WORDS = ("the cat dog sat on a mat and ran to house big small red blue tree under over river "
+         "boat sun moon star we they you it was is are be have had not but or if when then there "
+         "green old new man woman child walked quickly slowly into from with without near far").split()
+
+
+def generated_texts(n: int = 400, seed: int = 0):
+    """Plain sentences from a fixed word list: enough text to train a small SentencePiece model
+    in a test without any downloaded corpus."""
+    import random
+    rnd = random.Random(seed)
+    return [" ".join(rnd.choice(WORDS) for _ in range(rnd.randrange(5, 15))).capitalize() + "."
+            for _ in range(n)]
+
+
+def make_tiny_run(root, vocab_size: int = 128, step: int = 50, preset: str = "tiny"):
+    """A run dir with one checkpoint of a freshly initialised preset and a tokenizer trained on
+    generated_texts(); returns (run_dir, model, tokenizer)."""
+    from pathlib import Path
+    from moeut.checkpoint import build_model, save_checkpoint
+    from moeut.config import get_preset
+    from moeut.data.tokenizer import train_tokenizer
+    tok = train_tokenizer(generated_texts(), vocab_size=vocab_size)
+    torch.manual_seed(0)
+    cfg = get_preset(preset, vocab_size=tok.vocab_size)
+    model = build_model(cfg).eval()
+    run = Path(root) / "run"
+    save_checkpoint(run / "checkpoints", step, model, cfg, tokenizer=tok)
+    return run, model, tok
