@@ -738,12 +738,12 @@ def run_analysis(cfg: AnalyzeConfig) -> Dict[str, Any]:
     from .checkpoint import load_model, resolve_checkpoint
     if not cfg.checkpoint or cfg.checkpoint == "???":
         raise ValueError("checkpoint: give a run dir or checkpoint dir (checkpoint=<path>)")
+    check_ranges(cfg)  # every numeric option against its declared range, named (moeut.validate)
     if not os.path.exists(cfg.checkpoint):
         raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: no such file or directory")
     if not cfg.figures.formats:
         raise ValueError("figures.formats: empty, so no figure (and no report) would be written; "
                          "e.g. figures.formats=[png]")
-    check_ranges(cfg)  # every numeric option against its declared range, named (moeut.validate)
     # A run dir means its newest readable checkpoint; unreadable ones are skipped with a warning
     # naming the file (moeut.checkpoint.open_checkpoint). Redrawing needs only the run dir.
     loaded = None

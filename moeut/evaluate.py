@@ -48,9 +48,6 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     unknown = sorted(set(c) - _KNOWN_KEYS)
     if unknown:
         raise ValueError(f"eval config: unknown key(s) {unknown}; known: {sorted(_KNOWN_KEYS)}")
-    if not os.path.exists(str(c["checkpoint"])):
-        raise FileNotFoundError(f"checkpoint={c['checkpoint']}: no such file or directory "
-                                "(no valid checkpoint found; pass a run dir or a checkpoints/step_XXXXXXX dir)")
     ppl = dict(c.get("perplexity") or {})
     bad = sorted(set(ppl) - _PPL_KEYS)
     if bad:
@@ -68,6 +65,9 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     limit = c.get("limit")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit: must be a positive integer or null, got {limit!r}")
+    if not os.path.exists(str(c["checkpoint"])):
+        raise FileNotFoundError(f"checkpoint={c['checkpoint']}: no such file or directory "
+                                "(no valid checkpoint found; pass a run dir or a checkpoints/step_XXXXXXX dir)")
     opts = EvalOptions(data_dir=c.get("data_dir") or "", limit=limit,
                        length_normalize=c.get("length_normalize"),
                        normalize_by_task=dict(c.get("normalize_by_task") or {}),

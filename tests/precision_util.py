@@ -51,7 +51,7 @@ def fp64_expert_ops():
     fp32, which would silently make an fp64 "reference" fp32 in every expert projection."""
     import moeut.kernels.cvmm as cv
     saved = cv.op_dtype
-    cv.op_dtype = lambda device_type: torch.float64
+    cv.op_dtype = lambda device_type, *inputs: torch.float64
     try:
         yield
     finally:

@@ -34,7 +34,7 @@ def test_missing_checkpoint_names_the_option(tmp_path):
         run(compose([f"checkpoint={tmp_path / 'nothing'}", "tasks=[piqa]"]))
     # a directory that exists but holds no checkpoint
     (tmp_path / "emptyrun").mkdir()
-    with pytest.raises(FileNotFoundError, match="no valid checkpoint found in"):
+    with pytest.raises(FileNotFoundError, match="no valid checkpoint in .*checkpoint="):
         run(compose([f"checkpoint={tmp_path / 'emptyrun'}", "tasks=[perplexity]",
                      f"perplexity.path={__file__}"]))
 
@@ -116,7 +116,7 @@ def test_dataset_name_from_the_config_train_writes(tmp_path):
     from omegaconf import OmegaConf
     import moeut.train_lib.config  # noqa: F401  (registers the ${moeut.repo:} resolver)
     for data, expect in (("c4", "C4"), ("slimpajama", "SlimPajama"), ("gutenberg", "gutenberg"),
-                         ("c4_sample", "c4")):
+                         ("c4_sample", "c4_sample")):
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             cfg = hcompose(config_name="config", overrides=[f"data={data}"])
         ck = tmp_path / data / "checkpoints" / "step_0000001"

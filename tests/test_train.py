@@ -300,7 +300,7 @@ REFUSALS = {
     "bad_option": (["train.batch_size=0"], r"train.batch_size: must be >= 1, got 0"),
     "bad_choice": (["train.precision=fp8"], r"train.precision: 'fp8' is not one of"),
     # every checkpoint unreadable: starting over would replace the run
-    "all_checkpoints_corrupt": ([], r"train.resume=auto: none of the 1 checkpoints"),
+    "all_checkpoints_corrupt": ([], r"no valid checkpoint in .*none readable.*train\.resume="),
 }
 
 
