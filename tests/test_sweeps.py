@@ -460,7 +460,8 @@ def test_sbatch_template_forwards_signal_and_requeues(tmp_path):
     fake = install_fake_slurm(tmp_path, tools=("srun", "scontrol", "scancel", "torchrun"))
     env = fake.env(_base_env(tmp_path))
     env.update(SLURM_JOB_ID="4242", SLURM_JOB_NAME="moeut", SLURM_JOB_NODELIST="node[01-02]",
-               SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="4", MOEUT_RUN_DIR=str(tmp_path / "run"))
+               SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="4", MOEUT_RUN_DIR=str(tmp_path / "run"),
+               MOEUT_PREPARE_CMD="echo prepare_data")  # stands in for python -m moeut.prepare_data (needs C4)
     proc = subprocess.Popen(["bash", str(script), "experiment=c4_moeut_244m", "train.steps=10"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     pid_file = fake.state_dir / "step.pid"
@@ -484,3 +485,7 @@ def test_sbatch_template_forwards_signal_and_requeues(tmp_path):
     assert ["requeue", "4242"] in scontrol
     assert ["show", "hostnames", "node[01-02]"] in scontrol
     assert "requeueing job 4242" in out
+    # data preparation ran first, once, on one task, with the run dir and the same overrides
+    prep = [c["command"] for c in fake.calls("srun") if c["command"][:1] == ["echo"]]
+    assert prep == [["echo", "prepare_data", f"prepare.run_dir={tmp_path / 'run'}",
+                     "experiment=c4_moeut_244m", "train.steps=10"]]
