@@ -208,12 +208,18 @@ def _validated_start(tc: TrainConfig, run_dir: str, dist, say) -> Dict[str, Any]
     n_params = sum(p.numel() for p in model.parameters())
     say(f"[model] {tc.model_preset} ({type(model).__name__}): {n_params:,} parameters")
     if resume is not None:
-        ckpt_lib.restore_model(resume, model)  # names mismatching keys for another architecture
         stored, now = resume["model_config"], json.loads(json.dumps(dataclasses.asdict(tc.model)))
         diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+        config_diff = (f"train.resume: checkpoint {resume['path']} has a different model config: "
+                       + ", ".join(f"model.{k}={stored.get(k)!r} (now {now.get(k)!r})" for k in diff))
+        try:
+            ckpt_lib.restore_model(resume, model)  # names mismatching keys for another architecture
+        except ValueError as e:
+            if diff:  # name the options first: a key-by-key shape dump alone does not say which to undo
+                raise ValueError(f"{config_diff}; {e}") from e
+            raise
         if diff:
-            raise ValueError(f"train.resume: checkpoint {resume['path']} has a different model config: "
-                             + ", ".join(f"model.{k}={stored.get(k)!r} (now {now.get(k)!r})" for k in diff))
+            raise ValueError(config_diff)
         if t_cfg.init_from:
             say(f"[model] train.init_from={t_cfg.init_from} ignored: resuming from {resume['path']}")
     elif t_cfg.init_from:
@@ -442,11 +448,23 @@ def _train_loop(tc: TrainConfig, run_dir: str, dist, setup: Dict[str, Any], say)
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
     logging.captureWarnings(True)  # warnings go to the console and, once the run starts, train.log
-    world_size = env_rank_info()[2]
-    tc = to_typed(cfg, world_size)  # fails here, naming the key, on a bad value
-    ensure_prepared(tc, world_size, HydraConfig.get().runtime.output_dir)  # DDP: no inline tokenising
-    files = {".hydra/config.yaml": OmegaConf.to_yaml(cfg), **hydra_run_files()}
-    result = train(tc, HydraConfig.get().runtime.output_dir, run_files=files)
+    run_dir = HydraConfig.get().runtime.output_dir
+    # Hydra creates the run dir before we get here; a refused start into a NEW run dir removes the
+    # empty folder again, so that a refused start leaves nothing behind (an existing run is never touched).
+    created_empty = os.path.isdir(run_dir) and not os.listdir(run_dir)
+    try:
+        world_size = env_rank_info()[2]
+        tc = to_typed(cfg, world_size)  # fails here, naming the key, on a bad value
+        ensure_prepared(tc, world_size, run_dir)  # DDP: no inline tokenising
+        files = {".hydra/config.yaml": OmegaConf.to_yaml(cfg), **hydra_run_files()}
+        result = train(tc, run_dir, run_files=files)
+    except BaseException:
+        if created_empty and os.path.isdir(run_dir) and not os.listdir(run_dir):
+            try:
+                os.rmdir(run_dir)
+            except OSError:  # another rank removed it, or wrote into it meanwhile
+                pass
+        raise
     ppl = result["validation"].get("validation/val/perplexity")
     return ppl  # for Hydra sweepers that minimise the return value
 

@@ -15,7 +15,9 @@
 #                decoding, gradients vs fp64, torch.compile, autotune disk cache, kernel checks)
 #   train        python train.py on CUDA in bf16 (default data config, real text): a few hundred
 #                steps with checkpoints, a SIGTERM after the first checkpoint, then a resume
-#   evaluate     python -m moeut.evaluate on that run (limit per task)
+#   evaluate     python -m moeut.evaluate on that run (limit per task): perplexity of the C4 sample
+#                carried in data/ always; the zero-shot tasks when their sets are found
+#                ($MOEUT_SHARED/data/eval or ../shared/data/eval), else reported as skipped
 #   analyze      python -m moeut.analyze on that run (capped tokens)
 #   bench_*      benchmarks/train_step.py, benchmarks/moe_layer.py, benchmarks/cvmm.py
 # and appends one dated markdown section (GPU, versions, step table, figures) to docs/benchmarks.md
@@ -69,7 +71,7 @@ if [[ "$DRY" == 1 ]]; then
   WARM_ARGS="preset=tiny dtype=fp32 batch=2 seq_len=32 prefill=8 steps=1 device=cpu"
   PYTEST_TARGETS="tests/test_gpu_cuda.py tests/test_cvmm_triton.py"
   TRAIN_ARGS="model=tiny data.vocab_size=512 data.seq_len=32 data.valid_tokens=2048 data.tokenizer_chars=300000 train.device=cpu train.precision=fp32 train.steps=60 train.batch_size=4 train.save_interval=10 train.val_interval=30 train.log_interval=10 train.routing_interval=20"
-  EVAL_ARGS="tasks=[lambada,piqa] limit=4 device=cpu batch_size=4 pad_multiple=8"
+  EVAL_ARGS="tasks=[perplexity,lambada,piqa] perplexity.path=$REPO/data/c4_sample/valid.jsonl.gz limit=4 device=cpu batch_size=4 pad_multiple=8"
   ANALYZE_ARGS="seq_len=32 max_tokens=2048 batch_size=8 device=cpu store_positions=256"
   BENCH_TS="--device cpu --moeut tiny --dense dense_tiny --batch 2 --seq-len 32 --rounds 1 --warmup 1"
   BENCH_LAYER="--device cpu --shapes small --rounds 1"
@@ -80,7 +82,7 @@ else
   WARM_ARGS="preset=moeut_44m dtype=bf16 batch=64 seq_len=1024 steps=2"
   PYTEST_TARGETS="tests/"
   TRAIN_ARGS="model=moeut_44m train.device=cuda train.precision=bf16 train.steps=300 train.batch_size=32 data.seq_len=256 train.save_interval=100 train.val_interval=150 train.log_interval=25 train.routing_interval=100"
-  EVAL_ARGS="tasks=[lambada,piqa,arc_easy] limit=50"
+  EVAL_ARGS="tasks=[perplexity,lambada,piqa,arc_easy] perplexity.path=$REPO/data/c4_sample/valid.jsonl.gz limit=50"
   ANALYZE_ARGS="seq_len=256 max_tokens=65536"
   BENCH_TS="--device cuda --rounds 5 --warmup 2"
   BENCH_LAYER="--rounds 5"

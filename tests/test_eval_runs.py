@@ -157,3 +157,13 @@ def test_analyze_and_compare_refuse_nothing_to_do(tiny_run, tmp_path):
     with pytest.raises(ValueError, match=r"no run has a --metric 'piqa/accuracy'"):
         cmp.compare([str(run_dir)], str(tmp_path / "cmp"), seq_len=32, plot=False, metric="piqa/accuracy")
     assert not (tmp_path / "cmp").exists()
+
+
+def test_default_eval_data_dir_follows_moeut_shared(tmp_path, monkeypatch):
+    """The zero-shot sets are not in the repository: their default place is $MOEUT_SHARED/data/eval
+    (as the README says), else shared/ beside the checkout."""
+    from moeut.eval.tasks.base import default_data_dir
+    monkeypatch.setenv("MOEUT_SHARED", str(tmp_path / "elsewhere"))
+    assert default_data_dir() == tmp_path / "elsewhere" / "data" / "eval"
+    monkeypatch.delenv("MOEUT_SHARED")
+    assert default_data_dir() == Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval"

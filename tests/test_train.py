@@ -295,7 +295,10 @@ REFUSALS = {
                             r"shape mismatches embedding.weight: checkpoint \(512, 64\)"),
     # issue 18.1's case: a tokenizer that is not the run's (was copied over R/tokenizer.model)
     "other_tokenizer": (["data.tokenizer_path={other}"], r"data.tokenizer_path: the tokenizer .* differs from the run's"),
-    "model_vs_checkpoint": (["model.group_size=4", "model.att_n_experts=2"], r"does not match the model architecture"),
+    # the changed options are named first, then the key-by-key shape mismatch
+    "model_vs_checkpoint": (["model.group_size=4", "model.att_n_experts=2"],
+                            r"different model config: model.att_n_experts=.*model.group_size=.*"
+                            r"does not match the model architecture"),
     "model_config_vs_checkpoint": (["model.dropout=0.1"], r"different model config: model.dropout=0.0"),
     "bad_option": (["train.batch_size=0"], r"train.batch_size: must be >= 1, got 0"),
     "bad_choice": (["train.precision=fp8"], r"train.precision: 'fp8' is not one of"),
@@ -325,3 +328,14 @@ def test_refused_start_leaves_run_dir_untouched(cache_dir, finished_run, tmp_pat
     if kind == "other_tokenizer":  # and the plain resume still works afterwards
         res = run(cache_dir, run_dir, "train.steps=6")
         assert res["step"] == 6 and len(res["losses"]) == 3
+
+
+@pytest.mark.parametrize("override", ["train.batch_size=0", "model.att_n_experts=0"])
+def test_refused_start_into_a_new_run_dir_leaves_nothing(cache_dir, tmp_path, override):
+    """Hydra creates the run dir before train.py runs: a refused start removes that empty folder."""
+    run_dir = tmp_path / "new_run"
+    p = subprocess.run([sys.executable, "train.py", *_cli(cache_dir, run_dir, "train.steps=2", override)],
+                       cwd=REPO, env=_subprocess_env(cache_dir), capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert override.split("=")[0] in p.stdout + p.stderr, p.stderr[-2000:]
+    assert not run_dir.exists(), sorted(str(x) for x in run_dir.rglob("*"))

@@ -17,8 +17,10 @@ class TaskDataMissing(FileNotFoundError):
 
 
 def default_data_dir() -> Path:
-    """`shared/data/eval` beside the repository checkout (…/repo/../shared/data/eval)."""
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "eval"
+    """`$MOEUT_SHARED/data/eval`, where MOEUT_SHARED defaults to `shared` beside the repository
+    checkout (…/repo/../shared/data/eval): the zero-shot sets are not carried in the repository."""
+    shared = os.environ.get("MOEUT_SHARED") or Path(__file__).resolve().parents[3].parent / "shared"
+    return Path(shared) / "data" / "eval"
 
 
 @dataclass
