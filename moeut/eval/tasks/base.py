@@ -64,28 +64,26 @@ def check_limit(limit: Optional[int]) -> Optional[int]:
 
 
 def read_jsonl(path: Path, required: Sequence[str], limit: Optional[int] = None) -> List[Tuple[int, Dict[str, Any]]]:
-    """(line number, record) pairs; blank lines are skipped; a line that is not a JSON object or
-    lacks a required field raises TaskFormatError naming file and line."""
+    """(line number, record) pairs of a .jsonl file (.gz/.bz2 transparently); blank lines are
+    skipped; a line that is not a JSON object or lacks a required field raises TaskFormatError
+    naming file and line; a missing file raises TaskDataMissing."""
     path = Path(path)
-    if not path.is_file():
-        raise TaskDataMissing(f"file not found: {path}")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskFormatError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise TaskFormatError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            missing = [k for k in required if k not in rec]
-            if missing:
-                raise TaskFormatError(f"{path}:{lineno}: missing field(s) {missing}")
-            out.append((lineno, rec))
-            if limit is not None and len(out) >= limit:
-                break
+    for lineno, line in iter_text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskFormatError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise TaskFormatError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        missing = [k for k in required if k not in rec]
+        if missing:
+            raise TaskFormatError(f"{path}:{lineno}: missing field(s) {missing}")
+        out.append((lineno, rec))
+        if limit is not None and len(out) >= limit:
+            break
     return out
 
 

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..scoring import ScoreRequest
-from .base import EvalOptions, Task, TaskDataMissing, TaskFormatError, check_limit, iter_text_lines
+from .base import (EvalOptions, Task, TaskDataMissing, TaskFormatError, check_limit, expect_str,
+                   iter_text_lines, read_jsonl)
 
 DEFAULT_CONTEXT = 1024  # the paper's context length, when neither the option nor the run says
 
@@ -65,24 +66,13 @@ def _docs_from_file(path: Path, field: str, limit: Optional[int]) -> List[str]:
         if name.endswith(ext):
             name = name[:-len(ext)]
     if name.endswith(".jsonl") or name.endswith(".json"):
-        import json
         docs = []
-        for lineno, line in iter_text_lines(path):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskFormatError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict) or field not in rec:
+        # read_jsonl parses and names file:line; the field is checked here for the perplexity.field hint
+        for lineno, rec in read_jsonl(path, [], limit):
+            if field not in rec:
                 raise TaskFormatError(f"{path}:{lineno}: expected a JSON object with a {field!r} field "
                                       "(set perplexity.field)")
-            if not isinstance(rec[field], str):
-                raise TaskFormatError(f"{path}:{lineno}: field {field!r} must be a string, "
-                                      f"got {type(rec[field]).__name__}")
-            docs.append(rec[field])
-            if limit is not None and len(docs) >= limit:
-                break
+            docs.append(expect_str(rec, field, path, lineno))
         return docs
     # plain text: the whole file is one document (line endings kept)
     return ["\n".join(line for _, line in iter_text_lines(path))]
