@@ -32,7 +32,7 @@ Backends (selected per call by `backend=` or the MOEUT_CVMM_BACKEND environment 
     a per-expert loop over `torch.split` slices when strides are not 16-byte aligned (e.g.
     d_head 82 in fp32) -- never `w[e]` indexing, whose backward is O(E*|W|) (SPEC 3.8).
   - "torch_loop": the per-expert loop always; the simplest reference.
-  - "triton": the fused kernels in `moeut.kernels.cvmm_triton` (registered by that module).
+  - "triton": the fused kernels in `moeut.kernels.cvmm_triton` (registered here on first use).
   - "auto": Triton for CUDA tensors when available (sm >= 80), else "grouped_mm". A Triton that
     cannot be imported or whose kernels fail to compile is never dropped silently: "auto" warns
     once (naming the cvmm_backend option and MOEUT_CVMM_BACKEND) and uses "grouped_mm"; an
@@ -51,92 +51,16 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
+# The plan and the pure-PyTorch grouped GEMMs live in a leaf module shared with `ops`; re-exported
+# here because `moeut.kernels.cvmm` is the public entry point (make_plan, ExpertPlan).
+from .grouped import ExpertPlan, grouped_mm, grouped_weight_grad, make_plan  # noqa: F401
+
 BACKEND_ENV = "MOEUT_CVMM_BACKEND"
-
-
-@dataclass
-class ExpertPlan:
-    """Expert-sorted view of one routing decision (computed once, reused by every projection).
-
-    n_slots S = N * k. Slot n belongs to row n // k and has expert id `expert_ids.flatten()[n]`.
-    """
-
-    n_experts: int
-    n_slots: int
-    k: int  # slots per routing row
-    order: torch.Tensor  # [S] int64: slot ids in expert-sorted order (sorted position -> slot)
-    inverse: torch.Tensor  # [S] int64: sorted position of each slot (slot -> sorted position)
-    sorted_experts: torch.Tensor  # [S] int32: expert id of each sorted position
-    offsets: torch.Tensor  # [E] int32: cumulative end of each expert's group (torch._grouped_mm `offs`)
-
-
-def make_plan(expert_ids: torch.Tensor, n_experts: int) -> ExpertPlan:
-    """Sort routing decisions by expert. `expert_ids`: [..., k] integer ids in [0, n_experts)."""
-    k = expert_ids.shape[-1]
-    flat_S = expert_ids.reshape(-1)
-    # A stable sort keeps slots of one expert in token order: deterministic, and it makes the
-    # gathers in the backward pass walk memory mostly forward.
-    sorted_experts_S, order_S = torch.sort(flat_S, stable=True)
-    inverse_S = torch.empty_like(order_S)
-    inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-    # scatter_add, not bincount: bincount's output size is data-dependent (a torch.compile graph break).
-    counts_E = torch.zeros(n_experts, dtype=torch.int64, device=flat_S.device)
-    counts_E.scatter_add_(0, flat_S.long(), torch.ones_like(flat_S, dtype=torch.int64))
-    offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
-    return ExpertPlan(n_experts=n_experts, n_slots=flat_S.numel(), k=k, order=order_S,
-                      inverse=inverse_S, sorted_experts=sorted_experts_S.to(torch.int32),
-                      offsets=offsets_E)
-
-
-# ------------------------------------------------------------------------------------------
-# Grouped GEMM primitives (pure PyTorch)
-# ------------------------------------------------------------------------------------------
-
-def _aligned(t: torch.Tensor) -> bool:
-    es = t.element_size()
-    return all((s * es) % 16 == 0 for s, n in zip(t.stride(), t.shape) if n > 1 and s != 1)
-
-
-def _counts(offsets: torch.Tensor):
-    ends = offsets.tolist()  # host sync: only on the loop fallback (CPU / odd shapes)
-    return [b - a for a, b in zip([0] + ends[:-1], ends)]
-
-
-# torch._grouped_mm's dtypes; others (fp64 references) take the per-expert loop.
-_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def grouped_mm(a_SI: torch.Tensor, w_EIO: torch.Tensor, offsets: torch.Tensor, force_loop: bool = False):
-    """out[s] = a[s] @ w[e(s)] for rows grouped contiguously by expert (ends in `offsets`)."""
-    if not force_loop and _aligned(a_SI) and _aligned(w_EIO) and a_SI.dtype == w_EIO.dtype \
-            and a_SI.dtype in _GROUPED_MM_DTYPES:
-        return torch._grouped_mm(a_SI, w_EIO, offs=offsets)
-    parts = torch.split(a_SI, _counts(offsets))  # split, not slicing: one backward, no zero-fill
-    out = [p @ w for p, w in zip(parts, w_EIO.unbind(0)) if p.shape[0] > 0]
-    if not out:
-        return a_SI.new_zeros(0, w_EIO.shape[-1])
-    return torch.cat(out, 0)
-
-
-def grouped_weight_grad(a_SI: torch.Tensor, g_SO: torch.Tensor, offsets: torch.Tensor, n_experts: int,
-                        force_loop: bool = False):
-    """dW[e] = sum over rows s of group e: a[s]^T g[s]  -> [E, I, O]; empty groups give 0."""
-    a_IS = a_SI.t()
-    if not force_loop and _aligned(a_IS) and _aligned(g_SO) and a_SI.dtype == g_SO.dtype \
-            and a_SI.dtype in _GROUPED_MM_DTYPES:
-        return torch._grouped_mm(a_IS, g_SO, offs=offsets)
-    counts = _counts(offsets)
-    out = a_SI.new_zeros(n_experts, a_SI.shape[1], g_SO.shape[1])
-    for e, (pa, pg) in enumerate(zip(torch.split(a_SI, counts), torch.split(g_SO, counts))):
-        if pa.shape[0] > 0:
-            torch.mm(pa.t(), pg, out=out[e])
-    return out
 
 
 class _CVMMTorch(torch.autograd.Function):
@@ -270,11 +194,23 @@ def _triton_fallback(reason: str) -> None:
 
 
 def _import_triton_backend():
+    """Import the Triton kernels and register the "triton" backend; ImportError naming the option
+    (cvmm_backend / MOEUT_CVMM_BACKEND) when Triton is missing or broken."""
     try:
-        from . import cvmm_triton  # noqa: F401  (registers the backend)
+        from . import cvmm_triton
     except Exception as e:  # ImportError, or a broken install failing inside triton
         raise ImportError(f"cvmm_backend='triton' (model option, or {BACKEND_ENV}=triton) needs a working "
                           f"Triton, but importing moeut.kernels.cvmm_triton failed: {type(e).__name__}: {e}") from e
+
+    def _triton_backend(x, w, plan, *, src_div, grouped_in, out_group, grouped_out, gates):
+        from .ops import cvmm_op
+        # CUDA tensors (or any tensor under the interpreter) run the kernels; CPU tensors the
+        # PyTorch implementation behind the same custom op.
+        impl = "triton" if (x.is_cuda or cvmm_triton.interpreting()) else "grouped_mm"
+        return cvmm_op(x, w, plan, src_div=src_div, grouped_in=grouped_in, out_group=out_group,
+                       grouped_out=grouped_out, gates=gates, impl=impl)
+
+    register_backend("triton", _triton_backend)
 
 
 def _triton_available(device: torch.device) -> bool:

@@ -83,7 +83,9 @@ slot count is not a specialisation (do_not_specialize), and autotune winners per
 MOEUT_TRITON_CONFIG="BM=16,BN=16,BK=16,num_warps=1,num_stages=1" pins one config for every kernel
 (required under TRITON_INTERPRET=1, where autotuning cannot benchmark).
 
-Importing this module registers the "triton" backend of `moeut.kernels.cvmm`.
+This module imports nothing from `moeut`: the "triton" backend of `moeut.kernels.cvmm` (which runs
+these kernels through the `moeut::cvmm` custom op of `moeut.kernels.ops`) is registered by
+`moeut.kernels.cvmm` when it first imports this module, so the package has no import cycle.
 """
 from __future__ import annotations
 
@@ -94,8 +96,6 @@ from typing import Dict, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-
-from .cvmm import register_backend
 
 CONFIG_ENV = "MOEUT_TRITON_CONFIG"
 DETERMINISTIC_ENV = "MOEUT_CVMM_DETERMINISTIC"
@@ -734,19 +734,3 @@ def dw(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor, n_experts: int, 
     if split == 1 or atomic:
         return buf[0].to(out_dtype)
     return buf.sum(0).to(out_dtype)  # fixed-order reduction of the split partials
-
-
-# ------------------------------------------------------------------------------------------
-# Registration
-# ------------------------------------------------------------------------------------------
-
-def _triton_backend(x, w, plan, *, src_div, grouped_in, out_group, grouped_out, gates):
-    from .ops import cvmm_op
-    # CUDA tensors (or any tensor under the interpreter) run the kernels; CPU tensors the
-    # PyTorch implementation behind the same custom op.
-    impl = "triton" if (x.is_cuda or interpreting()) else "grouped_mm"
-    return cvmm_op(x, w, plan, src_div=src_div, grouped_in=grouped_in, out_group=out_group,
-                   grouped_out=grouped_out, gates=gates, impl=impl)
-
-
-register_backend("triton", _triton_backend)

@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .cvmm import ExpertPlan, grouped_mm, grouped_weight_grad
+from .grouped import ExpertPlan, grouped_mm, grouped_weight_grad
 
 IMPLS = ("triton", "grouped_mm", "torch_loop")
 
