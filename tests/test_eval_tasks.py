@@ -347,8 +347,9 @@ def test_hub_converters_match_file_loaders(tmp_path, monkeypatch):
     story = [f"The sentence number {i} , said the `` fox '' ." for i in range(1, 21)]
     p = tmp_path / "cbtest_P_test_2500ex.txt"
     p.write_text(cbt_item("The", "fox", CANDS, "XXXXX ran ."))
-    assert hub.cbt_items([{"sentences": story, "question": "XXXXX ran .", "answer": "fox", "options": CANDS}],
-                         "P")[0].__dict__ | {"id": None} == parse_cbt_file(p, "P")[0].__dict__ | {"id": None}
+    from moeut.eval.tasks.cbt import cbt_items  # beside make_cbt_item (no hub <-> cbt import cycle)
+    assert cbt_items([{"sentences": story, "question": "XXXXX ran .", "answer": "fox", "options": CANDS}],
+                     "P")[0].__dict__ | {"id": None} == parse_cbt_file(p, "P")[0].__dict__ | {"id": None}
     # offline: a clear "data missing", never a download attempt
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     from moeut.eval.tasks import TaskDataMissing

@@ -1,4 +1,10 @@
-"""Zero-shot tasks of the paper's table (SPEC 6.2), by name."""
+"""Zero-shot tasks of the paper's table (SPEC 6.2), by name.
+
+`TASKS` is the registry: one instance per task, collected here from the task modules (which
+import only `base`, `hub` and `scoring`, never this package), so what exists does not depend on
+import order. A new task: a module with a `Task` subclass (`load_local`, optionally `load_hub`,
+`evaluate`), one entry in `TASKS`, and its column in `TABLE_TASKS` if the paper's table has one.
+"""
 from __future__ import annotations
 
 from typing import Dict, List
@@ -22,6 +28,8 @@ ALIASES = {"arc_e": "arc_easy", "arc_c": "arc_challenge", "arc-easy": "arc_easy"
 
 
 def get_task(name: str) -> Task:
+    """The task registered as `name` (case-insensitive; ALIASES such as "arc_e" or "ppl" accepted).
+    Raises ValueError naming `tasks` and the known task names."""
     key = ALIASES.get(name.lower(), name.lower())
     if key not in TASKS:
         raise ValueError(f"tasks: unknown task {name!r}; known tasks: {sorted(TASKS)}")
@@ -29,6 +37,8 @@ def get_task(name: str) -> Task:
 
 
 def resolve_tasks(names) -> List[Task]:
+    """Tasks for a list of names or a comma-separated string, in order, duplicates dropped.
+    Raises ValueError for an empty list or an unknown name."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if not names:

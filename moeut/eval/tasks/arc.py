@@ -15,9 +15,12 @@ from typing import Any, Dict, List
 from ..scoring import MCItem, evaluate_multiple_choice
 from .base import (EvalOptions, Task, TaskDataMissing, TaskFormatError, check_limit, expect_str,
                    first_existing, read_jsonl)
+from .hub import HF_SOURCES, arc_items, load_records
 
 
 def load_arc_file(path: Path, group: str, limit) -> List[MCItem]:
+    """4-option MCItems of an ARC `*-Test.jsonl` (SPEC 6.2), group = subset name; questions with
+    another number of options are skipped with a warning; TaskFormatError naming file:line."""
     items, skipped = [], 0
     for lineno, rec in read_jsonl(path, ["question", "answerKey"]):
         q = rec["question"]
@@ -46,6 +49,9 @@ def load_arc_file(path: Path, group: str, limit) -> List[MCItem]:
 
 
 class ARC(Task):
+    """ARC-Easy or ARC-Challenge (`subset`), 4-way, length-normalised by default (SPEC 6.2); only
+    ARC-Easy is a column of the paper's table. AssertionError for another subset name."""
+
     normalize_default = True
 
     def __init__(self, subset: str):
@@ -55,6 +61,7 @@ class ARC(Task):
         self.column = "ARC-E" if subset == "ARC-Easy" else None
 
     def load_local(self, opts: EvalOptions) -> List[MCItem]:
+        """Items of `<subset>-Test.jsonl` (looked up in the usual layouts); TaskDataMissing if absent."""
         override = opts.paths.get(self.name)
         fname = f"{self.subset}-Test.jsonl"
         root = opts.root / "arc"
@@ -65,7 +72,14 @@ class ARC(Task):
                                   f"pass paths.{self.name}=<path to {fname}>")
         return load_arc_file(path, self.subset, check_limit(opts.limit))
 
+    def load_hub(self, opts: EvalOptions) -> List[MCItem]:
+        """Items from the hub copy (`hub.HF_SOURCES[name]`); `limit` applies after the 4-option filter."""
+        limit = check_limit(opts.limit)
+        subset = HF_SOURCES[self.name][1][0]
+        return arc_items(load_records(self.name, subset, None), subset)[:limit]
+
     def evaluate(self, items, scorer, tokenizer, opts: EvalOptions) -> Dict[str, Any]:
+        """Multiple-choice metrics (SPEC 6.1); `accuracy` = `group_average` (one group)."""
         m = evaluate_multiple_choice(items, scorer, tokenizer, normalize=opts.normalize(self.name, self.normalize_default),
                                      desc=self.name, keep_items=opts.keep_items)
         m["accuracy"] = m["group_average"]

@@ -1,4 +1,10 @@
-"""Shared pieces of the zero-shot tasks: options, errors, line-numbered file readers."""
+"""Shared pieces of the zero-shot tasks (SPEC 6): options, errors, line-numbered file readers, and
+the `Task` base class.
+
+A leaf of `moeut.eval.tasks`: it imports no task module and not `hub`. Each task module defines
+its own `Task` subclass (local files in `load_local`, hub records in `load_hub`); the package
+`__init__` collects the instances into the `TASKS` registry.
+"""
 from __future__ import annotations
 
 import json
@@ -16,6 +22,12 @@ class TaskDataMissing(FileNotFoundError):
     """The task's data files are not present: the task is skipped with this message."""
 
 
+def hub_offline() -> bool:
+    """True when HF_DATASETS_OFFLINE or HF_HUB_OFFLINE is 1/true/yes: no hub download is tried."""
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes")
+               for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
 def default_data_dir() -> Path:
     """`$MOEUT_SHARED/data/eval`, where MOEUT_SHARED defaults to `shared` beside the repository
     checkout (…/repo/../shared/data/eval): the zero-shot sets are not carried in the repository."""
@@ -25,6 +37,15 @@ def default_data_dir() -> Path:
 
 @dataclass
 class EvalOptions:
+    """Options of one zero-shot evaluation (SPEC 6.1/6.2), shared by every task.
+
+    Fields: data_dir (root of the task files, "" = `default_data_dir()`), limit (items per task,
+    per paradigm for BLiMP, per type for CBT; None = all), length_normalize / normalize_by_task
+    (SPEC 6.1 length normalisation: global switch and per-task override; None = each task's SPEC 6.2
+    default), hellaswag_strip_brackets (SPEC 6.2 quirk), paths (per-task file/dir overrides),
+    keep_items (store per-item scores), source ("local" | "hf" | "auto") and perplexity (options of
+    the `perplexity` task). Values are checked where they are used (`check_limit`, `Task.load`).
+    """
     data_dir: str = ""  # "" = default_data_dir()
     limit: Optional[int] = None  # items per task; per paradigm (BLiMP) / per type (CBT)
     # None = SPEC 6.2 default per task (CBT, HellaSwag, PIQA, ARC normalised; BLiMP not)
@@ -42,9 +63,11 @@ class EvalOptions:
 
     @property
     def root(self) -> Path:
+        """Directory of the task files: `data_dir`, or `default_data_dir()` when it is empty."""
         return Path(self.data_dir) if self.data_dir else default_data_dir()
 
     def path_for(self, task: str, default: Path) -> Path:
+        """The `paths[task]` override when given, else `default`."""
         p = self.paths.get(task)
         return Path(p) if p else default
 
@@ -56,6 +79,7 @@ class EvalOptions:
 
 
 def check_limit(limit: Optional[int]) -> Optional[int]:
+    """`limit` unchanged if None or a positive int; ValueError naming `limit` otherwise."""
     if limit is None:
         return None
     if not isinstance(limit, int) or limit < 1:
@@ -88,6 +112,7 @@ def read_jsonl(path: Path, required: Sequence[str], limit: Optional[int] = None)
 
 
 def expect_str(rec: Dict[str, Any], key: str, path: Path, lineno: int) -> str:
+    """`rec[key]`, which must be a str; TaskFormatError naming `path:lineno` and the field otherwise."""
     v = rec[key]
     if not isinstance(v, str):
         raise TaskFormatError(f"{path}:{lineno}: field {key!r} must be a string, got {type(v).__name__}")
@@ -103,26 +128,38 @@ class Task:
     column: Optional[str] = None  # results-table column, None = not in the paper's table
 
     def load(self, opts: EvalOptions) -> List[Any]:
-        """Items from local files, or from the hub per `opts.source` (see EvalOptions)."""
+        """Items from local files, or from the hub per `opts.source` (see EvalOptions).
+
+        "local": `load_local`; "hf": `load_hub`; "auto": `load_local`, and `load_hub` when the local
+        files are missing and the hub is online. Raises ValueError for another source,
+        TaskDataMissing (files absent, or the hub offline/unavailable), TaskFormatError (bad line)."""
         if opts.source not in ("local", "hf", "auto"):
             raise ValueError(f"source: must be 'local', 'hf' or 'auto', got {opts.source!r}")
         if opts.source == "hf":
-            from .hub import load_from_hub
-            return load_from_hub(self.name, opts)
+            return self.load_hub(opts)
         try:
             return self.load_local(opts)
         except TaskDataMissing as local_err:
             if opts.source != "auto":
                 raise
-            from .hub import hub_offline, load_from_hub
             if hub_offline():
                 raise TaskDataMissing(f"{local_err} (and the hub is offline)") from None
-            return load_from_hub(self.name, opts)
+            return self.load_hub(opts)
 
     def load_local(self, opts: EvalOptions) -> List[Any]:
+        """Items from the task's files under `opts.root` (or `opts.paths[name]`); each subclass
+        implements it. Raises TaskDataMissing / TaskFormatError naming the file (and line)."""
         raise NotImplementedError
 
+    def load_hub(self, opts: EvalOptions) -> List[Any]:
+        """Items from the Hugging Face hub copy of the task (`moeut.eval.tasks.hub`), the same items
+        `load_local` gives. Subclasses with a hub source override it; here: ValueError."""
+        raise ValueError(f"no hub source for task {self.name!r}")
+
     def evaluate(self, items: List[Any], scorer, tokenizer, opts: EvalOptions) -> Dict[str, Any]:
+        """Score `items` with `scorer` (a `moeut.eval.scoring.Scorer`; `tokenizer` encodes/decodes
+        text) and return the JSON-able metrics dict with its `accuracy` entry (SPEC 6.2's table
+        metric, a fraction in [0, 1]). Each subclass implements it."""
         raise NotImplementedError
 
 
@@ -145,6 +182,7 @@ def iter_text_lines(path: Path) -> Iterator[Tuple[int, str]]:
 
 
 def first_existing(candidates: Sequence[Path]) -> Optional[Path]:
+    """The first of `candidates` that exists (file or directory), else None."""
     for c in candidates:
         if os.path.exists(c):
             return Path(c)

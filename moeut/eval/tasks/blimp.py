@@ -13,6 +13,7 @@ from typing import Any, Dict, List
 
 from ..scoring import MCItem, evaluate_multiple_choice
 from .base import EvalOptions, Task, TaskDataMissing, check_limit, expect_str, read_jsonl
+from .hub import blimp_items, load_records
 
 PARADIGMS = (
     'adjunct_island', 'anaphor_gender_agreement', 'anaphor_number_agreement', 'animate_subject_passive',
@@ -43,11 +44,16 @@ assert len(PARADIGMS) == 67
 
 
 class Blimp(Task):
+    """BLiMP: 67 paradigms of minimal pairs, whole-sentence unnormalised scores, no context
+    (SPEC 6.2); table metric = mean of the paradigm accuracies."""
+
     name = "blimp"
     column = "BLiMP"
     normalize_default = False
 
     def load_local(self, opts: EvalOptions) -> List[MCItem]:
+        """2-way items (good, bad; gold 0) from `<paradigm>.jsonl` files, `limit` per paradigm;
+        TaskDataMissing if none is present, a warning naming missing paradigms."""
         root = opts.path_for(self.name, opts.root / "blimp")
         if not root.is_dir():
             raise TaskDataMissing(f"BLiMP directory not found: {root} (expects the 67 <paradigm>.jsonl files)")
@@ -68,7 +74,13 @@ class Blimp(Task):
                 items.append(MCItem(context="", options=[good, bad], gold=0, group=p, id=f"{p}:{lineno}"))
         return items
 
+    def load_hub(self, opts: EvalOptions) -> List[MCItem]:
+        """Items of all 67 paradigms from the hub copy (one configuration each), `limit` per paradigm."""
+        limit = check_limit(opts.limit)
+        return [it for p in PARADIGMS for it in blimp_items(load_records(self.name, p, limit), p)]
+
     def evaluate(self, items, scorer, tokenizer, opts: EvalOptions) -> Dict[str, Any]:
+        """Multiple-choice metrics (SPEC 6.1); `accuracy` = mean over paradigms, plus `n_groups`."""
         m = evaluate_multiple_choice(items, scorer, tokenizer, normalize=opts.normalize(self.name, self.normalize_default),
                                      desc="blimp", keep_items=opts.keep_items)
         m["accuracy"] = m["group_average"]

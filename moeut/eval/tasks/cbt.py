@@ -26,6 +26,7 @@ from typing import Any, Dict, List
 from ..scoring import MCItem, evaluate_multiple_choice
 from .base import (EvalOptions, Task, TaskDataMissing, TaskFormatError, check_limit, first_existing,
                    iter_text_lines)
+from .hub import load_records, need_fields
 
 CBT_TYPES = ("CN", "NE", "P", "V")
 _LINE_RE = re.compile(r"^(\d+) (.*)$")
@@ -102,12 +103,37 @@ def parse_cbt_file(path: Path, group: str, limit=None) -> List[MCItem]:
     return items
 
 
+def cbt_items(records, cbt_type: str) -> List[MCItem]:
+    """CBT hub records of one type -> the same 10-way MCItems as `parse_cbt_file` (SPEC 6.2).
+
+    Hub layout: sentences (20 story lines), question (with XXXXX), answer, options (10). Questions
+    without exactly 10 options or without XXXXX are skipped; an answer not among the options raises
+    TaskFormatError naming the record."""
+    out = []
+    for i, r in enumerate(records):
+        where = f"cbt/{cbt_type} hub record {i}"
+        need_fields(r, ["sentences", "question", "answer", "options"], where)
+        cands = [c for c in r["options"] if c != ""]
+        if r["answer"] not in cands:
+            raise TaskFormatError(f"{where}: answer {r['answer']!r} is not among the options")
+        if len(cands) != 10 or "XXXXX" not in r["question"]:
+            continue
+        out.append(make_cbt_item(list(r["sentences"]), r["question"], r["answer"], cands, cbt_type,
+                                 f"{cbt_type}:{i + 1}"))
+    return out
+
+
 class CBT(Task):
+    """Children's Book Test, the four types CN/NE/P/V as groups (SPEC 6.2); 10-way multiple choice,
+    length-normalised by default; table metric = mean of the four type accuracies."""
+
     name = "cbt"
     column = "CBT"
     normalize_default = True
 
     def files(self, opts: EvalOptions) -> Dict[str, Path]:
+        """{type: path} of the `cbtest_<type>_test_2500ex.txt` files found under the task root
+        (directly, in CBTest/data/ or data/); types whose file is absent are left out."""
         root = opts.path_for(self.name, opts.root / "cbt")
         found = {}
         for t in CBT_TYPES:
@@ -118,6 +144,7 @@ class CBT(Task):
         return found
 
     def load_local(self, opts: EvalOptions) -> List[MCItem]:
+        """Items of every type found; TaskDataMissing if none, a warning naming missing types."""
         root = opts.path_for(self.name, opts.root / "cbt")
         files = self.files(opts)
         if not files:
@@ -132,7 +159,14 @@ class CBT(Task):
             items.extend(parse_cbt_file(p, t, limit))
         return items
 
+    def load_hub(self, opts: EvalOptions) -> List[MCItem]:
+        """Items of the four types from the hub copy (`hub.HF_SOURCES["cbt"]`), `limit` per type."""
+        limit = check_limit(opts.limit)
+        # limit applies after the 10-option filter in the file loader; close enough here
+        return [it for t in CBT_TYPES for it in cbt_items(load_records(self.name, t, limit), t)]
+
     def evaluate(self, items, scorer, tokenizer, opts: EvalOptions) -> Dict[str, Any]:
+        """Multiple-choice metrics (SPEC 6.1) with `accuracy` = mean over the CN/NE/P/V types."""
         m = evaluate_multiple_choice(items, scorer, tokenizer, normalize=opts.normalize(self.name, self.normalize_default),
                                      desc="cbt", keep_items=opts.keep_items)
         m["accuracy"] = m["group_average"]  # mean over the CN/NE/P/V types

@@ -24,12 +24,15 @@ from typing import Any, Dict, List
 from ..scoring import MCItem, evaluate_multiple_choice
 from .base import (EvalOptions, Task, TaskDataMissing, TaskFormatError, check_limit, expect_str,
                    first_existing, iter_text_lines, read_jsonl)
+from .hub import load_records, need_fields
 
 _OFFICIAL_RE = re.compile(r"\\[.*?\\]")  # the paper code's raw-string regex (see module docstring)
 _LMEVAL_RE = re.compile(r"\[.*?\]")
 
 
 def preprocess(text: str, strip_brackets: bool = False) -> str:
+    """SPEC 6.2 `pre`: strip, " [title]" -> ". ", the official regex deletion (or lm-eval's
+    bracket-tag deletion if `strip_brackets`), "  " -> " "."""
     text = text.strip()
     text = text.replace(" [title]", ". ")
     text = (_LMEVAL_RE if strip_brackets else _OFFICIAL_RE).sub("", text)
@@ -38,6 +41,8 @@ def preprocess(text: str, strip_brackets: bool = False) -> str:
 
 
 def items_from_jsonl(path: Path, limit, strip_brackets: bool) -> List[MCItem]:
+    """4-way MCItems from the official `hellaswag_val.jsonl` (SPEC 6.2 input construction);
+    TaskFormatError naming file:line for a bad field, TaskDataMissing for a missing file."""
     items = []
     for lineno, rec in read_jsonl(path, ["activity_label", "ctx_a", "ctx_b", "endings", "label"], limit):
         label_s = expect_str(rec, "activity_label", path, lineno)
@@ -59,6 +64,8 @@ def items_from_jsonl(path: Path, limit, strip_brackets: bool) -> List[MCItem]:
 
 
 def items_from_text(path: Path, limit, strip_brackets: bool) -> List[MCItem]:
+    """4-way MCItems from the derived 6-lines-per-item text format (see the module docstring: not
+    exact paper parity); TaskFormatError naming file:line for a bad or incomplete item."""
     items: List[MCItem] = []
     block: List[tuple] = []
     for lineno, line in iter_text_lines(path):
@@ -83,12 +90,31 @@ def items_from_text(path: Path, limit, strip_brackets: bool) -> List[MCItem]:
     return items
 
 
+def hellaswag_items(records, strip_brackets: bool) -> List[MCItem]:
+    """HellaSwag hub records ({activity_label, ctx_a, ctx_b, endings, label}) -> the same MCItems
+    as `items_from_jsonl`; TaskFormatError naming the record for a bad one."""
+    out = []
+    for i, r in enumerate(records):
+        where = f"hellaswag hub record {i}"
+        need_fields(r, ["activity_label", "ctx_a", "ctx_b", "endings", "label"], where)
+        if len(r["endings"]) != 4 or str(r["label"]) not in ("0", "1", "2", "3"):
+            raise TaskFormatError(f"{where}: needs 4 endings and a label 0-3")
+        ctx = preprocess(r["activity_label"] + ": " + r["ctx_a"] + " " + r["ctx_b"].capitalize(), strip_brackets)
+        out.append(MCItem(ctx, [" " + preprocess(e, strip_brackets) for e in r["endings"]], int(r["label"]),
+                          "hellaswag", r.get("ind", i)))
+    return out
+
+
 class HellaSwag(Task):
+    """HellaSwag validation, 4-way multiple choice, length-normalised by default (SPEC 6.2)."""
+
     name = "hellaswag"
     column = "HellaSwag"
     normalize_default = True
 
     def load_local(self, opts: EvalOptions) -> List[MCItem]:
+        """Items from `hellaswag_val.jsonl`, else the derived `hellaswag_val_full.txt[.bz2]` (with a
+        warning); TaskDataMissing if neither exists."""
         root = opts.root / "hellaswag"
         override = opts.paths.get(self.name)
         path = Path(override) if override else first_existing([
@@ -104,7 +130,13 @@ class HellaSwag(Task):
                       "(use the official hellaswag_val.jsonl for that)")
         return items_from_text(path, limit, opts.hellaswag_strip_brackets)
 
+    def load_hub(self, opts: EvalOptions) -> List[MCItem]:
+        """Items from the hub copy (`hub.HF_SOURCES["hellaswag"]`), the first `limit` records."""
+        limit = check_limit(opts.limit)
+        return hellaswag_items(load_records(self.name, None, limit), opts.hellaswag_strip_brackets)
+
     def evaluate(self, items, scorer, tokenizer, opts: EvalOptions) -> Dict[str, Any]:
+        """Multiple-choice metrics (SPEC 6.1); `accuracy` = `group_average` (one group)."""
         m = evaluate_multiple_choice(items, scorer, tokenizer, normalize=opts.normalize(self.name, self.normalize_default),
                                      desc="hellaswag", keep_items=opts.keep_items)
         m["accuracy"] = m["group_average"]

@@ -14,13 +14,18 @@ from typing import Any, Dict, List
 
 from ..scoring import ScoreRequest
 from .base import EvalOptions, Task, TaskFormatError, check_limit, expect_str, read_jsonl
+from .hub import lambada_items, load_records
 
 
 class Lambada(Task):
+    """LAMBADA (OpenAI release), last-word prediction scored as the paper's code does (SPEC 6.2)."""
+
     name = "lambada"
     column = "LAMBADA"
 
     def load_local(self, opts: EvalOptions) -> List[Dict[str, Any]]:
+        """`{"id": line, "text"}` items of `lambada_test.jsonl`; TaskFormatError naming file:line for
+        a text that is not a passage of several words."""
         path = opts.path_for(self.name, opts.root / "lambada" / "lambada_test.jsonl")
         items = []
         for lineno, rec in read_jsonl(path, ["text"], check_limit(opts.limit)):
@@ -30,7 +35,15 @@ class Lambada(Task):
             items.append({"id": lineno, "text": text})
         return items
 
+    def load_hub(self, opts: EvalOptions) -> List[Dict[str, Any]]:
+        """Items from the hub copy (`hub.HF_SOURCES["lambada"]`), the first `limit` records."""
+        return lambada_items(load_records(self.name, "default", check_limit(opts.limit)))
+
     def evaluate(self, items, scorer, tokenizer, opts: EvalOptions) -> Dict[str, Any]:
+        """One teacher-forced forward per passage (SPEC 6.2 "LAMBADA scoring"). Returns accuracy
+        (exact last-word match over the character-length window), last_token_accuracy,
+        target_perplexity, lm_loss (nats per predicted token), n_items [, items]. ValueError for a
+        passage of fewer than 2 tokens."""
         requests, targets = [], []
         for it in items:
             ids = tokenizer.encode(it["text"])

@@ -79,10 +79,16 @@ def _docs_from_file(path: Path, field: str, limit: Optional[int]) -> List[str]:
 
 
 class Perplexity(Task):
+    """Strided-window perplexity and bits per byte of a text file or a hub text dataset (see the
+    module docstring; options in `EvalOptions.perplexity`). Not a column of the paper's table."""
+
     name = "perplexity"
     column = None  # its own table columns ("text PPL", "bits/byte"), not in the paper's average
 
     def load(self, opts: EvalOptions) -> List[str]:
+        """Documents (str) from perplexity.hub (its `field` column of `split`) or perplexity.path
+        (.txt = one document, .jsonl[.gz/.bz2] = its `field` per line), at most `limit`. Raises
+        TaskDataMissing (no source set, file absent, hub offline, no text) / TaskFormatError."""
         p = opts.perplexity
         limit = check_limit(opts.limit)
         if p.get("hub"):
@@ -103,6 +109,9 @@ class Perplexity(Task):
         return docs
 
     def evaluate(self, items: List[str], scorer, tokenizer, opts: EvalOptions) -> Dict[str, Any]:
+        """Score every document in `strided_windows`: perplexity = exp(NLL / scored tokens),
+        bits_per_byte = NLL / (ln 2 * UTF-8 bytes the scored tokens cover), plus the counts.
+        Documents under 2 tokens are counted, not scored; ValueError if none has 2 tokens."""
         p = opts.perplexity
         L = p.get("context_length") or DEFAULT_CONTEXT
         stride = p.get("stride")

@@ -10,14 +10,19 @@ from typing import Any, Dict, List
 from ..scoring import MCItem, evaluate_multiple_choice
 from .base import (EvalOptions, Task, TaskDataMissing, TaskFormatError, check_limit, expect_str,
                    iter_text_lines, read_jsonl)
+from .hub import load_records, piqa_items
 
 
 class PIQA(Task):
+    """PIQA validation, 2-way, length-normalised by default (SPEC 6.2)."""
+
     name = "piqa"
     column = "PIQA"
     normalize_default = True
 
     def load_local(self, opts: EvalOptions) -> List[MCItem]:
+        """Items of `valid.jsonl` with gold labels from `valid-labels.lst`; TaskDataMissing if either
+        file is absent, TaskFormatError naming file:line for a bad label or a count mismatch."""
         root = opts.path_for(self.name, opts.root / "piqa")
         data, labels_path = root / "valid.jsonl", root / "valid-labels.lst"
         if not data.is_file() or not labels_path.is_file():
@@ -45,7 +50,12 @@ class PIQA(Task):
                                 options=[" " + s for s in sols], gold=gold, group="piqa", id=lineno))
         return items
 
+    def load_hub(self, opts: EvalOptions) -> List[MCItem]:
+        """Items from the hub copy (`hub.HF_SOURCES["piqa"]`), the first `limit` records."""
+        return piqa_items(load_records(self.name, None, check_limit(opts.limit)))
+
     def evaluate(self, items, scorer, tokenizer, opts: EvalOptions) -> Dict[str, Any]:
+        """Multiple-choice metrics (SPEC 6.1); `accuracy` = `group_average` (one group)."""
         m = evaluate_multiple_choice(items, scorer, tokenizer, normalize=opts.normalize(self.name, self.normalize_default),
                                      desc="piqa", keep_items=opts.keep_items)
         m["accuracy"] = m["group_average"]
