@@ -136,6 +136,7 @@ class TokenExpertCounts:
 
     @classmethod
     def from_dense(cls, n: np.ndarray) -> "TokenExpertCounts":
+        """From a dense count array n[G, R, N_E, V] (its non-zero entries)."""
         n = np.asarray(n)
         g, r, e, v = np.nonzero(n)
         return cls(g, r, e, v, n[g, r, e, v].astype(np.int64), tuple(int(s) for s in n.shape))
@@ -154,11 +155,13 @@ class TokenExpertCounts:
         return cls(g, r, e, v, np.asarray(counts, dtype=np.int64), (G, R, NE, V))
 
     def to_dense(self) -> np.ndarray:
+        """The dense int64 array [G, R, N_E, V] (memory G*R*N_E*V*8 bytes: for tests and small models)."""
         out = np.zeros(self.shape, dtype=np.int64)
         np.add.at(out, (self.g, self.r, self.e, self.v), self.count)
         return out
 
     def select(self, g: int, r: Optional[int] = None) -> np.ndarray:
+        """Bool mask [nnz] of the entries of group member g (and repetition r when given)."""
         m = self.g == g
         if r is not None:
             m &= self.r == r
@@ -342,6 +345,8 @@ def load_stats(path: str) -> Dict[str, np.ndarray]:
 
 
 def token_counts_from_stats(stats: Dict[str, np.ndarray]) -> TokenExpertCounts:
+    """The token x expert counts (F2, F3; SPEC 7.2) stored in a routing-statistics dict (`tok_g`,
+    `tok_r`, `tok_e`, `tok_v`, `tok_count` [nnz] and the shape from `meta`); KeyError if absent."""
     m = stats["meta"]
     return TokenExpertCounts(stats["tok_g"].astype(np.int64), stats["tok_r"].astype(np.int64),
                              stats["tok_e"].astype(np.int64), stats["tok_v"].astype(np.int64),

@@ -48,6 +48,10 @@ _TRAINING_IGNORED = re.compile(r"unique_layers\.\d+\.pkm\.(iter|kv_sel_counts_10
 
 
 def config_from_official(config: Mapping[str, Any], **overrides) -> MoEUTConfig:
+    """Our MoEUTConfig from the official constructor arguments (`MoEUTLM(d_model=..., ...)`, SPEC
+    1.10), `overrides` applied last. Known metadata keys (seed, n_rotate, notes, ...) are ignored,
+    but a stated n_rotate must equal ours. Raises ValueError naming an unknown argument, two
+    contradicting aliases, differing MLP/attention expert dropouts, or an n_rotate mismatch."""
     kwargs: Dict[str, Any] = {}
     unknown = []
     for key, value in config.items():

@@ -28,6 +28,8 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 @dataclass
 class PrepareOptions:
+    """The `prepare` node of `python -m moeut.prepare_data` (beside train.py's own options)."""
+
     workers: Optional[int] = None  # None = every core this process may use
     progress: bool = True
     run_dir: Optional[str] = None  # a run being resumed: use its tokenizer.model
@@ -52,6 +54,7 @@ ConfigStore.instance().store(name="base_prepare_config", node=PrepareConfigSchem
 
 
 def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask on Linux, else os.cpu_count())."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -79,6 +82,8 @@ def run(cfg: DictConfig, log=print) -> Dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="prepare_data")
 def main(cfg: DictConfig) -> None:
+    """Hydra entry point: prepare (tokenise, verify) every data cache the training config reads,
+    or with prepare.check=true only check them (exit status 1 if any is not ready)."""
     res = run(cfg)
     if res.get("problems"):
         sys.exit(1)

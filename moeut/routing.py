@@ -83,6 +83,7 @@ class RoutingStats:
         return self._counts
 
     def reset(self) -> None:
+        """Zero every accumulator in place (start of a new logging window)."""
         if self._counts is not None:
             for t in self._counts.values():
                 t.zero_()
@@ -169,6 +170,9 @@ class RoutingStats:
 
     # -- results -----------------------------------------------------------------------------
     def counts_numpy(self) -> Dict[str, np.ndarray]:
+        """Copies of the accumulators as numpy arrays: mlp_counts [G, R, N_E] int64, overlap_sum /
+        overlap_n [G, R], gate_min_sum / gate_max_sum / gate_n [G], and att_v_counts / att_o_counts
+        [G, R, H, E_att] when attention experts are tracked (SPEC 7.1, 7.3)."""
         return {k: v.detach().cpu().numpy() for k, v in self.state_counts().items()}
 
     def compute(self) -> Dict[str, float]:

@@ -25,12 +25,16 @@ RANGE_KEY = "range"
 
 @dataclass(frozen=True)
 class Range:
+    """A numeric interval: bounds lo/hi (None = unbounded on that side), each closed unless
+    lo_open/hi_open. Stored in a dataclass field's metadata under RANGE_KEY."""
+
     lo: Optional[float] = None
     hi: Optional[float] = None
     lo_open: bool = False  # lo itself is out of range
     hi_open: bool = False
 
     def contains(self, v: float) -> bool:
+        """True if `v` lies in the interval; NaN never does."""
         if isinstance(v, float) and math.isnan(v):
             return False
         if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
@@ -40,6 +44,7 @@ class Range:
         return True
 
     def describe(self) -> str:
+        """The interval as used in error messages: "in [0, 1)", ">= 1", "> 0", "<= 5" or "any number"."""
         if self.lo is not None and self.hi is not None:
             return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
         if self.lo is not None:
@@ -65,14 +70,17 @@ def in_range(lo: Optional[float] = None, hi: Optional[float] = None, *, lo_open:
 
 
 def at_least(lo: float) -> Dict[str, Range]:
+    """Field metadata: the value must be >= lo."""
     return in_range(lo)
 
 
 def positive() -> Dict[str, Range]:
+    """Field metadata: the value must be > 0."""
     return in_range(0, lo_open=True)
 
 
 def field_range(f: dataclasses.Field) -> Optional[Range]:
+    """The Range declared in a dataclass field's metadata, or None when it declares none."""
     return f.metadata.get(RANGE_KEY) if f.metadata else None
 
 

@@ -19,7 +19,10 @@ SAMPLERS = ("sequential", "shuffled")
 
 
 class TokenStream:
-    """Read-only concatenation of uint16 memmap shards."""
+    """Read-only concatenation of the memmapped token shards of a `TokenManifest` (SPEC 5.4/5.5).
+
+    Empty shards are skipped; `len()` is the total token count. Raises ValueError naming the shard
+    file when its size disagrees with manifest.json."""
 
     def __init__(self, manifest: TokenManifest):
         self.manifest = manifest
@@ -85,6 +88,7 @@ class WindowDataset:
         return self.n_windows
 
     def window(self, i: int) -> np.ndarray:
+        """Window i: tokens [i*T, i*T + T + 1) as int64 [T+1] (SPEC 5.5); IndexError if out of range."""
         if not 0 <= i < self.n_windows:
             raise IndexError(f"window {i} outside [0, {self.n_windows})")
         a = i * self.seq_len
@@ -131,6 +135,7 @@ class StreamSampler:
 
     @property
     def steps_per_epoch(self) -> int:
+        """n = N div B: steps before the order repeats (sequential) or is re-drawn (shuffled)."""
         return self.n_per_stream
 
     def global_indices(self, position: int) -> np.ndarray:
@@ -145,23 +150,30 @@ class StreamSampler:
         return self._perm[p * self.batch_size:(p + 1) * self.batch_size].astype(np.int64)
 
     def local_indices(self, position: int) -> np.ndarray:
+        """This rank's window ids at `position`: its contiguous B/W of the global batch (int64 [B/W])."""
         b = self.batch_size // self.world_size
         return self.global_indices(position)[self.rank * b:(self.rank + 1) * b]
 
     def next(self) -> np.ndarray:
+        """This rank's window ids at the current position (int64 [B/W]); advances the position by one."""
         idx = self.local_indices(self.position)
         self.position += 1
         return idx
 
     @property
     def epoch(self) -> int:
+        """Completed passes over the windows: position div steps_per_epoch."""
         return self.position // self.n_per_stream
 
     def state_dict(self) -> Dict[str, int]:
+        """{"position", "mode", "seed", "n_windows", "batch_size"}: the position is the whole state;
+        the rest lets `load_state_dict` detect a changed dataset or batch."""
         return {"position": self.position, "mode": self.mode, "seed": self.seed,
                 "n_windows": self.n_windows, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
+        """Resume at `state["position"]` (KeyError if absent); warns when the state was saved for
+        another window count or batch size (the data order then differs from the original run)."""
         if state.get("n_windows") != self.n_windows or state.get("batch_size") != self.batch_size:
             import warnings
             warnings.warn(f"sampler state was saved for {state.get('n_windows')} windows x batch "

@@ -249,6 +249,10 @@ def _bounded_map(pool, chunks: Iterator[_Chunk], max_pending: int) -> Iterator[T
 
 @dataclass
 class TokenManifest:
+    """The `manifest.json` of a token cache directory (SPEC 5.4 [ours]): token dtype, vocabulary
+    size, tokenizer hash, per-shard files/token counts/sha256, the source (corpus, revision) and
+    whether the whole corpus or a budget was tokenised."""
+
     path: str  # directory
     dtype: str
     vocab_size: int
@@ -262,6 +266,7 @@ class TokenManifest:
 
     @classmethod
     def load(cls, directory: str) -> "TokenManifest":
+        """Read `<directory>/manifest.json`; FileNotFoundError if absent, KeyError for a missing field."""
         m = _read_manifest(directory)
         return cls(path=directory, dtype=m["dtype"], vocab_size=m["vocab_size"],
                    tokenizer_sha256=m["tokenizer_sha256"], shards=m["shards"],
@@ -269,6 +274,7 @@ class TokenManifest:
                    config_sha256=m.get("config_sha256", ""), finished=m.get("finished", True))
 
     def shard_paths(self) -> List[str]:
+        """Paths of the shard files (`path` joined with each shard's file name), in stream order."""
         return [os.path.join(self.path, s["file"]) for s in self.shards]
 
 
@@ -278,6 +284,8 @@ def _read_manifest(directory: str) -> dict:
 
 
 def token_cache_dir(cache_dir: str, corpus: Corpus, tokenizer: Tokenizer) -> str:
+    """`<cache_dir>/tokens/<corpus>-<split>-<corpus key>-<tokenizer sha256[:12]>`: one directory per
+    (source files, split, tokenizer)."""
     return os.path.join(cache_dir, "tokens",
                         f"{corpus.name}-{corpus.split}-{corpus.key()}-{tokenizer.sha256[:12]}")
 
@@ -294,6 +302,7 @@ def cache_config_sha256(corpus: Corpus, tokenizer: Tokenizer) -> str:
 
 
 def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes, read in 16 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):

@@ -60,6 +60,7 @@ class FileRef:
     revision: Optional[str] = None
 
     def describe(self) -> str:
+        """The local path, or `hf://<repo>@<revision>/<path>` for a hub file (used in cache hashes and messages)."""
         return f"hf://{self.hub_repo}@{self.revision}/{self.path}" if self.hub_repo else self.path
 
 
@@ -82,6 +83,8 @@ class Corpus:
         return h.hexdigest()[:16]
 
     def documents(self, max_files: Optional[int] = None) -> Iterator[str]:
+        """Document texts of the first `max_files` files (all if None), in read order (SPEC 5.1);
+        DataError naming the file for one that cannot be read."""
         for ref in self.files[:max_files]:
             yield from read_documents(ref, self.text_field)
 
@@ -275,6 +278,9 @@ def c4_corpus(root: Optional[str], split: str, revision: str = C4_REVISION) -> C
 
 
 def slimpajama_corpus(root: Optional[str], split: str, revision: str = "main") -> Corpus:
+    """SlimPajama-627B train or validation (holdout) files, permuted once with seed 123 (SPEC 5.1):
+    from a local mirror `root` (a partial one warns and uses what it has) or streamed from the hub
+    when `root` is None. DataError naming data.path for a missing or empty mirror."""
     hub_split = "validation" if split != "train" else "train"
     stem = "example_train" if hub_split == "train" else "example_holdout"
     rel = [f"{hub_split}/chunk{c + 1}/{stem}_{i}.jsonl.zst"
@@ -288,6 +294,8 @@ def slimpajama_corpus(root: Optional[str], split: str, revision: str = "main") -
 
 
 def pes2o_corpus(root: Optional[str], split: str, revision: str = "main") -> Corpus:
+    """peS2o v2 train or validation shards in index order (SPEC 5.1), from a local mirror `root` or
+    the hub (None). DataError naming data.path for a missing or empty mirror."""
     hub_split = "validation" if split != "train" else "train"
     n = PES2O_SHARDS[hub_split]
     rel = [f"data/v2/{hub_split}-{i:05d}-of-{n:05d}.json.gz" for i in range(n)]

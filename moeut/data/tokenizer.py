@@ -26,6 +26,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "Tokenizer":
+        """Tokenizer from a SentencePiece `.model` file; FileNotFoundError naming the path."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer file not found: {path}")
@@ -33,6 +34,8 @@ class Tokenizer:
             return cls(f.read())
 
     def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the `.model` bytes to `path` (parent directories created; atomic: a temporary file
+        is renamed, so a crash never leaves a truncated model)."""
         path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp"
@@ -42,18 +45,23 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of pieces V (ids are 0..V-1; 8000 for the paper's tokenizers, SPEC 5.2)."""
         return self.sp.get_piece_size()
 
     def encode(self, text: str) -> List[int]:
+        """Token ids of `text` (SentencePiece's dummy prefix "▁" included, no BOS/EOS; SPEC 5.3, 6.1)."""
         return self.sp.encode(text, out_type=int)
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        """`encode` of each text, in one SentencePiece call."""
         return self.sp.encode(list(texts), out_type=int)
 
     def decode(self, ids: Sequence[int]) -> str:
+        """Text of a sequence of ids (any integer type)."""
         return self.sp.decode([int(i) for i in ids])
 
     def id_to_piece(self, i: int) -> str:
+        """The SentencePiece piece (e.g. "▁the") of id `i`."""
         return self.sp.id_to_piece(int(i))
 
 

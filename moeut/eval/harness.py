@@ -40,6 +40,15 @@ def _to_int(value, default: int) -> int:
 
 @register_model("moeut")
 class MoEUTHarnessLM(LM):
+    """lm-eval `LM` "moeut" over a MoEUT/baseline checkpoint or an in-process model (SPEC 6.5).
+
+    `checkpoint`: a run or checkpoint directory (`moeut.checkpoint.load_model`), or pass `model=`
+    and `tokenizer=` (or `tokenizer_path=`). batch_size, max_length (tokens per scored window),
+    pad_multiple, max_gen_toks and progress accept lm-eval's string values ("auto" = default);
+    unknown model_args are logged and ignored. Raises ValueError when there is no checkpoint/model,
+    no tokenizer, or the tokenizer's vocabulary size differs from the model's.
+    """
+
     def __init__(self, checkpoint: Optional[str] = None, *, model: Optional[torch.nn.Module] = None,
                  tokenizer=None, tokenizer_path: Optional[str] = None, device: Optional[str] = "auto",
                  batch_size: Any = 16, dtype: str = "auto", max_length: Any = 1024,
@@ -81,20 +90,27 @@ class MoEUTHarnessLM(LM):
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: Dict[str, Any], additional_config: Optional[Dict[str, Any]] = None):
+        """The adapter from parsed model_args; keys of `additional_config` (lm-eval's batch_size,
+        device, ...) fill only what the model_args do not set and are not None."""
         args = dict(arg_dict or {})
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
         return cls(**args, **extra)
 
     @property
     def max_length(self) -> int:
+        """Longest sequence (tokens) given to the model; longer requests keep their last tokens."""
         return self._max_length
 
     @property
     def tokenizer_name(self) -> str:
+        """`sentencepiece-<sha256[:16]>` of the tokenizer model (lm-eval's cache key)."""
         return f"sentencepiece-{self.tokenizer.sha256[:16]}"
 
     # ----------------------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> List[Tuple[float, bool]]:
+        """(log P(continuation | context) in nats, is_greedy) per lm-eval Instance (args = context,
+        continuation), tokenised separately, no BOS (SPEC 6.1/6.5). Nothing to score (empty
+        continuation, or a one-token sentence without context) gives (0.0, True)."""
         reqs: List[ScoreRequest] = []
         empty = []
         for k, inst in enumerate(requests):
@@ -134,6 +150,8 @@ class MoEUTHarnessLM(LM):
         return reqs
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
+        """Total log-probability (nats) of each Instance's text, every token but the first, scored
+        in `rolling_requests` windows."""
         all_reqs, owner = [], []
         for k, inst in enumerate(requests):
             for r in self.rolling_requests(inst.args[0]):
@@ -149,6 +167,9 @@ class MoEUTHarnessLM(LM):
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def greedy_continue(self, ids: List[int], max_new: int, until: Sequence[str]) -> str:
+        """Greedy continuation text of the token ids `ids` (their last max_length - max_new kept):
+        at most `max_new` tokens, cut before the first stop string of `until`. Uses the model's
+        KV-cached `generate` when it has one, else a full forward per token."""
         model, dev = self.model, self.scorer.device
         keep = max(1, self.max_length - max_new)
         ids = ids[-keep:] if len(ids) > keep else ids
@@ -173,6 +194,8 @@ class MoEUTHarnessLM(LM):
         return text
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
+        """Greedy generation per Instance (args = context, gen_kwargs with until / max_gen_toks);
+        sampling arguments are logged and ignored. ValueError for an empty context (no BOS)."""
         out = []
         for inst in requests:
             context, gen_kwargs = inst.args[0], dict(inst.args[1] or {})

@@ -48,6 +48,8 @@ class ScoreRequest:
 
 @dataclass
 class ScoreResult:
+    """The score of one `ScoreRequest` (SPEC 6.1): log-probabilities in nats, float64."""
+
     logprob: float  # float64 sum of log P(tok_p | tok_<p) over the scored positions
     n_scored: int  # number of scored tokens (n - score_from)
     greedy: bool  # every scored token is the model's argmax at its position
@@ -139,6 +141,9 @@ class Scorer:
 
     @torch.no_grad()
     def score(self, requests: Sequence[ScoreRequest], desc: str = "scoring") -> List[ScoreResult]:
+        """One `ScoreResult` per request, in request order (SPEC 6.1: no BOS, float64 log-probs,
+        padding-independent). `desc` labels the progress bar. Raises ValueError for a score_from
+        outside 1..len(ids), or for a request longer than max_length that asks for argmax."""
         requests = [self._truncate(r) for r in requests]
         for k, r in enumerate(requests):
             if r.score_from < 1 or r.score_from > len(r.ids):
@@ -227,6 +232,9 @@ class Scorer:
 
 @dataclass
 class MCItem:
+    """One multiple-choice item (SPEC 6.1): `context` (may be "") and the `options` are tokenised
+    separately; `gold` indexes `options`; `group` is the accuracy group (paradigm, CBT type, ...)."""
+
     context: str  # may be "" (BLiMP: whole sentences, no context)
     options: List[str]
     gold: int
@@ -280,6 +288,9 @@ def evaluate_multiple_choice(items: Sequence[MCItem], scorer: Scorer, tokenizer,
 
 
 def summarize_groups(groups: Dict[str, Dict[str, int]], per_item=None) -> Dict[str, Any]:
+    """SPEC 6.1 aggregates of {group: {"n_ok", "n_total"}}: adds each group's `accuracy` (in place)
+    and returns {group_average (mean of group accuracies), seq_average (pooled), n_items, groups
+    [, items]}; NaN where there is nothing to average."""
     for g in groups.values():
         g["accuracy"] = g["n_ok"] / g["n_total"] if g["n_total"] else float("nan")
     n_ok = sum(g["n_ok"] for g in groups.values())

@@ -12,6 +12,10 @@ from transformers import PretrainedConfig
 
 
 class MoEUTHFConfig(PretrainedConfig):
+    """transformers config of an export: `moeut_config` is the native config as a dict (with its
+    "arch"); vocab_size, hidden_size (d_model) and num_hidden_layers are mirrored from it for
+    tools that read them. Untied head; no BOS/EOS/pad ids (SPEC 1.1)."""
+
     model_type = "moeut"
 
     def __init__(self, moeut_config: Optional[Dict[str, Any]] = None, **kwargs):

@@ -60,6 +60,11 @@ def _leading_zeros(mask_BT: torch.Tensor) -> torch.Tensor:
 
 
 class MoEUTForCausalLM(PreTrainedModel, GenerationMixin):
+    """`AutoModelForCausalLM` of a MoEUT export: the native model (any architecture of the package,
+    rebuilt from `config.moeut_config`) under `self.model`, with transformers' `generate`, Cache and
+    padding handling as described in the module docstring (SPEC 1.8, 1.9). Raises ValueError when
+    `config.moeut_config` is empty (not a MoEUT export)."""
+
     config_class = MoEUTHFConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
@@ -81,9 +86,11 @@ class MoEUTForCausalLM(PreTrainedModel, GenerationMixin):
         pass
 
     def get_input_embeddings(self):
+        """The native token embedding (nn.Embedding [V, d_model])."""
         return self.model.embedding
 
     def get_output_embeddings(self):
+        """The native output head (nn.Linear d_model -> V; untied from the embedding)."""
         return self.model.lm_head
 
     # -- forward -----------------------------------------------------------------------------

@@ -19,6 +19,10 @@ from transformers import PreTrainedTokenizer
 
 
 class MoEUTTokenizer(PreTrainedTokenizer):
+    """`AutoTokenizer` of an export over its `tokenizer.model` (SentencePiece, SPEC 5.2): no special
+    tokens added, left padding by default, pad = a control piece (see the module docstring).
+    Raises ValueError when the model has no control piece and no `pad_token` is given."""
+
     vocab_files_names = {"vocab_file": "tokenizer.model"}
     model_input_names = ["input_ids", "attention_mask"]
 
@@ -43,9 +47,11 @@ class MoEUTTokenizer(PreTrainedTokenizer):
 
     @property
     def vocab_size(self) -> int:
+        """Number of SentencePiece pieces V."""
         return self.sp.get_piece_size()
 
     def get_vocab(self) -> Dict[str, int]:
+        """{piece: id} for every id 0..V-1."""
         return {self.sp.id_to_piece(i): i for i in range(self.vocab_size)}
 
     def _tokenize(self, text: str, **kwargs) -> List[str]:
@@ -58,12 +64,16 @@ class MoEUTTokenizer(PreTrainedTokenizer):
         return self.sp.id_to_piece(int(index))
 
     def convert_tokens_to_string(self, tokens: List[str]) -> str:
+        """Text of SentencePiece pieces ("▁" becomes a space)."""
         return self.sp.decode_pieces(list(tokens))
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        """The ids unchanged (a pair is concatenated): MoEUT adds no BOS/EOS (SPEC 1.1)."""
         return list(token_ids_0) + (list(token_ids_1) if token_ids_1 else [])
 
     def save_vocabulary(self, save_directory: str, filename_prefix: Optional[str] = None) -> Tuple[str]:
+        """Copy tokenizer.model (as `<prefix>-tokenizer.model` with a prefix) into `save_directory`;
+        returns its path as a 1-tuple."""
         name = (filename_prefix + "-" if filename_prefix else "") + "tokenizer.model"
         dst = os.path.join(save_directory, name)
         if os.path.abspath(self.vocab_file) != os.path.abspath(dst):

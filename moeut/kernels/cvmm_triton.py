@@ -426,12 +426,17 @@ def set_allow_tf32(flag: Optional[bool]) -> None:
 
 
 def interpreting() -> bool:
+    """True when the kernels run under the Triton interpreter (TRITON_INTERPRET set, not "0"):
+    a fixed config, no autotuning, bf16 upcast before `tl.dot` (SPEC 3.8). False while recording
+    a footprint, so the recording sees what the GPU backend would launch."""
     if _recorder is not None:  # recording the GPU footprint: launch as the real backend would
         return False
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def deterministic() -> bool:
+    """Deterministic mode (see the module docstring): MOEUT_CVMM_DETERMINISTIC set (not "0") or
+    `torch.use_deterministic_algorithms(True)`; no atomics and no autotuning."""
     return os.environ.get(DETERMINISTIC_ENV, "0") not in ("", "0") or torch.are_deterministic_algorithms_enabled()
 
 
@@ -521,6 +526,10 @@ _recorder: Optional[Recorder] = None
 
 
 class recording:
+    """Context manager: `with recording(s_scale=..., sms=..., tf32=...) as rec:` records every
+    kernel launch into `rec.launches` (a `Recorder`) instead of running it; nests (restores the
+    previous recorder on exit). Used by `moeut.kernels.footprint` to count compiles without a GPU."""
+
     def __init__(self, **kw):
         self.rec = Recorder(**kw)
 

@@ -161,6 +161,7 @@ class Spec:
     shapes: set = field(default_factory=set)  # (K, N) = (D_in, D_out) of the products using it
 
     def label(self) -> str:
+        """One-line name of the variant: kernel, tile dtype, K (D_in), N (D_out), dot precision, flags."""
         c = dict(self.constexprs)
         flags = [k for k, v in c.items() if v is True]
         dt = dict(self.tensors)["A" if self.kernel == "fwd" else "X"]
@@ -201,6 +202,8 @@ def summarise(traced: Dict[str, List[dict]]) -> dict:
 
 
 def format_table(summary: dict, title: str) -> str:
+    """A Markdown section (`## title`, totals, one table row per variant with its configs) of a
+    `summarise` result."""
     lines = [f"## {title}", "",
              f"{len(summary['specs'])} kernel variants, {summary['compiles']} compiles (variant x config), "
              f"{summary['autotuned_keys']} autotuned keys, {summary['launches']} launches per traced step set", "",

@@ -49,6 +49,12 @@ def _det() -> bool:
 def cvmm_fwd(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
              sorted_experts: torch.Tensor, offsets: torch.Tensor, gates: Optional[torch.Tensor],
              src_div: int, grouped_in: bool, out_group: int, grouped_out: bool, impl: str) -> torch.Tensor:
+    """Forward of `moeut::cvmm` (SPEC 3.1, 3.4): the expert matmul in the layout of
+    `moeut.kernels.cvmm.cvmm`, with the plan passed as its tensors (order/inverse [S] int64,
+    sorted_experts [S] int32, offsets [E] int32). x: [M, D_in] scattered or [S, D_in] sorted
+    (grouped_in), in the op dtype; w: [E, D_in, D_out] master weights (cast to x.dtype);
+    gates: [S] in slot order or None. Returns [S, D_out] sorted if grouped_out, else
+    [S // out_group, D_out] in row order, in x.dtype. ValueError for an unknown `impl`."""
     _check_impl(impl)
     a_idx_S = None if grouped_in else order // src_div  # source row of each sorted slot
     scale_S = gates.index_select(0, order) if gates is not None else None  # gates in sorted order
@@ -95,7 +101,9 @@ def cvmm_dx(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, order: torch.T
             sorted_experts: torch.Tensor, offsets: torch.Tensor, gates: Optional[torch.Tensor],
             src_div: int, grouped_in: bool, out_group: int, grouped_out: bool, need_dgates: bool,
             impl: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """dx [x.shape] and d_gates [S] fp32 in slot order (empty unless need_dgates)."""
+    """Input and gate gradients of `moeut::cvmm` for upstream `grad` (shaped like the forward's
+    output): dx [x.shape] in x.dtype and d_gates [S] fp32 in slot order (empty unless need_dgates),
+    d_gates[n] = <g W[e]^T, x[src(n)]> (SPEC 3.1). ValueError for an unknown `impl`."""
     _check_impl(impl)
     S, M = order.numel(), x.shape[0]
     a_idx_S = None if grouped_in else order // src_div
@@ -151,7 +159,9 @@ def _(grad, x, w, order, inverse, sorted_experts, offsets, gates, src_div, group
 def cvmm_dw(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, order: torch.Tensor,
             sorted_experts: torch.Tensor, offsets: torch.Tensor, gates: Optional[torch.Tensor],
             src_div: int, grouped_in: bool, out_group: int, grouped_out: bool, impl: str) -> torch.Tensor:
-    """dW [E, D_in, D_out] in w.dtype (fp32 accumulation)."""
+    """Weight gradient of `moeut::cvmm`: dW[e] = sum over sorted slots m of expert e of
+    x[src(m)]^T (gate[m] grad[dst(m)]) -> [E, D_in, D_out] in w.dtype (fp32 accumulation; experts
+    without slots get zeros). ValueError for an unknown `impl`."""
     _check_impl(impl)
     E = w.shape[0]
     a_idx_S = None if grouped_in else order // src_div
