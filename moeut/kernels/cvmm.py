@@ -160,8 +160,10 @@ _BACKENDS: Dict[str, CVMMFn] = {}
 
 
 def register_backend(name: str, fn: CVMMFn) -> None:
-    """Register `fn(x, w, plan, *, src_div, grouped_in, out_group, grouped_out, gates)`. x is already
-    in the op dtype; w is the master weight (the backend casts it and returns dW in w.dtype)."""
+    """Register `fn(x, w, plan, *, src_div, grouped_in, out_group, grouped_out, gates)` as CVMM
+    backend `name` (replacing one of that name). x is already in the op dtype; w is the master
+    weight (the backend casts it and returns dW in w.dtype); gates [S] in slot order or None; the
+    result is what `cvmm` returns. The name must also be accepted by the `cvmm_backend` option."""
     _BACKENDS[name] = fn
 
 
@@ -284,11 +286,19 @@ def op_dtype(device_type: str, *inputs: torch.Tensor) -> torch.dtype:
 def cvmm(x: torch.Tensor, w: torch.Tensor, plan: ExpertPlan, *, src_div: int = 1, grouped_in: bool = False,
          out_group: int = 1, grouped_out: bool = False, gates: Optional[torch.Tensor] = None,
          backend: Optional[str] = None) -> torch.Tensor:
-    """Expert matmul over the slots of `plan` (see the module docstring for the semantics).
+    """Expert matmul over the slots of `plan` (SPEC 3.1; see the module docstring for the semantics).
 
     x: [M, D_in] scattered rows (slot n reads row n // src_div), or [S, D_in] in sorted order if
-    grouped_in. w: [E, D_in, D_out]. gates: [S] weights in slot order, or None.
-    Returns [S, D_out] in sorted order if grouped_out, else [S // out_group, D_out] in row order.
+    grouped_in. w: [E, D_in, D_out] (master weights, any float dtype). gates: [S] (or any shape
+    with S elements) weights in slot order, or None.
+    Returns [S, D_out] in sorted order if grouped_out, else [S // out_group, D_out] in row order,
+    in the op dtype (`op_dtype`: the autocast dtype, else the promoted input dtype; SPEC 3.3).
+    Differentiable in x, w and gates. `backend` (or MOEUT_CVMM_BACKEND, which wins) picks the
+    implementation, see `resolve_backend`.
+
+    Raises ValueError for inconsistent shapes (naming the expected ones) or an unknown backend,
+    ImportError for an explicit "triton" without a working Triton, RuntimeError for Triton with
+    half-precision autocast on a pre-sm_80 GPU (SPEC 3.5).
     """
     S = plan.n_slots
     if w.dim() != 3 or w.shape[0] != plan.n_experts:
@@ -332,7 +342,10 @@ def cvmm(x: torch.Tensor, w: torch.Tensor, plan: ExpertPlan, *, src_div: int = 1
 
 
 def cvmm_reference(x, w, expert_ids, *, src_div=1, out_group=1, gates=None):
-    """Naive oracle for tests: an explicit per-slot weight gather + einsum (float64 if given)."""
+    """Naive oracle for tests: an explicit per-slot weight gather + einsum, in the inputs' dtype
+    (pass float64 for a reference). x [M, D_in] scattered rows (slot n reads row n // src_div),
+    w [E, D_in, D_out], expert_ids [..., k] (S slots), gates [S] or None -> [S // out_group, D_out]
+    in slot/row order. Memory O(S * D_in * D_out): small problems only."""
     e_S = expert_ids.reshape(-1)
     S = e_S.numel()
     src = torch.arange(S, device=x.device) // src_div

@@ -711,7 +711,13 @@ def dw(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor, n_experts: int, 
        x_idx: Optional[torch.Tensor] = None, g_idx: Optional[torch.Tensor] = None,
        scale: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.float32,
        det: Optional[bool] = None, split: Optional[int] = None) -> torch.Tensor:
-    """dW[e] = Σ_{sorted slots m of e} x[x_idx[m]]ᵀ (scale[m] g[g_idx[m]]) -> [E, D_in, D_out]."""
+    """dW[e] = Σ_{sorted slots m of e} x[x_idx[m]]ᵀ (scale[m] g[g_idx[m]]) -> [E, D_in, D_out].
+
+    x: [M_x, D_in] and g: [M_g, D_out] in the op dtype (fp32/fp16/bf16, else TypeError); x_idx /
+    g_idx: [S] int row of each sorted slot (None = row m itself); scale: [S] per sorted slot;
+    offsets: [E] int32 cumulative slot ends per expert. Accumulated in fp32 and returned in
+    `out_dtype`; experts without slots get zeros. `det` (default `deterministic()`) avoids
+    atomics; `split` (default: by GPU size, or MOEUT_CVMM_DW_SPLIT) splits each expert's slots."""
     _check_dtype("x", x)
     _check_dtype("g", g)
     S = (x_idx.numel() if x_idx is not None else x.shape[0])

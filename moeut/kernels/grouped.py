@@ -29,7 +29,10 @@ class ExpertPlan:
 
 
 def make_plan(expert_ids: torch.Tensor, n_experts: int) -> ExpertPlan:
-    """Sort routing decisions by expert. `expert_ids`: [..., k] integer ids in [0, n_experts)."""
+    """Sort one routing decision by expert (SPEC 3.1 "Preparation"): `expert_ids` [..., k] integer
+    ids in [0, n_experts) (e.g. idx_BTK, or [B, T, H, k] for SwitchHead) -> the `ExpertPlan` of its
+    S = numel slots. A stable sort: slots of one expert stay in token order. Ids are not validated
+    here: an out-of-range id fails in the `scatter_add_` (RuntimeError; a device assert on CUDA)."""
     k = expert_ids.shape[-1]
     flat_S = expert_ids.reshape(-1)
     # A stable sort keeps slots of one expert in token order: deterministic, and it makes the
@@ -65,7 +68,10 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def grouped_mm(a_SI: torch.Tensor, w_EIO: torch.Tensor, offsets: torch.Tensor, force_loop: bool = False):
-    """out[s] = a[s] @ w[e(s)] for rows grouped contiguously by expert (ends in `offsets`)."""
+    """out_SO[s] = a_SI[s] @ w_EIO[e(s)] for rows grouped contiguously by expert: a_SI [S, D_in],
+    w_EIO [E, D_in, D_out], offsets [E] int32 cumulative group ends -> [S, D_out] in a's dtype.
+    `torch._grouped_mm` when strides are 16-byte aligned and dtypes match (fp32/bf16/fp16), else
+    (or with force_loop) a per-expert loop over `torch.split` slices, never `w[e]` indexing (SPEC 3.8)."""
     if not force_loop and _aligned(a_SI) and _aligned(w_EIO) and a_SI.dtype == w_EIO.dtype \
             and a_SI.dtype in _GROUPED_MM_DTYPES:
         return torch._grouped_mm(a_SI, w_EIO, offs=offsets)
@@ -78,7 +84,8 @@ def grouped_mm(a_SI: torch.Tensor, w_EIO: torch.Tensor, offsets: torch.Tensor, f
 
 def grouped_weight_grad(a_SI: torch.Tensor, g_SO: torch.Tensor, offsets: torch.Tensor, n_experts: int,
                         force_loop: bool = False):
-    """dW[e] = sum over rows s of group e: a[s]^T g[s]  -> [E, I, O]; empty groups give 0."""
+    """dW_EIO[e] = sum over the rows s of expert e's group of a_SI[s]^T g_SO[s]: a_SI [S, D_in],
+    g_SO [S, D_out], offsets [E] int32 -> [E, D_in, D_out] in a's dtype; experts without rows get 0."""
     a_IS = a_SI.t()
     if not force_loop and _aligned(a_IS) and _aligned(g_SO) and a_SI.dtype == g_SO.dtype \
             and a_SI.dtype in _GROUPED_MM_DTYPES:

@@ -216,7 +216,10 @@ torch.library.register_autograd("moeut::cvmm", _backward, setup_context=_setup_c
 def cvmm_op(x: torch.Tensor, w: torch.Tensor, plan: ExpertPlan, *, src_div: int = 1, grouped_in: bool = False,
             out_group: int = 1, grouped_out: bool = False, gates: Optional[torch.Tensor] = None,
             impl: str = "triton") -> torch.Tensor:
-    """The custom-op CVMM (same contract as a `moeut.kernels.cvmm` backend: x in the op dtype,
-    w the master weight, gates [S] in slot order or None)."""
+    """The custom-op CVMM (SPEC 3.4; same contract as a `moeut.kernels.cvmm` backend: x [M, D_in] or
+    [S, D_in] in the op dtype, w [E, D_in, D_out] the master weight, gates [S] in slot order or
+    None): `torch.ops.moeut.cvmm` with `plan`'s tensors, traceable by `torch.compile` without graph
+    breaks and differentiable in x, w and gates. `impl`: "triton" | "grouped_mm" | "torch_loop"
+    (ValueError otherwise)."""
     return torch.ops.moeut.cvmm(x, w, plan.order, plan.inverse, plan.sorted_experts, plan.offsets, gates,
                                 src_div, grouped_in, out_group, grouped_out, impl)
