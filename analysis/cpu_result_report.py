@@ -1,0 +1,214 @@
+"""Tables and figures of docs/results.md from the runs of `sweeps/cpu_result.yaml`.
+
+    python -m moeut.sweep ... cpu_result (see the sweep file) ; then
+    python analysis/cpu_result_report.py outputs/sweeps/cpu_result --out docs/figures/cpu_result
+
+Reads each run's metrics.jsonl (through `moeut.rundir`) and prints, as markdown:
+  * one row per run: model, steps, lr, seed, warm-up, final held-out-books / C4 perplexity (or the
+    last step reached when the run has not finished: such rows are marked and never used in a ratio),
+  * the budget curve (final perplexity of each complete schedule vs training tokens) with the
+    MoEUT / dense ratio at each budget, and each model's best learning rate at 610 steps,
+  * the seed spread at 610 steps.
+Writes <out>_budget.png (budget curve: final points of each schedule, plus the intermediate
+validation points of the 610-step runs) and <out>_stall.png (the first 200 steps of MoEUT at lr 1e-3
+and 2e-3: training CE, expert-usage perplexity, dead experts, selected gate values, the entropy
+regulariser and the gradient norm; routing metrics are logged every 10 steps by the sweep).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from typing import Dict, List, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from moeut.rundir import RunDir  # noqa: E402
+
+TOKENS_PER_STEP = 16 * 256
+ROWS = {"cpu_result_moeut": "MoEUT", "cpu_result_dense_params": "dense (param-matched)",
+        "cpu_result_dense_macs": "dense (MAC-matched)"}
+DEFAULTS = {"train.steps": "610", "optim.lr": "0.002", "train.seed": "0", "optim.warmup": "30"}
+
+
+def job_overrides(name: str) -> Dict[str, str]:
+    """The overrides a sweep job directory is named by (Hydra's override_dirname), with the
+    experiment defaults filled in. Raises ValueError for a directory not named like a sweep job."""
+    if not name.startswith("experiment="):
+        raise ValueError(f"{name}: not a sweep job directory (expected experiment=...)")
+    out = dict(DEFAULTS)
+    for part in re.split(r",(?=[a-z_.]+=)", name):
+        k, v = part.split("=", 1)
+        out[k] = v
+    out["optim.lr"] = f"{float(out['optim.lr']):g}"
+    return out
+
+
+def collect(root: str) -> List[Dict]:
+    """One dict per job directory under `root`: overrides, final/last validation, curve points,
+    the training records (step -> record) and whether the schedule completed."""
+    runs = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if not os.path.isfile(os.path.join(path, "metrics.jsonl")):
+            continue
+        ov = job_overrides(name)
+        records = RunDir(path).metrics()
+        steps = int(ov["train.steps"])
+        val = [(r["step"], r["validation/val/perplexity"], r.get("validation/c4/perplexity"))
+               for r in records if "validation/val/perplexity" in r]
+        train = {}
+        for r in records:
+            train.setdefault(r["step"], {}).update({k: v for k, v in r.items() if k not in ("step", "time")})
+        last_step = max(train) if train else 0
+        done = bool(val) and val[-1][0] == steps
+        runs.append({"name": name, "path": path, "row": ROWS.get(ov["experiment"], ov["experiment"]),
+                     "experiment": ov["experiment"], "steps": steps, "lr": ov["optim.lr"],
+                     "seed": ov["train.seed"], "warmup": ov["optim.warmup"], "val": val,
+                     "train": train, "last_step": last_step, "done": done})
+    return runs
+
+
+def fmt(x: Optional[float]) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
+
+
+def final(run) -> Optional[float]:
+    return run["val"][-1][1] if run["done"] else None
+
+
+def table(runs: List[Dict]) -> str:
+    lines = ["| model | steps | tokens | lr | warm-up | seed | val PPL (books) | val PPL (C4) | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (r["row"], r["steps"], float(r["lr"]), r["warmup"], r["seed"])):
+        c4 = r["val"][-1][2] if r["done"] else None
+        status = "complete" if r["done"] else f"not finished (stopped at step {r['last_step']})"
+        lines.append(f"| {r['row']} | {r['steps']} | {r['steps'] * TOKENS_PER_STEP / 1e6:.2f}M | {r['lr']} | "
+                     f"{r['warmup']} | {r['seed']} | {fmt(final(r))} | {fmt(c4)} | {status} |")
+    return "\n".join(lines)
+
+
+def pick(runs, experiment, steps=610, lr="0.002", seed="0", warmup="30"):
+    for r in runs:
+        if (r["experiment"], r["steps"], r["lr"], r["seed"], r["warmup"]) == (experiment, steps, lr, seed, warmup):
+            return r
+    return None
+
+
+def budget_table(runs) -> str:
+    lines = ["| steps | tokens | MoEUT | dense (param-matched) | MoEUT / dense |", "|---|---|---|---|---|"]
+    for steps in (150, 300, 610):
+        m, d = pick(runs, "cpu_result_moeut", steps), pick(runs, "cpu_result_dense_params", steps)
+        pm, pd = final(m) if m else None, final(d) if d else None
+        ratio = f"{pm / pd:.3f}" if pm and pd else "–"
+        lines.append(f"| {steps} | {steps * TOKENS_PER_STEP / 1e6:.2f}M | {fmt(pm)} | {fmt(pd)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def best_lr_table(runs) -> str:
+    lines = ["| model | lr 1e-3 | lr 2e-3 | lr 4e-3 | best |", "|---|---|---|---|---|"]
+    for exp in ("cpu_result_moeut", "cpu_result_dense_params"):
+        vals = {lr: pick(runs, exp, 610, lr) for lr in ("0.001", "0.002", "0.004")}
+        done = {lr: final(r) for lr, r in vals.items() if r and final(r)}
+        best = min(done, key=done.get) if done else None
+        lines.append(f"| {ROWS[exp]} | " + " | ".join(fmt(done.get(lr)) for lr in vals) +
+                     f" | {f'{done[best]:.1f} (lr {best})' if best else '–'} |")
+    return "\n".join(lines)
+
+
+def seed_table(runs) -> str:
+    lines = ["| model | seed 0 | seed 1 | mean | spread (max-min)/mean |", "|---|---|---|---|---|"]
+    for exp in ("cpu_result_moeut", "cpu_result_dense_params"):
+        v = [final(r) for r in (pick(runs, exp, seed="0"), pick(runs, exp, seed="1")) if r and final(r)]
+        mean = sum(v) / len(v) if v else None
+        spread = f"{(max(v) - min(v)) / mean:.1%}" if len(v) == 2 else "–"
+        lines.append(f"| {ROWS[exp]} | {' | '.join(fmt(x) for x in (v + [None, None])[:2])} | {fmt(mean)} | {spread} |")
+    return "\n".join(lines)
+
+
+def plot_budget(runs, out: str) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for exp, color in (("cpu_result_moeut", "C0"), ("cpu_result_dense_params", "C1")):
+        pts = [(s * TOKENS_PER_STEP, final(pick(runs, exp, s))) for s in (150, 300, 610)
+               if pick(runs, exp, s) and final(pick(runs, exp, s))]
+        if pts:
+            ax.plot(*zip(*pts), "o-", color=color, label=f"{ROWS[exp]}: end of a complete schedule")
+        full = pick(runs, exp, 610)
+        if full and full["val"]:
+            ax.plot([s * TOKENS_PER_STEP for s, _, _ in full["val"]], [p for _, p, _ in full["val"]], "x--",
+                    color=color, alpha=0.6, label=f"{ROWS[exp]}: inside the 610-step schedule")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("held-out books perplexity")
+    ax.set_yscale("log")
+    ax.set_title("Budget curve, lr 2e-3 (each point its own cosine schedule)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out + "_budget.png", dpi=130)
+    plt.close(fig)
+
+
+STALL_PANELS = (("train/ce", "training CE"), ("moe/usage_rel_ppl_all", "expert-usage perplexity / N_E"),
+                ("moe/dead_frac_all", "dead-expert fraction"), ("moe/g0/min_sel_score", "min selected gate (g0)"),
+                ("train/reg", "entropy regulariser"), ("train/grad_norm", "gradient norm (pre-clip)"))
+
+
+def plot_stall(runs, out: str, max_step: int = 200) -> None:
+    series = [(r, f"{r['steps']} steps, lr {r['lr']}" + (f", warm-up {r['warmup']}" if r["warmup"] != "30" else ""))
+              for r in runs if r["experiment"] == "cpu_result_moeut" and r["seed"] == "0"
+              and (r["lr"] in ("0.001", "0.002")) and r["steps"] in (150, 610)]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    for ax, (key, title) in zip(axes.ravel(), STALL_PANELS):
+        for i, (r, label) in enumerate(sorted(series, key=lambda s: s[1])):
+            pts = sorted((s, rec[key]) for s, rec in r["train"].items() if s <= max_step and key in rec)
+            if pts:
+                ax.plot(*zip(*pts), color=f"C{i}", label=label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"MoEUT, the first {max_step} steps: lr 1e-3 vs 2e-3")
+    fig.tight_layout()
+    fig.savefig(out + "_stall.png", dpi=110)
+    plt.close(fig)
+
+
+def stall_numbers(runs) -> str:
+    """Mean of each stall metric over steps 20-60 (where the 2e-3 run stalls), per MoEUT run."""
+    lines = ["| run | " + " | ".join(t for _, t in STALL_PANELS) + " |", "|---|" + "---|" * len(STALL_PANELS)]
+    for r in sorted(runs, key=lambda r: (r["steps"], r["lr"], r["warmup"])):
+        if r["experiment"] != "cpu_result_moeut" or r["seed"] != "0":
+            continue
+        cells = []
+        for key, _ in STALL_PANELS:
+            v = [rec[key] for s, rec in r["train"].items() if 20 <= s <= 60 and key in rec]
+            cells.append(f"{sum(v) / len(v):.3g}" if v else "–")
+        lines.append(f"| {r['steps']} steps, lr {r['lr']}, warm-up {r['warmup']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("root", help="the sweep directory (outputs/sweeps/cpu_result)")
+    ap.add_argument("--out", default="docs/figures/cpu_result", help="figure path prefix")
+    a = ap.parse_args(argv)
+    runs = collect(a.root)
+    if not runs:
+        raise SystemExit(f"{a.root}: no run directories with a metrics.jsonl")
+    print("## All runs\n\n" + table(runs))
+    print("\n## Budget curve (lr 2e-3)\n\n" + budget_table(runs))
+    print("\n## Learning rates at 610 steps\n\n" + best_lr_table(runs))
+    print("\n## Seeds at 610 steps (lr 2e-3)\n\n" + seed_table(runs))
+    print("\n## Routing metrics, mean over steps 20-60\n\n" + stall_numbers(runs))
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    plot_budget(runs, a.out)
+    plot_stall(runs, a.out)
+    print(f"\nfigures: {a.out}_budget.png {a.out}_stall.png")
+
+
+if __name__ == "__main__":
+    main()
