@@ -211,24 +211,12 @@ def check_expected(sweep: SweepFile, jobs: Sequence[Job]) -> None:
 # ------------------------------------------------------------------------------------------
 
 def register_train_schemas(repo_root: Path = REPO_ROOT) -> None:
-    """Import train.py (not run it) so the structured-config schemas it registers in Hydra's
-    ConfigStore exist before composing, exactly as in `python train.py`."""
-    if "moeut_train_entry" in sys.modules:
-        return
-    train_py = repo_root / "train.py"
-    if not train_py.is_file():
-        raise FileNotFoundError(f"{train_py} not found: run from a checkout of the repository")
-    spec = importlib.util.spec_from_file_location("moeut_train_entry", train_py)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["moeut_train_entry"] = module
-    sys.path.insert(0, str(repo_root))
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules["moeut_train_entry"]
-        raise
-    finally:
-        sys.path.remove(str(repo_root))
+    """Register the training config's structured schemas in Hydra's ConfigStore
+    (`moeut.train_lib.config.register_configs`, as `python train.py` does) so that composing
+    conf/ here validates exactly as a launched job would. `repo_root` is not needed any more (the
+    schemas come from the package, not from train.py) and is accepted for existing callers."""
+    from moeut.train_lib.config import register_configs
+    register_configs()
 
 
 def compose_jobs(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,

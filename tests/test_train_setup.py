@@ -14,15 +14,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from moeut import validate as V
+from moeut.analyze import AnalyzeConfig
+from moeut.config import get_preset
+from moeut.sweep import SweepFile
+from moeut.train_lib import config as TC
+from moeut.train_lib import metrics as train_metrics
 
-import train as train_script  # noqa: E402
-from moeut import validate as V  # noqa: E402
-from moeut.analyze import AnalyzeConfig  # noqa: E402
-from moeut.config import get_preset  # noqa: E402
-from moeut.sweep import SweepFile  # noqa: E402
-from moeut.train_lib import config as TC  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _compose(*overrides):
@@ -152,7 +151,7 @@ def _moe_applications(cfg):
 def test_routing_metrics_for_every_moe_architecture(preset):
     from moeut.checkpoint import build_model
     cfg = get_preset(preset)
-    stats = train_script.make_routing_stats(cfg)
+    stats = train_metrics.make_routing_stats(cfg)
     assert stats is not None
     torch.manual_seed(0)
     model = build_model(cfg).train()
@@ -170,7 +169,7 @@ def test_routing_metrics_for_every_moe_architecture(preset):
 
 
 def test_dense_model_has_no_routing_stats():
-    assert train_script.make_routing_stats(get_preset("dense_tiny")) is None
+    assert train_metrics.make_routing_stats(get_preset("dense_tiny")) is None
 
 
 def test_unknown_moe_architecture_is_an_error_not_silence():
@@ -179,7 +178,7 @@ def test_unknown_moe_architecture_is_an_error_not_silence():
         arch: str = "odd"
         ff_n_experts: int = 4
     with pytest.raises(ValueError, match="train.routing_interval"):
-        train_script.make_routing_stats(Odd())
+        train_metrics.make_routing_stats(Odd())
 
 
 # ------------------------------------------------------------------------------------------
@@ -190,7 +189,7 @@ def test_flops_per_token_is_active_compute_for_moe():
     from moeut.compute import flops_per_token, total_params
     for preset in ("moeut_244m", "cpu_switch", "cpu_sut"):
         cfg = get_preset(preset)
-        fpt = train_script.flops_per_token(cfg, 1024)
+        fpt = train_metrics.flops_per_token(cfg, 1024)
         assert fpt == flops_per_token(cfg, 1024, "paper")
         if preset == "moeut_244m":  # far below 6 x total parameters (+ attention) for a MoE
             assert fpt < 6 * total_params(cfg)
@@ -201,7 +200,7 @@ def test_flops_per_token_unknown_arch_warns_and_returns_none():
     class Odd:
         arch: str = "odd"
     with pytest.warns(UserWarning, match="train/mfu: not logged"):
-        assert train_script.flops_per_token(Odd(), 16) is None
+        assert train_metrics.flops_per_token(Odd(), 16) is None
 
 
 # ------------------------------------------------------------------------------------------
@@ -246,7 +245,8 @@ def _state(seed=0):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
-    return TrainState(DistInfo(), opt, None, StreamSampler(100, 4, "shuffled", 7), RoutingStats(2, 2, 4), seed=seed)
+    return TrainState(model, opt, None, StreamSampler(100, 4, "shuffled", 7), DistInfo(), RoutingStats(2, 2, 4),
+                      seed=seed)
 
 
 def test_train_state_round_trip_restores_rng_routing_and_counters():

@@ -1,2 +1,19 @@
-"""Training library: Hydra schemas, LR schedule, full training-state checkpoints, distributed
-setup (torchrun / SLURM) and logging (metrics.jsonl, wandb, progress). train.py ties them up."""
+"""Training library (SPEC §4-5): train.py is only the Hydra entry point over these modules.
+
+    config.py       Hydra structured-config schemas (`register_configs`), `to_typed` + checks -> TrainConfig
+    start.py        `validated_start`: resume, model, tokenizer, data, optimiser, run state; writes nothing
+    state.py        `TrainState`: model, optimiser, scaler, step, data position, RNG, metric accumulators
+    step.py         `train_step`: one optimiser step (micro-batches, clipping, non-finite skip)
+    evaluate.py     `evaluate` / `validate`: validation perplexity
+    loop.py         `train`: commit the run dir, the loop (log / validation / checkpoint cadence, signals)
+    precision.py    train.precision -> autocast dtype and GradScaler
+    metrics.py      FLOPs per token and MFU, peak memory, routing-metric layout per architecture
+    schedule.py     the LR schedule (closed form of the step)
+    logging.py      writing a run dir's metrics.jsonl, train.log, wandb, progress
+    distributed.py  torchrun / SLURM process groups and collectives
+    data.py         tokenizer and token windows of a run
+    checkpoint.py   full training-state checkpoints
+
+Import from the modules (`from moeut.train_lib.loop import train`); this package file imports
+nothing, so using one piece (e.g. the schedule) does not load the others.
+"""

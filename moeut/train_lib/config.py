@@ -3,7 +3,7 @@
 The YAML files in `conf/` hold values only; these dataclasses are the schemas, so a typo or a
 wrong type fails at composition. `to_typed(cfg)` turns the composed DictConfig into a
 `TrainConfig` and validates cross-field constraints with messages that name the key. Nothing is
-built from the config with `_target_`: train.py reads typed fields.
+built from the config with `_target_`: the training library reads typed fields.
 
 Model configs: `model.preset` names a preset of `moeut.config.PRESETS`; every architecture field
 of every registered config class (MoEUTConfig, DenseConfig, baselines) is an Optional override
@@ -97,6 +97,8 @@ ModelSchema.__doc__ = ("model.preset names a preset of moeut.config.PRESETS; any
 
 @dataclass
 class DataSchema:
+    """The `data` group (SPEC §5): corpus, tokenizer, window length and token budgets, cache.
+    Token counts are tokens; `seq_len` is T (each window holds T + 1 tokens)."""
     source: str = "local"  # local | c4 | slimpajama | pes2o | thestack
     path: Optional[str] = None  # local file/dir, or a hub-layout mirror root (None: stream C4 from the hub)
     valid_path: Optional[str] = None  # local only: validation file/dir (default: *valid* files in path)
@@ -122,6 +124,7 @@ class DataSchema:
 
 @dataclass
 class OptimSchema:
+    """The `optim` group (SPEC §4.1-4.3): AdamW over all parameters, LR schedule, grad clipping."""
     lr: float = field(default=2.5e-4, metadata=positive())
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999], metadata=in_range(0, 1, hi_open=True))
     eps: float = field(default=1e-8, metadata=positive())
@@ -134,6 +137,7 @@ class OptimSchema:
 
 @dataclass
 class TrainSchema:
+    """The `train` group (SPEC §4.3-4.5): steps, batch, precision, intervals (in steps), resume."""
     steps: int = field(default=100000, metadata=at_least(1))  # the schedule length S (`stop_after`)
     stop_at: Optional[int] = field(default=None, metadata=at_least(1))  # end this invocation early (schedule still spans `steps`)
     batch_size: int = field(default=64, metadata=at_least(1))  # global batch in sequences
@@ -160,6 +164,7 @@ class TrainSchema:
 
 @dataclass
 class LoggerSchema:
+    """The `logger` group: wandb mode and run naming, console progress style (metrics.jsonl is always written)."""
     wandb: str = "disabled"  # disabled | offline | online
     project: str = "moeut"
     entity: Optional[str] = None
@@ -171,6 +176,7 @@ class LoggerSchema:
 
 @dataclass
 class TrainConfigSchema:
+    """The whole training config (conf/config.yaml's schema): model, data, optim, train, logger."""
     model: Any = MISSING  # ModelSchema (typed through the group's own schema)
     data: DataSchema = field(default_factory=DataSchema)
     optim: OptimSchema = field(default_factory=OptimSchema)
@@ -181,6 +187,10 @@ class TrainConfigSchema:
 
 
 def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore as base_config and base_<group> (the YAML files in
+    conf/ list them first in their defaults), so composing fails on a misspelt key or a wrong
+    type. Idempotent. Called when this module is imported, and explicitly by train.py and by
+    moeut.sweep before they compose conf/."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=TrainConfigSchema)
     cs.store(group="model", name="base_model", node=ModelSchema)
@@ -199,6 +209,9 @@ register_configs()
 
 @dataclass
 class TrainConfig:
+    """The typed, validated config a run is built from (`to_typed`): `model` is the architecture's
+    config dataclass (MoEUTConfig, DenseConfig, ...), the groups their schema objects, `raw` the
+    resolved container (saved in checkpoints, given to wandb)."""
     model: Any  # MoEUTConfig | DenseConfig | ...
     model_preset: str
     data: DataSchema
@@ -211,7 +224,9 @@ class TrainConfig:
 
 
 def build_model_config(model_node: Any):
-    """model.preset + overrides -> the architecture's config dataclass (validated)."""
+    """model.preset + overrides -> the architecture's config dataclass (validated). Raises
+    ValueError naming model.preset (missing / unknown) or the model.<field> that the preset's
+    config class does not have, or the failing check of the config class."""
     d = OmegaConf.to_container(model_node, resolve=True) if isinstance(model_node, DictConfig) else dict(
         dataclasses.asdict(model_node) if dataclasses.is_dataclass(model_node) else model_node)
     preset = d.pop("preset", None)
@@ -239,7 +254,8 @@ def _fail(key: str, msg: str) -> None:
 
 
 def to_typed(cfg: DictConfig, world_size: int = 1) -> TrainConfig:
-    """Resolve, convert and validate. Raises ValueError naming the offending key."""
+    """Resolve the composed `cfg`, convert it to a TrainConfig and validate it for `world_size`
+    processes (ranges from the schemas, then `validate`). Raises ValueError naming the offending key."""
     try:
         raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as e:  # omegaconf MissingMandatoryValue / InterpolationResolutionError
@@ -261,6 +277,9 @@ def to_typed(cfg: DictConfig, world_size: int = 1) -> TrainConfig:
 
 
 def validate(tc: TrainConfig, world_size: int = 1) -> None:
+    """Cross-field checks of a typed config for `world_size` processes: paths exist, choices are
+    known, data.vocab_size equals the model's, warm-up and stop_at within train.steps, the global
+    batch divides into ranks x micro-batches. Raises ValueError naming the key."""
     from ..data.dataset import SAMPLERS
     from ..data.sources import SOURCES
     d, o, t, lg = tc.data, tc.optim, tc.train, tc.logger
@@ -308,6 +327,8 @@ def validate(tc: TrainConfig, world_size: int = 1) -> None:
 
 
 def micro_batch_size(tc: TrainConfig, world_size: int) -> int:
+    """Sequences per micro-batch on each rank: train.micro_batch_size, or the whole local batch
+    (train.batch_size / world_size) when unset."""
     return tc.train.micro_batch_size or tc.train.batch_size // world_size
 
 

@@ -23,6 +23,8 @@ from .distributed import DistInfo, barrier
 
 @dataclass
 class RunData:
+    """A run's tokenizer and token windows: `train` and each validation set are WindowDatasets
+    of [T+1]-token windows (SPEC 5.5); `valid` maps a name to its set."""
     tokenizer: Tokenizer
     train: WindowDataset
     valid: Dict[str, WindowDataset]  # "val" first, then data.extra_valid entries

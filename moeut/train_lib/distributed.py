@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 @dataclass
 class DistInfo:
+    """This process's place in the job: global `rank`, `local_rank` on its node, `world_size`
+    (1 without torch.distributed), and the torch `device` it trains on."""
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
@@ -26,10 +28,12 @@ class DistInfo:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the process that logs and writes the run dir."""
         return self.rank == 0
 
     @property
     def enabled(self) -> bool:
+        """More than one process (a torch.distributed process group is in use)."""
         return self.world_size > 1
 
 
@@ -62,6 +66,9 @@ def env_rank_info() -> tuple:
 
 
 def pick_device(spec: str, local_rank: int) -> torch.device:
+    """train.device -> a torch device: "auto" is CUDA when available, else CPU; a bare "cuda" is
+    the GPU of this node-local rank (and made current). Raises ValueError naming train.device
+    when CUDA is asked for but not available."""
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(spec)
@@ -75,6 +82,9 @@ def pick_device(spec: str, local_rank: int) -> torch.device:
 
 
 def init_distributed(device_spec: str = "auto", timeout_min: int = 30) -> DistInfo:
+    """Rank and device of this process (torchrun / SLURM / single process) and, with several
+    processes, the process group (NCCL on CUDA, gloo on CPU; collectives time out after
+    `timeout_min` minutes, train.dist_timeout_min)."""
     rank, local_rank, world = env_rank_info()
     device = pick_device(device_spec, local_rank)
     if world > 1 and not dist.is_initialized():
@@ -85,11 +95,13 @@ def init_distributed(device_spec: str = "auto", timeout_min: int = 30) -> DistIn
 
 
 def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` (picklable) on every rank; `obj` itself without a process group."""
     if not (dist.is_available() and dist.is_initialized()):
         return obj
     box: List[Any] = [obj]
@@ -107,6 +119,7 @@ def gather_object(obj: Any, dst: int = 0) -> Optional[List[Any]]:
 
 
 def all_reduce_sum_(tensors: List[torch.Tensor]) -> None:
+    """Sum each tensor over ranks, in place (no-op without a process group)."""
     if dist.is_available() and dist.is_initialized():
         for t in tensors:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -122,5 +135,6 @@ def any_rank(flag: bool, device: Optional[torch.device] = None) -> bool:
 
 
 def cleanup() -> None:
+    """Destroy the process group, if any (end of training)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

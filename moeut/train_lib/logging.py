@@ -34,6 +34,7 @@ class _Held(logging.Handler):
         self.records: List[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        """Keep `record` for a later train.log."""
         self.records.append(record)
 
 
@@ -112,6 +113,12 @@ def rewind_metrics(run_dir: str, step: int) -> int:
 
 
 class RunLogger:
+    """Rank 0's writer of a run's records: metrics.jsonl (one JSON object per line:
+    {"step", "time" (Unix seconds), key: value, ...}; None values are left out), wandb when
+    `wandb_mode` is "offline" / "online", progress on the console ("bar", "lines" or "none";
+    "auto": a bar on a TTY), and routing figures as PNG under <run_dir>/routing/. With
+    `enabled=False` (other ranks) every method does nothing."""
+
     def __init__(self, run_dir: str, *, enabled: bool = True, wandb_mode: str = "disabled",
                  project: str = "moeut", entity: Optional[str] = None, name: Optional[str] = None,
                  group: Optional[str] = None, tags=(), config: Optional[Dict[str, Any]] = None,
@@ -171,6 +178,7 @@ class RunLogger:
                 log.info(f"[step {step}] {text}")
 
     def message(self, text: str) -> None:
+        """Print a line on the console (above the progress bar) and append it to train.log."""
         if not self.enabled:
             return
         if self.bar is not None:
@@ -180,6 +188,7 @@ class RunLogger:
             log.info(text)
 
     def advance(self, n: int = 1) -> None:
+        """Move the progress bar on by `n` steps."""
         if self.bar is not None:
             self.bar.update(n)
 
@@ -197,6 +206,7 @@ class RunLogger:
             self.wandb.log({key: wandb.Image(path)}, step=step)
 
     def close(self) -> None:
+        """Close the bar, metrics.jsonl and the wandb run (idempotent)."""
         if self.bar is not None:
             self.bar.close()
         if self._metrics is not None:

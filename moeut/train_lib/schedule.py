@@ -11,7 +11,10 @@ import math
 
 def lr_at(i: int, lr_max: float, warmup: int, total_steps: int, min_ratio: float = 0.1,
           schedule: str = "cosine") -> float:
-    """lr for optimiser step i = 0, 1, ... (set before the step)."""
+    """Learning rate for optimiser step i = 0, 1, ... (set before the step), SPEC 4.2: warm-up over
+    `warmup` steps, then a cosine from `lr_max` to `min_ratio * lr_max` indexed by i - warmup but
+    spanning `total_steps`; "constant" keeps `lr_max` (after the same warm-up). Raises ValueError
+    naming optim.schedule for another schedule."""
     if schedule == "constant":
         lr = lr_max
     elif schedule == "cosine":
@@ -26,5 +29,6 @@ def lr_at(i: int, lr_max: float, warmup: int, total_steps: int, min_ratio: float
 
 
 def set_lr(optimizer, lr: float) -> None:
+    """Set `lr` on every parameter group of `optimizer` (one schedule for all parameters, SPEC 4.1)."""
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -1,10 +1,15 @@
-"""A training run's state besides the weights, as one object with `state_dict` / `load_state_dict`.
+"""A training run's state, as one object with `state_dict` / `load_state_dict` (SPEC §4.5).
 
-An interrupted and resumed run must log exactly what an uninterrupted one logs (single- and
-multi-process), so this holds everything that feeds the next step or the next log record:
+Owns `TrainState`: everything a training step reads and changes, and everything that feeds the
+next step or the next log record, so that an interrupted and resumed run logs exactly what an
+uninterrupted one logs (single- and multi-process):
 
+    model                           the plain module being trained (no DDP / torch.compile wrapper);
+                                    its weights are checkpointed as model files beside the training
+                                    state (moeut.checkpoint), so evaluation reads them without it
     step, tokens_seen               counters (the LR schedule is a closed form of `step`)
-    optimizer, scaler, sampler      their own state dicts (identical on every DDP rank)
+    optimizer, scaler, sampler      their own state dicts (identical on every DDP rank); the
+                                    sampler's position is the data position
     wandb_id                        the logger's run id, so a resume continues the same wandb run
     window                          accumulators of the train/ record in progress: loss/ce/reg sums
                                     and the number of finite steps in them, tokens and seconds
@@ -52,6 +57,8 @@ def rng_state(device: Optional[torch.device] = None) -> Dict[str, Any]:
 
 
 def set_rng_state(state: Dict[str, Any], device: Optional[torch.device] = None) -> None:
+    """Restore the streams of `rng_state` (python, numpy, torch CPU; CUDA on a CUDA `device`).
+    A CUDA device without a saved CUDA state warns naming train.resume and keeps its stream."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -79,6 +86,7 @@ class LogWindow:
     _t0: float = field(default_factory=time.perf_counter, repr=False, compare=False)
 
     def add(self, loss: float, ce: float, reg: float) -> None:
+        """Add one finite step's global mean loss, cross-entropy and regulariser (nats/token)."""
         self.loss_sum += loss
         self.ce_sum += ce
         self.reg_sum += reg
@@ -104,19 +112,31 @@ class LogWindow:
         return out
 
     def state_dict(self) -> Dict[str, Any]:
+        """The accumulators as plain numbers; `seconds` includes the time timed so far."""
         d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
         d["seconds"] = self.elapsed()
         return d
 
     def load_state_dict(self, d: Dict[str, Any]) -> None:
+        """Restore from `state_dict()`; the clock restarts now (downtime is not counted)."""
         self.__init__(**d)
 
 
 class TrainState:
-    """See the module docstring. `routing` is a RoutingStats or None."""
+    """The run state of the module docstring (SPEC §4.5).
 
-    def __init__(self, dist: DistInfo, optimizer, scaler, sampler, routing=None, seed: int = 0):
+    model: the plain nn.Module trained (its weights are not part of `state_dict()`: the
+    checkpoint stores them as model files); optimizer: torch.optim.Optimizer over all its
+    parameters; scaler: torch.amp.GradScaler or None (fp16 only); sampler: StreamSampler (the data
+    position); dist: this process's DistInfo; routing: RoutingStats (routing-metric accumulators)
+    or None for a model without experts; seed: train.seed (re-seeds per-rank streams when a
+    checkpoint of another world size is resumed). `step` and `tokens_seen` start at 0, `window`
+    (LogWindow) empty, `wandb_id` None."""
+
+    def __init__(self, model: torch.nn.Module, optimizer, scaler, sampler, dist: DistInfo, routing=None,
+                 seed: int = 0):
         self.seed = seed
+        self.model = model
         self.dist, self.optimizer, self.scaler, self.sampler, self.routing = dist, optimizer, scaler, sampler, routing
         self.step = 0
         self.tokens_seen = 0
@@ -154,7 +174,10 @@ class TrainState:
 
     # -- whole state -----------------------------------------------------------------------
     def state_dict(self) -> Optional[Dict[str, Any]]:
-        """Collective under DDP: every rank calls it; rank 0 gets the dict, the others None."""
+        """Everything but the weights, as saved in a checkpoint's train_state.pt: counters,
+        optimizer / scaler / sampler state, the log window, the wandb id and every rank's RNG and
+        routing accumulators (gathered). Collective under DDP: every rank calls it; rank 0 gets
+        the dict, the others None."""
         ranks = gather_object(self._rank_state())
         if not self.dist.is_main:
             return None

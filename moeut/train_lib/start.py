@@ -1,0 +1,136 @@
+"""A validated start: everything a run needs, built and checked against each other, before
+anything is written into the run directory (SPEC §4, §5).
+
+Owns `validated_start`: the checkpoint to resume (read only), the model (restored, or warm-started
+from train.init_from), the tokenizer (data.vocab_size, the run's tokenizer.model and the
+checkpoint's must agree), the token windows (written to the data cache, never the run dir), the
+optimiser, grad scaler, routing accumulators and the `TrainState` holding them, restored from the
+checkpoint. Any mismatch raises ValueError naming the option or file, and a refused start leaves
+the run dir byte-for-byte as it was; the loop (loop.py) commits the run dir afterwards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from moeut.checkpoint import build_model, load_state_dict_strict, resolve_checkpoint, unwrap_model
+from moeut.data.dataset import StreamSampler
+from moeut.data.tokenizer import Tokenizer
+from moeut.train_lib import checkpoint as ckpt_lib
+
+from .config import TrainConfig
+from .data import RunData, prepare_run_data, resolve_tokenizer
+from .distributed import DistInfo
+from .metrics import make_routing_stats
+from .precision import pick_precision
+from .state import TrainState, seed_all
+
+
+@dataclass
+class RunSetup:
+    """What `validated_start` built. state: the run state (model on the device, optimiser,
+    scaler, sampler, routing accumulators; restored when resumed); data: tokenizer and windows;
+    tokenizer: the run's tokenizer (`data.tokenizer`); n_params: parameters of the model;
+    autocast_dtype: from train.precision (None = fp32); resumed: whether a checkpoint was loaded."""
+    state: TrainState
+    data: RunData
+    tokenizer: Tokenizer
+    n_params: int
+    autocast_dtype: Optional[torch.dtype]
+    resumed: bool
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """train.activation_checkpointing: recompute each layer's activations in backward, through
+    the model's own `set_activation_checkpointing(True)` (every LM class of the package has it).
+    A model without that method warns naming the option and trains without it."""
+    lm = unwrap_model(model)
+    if hasattr(lm, "set_activation_checkpointing"):
+        lm.set_activation_checkpointing(True)
+    else:
+        warnings.warn(f"train.activation_checkpointing: {type(lm).__name__} has no set_activation_checkpointing; "
+                      "ignored")
+
+
+def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable[[str], None]) -> RunSetup:
+    """Everything a start needs, checked against each other; reads the run dir, never writes it.
+
+    Resumes per train.resume ("auto": the newest readable checkpoint in `run_dir`; "never"; or a
+    checkpoint path). Seeds train.seed before building the model, then train.seed + 1 + rank for
+    a fresh start's dropout streams (a resume restores each rank's saved streams instead).
+    Raises ValueError naming the option (or the checkpoint file) on any mismatch: a different
+    model config or architecture than the checkpoint's (the changed model.* options first), a
+    tokenizer that is not the run's, data.vocab_size against the tokenizer, optimiser state that
+    does not fit, train.steps below the checkpoint's step."""
+    t_cfg, o_cfg, d_cfg = tc.train, tc.optim, tc.data
+    device = dist.device
+    # --- checkpoint to resume (read only) --------------------------------------------------
+    resume = None
+    if t_cfg.resume == "auto":
+        resume = ckpt_lib.load_latest_training_checkpoint(run_dir, log=say)
+    elif t_cfg.resume != "never":
+        resume = ckpt_lib.load_training_checkpoint(resolve_checkpoint(t_cfg.resume, option="train.resume"))
+
+    # --- model ----------------------------------------------------------------------------
+    seed_all(t_cfg.seed)
+    model = build_model(tc.model)
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"[model] {tc.model_preset} ({type(model).__name__}): {n_params:,} parameters")
+    if resume is not None:
+        stored, now = resume["model_config"], json.loads(json.dumps(dataclasses.asdict(tc.model)))
+        diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+        config_diff = (f"train.resume: checkpoint {resume['path']} has a different model config: "
+                       + ", ".join(f"model.{k}={stored.get(k)!r} (now {now.get(k)!r})" for k in diff))
+        try:
+            ckpt_lib.restore_model(resume, model)  # names mismatching keys for another architecture
+        except ValueError as e:
+            if diff:  # name the options first: a key-by-key shape dump alone does not say which to undo
+                raise ValueError(f"{config_diff}; {e}") from e
+            raise
+        if diff:
+            raise ValueError(config_diff)
+        if t_cfg.init_from:
+            say(f"[model] train.init_from={t_cfg.init_from} ignored: resuming from {resume['path']}")
+    elif t_cfg.init_from:
+        from moeut.checkpoint import load_model
+        load_state_dict_strict(model, load_model(t_cfg.init_from, option="train.init_from").model.state_dict(),
+                               source=t_cfg.init_from)
+        say(f"[model] initialised weights from {t_cfg.init_from}")
+    # --- tokenizer: data.vocab_size, the run's tokenizer.model and the checkpoint's must agree --
+    tok = resolve_tokenizer(d_cfg, run_dir, dist, resume["tokenizer_path"] if resume else None, log=say)
+    model.to(device)
+    if t_cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+
+    # --- data (token shards go to the cache, not the run dir) ------------------------------
+    T, B = d_cfg.seq_len, t_cfg.batch_size
+    train_tokens = d_cfg.train_tokens or (t_cfg.steps + 100) * B * T  # SPEC 5.4 train limit
+    data = prepare_run_data(d_cfg, T, train_tokens, tok, dist, log=say)
+    sampler = StreamSampler(len(data.train), B, d_cfg.sampler, d_cfg.shuffle_seed, dist.rank, dist.world_size)
+    if sampler.steps_per_epoch < t_cfg.steps:
+        say(f"[data] WARNING: {len(data.train)} windows give {sampler.steps_per_epoch} steps per epoch "
+            f"< train.steps={t_cfg.steps}: data will repeat")
+
+    # --- optimiser and run state -----------------------------------------------------------
+    autocast_dtype, use_scaler = pick_precision(t_cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o_cfg.lr, betas=tuple(o_cfg.betas), eps=o_cfg.eps,
+                                  weight_decay=o_cfg.weight_decay)  # all parameters (SPEC 4.1)
+    routing = make_routing_stats(tc.model)
+    if routing is None:
+        say(f"[train] {tc.model_preset} has no experts: no routing metrics (train.routing_interval unused)")
+    state = TrainState(model, optimizer, scaler, sampler, dist, routing, seed=t_cfg.seed)
+    if resume is not None:
+        state.load_state_dict(resume["train"], source=resume["path"])
+        say(f"[ckpt] resumed from {resume['path']} at step {state.step}")
+    else:
+        seed_all(t_cfg.seed + 1 + dist.rank)  # dropout streams differ per rank
+    if state.step > t_cfg.steps:
+        raise ValueError(f"train.steps: {t_cfg.steps} but the checkpoint {resume['path']} is at step {state.step}")
+    return RunSetup(state=state, data=data, tokenizer=tok, n_params=n_params, autocast_dtype=autocast_dtype,
+                    resumed=resume is not None)
