@@ -35,6 +35,7 @@ import torch
 from . import analysis as A
 from .outputs import RoutingRecord
 from .routing import RoutingStats
+from .rundir import RunDir, run_dir_of
 from .validate import at_least, check_ranges, in_range
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -719,18 +720,11 @@ def write_report(out_dir: str, infos: List[FigureInfo], meta: Dict[str, Any], ru
 # ------------------------------------------------------------------------------------------
 
 
-def run_dir_of(ckpt_dir: str) -> str:
-    p = Path(ckpt_dir).resolve()
-    return str(p.parent.parent if p.parent.name == "checkpoints" else p.parent)
-
-
 def find_run_config(run_dir: str, ckpt_dir: Optional[str] = None) -> Optional[str]:
-    """The run's resolved Hydra config: <run>/.hydra/config.yaml, else the checkpoint's config.yaml."""
-    for p in (os.path.join(run_dir, ".hydra", "config.yaml"),
-              os.path.join(ckpt_dir, "config.yaml") if ckpt_dir else None):
-        if p and os.path.isfile(p):
-            return p
-    return None
+    """Path of the run's training config (`moeut.rundir.RunDir.config_path`): the checkpoint's
+    resolved config.yaml, else <run>/.hydra/config.yaml; None when neither exists."""
+    p = RunDir(run_dir).config_path(ckpt_dir)
+    return str(p) if p is not None else None
 
 
 def run_analysis(cfg: AnalyzeConfig) -> Dict[str, Any]:
@@ -793,8 +787,8 @@ def run_analysis(cfg: AnalyzeConfig) -> Dict[str, Any]:
         except Exception as err:  # the analysis itself is done; the record of its config is a nicety
             print(f"[analyze] could not save analyze_config.yaml: {err}", file=sys.stderr)
     stats = A.load_stats(stats_path)
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    rows = A.read_metrics_jsonl(metrics_path) if os.path.isfile(metrics_path) else None
+    rd = RunDir(run_dir)  # metrics.jsonl under moeut.rundir's corrupt-line policy
+    rows = rd.metrics() if rd.has_metrics() else None
     infos = draw_all(stats, os.path.join(out_dir, "figures"), run=run, fcfg=cfg.figures, metrics_rows=rows)
     result = {"out_dir": out_dir, "stats": stats_path, "figures": infos}
     if cfg.report:
