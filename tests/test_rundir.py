@@ -311,3 +311,75 @@ def test_model_config_newest_readable(tmp_path):
         ck, cfg = rd.model_config()
     assert Path(ck).name == "step_0000002" and cfg == {"d_model": 2}
     assert RunDir(_write(tmp_path / "none" / "metrics.jsonl", "").parent).model_config() is None
+
+
+# ------------------------------------------------------------------------------------------
+# The command lines of the run-dir readers (Hydra, issue 16 item 5)
+# ------------------------------------------------------------------------------------------
+
+CLIS = {"summary": [sys.executable, "-m", "moeut.summary"],
+        "compare": [sys.executable, str(REPO / "analysis" / "compare.py")],
+        "plot_curves": [sys.executable, str(REPO / "analysis" / "plot_curves.py")],
+        "eval_table": [sys.executable, "-m", "moeut.eval.table"]}
+
+
+def _cli(tool: str, *args: str, cwd: Path):
+    import os
+    import subprocess
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"}
+    return subprocess.run(CLIS[tool] + list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("tool", sorted(CLIS))
+def test_cli_help_lists_every_option(tmp_path, tool):
+    """`--help` names every option of conf/<tool>.yaml (each documented there in a comment)."""
+    import yaml
+    conf = REPO / "conf" / f"{tool}.yaml"
+    keys = [k for k in yaml.safe_load(conf.read_text()) if k not in ("defaults", "hydra")]
+    text = conf.read_text()
+    for k in keys:  # a comment on the option's line
+        assert any(line.startswith(f"{k}:") and "#" in line for line in text.splitlines()), (tool, k)
+    r = _cli(tool, "--help", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    missing = [k for k in keys if f"{k}=" not in r.stdout]
+    assert not missing, (tool, missing, r.stdout)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_compare_plot_table_end_to_end(tmp_path):
+    """compare, plot_curves and eval.table from the command line on a hand-made run: the files
+    they promise, numbers from the run's files, named errors, and nothing else in the cwd."""
+    from moeut.config import get_preset
+    run = tmp_path / "runs" / "r1"
+    _write(run / "model_config.json", json.dumps(dict(vars(get_preset("cpu_dense", vocab_size=512)))))
+    _write(run / "metrics.jsonl", _lines(GOOD))
+    res = {"tasks": {"piqa": {"accuracy": 0.625}}, "table_row": {}, "arch": "moeut", "n_params": 44_100_000,
+           "dataset": "C4", "val_perplexity": 12.345, "step": 2}
+    _write(run / "eval" / "results_step_0000002.json", json.dumps(res))
+    work = tmp_path / "work"
+    work.mkdir()
+
+    r = _cli("compare", f"runs=[{tmp_path}/runs/r*]", f"out={tmp_path}/cmp", "seq_len=32", "plot=false", cwd=work)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert [x["final_val_ppl"] for x in summary["runs"]] == [60.0] and summary["runs"][0]["steps"] == 2
+    r = _cli("compare", f"runs=[{tmp_path}/nothing*]", cwd=work)
+    assert r.returncode == 1 and "runs: pattern" in r.stderr and "matches nothing" in r.stderr
+
+    r = _cli("plot_curves", f"runs=[{run}]", f"out={tmp_path}/fig/curves", "val_keys=[validation/val/perplexity]",
+             "val_names=[held-out]", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "fig" / "curves.png").stat().st_size > 1000 and (tmp_path / "fig" / "curves.pdf").is_file()
+    r = _cli("plot_curves", f"runs=[{run}]", f"out={tmp_path}/fig/x", "labels=[a,b]", cwd=work)
+    assert r.returncode == 1 and "labels: needs one label per run (1), got 2" in r.stderr
+
+    r = _cli("eval_table", f"results=[{tmp_path}/runs/*/eval/results_step_*.json]", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert "| C4 | 44M | MoEUT | 12.35 | – | – | – | – | 62.5 | – | 62.5* (1/6) |" in r.stdout
+    r = _cli("eval_table", f"results={run}/eval/results_step_0000002.json", f"out={tmp_path}/tab/t", cwd=work)
+    assert r.returncode == 0 and {p.suffix for p in (tmp_path / "tab").iterdir()} == {".md", ".csv", ".tex"}
+    _write(run / "eval" / "results_step_0000003.json", '{"tasks": {}\n "x": 1}')
+    r = _cli("eval_table", f"results=[{run}/eval/results_step_0000003.json]", cwd=work)
+    assert r.returncode == 1 and "results_step_0000003.json:2:2: not valid JSON" in r.stderr
+
+    assert list(work.iterdir()) == []  # no outputs/, .hydra/ or log file left in the cwd
