@@ -14,7 +14,7 @@ Every reader of these files (moeut.summary, analysis/compare.py, analysis/plot_c
 moeut.evaluate / moeut.eval.zeroshot, moeut.analyze and its notebooks, moeut.eval.table) goes
 through this module, so they agree on where things are and on what a damaged file means.
 
-**The corrupt-line policy** (one for every reader, docs/training.md "Reading a run directory"):
+**The corrupt-line policy** (one for every reader; docs/analysis.md, "Reading run directories"):
 
 - A line of a JSON-lines file (metrics.jsonl) that is not valid JSON is skipped with a warning
   (`TruncatedLineWarning`, naming `file:line` and counting the skipped lines) only when it is the
