@@ -93,6 +93,8 @@ def evaluate_model(model: torch.nn.Module, tokenizer, tasks: Sequence[str] = DEF
 
 
 def check_vocab(model_vocab: int, tokenizer) -> None:
+    """Raises ValueError when the tokenizer's piece count differs from the model's vocab_size
+    (a tokenizer from another run)."""
     if tokenizer.vocab_size != model_vocab:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
                          f"{model_vocab}: wrong tokenizer for this checkpoint")
