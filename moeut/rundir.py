@@ -304,9 +304,10 @@ class RunDir:
     def hydra_choices(self) -> Dict[str, Any]:
         """Config-group choices of the job (.hydra/hydra.yaml -> hydra.runtime.choices); {} when absent."""
         p = self.hydra_dir / HYDRA_STATE_FILE
-        hy = read_yaml(p) if p.is_file() else None
-        choices = (((hy or {}).get("hydra") or {}).get("runtime") or {}).get("choices") if isinstance(hy, dict) else None
-        return choices if isinstance(choices, dict) else {}
+        node = read_yaml(p) if p.is_file() else None
+        for key in ("hydra", "runtime", "choices"):
+            node = node.get(key) if isinstance(node, dict) else None
+        return node if isinstance(node, dict) else {}
 
     def config_path(self, checkpoint: Optional[PathLike] = None) -> Optional[Path]:
         """The training config to trust: `<checkpoint>/config.yaml` (resolved, written with that
