@@ -383,3 +383,19 @@ def test_cli_compare_plot_table_end_to_end(tmp_path):
     assert r.returncode == 1 and "results_step_0000003.json:2:2: not valid JSON" in r.stderr
 
     assert list(work.iterdir()) == []  # no outputs/, .hydra/ or log file left in the cwd
+
+
+def test_eval_table_takes_results_files_or_run_dirs(tmp_path):
+    """moeut.eval.table.combine: a run dir means its newest results file (RunDir.latest_eval)."""
+    from moeut.eval import table as T
+    run = tmp_path / "run"
+    base = {"tasks": {"piqa": {"accuracy": 0.5}}, "table_row": {}, "arch": "dense", "n_params": 1_500_000,
+            "dataset": "C4"}
+    _write(run / "eval" / "results_step_0000004.json", json.dumps({**base, "step": 4, "val_perplexity": 40.0}))
+    _write(run / "eval" / "results_step_0000009.json", json.dumps({**base, "step": 9, "val_perplexity": 30.0}))
+    by_dir = T.combine([str(run)])
+    assert by_dir == T.combine([str(run / "eval" / "results_step_0000009.json")])
+    assert "| C4 | 1.5M | Baseline | 30.00 | – | – | – | – | 50.0 |" in by_dir
+    _write(tmp_path / "empty" / "metrics.jsonl", "")
+    with pytest.raises(FileNotFoundError, match=r"empty: no moeut.evaluate results in .*empty/eval"):
+        T.combine([str(tmp_path / "empty")])

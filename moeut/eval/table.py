@@ -11,7 +11,8 @@ When any row has the `perplexity` task (perplexity of a user's text), two more c
 "text PPL" and "bits/byte".
 
 Usage: `python -m moeut.eval.table results=[results1.json,results2.json,...] [out=table]` combines
-result files of `moeut.evaluate` into one table (entries with * ? [ are glob patterns, e.g.
+result files of `moeut.evaluate` into one table (a run dir stands for its newest results file;
+entries with * ? [ are glob patterns, e.g.
 `'results=[runs/*/eval/results_step_*.json]'`; `--help` lists the options, conf/eval_table.yaml).
 A results file that does not parse is an error naming file:line:col (moeut.rundir.read_json).
 """
@@ -29,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ..rundir import read_json
+from ..rundir import RunDir, read_json
 
 COLUMNS = ("dataset", "#params", "model", "val PPL", "LAMBADA", "BLiMP", "CBT", "HellaSwag", "PIQA",
            "ARC-E", "Average")
@@ -176,12 +177,21 @@ def expand_results(results: Any) -> List[str]:
 
 
 def combine(paths: Sequence[str], out: Optional[str] = None) -> str:
-    """Read the results files `paths` (moeut.rundir.read_json), one row each; write OUT.md/.csv/.tex
-    when `out` is given and return their paths (one per line), else return the markdown table.
-    Raises FileNotFoundError, CorruptRunFile (file:line:col), ValueError (not a results dict)."""
+    """One row per entry of `paths`: a results file (moeut.rundir.read_json), or a run dir (or a
+    checkpoint path in one) meaning its newest moeut.evaluate results (`RunDir.latest_eval`).
+    Writes OUT.md/.csv/.tex when `out` is given and returns their paths (one per line), else
+    returns the markdown table. Raises FileNotFoundError (also: a run dir without results),
+    CorruptRunFile (file:line:col), ValueError (not a results dict)."""
     rows, results = [], []
     for p in paths:
-        res = read_json(p)
+        if os.path.isdir(p):
+            latest = RunDir(p).latest_eval()
+            if latest is None:
+                raise FileNotFoundError(f"{p}: no moeut.evaluate results in {RunDir(p).eval_dir} "
+                                        "(run python -m moeut.evaluate checkpoint=<run dir> first)")
+            p, res = str(latest[0]), latest[1]
+        else:
+            res = read_json(p)
         if not isinstance(res, dict):
             raise ValueError(f"{p}: not a moeut.evaluate results file (expected a JSON object)")
         results.append(res)
