@@ -1,25 +1,29 @@
 """Compute-matched comparisons of trained runs (SPEC 9.4, Du et al.'s protocol of 8.7).
 
-    python analysis/compare.py RUN_DIR [RUN_DIR ...] --out compare_out [--seq-len 1024]
-        [--param-tol 0.05] [--metric val_ppl | EVAL_KEY] [--measure --batch-size 8 --device cuda]
+    python analysis/compare.py runs=[RUN_DIR,RUN_DIR,...] out=compare_out [seq_len=1024]
+        [param_tol=0.05] [metric=val_ppl|EVAL_KEY] [measure=true batch_size=8 device=cuda]
+    python analysis/compare.py 'runs=[runs/*]' out=compare      # glob patterns expand
+    python analysis/compare.py --help                           # every option (conf/compare.yaml)
 
-Writes to --out: `summary.md/.csv/.json` (one row per run), `iso_param.md` (runs grouped by total
-parameters within --param-tol), `iso_mac.md` and `iso_step_time.md` (validation perplexity of every
+Writes to `out`: `summary.md/.csv/.json` (one row per run), `iso_param.md` (runs grouped by total
+parameters within `param_tol`), `iso_mac.md` and `iso_step_time.md` (validation perplexity of every
 run interpolated at a common training-MAC budget and a common wall-clock budget: the smallest
-final budget among the runs, or --mac-budget / --time-budget) and `speed_accuracy.png/.pdf`
+final budget among the runs, or `mac_budget` / `time_budget`) and `speed_accuracy.png/.pdf`
 (Du et al.: step time vs quality, plus perplexity-vs-MACs and perplexity-vs-wall-clock curves).
 
-What is read from each run dir (all optional except the model config; missing numbers print "-"):
+What is read from each run dir, through moeut.rundir (all optional except the model config; missing
+numbers print "-"; a cut last line of metrics.jsonl is skipped with a warning naming file:line, any
+other damaged line or file is an error naming file:line):
 - model config: `checkpoints/step_*/model_config.json` of the newest checkpoint (or
   `model_config.json` in the run dir) -> parameters, active parameters, MACs and FLOPs per token
   (moeut.compute, "paper" convention, full T^2).
 - `metrics.jsonl`: JSON lines with "step" and scalar keys. Validation perplexity: the first key
-  matching `(val|valid|validation)[/...]/(perplexity|ppl)` (or --val-key); training loss
+  matching `(val|valid|validation)[/...]/(perplexity|ppl)` (or `val_key`); training loss
   "train/loss"; tokens seen "train/tokens_seen" / "tokens_seen" / "tokens" (else step x tokens per
   step from meta.json); step time "perf/step_time" / "train/step_time" / "step_time" (seconds),
   else tokens per step / "train/tokens_per_s" (median over the logged intervals); wall clock
   "time" (unused: restarts and evaluation pauses make it unreliable; we use step x step time).
-- `step_time.json` in the run dir (written by --measure or by hand: {"step_time_s": ...}) overrides
+- `step_time.json` in the run dir (written by measure=true or by hand: {"step_time_s": ...}) overrides
   the logged step time: Du et al. require step times measured under identical settings (same GPU
   type, software, batch) after optimising each model, which training logs from different
   clusters are not.
@@ -31,7 +35,6 @@ validation points around the budget; a budget before a run's first validation po
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import glob
 import json
@@ -44,9 +47,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import hydra
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if os.path.dirname(_HERE) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, os.path.dirname(_HERE))
+CONF_DIR = os.path.join(os.path.dirname(_HERE), "conf")  # conf/compare.yaml
 
 VAL_RE = re.compile(r"^(val|valid|validation)(/.*)?/(perplexity|ppl)$")
 STEP_TIME_KEYS = ("perf/step_time", "train/step_time", "step_time")
@@ -56,6 +62,10 @@ TPS_KEYS = ("train/tokens_per_s", "perf/tokens_per_s", "tokens_per_s")
 
 @dataclass
 class Run:
+    """What compare reads from one run dir (load_run). Counts: params/active in parameters,
+    MACs/FLOPs per token (paper convention), tokens, step_time in seconds; `val` is the
+    validation curve [(step, perplexity)], sorted by step; `eval` maps "<task>/<metric>" keys
+    (and "eval/mean_acc") to numbers."""
     name: str
     path: str
     config: Any = None
@@ -75,6 +85,7 @@ class Run:
 
     @property
     def final_ppl(self) -> float:
+        """Validation perplexity at the last logged validation step (NaN without one)."""
         return self.val[-1][1] if self.val else float("nan")
 
     @property
@@ -84,15 +95,19 @@ class Run:
 
     @property
     def wall_clock(self) -> float:
+        """Training wall clock in seconds = steps x step time (Du et al.)."""
         return self.step_time * self.steps
 
     def macs_at(self, step: int) -> float:
+        """Forward training MACs after `step` steps."""
         return self.macs_per_token * self.tokens_per_step * step
 
     def time_at(self, step: int) -> float:
+        """Wall clock in seconds after `step` steps."""
         return self.step_time * step
 
     def metric(self, key: str) -> float:
+        """"val_ppl" (final validation perplexity) or an eval key such as "piqa/accuracy"; NaN if absent."""
         if key == "val_ppl":
             return self.final_ppl
         return self.eval.get(key, float("nan"))
@@ -101,33 +116,6 @@ class Run:
 # ------------------------------------------------------------------------------------------
 # Reading run dirs
 # ------------------------------------------------------------------------------------------
-
-def _model_config_path(run_dir: str) -> Optional[str]:
-    from moeut.checkpoint import find_checkpoints, open_checkpoint, read_checkpoint_file
-    if os.path.isdir(os.path.join(run_dir, "checkpoints")) and find_checkpoints(run_dir):
-        def read(ckpt: str) -> str:  # only the config is used: an unreadable one is skipped, named
-            path = os.path.join(ckpt, "model_config.json")
-            read_checkpoint_file(path)
-            return path
-        return open_checkpoint(run_dir, read, option="runs")
-    p = os.path.join(run_dir, "model_config.json")
-    return p if os.path.exists(p) else None
-
-
-def _read_jsonl(path: str) -> List[Dict[str, Any]]:
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                # A run killed mid-write leaves a truncated last line: skip it, say where.
-                print(f"[compare] {path}:{i}: skipping unreadable line ({e.msg})", file=sys.stderr)
-    return rows
-
 
 def _num(v) -> Optional[float]:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
@@ -142,18 +130,26 @@ def _flatten(prefix: str, obj, out: Dict[str, float]) -> None:
 
 
 def load_run(run_dir: str, seq_len: int = 1024, val_key: Optional[str] = None) -> Run:
+    """Read one run dir (through moeut.rundir) into a Run: model config of the newest readable
+    checkpoint -> parameter/MAC/FLOP counts at `seq_len` (moeut.compute, paper convention);
+    metrics.jsonl -> validation curve (`val_key`, default the first key matching VAL_RE), train
+    loss, tokens per step, step time; step_time.json; eval/results_*.json.
+    Raises FileNotFoundError (no model config), ValueError (config not understood, bad
+    step_time.json), CorruptRunFile (a damaged run-dir file, named with its line)."""
     from moeut import compute
     from moeut.config import config_from_dict
+    from moeut.rundir import EVAL_RESULTS_GLOB, RunDir, read_json
 
     run = Run(name=os.path.basename(os.path.normpath(run_dir)), path=run_dir)
-    cfg_path = _model_config_path(run_dir)
-    if cfg_path is None:
+    rd = RunDir(run_dir)
+    found = rd.model_config(option="runs")
+    if found is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoints/step_*/model_config.json (nor model_config.json)")
-    with open(cfg_path) as f:
-        try:
-            run.config = config_from_dict(json.load(f))
-        except ValueError as e:
-            raise ValueError(f"{cfg_path}: {e}") from None
+    ckpt_dir, model_config = found
+    try:
+        run.config = config_from_dict(model_config)
+    except ValueError as e:
+        raise ValueError(f"{os.path.join(ckpt_dir, 'model_config.json')}: {e}") from None
     run.arch = getattr(run.config, "arch", "moeut")
     if run.arch == "moeut" and getattr(run.config, "mlp_type", "sigma_moe") != "sigma_moe":
         run.arch = f"moeut/{run.config.mlp_type}"
@@ -163,10 +159,7 @@ def load_run(run_dir: str, seq_len: int = 1024, val_key: Optional[str] = None) -
     run.params, run.active = s["params_total"], s["params_active"]
     run.macs_per_token, run.flops_per_token = s["macs_per_token"], s["flops_per_token"]
 
-    rows = []
-    mpath = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(mpath):
-        rows = _read_jsonl(mpath)
+    rows = rd.metrics()  # a cut last line is skipped with a warning naming file:line
     tps, times, tokens_rows = [], [], []
     for r in rows:
         step = r.get("step")
@@ -194,10 +187,9 @@ def load_run(run_dir: str, seq_len: int = 1024, val_key: Optional[str] = None) -
         step, tok = max(tokens_rows)
         run.tokens_per_step = tok / step
     else:  # fall back to the newest checkpoint's meta.json
-        meta = os.path.join(os.path.dirname(cfg_path), "meta.json")
+        meta = os.path.join(ckpt_dir, "meta.json")
         if os.path.exists(meta):
-            with open(meta) as f:
-                m = json.load(f)
+            m = read_json(meta)
             if _num(m.get("tokens_seen")) and _num(m.get("step")):
                 run.tokens_per_step = m["tokens_seen"] / m["step"]
                 run.steps = max(run.steps, int(m["step"]))
@@ -206,17 +198,13 @@ def load_run(run_dir: str, seq_len: int = 1024, val_key: Optional[str] = None) -
         run.step_time, run.step_time_source = statistics.median(times), "logged"
     elif tps and math.isfinite(run.tokens_per_step):
         run.step_time, run.step_time_source = run.tokens_per_step / statistics.median(tps), "tokens/s"
-    st = os.path.join(run_dir, "step_time.json")
-    if os.path.exists(st):
-        with open(st) as f:
-            v = _num(json.load(f).get("step_time_s"))
-        if v is None:
-            raise ValueError(f"{st}: needs a positive number under 'step_time_s'")
+    v = rd.step_time()
+    if v is not None:
         run.step_time, run.step_time_source = v, "measured"
 
-    for path in sorted(glob.glob(os.path.join(run_dir, "eval", "results_*.json"))):
-        with open(path) as f:
-            res = json.load(f)
+    for _, res in rd.eval_files(EVAL_RESULTS_GLOB):
+        if not isinstance(res, dict):
+            continue
         flat: Dict[str, float] = {}
         _flatten("", res.get("tasks", {}), flat)
         run.eval.update(flat)
@@ -250,10 +238,12 @@ def interpolate_log(points: Sequence[Tuple[float, float]], x: float) -> float:
 
 
 def ppl_at_macs(run: Run, budget: float) -> float:
+    """The run's validation perplexity at `budget` forward training MACs (interpolate_log)."""
     return interpolate_log([(run.macs_at(s), p) for s, p in run.val], budget)
 
 
 def ppl_at_time(run: Run, budget: float) -> float:
+    """The run's validation perplexity at `budget` seconds of wall clock (interpolate_log)."""
     return interpolate_log([(run.time_at(s), p) for s, p in run.val], budget)
 
 
@@ -278,6 +268,7 @@ def _markdown(header: List[str], rows: List[List[str]]) -> str:
 
 
 def summary_rows(runs: List[Run]) -> Tuple[List[str], List[List[str]]]:
+    """(header, formatted rows) of the one-row-per-run summary table."""
     header = ["run", "arch", "params", "active", "MACs/tok", "FLOPs/tok", "steps", "tokens", "train MACs",
               "step time (s)", "source", "val ppl"]
     rows = [[r.name, r.arch, _fmt(r.params, "M"), _fmt(r.active, "M"), _fmt(r.macs_per_token, "M"),
@@ -299,6 +290,8 @@ def iso_param_groups(runs: List[Run], tol: float) -> List[List[Run]]:
 
 
 def iso_param_table(runs: List[Run], tol: float, metric: str) -> str:
+    """Markdown: one table per iso_param_groups group, `metric` and MACs/step time relative to
+    the group's first (smallest) run."""
     parts = []
     for group in iso_param_groups(runs, tol):
         ref = group[0]
@@ -311,6 +304,7 @@ def iso_param_table(runs: List[Run], tol: float, metric: str) -> str:
 
 
 def common_budget(values: List[float], override: Optional[float]) -> float:
+    """`override` if given, else the smallest finite positive value (NaN when none)."""
     if override is not None:
         return override
     finite = [v for v in values if math.isfinite(v) and v > 0]
@@ -318,6 +312,8 @@ def common_budget(values: List[float], override: Optional[float]) -> float:
 
 
 def iso_mac_table(runs: List[Run], budget: Optional[float] = None) -> Tuple[str, float]:
+    """(markdown, budget in MACs): every run's validation perplexity at a common training-MAC
+    budget (`budget`, default the smallest run's total), best first."""
     b = common_budget([r.train_macs for r in runs], budget)
     rows = [[r.name, r.arch, _fmt(r.params, "M"), _fmt(r.train_macs, "e"), _fmt(ppl_at_macs(r, b), "p")]
             for r in sorted(runs, key=lambda r: ppl_at_macs(r, b) if math.isfinite(ppl_at_macs(r, b)) else 1e30)]
@@ -327,6 +323,8 @@ def iso_mac_table(runs: List[Run], budget: Optional[float] = None) -> Tuple[str,
 
 
 def iso_time_table(runs: List[Run], budget: Optional[float] = None) -> Tuple[str, float]:
+    """(markdown, budget in seconds): every run's validation perplexity at a common wall clock
+    (`budget`, default the smallest run's steps x step time), best first."""
     b = common_budget([r.wall_clock for r in runs], budget)
     rows = [[r.name, r.arch, _fmt(r.params, "M"), _fmt(r.step_time, "s"), r.step_time_source,
              _fmt(ppl_at_time(r, b), "p")]
@@ -342,6 +340,8 @@ def iso_time_table(runs: List[Run], budget: Optional[float] = None) -> Tuple[str
 # ------------------------------------------------------------------------------------------
 
 def plot_speed_accuracy(runs: List[Run], metric: str, stem: str) -> List[str]:
+    """Three panels (step time vs `metric`; perplexity vs training MACs; perplexity vs wall
+    clock) written to `stem`.png and `stem`.pdf; returns the two paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -417,11 +417,12 @@ def measure_runs(runs: List[Run], batch_size: int, seq_len: int, device: str, dt
 def check_has_metric(runs: List[Run], metric: str, val_key: Optional[str] = None) -> None:
     """A comparison whose quality metric no run has would be a table of dashes: fail naming what
     is missing; warn for the runs that lack it while others have it."""
-    where = {r.name: (os.path.join(r.path, "metrics.jsonl") if metric == "val_ppl"
-                      else os.path.join(r.path, "eval", "results_*.json")) for r in runs}
+    from moeut.rundir import EVAL_DIR, EVAL_RESULTS_GLOB, METRICS_FILE
+    where = {r.name: (os.path.join(r.path, METRICS_FILE) if metric == "val_ppl"
+                      else os.path.join(r.path, EVAL_DIR, EVAL_RESULTS_GLOB)) for r in runs}
     lacking = [r for r in runs if not math.isfinite(r.metric(metric))]
     what = (f"validation perplexity (key {val_key!r})" if val_key else
-            f"validation perplexity (a key matching {VAL_RE.pattern})") if metric == "val_ppl" else f"--metric {metric!r}"
+            f"validation perplexity (a key matching {VAL_RE.pattern})") if metric == "val_ppl" else f"metric={metric}"
     if len(lacking) == len(runs):
         raise ValueError(f"no run has a {what}; nothing to compare. Looked in: "
                          + ", ".join(where[r.name] for r in runs)
@@ -434,6 +435,11 @@ def compare(run_dirs: Sequence[str], out_dir: str, *, seq_len: int = 1024, param
             metric: str = "val_ppl", val_key: Optional[str] = None, mac_budget: Optional[float] = None,
             time_budget: Optional[float] = None, plot: bool = True, measure: Optional[Dict[str, Any]] = None
             ) -> Dict[str, Any]:
+    """Load `run_dirs` (load_run), check some run has `metric` (check_has_metric), optionally
+    measure step times (`measure`: measure_runs' keyword arguments), and write summary.{md,csv,json},
+    iso_param.md, iso_mac.md, iso_step_time.md and (when `plot`) speed_accuracy.{png,pdf} to
+    `out_dir`. Returns the summary dict with "files" ({name: path}) and "_runs" (the Run objects).
+    Raises what load_run and check_has_metric raise, before anything is written."""
     runs = [load_run(d, seq_len, val_key) for d in run_dirs]
     check_has_metric(runs, metric, val_key)
     if measure:
@@ -472,36 +478,64 @@ def compare(run_dirs: Sequence[str], out_dir: str, *, seq_len: int = 1024, param
     return summary
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("runs", nargs="+", help="run directories (each with checkpoints/ and metrics.jsonl)")
-    ap.add_argument("--out", default="compare_out", help="output directory")
-    ap.add_argument("--seq-len", type=int, default=1024, help="context length T for MACs/FLOPs (paper: 1024)")
-    ap.add_argument("--param-tol", type=float, default=0.05, help="relative tolerance for iso-parameter groups")
-    ap.add_argument("--metric", default="val_ppl", help="y axis / quality: val_ppl or an eval key, e.g. eval/mean_acc")
-    ap.add_argument("--val-key", default=None, help="metrics.jsonl key of validation perplexity (default: auto)")
-    ap.add_argument("--mac-budget", type=float, default=None, help="iso-MAC budget (default: smallest run's)")
-    ap.add_argument("--time-budget", type=float, default=None, help="iso-step-time budget in s (default: smallest)")
-    ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--measure", action="store_true", help="measure step time of every model here (writes step_time.json)")
-    ap.add_argument("--batch-size", type=int, default=8, help="--measure: sequences per step")
-    ap.add_argument("--device", default="cuda", help="--measure: device")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="--measure: autocast dtype")
-    ap.add_argument("--warmup", type=int, default=5, help="--measure: untimed steps")
-    ap.add_argument("--iters", type=int, default=20, help="--measure: timed steps")
-    a = ap.parse_args(argv)
+def expand_runs(runs: Any) -> List[str]:
+    """The `runs` option as a list of run dirs: one path or a list; an entry with glob characters
+    (`*`, `?`, `[`) expands to its matches, sorted. Raises ValueError naming an empty option or a
+    pattern matching nothing."""
+    items = [runs] if isinstance(runs, str) else list(runs or [])
+    out: List[str] = []
+    for item in map(str, items):
+        if glob.has_magic(item):
+            hits = sorted(glob.glob(item))
+            if not hits:
+                raise ValueError(f"runs: pattern {item!r} matches nothing")
+            out += hits
+        else:
+            out.append(item)
+    if not out:
+        raise ValueError("runs: required: runs=[RUN_DIR,...] (run dirs or glob patterns)")
+    return out
+
+
+def run_cli(cfg: Any) -> Dict[str, Any]:
+    """The command line's work for a composed conf/compare.yaml (see its comments or `--help`):
+    compare the runs, print the tables and the written files; returns `compare`'s result.
+    Raises ValueError for a bad option (named), FileNotFoundError for a run without model config."""
+    from omegaconf import OmegaConf
+    if OmegaConf.is_missing(cfg, "runs"):
+        raise ValueError("runs: required: runs=[RUN_DIR,...] (run dirs or glob patterns)")
+    if cfg.dtype not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"dtype: must be bf16, fp16 or fp32, got {cfg.dtype!r}")
+    for key in ("seq_len", "batch_size", "iters"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ValueError(f"{key}: must be a positive integer, got {cfg[key]!r}")
+    if not isinstance(cfg.warmup, int) or cfg.warmup < 0:
+        raise ValueError(f"warmup: must be a non-negative integer, got {cfg.warmup!r}")
     measure = None
-    if a.measure:
-        measure = {"batch_size": a.batch_size, "device": a.device, "dtype": a.dtype, "n_warmup": a.warmup,
-                   "n_iters": a.iters}
-    res = compare(a.runs, a.out, seq_len=a.seq_len, param_tol=a.param_tol, metric=a.metric, val_key=a.val_key,
-                  mac_budget=a.mac_budget, time_budget=a.time_budget, plot=not a.no_plot, measure=measure)
+    if cfg.measure:
+        measure = {"batch_size": cfg.batch_size, "device": str(cfg.device), "dtype": cfg.dtype,
+                   "n_warmup": cfg.warmup, "n_iters": cfg.iters}
+    res = compare(expand_runs(OmegaConf.to_container(cfg, resolve=True)["runs"]), str(cfg.out),
+                  seq_len=cfg.seq_len, param_tol=float(cfg.param_tol), metric=str(cfg.metric),
+                  val_key=cfg.val_key, mac_budget=cfg.mac_budget, time_budget=cfg.time_budget,
+                  plot=bool(cfg.plot), measure=measure)
     for name in ("summary_md", "iso_param", "iso_mac", "iso_step_time"):
         with open(res["files"][name]) as f:
             print(f.read())
     for name, path in res["files"].items():
         print(f"{name}: {path}")
+    return res
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="compare")
+def main(cfg: Any) -> None:
+    """`python analysis/compare.py runs=[RUN_DIR,...] [out=DIR] [option=value ...]` (options:
+    conf/compare.yaml, or `--help`). Bad input exits 1 with the message (file:line for a damaged
+    run-dir file), no traceback."""
+    try:
+        run_cli(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"compare: error: {e}")
 
 
 if __name__ == "__main__":

@@ -280,22 +280,12 @@ def att_usage_rel_ppl(counts: np.ndarray) -> float:
 
 
 def read_metrics_jsonl(path: str) -> List[dict]:
-    """Rows of a run's metrics.jsonl (one JSON object per line, each with "step"). A malformed line
-    raises ValueError naming the file and line number; blank lines are skipped."""
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{i}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+    """Rows of a run's metrics.jsonl (one JSON object per line, each with "step"), read by
+    `moeut.rundir.read_jsonl`: a cut last line (no newline: a crash mid-write) is skipped with a
+    warning naming file:line; any other malformed line raises CorruptRunFile (a ValueError)
+    naming the file and line number; blank lines are skipped."""
+    from .rundir import read_jsonl
+    return read_jsonl(path).records
 
 
 def metric_series(rows: Iterable[dict], prefix: str = "moe/") -> Dict[str, Tuple[np.ndarray, np.ndarray]]:

@@ -35,6 +35,7 @@ import torch
 from . import analysis as A
 from .outputs import RoutingRecord
 from .routing import RoutingStats
+from .rundir import RunDir, run_dir_of
 from .validate import at_least, check_ranges, in_range
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +50,14 @@ STATS_FILE = "routing_stats.npz"
 
 @dataclass
 class DataConfig:
+    """`data` section of conf/analyze.yaml: the validation text to route (SPEC 7.1)."""
     path: Optional[str] = None  # .jsonl(.gz) / .txt / directory; None = data/books/valid.jsonl.gz in the repo
     text_field: str = "text"  # JSON field holding the document text
 
 
 @dataclass
 class FigureConfig:
+    """`figures` section of conf/analyze.yaml: output formats, dpi and the F1-F4 options (SPEC 7.2)."""
     formats: List[str] = field(default_factory=lambda: ["png", "pdf"])
     dpi: int = field(default=120, metadata=at_least(1))
     quantile: float = field(default=0.9, metadata=in_range(0, 1))  # F1 threshold quantile (SPEC 7.2)
@@ -67,6 +70,8 @@ class FigureConfig:
 
 @dataclass
 class AnalyzeConfig:
+    """Schema of conf/analyze.yaml (`python -m moeut.analyze`); every numeric field is range-checked
+    (moeut.validate) and named in errors. See docs/analysis.md for each key."""
     checkpoint: str = "???"  # run dir (newest checkpoint) or a checkpoints/step_* dir
     out_dir: Optional[str] = None  # None = <run dir>/analysis
     tokenizer: Optional[str] = None  # None = the checkpoint's tokenizer.model
@@ -167,12 +172,14 @@ class _SparseCounter:
         self.flush_at = flush_at
 
     def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        """Buffer (keys [n] int64, counts [n]) pairs; coalesced once flush_at pairs are buffered."""
         self._buf.append((keys, counts))
         self._n += len(keys)
         if self._n >= self.flush_at:
             self.coalesce()
 
     def coalesce(self) -> None:
+        """Merge the buffered pairs into the sorted unique `keys` with summed `counts`."""
         if not self._buf:
             return
         k = np.concatenate([self.keys] + [b[0] for b in self._buf])
@@ -215,6 +222,9 @@ class RoutingAccumulator:
 
     @torch.no_grad()
     def add(self, input_ids: torch.Tensor, records: Sequence[RoutingRecord]) -> None:
+        """Accumulate one batch: input_ids [B, T] and the model's routing records (one per layer,
+        SPEC 1.8) into the SPEC 7.1 statistics. Raises ValueError when `records` is empty (no
+        collect_routing=True, or not a MoE model)."""
         if not records:
             raise ValueError("RoutingAccumulator.add: the model returned no routing records "
                              "(was collect_routing=True passed? is this a MoE model?)")
@@ -289,6 +299,7 @@ class RoutingAccumulator:
         self.norm_count[rec.l] += n
 
     def add_loss(self, ce_sum: float, n_targets: int) -> None:
+        """Add a batch's summed cross-entropy (nats) over `n_targets` tokens (for the perplexity)."""
         self.loss_sum += ce_sum
         self.loss_count += n_targets
 
@@ -389,6 +400,8 @@ FIGSIZES = {
 
 @dataclass
 class FigureInfo:
+    """One written figure: file stem `name`, `title`, one-sentence `caption`, `figsize` in inches, and
+    the written `files` (one per format)."""
     name: str
     title: str
     caption: str  # one sentence on how to read it
@@ -406,6 +419,8 @@ def _layer_label(l: int) -> str:
 
 
 def plot_f1(stats: Dict[str, Any], g: int, run: str, quantile: float = 0.9, normalised: bool = False):
+    """F1 (SPEC 7.2): expert x layer usage P[r, e] of member `g`, experts ordered by the
+    `quantile` centre of mass (`normalised` ordering variant); returns the Figure."""
     meta = stats["meta"]
     c = stats["mlp_counts"][g]  # [R, N_E]
     p = A.expert_layer_usage(c)
@@ -435,6 +450,8 @@ def _layers_of_member(stats, g: int) -> List[int]:
 
 
 def f2_layers(stats, layers: Optional[Sequence[int]]) -> List[int]:
+    """The absolute 0-based layers F2 draws: `layers`, or every 4th layer (the paper's 0, 4, 8, ...).
+    Raises ValueError naming figures.f2_layers for a layer outside 0..n_layers-1."""
     L = stats["meta"]["n_layers"]
     if layers is None:
         return list(range(0, L, 4))  # the paper's 0, 4, 8, 12, 16
@@ -445,6 +462,8 @@ def f2_layers(stats, layers: Optional[Sequence[int]]) -> List[int]:
 
 
 def plot_f2(stats, run: str, layers: Optional[Sequence[int]] = None, max_tokens: int = 1000):
+    """F2 (SPEC 7.2): distinct experts per token id at each of `f2_layers`, token ids sorted by
+    count, the first `max_tokens`; returns the Figure."""
     tec = A.token_counts_from_stats(stats)
     fig = _fig("f2")
     ax = fig.add_subplot()
@@ -461,6 +480,8 @@ def plot_f2(stats, run: str, layers: Optional[Sequence[int]] = None, max_tokens:
 
 
 def plot_f3(stats, run: str, member: int = 0, n_top: int = 6000):
+    """F3 (SPEC 7.2): per-layer share [R, n_top] of each of the `n_top` most frequent tokens'
+    expert set, for group member `member`; returns the Figure."""
     tec = A.token_counts_from_stats(stats)
     top = A.top_tokens(stats["token_freq"], n_top)
     img = A.layer_share_of_token_set(tec, member, top)  # [R, n]
@@ -477,6 +498,8 @@ def plot_f3(stats, run: str, member: int = 0, n_top: int = 6000):
 
 
 def plot_f4(stats, run: str, g: int = 0):
+    """F4 (SPEC 7.2): mean per-token Jaccard overlap [R, R] of expert sets between the layers of
+    member `g`; returns the Figure."""
     j = A.jaccard_from_sums(stats["jaccard_sum"][g], int(stats["n_positions"]))
     fig = _fig("f4")
     ax = fig.add_subplot()
@@ -521,6 +544,8 @@ def plot_f5(stats, run: str, which: str, metrics_rows: Optional[List[dict]] = No
 
 
 def plot_f6(stats, run: str, g: int, gate: str):
+    """F6 (SPEC 7.2): attention expert usage per head of member `g`'s `gate` ("v" or "o"),
+    counts [R, H, E_att] as per-head layer x expert maps; returns the Figure."""
     from matplotlib.ticker import MaxNLocator
     counts = stats[f"att_{gate}_counts"][g]  # [R, H, E_att]
     R, H, E = counts.shape
@@ -569,6 +594,8 @@ def _metric_panels(series: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> Dict[str
 
 
 def plot_training_metrics(rows: List[dict], run: str, prefix: str = "moe/"):
+    """Every `prefix` key of metrics.jsonl `rows` against the step (SPEC 7.3), grouped into panels;
+    returns the Figure, or None when no such key was logged."""
     series = A.metric_series(rows, prefix)
     if not series:
         return None
@@ -719,18 +746,11 @@ def write_report(out_dir: str, infos: List[FigureInfo], meta: Dict[str, Any], ru
 # ------------------------------------------------------------------------------------------
 
 
-def run_dir_of(ckpt_dir: str) -> str:
-    p = Path(ckpt_dir).resolve()
-    return str(p.parent.parent if p.parent.name == "checkpoints" else p.parent)
-
-
 def find_run_config(run_dir: str, ckpt_dir: Optional[str] = None) -> Optional[str]:
-    """The run's resolved Hydra config: <run>/.hydra/config.yaml, else the checkpoint's config.yaml."""
-    for p in (os.path.join(run_dir, ".hydra", "config.yaml"),
-              os.path.join(ckpt_dir, "config.yaml") if ckpt_dir else None):
-        if p and os.path.isfile(p):
-            return p
-    return None
+    """Path of the run's training config (`moeut.rundir.RunDir.config_path`): the checkpoint's
+    resolved config.yaml, else <run>/.hydra/config.yaml; None when neither exists."""
+    p = RunDir(run_dir).config_path(ckpt_dir)
+    return str(p) if p is not None else None
 
 
 def run_analysis(cfg: AnalyzeConfig) -> Dict[str, Any]:
@@ -793,8 +813,8 @@ def run_analysis(cfg: AnalyzeConfig) -> Dict[str, Any]:
         except Exception as err:  # the analysis itself is done; the record of its config is a nicety
             print(f"[analyze] could not save analyze_config.yaml: {err}", file=sys.stderr)
     stats = A.load_stats(stats_path)
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    rows = A.read_metrics_jsonl(metrics_path) if os.path.isfile(metrics_path) else None
+    rd = RunDir(run_dir)  # metrics.jsonl under moeut.rundir's corrupt-line policy
+    rows = rd.metrics() if rd.has_metrics() else None
     infos = draw_all(stats, os.path.join(out_dir, "figures"), run=run, fcfg=cfg.figures, metrics_rows=rows)
     result = {"out_dir": out_dir, "stats": stats_path, "figures": infos}
     if cfg.report:
@@ -865,6 +885,9 @@ def execute_notebooks(run_dir: str, out_dir: str, sources: Optional[Sequence[str
 
 
 def main() -> None:
+    """`python -m moeut.analyze checkpoint=<run dir> [key=value ...]` (conf/analyze.yaml): run_analysis.
+    An error (bad option, missing checkpoint, a damaged run-dir file named file:line) is printed
+    by Hydra and the exit status is 1."""
     import hydra
     from omegaconf import OmegaConf
 

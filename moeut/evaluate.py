@@ -84,6 +84,9 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
+    """`python -m moeut.evaluate checkpoint=<run dir> [key=value ...]` (conf/eval.yaml): `run`, then
+    print the table and the written files. Bad input (ValueError, FileNotFoundError, including a
+    damaged run-dir file named file:line) exits 1 with the message, no traceback."""
     try:
         res = run(cfg)
     except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback; exit 1

@@ -1,32 +1,33 @@
 """Gather a sweep's run directories into one table and draw the paper's comparison plots.
 
-    python -m moeut.summary outputs/sweeps/main_table            # table on stdout + files
-    python -m moeut.summary outputs/sweeps/g_ablation --out /tmp/g --metric val/perplexity
+    python -m moeut.summary dir=outputs/sweeps/main_table            # table on stdout + files
+    python -m moeut.summary dir=outputs/sweeps/g_ablation out=/tmp/g metric=val/perplexity
+    python -m moeut.summary --help                                   # every option (conf/summary.yaml)
 
 A *run* is any directory under the sweep dir holding a `metrics.jsonl` or a `checkpoints/` folder
 (Hydra multirun sub-directories, `sbatch` run dirs, or a single `python train.py` run dir). For each
-run it reads, tolerating missing pieces:
+run it reads, through `moeut.rundir` (one reader, one corrupt-line policy), tolerating missing pieces:
 
 - `metrics.jsonl`: JSON lines with "step" and keys such as "train/loss", "val/perplexity". The table
-  keeps the last logged value of each key (and the best validation perplexity);
+  keeps the last logged value of each key (and the best validation perplexity). A cut last line
+  (a run killed mid-write) is skipped with a warning naming file:line; any other damaged line is
+  an error naming file:line (`metrics.rewound.jsonl` is never read: no step counts twice);
 - `.hydra/overrides.yaml` and `.hydra/config.yaml`: the job's overrides (experiment name) and data;
-- the newest checkpoint's `model_config.json` (`moeut.checkpoint.find_checkpoints`): architecture,
+- the newest readable checkpoint's `model_config.json` (`RunDir.model_config`): architecture,
   G, K, d_expert, LayerNorm placement, and the parameter count (SPEC §2 closed form, or the model
   built on the meta device when no closed form exists);
 - `eval/*.json`: the newest `python -m moeut.evaluate` results as `eval/<task>` accuracies
   (`eval/text_ppl`, `eval/bits_per_byte` for the perplexity task; "skipped" for a task without
   data), and lm-eval results files as `lm_eval/<task>/<metric>` (see `read_eval`).
 
-Outputs (in `--out`, default the sweep dir): `summary.csv`, `summary.md` and the plots
+Outputs (in `out`, default the sweep dir): `summary.csv`, `summary.md` and the plots
 `ppl_vs_params.png` (perplexity vs parameters, one line per architecture and dataset: the paper's
 MoEUT-vs-dense figure) and `g_ablation.png` (perplexity vs group size G for runs that differ in G
 only: the paper's G ablation). The analysis reads these files only, never the wandb API.
 """
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import math
 import os
 import re
@@ -36,6 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from . import rundir
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 PPL_DEFAULT = "validation/val/perplexity"  # train.py: validation/<set name>/perplexity
 
 # columns shown first in the table, in this order; every other gathered key follows, sorted
@@ -45,6 +52,7 @@ LEAD_COLUMNS = ["run", "experiment", "dataset", "arch", "params", "d_model", "n_
 
 @dataclass
 class RunSummary:
+    """One run of a sweep: its directory and its table row ({column: value}, see summarize_run)."""
     run_dir: Path
     row: Dict[str, Any] = field(default_factory=dict)
 
@@ -54,45 +62,16 @@ class RunSummary:
 # ------------------------------------------------------------------------------------------
 
 def find_runs(sweep_dir: os.PathLike) -> List[Path]:
-    """Run directories under `sweep_dir` (itself included), sorted by path.
-
-    A run dir holds `metrics.jsonl` or `checkpoints/`. Submitit's `.submitit/` folders, hidden
-    folders and the inside of `checkpoints/` are never searched.
-    """
-    root = Path(sweep_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"sweep dir {root} does not exist or is not a directory")
-    runs = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        is_run = "metrics.jsonl" in filenames or "checkpoints" in dirnames
-        # prune before descending: hidden dirs (.hydra, .submitit), checkpoints, eval outputs
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "checkpoints"
-                             and not (is_run and d in ("eval", "routing", "wandb")))
-        if is_run:
-            runs.append(here)
-    return sorted(runs)
+    """Run directories under `sweep_dir` (itself included), sorted by path: `moeut.rundir.find_runs`.
+    Raises FileNotFoundError when `sweep_dir` is not a directory."""
+    return rundir.find_runs(sweep_dir)
 
 
 def read_metrics(path: os.PathLike) -> List[Dict[str, Any]]:
-    """Records of a metrics.jsonl; an unparsable line (e.g. cut by a kill) is skipped with a warning
-    naming the file and line, so a run that died mid-write still summarises."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                warnings.warn(f"{path}:{lineno}: skipping unparsable metrics line ({e.msg})")
-                continue
-            if not isinstance(rec, dict):
-                warnings.warn(f"{path}:{lineno}: skipping metrics line that is not a JSON object")
-                continue
-            records.append(rec)
-    return records
+    """Records of a metrics.jsonl (`moeut.rundir.read_metrics`): a cut last line (a run killed
+    mid-write) is skipped with a warning naming file:line; any other unparsable line raises
+    CorruptRunFile naming file:line."""
+    return rundir.read_metrics(path)
 
 
 def _is_number(v: Any) -> bool:
@@ -121,51 +100,21 @@ def perplexity_key(keys: Iterable[str], preferred: str = PPL_DEFAULT) -> Optiona
     return cands[0] if cands else None
 
 
-def _load_yaml(path: Path) -> Any:
-    from omegaconf import OmegaConf
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-
-
 def read_overrides(run_dir: Path) -> List[str]:
-    p = run_dir / ".hydra" / "overrides.yaml"
-    if not p.is_file():
-        return []
-    try:
-        data = _load_yaml(p)
-    except Exception as e:  # noqa: BLE001 - a broken file must not stop the summary
-        warnings.warn(f"{p}: cannot read overrides ({e})")
-        return []
-    return [str(x) for x in data] if isinstance(data, list) else []
+    """The job's command-line overrides (`.hydra/overrides.yaml`); [] when absent. Raises
+    CorruptRunFile (file:line) when the file does not parse."""
+    return rundir.RunDir(run_dir).overrides()
 
 
-def _hydra_choices(run_dir: Path) -> Dict[str, Any]:
-    """Config-group choices of the job (`.hydra/hydra.yaml` -> hydra.runtime.choices)."""
-    p = run_dir / ".hydra" / "hydra.yaml"
-    if not p.is_file():
-        return {}
-    try:
-        hy = _load_yaml(p)
-        choices = hy.get("hydra", {}).get("runtime", {}).get("choices", {})
-        return choices if isinstance(choices, dict) else {}
-    except Exception as e:  # noqa: BLE001 - a broken file must not stop the summary
-        warnings.warn(f"{p}: cannot read hydra config ({e})")
-        return {}
-
-
-def _dataset_name(run_dir: Path, experiment: Optional[str], choices: Dict[str, Any]) -> Optional[str]:
+def _dataset_name(run: rundir.RunDir, experiment: Optional[str], choices: Dict[str, Any]) -> Optional[str]:
     """Dataset label: the job's `data` group choice (c4, c4_sample, gutenberg, slimpajama, ...),
     else `data.source` from the saved job config, else the experiment name's prefix."""
     if isinstance(choices.get("data"), str):
         return choices["data"]
-    p = run_dir / ".hydra" / "config.yaml"
-    if p.is_file():
-        try:
-            cfg = _load_yaml(p)
-            data = cfg.get("data") if isinstance(cfg, dict) else None
-            if isinstance(data, dict) and isinstance(data.get("source"), str):
-                return data["source"]
-        except Exception as e:  # noqa: BLE001
-            warnings.warn(f"{p}: cannot read config ({e})")
+    cfg = run.config()
+    data = cfg.get("data") if isinstance(cfg, dict) else None
+    if isinstance(data, dict) and isinstance(data.get("source"), str):
+        return data["source"]
     if experiment:
         m = re.match(r"(c4|slimpajama|pes2o|thestack)_", experiment)
         if m:
@@ -174,17 +123,15 @@ def _dataset_name(run_dir: Path, experiment: Optional[str], choices: Dict[str, A
 
 
 def read_model_config(run_dir: Path) -> Optional[Dict[str, Any]]:
-    """model_config.json of the newest checkpoint that has one."""
-    from .checkpoint import find_checkpoints
-    for ckpt in reversed(find_checkpoints(run_dir)):
-        p = Path(ckpt) / "model_config.json"
-        if p.is_file():
-            try:
-                with open(p, encoding="utf-8") as f:
-                    return json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
-                warnings.warn(f"{p}: unreadable model config ({e}); trying an older checkpoint")
-    return None
+    """model_config.json of the newest checkpoint whose config reads (`RunDir.model_config`:
+    unreadable ones are skipped with a warning naming the file); None, with a warning, when the
+    run has no readable one."""
+    try:
+        found = rundir.RunDir(run_dir).model_config(option="summary")
+    except (FileNotFoundError, ValueError) as e:  # ValueError: CheckpointError of a bare checkpoint dir
+        warnings.warn(f"{run_dir}: no readable model config ({e}); architecture columns left empty")
+        return None
+    return found[1] if found is not None else None
 
 
 def count_params(model_config: Dict[str, Any]) -> Optional[int]:
@@ -213,17 +160,6 @@ def count_params(model_config: Dict[str, Any]) -> Optional[int]:
 _EVAL_TASKS = ("lambada", "blimp", "cbt", "hellaswag", "piqa", "arc_easy", "arc_challenge")
 
 
-def _is_moeut_eval(data: Any) -> bool:
-    """A results file written by `python -m moeut.evaluate` (moeut/eval/zeroshot.py)."""
-    return isinstance(data, dict) and isinstance(data.get("tasks"), dict) and "table_row" in data
-
-
-def _is_lm_eval(data: Any) -> bool:
-    """An lm-evaluation-harness results file: {"results": {task: {"acc,none": v, ...}}, ...}."""
-    return (isinstance(data, dict) and isinstance(data.get("results"), dict)
-            and all(isinstance(v, dict) for v in data["results"].values()))
-
-
 def read_eval(run_dir: Path) -> Dict[str, Any]:
     """Evaluation numbers of a run from `<run>/eval/*.json`.
 
@@ -234,23 +170,15 @@ def read_eval(run_dir: Path) -> Dict[str, Any]:
     - lm-evaluation-harness results: `lm_eval/<task>/<metric>` (metric without lm-eval's
       ",none" filter suffix; stderr entries dropped).
     - Any other JSON in eval/ is ignored with a warning naming the file.
+    A file that does not parse raises CorruptRunFile naming file:line:col (moeut.rundir policy).
     """
     out: Dict[str, Any] = {}
-    eval_dir = run_dir / "eval"
-    if not eval_dir.is_dir():
-        return out
-    ours = []
-    for p in sorted(eval_dir.glob("*.json")):
-        try:
-            with open(p, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            warnings.warn(f"{p}: skipping unreadable evaluation file ({e})")
-            continue
-        if _is_moeut_eval(data):
-            step = data.get("step")
-            ours.append((step if isinstance(step, int) else -1, p.stat().st_mtime, data))
-        elif _is_lm_eval(data):
+    run = rundir.RunDir(run_dir)
+    files = run.eval_files()
+    for p, data in files:
+        if rundir.is_moeut_eval(data):
+            continue  # the newest one is read below
+        elif rundir.is_lm_eval(data):
             for task, metrics in data["results"].items():
                 for k, v in metrics.items():
                     name = str(k).split(",", 1)[0]
@@ -258,8 +186,9 @@ def read_eval(run_dir: Path) -> Dict[str, Any]:
                         out[f"lm_eval/{task}/{name}"] = v
         else:
             warnings.warn(f"{p}: not a moeut.evaluate or lm-eval results file; ignored by the summary")
-    if ours:
-        _, _, data = max(ours, key=lambda t: (t[0], t[1]))
+    latest = run.latest_eval(files)
+    if latest is not None:
+        data = latest[1]
         out["eval_step"] = data.get("step")
         out["eval_limit"] = (data.get("options") or {}).get("limit")
         tasks = data["tasks"]
@@ -282,22 +211,27 @@ def read_eval(run_dir: Path) -> Dict[str, Any]:
 
 
 def summarize_run(run_dir: os.PathLike, sweep_dir: os.PathLike, ppl_key: str = PPL_DEFAULT) -> RunSummary:
+    """One table row for the run at `run_dir` (a directory under `sweep_dir`, or `sweep_dir`
+    itself): its experiment, dataset, step, last/best validation perplexity (key `ppl_key`, see
+    `perplexity_key`), last value of every logged numeric key, architecture and parameter count
+    from the newest checkpoint's model config, and evaluation results (`read_eval`). Missing
+    files leave cells empty; a damaged run-dir file raises CorruptRunFile (moeut.rundir)."""
     run_dir, sweep_dir = Path(run_dir), Path(sweep_dir)
     rel = run_dir.relative_to(sweep_dir).as_posix() if run_dir != sweep_dir else run_dir.name
     row: Dict[str, Any] = {"run": rel}
+    run = rundir.RunDir(run_dir)
 
-    overrides = read_overrides(run_dir)
-    choices = _hydra_choices(run_dir)
+    overrides = run.overrides()
+    choices = run.hydra_choices()
     experiment = next((o.split("=", 1)[1] for o in overrides
                        if o.split("=", 1)[0].lstrip("+~") == "experiment"), None)
     if experiment is None and isinstance(choices.get("experiment"), str):
         experiment = choices["experiment"]  # the config's default experiment
     row["experiment"] = experiment
     row["overrides"] = " ".join(o for o in overrides if not o.startswith("experiment="))
-    row["dataset"] = _dataset_name(run_dir, experiment, choices)
+    row["dataset"] = _dataset_name(run, experiment, choices)
 
-    metrics_path = run_dir / "metrics.jsonl"
-    records = read_metrics(metrics_path) if metrics_path.is_file() else []
+    records = run.metrics()
     last = last_values(records)
     steps = [r["step"] for r in records if _is_number(r.get("step"))]
     row["step"] = int(max(steps)) if steps else None
@@ -331,6 +265,8 @@ def summarize_run(run_dir: os.PathLike, sweep_dir: os.PathLike, ppl_key: str = P
 # ------------------------------------------------------------------------------------------
 
 def summarize_sweep(sweep_dir: os.PathLike, ppl_key: str = PPL_DEFAULT) -> List[Dict[str, Any]]:
+    """Rows (summarize_run) of every run under `sweep_dir`, sorted by path. Raises
+    FileNotFoundError when the dir does not exist or holds no run."""
     runs = find_runs(sweep_dir)
     if not runs:
         raise FileNotFoundError(f"no runs under {sweep_dir}: expected sub-directories with a "
@@ -339,6 +275,8 @@ def summarize_sweep(sweep_dir: os.PathLike, ppl_key: str = PPL_DEFAULT) -> List[
 
 
 def table_columns(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """Column order: LEAD_COLUMNS present in any row, other metrics sorted, evaluation columns,
+    then "overrides"."""
     present = set().union(*(r.keys() for r in rows)) if rows else set()
     lead = [c for c in LEAD_COLUMNS if c in present]
     rest = sorted(present - set(lead) - {"overrides"})
@@ -361,6 +299,7 @@ def _fmt(v: Any) -> str:
 
 
 def to_markdown(rows: Sequence[Dict[str, Any]], columns: Optional[Sequence[str]] = None) -> str:
+    """Markdown table of `rows`; default columns: the lead columns and evaluation columns."""
     columns = list(columns or [c for c in table_columns(rows)
                                if c in LEAD_COLUMNS or c.startswith(("eval/", "eval_", "lm_eval/"))])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -370,6 +309,7 @@ def to_markdown(rows: Sequence[Dict[str, Any]], columns: Optional[Sequence[str]]
 
 
 def write_csv(rows: Sequence[Dict[str, Any]], path: os.PathLike) -> None:
+    """Every column (table_columns) of `rows` to a CSV file at `path`; empty cells for None."""
     columns = table_columns(rows)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -434,6 +374,8 @@ def g_ablation_groups(rows: Sequence[Dict[str, Any]]) -> Dict[tuple, List[Dict[s
 
 
 def plot_g_ablation(rows: Sequence[Dict[str, Any]], path: os.PathLike) -> bool:
+    """Validation perplexity vs group size G (log2 x), one line per g_ablation_groups group
+    (the paper's G ablation); PNG at `path`. Returns False (nothing written) without a group."""
     groups = g_ablation_groups(rows)
     if not groups:
         return False
@@ -476,18 +418,15 @@ def write_summary(sweep_dir: os.PathLike, out_dir: Optional[os.PathLike] = None,
     return {"rows": rows, "markdown": md, "files": written}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m moeut.summary", description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep_dir", help="a sweep directory (or one run dir)")
-    ap.add_argument("--out", default=None, help="where to write summary.{csv,md} and plots "
-                                                "(default: the sweep dir)")
-    ap.add_argument("--metric", default=PPL_DEFAULT,
-                    help=f"validation perplexity key in metrics.jsonl (default {PPL_DEFAULT}; "
-                         "falls back to the first val*/perplexity key)")
-    ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    args = ap.parse_args(argv)
+def run(cfg: DictConfig) -> int:
+    """The command line's work for a composed conf/summary.yaml: write the summary of `cfg.dir`
+    and print its table; returns the exit status (2, with the message on stderr, when `dir` is
+    missing or holds no run; a damaged run-dir file raises CorruptRunFile, status 1 in `main`)."""
+    if OmegaConf.is_missing(cfg, "dir") or not cfg.dir:
+        print("error: dir: required: dir=<sweep dir or run dir>", file=sys.stderr)
+        return 2
     try:
-        res = write_summary(args.sweep_dir, args.out, args.metric, plots=not args.no_plots)
+        res = write_summary(str(cfg.dir), cfg.out, str(cfg.metric), plots=bool(cfg.plots))
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -496,5 +435,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="summary")
+def main(cfg: DictConfig) -> None:
+    """`python -m moeut.summary dir=<sweep dir> [out=DIR] [metric=KEY] [plots=false]`
+    (options: conf/summary.yaml, or `--help`). Exits 2 for a missing/empty dir, 1 for a damaged
+    run-dir file (the message names file:line)."""
+    try:
+        status = run(cfg)
+    except ValueError as e:  # CorruptRunFile and other bad input: the message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        status = 1
+    if status:
+        sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -154,7 +154,7 @@ def test_analyze_and_compare_refuse_nothing_to_do(tiny_run, tmp_path):
     # the tiny run has a checkpoint but no metrics.jsonl: no validation perplexity anywhere
     with pytest.raises(ValueError, match=r"no run has a validation perplexity.*run/metrics.jsonl"):
         cmp.compare([str(run_dir)], str(tmp_path / "cmp"), seq_len=32, plot=False)
-    with pytest.raises(ValueError, match=r"no run has a --metric 'piqa/accuracy'"):
+    with pytest.raises(ValueError, match=r"no run has a metric=piqa/accuracy"):
         cmp.compare([str(run_dir)], str(tmp_path / "cmp"), seq_len=32, plot=False, metric="piqa/accuracy")
     assert not (tmp_path / "cmp").exists()
 

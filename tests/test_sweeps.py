@@ -349,9 +349,10 @@ def _fake_run(run_dir: Path, preset: str, ppl_by_step: Dict[int, float], overrid
     run_dir.mkdir(parents=True)
     lines = [json.dumps({"step": s, "train/loss": math.log(p) + 0.1}) for s, p in ppl_by_step.items()]
     lines += [json.dumps({"step": s, "validation/val/perplexity": p}) for s, p in ppl_by_step.items()]
+    text = "\n".join(lines) + "\n"
     if corrupt_line:
-        lines.append('{"step": 99, "validation/val/perpl')  # killed mid-write
-    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        text += '{"step": 99, "validation/val/perpl'  # killed mid-write: a cut last line, no newline
+    (run_dir / "metrics.jsonl").write_text(text)
     (run_dir / ".hydra").mkdir()
     (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     (run_dir / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    choices:\n      data: {data}\n")
@@ -396,9 +397,17 @@ def test_summary_table_and_plots_from_run_dirs(tmp_path):
     assert "| experiment=c4_moeut_244m |" in md and "243.33M" in md
 
 
-def test_summary_cli_errors_on_empty_dir(tmp_path, capsys):
-    assert summ.main([str(tmp_path)]) == 2
-    assert "no runs under" in capsys.readouterr().err
+def test_summary_cli_errors_on_empty_dir(tmp_path):
+    """The Hydra command line: exit status 2 and the reason for an empty or missing dir, and no
+    stray outputs/ or .hydra/ folder in the working directory."""
+    import subprocess
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for arg, msg in ((f"dir={tmp_path}", "no runs under"), ("dir=" + str(tmp_path / "nope"), "does not exist"),
+                     (None, "dir: required")):
+        r = subprocess.run([sys.executable, "-m", "moeut.summary"] + ([arg] if arg else []), cwd=tmp_path,
+                           env=env, capture_output=True, text=True)
+        assert r.returncode == 2 and msg in r.stderr, (arg, r.returncode, r.stderr)
+    assert sorted(os.listdir(tmp_path)) == []
 
 
 def test_perplexity_key_fallback():

@@ -10,18 +10,27 @@ count, e.g. "51.3* (5/6)", so a partial average is never mistaken for the paper'
 When any row has the `perplexity` task (perplexity of a user's text), two more columns follow:
 "text PPL" and "bits/byte".
 
-Usage: `python -m moeut.eval.table results1.json results2.json ... [--out table]` combines
-result files of `moeut.evaluate` into one table.
+Usage: `python -m moeut.eval.table results=[results1.json,results2.json,...] [out=table]` combines
+result files of `moeut.evaluate` into one table (a run dir stands for its newest results file;
+entries with * ? [ are glob patterns, e.g.
+`'results=[runs/*/eval/results_step_*.json]'`; `--help` lists the options, conf/eval_table.yaml).
+A results file that does not parse is an error naming file:line:col (moeut.rundir.read_json).
 """
 from __future__ import annotations
 
-import argparse
 import csv
+import glob
 import io
-import json
 import math
 import os
+import sys
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ..rundir import RunDir, read_json
 
 COLUMNS = ("dataset", "#params", "model", "val PPL", "LAMBADA", "BLiMP", "CBT", "HellaSwag", "PIQA",
            "ARC-E", "Average")
@@ -30,6 +39,7 @@ TASK_COLUMNS = (("LAMBADA", "lambada"), ("BLiMP", "blimp"), ("CBT", "cbt"), ("He
 PPL_COLUMNS = ("text PPL", "bits/byte")
 SKIPPED = "skipped"
 PAPER_SIZES_M = (44, 126, 244, 319, 728, 1040)
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def size_label(n_params: Optional[int]) -> str:
@@ -45,6 +55,7 @@ def size_label(n_params: Optional[int]) -> str:
 
 
 def model_label(arch: Optional[str]) -> str:
+    """The table's model column: MoEUT, Baseline (dense), SUT, or the arch name itself."""
     return {"moeut": "MoEUT", "dense": "Baseline", "sut": "SUT"}.get(arch or "", arch or "?")
 
 
@@ -89,10 +100,12 @@ def skipped_notes(results: Sequence[Dict[str, Any]]) -> List[str]:
 
 
 def columns_of(rows: Sequence[Dict[str, str]]) -> List[str]:
+    """COLUMNS, plus PPL_COLUMNS when any row has them."""
     return list(COLUMNS) + ([c for c in PPL_COLUMNS] if any(c in r for r in rows for c in PPL_COLUMNS) else [])
 
 
 def to_markdown(rows: Sequence[Dict[str, str]], notes: Sequence[str] = ()) -> str:
+    """Markdown table of `rows` (missing cells "–"), then `notes` as a bullet list."""
     cols = columns_of(rows)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
@@ -104,6 +117,7 @@ def to_markdown(rows: Sequence[Dict[str, str]], notes: Sequence[str] = ()) -> st
 
 
 def to_csv(rows: Sequence[Dict[str, str]]) -> str:
+    """CSV text of `rows` with a header line (missing cells "–")."""
     buf = io.StringIO()
     cols = columns_of(rows)
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
@@ -121,6 +135,7 @@ def _tex_escape(s: str) -> str:
 
 
 def to_latex(rows: Sequence[Dict[str, str]]) -> str:
+    """A booktabs LaTeX tabular of `rows` (special characters escaped, "–" as "--")."""
     cols = columns_of(rows)
     lines = [r"\begin{tabular}{lll" + "r" * (len(cols) - 3) + "}", r"\toprule",
              " & ".join(_tex_escape(c) for c in cols) + r" \\", r"\midrule"]
@@ -142,22 +157,63 @@ def write_tables(rows: Sequence[Dict[str, str]], stem: str, notes: Sequence[str]
     return out
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description="Combine moeut.evaluate result JSONs into the paper's table")
-    ap.add_argument("results", nargs="+", help="results JSON files written by python -m moeut.evaluate")
-    ap.add_argument("--out", default=None, help="write OUT.md, OUT.csv, OUT.tex (default: print markdown)")
-    args = ap.parse_args(argv)
+def expand_results(results: Any) -> List[str]:
+    """The `results` option as a list of files: one path or a list; an entry with glob characters
+    (`*`, `?`, `[`) expands to its matches, sorted. Raises ValueError naming an empty option or a
+    pattern that matches nothing."""
+    items = [results] if isinstance(results, str) else list(results or [])
+    out: List[str] = []
+    for item in map(str, items):
+        if glob.has_magic(item):
+            hits = sorted(glob.glob(item))
+            if not hits:
+                raise ValueError(f"results: pattern {item!r} matches nothing")
+            out += hits
+        else:
+            out.append(item)
+    if not out:
+        raise ValueError("results: required: results=[FILE.json,...] (moeut.evaluate results files)")
+    return out
+
+
+def combine(paths: Sequence[str], out: Optional[str] = None) -> str:
+    """One row per entry of `paths`: a results file (moeut.rundir.read_json), or a run dir (or a
+    checkpoint path in one) meaning its newest moeut.evaluate results (`RunDir.latest_eval`).
+    Writes OUT.md/.csv/.tex when `out` is given and returns their paths (one per line), else
+    returns the markdown table. Raises FileNotFoundError (also: a run dir without results),
+    CorruptRunFile (file:line:col), ValueError (not a results dict)."""
     rows, results = [], []
-    for p in args.results:
-        with open(p) as f:
-            results.append(json.load(f))
-        rows.append(row_from_results(results[-1]))
+    for p in paths:
+        if os.path.isdir(p):
+            latest = RunDir(p).latest_eval()
+            if latest is None:
+                raise FileNotFoundError(f"{p}: no moeut.evaluate results in {RunDir(p).eval_dir} "
+                                        "(run python -m moeut.evaluate checkpoint=<run dir> first)")
+            p, res = str(latest[0]), latest[1]
+        else:
+            res = read_json(p)
+        if not isinstance(res, dict):
+            raise ValueError(f"{p}: not a moeut.evaluate results file (expected a JSON object)")
+        results.append(res)
+        rows.append(row_from_results(res))
     notes = skipped_notes(results)
-    if args.out:
-        for path in write_tables(rows, args.out, notes).values():
-            print(path)
-    else:
-        print(to_markdown(rows, notes), end="")
+    if out:
+        return "\n".join(write_tables(rows, out, notes).values()) + "\n"
+    return to_markdown(rows, notes)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval_table")
+def main(cfg: DictConfig) -> None:
+    """`python -m moeut.eval.table results=[FILE.json,...] [out=STEM]` (options: conf/eval_table.yaml,
+    or `--help`). Bad input exits 1 with the message (file:line for a damaged file), no traceback."""
+    try:
+        if OmegaConf.is_missing(cfg, "results"):
+            raise ValueError("results: required: results=[FILE.json,...] (moeut.evaluate results files)")
+        c = OmegaConf.to_container(cfg, resolve=True)
+        text = combine(expand_results(c["results"]), c.get("out"))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"moeut.eval.table: error: {e}")
+    print(text, end="")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from ..rundir import EVAL_DIR, RunDir, run_dir_of
 from .scoring import Scorer
 from .table import row_from_results, skipped_notes, write_tables
 from .tasks import TaskDataMissing, resolve_tasks
@@ -92,28 +93,20 @@ def evaluate_model(model: torch.nn.Module, tokenizer, tasks: Sequence[str] = DEF
 
 
 def check_vocab(model_vocab: int, tokenizer) -> None:
+    """Raises ValueError when the tokenizer's piece count differs from the model's vocab_size
+    (a tokenizer from another run)."""
     if tokenizer.vocab_size != model_vocab:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
                          f"{model_vocab}: wrong tokenizer for this checkpoint")
 
 
-def run_dir_of(checkpoint_dir: str) -> str:
-    """run_dir/checkpoints/step_X -> run_dir; a bare checkpoint dir is its own run dir."""
-    p = Path(checkpoint_dir).resolve()
-    if p.parent.name == "checkpoints":
-        return str(p.parent.parent)
-    return str(p)
-
-
 def read_val_perplexity(run_dir: str, step: Optional[int] = None) -> Optional[float]:
-    """Best effort: the validation perplexity from run_dir/metrics.jsonl. The training split's
-    own validation set ("validation/val/perplexity", or "val/perplexity") wins over extra
-    validation sets ("validation/c4/perplexity", ...); otherwise any key ending in "perplexity"
-    with a "val" path component. Prefers the line logged at `step`, else the last one."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return None
-
+    """The validation perplexity from run_dir/metrics.jsonl (read by moeut.rundir: a cut last
+    line is skipped with a warning, any other damaged line raises CorruptRunFile naming
+    file:line); None when the file or the key is absent. The training split's own validation set
+    ("validation/val/perplexity", or "val/perplexity") wins over extra validation sets
+    ("validation/c4/perplexity", ...); otherwise any key ending in "perplexity" with a "val" path
+    component. Prefers the record logged at `step`, else the last one."""
     def rank(key: str) -> int:  # lower is better; None = not a validation perplexity
         if key in ("validation/val/perplexity", "val/perplexity"):
             return 0
@@ -123,22 +116,15 @@ def read_val_perplexity(run_dir: str, step: Optional[int] = None) -> Optional[fl
         return -1
 
     last, at_step = None, None  # (rank, value)
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
+    for rec in RunDir(run_dir).metrics():
+        for k, v in rec.items():
+            r = rank(str(k))
+            if r < 0 or not isinstance(v, (int, float)) or not math.isfinite(v):
                 continue
-            if not isinstance(rec, dict):
-                continue
-            for k, v in rec.items():
-                r = rank(str(k))
-                if r < 0 or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    continue
-                if last is None or r <= last[0]:
-                    last = (r, float(v))
-                if step is not None and rec.get("step") == step and (at_step is None or r <= at_step[0]):
-                    at_step = (r, float(v))
+            if last is None or r <= last[0]:
+                last = (r, float(v))
+            if step is not None and rec.get("step") == step and (at_step is None or r <= at_step[0]):
+                at_step = (r, float(v))
     best = at_step if at_step is not None else last
     return best[1] if best is not None else None
 
@@ -148,22 +134,12 @@ _CORPUS_NAMES = {"c4": "C4", "slimpajama": "SlimPajama", "pes2o": "peS2o", "thes
 
 
 def run_config_of(checkpoint_dir: str) -> Optional[Dict[str, Any]]:
-    """The resolved training config written by train.py: <checkpoint>/config.yaml, else the run
-    dir's .hydra/config.yaml; None when neither exists or parses."""
-    run_dir = run_dir_of(checkpoint_dir)
-    for path in (os.path.join(checkpoint_dir, "config.yaml"), os.path.join(run_dir, ".hydra", "config.yaml")):
-        if not os.path.isfile(path):
-            continue
-        try:
-            import yaml
-            with open(path) as f:
-                cfg = yaml.safe_load(f)
-        except Exception as e:  # noqa: BLE001 - the caller falls back and says so
-            log.warning("could not read the run config %s: %s", path, e)
-            continue
-        if isinstance(cfg, dict):
-            return cfg
-    return None
+    """The training config written by train.py (`RunDir.config`): <checkpoint>/config.yaml
+    (resolved), else the run dir's .hydra/config.yaml; None when the path or both files are
+    absent. Raises CorruptRunFile (file:line) for a file that does not parse."""
+    if not os.path.exists(checkpoint_dir):
+        return None
+    return RunDir(checkpoint_dir).config(checkpoint_dir)
 
 
 def dataset_name_of(checkpoint_dir: str) -> Optional[str]:
@@ -220,13 +196,17 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
     if tokenizer is None:
         raise ValueError(f"checkpoint {ckpt_dir} has no tokenizer.model: pass tokenizer=<path to .model>")
     check_vocab(loaded.config.vocab_size, tokenizer)
+    # The run dir's files are read before the evaluation: a damaged one is an error (naming
+    # file:line) that costs no evaluation work.
+    run_dir = run_dir_of(ckpt_dir)
+    step = loaded.meta.get("step")
+    dataset = dataset or dataset_name_of(ckpt_dir)
+    val_perplexity = read_val_perplexity(run_dir, step)
 
     t0 = time.time()
     task_results = evaluate_model(loaded.model, tokenizer, tasks, opts, device=device,
                                   batch_size=batch_size, pad_multiple=pad_multiple, dtype=dtype,
                                   progress=progress, items=items)
-    run_dir = run_dir_of(ckpt_dir)
-    step = loaded.meta.get("step")
     n_params = sum(p.numel() for p in loaded.model.parameters())
     results: Dict[str, Any] = {
         "checkpoint": ckpt_dir,
@@ -234,8 +214,8 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
         "step": step,
         "arch": getattr(loaded.config, "arch", None),
         "n_params": n_params,
-        "dataset": dataset or dataset_name_of(ckpt_dir),
-        "val_perplexity": read_val_perplexity(run_dir, step),
+        "dataset": dataset,
+        "val_perplexity": val_perplexity,
         "tokenizer_sha256": tokenizer.sha256,
         "options": {"limit": opts.limit, "source": opts.source, "data_dir": str(opts.root), "length_normalize": opts.length_normalize,
                     "normalize_by_task": dict(opts.normalize_by_task),
@@ -247,7 +227,7 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
     }
     row = row_from_results(results)
     results["table_row"] = row
-    out_dir = out_dir or os.path.join(run_dir, "eval")
+    out_dir = out_dir or os.path.join(run_dir, EVAL_DIR)
     os.makedirs(out_dir, exist_ok=True)
     tag = f"step_{int(step):07d}" if isinstance(step, int) else "final"
     json_path = os.path.join(out_dir, f"results_{tag}.json")

@@ -1,0 +1,378 @@
+"""The one way to read a run directory: metrics, evaluation results, saved config, checkpoints.
+
+A *run directory* is what `python train.py` writes (docs/training.md, "Run directory")::
+
+    <run>/metrics.jsonl              one JSON object per line: {"step": s, "time": t, key: value, ...}
+    <run>/metrics.rewound.jsonl      records a resume moved aside (never read here: see below)
+    <run>/.hydra/{config,overrides,hydra}.yaml   the job's config, command-line overrides, Hydra state
+    <run>/checkpoints/step_XXXXXXX/  checkpoints (model_config.json, model.pt, meta.json, config.yaml, ...)
+    <run>/eval/*.json                `python -m moeut.evaluate` results (results_step_XXXXXXX.json)
+                                     and lm-evaluation-harness results files
+    <run>/step_time.json             a measured step time (analysis/compare.py measure=true)
+
+Every reader of these files (moeut.summary, analysis/compare.py, analysis/plot_curves.py,
+moeut.evaluate / moeut.eval.zeroshot, moeut.analyze and its notebooks, moeut.eval.table) goes
+through this module, so they agree on where things are and on what a damaged file means.
+
+**The corrupt-line policy** (one for every reader; docs/analysis.md, "Reading run directories"):
+
+- A line of a JSON-lines file (metrics.jsonl) that is not valid JSON is skipped with a warning
+  (`TruncatedLineWarning`, naming `file:line` and counting the skipped lines) only when it is the
+  file's LAST line and has no terminating newline: that is what a write cut short by a crash or
+  a kill leaves (the logger writes each record and its newline in one line-buffered write).
+- Any other unparsable line, a line that is valid JSON but not an object, and any whole JSON or
+  YAML file of the run dir that does not parse (eval results, .hydra/*.yaml, step_time.json:
+  all written in one go, the results atomically) raise `CorruptRunFile` (a ValueError) naming
+  `file:line` (and column where the parser gives one). Nothing is guessed around: repair or
+  delete the line/file named.
+- Blank lines are ignored. A complete record without its final newline is kept.
+
+`metrics.rewound.jsonl` holds the records a resume moved out of metrics.jsonl (records of steps
+after the checkpoint it resumed from, and any cut line; moeut.train_lib.logging.rewind_metrics),
+so metrics.jsonl alone is the run's one history; no reader here ever reads the rewound file,
+which would count those steps twice.
+
+`run_dir_of(path)` maps a run dir, its checkpoints/ dir, a checkpoint step dir or a file in one
+to the run dir. Checkpoint *contents* are read by moeut.checkpoint (its own policy: an unreadable
+checkpoint of a run dir is skipped with a warning naming the file).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# ------------------------------------------------------------------------------------------
+# File names of a run directory
+# ------------------------------------------------------------------------------------------
+
+METRICS_FILE = "metrics.jsonl"
+REWOUND_METRICS_FILE = "metrics.rewound.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+EVAL_DIR = "eval"
+EVAL_RESULTS_GLOB = "results_*.json"      # moeut.evaluate's results files inside EVAL_DIR
+HYDRA_DIR = ".hydra"
+HYDRA_CONFIG_FILE = "config.yaml"         # in HYDRA_DIR: the job's (unresolved) config
+HYDRA_OVERRIDES_FILE = "overrides.yaml"   # in HYDRA_DIR: the command-line overrides
+HYDRA_STATE_FILE = "hydra.yaml"           # in HYDRA_DIR: Hydra's own config (runtime choices)
+CHECKPOINT_CONFIG_FILE = "config.yaml"    # in a checkpoint dir: the resolved training config
+STEP_TIME_FILE = "step_time.json"         # measured step time (analysis/compare.py)
+STEP_DIR_RE = re.compile(r"^step_(\d+)$")  # a checkpoint dir: step_XXXXXXX
+# folders of a run dir that never hold another run (pruned by find_runs)
+_NOT_RUNS = ("eval", "routing", "wandb", "analysis")
+
+
+class CorruptRunFile(ValueError):
+    """A file of a run directory does not parse; the message names `file:line` (and column).
+    Raised for every unparsable line except a cut last line of a JSON-lines file."""
+
+
+class TruncatedLineWarning(UserWarning):
+    """A JSON-lines file's last line has no newline and does not parse (a write cut by a crash);
+    it was skipped. The message names `file:line`."""
+
+
+# ------------------------------------------------------------------------------------------
+# Files: the one policy
+# ------------------------------------------------------------------------------------------
+
+class JsonLines(NamedTuple):
+    """Result of `read_jsonl`: the records (JSON objects, in file order) and the 1-based line
+    numbers that were skipped as cut by a crash (at most one: the last line)."""
+    records: List[Dict[str, Any]]
+    skipped_lines: List[int]
+
+
+def read_jsonl(path: PathLike) -> JsonLines:
+    """Every JSON object of a JSON-lines file, under the module's corrupt-line policy.
+
+    Raises FileNotFoundError (no such file), CorruptRunFile (an unparsable line that is not the
+    unterminated last line, or a line that is not a JSON object; message `path:line: ...`).
+    Warns TruncatedLineWarning (`path:line: skipping unparsable last line ...`) for a cut last line.
+    """
+    path = os.fspath(path)
+    records: List[Dict[str, Any]] = []
+    skipped: List[int] = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            cut = not raw.endswith(b"\n")  # only the file's last line can lack its newline
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                reason = e.msg if isinstance(e, json.JSONDecodeError) else f"not UTF-8: {e.reason}"
+                if cut:
+                    skipped.append(lineno)
+                    warnings.warn(f"{path}:{lineno}: skipping unparsable last line ({reason}; no newline: a write "
+                                  f"cut short by a crash or kill); {len(skipped)} line skipped, "
+                                  f"{len(records)} records read", TruncatedLineWarning, stacklevel=2)
+                    continue
+                raise CorruptRunFile(f"{path}:{lineno}: not valid JSON ({reason}); only an unterminated last "
+                                     "line (a write cut by a crash) is skipped: repair or delete this line") from None
+            if not isinstance(rec, dict):
+                raise CorruptRunFile(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            records.append(rec)
+    return JsonLines(records, skipped)
+
+
+def read_metrics(path: PathLike) -> List[Dict[str, Any]]:
+    """Records of a run's metrics.jsonl, in logging order; `path` is the file, or a directory
+    that `run_dir_of` maps to the run dir (run dir, checkpoints/, a step dir). Same policy and
+    errors as `read_jsonl`; never reads metrics.rewound.jsonl. Raises FileNotFoundError when the
+    file does not exist."""
+    p = Path(path)
+    if p.is_dir():
+        p = Path(run_dir_of(p)) / METRICS_FILE
+    return read_jsonl(p).records
+
+
+def read_json(path: PathLike) -> Any:
+    """A whole JSON file (eval results, step_time.json, meta.json). Raises FileNotFoundError,
+    CorruptRunFile (`path:line:col: not valid JSON (...)`, or not UTF-8)."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except json.JSONDecodeError as e:
+        raise CorruptRunFile(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise CorruptRunFile(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_yaml(path: PathLike) -> Any:
+    """A YAML file of a run dir (.hydra/*.yaml, a checkpoint's config.yaml), as plain Python
+    containers; `${...}` interpolations stay strings. Raises FileNotFoundError, CorruptRunFile
+    (`path:line:col: not valid YAML (...)`)."""
+    import yaml
+    path = os.fspath(path)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    with open(path, encoding="utf-8") as f:
+        try:
+            return yaml.load(f, Loader=loader)  # noqa: S506 - a safe loader
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{mark.line + 1}:{mark.column + 1}" if mark is not None else "?"
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise CorruptRunFile(f"{path}:{where}: not valid YAML ({problem})") from None
+        except UnicodeDecodeError as e:
+            raise CorruptRunFile(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+# ------------------------------------------------------------------------------------------
+# Where the run dir is
+# ------------------------------------------------------------------------------------------
+
+def run_dir_of(path: PathLike) -> str:
+    """The run directory (absolute, symlinks resolved) of `path`, which may be
+
+    - a run dir: itself (also a bare checkpoint dir outside any run, e.g. an exported one: it
+      is its own run dir, so results written "into the run" stay inside what was given);
+    - its `checkpoints/` dir: the parent;
+    - a checkpoint dir `step_XXXXXXX`: the run dir above `checkpoints/` (or, for step dirs
+      kept directly in the run dir, their parent);
+    - a file (a checkpoint's model.pt, a run's metrics.jsonl, ...): `run_dir_of` of its folder.
+
+    Raises FileNotFoundError when `path` does not exist.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or directory (expected a run dir, its checkpoints/ "
+                                "dir, a checkpoints/step_XXXXXXX dir or a file in one)")
+    p = p.resolve()
+    if p.is_file():
+        p = p.parent
+    if p.name == CHECKPOINTS_DIR:
+        return str(p.parent)
+    if STEP_DIR_RE.match(p.name):
+        return str(p.parent.parent if p.parent.name == CHECKPOINTS_DIR else p.parent)
+    return str(p)
+
+
+def is_run_dir(path: PathLike) -> bool:
+    """True for a directory holding metrics.jsonl or a checkpoints/ folder."""
+    p = Path(path)
+    return (p / METRICS_FILE).is_file() or (p / CHECKPOINTS_DIR).is_dir()
+
+
+def find_runs(root: PathLike) -> List[Path]:
+    """Run directories under `root` (itself included), sorted by path. Hidden folders (.hydra,
+    .submitit), checkpoints/ and a run's eval/, routing/, wandb/, analysis/ are never searched.
+    Raises FileNotFoundError when `root` is not a directory."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"sweep dir {root} does not exist or is not a directory")
+    runs = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        is_run = METRICS_FILE in filenames or CHECKPOINTS_DIR in dirnames
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != CHECKPOINTS_DIR
+                             and not (is_run and d in _NOT_RUNS))
+        if is_run:
+            runs.append(Path(dirpath))
+    return sorted(runs)
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation results formats
+# ------------------------------------------------------------------------------------------
+
+def is_moeut_eval(data: Any) -> bool:
+    """A results file written by `python -m moeut.evaluate` (moeut/eval/zeroshot.py)."""
+    return isinstance(data, dict) and isinstance(data.get("tasks"), dict) and "table_row" in data
+
+
+def is_lm_eval(data: Any) -> bool:
+    """An lm-evaluation-harness results file: {"results": {task: {"acc,none": v, ...}}, ...}."""
+    return (isinstance(data, dict) and isinstance(data.get("results"), dict)
+            and all(isinstance(v, dict) for v in data["results"].values()))
+
+
+# ------------------------------------------------------------------------------------------
+# A run directory
+# ------------------------------------------------------------------------------------------
+
+class RunDir:
+    """One run directory (see the module docstring for its layout and the corrupt-line policy).
+
+    `RunDir(path)` takes anything `run_dir_of` takes. Readers return empty results for absent
+    files (a run without metrics.jsonl has no metrics) and raise CorruptRunFile for damaged ones.
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = Path(run_dir_of(path))
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        """The run dir's folder name."""
+        return self.path.name
+
+    @property
+    def metrics_path(self) -> Path:
+        """<run>/metrics.jsonl (may not exist)."""
+        return self.path / METRICS_FILE
+
+    @property
+    def rewound_metrics_path(self) -> Path:
+        """<run>/metrics.rewound.jsonl: records a resume moved aside; not part of the history."""
+        return self.path / REWOUND_METRICS_FILE
+
+    @property
+    def eval_dir(self) -> Path:
+        """<run>/eval, where moeut.evaluate writes its results."""
+        return self.path / EVAL_DIR
+
+    @property
+    def hydra_dir(self) -> Path:
+        """<run>/.hydra."""
+        return self.path / HYDRA_DIR
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """<run>/checkpoints."""
+        return self.path / CHECKPOINTS_DIR
+
+    def has_metrics(self) -> bool:
+        """Whether metrics.jsonl exists."""
+        return self.metrics_path.is_file()
+
+    def metrics(self) -> List[Dict[str, Any]]:
+        """Records of metrics.jsonl in logging order ([] when absent); see `read_jsonl`."""
+        return read_jsonl(self.metrics_path).records if self.has_metrics() else []
+
+    def checkpoints(self) -> List[str]:
+        """Checkpoint dirs (step_XXXXXXX) of the run, oldest first (moeut.checkpoint.find_checkpoints)."""
+        from .checkpoint import find_checkpoints
+        return find_checkpoints(self.path)
+
+    # --- saved config -------------------------------------------------------------------
+
+    def overrides(self) -> List[str]:
+        """The job's command-line overrides (.hydra/overrides.yaml); [] when absent."""
+        p = self.hydra_dir / HYDRA_OVERRIDES_FILE
+        data = read_yaml(p) if p.is_file() else None
+        return [str(x) for x in data] if isinstance(data, list) else []
+
+    def hydra_choices(self) -> Dict[str, Any]:
+        """Config-group choices of the job (.hydra/hydra.yaml -> hydra.runtime.choices); {} when absent."""
+        p = self.hydra_dir / HYDRA_STATE_FILE
+        node = read_yaml(p) if p.is_file() else None
+        for key in ("hydra", "runtime", "choices"):
+            node = node.get(key) if isinstance(node, dict) else None
+        return node if isinstance(node, dict) else {}
+
+    def config_path(self, checkpoint: Optional[PathLike] = None) -> Optional[Path]:
+        """The training config to trust: `<checkpoint>/config.yaml` (resolved, written with that
+        checkpoint) when a checkpoint dir is given and has one, else `.hydra/config.yaml`; None
+        when neither exists."""
+        cands = [Path(checkpoint) / CHECKPOINT_CONFIG_FILE] if checkpoint is not None else []
+        cands.append(self.hydra_dir / HYDRA_CONFIG_FILE)
+        return next((p for p in cands if p.is_file()), None)
+
+    def config(self, checkpoint: Optional[PathLike] = None) -> Optional[Dict[str, Any]]:
+        """The training config (see `config_path`) as a dict; None when absent or not a mapping.
+        Raises CorruptRunFile for a file that does not parse."""
+        p = self.config_path(checkpoint)
+        data = read_yaml(p) if p is not None else None
+        return data if isinstance(data, dict) else None
+
+    # --- evaluation results -------------------------------------------------------------
+
+    def eval_files(self, pattern: str = "*.json") -> List[Tuple[Path, Any]]:
+        """(path, parsed JSON) of every eval/ file matching `pattern`, sorted by name; [] when
+        eval/ is absent. Raises CorruptRunFile for a file that does not parse."""
+        if not self.eval_dir.is_dir():
+            return []
+        return [(p, read_json(p)) for p in sorted(self.eval_dir.glob(pattern)) if p.is_file()]
+
+    def latest_eval(self, files: Optional[List[Tuple[Path, Any]]] = None) -> Optional[Tuple[Path, Dict[str, Any]]]:
+        """The newest moeut.evaluate results in eval/ (largest "step", then newest file), or None.
+        `files`: the output of `eval_files()` when the caller has read them already."""
+        ours = [(d.get("step") if isinstance(d.get("step"), int) else -1, p.stat().st_mtime, p, d)
+                for p, d in (self.eval_files() if files is None else files) if is_moeut_eval(d)]
+        if not ours:
+            return None
+        _, _, p, d = max(ours, key=lambda t: (t[0], t[1]))
+        return p, d
+
+    def step_time(self) -> Optional[float]:
+        """Measured step time in seconds from step_time.json ({"step_time_s": s}); None when the
+        file is absent. Raises CorruptRunFile (unparsable) or ValueError (no positive number)."""
+        p = self.path / STEP_TIME_FILE
+        if not p.is_file():
+            return None
+        data = read_json(p)
+        v = data.get("step_time_s") if isinstance(data, dict) else None
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or v == float("inf"):
+            raise ValueError(f"{p}: needs a positive number under 'step_time_s'")
+        return float(v)
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def model_config(self, option: str = "run") -> Optional[Tuple[str, Dict[str, Any]]]:
+        """(checkpoint dir, its model_config.json as a dict) of the newest checkpoint whose
+        model_config.json reads, or of the run dir itself when it is a bare checkpoint dir (a
+        model_config.json beside model.pt); None when the run has neither.
+
+        Checkpoint policy (moeut.checkpoint.open_checkpoint): an unreadable model_config.json of
+        a run's checkpoint is skipped with a warning naming the file. Raises FileNotFoundError
+        when no checkpoint's config is readable (`option` names the setting in the message) and
+        CheckpointError for an unreadable config of a bare checkpoint dir."""
+        from .checkpoint import open_checkpoint, read_checkpoint_file
+
+        def read(ckpt: str) -> Tuple[str, Dict[str, Any]]:
+            return ckpt, read_checkpoint_file(os.path.join(ckpt, "model_config.json"))
+
+        if self.checkpoints():
+            return open_checkpoint(str(self.path), read, option=option)
+        if (self.path / "model_config.json").is_file():
+            return read(str(self.path))
+        return None
