@@ -1,7 +1,7 @@
 """Tables and figures of docs/results.md from the runs of `sweeps/cpu_result.yaml`.
 
     python -m moeut.sweep ... cpu_result (see the sweep file) ; then
-    python analysis/cpu_result_report.py outputs/sweeps/cpu_result --out docs/figures/cpu_result
+    python analysis/cpu_result_report.py root=outputs/sweeps/cpu_result out=docs/figures/cpu_result
 
 Reads each run's metrics.jsonl (through `moeut.rundir`) and prints, as markdown:
   * one row per run: model, steps, lr, seed, warm-up, final held-out-books / C4 perplexity (or the
@@ -16,18 +16,23 @@ regulariser and the gradient norm; routing metrics are logged every 10 steps by 
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
-from typing import Dict, List, Optional
+import sys
+from typing import Any, Dict, List, Optional
 
+import hydra
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_HERE))  # run as a script from a checkout: import this checkout's moeut
 from moeut.rundir import RunDir  # noqa: E402
+
+CONF_DIR = os.path.join(os.path.dirname(_HERE), "conf")  # conf/cpu_result_report.yaml
 
 TOKENS_PER_STEP = 16 * 256
 ROWS = {"cpu_result_moeut": "MoEUT", "cpu_result_dense_params": "dense (param-matched)",
@@ -191,23 +196,34 @@ def stall_numbers(runs) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("root", help="the sweep directory (outputs/sweeps/cpu_result)")
-    ap.add_argument("--out", default="docs/figures/cpu_result", help="figure path prefix")
-    a = ap.parse_args(argv)
-    runs = collect(a.root)
+def report(root: str, out: str) -> str:
+    """The markdown report of the runs under `root` (returned), with the two figures written to
+    `out`_budget.png and `out`_stall.png. Raises FileNotFoundError for a missing root and
+    ValueError when it holds no run with a metrics.jsonl."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"root: {root} is not a directory")
+    runs = collect(root)
     if not runs:
-        raise SystemExit(f"{a.root}: no run directories with a metrics.jsonl")
-    print("## All runs\n\n" + table(runs))
-    print("\n## Budget curve (lr 2e-3)\n\n" + budget_table(runs))
-    print("\n## Learning rates at 610 steps\n\n" + best_lr_table(runs))
-    print("\n## Seeds at 610 steps (lr 2e-3)\n\n" + seed_table(runs))
-    print("\n## Routing metrics, mean over steps 20-60\n\n" + stall_numbers(runs))
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    plot_budget(runs, a.out)
-    plot_stall(runs, a.out)
-    print(f"\nfigures: {a.out}_budget.png {a.out}_stall.png")
+        raise ValueError(f"root: {root} holds no run directory with a metrics.jsonl")
+    text = "\n".join(["## All runs\n\n" + table(runs),
+                      "\n## Budget curve (lr 2e-3)\n\n" + budget_table(runs),
+                      "\n## Learning rates at 610 steps\n\n" + best_lr_table(runs),
+                      "\n## Seeds at 610 steps (lr 2e-3)\n\n" + seed_table(runs),
+                      "\n## Routing metrics, mean over steps 20-60\n\n" + stall_numbers(runs)])
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    plot_budget(runs, out)
+    plot_stall(runs, out)
+    return text + f"\n\nfigures: {out}_budget.png {out}_stall.png"
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="cpu_result_report")
+def main(cfg: Any) -> None:
+    """`python analysis/cpu_result_report.py [root=DIR] [out=PREFIX]` (options:
+    conf/cpu_result_report.yaml, or `--help`). Bad input exits 1 with the message."""
+    try:
+        print(report(str(cfg.root), str(cfg.out)))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"cpu_result_report: error: {e}")
 
 
 if __name__ == "__main__":
