@@ -167,11 +167,13 @@ class _ExpertBank(nn.Module):
         self.values = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
 
     def reset_parameters(self, init_scale: float, fan_in_values: int) -> None:
+        """keys N(0, init_scale / sqrt(d)), values N(0, init_scale / sqrt(fan_in_values)) (SPEC 1.6)."""
         d = self.keys.shape[1]
         nn.init.normal_(self.keys, 0, init_scale / math.sqrt(d))
         nn.init.normal_(self.values, 0, init_scale / math.sqrt(fan_in_values))
 
     def run(self, x_Nd: torch.Tensor, idx_NK: torch.Tensor, gate_NK: torch.Tensor) -> torch.Tensor:
+        """y_Nd [N, d] = sum_j gate_NK[:, j] * expert_{idx_NK[:, j]}(x_Nd), through the cvmm kernel."""
         K = idx_NK.shape[-1]
         plan = make_plan(idx_NK, self.n_experts)
         h_SDe = F.relu(cvmm(x_Nd, self.keys, plan, src_div=K, grouped_out=True, backend=self.backend))
