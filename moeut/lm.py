@@ -112,6 +112,23 @@ def attend(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor, l: 
 
 
 # ------------------------------------------------------------------------------------------
+# The layer schedule (SPEC 1.1): which unique layer runs at each depth
+# ------------------------------------------------------------------------------------------
+
+def layer_schedule(group_size: int, n_repeats: int, order: str = "abab") -> List[Tuple[int, int, int]]:
+    """(l, g, r) for every one of the G*R layer applications, in execution order: absolute depth l,
+    unique layer g, repetition r. "abab" runs the G unique layers in turn R times (l = r*G + g,
+    the paper's order); "aabb" runs each unique layer R times in a row (l = g*R + r).
+    Raises ValueError naming `layer_order` for another order."""
+    G, R = group_size, n_repeats
+    if order == "abab":
+        return [(r * G + g, g, r) for r in range(R) for g in range(G)]
+    if order == "aabb":
+        return [(g * R + r, g, r) for g in range(G) for r in range(R)]
+    raise ValueError(f"layer_order: {order!r} is not 'abab' or 'aabb'")
+
+
+# ------------------------------------------------------------------------------------------
 # Per-call state: regulariser inputs, auxiliary losses, routing records
 # ------------------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .config import MoEUTConfig
 from .kernels.cvmm import cvmm, make_plan
-from .lm import ForwardState, KVCache, LanguageModel, apply_rope, attend, generate, rope_angles
+from .lm import ForwardState, KVCache, LanguageModel, apply_rope, attend, generate, layer_schedule, rope_angles
 from .outputs import LMOutput
 from .softmax_moe import DeepSeekMoE, SwitchMoE
 
@@ -338,10 +338,7 @@ class MoEUTLM(LanguageModel):
     def execution_order(self) -> List[Tuple[int, int, int]]:
         """(l, g, r) for every layer application in execution order: "abab" runs the G unique
         layers in turn R times (l = r*G + g), "aabb" each unique layer R times in a row (l = g*R + r)."""
-        G, R = self.config.group_size, self.config.n_repeats
-        if self.config.layer_order == "abab":
-            return [(r * G + g, g, r) for r in range(R) for g in range(G)]
-        return [(g * R + r, g, r) for g in range(G) for r in range(R)]  # aabb: l -> g = l div R
+        return layer_schedule(self.config.group_size, self.config.n_repeats, self.config.layer_order)
 
     def unique_layer(self, g: int) -> nn.Module:
         """Unique layer g (0..G-1), `transformer.layers[g]`."""

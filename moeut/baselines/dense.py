@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import DenseConfig, MLP_TYPES, _check
-from ..lm import ForwardState, KVCache, LanguageModel, apply_rope, attend, rope_angles
+from ..lm import ForwardState, KVCache, LanguageModel, apply_rope, attend, layer_schedule, rope_angles
 from ..model import build_moe_mlp
 
 
@@ -147,8 +147,7 @@ class DenseLM(LanguageModel):
 
     def execution_order(self) -> List[Tuple[int, int, int]]:
         """(l, g, r) per layer application: the G unique layers in turn, R times (l = r*G + g)."""
-        G, R = self.config.group_size, self.config.n_repeats
-        return [(r * G + g, g, r) for r in range(R) for g in range(G)]
+        return layer_schedule(self.config.group_size, self.config.n_repeats, "abab")
 
     def unique_layer(self, g: int) -> nn.Module:
         """Unique layer g, `layers[g]`."""

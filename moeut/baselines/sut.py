@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ..config import _check
 from ..kernels.cvmm import cvmm, make_plan
-from ..lm import ForwardState, KVCache, LanguageModel
+from ..lm import ForwardState, KVCache, LanguageModel, layer_schedule
 from ..outputs import LMOutput
 
 
@@ -361,7 +361,7 @@ class SUTLM(LanguageModel):
     def execution_order(self) -> List[Tuple[int, int, int]]:
         """(l, 0, l) per step l: the one shared layer at every step (the halting loop may freeze
         positions, never skip a step)."""
-        return [(l, 0, l) for l in range(self.config.n_layers)]
+        return layer_schedule(1, self.config.n_layers)
 
     def unique_layer(self, g: int) -> nn.Module:
         """The one shared layer (g = 0)."""
