@@ -12,13 +12,16 @@ residual stream never are.
 Parameter names equal the official slim implementation's (`transformer.layers.{g}.attention.v`,
 `...ffn.keys`, ...), so official checkpoints load by name (see moeut/official.py).
 
+The scaffolding shared with the baselines (forward loop, KV cache and masks, RoPE, `ForwardState`,
+the regulariser hook, activation checkpointing, `generate`) is `moeut.lm`; this file holds only
+what is MoEUT's own. `KVCache`, `ForwardState` and `generate` are re-exported here.
+
 Shapes: B batch, T time, d model width, H heads, D head width, E experts, K/k active experts,
 N = B*T tokens, S = N*k slots. Suffixes name a tensor's shape (x_BTd, idx_BTHk).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -27,7 +30,14 @@ import torch.nn.functional as F
 
 from .config import MoEUTConfig
 from .kernels.cvmm import cvmm, make_plan
-from .outputs import LMOutput, RoutingRecord, valid_positions
+from .lm import ForwardState, KVCache, LanguageModel, apply_rope, attend, generate, layer_schedule, rope_angles
+from .outputs import LMOutput
+from .softmax_moe import DeepSeekMoE, SwitchMoE
+
+__all__ = ["MoEUTLM", "MoEUTLayer", "SigmaMoE", "SwitchHeadAttention", "Transformer", "build_moe_mlp",
+           "entropy_reg_term", "sigmoid_topk", "renorm_keep_std", "renorm_rows",
+           # shared scaffolding (moeut.lm), re-exported for existing imports
+           "ForwardState", "KVCache", "apply_rope", "generate", "rope_angles"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -51,101 +61,8 @@ def renorm_rows(w: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# RoPE (SPEC 1.4): first n_rot channels of each head, rotate-half pairing, absolute positions
+# The entropy regulariser (SPEC 1.7); its inputs are collected by moeut.lm.ForwardState
 # ------------------------------------------------------------------------------------------
-
-def rope_angles(positions_T: torch.Tensor, n_rot: int, base: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [T, n_rot] in fp32 for absolute positions."""
-    inv_freq = base ** (-torch.arange(0, n_rot, 2, device=positions_T.device, dtype=torch.float32) / n_rot)
-    theta_Tr = positions_T.float()[:, None] * inv_freq[None, :]  # [T, n_rot/2]
-    theta_Tr = torch.cat([theta_Tr, theta_Tr], dim=-1)  # [T, n_rot]
-    return theta_Tr.cos(), theta_Tr.sin()
-
-
-def apply_rope(x_BHTD: torch.Tensor, cos_Tr: torch.Tensor, sin_Tr: torch.Tensor) -> torch.Tensor:
-    n_rot = cos_Tr.shape[-1]
-    if n_rot == 0:
-        return x_BHTD
-    rot, rest = x_BHTD[..., :n_rot], x_BHTD[..., n_rot:]
-    a, b = rot.chunk(2, dim=-1)
-    rotated_half = torch.cat([-b, a], dim=-1)  # rotate_half([a, b]) = [-b, a] (GPT-NeoX pairing)
-    rot = (rot.float() * cos_Tr + rotated_half.float() * sin_Tr).to(x_BHTD.dtype)
-    return torch.cat([rot, rest], dim=-1)
-
-
-# ------------------------------------------------------------------------------------------
-# Per-call state: regulariser inputs, routing records, KV cache
-# ------------------------------------------------------------------------------------------
-
-@dataclass
-class KVCache:
-    """One (k, v) entry per *absolute* layer: the same weights see different K/V at each of the
-    R applications (SPEC 1.9). k is stored after scaling and RoPE; v after expert mixing."""
-
-    k: Dict[int, torch.Tensor] = field(default_factory=dict)  # l -> [B, H, T_cache, D]
-    v: Dict[int, torch.Tensor] = field(default_factory=dict)
-    seq_len: int = 0  # tokens already in the cache (next token's absolute position)
-
-
-class ForwardState:
-    """Collected during one forward: inputs of the entropy regulariser and routing records.
-    Passed down explicitly (no module-level history, SPEC 1.8)."""
-
-    def __init__(self, training: bool, collect_routing: Union[bool, str], valid: Optional[torch.Tensor] = None):
-        self.training = training
-        # [B, T] bool real positions, None = no padding (moeut.outputs "Padding contract"). Padded
-        # positions are kept out of capacity, routing records' statistics and every auxiliary loss.
-        self.valid = valid
-        self.collect_routing = bool(collect_routing)
-        self.collect_logits = collect_routing == "logits"
-        # (kind, g) -> list over repetitions of [B, (H,) E] per-sequence log-sum-exp over time of
-        # log_softmax(gate logits): the running marginal of SPEC 1.7, kept in log space.
-        self.lse: Dict[Tuple[str, int], List[torch.Tensor]] = {}
-        # Tokens per sequence: an int, or [B] counts of real tokens when there is padding.
-        self.seq_len: Dict[Tuple[str, int], Union[int, torch.Tensor]] = {}
-        self.record: Optional[RoutingRecord] = None
-        self.records: List[RoutingRecord] = []
-        # Extra auxiliary losses of other MoE MLP types (balance, z-loss), already weighted;
-        # summed into reg_loss. Only added in training mode.
-        self.aux_losses: Dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def finish_record(self, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
-        """Close the current layer's routing record with the residual's norms (SPEC 7.2 F5)."""
-        xi, xo = x_in.float(), x_out.float()
-        self.record.in_norm = xi.norm(dim=-1)
-        self.record.update_norm = (xo - xi).norm(dim=-1)
-        self.record.cos_in_out = F.cosine_similarity(xo, xi, dim=-1)
-        self.records.append(self.record)
-        self.record = None
-
-    def add_aux(self, name: str, value: torch.Tensor) -> None:
-        if self.training:
-            self.aux_losses[name] = self.aux_losses[name] + value if name in self.aux_losses else value
-
-    def new_record(self, l: int, g: int, r: int) -> None:
-        """Open layer application l's routing record (when routing is collected)."""
-        if self.collect_routing:
-            self.record = RoutingRecord(l=l, g=g, r=r, valid=self.valid)
-
-    def add_gate_logits(self, kind: str, g: int, z_BTE: torch.Tensor) -> None:
-        """z: [B, T, E] or [B, T, H, E] pre-sigmoid logits in fp32."""
-        if not self.training:
-            return
-        # fp32 whatever the model's dtype: a log-sum-exp over T*R terms loses the marginal in bf16.
-        lsm = F.log_softmax(z_BTE.float(), dim=-1)
-        if self.valid is None:
-            self.seq_len[(kind, g)] = z_BTE.shape[1]
-        else:
-            # Padded positions contribute exp(min - lse) = 0 to the marginal. The most negative
-            # finite value rather than -inf keeps a row without real tokens finite in the backward
-            # (entropy_reg_term leaves such rows out).
-            v = self.valid.view(*self.valid.shape, *([1] * (z_BTE.dim() - 2)))
-            lsm = lsm.masked_fill(~v, torch.finfo(lsm.dtype).min)
-            self.seq_len[(kind, g)] = self.valid.sum(1)
-        lse = torch.logsumexp(lsm, dim=1)  # [B, (H,) E]
-        self.lse.setdefault((kind, g), []).append(lse)
-
 
 def entropy_reg_term(lse_list: List[torch.Tensor], T: Union[int, torch.Tensor]) -> torch.Tensor:
     """-mean over (b[, h]) of H(p) with p the per-sequence marginal over time and repetitions.
@@ -177,6 +94,10 @@ def entropy_reg_term(lse_list: List[torch.Tensor], T: Union[int, torch.Tensor]) 
 # ------------------------------------------------------------------------------------------
 
 def sigmoid_topk(z: torch.Tensor, k: int, training: bool, expert_dropout: float):
+    """(idx, gate) of the k largest sigmoid(z) along the last dim (SPEC 1.3, 1.5): z [..., E] logits;
+    idx [..., k] int64 chosen without gradient (in training, expert dropout sets each expert's
+    score to -inf with probability `expert_dropout` for the choice only); gate [..., k] = sigmoid(z)
+    at idx, with gradient."""
     s = torch.sigmoid(z)
     with torch.no_grad():
         s_sel = s
@@ -192,6 +113,11 @@ def sigmoid_topk(z: torch.Tensor, k: int, training: bool, expert_dropout: float)
 # ------------------------------------------------------------------------------------------
 
 class SigmaMoE(nn.Module):
+    """σ-MoE MLP (SPEC 1.5): y = sum over the top-K experts e of sigmoid(W_S u)_e * W2_e ReLU(W1_e x).
+
+    Parameters (official names): `expert_sel` [E, d] (gate W_S), `keys` [E, d, d_expert] (W1),
+    `values` [E, d_expert, d] (W2). Experts run through the cvmm kernel (moeut.kernels.cvmm)."""
+
     def __init__(self, cfg: MoEUTConfig):
         super().__init__()
         d, E, De = cfg.d_model, cfg.ff_n_experts, cfg.ff_expert_size
@@ -202,6 +128,7 @@ class SigmaMoE(nn.Module):
         self.values = nn.Parameter(torch.empty(E, De, d))  # W2
 
     def reset_parameters(self, cfg: MoEUTConfig) -> None:
+        """SPEC 1.6: W_S and W1 N(0, init_scale / sqrt(d)); W2 N(0, init_scale / sqrt(E * d_expert))."""
         sc, d = cfg.init_scale, cfg.d_model
         nn.init.normal_(self.expert_sel, 0, sc / math.sqrt(d))
         if cfg.mlp_gate_renorm:  # slim-code parity only (SPEC 1.6 discrepancy)
@@ -211,6 +138,9 @@ class SigmaMoE(nn.Module):
         nn.init.normal_(self.values, 0, sc / math.sqrt(cfg.ff_n_experts * cfg.ff_expert_size))
 
     def forward(self, x_BTd: torch.Tensor, gate_in_BTd: torch.Tensor, g: int, state: ForwardState) -> torch.Tensor:
+        """y_BTd [B, T, d]: experts read x_BTd (the raw residual in a peri-LN layer), the gate reads
+        gate_in_BTd (LN2(x)). g: unique layer (the regulariser's key); state: this forward's
+        ForwardState (gate logits for SPEC 1.7 in training, the routing record)."""
         B, T, d = x_BTd.shape
         z_BTE = F.linear(gate_in_BTd, self.expert_sel).float()  # matmul in autocast dtype, then fp32
         state.add_gate_logits("mlp", g, z_BTE)
@@ -230,11 +160,31 @@ class SigmaMoE(nn.Module):
         return y_Nd.view(B, T, d)
 
 
+def build_moe_mlp(cfg) -> nn.Module:
+    """The MoE MLP selected by `cfg.mlp_type`: "sigma_moe" -> SigmaMoE (SPEC 1.5); "switch" ->
+    SwitchMoE, "deepseek" -> DeepSeekMoE (moeut.softmax_moe, SPEC 8.5-8.6). All share the call
+    `mlp(x_BTd, gate_in_BTd, g, state) -> y_BTd`. Raises ValueError naming `mlp_type` otherwise."""
+    if cfg.mlp_type == "sigma_moe":
+        return SigmaMoE(cfg)
+    if cfg.mlp_type == "switch":
+        return SwitchMoE(cfg)
+    if cfg.mlp_type == "deepseek":
+        return DeepSeekMoE(cfg)
+    raise ValueError(f"mlp_type: unknown MoE MLP {cfg.mlp_type!r}; known: sigma_moe, switch, deepseek")
+
+
 # ------------------------------------------------------------------------------------------
 # SwitchHead attention (SPEC 1.3)
 # ------------------------------------------------------------------------------------------
 
 class SwitchHeadAttention(nn.Module):
+    """SwitchHead attention (SPEC 1.3): H heads with dense Q and K projections and E value and
+    output experts per head, k of each selected per token and head by sigmoid gates; RoPE on the
+    first n_rot channels (1.4); logits scaled by 1/sqrt(D) (D^-1/4 on q and on k).
+
+    Parameters (official names): `q`, `k` Linear(d, H*D, no bias); `v` [H*E, d, D], `o` [H*E, D, d]
+    (expert (h, e) is row h*E + e); `sel_v`, `sel_o` [H*E, d] gates."""
+
     def __init__(self, cfg: MoEUTConfig):
         super().__init__()
         d, H, D, E = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.att_n_experts
@@ -249,6 +199,8 @@ class SwitchHeadAttention(nn.Module):
         self.sel_o = nn.Parameter(torch.empty(H * E, d))
 
     def reset_parameters(self, cfg: MoEUTConfig) -> None:
+        """SPEC 1.6: q, k, v N(0, init_scale / sqrt(d)); o N(0, init_scale / sqrt(H * D)); gates
+        N(0, init_scale / sqrt(d)) with row renormalisation; v and o renormalised (norm_init)."""
         sc, d = cfg.init_scale, cfg.d_model
         for w in (self.q.weight, self.k.weight, self.v):
             nn.init.normal_(w, 0, sc / math.sqrt(d))
@@ -271,8 +223,12 @@ class SwitchHeadAttention(nn.Module):
                          self.n_heads * self.n_experts)
         return idx_BTHk, gate_BTHk, plan
 
-    def forward(self, qk_in_BTd, v_in_BTd, g: int, l: int, state: ForwardState,
+    def forward(self, qk_in_BTd: torch.Tensor, v_in_BTd: torch.Tensor, g: int, l: int, state: ForwardState,
                 cache: Optional[KVCache], causal: bool = True) -> torch.Tensor:
+        """Attention output [B, T, d]. qk_in_BTd feeds Q, K and both gates (LN1(x) in a peri-LN
+        layer), v_in_BTd the value experts (the raw residual). g: unique layer (regulariser key);
+        l: absolute layer application (KV-cache entry); cache: KVCache to extend, positions start
+        at cache.seq_len; causal=False: bidirectional, padded keys masked (state.valid)."""
         B, T, d = qk_in_BTd.shape
         H, D, k = self.n_heads, self.d_head, self.top_k
         idx_v, gate_v, plan_v = self._gate(self.sel_v, qk_in_BTd, "att_v", g, state)  # source side
@@ -293,21 +249,8 @@ class SwitchHeadAttention(nn.Module):
         cos, sin = rope_angles(torch.arange(past, past + T, device=q_BHTD.device), self.n_rot, self.rope_base)
         q_BHTD, k_BHTD = apply_rope(q_BHTD, cos, sin), apply_rope(k_BHTD, cos, sin)  # queries at absolute positions
 
-        attn_mask, is_causal = None, causal
-        if not causal and state.valid is not None:  # bidirectional: keys at padded positions are masked
-            attn_mask = state.valid[:, None, None, :]
-        if cache is not None:
-            if l in cache.k:
-                k_BHTD = torch.cat([cache.k[l], k_BHTD], dim=2)
-                v_BHTD = torch.cat([cache.v[l], v_BHTD], dim=2)
-            cache.k[l], cache.v[l] = k_BHTD, v_BHTD
-            if past > 0 and causal:
-                # New token i sees every cached position and new positions <= i.
-                is_causal = False
-                if T > 1:
-                    attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=q_BHTD.device).tril(past)
-        o_BHTD = F.scaled_dot_product_attention(q_BHTD, k_BHTD.to(q_BHTD.dtype), v_BHTD.to(q_BHTD.dtype),
-                                                attn_mask=attn_mask, is_causal=is_causal, scale=1.0)
+        # The cache stores k after scaling and RoPE, v after expert mixing (SPEC 1.9).
+        o_BHTD = attend(q_BHTD, k_BHTD, v_BHTD, l, cache, causal=causal, valid_BT=state.valid, scale=1.0)
         # Output experts: sum over heads and selected experts is one weighted reduction.
         o_NHD = o_BHTD.transpose(1, 2).reshape(B * T * H, D)
         out_Nd = cvmm(o_NHD, self.o, plan_o, src_div=k, out_group=H * k, gates=gate_o, backend=self.backend)
@@ -319,20 +262,22 @@ class SwitchHeadAttention(nn.Module):
 # ------------------------------------------------------------------------------------------
 
 class MoEUTLayer(nn.Module):
+    """One unique MoEUT layer (SPEC 1.2): SwitchHead attention then the MoE MLP (σ-MoE, or Switch /
+    DeepSeekMoE by `mlp_type`), each a residual branch with dropout. `ln_placement`: "peri" (the
+    paper's: LNs only on what feeds Q/K and the gates), "pre" or "post" (ablations, SPEC 1.2)."""
+
     def __init__(self, cfg: MoEUTConfig):
         super().__init__()
         self.placement = cfg.ln_placement
         self.ln1 = nn.LayerNorm(cfg.d_model, eps=1e-5)
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=1e-5)
         self.attention = SwitchHeadAttention(cfg)
-        if cfg.mlp_type == "sigma_moe":
-            self.ffn = SigmaMoE(cfg)
-        else:  # Switch / DeepSeekMoE MLPs inside the shared layers (moeut.baselines.routers)
-            from .baselines.routers import build_moe_mlp
-            self.ffn = build_moe_mlp(cfg)
+        self.ffn = build_moe_mlp(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, g: int, l: int, state: ForwardState, cache: Optional[KVCache], causal: bool):
+    def forward(self, x: torch.Tensor, g: int, l: int, state: ForwardState, cache: Optional[KVCache],
+                causal: bool = True) -> torch.Tensor:
+        """x [B, T, d] -> x [B, T, d] after one application (absolute layer l) of unique layer g."""
         if self.placement == "peri":
             u = self.ln1(x)
             x = x + self.drop(self.attention(u, x, g, l, state, cache, causal))
@@ -356,7 +301,13 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList([MoEUTLayer(cfg) for _ in range(cfg.group_size)])
 
 
-class MoEUTLM(nn.Module):
+class MoEUTLM(LanguageModel):
+    """The MoEUT LM (SPEC §1): embedding, G unique layers applied R times in `layer_order`
+    ("abab": r*G + g, the paper's; "aabb": g*R + r), LN_out (none for post-LN), untied head with
+    bias. The loop, KV cache, `generate`, routing records and activation checkpointing are
+    moeut.lm.LanguageModel's; the regulariser is SPEC 1.7's entropy terms plus the auxiliary losses
+    of Switch / DeepSeekMoE MLPs. Raises ValueError naming the field for an invalid config."""
+
     def __init__(self, cfg: MoEUTConfig):
         super().__init__()
         cfg.validate()
@@ -371,6 +322,8 @@ class MoEUTLM(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """SPEC 1.6: embedding kaiming-normal (std 1/sqrt(d)), head PyTorch's default, LayerNorms
+        1/0, attention and MLP by their own rules."""
         cfg = self.config
         nn.init.kaiming_normal_(self.embedding.weight, mode="fan_in", nonlinearity="linear")  # std 1/sqrt(d)
         self.lm_head.reset_parameters()  # PyTorch default U(+-1/sqrt(d)) for weight and bias
@@ -383,99 +336,47 @@ class MoEUTLM(nn.Module):
             self.out_norm.reset_parameters()
 
     def execution_order(self) -> List[Tuple[int, int, int]]:
-        """(l, g, r) for every layer application, in execution order."""
-        G, R = self.config.group_size, self.config.n_repeats
-        if self.config.layer_order == "abab":
-            return [(r * G + g, g, r) for r in range(R) for g in range(G)]
-        return [(g * R + r, g, r) for g in range(G) for r in range(R)]  # aabb: l -> g = l div R
+        """(l, g, r) for every layer application in execution order: "abab" runs the G unique
+        layers in turn R times (l = r*G + g), "aabb" each unique layer R times in a row (l = g*R + r)."""
+        return layer_schedule(self.config.group_size, self.config.n_repeats, self.config.layer_order)
+
+    def unique_layer(self, g: int) -> nn.Module:
+        """Unique layer g (0..G-1), `transformer.layers[g]`."""
+        return self.transformer.layers[g]
+
+    def embed(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        """Token embedding [B, T, d]; post-LN: scaled by sqrt(d), then a non-affine input norm."""
+        x_BTd = self.embedding(input_ids_BT)
+        if self.config.ln_placement == "post":
+            x_BTd = F.layer_norm(x_BTd * math.sqrt(self.config.d_model), (self.config.d_model,))
+        return x_BTd
+
+    def head(self, x_BTd: torch.Tensor) -> torch.Tensor:
+        """LN_out (not for post-LN) and the untied head with bias: logits [B, T, V]."""
+        if self.out_norm is not None:
+            x_BTd = self.out_norm(x_BTd)
+        return self.lm_head(x_BTd)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                 cache: Optional[KVCache] = None, collect_routing: Union[bool, str] = False,
                 causal: bool = True) -> LMOutput:
-        """input_ids [B, T] int64. attention_mask [B, T] (1 = real token, 0 = right padding; see
-        moeut.outputs "Padding contract"). collect_routing: True, or "logits" to also keep MLP gate
-        logits. cache: a KVCache to extend (decoding); no regulariser is computed while decoding."""
-        cfg = self.config
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-        training = self.training and cache is None
-        state = ForwardState(training, collect_routing, valid_positions(attention_mask, input_ids, cache is not None))
-        x = self.embedding(input_ids)
-        if cfg.ln_placement == "post":
-            x = F.layer_norm(x * math.sqrt(cfg.d_model), (cfg.d_model,))
-        for l, g, r in self.execution_order():
-            x_in = x
-            state.new_record(l, g, r)
-            x = self.transformer.layers[g](x, g, l, state, cache, causal)
-            if state.record is not None:
-                state.finish_record(x_in, x)
-        if cache is not None:
-            cache.seq_len += input_ids.shape[1]
-        if self.out_norm is not None:
-            x = self.out_norm(x)
-        logits = self.lm_head(x)
-        reg_loss, reg_terms = self._regulariser(state)
-        return LMOutput(logits=logits, reg_loss=reg_loss, reg_terms=reg_terms,
-                        routing=state.records if state.collect_routing else None, cache=cache)
+        """input_ids [B, T] int64 -> LMOutput (SPEC 1.8). attention_mask [B, T] (1 = real token,
+        0 = right padding; see moeut.outputs "Padding contract"). collect_routing: True, or
+        "logits" to also keep MLP gate logits. cache: a KVCache to extend (decoding); no
+        regulariser is computed while decoding. causal=False: bidirectional attention.
+        Raises ValueError for input_ids not [B, T] or a bad attention_mask."""
+        return self.run_forward(input_ids, attention_mask, cache=cache, collect_routing=collect_routing,
+                                causal=causal)
 
-    def _regulariser(self, state: ForwardState):
-        """gamma * sum_g L_MLP,g + delta * sum_g (L_V,g + L_O,g)  (SPEC 1.7); 0 in eval mode."""
-        device = self.lm_head.weight.device
-        reg = torch.zeros((), dtype=torch.float32, device=device)
+    def regulariser_terms(self, state: ForwardState) -> Dict[str, torch.Tensor]:
+        """gamma * L_MLP,g and delta * (L_V,g + L_O,g) per unique layer g (SPEC 1.7), as
+        "reg/<kind>_g<g>" -> 0-dim fp32; empty in eval mode. Other MLP types' balance / z-losses
+        are auxiliary losses (moeut.lm.LanguageModel.regulariser adds them)."""
         terms: Dict[str, torch.Tensor] = {}
         weight = {"mlp": self.config.entropy_reg, "att_v": self.config.att_entropy_reg,
                   "att_o": self.config.att_entropy_reg}
         for (kind, g), lse_list in state.lse.items():
             if kind not in weight:  # other MLP types add their own aux losses via "aux" entries
                 continue
-            term = weight[kind] * entropy_reg_term(lse_list, state.seq_len[(kind, g)])
-            terms[f"reg/{kind}_g{g}"] = term.detach()
-            reg = reg + term
-        for name, value in state.aux_losses.items():
-            terms[f"aux/{name}"] = value.detach()
-            reg = reg + value
-        return reg, terms
-
-    # -- decoding --------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: Optional[int] = None, greedy: bool = False, stop_token: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
-                        stop_token=stop_token, generator=generator)
-
-
-@torch.no_grad()
-def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: Optional[int] = None, greedy: bool = False, stop_token: Optional[int] = None,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Greedy / temperature / top-k sampling with a KV cache. Returns [B, T + new] (sequences that
-    emitted `stop_token` are padded with it)."""
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not greedy and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    was_training = model.training
-    model.eval()
-    cache = KVCache()
-    out = input_ids
-    logits = model(input_ids, cache=cache).logits[:, -1].float()
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    for _ in range(max_new_tokens):
-        if greedy:
-            nxt = logits.argmax(-1)
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-        if stop_token is not None:
-            nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
-            done = done | (nxt == stop_token)
-        out = torch.cat([out, nxt[:, None]], dim=1)
-        if stop_token is not None and bool(done.all()):
-            break
-        logits = model(nxt[:, None], cache=cache).logits[:, -1].float()
-    model.train(was_training)
-    return out
+            terms[f"reg/{kind}_g{g}"] = weight[kind] * entropy_reg_term(lse_list, state.seq_len[(kind, g)])
+        return terms

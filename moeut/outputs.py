@@ -49,6 +49,9 @@ class RoutingRecord:
 
 @dataclass
 class LMOutput:
+    """What every LM's forward returns (SPEC 1.8): logits, the regulariser / auxiliary-loss sum to
+    add to the cross-entropy, its terms for logging, routing records on request, the KV cache."""
+
     logits: torch.Tensor  # [B, T, V], autocast dtype under autocast
     reg_loss: torch.Tensor  # 0-dim fp32: every auxiliary loss to add to CE with weight 1 (0 in eval)
     reg_terms: Dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars for logging

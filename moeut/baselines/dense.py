@@ -15,21 +15,26 @@ transformer with MoE MLPs in every k-th layer (the Switch/GShard/DeepSeekMoE bas
 
 `MoETransformerLM` keeps all of this and replaces the MLP of every `moe_every`-th layer (layers
 moe_every-1, 2*moe_every-1, ...: Du et al.'s "last FFN of every 4 layers") with a MoE MLP from
-`moeut.baselines.routers` (switch, deepseek) or σ-MoE; expert and router inputs are both LN2(x).
+`moeut.model.build_moe_mlp` (switch, deepseek: moeut.softmax_moe; or σ-MoE); expert and router
+inputs are both LN2(x).
+
+The forward loop, KV cache and masks, RoPE, routing records, auxiliary losses, activation
+checkpointing and `generate` are moeut.lm's (`LanguageModel`); this file holds the blocks, the
+parameters and their init.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import DenseConfig, MLP_TYPES, _check
-from ..model import ForwardState, KVCache, apply_rope, generate, rope_angles
-from ..outputs import LMOutput, valid_positions
+from ..lm import ForwardState, KVCache, LanguageModel, apply_rope, attend, layer_schedule, rope_angles
+from ..model import build_moe_mlp
 
 
 @torch.no_grad()
@@ -41,6 +46,9 @@ def dense_init_(w: torch.Tensor, n_layers: int) -> None:
 
 
 class DenseAttention(nn.Module):
+    """Multi-head causal attention (SPEC 8.1): Q, fused K/V and output projections without biases,
+    RoPE on the first n_rot channels of each head (1.4), logits scaled by 1/sqrt(d_head)."""
+
     def __init__(self, d_model: int, n_heads: int, d_head: int, n_rot: int, rope_base: float):
         super().__init__()
         self.n_heads, self.d_head, self.n_rot, self.rope_base = n_heads, d_head, n_rot, rope_base
@@ -49,6 +57,8 @@ class DenseAttention(nn.Module):
         self.o = nn.Linear(n_heads * d_head, d_model, bias=False)
 
     def forward(self, u_BTd: torch.Tensor, l: int, cache: Optional[KVCache]) -> torch.Tensor:
+        """u_BTd [B, T, d] (LN1(x)) -> [B, T, d]. l: absolute layer application (KV-cache entry);
+        cache: KVCache to extend, new positions start at cache.seq_len."""
         B, T, _ = u_BTd.shape
         H, D = self.n_heads, self.d_head
         q_BHTD = self.q(u_BTd).view(B, T, H, D).transpose(1, 2)
@@ -57,17 +67,7 @@ class DenseAttention(nn.Module):
         past = cache.seq_len if cache is not None else 0
         cos, sin = rope_angles(torch.arange(past, past + T, device=u_BTd.device), self.n_rot, self.rope_base)
         q_BHTD, k_BHTD = apply_rope(q_BHTD, cos, sin), apply_rope(k_BHTD, cos, sin)
-        attn_mask, is_causal = None, True
-        if cache is not None:
-            if l in cache.k:
-                k_BHTD = torch.cat([cache.k[l], k_BHTD], dim=2)
-                v_BHTD = torch.cat([cache.v[l], v_BHTD], dim=2)
-            cache.k[l], cache.v[l] = k_BHTD, v_BHTD
-            if past > 0:  # new token i sees the whole cache and new positions <= i
-                is_causal = False
-                if T > 1:
-                    attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=u_BTd.device).tril(past)
-        o_BHTD = F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, attn_mask=attn_mask, is_causal=is_causal)
+        o_BHTD = attend(q_BHTD, k_BHTD, v_BHTD, l, cache)  # causal, scale 1/sqrt(D)
         return self.o(o_BHTD.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -79,11 +79,16 @@ class DenseMLP(nn.Module):
         self.up = nn.Linear(d_model, d_ff)
         self.down = nn.Linear(d_ff, d_model)
 
-    def forward(self, x_BTd, gate_in_BTd=None, g: int = 0, state=None):
+    def forward(self, x_BTd: torch.Tensor, gate_in_BTd: Optional[torch.Tensor] = None, g: int = 0,
+                state: Optional[ForwardState] = None) -> torch.Tensor:
+        """x_BTd [B, T, d] -> [B, T, d]; the other arguments (the MoE MLPs' call) are unused."""
         return self.down(F.relu(self.up(x_BTd)))
 
 
 class DenseLayer(nn.Module):
+    """Pre-LN layer (SPEC 8.1): x = x + Att(LN1 x); x = x + MLP(LN2 x), dropout on both branches.
+    `mlp`: DenseMLP or any MoE MLP with the call mlp(x_BTd, gate_in_BTd, g, state)."""
+
     def __init__(self, cfg, mlp: nn.Module):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model, eps=1e-5)
@@ -92,13 +97,20 @@ class DenseLayer(nn.Module):
         self.ffn = mlp
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, g: int, l: int, state: ForwardState, cache: Optional[KVCache]):
+    def forward(self, x: torch.Tensor, g: int, l: int, state: ForwardState, cache: Optional[KVCache]) -> torch.Tensor:
+        """x [B, T, d] -> x [B, T, d] after one application (absolute layer l) of unique layer g."""
         x = x + self.drop(self.attention(self.ln1(x), l, cache))
         u = self.ln2(x)
         return x + self.drop(self.ffn(u, u, g, state))
 
 
-class DenseLM(nn.Module):
+class DenseLM(LanguageModel):
+    """Dense pre-LN RoPE transformer LM (SPEC 8.1); group_size < n_layers shares layers in "abab"
+    order (group_size = 1: naive UT, 8.3). Parameters: `embedding`, `layers.{g}`, `out_norm`,
+    `lm_head` (untied, with bias). Forward / generate / checkpointing: moeut.lm.LanguageModel;
+    reg_loss holds only MoE MLPs' auxiliary losses. Raises ValueError naming the field for an
+    invalid config."""
+
     def __init__(self, cfg: DenseConfig):
         super().__init__()
         cfg.validate()
@@ -115,6 +127,8 @@ class DenseLM(nn.Module):
         return DenseMLP(cfg.d_model, cfg.d_ff)
 
     def reset_parameters(self) -> None:
+        """SPEC 1.6 (dense): layer Linears `dense_init_` with L = n_layers, biases 0, LayerNorms
+        1/0, embedding kaiming-normal, head PyTorch default; MoE MLPs by their own rule."""
         L = self.config.n_layers
         nn.init.kaiming_normal_(self.embedding.weight, mode="fan_in", nonlinearity="linear")
         self.lm_head.reset_parameters()
@@ -132,41 +146,20 @@ class DenseLM(nn.Module):
                 layer.ffn.reset_parameters(self.config)
 
     def execution_order(self) -> List[Tuple[int, int, int]]:
-        G, R = self.config.group_size, self.config.n_repeats
-        return [(r * G + g, g, r) for r in range(R) for g in range(G)]
+        """(l, g, r) per layer application: the G unique layers in turn, R times (l = r*G + g)."""
+        return layer_schedule(self.config.group_size, self.config.n_repeats, "abab")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
-                cache: Optional[KVCache] = None, collect_routing: Union[bool, str] = False) -> LMOutput:
-        """input_ids [B, T]; attention_mask [B, T] 1 = real, 0 = right padding (moeut.outputs
-        "Padding contract"); cache: a KVCache to extend (decoding)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-        state = ForwardState(self.training and cache is None, collect_routing,
-                             valid_positions(attention_mask, input_ids, cache is not None))
-        x = self.embedding(input_ids)
-        for l, g, r in self.execution_order():
-            x_in = x
-            state.new_record(l, g, r)
-            x = self.layers[g](x, g, l, state, cache)
-            if state.record is not None:  # update magnitudes are meaningful for dense models too (7.2)
-                state.finish_record(x_in, x)
-        if cache is not None:
-            cache.seq_len += input_ids.shape[1]
-        logits = self.lm_head(self.out_norm(x))
-        reg = torch.zeros((), dtype=torch.float32, device=logits.device)
-        terms = {}
-        for name, value in state.aux_losses.items():
-            terms[f"aux/{name}"] = value.detach()
-            reg = reg + value.float()
-        return LMOutput(logits=logits, reg_loss=reg, reg_terms=terms,
-                        routing=state.records if state.collect_routing else None, cache=cache)
+    def unique_layer(self, g: int) -> nn.Module:
+        """Unique layer g, `layers[g]`."""
+        return self.layers[g]
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: Optional[int] = None, greedy: bool = False, stop_token: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
-                        stop_token=stop_token, generator=generator)
+    def embed(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        """Token embedding [B, T, d]."""
+        return self.embedding(input_ids_BT)
+
+    def head(self, x_BTd: torch.Tensor) -> torch.Tensor:
+        """LN_out then the untied head with bias: logits [B, T, V]."""
+        return self.lm_head(self.out_norm(x_BTd))
 
 
 # ------------------------------------------------------------------------------------------
@@ -211,17 +204,23 @@ class MoETransformerConfig:
 
     @property
     def n_rotate(self) -> int:
+        """RoPE channels per head: rotate_fraction * d_head, rounded down to even (SPEC 1.4)."""
         n = int(self.rotate_fraction * self.d_head)
         return n - n % 2
 
     @property
     def init_scale(self) -> float:
+        """sqrt(2 / n_layers): the MoE MLPs' init scale (SPEC 1.6)."""
         return math.sqrt(2.0 / self.n_layers)
 
     def is_moe_layer(self, l: int) -> bool:
+        """Whether layer l (0-based) has a MoE MLP: l = moe_every-1, 2*moe_every-1, ..."""
         return (l + 1) % self.moe_every == 0
 
     def validate(self) -> None:
+        """Raises ValueError naming the field for a non-positive size, an unknown mlp_type,
+        moe_every > n_layers, ff_k > ff_n_experts, moe_n_shared >= ff_k (deepseek), a negative
+        capacity factor or dropout outside [0, 1)."""
         c = type(self).__name__
         for name in ("d_model", "n_layers", "n_heads", "d_head", "d_ff", "ff_n_experts", "ff_k",
                      "ff_expert_size", "moe_every", "vocab_size", "moe_device_groups"):
@@ -238,8 +237,11 @@ class MoETransformerConfig:
 
 
 class MoETransformerLM(DenseLM):
+    """DenseLM (no sharing) whose every `moe_every`-th layer's MLP is a MoE MLP of
+    `cfg.mlp_type` (SPEC 8.5-8.7): Switch / DeepSeekMoE (auxiliary losses in reg_loss) or σ-MoE
+    (no entropy regulariser here: that is MoEUT's, SPEC 1.7)."""
+
     def _make_mlp(self, cfg: MoETransformerConfig, g: int) -> nn.Module:
         if not cfg.is_moe_layer(g):
             return DenseMLP(cfg.d_model, cfg.d_ff)
-        from .routers import build_moe_mlp
         return build_moe_mlp(cfg)

@@ -31,12 +31,16 @@
 
 KV cache: one entry per step l (the shared layer sees different inputs at every step); halted
 positions keep providing their frozen state's K/V, exactly as in a full forward.
+
+The input checks, padding mask, KV cache, routing records (`ForwardState.new_record` /
+`finish_record`), auxiliary-loss sum, activation checkpointing and `generate` are moeut.lm's
+(`LanguageModel`); this file holds the blocks, the halting loop and the SUT losses.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -44,12 +48,17 @@ import torch.nn.functional as F
 
 from ..config import _check
 from ..kernels.cvmm import cvmm, make_plan
-from ..model import KVCache, generate
-from ..outputs import LMOutput, RoutingRecord, valid_positions
+from ..lm import ForwardState, KVCache, LanguageModel, layer_schedule
+from ..outputs import LMOutput
 
 
 @dataclass
 class SUTConfig:
+    """Sparse Universal Transformer config (SPEC 8.4, presets 2.6): one shared post-LN layer of MoA
+    attention and a softmax-routed MoE MLP, applied up to n_layers times with stick-breaking
+    halting; MIM and ACT losses weighted by mim_weight / act_weight. Raises ValueError naming the
+    field (validate) on construction."""
+
     d_model: int
     n_layers: int  # maximum number of ACT steps (applications of the shared layer)
     ff_n_experts: int
@@ -80,9 +89,13 @@ class SUTConfig:
 
     @property
     def heads_per_expert(self) -> int:
+        """Attention heads per MoA expert: att_expert_size / d_head."""
         return self.att_expert_size // self.d_head
 
     def validate(self) -> None:
+        """Raises ValueError naming the field for non-positive sizes, att_expert_size not a
+        multiple of d_head, k > experts, sample_topk outside [0, ff_k], halt_threshold outside
+        (0.5, 1), negative loss weights or dropout outside [0, 1)."""
         c = type(self).__name__
         for name in ("d_model", "n_layers", "ff_n_experts", "ff_expert_size", "ff_k", "att_n_experts",
                      "att_expert_size", "att_k", "d_head", "vocab_size", "max_relative_positions"):
@@ -103,7 +116,8 @@ class SUTConfig:
 # ------------------------------------------------------------------------------------------
 
 def mim_loss(probs_XE: torch.Tensor) -> torch.Tensor:
-    """H(E|X) - H(E) with p(x) uniform over the rows and p(e|x) the rows (each sums to 1)."""
+    """H(E|X) - H(E) (nats, 0-dim fp32) with p(x) uniform over the rows and p(e|x) the rows of
+    probs_XE [X, E] (each sums to 1): -I(X; E), SPEC 8.4."""
     p = probs_XE.float()
     h_cond = -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean()
     p_e = p.mean(0)
@@ -114,12 +128,14 @@ def mim_loss(probs_XE: torch.Tensor) -> torch.Tensor:
 class MIMAccumulator:
     """Sums of p(e|x) and of H(p(e|x)) over the active (token, step) pairs of one forward."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.sum_p: Optional[torch.Tensor] = None
         self.sum_h: Optional[torch.Tensor] = None
         self.count: Optional[torch.Tensor] = None
 
     def add(self, probs_NE: torch.Tensor, active_N: torch.Tensor) -> None:
+        """Add one step's router probabilities probs_NE [N, E] of the positions where active_N [N]
+        (bool: not halted, not padded) is True."""
         w = active_N.float()
         p = probs_NE.float()
         h = -(p * torch.log(p.clamp_min(1e-20))).sum(-1)
@@ -130,6 +146,7 @@ class MIMAccumulator:
             self.sum_p, self.sum_h, self.count = self.sum_p + sp, self.sum_h + sh, self.count + n
 
     def loss(self) -> torch.Tensor:
+        """mim_loss over every (token, step) pair added so far (0-dim fp32). Requires one `add`."""
         n = self.count.clamp_min(1.0)
         p_e = self.sum_p / n
         h_marg = -(p_e * torch.log(p_e.clamp_min(1e-20))).sum()
@@ -150,7 +167,9 @@ class MLPRouter(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.k, self.sample_topk = k, sample_topk
 
-    def forward(self, x_Nd: torch.Tensor):
+    def forward(self, x_Nd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x_Nd [N, d] -> (probs_NE fp32 softmax, idx_NK selected experts, gate_NK = p_sel / (sum
+        p_sel + 1e-6)). In training the last `sample_topk` experts are sampled (SPEC 8.4)."""
         z_NE = self.out(self.drop(torch.tanh(self.hidden(x_Nd)))).float()
         probs_NE = torch.softmax(z_NE, dim=-1)
         n_sample = self.sample_topk if self.training else 0
@@ -166,6 +185,9 @@ class MLPRouter(nn.Module):
 
 
 class SUTMoE(nn.Module):
+    """SUT's MoE MLP (SPEC 8.4): MLPRouter, E two-layer ReLU experts with biases (w1 [E, d, De],
+    b1 [E, De], w2 [E, De, d], b2 [E, d]), outputs weighted by the gates."""
+
     def __init__(self, cfg: SUTConfig):
         super().__init__()
         d, E, De = cfg.d_model, cfg.ff_n_experts, cfg.ff_expert_size
@@ -177,6 +199,7 @@ class SUTMoE(nn.Module):
         self.b2 = nn.Parameter(torch.empty(E, d))
 
     def reset_parameters(self) -> None:
+        """PyTorch Linear defaults per expert and for the router: U(+-1/sqrt(fan_in))."""
         d, De = self.w1.shape[1], self.w1.shape[2]
         # PyTorch Linear defaults per expert: U(+-1/sqrt(fan_in)) for weights and biases.
         for w, b, fan_in in ((self.w1, self.b1, d), (self.w2, self.b2, De)):
@@ -186,6 +209,7 @@ class SUTMoE(nn.Module):
         self.router.out.reset_parameters()
 
     def forward(self, x_Nd: torch.Tensor):
+        """x_Nd [N, d] -> (y_Nd [N, d], probs_NE, idx_NK, gate_NK) (router outputs as MLPRouter)."""
         probs_NE, idx_NK, gate_NK = self.router(x_Nd)
         plan = make_plan(idx_NK, self.n_experts)
         h_SDe = cvmm(x_Nd, self.w1, plan, src_div=self.k, grouped_out=True, backend=self.backend)
@@ -213,6 +237,8 @@ class MoAAttention(nn.Module):
         self.rel = nn.Parameter(torch.empty(self.max_rel + 1, cfg.d_head))  # r[distance]
 
     def reset_parameters(self) -> None:
+        """Expert Q/O and shared K/V: PyTorch Linear defaults; relative-position table
+        N(0, 1/sqrt(d_head)); router: Linear defaults."""
         d, A = self.q.shape[1], self.q.shape[2]
         nn.init.uniform_(self.q, -1 / math.sqrt(d), 1 / math.sqrt(d))
         nn.init.uniform_(self.o, -1 / math.sqrt(A), 1 / math.sqrt(A))
@@ -223,6 +249,8 @@ class MoAAttention(nn.Module):
         self.router.out.reset_parameters()
 
     def forward(self, x_BTd: torch.Tensor, l: int, cache: Optional[KVCache]):
+        """x_BTd [B, T, d] -> (out [B, T, d], probs_NE, idx_Nk, gate_Nk) with N = B*T. l: step
+        (KV-cache entry); cache: KVCache to extend, new positions start at cache.seq_len."""
         B, T, d = x_BTd.shape
         k, hpe, D = self.k, self.hpe, self.d_head
         x_Nd = x_BTd.reshape(B * T, d)
@@ -235,10 +263,7 @@ class MoAAttention(nn.Module):
         v_BhTD = self.v_proj(x_BTd).view(B, T, hpe, D).transpose(1, 2)
         past = cache.seq_len if cache is not None else 0
         if cache is not None:
-            if l in cache.k:
-                k_BhTD = torch.cat([cache.k[l], k_BhTD], dim=2)
-                v_BhTD = torch.cat([cache.v[l], v_BhTD], dim=2)
-            cache.k[l], cache.v[l] = k_BhTD, v_BhTD
+            k_BhTD, v_BhTD = cache.append(l, k_BhTD, v_BhTD)
         S = k_BhTD.shape[2]
         # Query head (j, h) reads shared K/V head h: repeat the hpe K/V heads for each of the k experts.
         k_BQSD = k_BhTD.repeat(1, k, 1, 1).to(q_BQTD.dtype)
@@ -256,6 +281,8 @@ class MoAAttention(nn.Module):
 
 
 class SUTLayer(nn.Module):
+    """SUT's shared post-LN layer (SPEC 8.4): y = LN1(s + MoA(s)); h = LN2(y + MoE(y))."""
+
     def __init__(self, cfg: SUTConfig):
         super().__init__()
         self.attention = MoAAttention(cfg)
@@ -264,17 +291,27 @@ class SUTLayer(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=1e-5)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, s_BTd: torch.Tensor, l: int, cache: Optional[KVCache]):
+    def forward(self, s_BTd: torch.Tensor, l: int, state: ForwardState, cache: Optional[KVCache]):
+        """s_BTd [B, T, d] -> (h_BTd, att_probs_NE, mlp_probs_NE), N = B*T: the layer output and
+        both routers' probabilities (for the MIM loss). l: step (KV-cache entry). Writes the
+        routing decisions into `state.record` when one is open (MoA's experts, per token, as one
+        "head" of att_o_idx [B, T, 1, k])."""
         B, T, d = s_BTd.shape
         a, att_p, att_idx, att_gate = self.attention(s_BTd, l, cache)
         y = self.ln1(s_BTd + self.drop(a))
         m, mlp_p, mlp_idx, mlp_gate = self.moe(y.reshape(B * T, d))
         h = self.ln2(y + self.drop(m.view(B, T, d)))
-        return h, (att_p, att_idx, att_gate), (mlp_p, mlp_idx, mlp_gate)
+        if state.record is not None:
+            state.record.mlp_idx = mlp_idx.view(B, T, -1).int()
+            state.record.mlp_gate = mlp_gate.view(B, T, -1).detach().float()
+            state.record.att_o_idx = att_idx.view(B, T, 1, -1).int()
+            state.record.att_o_gate = att_gate.view(B, T, 1, -1).detach().float()
+        return h, att_p, mlp_p
 
 
 class StickBreakingHalt(nn.Module):
-    """alpha = softmax(W2 GELU(W1 h))[1]; W2 (d -> 2, no bias) zero-initialised: alpha = 0.5."""
+    """Halting head (SPEC 8.4): alpha = softmax(W2 GELU(W1 h))[1]; W2 (d -> 2, no bias)
+    zero-initialised: alpha = 0.5 at init."""
 
     def __init__(self, d: int):
         super().__init__()
@@ -282,16 +319,23 @@ class StickBreakingHalt(nn.Module):
         self.w2 = nn.Linear(d, 2, bias=False)
 
     def reset_parameters(self) -> None:
+        """W1: PyTorch Linear default; W2: zeros."""
         self.w1.reset_parameters()
         nn.init.zeros_(self.w2.weight)
 
     def forward(self, h_BTd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(log alpha, log(1 - alpha)), fp32 [B, T]."""
+        """h_BTd [B, T, d] -> (log alpha, log(1 - alpha)), fp32 [B, T]."""
         logp_BT2 = F.log_softmax(self.w2(F.gelu(self.w1(h_BTd))).float(), dim=-1)
         return logp_BT2[..., 1], logp_BT2[..., 0]
 
 
-class SUTLM(nn.Module):
+class SUTLM(LanguageModel):
+    """The Sparse Universal Transformer LM (SPEC 8.4): non-affine input norm over E[tokens]*sqrt(d),
+    the shared layer applied up to n_layers times with stick-breaking halting, untied head with
+    bias (no LN_out). reg_loss = MIM + ACT losses (training only). Parameters: `embedding`,
+    `layer`, `halt`, `lm_head`. Checks, KV cache, routing records, checkpointing and `generate`:
+    moeut.lm.LanguageModel. Raises ValueError naming the field for an invalid config."""
+
     def __init__(self, cfg: SUTConfig):
         super().__init__()
         cfg.validate()
@@ -305,6 +349,7 @@ class SUTLM(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Embedding kaiming-normal (std 1/sqrt(d)), head PyTorch default, blocks their own rules."""
         nn.init.kaiming_normal_(self.embedding.weight, mode="fan_in", nonlinearity="linear")
         self.lm_head.reset_parameters()
         self.layer.attention.reset_parameters()
@@ -313,47 +358,61 @@ class SUTLM(nn.Module):
         self.layer.ln2.reset_parameters()
         self.halt.reset_parameters()
 
+    def execution_order(self) -> List[Tuple[int, int, int]]:
+        """(l, 0, l) per step l: the one shared layer at every step (the halting loop may freeze
+        positions, never skip a step)."""
+        return layer_schedule(1, self.config.n_layers)
+
+    def unique_layer(self, g: int) -> nn.Module:
+        """The one shared layer (g = 0)."""
+        return self.layer
+
+    def embed(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        """LN_in(E[tokens] * sqrt(d)) [B, T, d], a non-affine input norm."""
+        d = self.config.d_model
+        return F.layer_norm(self.embedding(input_ids_BT) * math.sqrt(d), (d,))
+
+    def head(self, s_BTd: torch.Tensor) -> torch.Tensor:
+        """The untied head with bias (no LN_out): logits [B, T, V]."""
+        return self.lm_head(s_BTd)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                 cache: Optional[KVCache] = None, collect_routing: Union[bool, str] = False,
                 return_halting: bool = False) -> LMOutput:
-        """attention_mask [B, T]: 1 = real, 0 = right padding (moeut.outputs "Padding contract"):
-        padded positions are left out of the MIM statistics, the ACT loss's average and the
-        routing records' statistics. return_halting: also put the per-position halting
-        distribution [L, B, T] (fp32, sums to 1 over L) into `reg_terms["halting"]`."""
+        """input_ids [B, T] int64 -> LMOutput (SPEC 1.8). attention_mask [B, T]: 1 = real, 0 = right
+        padding (moeut.outputs "Padding contract"): padded positions are left out of the MIM
+        statistics, the ACT loss's average and the routing records' statistics. return_halting:
+        also put the per-position halting distribution [L, B, T] (fp32, sums to 1 over L) into
+        `reg_terms["halting"]` and its expected depth into `reg_terms["act/expected_depth"]`.
+        Raises ValueError for input_ids not [B, T] or a bad attention_mask."""
+        return self.run_forward(input_ids, attention_mask, cache=cache, collect_routing=collect_routing,
+                                return_halting=return_halting)
+
+    def layers_forward(self, s: torch.Tensor, state: ForwardState, cache: Optional[KVCache],
+                       return_halting: bool = False) -> torch.Tensor:
+        """The halting loop (SPEC 8.4, module docstring) on s [B, T, d]; returns the final state.
+        In training adds the weighted MIM and ACT losses to `state` (aux "mim_att", "mim_mlp",
+        "act"); return_halting fills `state.extra_terms`."""
         cfg = self.config
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-        valid = valid_positions(attention_mask, input_ids, cache is not None)
-        training = self.training and cache is None
-        B, T = input_ids.shape
-        d = cfg.d_model
-        s = F.layer_norm(self.embedding(input_ids) * math.sqrt(d), (d,))  # non-affine input norm
+        valid = state.valid
+        B, T, _ = s.shape
         acc = torch.zeros_like(s)
         log_R = torch.zeros(B, T, device=s.device)  # log remaining mass, fp32
         active = torch.ones(B, T, dtype=torch.bool, device=s.device)
         halt_p: List[torch.Tensor] = []
         expected_depth = torch.zeros(B, T, device=s.device)
         mim_att, mim_mlp = MIMAccumulator(), MIMAccumulator()
-        records: List[RoutingRecord] = []
         log_thr = math.log(1.0 - cfg.halt_threshold)
-        for l in range(cfg.n_layers):
-            h, att, mlp = self.layer(s, l, cache)
-            if training and cfg.mim_weight > 0:  # halted and padded positions are masked out of routing stats
+        for l, _, r in self.execution_order():
+            s_in = s
+            state.new_record(l, 0, r)
+            h, att_p, mlp_p = self.call_layer(lambda x, st, l=l: self.layer(x, l, st, cache), s, state)
+            if state.training and cfg.mim_weight > 0:  # halted and padded positions are masked out of routing stats
                 counted = (active if valid is None else active & valid).view(-1)
-                mim_att.add(att[0], counted)
-                mim_mlp.add(mlp[0], counted)
-            if collect_routing:
-                rec = RoutingRecord(l=l, g=0, r=l, valid=valid)
-                rec.mlp_idx = mlp[1].view(B, T, -1).int()
-                rec.mlp_gate = mlp[2].view(B, T, -1).detach().float()
-                # MoA experts are per token, not per head: stored as one "head" of output experts.
-                rec.att_o_idx = att[1].view(B, T, 1, -1).int()
-                rec.att_o_gate = att[2].view(B, T, 1, -1).detach().float()
-                with torch.no_grad():
-                    rec.in_norm = s.float().norm(dim=-1)
-                    rec.update_norm = (h.float() - s.float()).norm(dim=-1)
-                    rec.cos_in_out = F.cosine_similarity(h.float(), s.float(), dim=-1)
-                records.append(rec)
+                mim_att.add(att_p, counted)
+                mim_mlp.add(mlp_p, counted)
+            if state.record is not None:
+                state.finish_record(s_in, h)  # the update of this application: h against its input
             log_a, log_1ma = self.halt(h)
             if l == cfg.n_layers - 1:  # the last step takes all the remaining mass
                 log_a, log_1ma = torch.zeros_like(log_a), torch.full_like(log_1ma, float("-inf"))
@@ -373,33 +432,16 @@ class SUTLM(nn.Module):
                 halt_p[-1] = halt_p[-1] + rem
                 expected_depth = expected_depth + (l + 1) * rem
             active = active & ~newly
-        if cache is not None:
-            cache.seq_len += T
-        logits = self.lm_head(s)
-        reg = torch.zeros((), dtype=torch.float32, device=logits.device)
-        terms: Dict[str, torch.Tensor] = {}
-        if training:
+        if state.training:
             if cfg.mim_weight > 0:
-                for name, accum in (("mim_att", mim_att), ("mim_mlp", mim_mlp)):
-                    term = cfg.mim_weight * accum.loss()
-                    terms[f"aux/{name}"] = term.detach()
-                    reg = reg + term
+                state.add_aux("mim_att", cfg.mim_weight * mim_att.loss())
+                state.add_aux("mim_mlp", cfg.mim_weight * mim_mlp.loss())
             if cfg.act_weight > 0:
                 # Averaged over non-pad tokens (SPEC 8.4).
                 depth = expected_depth.mean() if valid is None else \
                     (expected_depth * valid).sum() / valid.sum().clamp_min(1)
-                term = cfg.act_weight * depth
-                terms["aux/act"] = term.detach()
-                reg = reg + term
+                state.add_aux("act", cfg.act_weight * depth)
         if return_halting:  # not losses: only on request, so reg_terms' "aux/" entries sum to reg_loss
-            terms["act/expected_depth"] = expected_depth.detach().mean()
-            terms["halting"] = torch.stack(halt_p, 0).detach()
-        return LMOutput(logits=logits, reg_loss=reg, reg_terms=terms,
-                        routing=records if collect_routing else None, cache=cache)
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: Optional[int] = None, greedy: bool = False, stop_token: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
-                        stop_token=stop_token, generator=generator)
+            state.extra_terms["act/expected_depth"] = expected_depth.detach().mean()
+            state.extra_terms["halting"] = torch.stack(halt_p, 0).detach()
+        return s
