@@ -35,8 +35,10 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from moeut.checkpoint import build_model, load_state_dict_strict, resolve_checkpoint, unwrap_model
-from moeut.train_lib import checkpoint as ckpt_lib
+from moeut import checkpoint as ckpt_lib
+from moeut.checkpoint import load_state_dict_strict, resolve_checkpoint, unwrap_model
+from moeut.compute import total_params
+from moeut.registry import build_model
 from moeut.train_lib.config import TrainConfig, micro_batch_size, to_typed
 from moeut.train_lib.data import prepare_run_data, resolve_tokenizer
 from moeut.train_lib.distributed import (all_reduce_sum_, any_rank, barrier, broadcast_object, cleanup,
@@ -205,7 +207,7 @@ def _validated_start(tc: TrainConfig, run_dir: str, dist, say) -> Dict[str, Any]
     # --- model ----------------------------------------------------------------------------
     seed_all(t_cfg.seed)
     model = build_model(tc.model)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = total_params(model)
     say(f"[model] {tc.model_preset} ({type(model).__name__}): {n_params:,} parameters")
     if resume is not None:
         stored, now = resume["model_config"], json.loads(json.dumps(dataclasses.asdict(tc.model)))

@@ -198,6 +198,7 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
     """Load, evaluate, write results JSON + tables; returns the results dict (with "files").
     Task data are loaded before the model: NoTaskData when no task has any (nothing written)."""
     from ..checkpoint import load_model, resolve_checkpoint
+    from ..compute import total_params
     from ..data.tokenizer import Tokenizer
 
     opts = opts or EvalOptions()
@@ -227,7 +228,7 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
                                   progress=progress, items=items)
     run_dir = run_dir_of(ckpt_dir)
     step = loaded.meta.get("step")
-    n_params = sum(p.numel() for p in loaded.model.parameters())
+    n_params = total_params(loaded.model)
     results: Dict[str, Any] = {
         "checkpoint": ckpt_dir,
         "run_dir": run_dir,

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ..config import ARCHS, PAPER_TRAIN, PRESETS, _ensure_baselines_registered, get_preset
+from ..registry import ARCHS, PAPER_TRAIN, PRESETS, get_preset
 from ..validate import Range, at_least, check_mapping, check_ranges, field_range, in_range, positive
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,7 +59,6 @@ MODEL_RANGES: Dict[str, Range] = {
 
 
 def _optional_model_fields() -> List[tuple]:
-    _ensure_baselines_registered()
     seen: Dict[str, Any] = {}
     ranges: Dict[str, Range] = {}
     for cls, _ in ARCHS.values():
