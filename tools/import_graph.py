@@ -75,13 +75,14 @@ def _from_base(mod: str, is_pkg: bool, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def module_edges(mod: str, path: str, modules: Dict[str, str]) -> List[Edge]:
-    """Every import edge out of module `mod` (file `path`) into the package. Raises SyntaxError
-    (naming the file) when the file does not parse."""
+def module_edges(mod: str, path: str, modules: Dict[str, str], root: str = ".") -> List[Edge]:
+    """Every import edge out of module `mod` (file `path`) into the package; locations are given
+    relative to `root` (the package's parent folder). Raises SyntaxError (naming the file) when
+    the file does not parse."""
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read(), filename=path)
     is_pkg = os.path.basename(path) == "__init__.py"
-    rel = os.path.relpath(path)
+    rel = os.path.relpath(path, root)
     edges: List[Edge] = []
 
     def add(target: str, kind: str, line: int) -> None:
@@ -118,9 +119,10 @@ def import_graph(package_dir: str) -> Tuple[List[str], List[Edge]]:
     """(sorted module names, sorted distinct edges) of the package at `package_dir`. Raises
     FileNotFoundError (not a package) or SyntaxError (a file that does not parse)."""
     modules = module_names(package_dir)
+    root = os.path.dirname(os.path.abspath(package_dir))
     edges = set()
     for mod, path in modules.items():
-        edges.update(module_edges(mod, path, modules))
+        edges.update(module_edges(mod, path, modules, root))
     return sorted(modules), sorted(edges)
 
 
