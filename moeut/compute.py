@@ -57,7 +57,9 @@ def total_params(cfg_or_module: Union[Any, torch.nn.Module]) -> int:
 
 
 def active_params(cfg, include_head: bool = True) -> int:
-    """Weight-matrix parameters one token touches, over all layer applications (SPEC 9.1)."""
+    """Weight-matrix parameters one token touches, summed over all layer applications (a shared
+    layer applied R times counts R times), plus the head d*V when `include_head` (SPEC 9.1). No
+    embedding, norms or biases. A count; raises ValueError for an unknown arch."""
     d, V = cfg.d_model, cfg.vocab_size
     arch = _arch(cfg)
     head = d * V if include_head else 0
@@ -97,7 +99,9 @@ def _dense_order(cfg):
 # ------------------------------------------------------------------------------------------
 
 def attention_macs_paper(cfg, T: int, g: int = 0) -> int:
-    """Forward MACs of one absolute layer's attention for a sequence of T tokens."""
+    """Forward MACs of one absolute layer's attention (unique layer `g`) for a sequence of T
+    tokens, the authors' formula with the full T^2 score matrix (SPEC 9.2). Raises ValueError for
+    an unknown arch."""
     d = cfg.d_model
     arch = _arch(cfg)
     if arch in ("dense", "moe_transformer"):
@@ -119,6 +123,9 @@ def attention_macs_paper(cfg, T: int, g: int = 0) -> int:
 
 
 def mlp_macs_paper(cfg, T: int, g: int = 0) -> int:
+    """Forward MACs of one absolute layer's MLP (unique layer `g`) for T tokens (SPEC 9.2): dense
+    2*T*d*d_ff; MoE 2*T*d*d_expert*K + the router T*d*N_E; SUT adds its router and halting unit.
+    Raises ValueError for an unknown arch."""
     d = cfg.d_model
     arch = _arch(cfg)
     if arch == "dense" or (arch == "moe_transformer" and not cfg.is_moe_layer(g)):
@@ -132,7 +139,8 @@ def mlp_macs_paper(cfg, T: int, g: int = 0) -> int:
 
 
 def model_macs_paper(cfg, T: int) -> int:
-    """Forward MACs of the whole model (no embedding, no head) per sequence of T tokens."""
+    """Forward MACs of the whole model (every layer application; no embedding, no head) per
+    sequence of T tokens (SPEC 9.2). Raises ValueError for an unknown arch."""
     arch = _arch(cfg)
     if arch in ("dense", "moe_transformer"):
         order = _dense_order(cfg)
@@ -154,7 +162,9 @@ def training_macs(cfg, seq_len: int, batch_size: int, steps: int) -> int:
 
 
 def flops_per_token(cfg, seq_len: int = 1024, convention: str = "paper") -> float:
-    """Training FLOPs per token (forward + backward), SPEC 9.3."""
+    """Training FLOPs per token (forward + backward = 3x forward, 2 FLOPs per MAC), SPEC 9.3:
+    "paper" 6 * (MACs/token + head d*V); "nanogpt" 6 * N_active + 12 * L * H * d_head * T.
+    Raises ValueError for another convention."""
     if convention == "paper":
         return 6.0 * macs_per_token(cfg, seq_len, include_head=True)
     if convention == "nanogpt":

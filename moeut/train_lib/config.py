@@ -5,7 +5,7 @@ wrong type fails at composition. `to_typed(cfg)` turns the composed DictConfig i
 `TrainConfig` and validates cross-field constraints with messages that name the key. Nothing is
 built from the config with `_target_`: train.py reads typed fields.
 
-Model configs: `model.preset` names a preset of `moeut.config.PRESETS`; every architecture field
+Model configs: `model.preset` names a preset of `moeut.registry.PRESETS`; every architecture field
 of every registered config class (MoEUTConfig, DenseConfig, baselines) is an Optional override
 (None = keep the preset's value), plus a free `model.overrides` dict for fields of architectures
 registered after this module was imported.
@@ -90,7 +90,7 @@ ModelSchema = dataclasses.make_dataclass(
     [("preset", str, field(default=MISSING)),
      ("overrides", Dict[str, Any], field(default_factory=dict))] + _optional_model_fields(),
 )
-ModelSchema.__doc__ = ("model.preset names a preset of moeut.config.PRESETS; any other field "
+ModelSchema.__doc__ = ("model.preset names a preset of moeut.registry.PRESETS; any other field "
                        "overrides the preset's value (None = keep).")
 
 
