@@ -14,7 +14,6 @@ from hydra import compose, initialize_config_dir
 
 from moeut import compute as C
 from moeut import registry as R
-from moeut.config import DenseConfig, MoEUTConfig
 from param_formula import param_count_formula
 
 REPO = Path(__file__).resolve().parents[1]
