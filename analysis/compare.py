@@ -137,7 +137,7 @@ def load_run(run_dir: str, seq_len: int = 1024, val_key: Optional[str] = None) -
     Raises FileNotFoundError (no model config), ValueError (config not understood, bad
     step_time.json), CorruptRunFile (a damaged run-dir file, named with its line)."""
     from moeut import compute
-    from moeut.config import config_from_dict
+    from moeut.registry import config_from_dict
     from moeut.rundir import EVAL_RESULTS_GLOB, RunDir, read_json
 
     run = Run(name=os.path.basename(os.path.normpath(run_dir)), path=run_dir)
@@ -391,7 +391,7 @@ def measure_runs(runs: List[Run], batch_size: int, seq_len: int, device: str, dt
     writes `<run>/step_time.json` and updates the runs."""
     import torch
 
-    from moeut.checkpoint import build_model
+    from moeut.registry import build_model
     from moeut.compute import measure_step_time
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None, "fp32": None}[dtype]

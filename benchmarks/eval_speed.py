@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moeut.compute import total_params  # noqa: E402
 from moeut.eval.scoring import Scorer  # noqa: E402
 from moeut.eval.tasks import get_task  # noqa: E402
 from moeut.eval.tasks.base import EvalOptions, TaskDataMissing  # noqa: E402
@@ -136,8 +137,7 @@ def main(argv=None):
         loaded = load_model(args.checkpoint)
         model, tok, label = loaded.model, loaded.tokenizer, args.checkpoint
     else:
-        from moeut.checkpoint import build_model
-        from moeut.config import get_preset
+        from moeut.registry import build_model, get_preset
         from moeut.data.tokenizer import train_tokenizer
         texts = []  # tokenizer training text: up to 200 items of each task (more than --limit)
         big = EvalOptions(data_dir=args.data_dir, limit=max(args.limit, 200))
@@ -155,7 +155,7 @@ def main(argv=None):
         model = build_model(get_preset(args.preset, vocab_size=tok.vocab_size))
         label = f"{args.preset} (random init), tokenizer {tok.vocab_size} pieces"
     model = model.to(device).eval()
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = total_params(model)
 
     rows = []
     for name, its in items.items():

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moeut.config import get_preset
+from moeut.registry import get_preset
 from moeut.cpu import keep_freed_memory
 from moeut.model import ForwardState, SigmaMoE
 

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moeut.checkpoint import build_model  # noqa: E402
-from moeut.config import PAPER_TRAIN, get_preset  # noqa: E402
+from moeut.compute import total_params  # noqa: E402
+from moeut.registry import PAPER_TRAIN, build_model, get_preset  # noqa: E402
 
 
 def step_fn(model, opt, batch_BT1, autocast_dtype, micro: int, clip: float):
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         for _ in range(a.warmup):
             step_fn(m, opt, batch, dtype, micro, clip)
         sync(device)
-        res[n]["params"] = sum(p.numel() for p in m.parameters())
+        res[n]["params"] = total_params(m)
         if gpu:
             res[n]["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         else:  # max-RSS is a process high-water mark: measure each model in a fresh process

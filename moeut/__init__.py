@@ -1,5 +1,5 @@
 """MoEUT: Mixture-of-Experts Universal Transformers (Csordás et al., NeurIPS 2024)."""
-from .config import PRESETS, DenseConfig, MoEUTConfig, get_preset
+from .config import DenseConfig, MoEUTConfig
 from .outputs import LMOutput, RoutingRecord
 
 __version__ = "0.1.0"
@@ -12,7 +12,10 @@ def __getattr__(name):  # lazy: importing the package does not build kernels or 
     if name in ("from_official", "to_official"):
         from . import official
         return getattr(official, name)
-    if name in ("build_model", "load_model", "save_checkpoint"):
+    if name in ("PRESETS", "get_preset", "build_model"):  # the registry imports the model code
+        from . import registry
+        return getattr(registry, name)
+    if name in ("load_model", "save_checkpoint"):
         from . import checkpoint
         return getattr(checkpoint, name)
     raise AttributeError(f"module 'moeut' has no attribute {name!r}")

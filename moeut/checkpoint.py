@@ -8,11 +8,23 @@
         train_state.pt      optimiser/scheduler/scaler/RNG/sampler state (training checkpoints only)
         config.yaml         the resolved run config (training checkpoints only)
 
+Training checkpoints (`save_training_checkpoint`, `load_latest_training_checkpoint`) add:
+
+    train_state.pt  `TrainState.state_dict()` (train_lib/state.py): optimiser, grad scaler, step,
+                    tokens seen, sampler position, wandb run id, the open log window's
+                    accumulators, and per rank: RNG states and routing-metric accumulators
+    config.yaml     the resolved run config
+
+The LR schedule is a closed form of the step (train_lib/schedule.py), so its "state" is the step.
+
 A checkpoint is written under a temporary name and renamed into place, so a directory named
 `step_*` is complete unless the disk itself (or a copy) damaged it. Every reader goes through
 `open_checkpoint` (`load_model`, `resolve_checkpoint`, training's resume): given a run dir it
 uses the newest readable checkpoint and warns naming each unreadable file it skipped; given one
 checkpoint (its dir or a file in it) it stops with a CheckpointError naming the bad file.
+
+This module holds all checkpoint file I/O (model and training state); the model classes come from
+`moeut.registry.build_model`, the config classes from `moeut.registry.config_from_dict`.
 """
 from __future__ import annotations
 
@@ -28,29 +40,18 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+import yaml
 
-from .config import config_from_dict
 from .data.tokenizer import Tokenizer
+from .registry import build_model, config_from_dict
 
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d+)$")
 PathLike = Union[str, os.PathLike]
 
 
-def build_model(cfg) -> torch.nn.Module:
-    """Instantiate the model class registered for `cfg.arch` (see moeut.config.ARCHS)."""
-    from .config import ARCHS, _ensure_baselines_registered
-    if cfg.arch not in ARCHS:
-        _ensure_baselines_registered()
-    if cfg.arch not in ARCHS:
-        raise ValueError(f"model.arch: unknown architecture {cfg.arch!r}; known: {sorted(ARCHS)}")
-    module_name, cls_name = ARCHS[cfg.arch][1].split(":")
-    import importlib
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(cfg)
-
-
 def checkpoint_dir_name(step: int) -> str:
+    """The directory name of the checkpoint at optimiser step `step`: "step_" + 7 digits."""
     return f"step_{step:07d}"
 
 
@@ -96,7 +97,8 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that is missing, truncated or corrupt. `file` names it."""
+    """A checkpoint file that is missing, truncated or corrupt. `file` names it, `reason` says why;
+    str(e) is "<file>: <reason>"."""
 
     def __init__(self, file: str, reason: str):
         super().__init__(f"{file}: {reason}")
@@ -146,6 +148,7 @@ def verify_checkpoint_files(path: PathLike) -> None:
 
 
 def is_valid_checkpoint(path: PathLike) -> bool:
+    """Whether `verify_checkpoint_files(path)` passes (never raises for a bad checkpoint)."""
     try:
         verify_checkpoint_files(path)
         return True
@@ -237,6 +240,9 @@ def resolve_checkpoint(path: PathLike, option: str = "checkpoint") -> str:
 
 @dataclass
 class LoadedModel:
+    """What `load_model` returns: the model (eval mode), its config, the checkpoint's tokenizer
+    (None when it has none), meta.json as a dict and the checkpoint dir it came from."""
+
     model: torch.nn.Module
     config: Any
     tokenizer: Optional[Tokenizer]
@@ -300,3 +306,101 @@ def load_state_dict_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor
                 f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:20]))
         raise ValueError(f"checkpoint {source} does not match the model architecture: " + "; ".join(parts))
     model.load_state_dict(state, assign=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Training checkpoints: the model checkpoint plus train_state.pt and config.yaml
+# ------------------------------------------------------------------------------------------
+
+TRAIN_STATE = "train_state.pt"
+
+
+def save_training_checkpoint(run_dir: str, step: int, model, model_config, *, train_state: Dict[str, Any],
+                             tokenizer, raw_config: Dict[str, Any], keep_last: Optional[int] = None,
+                             meta: Optional[Dict[str, Any]] = None) -> str:
+    """Write checkpoints/step_XXXXXXX atomically (rank 0 only). `train_state` is
+    `TrainState.state_dict()` (train_lib/state.py): everything besides the weights; `raw_config`
+    the resolved run config (written as config.yaml); `keep_last` prunes older checkpoints after
+    the write. Returns the checkpoint dir. Raises OSError when the disk refuses the write (the
+    previous checkpoints stay untouched: the new one is renamed into place only when complete)."""
+
+    def write_state(path: str) -> None:
+        torch.save(train_state, path)
+
+    def write_config(path: str) -> None:
+        with open(path, "w") as f:
+            yaml.safe_dump(raw_config, f, sort_keys=False)
+
+    m = {"tokens_seen": train_state["tokens_seen"], "wandb_id": train_state.get("wandb_id"), "kind": "training"}
+    m.update(meta or {})
+    path = save_checkpoint(os.path.join(run_dir, "checkpoints"), step, unwrap_model(model), model_config,
+                           tokenizer=tokenizer, meta=m,
+                           extra_files={TRAIN_STATE: write_state, "config.yaml": write_config})
+    if keep_last:
+        prune_checkpoints(run_dir, keep_last)
+    return path
+
+
+def prune_checkpoints(run_dir: str, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints of `run_dir` (keep_last >= 1)."""
+    for old in find_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_all(path: str) -> Dict[str, Any]:
+    # read_checkpoint_file names the file in a CheckpointError (missing, truncated, corrupt)
+    meta = read_checkpoint_file(os.path.join(path, "meta.json"))
+    model_config = read_checkpoint_file(os.path.join(path, "model_config.json"))
+    model_state = read_checkpoint_file(os.path.join(path, "model.pt"))
+    train_state = read_checkpoint_file(os.path.join(path, TRAIN_STATE), weights_only=False)
+    tok = os.path.join(path, "tokenizer.model")
+    return {"meta": meta, "model_config": model_config, "model": model_state, "train": train_state, "path": path,
+            "tokenizer_path": tok if os.path.isfile(tok) else None}
+
+
+def load_latest_training_checkpoint(run_dir: str, log=print) -> Optional[Dict[str, Any]]:
+    """The newest checkpoint in `run_dir` whose files all load, or None when there is none.
+    Unreadable ones are skipped with a warning naming the file (moeut.checkpoint.open_checkpoint);
+    when every checkpoint is unreadable it raises rather than silently starting over."""
+    if not find_checkpoints(run_dir):
+        return None
+    return open_checkpoint(run_dir, _load_all, option="train.resume", log=log)
+
+
+def load_training_checkpoint(path: str) -> Dict[str, Any]:
+    """One checkpoint dir (or a run dir: its newest readable checkpoint), see open_checkpoint.
+    Returns {"meta", "model_config" (dict), "model" (state dict), "train" (train_state.pt),
+    "path", "tokenizer_path" (None without one)}. Raises CheckpointError naming a bad file."""
+    return open_checkpoint(path, _load_all, option="train.resume")
+
+
+def restore_model(ckpt: Dict[str, Any], model) -> None:
+    """Load the model weights (before building the optimiser: `load_state_dict_strict` assigns
+    new parameter tensors). Raises naming the mismatching keys when the checkpoint comes from
+    another architecture."""
+    load_state_dict_strict(unwrap_model(model), ckpt["model"], source=ckpt["path"])
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    """Write `path` through a temporary file and a rename, so a reader (or a crash) never sees
+    it half-written."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def commit_run_dir(run_dir: str, tokenizer, files: Optional[Dict[str, str]] = None) -> None:
+    """The first write of a start into the run dir, after config, data, tokenizer and checkpoint
+    have been validated against each other: the run's tokenizer.model (unchanged when it exists:
+    validation has checked it is the same tokenizer) and `files` ({relative path: text}, e.g.
+    Hydra's .hydra/config.yaml, hydra.yaml, overrides.yaml), each written atomically."""
+    os.makedirs(run_dir, exist_ok=True)
+    run_tok = os.path.join(run_dir, "tokenizer.model")
+    if tokenizer is not None and not os.path.isfile(run_tok):
+        write_file_atomic(run_tok, tokenizer.model_proto)
+    for rel, text in (files or {}).items():
+        write_file_atomic(os.path.join(run_dir, rel), text.encode("utf-8"))

@@ -1,9 +1,10 @@
 """Compute accounting (SPEC §9): parameters, MACs and FLOPs per token, MFU, measured step time.
 
 Conventions (never mixed in one table):
-- **Total parameters** (`total_params`): every parameter incl. embedding, head, norms (the paper's
-  size labels). Exact, by building the model on the meta device; `param_count_formula` gives the
-  closed forms and is tested against it.
+- **Total parameters** (`total_params`, the package's one parameter counter): every parameter incl.
+  embedding, head, norms (the paper's size labels). Exact: counts a module's parameters, or builds
+  a config's model on the meta device. The SPEC §2 closed forms are an independent reference in
+  the tests (tests/param_formula.py), not a second counter.
 - **Active parameters** (`active_params`): weight matrices one token touches, summed over all
   layer *applications* (a shared layer applied R times counts R times), plus the head d*V; no
   embedding, norms or biases (SPEC 9.1).
@@ -23,12 +24,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-from .config import DenseConfig, MoEUTConfig
+from .registry import build_model
 
 
 def _arch(cfg) -> str:
@@ -39,52 +40,26 @@ def _arch(cfg) -> str:
 # Parameters
 # ------------------------------------------------------------------------------------------
 
-def total_params(cfg) -> int:
-    """Exact total parameter count: builds the model on the meta device (no memory, no init)."""
-    from .checkpoint import build_model
+def total_params(cfg_or_module: Union[Any, torch.nn.Module]) -> int:
+    """THE parameter counter (SPEC 9.1, "total parameters"): every parameter of the model, incl.
+    embedding, head, norms and biases, each shared tensor once.
+
+    `cfg_or_module`: a model config (any registered architecture; the model is built on the meta
+    device: no memory, no initialisation) or an nn.Module (also DDP/torch.compile-wrapped; their
+    parameters are the wrapped module's). Returns a count (parameters, not bytes).
+    Raises ValueError/TypeError from `moeut.registry.build_model` for a config of no registered
+    architecture."""
+    if isinstance(cfg_or_module, torch.nn.Module):
+        return sum(p.numel() for p in cfg_or_module.parameters())
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = build_model(cfg_or_module)
     return sum(p.numel() for p in model.parameters())
 
 
-def _mlp_params(cfg) -> int:
-    """Parameters of one MoE MLP (σ-MoE, Switch or DeepSeekMoE)."""
-    d, NE, De = cfg.d_model, cfg.ff_n_experts, cfg.ff_expert_size
-    if cfg.mlp_type == "deepseek":
-        return 2 * NE * d * De + (NE - cfg.moe_n_shared) * d  # experts (shared incl.) + routed centroids
-    return 2 * NE * d * De + NE * d  # experts + gate/router
-
-
-def param_count_formula(cfg) -> int:
-    """Closed-form total parameter count for every architecture in this package."""
-    V, d = cfg.vocab_size, cfg.d_model
-    arch = _arch(cfg)
-    if arch == "moeut":
-        H, dh, Ea = cfg.n_heads, cfg.d_head, cfg.att_n_experts
-        per = 2 * d * H * dh + 2 * H * Ea * d * dh + 2 * H * Ea * d + _mlp_params(cfg) + 4 * d
-        out_norm = 0 if cfg.ln_placement == "post" else 2 * d
-        return V * d + cfg.group_size * per + d * V + V + out_norm
-    if arch in ("dense", "moe_transformer"):
-        H, dh = cfg.n_heads, cfg.d_head
-        att = 4 * d * H * dh + 4 * d  # q, fused kv, o; two LayerNorms
-        dense_mlp = 2 * d * cfg.d_ff + cfg.d_ff + d
-        total = V * d + d * V + V + 2 * d
-        for g in range(cfg.group_size):
-            moe = arch == "moe_transformer" and cfg.is_moe_layer(g)
-            total += att + (_mlp_params(cfg) if moe else dense_mlp)
-        return total
-    if arch == "sut":
-        A, Ea, NE, De = cfg.att_expert_size, cfg.att_n_experts, cfg.ff_n_experts, cfg.ff_expert_size
-        router = lambda E: d * d + d + E * d  # Linear(d,d)+bias, Linear(d,E) no bias
-        att = 2 * d * A + 2 * Ea * d * A + router(Ea) + (cfg.max_relative_positions + 1) * cfg.d_head
-        mlp = NE * (2 * d * De + De + d) + router(NE)
-        halt = d * d + d + 2 * d
-        return V * d + att + mlp + 4 * d + halt + d * V + V
-    raise ValueError(f"param_count_formula: unknown arch {arch!r}")
-
-
 def active_params(cfg, include_head: bool = True) -> int:
-    """Weight-matrix parameters one token touches, over all layer applications (SPEC 9.1)."""
+    """Weight-matrix parameters one token touches, summed over all layer applications (a shared
+    layer applied R times counts R times), plus the head d*V when `include_head` (SPEC 9.1). No
+    embedding, norms or biases. A count; raises ValueError for an unknown arch."""
     d, V = cfg.d_model, cfg.vocab_size
     arch = _arch(cfg)
     head = d * V if include_head else 0
@@ -124,7 +99,9 @@ def _dense_order(cfg):
 # ------------------------------------------------------------------------------------------
 
 def attention_macs_paper(cfg, T: int, g: int = 0) -> int:
-    """Forward MACs of one absolute layer's attention for a sequence of T tokens."""
+    """Forward MACs of one absolute layer's attention (unique layer `g`) for a sequence of T
+    tokens, the authors' formula with the full T^2 score matrix (SPEC 9.2). Raises ValueError for
+    an unknown arch."""
     d = cfg.d_model
     arch = _arch(cfg)
     if arch in ("dense", "moe_transformer"):
@@ -146,6 +123,9 @@ def attention_macs_paper(cfg, T: int, g: int = 0) -> int:
 
 
 def mlp_macs_paper(cfg, T: int, g: int = 0) -> int:
+    """Forward MACs of one absolute layer's MLP (unique layer `g`) for T tokens (SPEC 9.2): dense
+    2*T*d*d_ff; MoE 2*T*d*d_expert*K + the router T*d*N_E; SUT adds its router and halting unit.
+    Raises ValueError for an unknown arch."""
     d = cfg.d_model
     arch = _arch(cfg)
     if arch == "dense" or (arch == "moe_transformer" and not cfg.is_moe_layer(g)):
@@ -159,7 +139,8 @@ def mlp_macs_paper(cfg, T: int, g: int = 0) -> int:
 
 
 def model_macs_paper(cfg, T: int) -> int:
-    """Forward MACs of the whole model (no embedding, no head) per sequence of T tokens."""
+    """Forward MACs of the whole model (every layer application; no embedding, no head) per
+    sequence of T tokens (SPEC 9.2). Raises ValueError for an unknown arch."""
     arch = _arch(cfg)
     if arch in ("dense", "moe_transformer"):
         order = _dense_order(cfg)
@@ -181,7 +162,9 @@ def training_macs(cfg, seq_len: int, batch_size: int, steps: int) -> int:
 
 
 def flops_per_token(cfg, seq_len: int = 1024, convention: str = "paper") -> float:
-    """Training FLOPs per token (forward + backward), SPEC 9.3."""
+    """Training FLOPs per token (forward + backward = 3x forward, 2 FLOPs per MAC), SPEC 9.3:
+    "paper" 6 * (MACs/token + head d*V); "nanogpt" 6 * N_active + 12 * L * H * d_head * T.
+    Raises ValueError for another convention."""
     if convention == "paper":
         return 6.0 * macs_per_token(cfg, seq_len, include_head=True)
     if convention == "nanogpt":

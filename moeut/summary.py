@@ -135,19 +135,14 @@ def read_model_config(run_dir: Path) -> Optional[Dict[str, Any]]:
 
 
 def count_params(model_config: Dict[str, Any]) -> Optional[int]:
-    """Total parameters: SPEC §2 closed form when it covers the architecture, otherwise the exact
-    count of the model built on the meta device (no memory, no initialisation)."""
-    from .config import config_from_dict
+    """Total parameters: moeut.compute.total_params, the exact count of the model built on the meta
+    device (no memory, no initialisation)."""
+    from .registry import config_from_dict
     try:
         cfg = config_from_dict(model_config)
     except (ValueError, TypeError) as e:
         warnings.warn(f"model config not understood ({e}); parameter count left empty")
         return None
-    try:
-        from .compute import param_count_formula
-        return int(param_count_formula(cfg))
-    except Exception:  # noqa: BLE001 - no closed form for this arch: count the real module
-        pass
     try:
         from .compute import total_params
         return int(total_params(cfg))

@@ -101,8 +101,8 @@ def make_tiny_run(root, vocab_size: int = 128, step: int = 50, preset: str = "ti
     """A run dir with one checkpoint of a freshly initialised preset and a tokenizer trained on
     generated_texts(); returns (run_dir, model, tokenizer)."""
     from pathlib import Path
-    from moeut.checkpoint import build_model, save_checkpoint
-    from moeut.config import get_preset
+    from moeut.checkpoint import save_checkpoint
+    from moeut.registry import build_model, get_preset
     from moeut.data.tokenizer import train_tokenizer
     tok = train_tokenizer(generated_texts(), vocab_size=vocab_size)
     torch.manual_seed(0)

@@ -3,8 +3,7 @@ that must hold for all architectures (precision, padding invariance). Vocabulary
 fast on CPU; geometry comes from the CPU-scale presets of each family."""
 from __future__ import annotations
 
-from moeut.checkpoint import build_model
-from moeut.config import get_preset
+from moeut.registry import build_model, get_preset
 
 V = 256
 

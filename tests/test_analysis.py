@@ -297,8 +297,8 @@ def test_figures_and_report_from_fake(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, small_tokenizer, c4_texts):
-    from moeut.checkpoint import build_model, save_checkpoint
-    from moeut.config import get_preset
+    from moeut.checkpoint import save_checkpoint
+    from moeut.registry import build_model, get_preset
     from moeut.routing import RoutingStats
 
     tok = small_tokenizer

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeut.baselines import BASELINE_PRESETS
 from moeut.baselines.dense import DenseLM, MoETransformerConfig, MoETransformerLM
 from moeut.baselines.routers import (DeepSeekMoE, SwitchMoE, capacity_keep_mask, deepseek_balance_loss,
                                      deepseek_device_balance_loss, expert_capacity, router_z_loss,
                                      switch_balance_loss)
 from moeut.baselines.sut import MIMAccumulator, SUTConfig, SUTLM, mim_loss
-from moeut.checkpoint import build_model, load_model, save_checkpoint
-from moeut.config import DenseConfig, get_preset
+from moeut.checkpoint import load_model, save_checkpoint
+from moeut.config import DenseConfig
+from moeut.registry import BASELINE_PRESETS, build_model, get_preset
 from moeut.model import ForwardState, KVCache
 
 V = 512
@@ -101,7 +101,7 @@ def test_baseline_presets_build_on_meta():
     """Every baseline preset builds with the closed-form count, and the matches its table comments
     claim (moeut/baselines/__init__.py) hold exactly."""
     from moeut.compute import active_params
-    from moeut.config import param_count_formula
+    from param_formula import param_count_formula
     n = {name: _meta_params(name) for name in BASELINE_PRESETS}
     for name in BASELINE_PRESETS:
         assert n[name] == param_count_formula(get_preset(name)), name

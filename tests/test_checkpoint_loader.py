@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeut.checkpoint import (CheckpointError, build_model, find_checkpoints, load_model, open_checkpoint,
+from moeut.checkpoint import (CheckpointError, find_checkpoints, load_model, open_checkpoint,
                               resolve_checkpoint, save_checkpoint)
-from moeut.config import get_preset
+from moeut.registry import build_model, get_preset
 
 WORDS = ("the cat dog bird sat ran flew over under a mat tree house river quickly slowly red green blue "
          "small big old young man woman child saw heard found took gave").split()
@@ -180,9 +180,9 @@ def test_evaluate_falls_back(run, tmp_path):
 
 
 def test_training_resume_uses_the_same_loader(run):
-    """Training's resume (moeut.train_lib.checkpoint) reads through open_checkpoint as well: a
+    """Training's resume (moeut.checkpoint's training part) reads through open_checkpoint as well: a
     damaged train_state.pt of the newest checkpoint is skipped, naming the file."""
-    from moeut.train_lib import checkpoint as tl
+    from moeut import checkpoint as tl
     run_dir, _, bad = run
     logged = []
     # step 2 has no train_state.pt (save_checkpoint without extra files): nothing is readable

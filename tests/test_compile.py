@@ -8,7 +8,7 @@ import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-from moeut.config import get_preset
+from moeut.registry import get_preset
 from moeut.model import MoEUTLM
 
 

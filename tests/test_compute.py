@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from moeut import compute as C
-from moeut.config import PRESET_PARAMS, PRESETS, DenseConfig, MoEUTConfig, get_preset
+from moeut.config import DenseConfig, MoEUTConfig
+from moeut.registry import PRESET_PARAMS, PRESETS, build_model, get_preset
 from moeut.baselines.dense import MoETransformerConfig
 from moeut.baselines.sut import SUTConfig
-from moeut.checkpoint import build_model
+from param_formula import param_count_formula
 
 # SPEC 9.2 table: per-token forward MACs at T = 1024 (millions, one decimal) and their ratio.
 PAPER_TABLE = {
@@ -57,7 +58,7 @@ def test_macs_tiny_moeut_by_hand():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_param_formula_matches_built_model(name):
     cfg = get_preset(name)
-    assert C.param_count_formula(cfg) == C.total_params(cfg)
+    assert param_count_formula(cfg) == C.total_params(cfg)
     if name in PRESET_PARAMS and PRESET_PARAMS[name] % 10_000:  # exact [code] values (not rounded ones)
         assert C.total_params(cfg) == PRESET_PARAMS[name]
 

@@ -11,10 +11,10 @@ from hydra import compose, initialize_config_dir
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moeut.checkpoint import build_model  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from moeut.config import PAPER_TRAIN, PRESETS, get_preset, param_count_formula  # noqa: E402
+from param_formula import param_count_formula  # noqa: E402
+from moeut.registry import PAPER_TRAIN, PRESETS, build_model, get_preset  # noqa: E402
 from moeut.train_lib.config import build_model_config, to_typed  # noqa: E402
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))

@@ -91,7 +91,7 @@ def test_footprint_equals_the_launches_under_the_interpreter(monkeypatch):
     for var in (kt.DETERMINISTIC_ENV, kt.TILING_ENV, kt.DW_SPLIT_ENV, kt.TF32_ENV, "MOEUT_CVMM_BACKEND"):
         monkeypatch.delenv(var, raising=False)
     import torch.nn.functional as F
-    from moeut.checkpoint import build_model
+    from moeut.registry import build_model
     cfg = fp.model_config("tiny")
     T = 8
     recorded = fp.trace(cfg, "fp32", 1, T, ["train"], trace_tokens=T)["train"]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeut.checkpoint import build_model, save_checkpoint
-from moeut.config import get_preset
+from moeut.checkpoint import save_checkpoint
+from moeut.registry import build_model, get_preset
 from moeut.eval.table import row_from_results, to_latex, to_markdown
 from moeut.eval.tasks import get_task
 from moeut.eval.tasks.base import EvalOptions

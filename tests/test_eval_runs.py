@@ -121,7 +121,7 @@ def test_dataset_name_from_the_config_train_writes(tmp_path):
             cfg = hcompose(config_name="config", overrides=[f"data={data}"])
         ck = tmp_path / data / "checkpoints" / "step_0000001"
         ck.mkdir(parents=True)
-        with open(ck / "config.yaml", "w") as f:  # as moeut/train_lib/checkpoint.py writes it
+        with open(ck / "config.yaml", "w") as f:  # as moeut/checkpoint.py (save_training_checkpoint) writes it
             # (the `name` key needs a live HydraConfig; the data section is what is read)
             raw = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data", "train")}
             yaml.safe_dump(raw, f, sort_keys=False)

@@ -100,8 +100,7 @@ def test_batch_is_padded_to_its_longest_sequence_only():
 def test_scores_do_not_depend_on_padding_or_batch_mates(preset):
     """A real (dropless) model: every request scored alone, unpadded, equals the same request
     scored in shuffled batches of other requests padded to 128 (the paper's layout)."""
-    from moeut.checkpoint import build_model
-    from moeut.config import get_preset
+    from moeut.registry import build_model, get_preset
     torch.manual_seed(0)
     model = build_model(get_preset(preset, vocab_size=64)).eval()
     rnd = random.Random(1)
@@ -187,8 +186,7 @@ def test_max_length_left_truncates_context_only():
 def test_cuda_bf16_autocast_close_to_cpu_fp32():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    from moeut.checkpoint import build_model
-    from moeut.config import get_preset
+    from moeut.registry import build_model, get_preset
     torch.manual_seed(0)
     model = build_model(get_preset("tiny"))
     rnd = random.Random(0)

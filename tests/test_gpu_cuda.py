@@ -141,7 +141,7 @@ def test_golden_kv_decode_triton(path):
 def test_kv_cache_decoding_equals_full_forward_44m(dtype):
     """moeut_44m (random init), prefill 100 then 60 one-token steps vs one full forward, Triton.
     Issue 13 saw the fp32 version not finish in 60 s (autotuning big fp32 configs): bounded here."""
-    from moeut.config import get_preset
+    from moeut.registry import get_preset
     from moeut.model import KVCache, MoEUTLM
     torch.manual_seed(0)
     model = MoEUTLM(get_preset("moeut_44m", cvmm_backend="triton")).cuda().eval()
@@ -172,7 +172,7 @@ def test_kv_cache_decoding_equals_full_forward_44m(dtype):
 def test_gradients_vs_fp64_44m_shapes():
     """Triton and grouped_mm bf16-autocast gradients of a moeut_44m model, each vs float64 of the
     same weights and batch (and both in fp32 with TF32 off). Prints both relative errors."""
-    from moeut.config import get_preset
+    from moeut.registry import get_preset
     from moeut.model import MoEUTLM
     torch.manual_seed(0)
     model = MoEUTLM(get_preset("moeut_44m", cvmm_backend="grouped_mm")).cuda().train()
@@ -194,7 +194,7 @@ def test_gradients_vs_fp64_44m_shapes():
 
 def test_torch_compile_equals_eager_cuda():
     """torch.compile(model) (inductor, Triton backend behind the custom ops) vs eager, fp32."""
-    from moeut.config import get_preset
+    from moeut.registry import get_preset
     from moeut.model import MoEUTLM
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import moeut.kernels.cvmm as cv
-from moeut.config import get_preset
+from moeut.registry import get_preset
 from moeut.model import MoEUTLM
 
 from precision_util import error_summary, grads, reference_grads, relative_errors, with_backend

@@ -10,8 +10,8 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from moeut.checkpoint import build_model, save_checkpoint  # noqa: E402
-from moeut.config import get_preset  # noqa: E402
+from moeut.checkpoint import save_checkpoint  # noqa: E402
+from moeut.registry import build_model, get_preset  # noqa: E402
 from eval_fakes import BigramLM, generated_texts  # noqa: E402
 from moeut.eval.harness import MoEUTHarnessLM  # noqa: E402
 from moeut.eval.scoring import MCItem, Scorer, evaluate_multiple_choice  # noqa: E402

@@ -10,8 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from moeut.checkpoint import build_model, load_model, save_checkpoint  # noqa: E402
-from moeut.config import get_preset  # noqa: E402
+from moeut.checkpoint import load_model, save_checkpoint  # noqa: E402
+from moeut.registry import build_model, get_preset  # noqa: E402
 from moeut.data.tokenizer import Tokenizer  # noqa: E402
 from moeut.hf.export import export, main  # noqa: E402
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from moeut.config import get_preset
+from moeut.registry import get_preset
 from moeut.model import MoEUTLM, renorm_keep_std, renorm_rows
 
 

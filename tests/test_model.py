@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeut.config import MoEUTConfig, get_preset
+from moeut.config import MoEUTConfig
+from moeut.registry import get_preset
 from moeut.model import KVCache, MoEUTLM, entropy_reg_term
 
 

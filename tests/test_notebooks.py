@@ -52,8 +52,8 @@ def test_documented_notebook_commands_run(tmp_path):
     pytest.importorskip("nbconvert")  # `jupytext --execute` needs it (in the dev extras)
     import torch
 
-    from moeut.checkpoint import build_model, save_checkpoint
-    from moeut.config import get_preset
+    from moeut.checkpoint import save_checkpoint
+    from moeut.registry import build_model, get_preset
     from moeut.data.tokenizer import train_tokenizer
     words = "the cat dog bird sat ran over under a mat tree house river red green small big old".split()
 

@@ -97,7 +97,7 @@ def test_unpatched_fp32_cvmm_would_fail_this_file():
     """Guard on the test itself: a bf16 model whose expert matmul returns fp32 (the old rule) breaks
     in the next LayerNorm, so the dtype assertions above can fail."""
     from moeut.kernels import cvmm as C
-    from moeut.config import get_preset
+    from moeut.registry import get_preset
     from moeut.model import MoEUTLM
     model = MoEUTLM(get_preset("tiny")).to(torch.bfloat16).eval()
     orig = C.op_dtype

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from moeut.checkpoint import build_model
-from moeut.config import PRESET_PARAMS, PRESETS, param_count_formula
+from moeut.registry import PRESET_PARAMS, PRESETS, build_model
+from param_formula import param_count_formula
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -40,14 +40,13 @@ def test_44m_preset_runs_a_forward():
 def test_registry_does_not_depend_on_import_order():
     """Issue 14.6: presets and architectures used to appear only once something imported
     moeut.baselines, so `pytest tests/test_presets.py` alone collected 40 cases and 60 after
-    test_baselines.py. A fresh interpreter that imports only moeut.config must see everything."""
+    test_baselines.py. A fresh interpreter that imports only moeut.registry must see everything."""
     import subprocess
     import sys
     from pathlib import Path
 
-    from moeut.baselines import BASELINE_PRESETS
-    from moeut.config import ARCHS
-    code = ("from moeut.config import PRESETS, ARCHS; "
+    from moeut.registry import ARCHS, BASELINE_PRESETS
+    code = ("from moeut.registry import PRESETS, ARCHS; "
             "print(len(PRESETS)); print(','.join(sorted(PRESETS))); print(','.join(sorted(ARCHS)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert int(out[0]) == len(PRESETS)

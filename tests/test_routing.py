@@ -200,7 +200,7 @@ def test_real_model_records(tiny_model_records):
 
 @pytest.fixture
 def tiny_model_records():
-    from moeut.config import get_preset
+    from moeut.registry import get_preset
     from moeut.model import MoEUTLM
     cfg = get_preset("tiny")
     model = MoEUTLM(cfg).eval()

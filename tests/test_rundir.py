@@ -136,7 +136,7 @@ def test_every_reader_applies_the_one_policy(tmp_path, which):
 
 def test_compare_applies_the_one_policy(tmp_path):
     """analysis/compare.py reads a run with a model config: same warning, same error."""
-    from moeut.config import get_preset
+    from moeut.registry import get_preset
     cmp = _script("compare")
     cfg = dict(vars(get_preset("cpu_dense", vocab_size=512)))
     for name, tail in (("ok", '{"step": 9, "validation/val/perplexity": 1'),
@@ -349,7 +349,7 @@ def test_cli_help_lists_every_option(tmp_path, tool):
 def test_cli_compare_plot_table_end_to_end(tmp_path):
     """compare, plot_curves and eval.table from the command line on a hand-made run: the files
     they promise, numbers from the run's files, named errors, and nothing else in the cwd."""
-    from moeut.config import get_preset
+    from moeut.registry import get_preset
     run = tmp_path / "runs" / "r1"
     _write(run / "model_config.json", json.dumps(dict(vars(get_preset("cpu_dense", vocab_size=512)))))
     _write(run / "metrics.jsonl", _lines(GOOD))

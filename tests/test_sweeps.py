@@ -345,7 +345,7 @@ def test_local_multirun_two_tiny_jobs_and_summary(tmp_path):
 
 def _fake_run(run_dir: Path, preset: str, ppl_by_step: Dict[int, float], overrides: List[str],
               data: str = "c4", eval_json: dict | None = None, corrupt_line: bool = False) -> None:
-    from moeut.config import get_preset
+    from moeut.registry import get_preset
     run_dir.mkdir(parents=True)
     lines = [json.dumps({"step": s, "train/loss": math.log(p) + 0.1}) for s, p in ppl_by_step.items()]
     lines += [json.dumps({"step": s, "validation/val/perplexity": p}) for s, p in ppl_by_step.items()]

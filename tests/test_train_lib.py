@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from moeut.checkpoint import build_model
-from moeut.config import get_preset
+from moeut.registry import get_preset
 from moeut.data.dataset import StreamSampler
 from moeut.train_lib.distributed import DistInfo
 from moeut.train_lib.evaluate import evaluate, validate

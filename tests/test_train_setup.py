@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from moeut import validate as V
 from moeut.analyze import AnalyzeConfig
-from moeut.config import get_preset
+from moeut.registry import get_preset
 from moeut.sweep import SweepFile
 from moeut.train_lib import config as TC
 from moeut.train_lib import metrics as train_metrics
@@ -149,7 +149,7 @@ def _moe_applications(cfg):
 @pytest.mark.parametrize("preset", ["tiny", "cpu_moeut_switch", "cpu_moeut_deepseek", "cpu_switch", "cpu_deepseek",
                                     "cpu_du_every2", "cpu_sut", "cpu_sigma_moe"])
 def test_routing_metrics_for_every_moe_architecture(preset):
-    from moeut.checkpoint import build_model
+    from moeut.registry import build_model
     cfg = get_preset(preset)
     stats = train_metrics.make_routing_stats(cfg)
     assert stats is not None
@@ -222,17 +222,6 @@ def test_log_window_state_round_trip_counts_time_without_downtime():
     assert rec["train/loss"] == 3.0 and rec["train/ce"] == 2.5 and rec["train/reg"] == 0.5
     assert math.isclose(rec["train/tokens_per_s"], 100 / d["seconds"], rel_tol=0.05)
     assert v.n_finite == 0 and v.tokens == 0  # the next window starts empty
-
-
-def test_baselines_import_error_is_raised(monkeypatch):
-    from moeut import config as C
-    monkeypatch.setitem(sys.modules, "moeut.baselines", None)  # import now raises ImportError
-    with pytest.raises(ImportError, match="moeut.baselines failed to import"):
-        C._ensure_baselines_registered()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with pytest.raises(ImportError):
-            C.config_from_dict({"arch": "not_registered"})
 
 
 def _state(seed=0):

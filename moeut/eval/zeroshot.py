@@ -174,6 +174,7 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
     """Load, evaluate, write results JSON + tables; returns the results dict (with "files").
     Task data are loaded before the model: NoTaskData when no task has any (nothing written)."""
     from ..checkpoint import load_model, resolve_checkpoint
+    from ..compute import total_params
     from ..data.tokenizer import Tokenizer
 
     opts = opts or EvalOptions()
@@ -207,7 +208,7 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
     task_results = evaluate_model(loaded.model, tokenizer, tasks, opts, device=device,
                                   batch_size=batch_size, pad_multiple=pad_multiple, dtype=dtype,
                                   progress=progress, items=items)
-    n_params = sum(p.numel() for p in loaded.model.parameters())
+    n_params = total_params(loaded.model)
     results: Dict[str, Any] = {
         "checkpoint": ckpt_dir,
         "run_dir": run_dir,

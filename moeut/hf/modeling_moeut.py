@@ -73,8 +73,7 @@ class MoEUTForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MoEUTHFConfig):
         super().__init__(config)
-        from moeut.checkpoint import build_model
-        from moeut.config import config_from_dict
+        from moeut.registry import build_model, config_from_dict
         if not config.moeut_config:
             raise ValueError("MoEUTHFConfig.moeut_config is empty: not a MoEUT export")
         self.model = build_model(config_from_dict(config.moeut_config))

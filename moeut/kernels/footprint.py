@@ -56,7 +56,7 @@ def model_config(preset: str):
         from moeut.official import config_from_official
         return config_from_official(dict(GOLDEN_CONFIGS[preset], dropout=0.0, entropy_reg=0.01,
                                          att_entropy_reg=0.001), cvmm_backend="triton")
-    from moeut.config import get_preset
+    from moeut.registry import get_preset
     return get_preset(preset, cvmm_backend="triton")
 
 
@@ -93,7 +93,7 @@ def trace(cfg, dtype: str = "bf16", batch: int = 64, seq_len: int = 1024, steps:
     bad = [s for s in steps if s not in STEPS]
     if bad:
         raise ValueError(f"steps: unknown {bad}; known: {STEPS}")
-    from moeut.checkpoint import build_model
+    from moeut.registry import build_model
     from moeut.model import KVCache
     torch.manual_seed(0)
     model = build_model(cfg)

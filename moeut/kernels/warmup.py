@@ -62,7 +62,7 @@ def warm(preset: str, dtype: str, batch: int, seq_len: int, steps: int = 2, deco
          prefill: int = 100, device: Optional[str] = None, log=print) -> dict:
     """Run the passes described in the module docstring; returns their wall times in seconds."""
     import torch.nn.functional as F
-    from moeut.checkpoint import build_model
+    from moeut.registry import build_model
     from moeut.model import KVCache
     from .footprint import model_config
     from . import cvmm_triton as kt

@@ -12,7 +12,9 @@
     logging.py      writing a run dir's metrics.jsonl, train.log, wandb, progress
     distributed.py  torchrun / SLURM process groups and collectives
     data.py         tokenizer and token windows of a run
-    checkpoint.py   full training-state checkpoints
+
+Full training-state checkpoints (model, optimizer, run state) are written and read by
+`moeut/checkpoint.py`, the one module for checkpoint file I/O.
 
 Import from the modules (`from moeut.train_lib.loop import train`); this package file imports
 nothing, so using one piece (e.g. the schedule) does not load the others.

@@ -5,7 +5,7 @@ wrong type fails at composition. `to_typed(cfg)` turns the composed DictConfig i
 `TrainConfig` and validates cross-field constraints with messages that name the key. Nothing is
 built from the config with `_target_`: the training library reads typed fields.
 
-Model configs: `model.preset` names a preset of `moeut.config.PRESETS`; every architecture field
+Model configs: `model.preset` names a preset of `moeut.registry.PRESETS`; every architecture field
 of every registered config class (MoEUTConfig, DenseConfig, baselines) is an Optional override
 (None = keep the preset's value), plus a free `model.overrides` dict for fields of architectures
 registered after this module was imported.
@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ..config import ARCHS, PAPER_TRAIN, PRESETS, _ensure_baselines_registered, get_preset
+from ..registry import ARCHS, PAPER_TRAIN, PRESETS, get_preset
 from ..validate import Range, at_least, check_mapping, check_ranges, field_range, in_range, positive
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,7 +59,6 @@ MODEL_RANGES: Dict[str, Range] = {
 
 
 def _optional_model_fields() -> List[tuple]:
-    _ensure_baselines_registered()
     seen: Dict[str, Any] = {}
     ranges: Dict[str, Range] = {}
     for cls, _ in ARCHS.values():
@@ -91,7 +90,7 @@ ModelSchema = dataclasses.make_dataclass(
     [("preset", str, field(default=MISSING)),
      ("overrides", Dict[str, Any], field(default_factory=dict))] + _optional_model_fields(),
 )
-ModelSchema.__doc__ = ("model.preset names a preset of moeut.config.PRESETS; any other field "
+ModelSchema.__doc__ = ("model.preset names a preset of moeut.registry.PRESETS; any other field "
                        "overrides the preset's value (None = keep).")
 
 

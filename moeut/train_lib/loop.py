@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from moeut.checkpoint import unwrap_model
-from moeut.train_lib import checkpoint as ckpt_lib
+from moeut import checkpoint as ckpt_lib
 
 from .config import TrainConfig, micro_batch_size
 from .distributed import DistInfo, all_reduce_sum_, any_rank, barrier, broadcast_object, cleanup, init_distributed

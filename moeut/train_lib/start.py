@@ -18,10 +18,12 @@ from typing import Callable, Optional
 
 import torch
 
-from moeut.checkpoint import build_model, load_state_dict_strict, resolve_checkpoint, unwrap_model
+from moeut import checkpoint as ckpt_lib
+from moeut.checkpoint import load_state_dict_strict, resolve_checkpoint, unwrap_model
+from moeut.compute import total_params
 from moeut.data.dataset import StreamSampler
 from moeut.data.tokenizer import Tokenizer
-from moeut.train_lib import checkpoint as ckpt_lib
+from moeut.registry import build_model
 
 from .config import TrainConfig
 from .data import RunData, prepare_run_data, resolve_tokenizer
@@ -79,7 +81,7 @@ def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable
     # --- model ----------------------------------------------------------------------------
     seed_all(t_cfg.seed)
     model = build_model(tc.model)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = total_params(model)
     say(f"[model] {tc.model_preset} ({type(model).__name__}): {n_params:,} parameters")
     if resume is not None:
         stored, now = resume["model_config"], json.loads(json.dumps(dataclasses.asdict(tc.model)))
