@@ -1,10 +1,14 @@
 """List, dry-run and launch the paper's experiment grids (`sweeps/*.yaml`) as Hydra multiruns.
 
-    python -m moeut.sweep list                                   # every sweep file, job counts
-    python -m moeut.sweep dry-run sweeps/main_table.yaml         # each job's overrides and run dir
-    python -m moeut.sweep launch sweeps/main_table.yaml \\
-        --set hydra.launcher.partition=gpu --set hydra.launcher.account=myproj
-    python -m moeut.sweep launch sweeps/cpu_smoke.yaml --local   # basic launcher, this machine
+    python -m moeut.sweep                                        # action=list: every sweep file, job counts
+    python -m moeut.sweep action=dry-run sweep=main_table        # each job's overrides and run dir
+    python -m moeut.sweep action=launch sweep=main_table \\
+        'set=["hydra.launcher.partition=gpu","hydra.launcher.account=myproj"]'
+    python -m moeut.sweep action=launch sweep=cpu_smoke local=true   # basic launcher, this machine
+
+A Hydra app over conf/sweep.yaml (options: action, sweep, sweeps_dir, local, launcher, root, set,
+detach; `python -m moeut.sweep --help` lists them with their meaning). `sweep=` is a file path
+or the name of a file in sweeps_dir; an unknown name is refused with the available ones.
 
 A sweep file is YAML:
 
@@ -13,20 +17,19 @@ A sweep file is YAML:
     expected_jobs: 7                   # checked on every list/dry-run/launch
     common: [train.log_interval=100]   # overrides for every job (optional)
     grids:                             # one `python train.py -m` per grid (each its own launcher)
-      - launcher: submitit_slurm_1gpu  # a conf/hydra/launcher/ preset (--local: basic)
+      - launcher: submitit_slurm_1gpu  # a conf/hydra/launcher/ preset (local=true: basic)
         overrides:                     # Hydra multirun overrides: comma lists = Cartesian product
           - experiment=c4_moeut_244m,c4_moeut_244m_g1
 
 Run directories. Each job runs in `<sweep dir>/<override dirname>`, where the dirname is Hydra's
 `${hydra.job.override_dirname}` built from the grid's own overrides only (common overrides, extra
-`--set` overrides and `seed` are excluded), e.g. `main_table/experiment=c4_moeut_244m`. The name
+`set=[...]` overrides and `seed` are excluded), e.g. `main_table/experiment=c4_moeut_244m`. The name
 depends on what the job *is*, not on its position in the sweep, so a SLURM requeue, a re-launch of
 the whole sweep after a crash, or a sweep file that gained a job all land every job in its old
 directory, where train.py auto-resumes from the newest checkpoint.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import shlex
@@ -36,6 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import hydra
+
+from .cli import CONF_DIR
 from .validate import at_least
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +61,9 @@ RESOURCE_KEYS = ("partition", "account", "qos", "nodes", "tasks_per_node", "gpus
 
 @dataclass
 class Grid:
+    """One `grids:` entry of a sweep file: Hydra multirun `overrides` (comma lists = Cartesian
+    product), the conf/hydra/launcher preset that runs them, and an optional label."""
+
     overrides: List[str]
     launcher: str = "submitit_slurm_1gpu"
     name: Optional[str] = None
@@ -62,6 +71,10 @@ class Grid:
 
 @dataclass
 class SweepFile:
+    """A parsed, validated sweep file (see the module docstring for the format): its grids, the
+    overrides common to every job, the job count it promises, and the config key that groups its
+    runs in wandb (`logger.group`)."""
+
     path: Path
     name: str
     description: str
@@ -122,7 +135,7 @@ def load_sweep(path: os.PathLike) -> SweepFile:
         for o in ov:
             if o.split("=", 1)[0].lstrip("+~").startswith("hydra"):
                 raise _err(path, f"grids[{i}].overrides: {o!r}: hydra.* keys are set by the sweep "
-                                 "tool (use 'launcher', or --set on the command line)")
+                                 "tool (use 'launcher', or set=[...] on the command line)")
         grids.append(Grid(overrides=ov, launcher=str(g.get("launcher", "submitit_slurm_1gpu")),
                           name=g.get("name")))
     exp = raw.get("expected_jobs")
@@ -134,6 +147,7 @@ def load_sweep(path: os.PathLike) -> SweepFile:
 
 
 def list_sweep_files(sweeps_dir: os.PathLike = DEFAULT_SWEEPS_DIR) -> List[Path]:
+    """The `*.yaml` files of `sweeps_dir`, sorted by name (none: an empty list)."""
     return sorted(p for p in Path(sweeps_dir).glob("*.yaml") if p.is_file())
 
 
@@ -159,6 +173,10 @@ def expand(overrides: Sequence[str], config_loader: Any = None) -> List[List[str
 
 @dataclass
 class Job:
+    """One job of a planned sweep: its grid's index and launcher, the overrides train.py sees, the
+    hydra.* overrides (sweep dir, subdir, launcher settings), and -- after compose_jobs -- its run
+    directory and resolved SLURM resources."""
+
     grid: int
     launcher: str
     overrides: List[str]          # what the job's train.py sees (task overrides)
@@ -181,6 +199,8 @@ def hydra_overrides(sweep: SweepFile, grid: Grid, root: str, local: bool,
 
 
 def task_overrides(sweep: SweepFile, grid: Grid, extra: Sequence[str], group: bool = True) -> List[str]:
+    """The overrides a grid's train.py jobs see: common + grid + non-hydra `extra` ones, plus
+    `<wandb_group_key>=<sweep name>` when `group` and no override sets that key already."""
     ov = [*sweep.common, *grid.overrides, *[o for o in extra if not _key(o).startswith("hydra")]]
     if group and sweep.wandb_group_key and not any(_key(o) == sweep.wandb_group_key for o in ov):
         ov.append(f"{sweep.wandb_group_key}={sweep.name}")
@@ -201,6 +221,7 @@ def plan(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
 
 
 def check_expected(sweep: SweepFile, jobs: Sequence[Job]) -> None:
+    """Raise ValueError naming the file when the sweep's `expected_jobs` differs from len(jobs)."""
     if sweep.expected_jobs is not None and len(jobs) != sweep.expected_jobs:
         raise ValueError(f"sweep file {sweep.path}: expands to {len(jobs)} jobs but "
                          f"expected_jobs is {sweep.expected_jobs}")
@@ -330,6 +351,7 @@ def launch(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
 # ------------------------------------------------------------------------------------------
 
 def _print_jobs(sweep: SweepFile, jobs: Sequence[Job]) -> None:
+    """The dry run's listing: per job its grid, launcher, resources, overrides and run dir."""
     print(f"sweep {sweep.name}: {len(jobs)} job(s) in {len(sweep.grids)} grid(s)  [{sweep.path}]")
     for i, job in enumerate(jobs):
         res = " ".join(f"{k}={v}" for k, v in job.resources.items() if v is not None)
@@ -338,63 +360,99 @@ def _print_jobs(sweep: SweepFile, jobs: Sequence[Job]) -> None:
         print(f"       run dir:   {job.run_dir}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m moeut.sweep",
-                                 description="List, dry-run and launch sweeps/*.yaml grids.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p_list = sub.add_parser("list", help="every sweep file with its job count")
-    p_list.add_argument("--sweeps-dir", default=str(DEFAULT_SWEEPS_DIR))
-    for name, text in (("dry-run", "print every job's overrides and run dir; submit nothing"),
-                       ("launch", "run the sweep (SLURM presets by default, --local: basic launcher)")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("sweep", help="a sweep file, or the name of one in sweeps/")
-        p.add_argument("--local", action="store_true", help="Hydra's basic launcher, this machine")
-        p.add_argument("--launcher", default=None,
-                       help="override every grid's launcher preset (e.g. submitit_slurm_8gpu)")
-        p.add_argument("--root", default=DEFAULT_ROOT,
-                       help=f"sweep dirs go to <root>/<name> (default {DEFAULT_ROOT}, env MOEUT_SWEEP_ROOT)")
-        p.add_argument("--set", dest="extra", action="append", default=[], metavar="OVERRIDE",
-                       help="extra override for every job, e.g. --set train.steps=1000 or "
-                            "--set hydra.launcher.partition=gpu (repeatable)")
-        if name == "launch":
-            p.add_argument("--detach", action="store_true",
-                           help="return after starting the submitters (SLURM only)")
-    args = ap.parse_args(argv)
+SWEEP_ACTIONS = ("list", "dry-run", "launch")
 
-    if args.cmd == "list":
-        files = list_sweep_files(args.sweeps_dir)
-        if not files:
-            print(f"no sweep files in {args.sweeps_dir}", file=sys.stderr)
+
+def resolve_sweep_path(sweep: str, sweeps_dir: os.PathLike = DEFAULT_SWEEPS_DIR) -> Path:
+    """The sweep file `sweep` names: a path to a file, or the name of one in `sweeps_dir`
+    (`g_ablation` -> sweeps/g_ablation.yaml). Raises FileNotFoundError naming the `sweep` option
+    and listing the available names when neither exists."""
+    path = Path(sweep)
+    if path.is_file():
+        return path
+    named = Path(sweeps_dir) / f"{sweep}.yaml"
+    if named.is_file():
+        return named
+    names = [p.stem for p in list_sweep_files(sweeps_dir)]
+    raise FileNotFoundError(f"sweep={sweep}: no such sweep file, and no {named.name} in {sweeps_dir}; "
+                            f"available: {', '.join(names) if names else '(none)'}")
+
+
+def _list(sweeps_dir: Path) -> int:
+    """`action=list`: one line per sweep file (name, job count, file, description); 1 on a bad file."""
+    files = list_sweep_files(sweeps_dir)
+    if not files:
+        print(f"no sweep files in {sweeps_dir}", file=sys.stderr)
+        return 1
+    for f in files:
+        try:
+            s = load_sweep(f)
+            n = len(plan(s))
+            flag = "" if s.expected_jobs in (None, n) else f"  (expected {s.expected_jobs}!)"
+            print(f"{s.name:<22s} {n:4d} jobs  {f.name:<24s} {s.description.splitlines()[0] if s.description else ''}{flag}")
+        except Exception as e:  # noqa: BLE001 - list the rest, then fail
+            print(f"{f.name}: ERROR {e}", file=sys.stderr)
             return 1
-        for f in files:
-            try:
-                s = load_sweep(f)
-                n = len(plan(s))
-                flag = "" if s.expected_jobs in (None, n) else f"  (expected {s.expected_jobs}!)"
-                print(f"{s.name:<22s} {n:4d} jobs  {f.name:<24s} {s.description.splitlines()[0] if s.description else ''}{flag}")
-            except Exception as e:  # noqa: BLE001 - list the rest, then fail
-                print(f"{f.name}: ERROR {e}", file=sys.stderr)
-                return 1
-        return 0
+    return 0
 
-    path = Path(args.sweep)
-    if not path.is_file() and (DEFAULT_SWEEPS_DIR / f"{args.sweep}.yaml").is_file():
-        path = DEFAULT_SWEEPS_DIR / f"{args.sweep}.yaml"
+
+def run(cfg: Any) -> int:
+    """Do what a composed conf/sweep.yaml asks (`action=list | dry-run | launch`); the exit code.
+
+    `cfg` is the DictConfig of `python -m moeut.sweep` (or `moeut.cli.compose("sweep", [...])`);
+    its options are documented in conf/sweep.yaml and by `--help`. Returns 0 on success, 1 when
+    `list` finds no or a broken sweep file, the first failing grid's exit code for a local launch.
+    Raises ValueError / FileNotFoundError naming the option (unknown action, missing or unknown
+    `sweep` -- with the available names --, a `set` entry that is not an override) or the sweep
+    file and job (errors of load_sweep / compose_jobs)."""
+    from .cli import bool_option, choice_option, tool_options
+
+    o = tool_options(cfg, "sweep")
+    action = choice_option(o, "action", SWEEP_ACTIONS)
+    sweeps_dir = Path(o["sweeps_dir"]) if o.get("sweeps_dir") else DEFAULT_SWEEPS_DIR
+    if o.get("sweeps_dir") and not sweeps_dir.is_dir():
+        raise FileNotFoundError(f"sweeps_dir={sweeps_dir}: no such directory")
+    local, detach = bool_option(o, "local"), bool_option(o, "detach")
+    extra = o.get("set") or []
+    if not isinstance(extra, list):
+        raise ValueError(f"set: expected a list of overrides, e.g. 'set=[\"train.steps=1000\"]', got {extra!r}")
+    for item in extra:
+        if not isinstance(item, str) or ("=" not in item and not item.startswith("~")):
+            raise ValueError(f"set: {item!r} is not a Hydra override (key=value); quote each entry: "
+                             "'set=[\"train.steps=1000\"]'")
+    launcher = o.get("launcher")
+    if launcher is not None and not isinstance(launcher, str):
+        raise ValueError(f"launcher: expected a conf/hydra/launcher preset name or null, got {launcher!r}")
+    root = str(o.get("root") or DEFAULT_ROOT)
+    if action == "list":
+        return _list(sweeps_dir)
+    if not o.get("sweep"):
+        names = [p.stem for p in list_sweep_files(sweeps_dir)]
+        raise ValueError(f"sweep: required for action={action}: pass sweep=<name or file>; "
+                         f"available: {', '.join(names) if names else '(none)'}")
+    sweep = load_sweep(resolve_sweep_path(str(o["sweep"]), sweeps_dir))
+    if action == "dry-run":
+        jobs = compose_jobs(sweep, root, local, launcher, extra)
+        _print_jobs(sweep, jobs)
+        for gi in range(len(sweep.grids)):
+            group = any(_key(ov) == sweep.wandb_group_key for ov in jobs[0].overrides)
+            print(f"grid {gi} command:\n  " + shlex.join(
+                grid_command(sweep, gi, root, local, launcher, extra, group)[1:]))
+        return 0
+    return launch(sweep, root, local, launcher, extra, detach)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sweep")
+def main(cfg: Any) -> None:
+    """`python -m moeut.sweep [key=value ...]` (options: conf/sweep.yaml, `--help`). Exits with
+    run()'s code; bad input prints `moeut.sweep: error: ...` and exits 2 (as the old CLI)."""
     try:
-        sweep = load_sweep(path)
-        if args.cmd == "dry-run":
-            jobs = compose_jobs(sweep, args.root, args.local, args.launcher, args.extra)
-            _print_jobs(sweep, jobs)
-            for gi in range(len(sweep.grids)):
-                group = any(_key(o) == sweep.wandb_group_key for o in jobs[0].overrides)
-                print(f"grid {gi} command:\n  " + shlex.join(
-                    grid_command(sweep, gi, args.root, args.local, args.launcher, args.extra, group)[1:]))
-            return 0
-        return launch(sweep, args.root, args.local, args.launcher, args.extra, args.detach)
+        rc = run(cfg)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"moeut.sweep: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(rc)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -31,8 +31,8 @@ def _footprint_aot(tmp_path, *args):
 
 
 def test_fp32_golden_footprint_compiles_for_sm90(tmp_path):
-    rep = _footprint_aot(tmp_path, "preset=golden_tiny,golden_small_g3", "dtype=fp32", "batch=2", "seq_len=64",
-                         "steps=train,eval,decode", "prefill=32")
+    rep = _footprint_aot(tmp_path, "preset=[golden_tiny,golden_small_g3]", "dtype=fp32", "batch=2", "seq_len=64",
+                         "steps=[train,eval,decode]", "prefill=32")
     rows = rep["aot"]["rows"]
     assert len(rows) == rep["total"]["compiles"] > 0 and rep["total"]["autotuned_keys"] == 0
     assert all(r["shared_bytes"] <= 227 * 1024 for r in rows)  # H100/H200 shared memory per block
@@ -41,7 +41,7 @@ def test_fp32_golden_footprint_compiles_for_sm90(tmp_path):
 def test_bf16_training_footprint_compiles_for_sm90(tmp_path):
     """The 16-bit variants and all their configs (here at the `tiny` shapes: same kernels, flags
     and configs as moeut_44m; benchmarks/compile_cost.py times the 44M footprint itself)."""
-    rep = _footprint_aot(tmp_path, "preset=tiny", "dtype=bf16", "batch=64", "seq_len=1024", "steps=train")
+    rep = _footprint_aot(tmp_path, "preset=tiny", "dtype=bf16", "batch=64", "seq_len=1024", "steps=[train]")
     rows = rep["aot"]["rows"]
     assert len(rows) == rep["total"]["compiles"] and rep["total"]["autotuned_keys"] > 0
     assert all(r["shared_bytes"] <= 227 * 1024 for r in rows)

@@ -72,10 +72,29 @@ def test_footprint_fp32_golden_never_autotunes():
 
 
 def test_cli_arguments_are_checked():
-    with pytest.raises(ValueError, match="unknown key 'presett'"):
-        fp.parse_args(["presett=tiny"])
-    with pytest.raises(ValueError, match="batch: expected an integer"):
-        fp.parse_args(["batch=many"])
+    """`python -m moeut.kernels.footprint` options (conf/footprint.yaml): bad ones fail naming
+    the option; the old comma-separated form of preset/steps (quoted) still means a list."""
+    from hydra.errors import ConfigCompositionException
+    from moeut.cli import compose
+    with pytest.raises(ConfigCompositionException, match="presett"):  # Hydra's struct check
+        compose("footprint", ["presett=tiny"])
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['presett'\]"):
+        fp.options(compose("footprint", ["+presett=tiny"]))
+    with pytest.raises(ValueError, match="batch: expected an integer >= 1, got 'many'"):
+        fp.options(compose("footprint", ["batch=many"]))
+    with pytest.raises(ValueError, match="seq_len: expected an integer >= 1, got 0"):
+        fp.options(compose("footprint", ["seq_len=0"]))
+    with pytest.raises(ValueError, match=r"steps: expected a non-empty list of \['train', 'eval', 'decode'\], got \['train', 'bwd'\]"):
+        fp.options(compose("footprint", ["steps=[train,bwd]"]))
+    with pytest.raises(ValueError, match=r"dtype: expected one of \['bf16', 'fp16', 'fp32', 'tf32'\], got 'fp8'"):
+        fp.options(compose("footprint", ["dtype=fp8"]))
+    with pytest.raises(ValueError, match=r"preset: 'nope': .*unknown preset 'nope'"):
+        fp.options(compose("footprint", ["preset=[tiny,nope]"]))
+    a = fp.options(compose("footprint", ["preset='golden_tiny,tiny'", "steps='train,eval'", "aot=90"]))
+    assert a["preset"] == ["golden_tiny", "tiny"] and a["steps"] == ["train", "eval"] and a["aot"] == 90
+    a = fp.options(compose("footprint"))
+    assert (a["preset"], a["steps"], a["batch"], a["seq_len"], a["aot"], a["json"]) == (
+        ["moeut_44m"], ["train", "decode"], 64, 1024, None, None)
     with pytest.raises(ValueError, match="dtype"):
         fp.trace(fp.model_config("tiny"), "fp8")
 

@@ -6,6 +6,12 @@
 (lm-eval 0.4.13's CLI has sub-commands `run`, `ls`, `validate`; the arguments are lm_eval's own.)
 Its CLI only knows models whose modules were imported; this wrapper imports the adapter first.
 
+Why this tool is not a Hydra app like the package's other command-line tools (moeut.cli): it
+is lm-eval's own command line, which users know from lm-eval's documentation, with sub-commands
+and `--flag value` options that lm-eval parses and validates itself; a Hydra layer would have to
+re-declare (and track, across lm-eval releases) every one of them. So argv goes to lm-eval
+unchanged, except for the device default below; `--help` is lm-eval's own.
+
 Device: lm-eval's CLI defaults to `--device cuda:0`, which fails on a machine without CUDA. Unless
 the command names a device (`--device ...` or `device=` in `--model_args`), this wrapper passes
 the one that exists: `cuda` when torch sees a GPU, else `cpu` (and says so).
@@ -39,6 +45,8 @@ def with_default_device(argv: List[str], cuda_available: Optional[bool] = None) 
 
 
 def main() -> None:
+    """`python -m moeut.eval.harness_cli ...` (also the `moeut-lm-eval` script): register the
+    "moeut" model with lm-eval, add the device default, and run lm-eval's CLI on sys.argv."""
     from . import harness  # noqa: F401  (registers "moeut")
     from lm_eval.__main__ import cli_evaluate
     sys.argv = [sys.argv[0]] + with_default_device(sys.argv[1:])

@@ -1,6 +1,8 @@
 """Export a MoEUT checkpoint as a Hugging Face model directory.
 
-    python -m moeut.hf.export checkpoint=<run dir or checkpoint dir> out=<dir>
+    python -m moeut.hf.export checkpoint=<run dir or checkpoint dir> out=<dir> [dtype=bf16|fp16|fp32]
+
+A Hydra app over conf/hf_export.yaml (`--help` lists the options); `export()` is the library call.
 
 Writes config.json (with auto_map), model.safetensors, the modelling code (configuration_moeut.py,
 modeling_moeut.py, tokenization_moeut.py; the model code imports the installed `moeut` package),
@@ -17,12 +19,26 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Any, Optional
 
+import hydra
 import torch
+
+from ..cli import CONF_DIR
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def export(checkpoint: str, out: str, *, dtype: Optional[str] = None) -> str:
+    """Write the Hugging Face model directory `out` for a MoEUT checkpoint; returns `out`.
+
+    `checkpoint`: a run dir (its newest valid checkpoint) or a checkpoints/step_XXXXXXX dir.
+    `dtype`: precision of the stored weights, "bf16" | "fp16" | "fp32" (None: fp32, as stored
+    natively). The exported model gives the native model's logits (tests/test_hf_export.py).
+    Raises ValueError `dtype: ...` for another dtype (before anything is written) and whatever
+    moeut.checkpoint.load_model raises for a missing or invalid checkpoint."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype: use one of {sorted(DTYPES)}, got {dtype!r}")
     from ..checkpoint import load_model
     from .configuration_moeut import MoEUTHFConfig
     from .modeling_moeut import MoEUTForCausalLM
@@ -39,10 +55,7 @@ def export(checkpoint: str, out: str, *, dtype: Optional[str] = None) -> str:
     hf_model = MoEUTForCausalLM(hf_cfg)
     hf_model.model.load_state_dict(loaded.model.state_dict(), strict=True)
     if dtype:  # stored weights in another precision (the native checkpoint is fp32)
-        table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-        if dtype not in table:
-            raise ValueError(f"dtype: use one of {sorted(table)}, got {dtype!r}")
-        hf_model = hf_model.to(table[dtype])
+        hf_model = hf_model.to(DTYPES[dtype])
     os.makedirs(out, exist_ok=True)
     hf_model.save_pretrained(out)
     if loaded.tokenizer is not None:
@@ -60,23 +73,28 @@ def export(checkpoint: str, out: str, *, dtype: Optional[str] = None) -> str:
     return out
 
 
-def _parse(argv: List[str]) -> Dict[str, str]:
-    args = {}
-    for a in argv:
-        if "=" not in a:
-            raise SystemExit(f"expected key=value arguments (checkpoint=..., out=..., dtype=...), got {a!r}")
-        k, v = a.split("=", 1)
-        args[k.lstrip("+")] = v
-    unknown = sorted(set(args) - {"checkpoint", "out", "dtype"})
-    if unknown or "checkpoint" not in args or "out" not in args:
-        raise SystemExit(f"usage: python -m moeut.hf.export checkpoint=<dir> out=<dir> [dtype=bf16|fp16|fp32]"
-                         + (f" (unknown: {unknown})" if unknown else ""))
-    return args
+def run(cfg: Any) -> str:
+    """Export as a composed conf/hf_export.yaml asks (`checkpoint`, `out`, `dtype`); returns `out`.
+    Raises ValueError naming the option (missing checkpoint/out, unknown option, bad dtype) and
+    FileNotFoundError `checkpoint=...` when the checkpoint path does not exist."""
+    from ..cli import choice_option, tool_options
+
+    o = tool_options(cfg, "hf_export", required=("checkpoint", "out"))
+    choice_option(o, "dtype", sorted(DTYPES), allow_none=True)
+    if not os.path.exists(str(o["checkpoint"])):
+        raise FileNotFoundError(f"checkpoint={o['checkpoint']}: no such file or directory "
+                                "(pass a run dir or a checkpoints/step_XXXXXXX dir)")
+    return export(str(o["checkpoint"]), str(o["out"]), dtype=o.get("dtype"))
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    a = _parse(sys.argv[1:] if argv is None else argv)
-    print(export(a["checkpoint"], a["out"], dtype=a.get("dtype")))
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="hf_export")
+def main(cfg: Any) -> None:
+    """`python -m moeut.hf.export checkpoint=<dir> out=<dir> [dtype=...]` (also the
+    `moeut-hf-export` script): prints the output directory; bad input: a one-line error, exit 1."""
+    try:
+        print(run(cfg))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"moeut.hf.export: error: {e}")
 
 
 if __name__ == "__main__":

@@ -1,22 +1,22 @@
 """The Triton compile footprint of a run: every kernel specialisation x config it will compile.
 
     python -m moeut.kernels.footprint preset=moeut_44m dtype=bf16
-    python -m moeut.kernels.footprint preset=golden_tiny,golden_small_g3 dtype=fp32 batch=2 seq_len=64
+    python -m moeut.kernels.footprint preset=[golden_tiny,golden_small_g3] dtype=fp32 batch=2 seq_len=64
     python -m moeut.kernels.footprint preset=moeut_44m dtype=bf16 aot=90     # + compile it all for sm_90
 
-Arguments are Hydra-style key=value (no Hydra needed):
+A Hydra app over conf/footprint.yaml (`--help` lists the options with their meaning):
 
-    preset     model preset(s), comma-separated (moeut.config presets, or golden_tiny /
+    preset     model preset, or a list [a,b] (moeut.config presets, or golden_tiny /
                golden_small_g3: the shapes of the golden files)             [moeut_44m]
     dtype      bf16 | fp16 (autocast) | fp32 (true fp32) | tf32 (fp32 with TF32 allowed)  [bf16]
     batch, seq_len  the training batch (sequences x tokens)                   [64, 1024]
-    steps      which work to trace: train (forward + backward), eval (forward), decode
-               (prefill `prefill` tokens, then one-token steps); comma-separated   [train,decode]
+    steps      which work to trace, a list: train (forward + backward), eval (forward), decode
+               (prefill `prefill` tokens, then one-token steps)             [[train,decode]]
     prefill    prompt length of the decode trace                             [100]
     sms        streaming multiprocessors of the target GPU (H100/H200: 132)  [132]
     aot        compile everything ahead of time for this sm (e.g. 90) with Triton's real
-               backend and ptxas, no GPU needed, and print the compile time  [off]
-    json       write the footprint (and AOT times) to this file              [off]
+               backend and ptxas, no GPU needed, and print the compile time  [null: off]
+    json       write the footprint (and AOT times) to this file              [null: off]
 
 How it works (`trace`): the model runs once on CPU at a small batch with the Triton backend,
 and every `moeut::cvmm*` custom-op call is replayed through the Triton launchers with launching
@@ -34,10 +34,13 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import hydra
 import torch
 import torch.nn.functional as F
+
+from ..cli import CONF_DIR
 
 # The shapes of the golden files (shared/golden/README.md; official constructor arguments).
 GOLDEN_CONFIGS = {
@@ -309,35 +312,44 @@ def aot_time(specs: Sequence[Spec], arch: int = 90, configs_of=None, log=print) 
 # CLI
 # ------------------------------------------------------------------------------------------
 
-DEFAULTS = dict(preset="moeut_44m", dtype="bf16", batch="64", seq_len="1024", steps="train,decode", prefill="100",
-                sms="132", aot="", json="")
+def options(cfg: Any) -> dict:
+    """The checked options of a composed conf/footprint.yaml: preset and steps as lists of names,
+    batch/seq_len/prefill/sms as ints >= 1, aot an int or None, json a path or None.
+    Raises ValueError naming the option (unknown option, non-integer or < 1, unknown dtype or
+    step, unknown preset)."""
+    from ..cli import choice_option, int_option, str_list_option, tool_options
 
-
-def parse_args(argv: Sequence[str]) -> dict:
-    """key=value arguments (Hydra style); unknown keys raise ValueError naming them."""
-    args = dict(DEFAULTS)
-    for item in argv:
-        if "=" not in item:
-            raise ValueError(f"expected key=value, got {item!r} (keys: {', '.join(DEFAULTS)})")
-        k, v = item.split("=", 1)
-        k = k.lstrip("+")
-        if k not in DEFAULTS:
-            raise ValueError(f"unknown key {k!r} (keys: {', '.join(DEFAULTS)})")
-        args[k] = v
-    for k in ("batch", "seq_len", "prefill", "sms"):
+    a = tool_options(cfg, "footprint")
+    a["preset"] = str_list_option(a, "preset")
+    if not a["preset"]:
+        raise ValueError("preset: at least one preset name is required")
+    for p in a["preset"]:
         try:
-            args[k] = int(args[k])
-        except ValueError:
-            raise ValueError(f"{k}: expected an integer, got {args[k]!r}") from None
-    return args
+            model_config(p)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"preset: {p!r}: {e}") from None
+    choice_option(a, "dtype", DTYPES)
+    for k in ("batch", "seq_len", "prefill", "sms"):
+        a[k] = int_option(a, k)
+    a["steps"] = str_list_option(a, "steps")
+    bad = [s for s in a["steps"] if s not in STEPS]
+    if bad or not a["steps"]:
+        raise ValueError(f"steps: expected a non-empty list of {list(STEPS)}, got {a['steps']!r}")
+    a["aot"] = int_option(a, "aot", lo=None)
+    if a.get("json") is not None:
+        a["json"] = str(a["json"])
+    return a
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    a = parse_args(sys.argv[1:] if argv is None else argv)
-    steps = [s for s in a["steps"].split(",") if s]
+def run(cfg: Any) -> int:
+    """Trace, print the footprint table per preset (and all together), optionally compile it
+    ahead of time and write `json`; returns 0. Options as in `options`, whose ValueErrors it
+    raises; RuntimeError from aot_time under TRITON_INTERPRET."""
+    a = options(cfg)
+    steps = a["steps"]
     report: Dict[str, object] = {"args": {k: v for k, v in a.items()}}
     traced_all: Dict[str, List[dict]] = {}
-    for preset in a["preset"].split(","):
+    for preset in a["preset"]:
         traced = trace(model_config(preset), a["dtype"], a["batch"], a["seq_len"], steps, a["prefill"], a["sms"])
         for step, ls in traced.items():
             traced_all.setdefault(f"{preset}:{step}", []).extend(ls)
@@ -347,12 +359,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report[preset] = dict(variants=len(summ["specs"]), compiles=summ["compiles"],
                               autotuned_keys=summ["autotuned_keys"])
     summ = summarise(traced_all)
-    if len(a["preset"].split(",")) > 1:
+    if len(a["preset"]) > 1:
         print(f"all presets together: {len(summ['specs'])} kernel variants, {summ['compiles']} compiles, "
               f"{summ['autotuned_keys']} autotuned keys")
     report["total"] = dict(variants=len(summ["specs"]), compiles=summ["compiles"], autotuned_keys=summ["autotuned_keys"])
-    if a["aot"]:
-        arch = int(a["aot"])
+    if a["aot"] is not None:
+        arch = a["aot"]
         print(f"AOT compile for sm_{arch} (cold cache):")
         total, rows = aot_time(summ["specs"], arch)
         print(f"total compile time: {total:.1f} s for {len(rows)} compiles")
@@ -363,5 +375,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="footprint")
+def main(cfg: Any) -> None:
+    """`python -m moeut.kernels.footprint [key=value ...]` (options: conf/footprint.yaml, `--help`);
+    bad options: a one-line error naming the option, exit 1."""
+    try:
+        rc = run(cfg)
+    except ValueError as e:
+        sys.exit(f"moeut.kernels.footprint: error: {e}")
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

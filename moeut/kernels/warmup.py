@@ -11,21 +11,22 @@ autotune winners beside them (`cache_results`), so later processes -- training, 
 start warm. Run it once per machine / cache directory, per model shape and dtype; the list of what
 gets compiled is `python -m moeut.kernels.footprint` with the same arguments.
 
-Arguments (key=value): preset [moeut_44m], dtype bf16|fp16|fp32|tf32 [bf16], batch [64],
-seq_len [1024], steps [2], decode true|false [true], prefill [100], device [cuda; cpu only for a
-dry run, where the PyTorch implementation runs and nothing is compiled].
+A Hydra app over conf/warmup.yaml (`--help` lists the options with their meaning): preset
+[moeut_44m], dtype bf16|fp16|fp32|tf32 [bf16], batch [64], seq_len [1024], steps [2], decode
+true|false [true], prefill [100], device [null: cuda when available; cpu only for a dry run,
+where the PyTorch implementation runs and nothing is compiled].
 """
 from __future__ import annotations
 
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional
 
+import hydra
 import torch
 
-DEFAULTS = dict(preset="moeut_44m", dtype="bf16", batch="64", seq_len="1024", steps="2", decode="true",
-                prefill="100", device="")
+from ..cli import CONF_DIR
 
 
 def cache_dirs() -> dict:
@@ -39,25 +40,6 @@ def cache_dirs() -> dict:
     return {"triton": triton_dir, "inductor": inductor}
 
 
-def _parse(argv: Sequence[str]) -> dict:
-    a = dict(DEFAULTS)
-    for item in argv:
-        if "=" not in item:
-            raise ValueError(f"expected key=value, got {item!r} (keys: {', '.join(DEFAULTS)})")
-        k, v = item.split("=", 1)
-        if k not in DEFAULTS:
-            raise ValueError(f"unknown key {k!r} (keys: {', '.join(DEFAULTS)})")
-        a[k] = v
-    for k in ("batch", "seq_len", "steps", "prefill"):
-        try:
-            a[k] = int(a[k])
-        except ValueError:
-            raise ValueError(f"{k}: expected an integer, got {a[k]!r}") from None
-    if a["decode"] not in ("true", "false"):
-        raise ValueError(f"decode: expected true or false, got {a['decode']!r}")
-    return a
-
-
 def warm(preset: str, dtype: str, batch: int, seq_len: int, steps: int = 2, decode: bool = True,
          prefill: int = 100, device: Optional[str] = None, log=print) -> dict:
     """Run the passes described in the module docstring; returns their wall times in seconds."""
@@ -67,6 +49,8 @@ def warm(preset: str, dtype: str, batch: int, seq_len: int, steps: int = 2, deco
     from .footprint import model_config
     from . import cvmm_triton as kt
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype not in ("bf16", "fp16", "fp32", "tf32"):  # else it would silently run fp32
+        raise ValueError(f"dtype: expected one of bf16, fp16, fp32, tf32, got {dtype!r}")
     if dtype in ("fp32", "tf32"):
         kt.set_allow_tf32(dtype == "tf32")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
@@ -107,14 +91,46 @@ def warm(preset: str, dtype: str, batch: int, seq_len: int, steps: int = 2, deco
     return res
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    a = _parse(sys.argv[1:] if argv is None else argv)
+def options(cfg: Any) -> dict:
+    """The checked options of a composed conf/warmup.yaml: batch/seq_len/prefill ints >= 1, steps >= 0,
+    decode a bool, device a string or None. Raises ValueError naming the option (unknown option,
+    non-integer or < 1, decode not true/false, unknown dtype or preset)."""
+    from ..cli import bool_option, choice_option, int_option, tool_options
+    from .footprint import DTYPES, model_config
+
+    a = tool_options(cfg, "warmup")
+    choice_option(a, "dtype", DTYPES)
+    for k in ("batch", "seq_len", "prefill"):
+        a[k] = int_option(a, k)
+    a["steps"] = int_option(a, "steps", lo=0)  # 0: warm the decode only
+    a["decode"] = bool_option(a, "decode")
+    try:
+        model_config(str(a["preset"]))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"preset: {a['preset']!r}: {e}") from None
+    a["device"] = str(a["device"]) if a.get("device") else None
+    return a
+
+
+def run(cfg: Any) -> dict:
+    """Print the Triton cache dir and run `warm` with the options of a composed conf/warmup.yaml;
+    returns warm()'s timings. Raises the ValueErrors of `options`."""
+    a = options(cfg)
     dirs = cache_dirs()
     print(f"[warmup] Triton cache (kernels + autotune results): {dirs['triton']}")
-    warm(a["preset"], a["dtype"], a["batch"], a["seq_len"], a["steps"], a["decode"] == "true", a["prefill"],
-         a["device"] or None)
-    return 0
+    return warm(a["preset"], a["dtype"], a["batch"], a["seq_len"], a["steps"], a["decode"], a["prefill"],
+                a["device"])
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="warmup")
+def main(cfg: Any) -> None:
+    """`python -m moeut.kernels.warmup [key=value ...]` (options: conf/warmup.yaml, `--help`);
+    bad options: a one-line error naming the option, exit 1."""
+    try:
+        run(cfg)
+    except ValueError as e:
+        sys.exit(f"moeut.kernels.warmup: error: {e}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,0 +1,117 @@
+"""Shared plumbing of the Hydra command-line tools (issue 16, item 5: one config style).
+
+Every command-line tool of the package is a Hydra app over a file of the repository's conf/
+directory: `@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="<tool>")`, with a
+`run(cfg)` that does the work (callable from tests with `compose("<tool>", [...])`), no Hydra
+output folder or log file (`hydra.output_subdir: null`, `hydra.run.dir: .`,
+`hydra/job_logging: stdout`) and a `hydra.help.template` listing every option, so `--help` says
+what the tool does. Tools: train.py, moeut.evaluate, moeut.prepare_data, moeut.analyze,
+moeut.sweep, moeut.summary, moeut.hf.export, moeut.kernels.footprint, moeut.kernels.warmup,
+moeut.eval.table, analysis/compare.py, analysis/plot_curves.py. The exception is
+moeut.eval.harness_cli, which hands its argv to lm-eval's own command line (see its docstring).
+
+The helpers here turn a composed config into plain values and check them, with errors that name
+the option (`batch: expected an integer >= 1, got 'x'`). No torch import.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def tool_options(cfg: Any, config_name: str, required: Sequence[str] = ()) -> Dict[str, Any]:
+    """The options of a composed tool config as a plain dict (interpolations resolved, `hydra`
+    dropped).
+
+    `cfg` is the DictConfig a `@hydra.main` function receives (or `compose(config_name)`); the
+    known options are the keys of conf/<config_name>.yaml. Raises ValueError naming the option for
+    a key the file does not have (`+typo=1` gets past Hydra's struct check) and for a `required`
+    option left at `???` (or null), with how to pass it."""
+    from omegaconf import OmegaConf
+
+    known = set(_file_keys(config_name))
+    for key in required:
+        if key not in cfg or OmegaConf.is_missing(cfg, key) or cfg[key] is None:
+            raise ValueError(f"{key}: required: pass {key}=<value> (python -m ... --help lists the options)")
+    opts = OmegaConf.to_container(cfg, resolve=True)
+    opts.pop("hydra", None)
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} (conf/{config_name}.yaml); known: {sorted(known)}")
+    return opts
+
+
+def _file_keys(config_name: str) -> List[str]:
+    """Top-level keys of conf/<config_name>.yaml, less `defaults` and `hydra`."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.load(Path(CONF_DIR) / f"{config_name}.yaml")
+    return [k for k in raw.keys() if k not in ("defaults", "hydra")]
+
+
+def int_option(opts: Dict[str, Any], key: str, lo: Optional[int] = 1) -> Optional[int]:
+    """`opts[key]` as an int >= `lo` (None stays None). A whole-number string ("64") is accepted,
+    as the old key=value parsers did. Raises ValueError `key: expected an integer >= lo, got v`."""
+    v = opts.get(key)
+    if v is None:
+        return None
+    if isinstance(v, str):
+        try:
+            v = int(v)
+        except ValueError:
+            pass
+    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
+        bound = f" >= {lo}" if lo is not None else ""
+        raise ValueError(f"{key}: expected an integer{bound}, got {opts.get(key)!r}")
+    return v
+
+
+def bool_option(opts: Dict[str, Any], key: str) -> bool:
+    """`opts[key]` as a bool (Hydra parses `key=true` / `key=false`; the strings are accepted too).
+    Raises ValueError `key: expected true or false, got v` for anything else."""
+    v = opts.get(key)
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    raise ValueError(f"{key}: expected true or false, got {v!r}")
+
+
+def choice_option(opts: Dict[str, Any], key: str, choices: Iterable[str], allow_none: bool = False) -> Optional[str]:
+    """`opts[key]` checked against `choices`. Raises ValueError `key: expected one of [...], got v`."""
+    v = opts.get(key)
+    choices = list(choices)
+    if v is None and allow_none:
+        return None
+    if v not in choices:
+        raise ValueError(f"{key}: expected one of {choices}{' or null' if allow_none else ''}, got {v!r}")
+    return v
+
+
+def str_list_option(opts: Dict[str, Any], key: str) -> List[str]:
+    """`opts[key]` as a list of strings: a list, or one comma-separated string (`a,b` quoted on the
+    command line, the old key=value form). None/empty -> []. Raises ValueError naming `key` for
+    other types or non-string items."""
+    v = opts.get(key)
+    if v is None or v == "":
+        return []
+    if isinstance(v, str):
+        return [s.strip() for s in v.split(",") if s.strip()]
+    if isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v):
+        return list(v)
+    raise ValueError(f"{key}: expected a list of names, e.g. {key}=[a,b], got {v!r}")
+
+
+def compose(config_name: str, overrides: Sequence[str] = ()) -> Any:
+    """Compose conf/<config_name>.yaml with command-line style `overrides`, as the tool's
+    `@hydra.main` would (for tests and scripts: `moeut.sweep.run(compose("sweep", [...]))`).
+    Returns the DictConfig (with its `hydra` node removed). Hydra's errors (unknown key, bad
+    override syntax) propagate."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
