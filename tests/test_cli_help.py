@@ -36,12 +36,11 @@ TOOLS = {
     "moeut.hf.export": ["-m", "moeut.hf.export"],
     "moeut.kernels.footprint": ["-m", "moeut.kernels.footprint"],
     "moeut.kernels.warmup": ["-m", "moeut.kernels.warmup"],
-    # The next four become Hydra apps on branch wt-rundir (helper "rundir"): these cases pass after
-    # the lead merges wt-rundir; before that they fail (argparse knows no --cfg).
     "moeut.summary": ["-m", "moeut.summary"],
     "moeut.eval.table": ["-m", "moeut.eval.table"],
     "analysis/compare.py": ["analysis/compare.py"],
     "analysis/plot_curves.py": ["analysis/plot_curves.py"],
+    "analysis/cpu_result_report.py": ["analysis/cpu_result_report.py"],
 }
 # command-line modules that are deliberately not Hydra apps, and why
 NOT_HYDRA = {"moeut/eval/harness_cli.py": "passes argv to lm-eval's own CLI"}
