@@ -188,7 +188,7 @@ def _candidates(path: str, option: str) -> Tuple[List[str], bool]:
 
 
 def open_checkpoint(path: PathLike, read: Callable[[str], Any], *, option: str = "checkpoint",
-                    log: Optional[Callable[[str], None]] = None) -> Any:
+                    log: Optional[Callable[[str], None]] = None, setting: Optional[str] = None) -> Any:
     """The one way to read a checkpoint: `read(checkpoint_dir)` on the checkpoint `path` names.
 
     - `path` is one checkpoint (a `step_*` dir, or a file inside one such as its model.pt): read
@@ -197,30 +197,33 @@ def open_checkpoint(path: PathLike, read: Callable[[str], Any], *, option: str =
       warning naming the file ("skipping unreadable checkpoint ..."), and the newest readable one
       is used. None readable: FileNotFoundError naming the run dir and `option`.
     `read` must raise CheckpointError for unreadable files (read_checkpoint_file does); any other
-    error (e.g. a vocabulary mismatch) is not corruption and propagates at once. `log` also gets
-    every warning (training writes them to its log).
+    error (e.g. a vocabulary mismatch) is not corruption and propagates at once. Each warning is
+    given once: to `log` when given (training writes it to its log and the console), else as a
+    UserWarning. `setting` is how the path was chosen, named in warnings (default
+    "{option}={path}", e.g. "train.resume=auto (run dir ...)" when the path was not given).
     """
     path = os.fspath(path)
+    setting = setting or f"{option}={path}"
     candidates, exact = _candidates(path, option)
     skipped = []
+
+    def warn(msg: str) -> None:
+        if log is not None:
+            log(f"[ckpt] WARNING {msg}")
+        else:
+            warnings.warn(msg, stacklevel=3)
     for i, c in enumerate(candidates):
         try:
             result = read(c)
         except CheckpointError as e:
             if exact:
                 raise
-            msg = (f"skipping unreadable checkpoint {c}: {e}; "
-                   + ("trying the previous one" if i + 1 < len(candidates) else "no older checkpoint left"))
-            warnings.warn(msg, stacklevel=2)
-            if log is not None:
-                log(f"[ckpt] WARNING {msg}")
+            warn(f"skipping unreadable checkpoint {c}: {e}; "
+                 + ("trying the previous one" if i + 1 < len(candidates) else "no older checkpoint left"))
             skipped.append(e.file)
             continue
         if skipped:
-            msg = f"{option}={path}: using {c}, the newest readable checkpoint (skipped {', '.join(skipped)})"
-            warnings.warn(msg, stacklevel=2)
-            if log is not None:
-                log(f"[ckpt] WARNING {msg}")
+            warn(f"{setting}: using {c}, the newest readable checkpoint (skipped {', '.join(skipped)})")
         return result
     looked = (f"{len(candidates)} checkpoint(s), none readable: {', '.join(skipped)}" if candidates
               else "no checkpoints/step_*/ directories")
@@ -317,11 +320,12 @@ TRAIN_STATE = "train_state.pt"
 
 def save_training_checkpoint(run_dir: str, step: int, model, model_config, *, train_state: Dict[str, Any],
                              tokenizer, raw_config: Dict[str, Any], keep_last: Optional[int] = None,
-                             meta: Optional[Dict[str, Any]] = None) -> str:
+                             meta: Optional[Dict[str, Any]] = None,
+                             log: Optional[Callable[[str], None]] = None) -> str:
     """Write checkpoints/step_XXXXXXX atomically (rank 0 only). `train_state` is
     `TrainState.state_dict()` (train_lib/state.py): everything besides the weights; `raw_config`
     the resolved run config (written as config.yaml); `keep_last` prunes older checkpoints after
-    the write. Returns the checkpoint dir. Raises OSError when the disk refuses the write (the
+    the write (`prune_checkpoints`: only valid ones count; `log` gets its warnings). Returns the checkpoint dir. Raises OSError when the disk refuses the write (the
     previous checkpoints stay untouched: the new one is renamed into place only when complete)."""
 
     def write_state(path: str) -> None:
@@ -337,13 +341,48 @@ def save_training_checkpoint(run_dir: str, step: int, model, model_config, *, tr
                            tokenizer=tokenizer, meta=m,
                            extra_files={TRAIN_STATE: write_state, "config.yaml": write_config})
     if keep_last:
-        prune_checkpoints(run_dir, keep_last)
+        prune_checkpoints(run_dir, keep_last, log)
     return path
 
 
-def prune_checkpoints(run_dir: str, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints of `run_dir` (keep_last >= 1)."""
-    for old in find_checkpoints(run_dir)[:-keep_last]:
+UNREADABLE_DIR = "unreadable"  # checkpoints/unreadable/: checkpoints moved aside, never read or rotated
+
+
+def set_aside_checkpoint(ckpt_dir: str, why: str, log: Optional[Callable[[str], None]] = None) -> str:
+    """Move the checkpoint dir `ckpt_dir` (checkpoints/step_XXXXXXX) to
+    checkpoints/unreadable/step_XXXXXXX (a numeric suffix when that exists), so no resume or
+    rotation sees it again; nothing is deleted. Warns once (to `log`, else a UserWarning) naming
+    the checkpoint, `why` and the new path. Returns the new path."""
+    dest_root = os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), UNREADABLE_DIR)
+    os.makedirs(dest_root, exist_ok=True)
+    base = os.path.join(dest_root, os.path.basename(os.path.normpath(ckpt_dir)))
+    dest, n = base, 1
+    while os.path.exists(dest):
+        dest, n = f"{base}.{n}", n + 1
+    os.replace(ckpt_dir, dest)
+    msg = f"moved checkpoint {ckpt_dir} to {dest} ({why}); it is never resumed from or rotated, delete it by hand"
+    if log is not None:
+        log(f"[ckpt] WARNING {msg}")
+    else:
+        warnings.warn(msg, stacklevel=2)
+    return dest
+
+
+def prune_checkpoints(run_dir: str, keep_last: int, log: Optional[Callable[[str], None]] = None) -> None:
+    """Keep the newest `keep_last` (>= 1) VALID checkpoints of `run_dir` and delete older valid
+    ones. Validity is `verify_checkpoint_files` (complete files, no weight loading). A checkpoint
+    that fails it is never counted and never deleted: it is moved to checkpoints/unreadable/
+    (`set_aside_checkpoint`, warning naming the bad file), so a valid checkpoint is never
+    deleted while an unreadable one is kept."""
+    valid = []
+    for c in find_checkpoints(run_dir):
+        try:
+            verify_checkpoint_files(c)
+        except CheckpointError as e:
+            set_aside_checkpoint(c, f"unreadable: {e}", log)
+            continue
+        valid.append(c)
+    for old in valid[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -359,12 +398,24 @@ def _load_all(path: str) -> Dict[str, Any]:
 
 
 def load_latest_training_checkpoint(run_dir: str, log=print) -> Optional[Dict[str, Any]]:
-    """The newest checkpoint in `run_dir` whose files all load, or None when there is none.
-    Unreadable ones are skipped with a warning naming the file (moeut.checkpoint.open_checkpoint);
-    when every checkpoint is unreadable it raises rather than silently starting over."""
+    """The newest checkpoint in `run_dir` whose files all load (train.resume=auto), or None when
+    there is none. Unreadable ones are skipped with one warning each naming the file
+    (moeut.checkpoint.open_checkpoint, through `log`); when every checkpoint is unreadable it
+    raises rather than silently starting over. The result's "abandoned" lists the skipped
+    checkpoint dirs newer than the one used: a resume continues from an older step, so they
+    belong to an abandoned timeline (training moves them aside with `set_aside_checkpoint` once
+    the start is validated; this function only reads)."""
     if not find_checkpoints(run_dir):
         return None
-    return open_checkpoint(run_dir, _load_all, option="train.resume", log=log)
+    ckpt = open_checkpoint(run_dir, _load_all, option="train.resume", log=log,
+                           setting=f"train.resume=auto (run dir {run_dir})")
+    used = _step_of(ckpt["path"])
+    ckpt["abandoned"] = [c for c in find_checkpoints(run_dir) if _step_of(c) > used]
+    return ckpt
+
+
+def _step_of(ckpt_dir: str) -> int:
+    return int(_STEP_RE.match(os.path.basename(os.path.normpath(ckpt_dir))).group(1))
 
 
 def load_training_checkpoint(path: str) -> Dict[str, Any]:

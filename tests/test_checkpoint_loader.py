@@ -186,9 +186,12 @@ def test_training_resume_uses_the_same_loader(run):
     run_dir, _, bad = run
     logged = []
     # step 2 has no train_state.pt (save_checkpoint without extra files): nothing is readable
-    with pytest.warns(UserWarning, match=SKIP_RE):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # each warning goes to the log once, not also as a UserWarning
         with pytest.raises(FileNotFoundError, match=r"train\.resume="):
             tl.load_latest_training_checkpoint(str(run_dir), log=logged.append)
+    import re
+    assert sum(bool(re.search(SKIP_RE, m)) for m in logged) == 1, logged
     assert any(str(bad) in m for m in logged)
     assert any("train_state.pt" in m and "missing" in m for m in logged)
     with pytest.raises(CheckpointError, match="step_0000004"):
@@ -210,3 +213,42 @@ def test_compare_reads_the_newest_readable_config(run):
     with pytest.warns(UserWarning, match=r"skipping unreadable checkpoint .*step_0000004.*model_config\.json"):
         r = compare.load_run(str(run_dir))
     assert r.config.d_model == 64 and r.params > 0
+
+
+# ------------------------------------------------------------------------------------------
+# Rotation counts only valid checkpoints; unreadable ones are moved aside, never deleted
+# ------------------------------------------------------------------------------------------
+
+def test_rotation_never_deletes_a_valid_checkpoint_while_keeping_an_unreadable_one(tmp_path, tokenizer):
+    """Checkpoints 2, 4, 6 and a truncated 5 (newer than 4): keep_last=2 must keep 4 and 6 (the
+    newest VALID ones), delete 2, and move 5 to checkpoints/unreadable/ byte-for-byte with one
+    warning naming it (the old rotation deleted 4 and kept the unreadable 5)."""
+    from moeut.checkpoint import prune_checkpoints
+    cfg = get_preset("tiny", vocab_size=tokenizer.vocab_size)
+    root = tmp_path / "run" / "checkpoints"
+    for step in (2, 4, 5, 6):
+        torch.manual_seed(step)
+        save_checkpoint(root, step, build_model(cfg), cfg, tokenizer=tokenizer)
+    bad = root / "step_0000005" / "model.pt"
+    bad.write_bytes(bad.read_bytes()[:1000])
+    cut = bad.read_bytes()
+    msgs = []
+    prune_checkpoints(str(tmp_path / "run"), 2, log=msgs.append)
+    assert [os.path.basename(c) for c in find_checkpoints(tmp_path / "run")] == ["step_0000004", "step_0000006"]
+    assert (root / "unreadable" / "step_0000005" / "model.pt").read_bytes() == cut  # kept, not deleted
+    assert len(msgs) == 1 and "step_0000005" in msgs[0] and "unreadable" in msgs[0], msgs
+    for c in find_checkpoints(tmp_path / "run"):
+        load_model(c)  # both kept checkpoints load
+
+
+def test_fallback_warns_once_naming_the_setting_in_effect(run):
+    """With a log, each fallback message goes to the log once and is not also a UserWarning;
+    the setting named is the one the caller gives (train.resume=auto), not "option=<dir>"."""
+    run_dir, _, bad = run
+    msgs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no duplicate UserWarning
+        open_checkpoint(run_dir, resolve_checkpoint, option="train.resume", log=msgs.append,
+                        setting="train.resume=auto (run dir x)")
+    assert len(msgs) == 2 and sum("skipping unreadable checkpoint" in m and str(bad) in m for m in msgs) == 1, msgs
+    assert msgs[1].startswith("[ckpt] WARNING train.resume=auto (run dir x): using "), msgs

@@ -515,3 +515,13 @@ def test_train_py_under_ddp_refuses_a_cold_cache(tmp_path, corpus_dir):
     r = subprocess.run([sys.executable, "-m", "moeut.prepare_data", *ov, "prepare.check=true"], cwd=REPO, env=env1,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "prepared and verified" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+def test_short_stream_warning_names_the_limit_in_effect(tmp_path, corpus_dir, tok):
+    """"holds N tokens, fewer than the M asked for (...)" names where M came from (`limit_name`),
+    not a guess between options."""
+    m = prepare_tokens(local_corpus(str(corpus_dir / "valid"), "validation"), tok, str(tmp_path), None, log=QUIET)
+    n = len(TokenStream(m))
+    with pytest.warns(UserWarning, match=rf"holds {n:,} tokens, fewer than the {n + 100:,} asked for \(data\.valid_tokens, "
+                                         r"validation set 'val'\)"):
+        WindowDataset(TokenStream(m), 64, limit_tokens=n + 99, limit_name="data.valid_tokens, validation set 'val'")

@@ -163,7 +163,8 @@ def _resumed_run(run: Path) -> None:
     first += [{"step": 2, "validation/val/perplexity": 50.0}, {"step": 4, "validation/val/perplexity": 5.0}]
     first.sort(key=lambda r: r["step"])
     _write(run / "metrics.jsonl", _lines(first) + '{"step": 5, "train/lo')
-    assert rewind_metrics(str(run), 2) == 4  # two of step 3/4, the step-4 validation, the cut line
+    # later steps: two of step 3/4 and the step-4 validation; the cut line (line 7) counted apart
+    assert rewind_metrics(str(run), 2) == (3, [7])
     with open(run / "metrics.jsonl", "a") as f:  # the resumed start
         f.write(_lines([{"step": 3, "train/loss": 6.5}, {"step": 4, "train/loss": 6.0},
                         {"step": 4, "validation/val/perplexity": 40.0}]))

@@ -118,16 +118,117 @@ def test_fresh_start_in_used_run_dir_keeps_one_history(cache_dir, tmp_path):
         assert [json.loads(line) for line in f] == old
 
 
-def test_corrupt_newest_checkpoint_falls_back(cache_dir, tmp_path):
+def _messages(caplog):
+    return [r.getMessage() for r in caplog.records]
+
+
+def test_corrupt_newest_checkpoint_falls_back(cache_dir, tmp_path, caplog):
+    caplog.set_level("INFO")
     run(cache_dir, tmp_path, "train.steps=12", "train.stop_at=4", "train.save_interval=2", "train.keep_last=5")
     ckpts = find_checkpoints(str(tmp_path))
     assert [os.path.basename(c) for c in ckpts] == ["step_0000002", "step_0000004"]
     model_pt = Path(ckpts[-1]) / "model.pt"
     data = model_pt.read_bytes()
     model_pt.write_bytes(data[: len(data) // 2])  # truncated write
-    with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*step_0000004"):
-        res = run(cache_dir, tmp_path, "train.steps=12", "train.stop_at=6")
+    caplog.clear()
+    res = run(cache_dir, tmp_path, "train.steps=12", "train.stop_at=6")
+    msgs = _messages(caplog)
+    # each fallback message once (log and console), naming the setting in effect (resume left at auto)
+    assert sum("skipping unreadable checkpoint" in m and "step_0000004" in m for m in msgs) == 1, msgs
+    assert sum("train.resume=auto (run dir " in m and "using " in m for m in msgs) == 1, msgs
+    assert not any(f"train.resume={tmp_path}" in m for m in msgs), msgs
     assert len(res["losses"]) == 4  # resumed at step 2, ran steps 2..5
+
+
+def test_resume_past_unreadable_checkpoint_sets_it_aside(cache_dir, tmp_path, caplog):
+    """The new-user trial: checkpoints 4 and 6 (keep_last=2), 6's model.pt truncated; a resume
+    to train.steps=5 falls back to 4 and saves 5. Step 6 belongs to the abandoned timeline: it is
+    moved to checkpoints/unreadable/ unchanged (named in a warning), so rotation keeps the two
+    valid checkpoints 4 and 5 (it used to delete 4 and keep the unreadable 6)."""
+    from moeut.checkpoint import load_training_checkpoint
+    caplog.set_level("INFO")
+    run(cache_dir, tmp_path, "train.steps=12", "train.stop_at=6", "train.save_interval=2", "train.keep_last=2")
+    model_pt = tmp_path / "checkpoints" / "step_0000006" / "model.pt"
+    model_pt.write_bytes(model_pt.read_bytes()[:5000])
+    cut = model_pt.read_bytes()
+    caplog.clear()
+    res = run(cache_dir, tmp_path, "train.steps=5", "train.save_interval=2", "train.keep_last=2")
+    assert res["step"] == 5 and len(res["losses"]) == 1
+    assert [os.path.basename(c) for c in find_checkpoints(str(tmp_path))] == ["step_0000004", "step_0000005"]
+    for c in find_checkpoints(str(tmp_path)):
+        load_training_checkpoint(c)  # both fully readable
+    assert (tmp_path / "checkpoints" / "unreadable" / "step_0000006" / "model.pt").read_bytes() == cut
+    moved = [m for m in _messages(caplog) if "moved checkpoint" in m and "step_0000006" in m]
+    assert len(moved) == 1 and "newer than the resumed step 4" in moved[0], _messages(caplog)
+    assert (tmp_path / "train.log").read_text().count("moved checkpoint") == 1  # in the run's log, once
+    # a later resume never picks the set-aside checkpoint
+    assert run(cache_dir, tmp_path, "train.steps=5")["step"] == 5
+
+
+def test_resume_with_more_steps_warns_the_schedule_changes(cache_dir, tmp_path, caplog):
+    """train.steps 6 -> 10 on resume re-spans the cosine: warned once with both values and the LR
+    before/after at the resumed step (hand-computed from the closed form of SPEC 4.2)."""
+    import math
+    caplog.set_level("INFO")
+    run(cache_dir, tmp_path, "train.steps=6", "train.stop_at=3")
+    caplog.clear()
+    tc = tiny_cfg(cache_dir, "train.steps=10", "train.stop_at=4")
+    train(tc, str(tmp_path))
+    lr, w, r = tc.optim.lr, tc.optim.warmup, tc.optim.min_lr_ratio
+    assert tc.optim.schedule == "cosine" and w < 3
+    def cos(S):
+        return r * lr + (1 - r) * lr * (1 + math.cos(math.pi * (3 - w) / S)) / 2
+    msgs = [m for m in _messages(caplog) if "train.steps: 6" in m]
+    assert len(msgs) == 1 and "now 10" in msgs[0] and "re-computed over the new total" in msgs[0], _messages(caplog)
+    assert f"from {cos(6):.4g} to {cos(10):.4g}" in msgs[0], (msgs[0], cos(6), cos(10))
+    caplog.clear()
+    train(tiny_cfg(cache_dir, "train.steps=10", "train.stop_at=5"), str(tmp_path))  # same total: no warning
+    assert not any("train.steps: " in m and "re-computed" in m for m in _messages(caplog))
+
+
+def test_resume_moves_a_cut_last_metrics_line_aside_saying_what_it_is(cache_dir, tmp_path, caplog):
+    """A crash mid-write leaves a last line without newline: the resume moves it to
+    metrics.rewound.jsonl and says it is a cut line (file:line), not "records of later steps"."""
+    caplog.set_level("INFO")
+    run(cache_dir, tmp_path, "train.steps=4", "train.stop_at=2")
+    path = tmp_path / "metrics.jsonl"
+    n_lines = len(path.read_text().splitlines())
+    with open(path, "a") as f:
+        f.write('{"step": 3, "train/lo')
+    caplog.clear()
+    run(cache_dir, tmp_path, "train.steps=4")
+    assert (tmp_path / "metrics.rewound.jsonl").read_text() == '{"step": 3, "train/lo\n'
+    msgs = _messages(caplog)
+    assert any(f"metrics.jsonl:{n_lines + 1}:" in m and "cut short by a crash" in m for m in msgs), msgs
+    assert not any("records of later steps" in m for m in msgs), msgs
+
+
+def test_short_stream_warnings_name_the_limit_of_each_stream(cache_dir, tmp_path):
+    """A train budget (train.steps+100)*batch*seq_len above what the corpus holds is named as the
+    train budget, never as data.valid_tokens; a short validation set names data.valid_tokens."""
+    import warnings
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        run(cache_dir, tmp_path, "train.steps=100000", "train.stop_at=1", "data.valid_tokens=100000000",
+            "train.final_eval=false", "train.val_interval=100000")
+    short = [str(x.message) for x in w if "fewer than the" in str(x.message)]
+    assert any("the train budget (train.steps+100)*train.batch_size*data.seq_len" in m
+               and "data.valid_tokens" not in m for m in short), short
+    assert any("(data.valid_tokens, validation set 'val')" in m for m in short), short
+
+
+def test_rewind_refuses_a_damaged_middle_line(tmp_path):
+    """rewind_metrics follows moeut.rundir's policy on its own too: a damaged line that is not the
+    cut last line raises naming metrics.jsonl:LINE, and nothing is written."""
+    from moeut.rundir import CorruptRunFile
+    from moeut.train_lib.logging import rewind_metrics
+    lines = [json.dumps({"step": s}) + "\n" for s in range(1, 6)]
+    lines[2] = '{"step": 3, "tr\n'
+    (tmp_path / "metrics.jsonl").write_text("".join(lines))
+    with pytest.raises(CorruptRunFile, match=r"metrics\.jsonl:3: .*repair or delete this line"):
+        rewind_metrics(str(tmp_path), 1)
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(lines)
+    assert not (tmp_path / "metrics.rewound.jsonl").exists()
 
 
 def test_other_architecture_checkpoint_names_keys(cache_dir, tmp_path):
@@ -309,6 +410,8 @@ REFUSALS = {
     "bad_choice": (["train.precision=fp8"], r"train.precision: 'fp8' is not one of"),
     # every checkpoint unreadable: starting over would replace the run
     "all_checkpoints_corrupt": ([], r"no valid checkpoint in .*none readable.*train\.resume="),
+    # a damaged middle line of metrics.jsonl (moeut.rundir's policy): not moved aside as "later steps"
+    "metrics_middle_line_corrupt": ([], r"metrics\.jsonl:3: not valid JSON .*repair or delete this line"),
 }
 
 
@@ -321,6 +424,10 @@ def test_refused_start_leaves_run_dir_untouched(cache_dir, finished_run, tmp_pat
     if kind == "all_checkpoints_corrupt":
         for model_pt in run_dir.glob("checkpoints/step_*/model.pt"):
             model_pt.write_bytes(model_pt.read_bytes()[:100])
+    if kind == "metrics_middle_line_corrupt":
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+        lines[2] = lines[2][: len(lines[2]) // 2] + "\n"
+        (run_dir / "metrics.jsonl").write_text("".join(lines))
     before = _tree(run_dir)
     overrides, message = REFUSALS[kind]
     overrides = [o.format(other=other) for o in overrides]

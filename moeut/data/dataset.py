@@ -62,9 +62,11 @@ class TokenStream:
 
 class WindowDataset:
     """Non-overlapping windows of T inputs + 1 target token. `limit_tokens` caps the stream used
-    (the paper's train limit / validation budget)."""
+    (the paper's train limit / validation budget); `limit_name` says where that limit comes from
+    (an option, or the train budget), named when the stream holds fewer tokens than it."""
 
-    def __init__(self, stream: TokenStream, seq_len: int, limit_tokens: Optional[int] = None):
+    def __init__(self, stream: TokenStream, seq_len: int, limit_tokens: Optional[int] = None,
+                 limit_name: str = "the token limit"):
         self.stream = stream
         self.seq_len = seq_len
         usable = len(stream) if limit_tokens is None else min(len(stream), limit_tokens + 1)
@@ -75,7 +77,7 @@ class WindowDataset:
         if limit_tokens is not None and len(stream) < limit_tokens + 1 and self.n_windows:
             import warnings
             warnings.warn(f"{stream.manifest.path}: holds {len(stream):,} tokens, fewer than the {limit_tokens + 1:,} "
-                          f"asked for (data.valid_tokens, or the train limit); using all of them", stacklevel=2)
+                          f"asked for ({limit_name}); using all of them", stacklevel=2)
         if self.unused_tokens and self.n_windows:
             import warnings
             limit = ("the whole stream" if limit_tokens is None or len(stream) <= limit_tokens

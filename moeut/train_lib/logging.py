@@ -8,7 +8,9 @@ from this file without the wandb API. Figures (routing heatmaps) go to wandb as 
 Messages and progress lines go through Python logging (logger `moeut.train`); `run_log_file`
 also writes everything logged (warnings included, under `python train.py`) to `<run_dir>/train.log`.
 On a resume from step s, records after s (written before the interruption, after the checkpoint)
-are moved to `metrics.rewound.jsonl`, so metrics.jsonl holds exactly one history.
+are moved to `metrics.rewound.jsonl`, so metrics.jsonl holds exactly one history; so is a cut
+last line (a crash mid-write), with its own message. Any other damaged line follows moeut.rundir's
+corrupt-line policy: the start is refused naming metrics.jsonl:LINE.
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from moeut.rundir import METRICS_FILE, REWOUND_METRICS_FILE, TruncatedLineWarning, read_jsonl
 
 log = logging.getLogger("moeut.train")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -84,32 +88,42 @@ def log_to_files(text: str, level: int = logging.INFO) -> None:
             h.handle(log.makeRecord(log.name, level, __file__, 0, text, (), None))
 
 
-def rewind_metrics(run_dir: str, step: int) -> int:
+def rewind_metrics(run_dir: str, step: int) -> Tuple[int, List[int]]:
     """Move records with step > `step` from metrics.jsonl to metrics.rewound.jsonl (appended) and
-    rewrite metrics.jsonl atomically; returns how many moved. A resumed run re-logs those steps."""
-    path = os.path.join(run_dir, "metrics.jsonl")
+    rewrite metrics.jsonl atomically. Returns (records of later steps moved, 1-based line numbers
+    of cut lines moved). The file is read under the run-dir corrupt-line policy
+    (moeut.rundir.read_jsonl): a cut last line without newline (a crash mid-write) is moved aside
+    too; any other damaged line raises CorruptRunFile naming metrics.jsonl:LINE before anything
+    is written (training refuses such a start earlier, in validated_start). A resumed run re-logs
+    the later steps."""
+    path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.isfile(path):
-        return 0
-    keep, moved = [], []
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
+        return 0, []
+    with warnings.catch_warnings():  # the caller reports the cut line with what happened to it
+        warnings.simplefilter("ignore", TruncatedLineWarning)
+        cut = set(read_jsonl(path).skipped_lines)  # raises CorruptRunFile on any other damaged line
+    keep, moved, n_later = [], [], 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
-            try:
-                s = json.loads(line).get("step", 0)
-            except ValueError:  # a line cut by a crash: not part of either history
-                moved.append(line if line.endswith("\n") else line + "\n")
-                continue
-            (moved if s > step else keep).append(line if line.endswith("\n") else line + "\n")
+            line = raw if raw.endswith(b"\n") else raw + b"\n"
+            if lineno in cut:
+                moved.append(line)
+            elif json.loads(raw.decode("utf-8")).get("step", 0) > step:
+                moved.append(line)
+                n_later += 1
+            else:
+                keep.append(line)
     if not moved:
-        return 0
-    with open(os.path.join(run_dir, "metrics.rewound.jsonl"), "a") as f:
+        return 0, []
+    with open(os.path.join(run_dir, REWOUND_METRICS_FILE), "ab") as f:
         f.writelines(moved)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "wb") as f:
         f.writelines(keep)
     os.replace(tmp, path)
-    return len(moved)
+    return n_later, sorted(cut)
 
 
 class RunLogger:
@@ -136,7 +150,11 @@ class RunLogger:
             return
         os.makedirs(run_dir, exist_ok=True)
         if resume_step is not None:
-            n = rewind_metrics(run_dir, resume_step)
+            n, cut = rewind_metrics(run_dir, resume_step)
+            for lineno in cut:
+                self.message(f"[log] WARNING {os.path.join(run_dir, METRICS_FILE)}:{lineno}: moved an unparsable "
+                             f"last line without newline (a record cut short by a crash or kill, not a later "
+                             f"step) to {REWOUND_METRICS_FILE}")
             if n:
                 self.message(f"[log] starting at step {resume_step}: moved {n} records of later steps from "
                              "metrics.jsonl to metrics.rewound.jsonl (they are logged again)")

@@ -70,6 +70,10 @@ def train(tc: TrainConfig, run_dir: str, run_files: Optional[Dict[str, str]] = N
         ckpt_lib.commit_run_dir(run_dir, setup.tokenizer, dict(run_files or {}))
     barrier()
     with run_log_file(run_dir, enabled=dist.is_main, held=held):
+        if dist.is_main:  # newer than the resumed step, unreadable: an abandoned timeline (RunSetup)
+            for c in setup.abandoned:
+                ckpt_lib.set_aside_checkpoint(c, f"unreadable, and newer than the resumed step {setup.state.step}",
+                                              say)
         try:
             return run_loop(tc, run_dir, dist, setup, say)
         except Exception:  # the console gets the traceback from the caller; train.log gets it here
@@ -87,7 +91,8 @@ def save_checkpoint(setup: RunSetup, tc: TrainConfig, run_dir: str, logger: RunL
         return None
     path = ckpt_lib.save_training_checkpoint(
         run_dir, state.step, state.model, tc.model, train_state=train_state, tokenizer=setup.tokenizer,
-        raw_config=tc.raw, keep_last=tc.train.keep_last, meta={"preset": tc.model_preset, "name": tc.name})
+        raw_config=tc.raw, keep_last=tc.train.keep_last, meta={"preset": tc.model_preset, "name": tc.name},
+        log=logger.message)
     logger.message(f"[ckpt] saved {path}")
     return path
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import warnings
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import yaml
 
 import torch
 
@@ -24,6 +27,8 @@ from moeut.compute import total_params
 from moeut.data.dataset import StreamSampler
 from moeut.data.tokenizer import Tokenizer
 from moeut.registry import build_model
+from moeut.rundir import METRICS_FILE, TruncatedLineWarning, read_jsonl
+from .schedule import lr_at
 
 from .config import TrainConfig
 from .data import RunData, prepare_run_data, resolve_tokenizer
@@ -38,13 +43,52 @@ class RunSetup:
     """What `validated_start` built. state: the run state (model on the device, optimiser,
     scaler, sampler, routing accumulators; restored when resumed); data: tokenizer and windows;
     tokenizer: the run's tokenizer (`data.tokenizer`); n_params: parameters of the model;
-    autocast_dtype: from train.precision (None = fp32); resumed: whether a checkpoint was loaded."""
+    autocast_dtype: from train.precision (None = fp32); resumed: whether a checkpoint was loaded;
+    abandoned: checkpoint dirs newer than the resumed one that were skipped as unreadable
+    (train.resume=auto): the loop moves them to checkpoints/unreadable/ when it commits."""
     state: TrainState
     data: RunData
     tokenizer: Tokenizer
     n_params: int
     autocast_dtype: Optional[torch.dtype]
     resumed: bool
+    abandoned: List[str] = field(default_factory=list)
+
+
+def check_metrics_history(run_dir: str) -> None:
+    """Refuse a start whose metrics.jsonl the resume would have to rewrite but cannot read under
+    the run-dir corrupt-line policy (moeut.rundir): a damaged line other than a cut last line
+    raises CorruptRunFile (a ValueError) naming metrics.jsonl:LINE; a cut last line is allowed
+    (the logger moves it aside with its own message). Reads only."""
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        return
+    with warnings.catch_warnings():  # a cut last line is reported when it is moved (logging.rewind_metrics)
+        warnings.simplefilter("ignore", TruncatedLineWarning)
+        read_jsonl(path)
+
+
+def warn_schedule_change(tc: TrainConfig, ckpt_path: str, step: int, say: Callable[[str], None]) -> None:
+    """A resume with another train.steps than the checkpoint's run re-computes the LR schedule
+    over the new total (it is a closed form of step and train.steps, SPEC 4.2), so the LR jumps at
+    the resumed step: say so once, naming train.steps old -> new and the LR before/after. The old
+    value comes from the checkpoint's config.yaml; without one nothing can be compared."""
+    try:
+        with open(os.path.join(ckpt_path, "config.yaml")) as f:
+            old = (yaml.safe_load(f) or {}).get("train", {}).get("steps")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return
+    new = tc.train.steps
+    if not isinstance(old, int) or old == new:
+        return
+    o = tc.optim
+    lr_old = lr_at(step, o.lr, o.warmup, old, o.min_lr_ratio, o.schedule)
+    lr_new = lr_at(step, o.lr, o.warmup, new, o.min_lr_ratio, o.schedule)
+    if o.schedule == "constant":  # the only schedule whose curve does not depend on train.steps
+        return
+    say(f"[train] WARNING train.steps: {old} in the checkpoint {ckpt_path}, now {new}: the LR schedule "
+        f"(optim.schedule={o.schedule}) is re-computed over the new total, so the LR at step {step} jumps "
+        f"from {lr_old:.4g} to {lr_new:.4g} (docs/training.md, \"Resuming\")")
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
@@ -71,7 +115,8 @@ def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable
     does not fit, train.steps below the checkpoint's step."""
     t_cfg, o_cfg, d_cfg = tc.train, tc.optim, tc.data
     device = dist.device
-    # --- checkpoint to resume (read only) --------------------------------------------------
+    # --- checkpoint to resume and the metrics history it rewinds (read only) ---------------
+    check_metrics_history(run_dir)  # every rank: a refusal must stop all of them
     resume = None
     if t_cfg.resume == "auto":
         resume = ckpt_lib.load_latest_training_checkpoint(run_dir, log=say)
@@ -130,9 +175,10 @@ def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable
     if resume is not None:
         state.load_state_dict(resume["train"], source=resume["path"])
         say(f"[ckpt] resumed from {resume['path']} at step {state.step}")
+        warn_schedule_change(tc, resume["path"], state.step, say)
     else:
         seed_all(t_cfg.seed + 1 + dist.rank)  # dropout streams differ per rank
     if state.step > t_cfg.steps:
         raise ValueError(f"train.steps: {t_cfg.steps} but the checkpoint {resume['path']} is at step {state.step}")
     return RunSetup(state=state, data=data, tokenizer=tok, n_params=n_params, autocast_dtype=autocast_dtype,
-                    resumed=resume is not None)
+                    resumed=resume is not None, abandoned=list((resume or {}).get("abandoned", [])))
