@@ -11,7 +11,10 @@ moeut.eval.table, analysis/compare.py, analysis/plot_curves.py. The exception is
 moeut.eval.harness_cli, which hands its argv to lm-eval's own command line (see its docstring).
 
 The helpers here turn a composed config into plain values and check them, with errors that name
-the option (`batch: expected an integer >= 1, got 'x'`). No torch import.
+the option (`batch: expected an integer >= 1, got 'x'`), and `bad_input_exits` / `exit_bad_input`
+turn such an error (raised while composing, validating and checking inputs, before any work) into
+one line `<tool>: error: <message>` and exit status 1, as every tool reports bad input; a crash
+during the work itself keeps its traceback. No torch import.
 """
 from __future__ import annotations
 
