@@ -77,6 +77,12 @@ def main(cfg: DictConfig) -> Optional[float]:
         if created_empty and os.path.isdir(run_dir) and not os.listdir(run_dir):
             try:
                 os.rmdir(run_dir)
+                # and the empty parents Hydra made for the default runs/<name>/<time> (never above
+                # the working directory): a refused start leaves no folder behind
+                cwd, parent = os.path.abspath(os.getcwd()), os.path.dirname(os.path.abspath(run_dir))
+                while parent.startswith(cwd + os.sep) and not os.listdir(parent):
+                    os.rmdir(parent)
+                    parent = os.path.dirname(parent)
             except OSError:  # another rank removed it, or wrote into it meanwhile
                 pass
         raise

@@ -115,6 +115,7 @@ def test_bad_option_fails_naming_it_and_writes_nothing(tool, args, message, tmp_
 # typed option checks of moeut.cli). HYDRA_FULL_ERROR=1 in _run: Hydra would show any traceback.
 @pytest.mark.parametrize("tool, args, message", [
     ("train.py", ["train.steps=-5", "hydra.run.dir=run"], "train.steps: must be >= 1, got -5"),
+    ("train.py", ["train.steps=-5"], "train.steps: must be >= 1, got -5"),  # default runs/<name>/<time>
     # a refused start found by train_lib.start.validated_start (inside `train`), not by to_typed
     ("train.py", ["experiment=cpu_tiny", "print_config=false", "train.resume=ckpt", "hydra.run.dir=run"],
      "no valid checkpoint in"),
