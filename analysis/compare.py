@@ -53,6 +53,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if os.path.dirname(_HERE) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, os.path.dirname(_HERE))
 CONF_DIR = os.path.join(os.path.dirname(_HERE), "conf")  # conf/compare.yaml
+from moeut.cli import bool_option, float_option, str_option  # noqa: E402
 
 VAL_RE = re.compile(r"^(val|valid|validation)(/.*)?/(perplexity|ppl)$")
 STEP_TIME_KEYS = ("perf/step_time", "train/step_time", "step_time")
@@ -511,14 +512,23 @@ def run_cli(cfg: Any) -> Dict[str, Any]:
             raise ValueError(f"{key}: must be a positive integer, got {cfg[key]!r}")
     if not isinstance(cfg.warmup, int) or cfg.warmup < 0:
         raise ValueError(f"warmup: must be a non-negative integer, got {cfg.warmup!r}")
+    # the other typed options through moeut.cli's checks (errors name the option): `plot=maybe`
+    # is an error, not a truthy string
+    opts = OmegaConf.to_container(cfg, resolve=True)
+    plot, do_measure = bool_option(opts, "plot"), bool_option(opts, "measure")
+    param_tol = float_option(opts, "param_tol", lo=0.0)
+    mac_budget = float_option(opts, "mac_budget", lo=0.0, allow_none=True)
+    time_budget = float_option(opts, "time_budget", lo=0.0, allow_none=True)
+    out, metric = str_option(opts, "out"), str_option(opts, "metric")
+    val_key, device = str_option(opts, "val_key", allow_none=True), str_option(opts, "device")
     measure = None
-    if cfg.measure:
-        measure = {"batch_size": cfg.batch_size, "device": str(cfg.device), "dtype": cfg.dtype,
+    if do_measure:
+        measure = {"batch_size": cfg.batch_size, "device": device, "dtype": cfg.dtype,
                    "n_warmup": cfg.warmup, "n_iters": cfg.iters}
-    res = compare(expand_runs(OmegaConf.to_container(cfg, resolve=True)["runs"]), str(cfg.out),
-                  seq_len=cfg.seq_len, param_tol=float(cfg.param_tol), metric=str(cfg.metric),
-                  val_key=cfg.val_key, mac_budget=cfg.mac_budget, time_budget=cfg.time_budget,
-                  plot=bool(cfg.plot), measure=measure)
+    res = compare(expand_runs(opts["runs"]), out,
+                  seq_len=cfg.seq_len, param_tol=param_tol, metric=metric,
+                  val_key=val_key, mac_budget=mac_budget, time_budget=time_budget,
+                  plot=plot, measure=measure)
     for name in ("summary_md", "iso_param", "iso_mac", "iso_step_time"):
         with open(res["files"][name]) as f:
             print(f.read())

@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_HERE))  # run as a script from a checkout: import this checkout's moeut
+from moeut.cli import str_option  # noqa: E402
 from moeut.rundir import RunDir  # noqa: E402
 
 CONF_DIR = os.path.join(os.path.dirname(_HERE), "conf")  # conf/cpu_result_report.yaml
@@ -220,8 +221,10 @@ def report(root: str, out: str) -> str:
 def main(cfg: Any) -> None:
     """`python analysis/cpu_result_report.py [root=DIR] [out=PREFIX]` (options:
     conf/cpu_result_report.yaml, or `--help`). Bad input exits 1 with the message."""
+    from omegaconf import OmegaConf
     try:
-        print(report(str(cfg.root), str(cfg.out)))
+        c = OmegaConf.to_container(cfg, resolve=True)  # typed options (moeut.cli): errors name the option
+        print(report(str_option(c, "root"), str_option(c, "out")))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"cpu_result_report: error: {e}")
 

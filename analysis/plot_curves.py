@@ -24,6 +24,7 @@ if os.path.dirname(_HERE) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, os.path.dirname(_HERE))
 CONF_DIR = os.path.join(os.path.dirname(_HERE), "conf")  # conf/plot_curves.yaml
 
+from moeut.cli import str_option  # noqa: E402
 from moeut.rundir import read_metrics as _read_run_metrics  # noqa: E402
 
 
@@ -125,9 +126,14 @@ def main(cfg: Any) -> None:
         as_list = lambda v: [v] if isinstance(v, str) else list(v or [])  # noqa: E731
         if not isinstance(c["smooth"], int) or c["smooth"] < 1:
             raise ValueError(f"smooth: must be a positive integer, got {c['smooth']!r}")
-        paths = plot_curves([str(r) for r in runs], str(c["out"]), labels=as_list(c["labels"]) or None,
+        out = str_option(c, "out")  # typed options (moeut.cli): errors name the option
+        title = str_option(c, "title", allow_none=True) or ""
+        for key in ("labels", "val_keys", "val_names"):
+            if not all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in as_list(c[key])):
+                raise ValueError(f"{key}: expected a list of names, e.g. {key}=[a,b], got {c[key]!r}")
+        paths = plot_curves([str(r) for r in runs], out, labels=as_list(c["labels"]) or None,
                             val_keys=as_list(c["val_keys"]), val_names=as_list(c["val_names"]),
-                            title=str(c["title"] or ""), smooth_k=c["smooth"])
+                            title=title, smooth_k=c["smooth"])
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"plot_curves: error: {e}")
     print(f"wrote {paths[0]} and .pdf")

@@ -1,6 +1,8 @@
 """Expert-specialisation analysis of a checkpoint (SPEC §7), as one Hydra command:
 
-    python -m moeut.analyze checkpoint=<run dir or checkpoint dir> [seq_len=1024] [max_tokens=...]
+    python -m moeut.analyze checkpoint=<run dir or checkpoint dir> [seq_len=T] [max_tokens=...]
+
+`seq_len` defaults to the run's own training context length (data.seq_len of its saved config).
 
 1. Validation pass (eval mode, no grad) with `collect_routing=True` over the run's validation text,
    tokenised with the checkpoint's own tokenizer (documents + "<STORY_SEP>", one stream,
@@ -25,6 +27,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -41,6 +44,7 @@ from .validate import at_least, check_ranges, in_range
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT / "data" / "books" / "valid.jsonl.gz"  # the embedded held-out books (data/README.md)
 STATS_FILE = "routing_stats.npz"
+DEFAULT_SEQ_LEN = 1024  # seq_len when the run has no saved config to read data.seq_len from (the paper's T)
 
 
 # ------------------------------------------------------------------------------------------
@@ -76,7 +80,7 @@ class AnalyzeConfig:
     out_dir: Optional[str] = None  # None = <run dir>/analysis
     tokenizer: Optional[str] = None  # None = the checkpoint's tokenizer.model
     data: DataConfig = field(default_factory=DataConfig)
-    seq_len: int = field(default=1024, metadata=at_least(1))
+    seq_len: Optional[int] = field(default=None, metadata=at_least(1))  # None = the run's data.seq_len
     batch_size: int = field(default=16, metadata=at_least(1))
     max_tokens: Optional[int] = field(default=1032192, metadata=at_least(1))  # SPEC 5.7: C4 validation size; None = all the text
     store_positions: int = field(default=16384, metadata=at_least(0))  # per-position expert sets kept for the notebooks
@@ -753,8 +757,54 @@ def find_run_config(run_dir: str, ckpt_dir: Optional[str] = None) -> Optional[st
     return str(p) if p is not None else None
 
 
-def run_analysis(cfg: AnalyzeConfig) -> Dict[str, Any]:
-    """The whole suite; returns {"out_dir", "stats", "figures", "report_md", "report_html"}."""
+def run_seq_len(run_dir: str, ckpt_dir: Optional[str] = None) -> Optional[int]:
+    """`data.seq_len` of the run's saved training config (`RunDir.config`: the checkpoint's
+    config.yaml, else .hydra/config.yaml): the context length T the model was trained at. None
+    when the run has no config or it holds no positive integer there. Raises CorruptRunFile for a
+    config that does not parse."""
+    conf = RunDir(run_dir).config(ckpt_dir) or {}
+    data = conf.get("data") if isinstance(conf.get("data"), dict) else {}
+    v = data.get("seq_len")
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else None
+
+
+def resolve_seq_len(seq_len: Optional[int], run_dir: str, ckpt_dir: Optional[str] = None) -> int:
+    """The analysis context length T (SPEC 7.1): `seq_len` when given, else the run's training
+    data.seq_len (`run_seq_len`), so perplexity and routing are measured at the length the model
+    was trained at; when the run has none, DEFAULT_SEQ_LEN (1024) with a UserWarning naming
+    `seq_len`."""
+    if seq_len is not None:
+        return int(seq_len)
+    trained = run_seq_len(run_dir, ckpt_dir)
+    if trained is None:
+        warnings.warn(f"seq_len: null, but the run {run_dir} has no saved training config with data.seq_len; "
+                      f"analysing at seq_len={DEFAULT_SEQ_LEN} (pass seq_len=<T> to choose)", stacklevel=2)
+        return DEFAULT_SEQ_LEN
+    return trained
+
+
+@dataclass
+class AnalysisInputs:
+    """What `check_inputs` established before anything is written: the checkpoint and run dir,
+    output paths, and (unless the saved statistics are reused) the loaded model, the tokenizer,
+    the validation data path, the resolved seq_len T and the token windows [n, T+1]."""
+    ckpt: str
+    run_dir: str
+    out_dir: str
+    stats_path: str
+    run: str
+    loaded: Any = None
+    tokenizer: Any = None
+    data_path: Optional[str] = None
+    seq_len: Optional[int] = None
+    windows: Optional[np.ndarray] = None
+
+
+def check_inputs(cfg: AnalyzeConfig) -> AnalysisInputs:
+    """Every check of the options and inputs of `run_analysis`, before any work or write: option
+    ranges (named), the checkpoint (loaded), the tokenizer, the validation text and that it holds
+    one window of seq_len + 1 tokens. Raises ValueError / FileNotFoundError (or the package's
+    named subclasses: CheckpointError, CorruptRunFile) naming the option, file or line."""
     from .checkpoint import load_model, resolve_checkpoint
     if not cfg.checkpoint or cfg.checkpoint == "???":
         raise ValueError("checkpoint: give a run dir or checkpoint dir (checkpoint=<path>)")
@@ -774,33 +824,47 @@ def run_analysis(cfg: AnalyzeConfig) -> Dict[str, Any]:
         ckpt = loaded.path
     run_dir = run_dir_of(ckpt)
     out_dir = os.path.abspath(cfg.out_dir) if cfg.out_dir else os.path.join(run_dir, "analysis")
-    os.makedirs(out_dir, exist_ok=True)
-    stats_path = os.path.join(out_dir, STATS_FILE)
-    run = cfg.run_name or os.path.basename(run_dir)
+    inp = AnalysisInputs(ckpt=ckpt, run_dir=run_dir, out_dir=out_dir, stats_path=os.path.join(out_dir, STATS_FILE),
+                         run=cfg.run_name or os.path.basename(run_dir))
+    if cfg.reuse_stats and os.path.isfile(inp.stats_path):
+        return inp
+    if loaded is None:  # reuse_stats=true but no statistics yet
+        loaded = load_model(cfg.checkpoint)
+        inp.ckpt = loaded.path
+    tok = loaded.tokenizer
+    if cfg.tokenizer:
+        from .data.tokenizer import Tokenizer
+        tok = Tokenizer.load(cfg.tokenizer)
+    if tok is None:
+        raise ValueError(f"checkpoint {inp.ckpt} has no tokenizer.model; pass tokenizer=<path to .model>")
+    if tok.vocab_size != loaded.config.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} pieces, model vocab_size is {loaded.config.vocab_size}")
+    inp.loaded, inp.tokenizer = loaded, tok
+    inp.seq_len = resolve_seq_len(cfg.seq_len, run_dir, inp.ckpt)
+    inp.data_path = os.path.abspath(cfg.data.path) if cfg.data.path else str(DEFAULT_DATA)
+    stream = token_stream(tok, load_texts(inp.data_path, cfg.data.text_field))
+    inp.windows = make_windows(stream, inp.seq_len, cfg.max_tokens)
+    return inp
 
-    if cfg.reuse_stats and os.path.isfile(stats_path):
+
+def run_analysis(cfg: AnalyzeConfig, inputs: Optional[AnalysisInputs] = None) -> Dict[str, Any]:
+    """The whole suite; returns {"out_dir", "stats", "figures", "report_md", "report_html"}.
+    `inputs` is `check_inputs(cfg)` (computed here when not given); its errors come before any
+    file is written."""
+    inp = inputs if inputs is not None else check_inputs(cfg)
+    ckpt, run_dir, out_dir, stats_path, run = inp.ckpt, inp.run_dir, inp.out_dir, inp.stats_path, inp.run
+    os.makedirs(out_dir, exist_ok=True)
+
+    if inp.windows is None:  # check_inputs found the statistics to reuse
         print(f"[analyze] reusing {stats_path}", file=sys.stderr)
     else:
         if cfg.reuse_stats:
             print(f"[analyze] reuse_stats=true but {stats_path} does not exist: computing it", file=sys.stderr)
-        if loaded is None:  # reuse_stats=true but no statistics yet
-            loaded = load_model(cfg.checkpoint)
-            ckpt = loaded.path
-        tok = loaded.tokenizer
-        if cfg.tokenizer:
-            from .data.tokenizer import Tokenizer
-            tok = Tokenizer.load(cfg.tokenizer)
-        if tok is None:
-            raise ValueError(f"checkpoint {ckpt} has no tokenizer.model; pass tokenizer=<path to .model>")
-        if tok.vocab_size != loaded.config.vocab_size:
-            raise ValueError(f"tokenizer has {tok.vocab_size} pieces, model vocab_size is {loaded.config.vocab_size}")
-        data_path = os.path.abspath(cfg.data.path) if cfg.data.path else str(DEFAULT_DATA)
-        stream = token_stream(tok, load_texts(data_path, cfg.data.text_field))
-        windows = make_windows(stream, cfg.seq_len, cfg.max_tokens)
+        loaded, tok, data_path = inp.loaded, inp.tokenizer, inp.data_path
         device = cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        arrays, meta = collect(loaded.model, loaded.config, windows, batch_size=cfg.batch_size,
+        arrays, meta = collect(loaded.model, loaded.config, inp.windows, batch_size=cfg.batch_size,
                                store_positions=cfg.store_positions, device=device, dtype=cfg.dtype)
         meta.update(checkpoint=ckpt, run_dir=run_dir, run_name=run, step=loaded.meta.get("step"),
                     data_path=data_path, tokenizer_sha256=tok.sha256,
@@ -809,7 +873,8 @@ def run_analysis(cfg: AnalyzeConfig) -> Dict[str, Any]:
         save_stats(stats_path, arrays, meta)
         try:
             from omegaconf import OmegaConf
-            OmegaConf.save(OmegaConf.structured(cfg), os.path.join(out_dir, "analyze_config.yaml"))
+            used = dataclasses.replace(cfg, seq_len=inp.seq_len)  # the T actually analysed
+            OmegaConf.save(OmegaConf.structured(used), os.path.join(out_dir, "analyze_config.yaml"))
         except Exception as err:  # the analysis itself is done; the record of its config is a nicety
             print(f"[analyze] could not save analyze_config.yaml: {err}", file=sys.stderr)
     stats = A.load_stats(stats_path)
@@ -886,16 +951,24 @@ def execute_notebooks(run_dir: str, out_dir: str, sources: Optional[Sequence[str
 
 def main() -> None:
     """`python -m moeut.analyze checkpoint=<run dir> [key=value ...]` (conf/analyze.yaml): run_analysis.
-    An error (bad option, missing checkpoint, a damaged run-dir file named file:line) is printed
-    by Hydra and the exit status is 1."""
+    Bad configuration or input (an option out of range, a missing checkpoint or data file, a
+    damaged run-dir file named file:line: `check_inputs`) is one line `moeut.analyze: error: ...`
+    and exit status 1 (moeut.cli); an error during the analysis itself keeps its traceback."""
     import hydra
     from omegaconf import OmegaConf
+
+    from .cli import bad_input_exits
 
     _register_configs()
 
     @hydra.main(version_base="1.3", config_path=str(REPO_ROOT / "conf"), config_name="analyze")
     def _main(cfg) -> None:
-        run_analysis(OmegaConf.to_object(cfg))
+        with bad_input_exits("moeut.analyze"):
+            if OmegaConf.is_missing(cfg, "checkpoint"):
+                raise ValueError("checkpoint: required: give a run dir or checkpoint dir (checkpoint=<path>)")
+            acfg = OmegaConf.to_object(cfg)
+            inputs = check_inputs(acfg)
+        run_analysis(acfg, inputs)
 
     _main()
 

@@ -11,14 +11,58 @@ moeut.eval.table, analysis/compare.py, analysis/plot_curves.py. The exception is
 moeut.eval.harness_cli, which hands its argv to lm-eval's own command line (see its docstring).
 
 The helpers here turn a composed config into plain values and check them, with errors that name
-the option (`batch: expected an integer >= 1, got 'x'`). No torch import.
+the option (`batch: expected an integer >= 1, got 'x'`), and `bad_input_exits` / `exit_bad_input`
+turn such an error (raised while composing, validating and checking inputs, before any work) into
+one line `<tool>: error: <message>` and exit status 1, as every tool reports bad input; a crash
+during the work itself keeps its traceback. No torch import.
 """
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, NoReturn, Optional, Sequence, Tuple, Type
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+# What a tool reports as bad input (one line, exit 1) rather than a crash (traceback): the errors
+# of config validation and input checks. The package's named input errors (CorruptRunFile,
+# CheckpointError, DataError, TokenCacheError, TaskFormatError) are ValueErrors.
+INPUT_ERRORS: Tuple[Type[BaseException], ...] = (ValueError, FileNotFoundError)
+
+
+def exit_bad_input(tool: str, err: BaseException) -> NoReturn:
+    """Print `<tool>: error: <err>` on stderr and exit with status 1 (raises SystemExit(1)); the
+    message of every validation error names the option, file or line, so no traceback is shown.
+    A named error class of the package (TokenCacheError, CheckpointError, ...) is kept in the
+    line (`<tool>: error: TokenCacheError: ...`); plain ValueError / FileNotFoundError are not."""
+    kind = type(err).__name__
+    named = "" if type(err) in (ValueError, FileNotFoundError) else f"{kind}: "
+    print(f"{tool}: error: {named}{err}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+@contextlib.contextmanager
+def bad_input_exits(tool: str, errors: Tuple[Type[BaseException], ...] = INPUT_ERRORS) -> Iterator[None]:
+    """Context manager for a tool's configuration / input-checking phase: an error of `errors`
+    raised inside it ends the tool through `exit_bad_input` (one line, exit 1). Wrap only the
+    checks that run before any work, so that a real crash later still shows its traceback."""
+    try:
+        yield
+    except errors as err:
+        exit_bad_input(tool, err)
+
+
+def raised_in(err: BaseException, *functions: str) -> bool:
+    """Whether the traceback of `err` passes through a function named one of `functions` (e.g. a
+    start-up validation function called from inside a larger one)."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in functions:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def tool_options(cfg: Any, config_name: str, required: Sequence[str] = ()) -> Dict[str, Any]:
@@ -77,6 +121,36 @@ def bool_option(opts: Dict[str, Any], key: str) -> bool:
     if isinstance(v, str) and v.lower() in ("true", "false"):
         return v.lower() == "true"
     raise ValueError(f"{key}: expected true or false, got {v!r}")
+
+
+def float_option(opts: Dict[str, Any], key: str, lo: Optional[float] = None, allow_none: bool = False) -> Optional[float]:
+    """`opts[key]` as a float >= `lo` (an int or a numeric string is accepted; None only with
+    `allow_none`). Raises ValueError `key: expected a number >= lo, got v`."""
+    v = opts.get(key)
+    if v is None and allow_none:
+        return None
+    x = None
+    if not isinstance(v, bool) and isinstance(v, (int, float, str)):
+        try:
+            x = float(v)
+        except ValueError:
+            x = None
+    if x is None or x != x or (lo is not None and x < lo):
+        bound = f" >= {lo}" if lo is not None else ""
+        raise ValueError(f"{key}: expected a number{bound}{' or null' if allow_none else ''}, got {v!r}")
+    return x
+
+
+def str_option(opts: Dict[str, Any], key: str, allow_none: bool = False) -> Optional[str]:
+    """`opts[key]` as a string (a number Hydra parsed from `key=5` is turned back into text; None
+    only with `allow_none`). Raises ValueError `key: expected a string, got v` for a list, a
+    mapping or a boolean."""
+    v = opts.get(key)
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise ValueError(f"{key}: expected a string{' or null' if allow_none else ''}, got {v!r}")
+    return str(v)
 
 
 def choice_option(opts: Dict[str, Any], key: str, choices: Iterable[str], allow_none: bool = False) -> Optional[str]:

@@ -20,6 +20,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .cli import bad_input_exits
 from .data.pipeline import check_prepared, prepare_run_data_caches
 from .train_lib.config import DataSchema, LoggerSchema, OptimSchema, TrainConfigSchema, TrainSchema, to_typed
 
@@ -61,13 +62,21 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def run(cfg: DictConfig, log=print) -> Dict[str, Any]:
-    """Prepare (or with prepare.check only check) from a composed prepare_data config.
-    Returns {"problems": [...]} for a check, else {"manifests": {name: TokenManifest}}."""
+def validated_options(cfg: DictConfig):
+    """The `prepare` options and the typed training config (config.to_typed) of a composed
+    prepare_data config, as (PrepareOptions, TrainConfig). Raises ValueError naming the key for a
+    bad value (e.g. `prepare.workers: must be >= 0`)."""
     opts = OmegaConf.to_object(cfg.prepare)
     tc = to_typed(cfg)  # train.py's validation (the extra `prepare` node is ignored there)
     if opts.workers is not None and opts.workers < 0:
         raise ValueError(f"prepare.workers: must be >= 0 (0 = in-process), got {opts.workers}")
+    return opts, tc
+
+
+def run(cfg: DictConfig, log=print) -> Dict[str, Any]:
+    """Prepare (or with prepare.check only check) from a composed prepare_data config.
+    Returns {"problems": [...]} for a check, else {"manifests": {name: TokenManifest}}."""
+    opts, tc = validated_options(cfg)
     if opts.check:
         problems = check_prepared(tc, opts.run_dir)
         for p in problems:
@@ -83,7 +92,10 @@ def run(cfg: DictConfig, log=print) -> Dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="prepare_data")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: prepare (tokenise, verify) every data cache the training config reads,
-    or with prepare.check=true only check them (exit status 1 if any is not ready)."""
+    or with prepare.check=true only check them (exit status 1 if any is not ready). A bad option
+    exits 1 with one line `moeut.prepare_data: error: <message naming the key>` (moeut.cli)."""
+    with bad_input_exits("moeut.prepare_data"):
+        validated_options(cfg)
     res = run(cfg)
     if res.get("problems"):
         sys.exit(1)

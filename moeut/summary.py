@@ -41,6 +41,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from . import rundir
+from .cli import bool_option, str_option
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 PPL_DEFAULT = "validation/val/perplexity"  # train.py: validation/<set name>/perplexity
@@ -281,15 +282,27 @@ def table_columns(rows: Sequence[Dict[str, Any]]) -> List[str]:
     return lead + rest + (["overrides"] if "overrides" in present else [])
 
 
-def _fmt(v: Any) -> str:
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _millions_columns(rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> set:
+    """Columns printed in millions ("3.28M"): `params` always, and any other integer column with
+    a value of 10^6 or more -- then every value of that column, so one column has one format
+    (not "3.28M" in one row and "242816" in the next)."""
+    return {c for c in columns
+            if c == "params" or any(_is_count(r.get(c)) and abs(r.get(c)) >= 10**6 for r in rows)}
+
+
+def _fmt(v: Any, millions: bool = False) -> str:
     if v is None:
         return ""
+    if millions and _is_count(v):
+        return f"{v / 1e6:.2f}M"
     if isinstance(v, float):
         if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
             return f"{v:.4g}"
         return f"{v:.2f}" if abs(v) >= 1 else f"{v:.4f}"
-    if isinstance(v, int) and abs(v) >= 10**6:
-        return f"{v / 1e6:.2f}M"
     return str(v)
 
 
@@ -298,8 +311,9 @@ def to_markdown(rows: Sequence[Dict[str, Any]], columns: Optional[Sequence[str]]
     columns = list(columns or [c for c in table_columns(rows)
                                if c in LEAD_COLUMNS or c.startswith(("eval/", "eval_", "lm_eval/"))])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    millions = _millions_columns(rows, columns)
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in columns) + " |")
+        lines.append("| " + " | ".join(_fmt(r.get(c), c in millions).replace("|", "\\|") for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -416,14 +430,19 @@ def write_summary(sweep_dir: os.PathLike, out_dir: Optional[os.PathLike] = None,
 def run(cfg: DictConfig) -> int:
     """The command line's work for a composed conf/summary.yaml: write the summary of `cfg.dir`
     and print its table; returns the exit status (2, with the message on stderr, when `dir` is
-    missing or holds no run; a damaged run-dir file raises CorruptRunFile, status 1 in `main`)."""
+    missing or holds no run; a bad option value (`plots=maybe`) raises ValueError naming it and a
+    damaged run-dir file raises CorruptRunFile, status 1 in `main`)."""
     if OmegaConf.is_missing(cfg, "dir") or not cfg.dir:
-        print("error: dir: required: dir=<sweep dir or run dir>", file=sys.stderr)
+        print("moeut.summary: error: dir: required: dir=<sweep dir or run dir>", file=sys.stderr)
         return 2
+    opts = OmegaConf.to_container(cfg, resolve=True)
+    # typed options (moeut.cli): `plots=maybe` is an error naming it, not a truthy string
+    plots = bool_option(opts, "plots")
+    out, metric = str_option(opts, "out", allow_none=True), str_option(opts, "metric")
     try:
-        res = write_summary(str(cfg.dir), cfg.out, str(cfg.metric), plots=bool(cfg.plots))
+        res = write_summary(str(cfg.dir), out, metric, plots=plots)
     except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"moeut.summary: error: {e}", file=sys.stderr)
         return 2
     print(res["markdown"], end="")
     print(f"\n{len(res['rows'])} run(s); wrote " + ", ".join(str(p) for p in res["files"].values()))
@@ -438,7 +457,7 @@ def main(cfg: DictConfig) -> None:
     try:
         status = run(cfg)
     except ValueError as e:  # CorruptRunFile and other bad input: the message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
+        print(f"moeut.summary: error: {e}", file=sys.stderr)
         status = 1
     if status:
         sys.exit(status)

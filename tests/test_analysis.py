@@ -378,6 +378,37 @@ def test_analyze_command_on_tiny_checkpoint(tiny_run):
     assert png_size(out / "figures" / "f4_layer_similarity_g0.png") == (220, 180)
 
 
+def test_analyze_seq_len_defaults_to_the_runs_training_length(tiny_run, tmp_path):
+    """seq_len=null (the default) analyses at the run's own data.seq_len, read from its saved
+    config, not at 1024; a run without a saved config falls back to 1024 with a warning naming
+    `seq_len`; an explicit seq_len wins."""
+    import shutil
+    run, _ = tiny_run
+    assert Z.AnalyzeConfig().seq_len is None
+    copy = tmp_path / "run_with_config"
+    shutil.copytree(run / "checkpoints", copy / "checkpoints")
+    (copy / ".hydra").mkdir()
+    (copy / ".hydra" / "config.yaml").write_text("name: tiny\ndata:\n  seq_len: 24\n")
+    inp = Z.check_inputs(Z.AnalyzeConfig(checkpoint=str(copy), max_tokens=240, data=Z.DataConfig(path=str(C4_VALID))))
+    assert inp.seq_len == 24 and inp.windows.shape == (10, 25)  # 240 tokens = 10 windows of T=24
+    assert not (copy / "analysis").exists()  # check_inputs writes nothing
+    with pytest.warns(UserWarning, match=r"seq_len: null.*seq_len=1024"):
+        assert Z.resolve_seq_len(None, str(run)) == 1024  # tiny_run saved no config
+    assert Z.resolve_seq_len(48, str(copy)) == 48
+
+
+def test_analyze_bad_data_path_is_one_line_and_writes_nothing(tiny_run, tmp_path):
+    run, _ = tiny_run
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "moeut.analyze", f"checkpoint={run}", "seq_len=32", "device=cpu",
+                          "data.path=/nonexistent.txt", f"out_dir={out}"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "1"})
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "moeut.analyze: error: data.path: /nonexistent.txt does not exist" in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 def test_analyze_requires_checkpoint():
     res = subprocess.run([sys.executable, "-m", "moeut.analyze"], cwd=REPO, capture_output=True, text=True,
                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -85,6 +85,8 @@ def test_help_lists_every_option(tool, tmp_path):
 
     res = _run(tool, "--help", cwd=tmp_path)
     assert res.returncode == 0, f"{tool} --help:\n{res.stderr[-3000:]}"
+    # e.g. runpy's "'moeut.eval.table' found in sys.modules after import of package 'moeut.eval'"
+    assert "RuntimeWarning" not in res.stderr, f"{tool} --help warns:\n{res.stderr[-3000:]}"
     text = res.stdout
     assert "is powered by Hydra" not in text, f"{tool}: Hydra's default help, no help template"
     listing = text.replace(dump, "")  # the $CONFIG dump names every key: not a listing
@@ -106,3 +108,36 @@ def test_bad_option_fails_naming_it_and_writes_nothing(tool, args, message, tmp_
     assert res.returncode != 0 and message in res.stderr, res.stderr[-3000:]
     assert "Traceback" not in res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# Bad configuration or input before any work: one line `<tool>: error: <message naming the option>`,
+# exit status 1, no traceback, nothing written -- for every tool (moeut.cli.bad_input_exits and the
+# typed option checks of moeut.cli). HYDRA_FULL_ERROR=1 in _run: Hydra would show any traceback.
+@pytest.mark.parametrize("tool, args, message", [
+    ("train.py", ["train.steps=-5", "hydra.run.dir=run"], "train.steps: must be >= 1, got -5"),
+    ("train.py", ["train.steps=-5"], "train.steps: must be >= 1, got -5"),  # default runs/<name>/<time>
+    # a refused start found by train_lib.start.validated_start (inside `train`), not by to_typed
+    ("train.py", ["experiment=cpu_tiny", "print_config=false", "train.resume=ckpt", "hydra.run.dir=run"],
+     "no valid checkpoint in"),
+    ("moeut.analyze", ["checkpoint=nope", "seq_len=0"], "seq_len: must be >= 1, got 0"),
+    ("moeut.analyze", [], "checkpoint: required"),
+    ("moeut.prepare_data", ["prepare.workers=-1"], "prepare.workers: must be >= 0"),
+    ("moeut.summary", ["dir=.", "plots=maybe"], "plots: expected true or false, got 'maybe'"),
+    ("analysis/compare.py", ["runs=x", "plot=maybe"], "plot: expected true or false, got 'maybe'"),
+    ("analysis/compare.py", ["runs=x", "measure=1"], "measure: expected true or false, got 1"),
+    ("analysis/compare.py", ["runs=x", "param_tol=wide"], "param_tol: expected a number >= 0.0, got 'wide'"),
+    ("analysis/plot_curves.py", ["runs=x", "out=[a,b]"], "out: expected a string, got ['a', 'b']"),
+    ("moeut.eval.table", ["results=[x.json]", "out=[a,b]"], "out: expected a string or null, got ['a', 'b']"),
+    ("analysis/cpu_result_report.py", ["root=[a,b]"], "root: expected a string, got ['a', 'b']"),
+])
+def test_bad_input_is_one_line_exit_1(tool, args, message, tmp_path):
+    if "train.resume=ckpt" in args:
+        (tmp_path / "ckpt").mkdir()  # exists, holds no checkpoint
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = _run(tool, *args, cwd=tmp_path)
+    name = tool[:-3] if tool.startswith("analysis/") else tool
+    name = name.split("/")[-1]
+    assert res.returncode == 1, (res.returncode, res.stderr[-3000:])
+    assert f"{name}: error: " in res.stderr and message in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run dir, output or log file

@@ -456,6 +456,16 @@ def test_summary_cli_errors_on_empty_dir(tmp_path):
     assert sorted(os.listdir(tmp_path)) == []
 
 
+def test_summary_one_number_format_per_column():
+    """The params column is always in millions (3.28M and 0.24M, never 3.28M next to 242816); any
+    other integer column that reaches 10^6 is in millions in every row; small counts stay plain."""
+    rows = [{"run": "a", "params": 3_280_000, "tokens": 2_000_000, "n_layers": 4},
+            {"run": "b", "params": 242_816, "tokens": 500_000, "n_layers": 2}]
+    md = summ.to_markdown(rows, columns=["run", "params", "tokens", "n_layers"])
+    assert "| a | 3.28M | 2.00M | 4 |" in md and "| b | 0.24M | 0.50M | 2 |" in md, md
+    assert "242816" not in md and "500000" not in md
+
+
 def test_perplexity_key_fallback():
     assert summ.perplexity_key({"validation/val/perplexity", "x"}) == "validation/val/perplexity"
     assert summ.perplexity_key({"validation/c4/perplexity", "train/loss"}) == "validation/c4/perplexity"

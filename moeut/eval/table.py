@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from ..cli import str_option
 from ..rundir import RunDir, read_json
 
 COLUMNS = ("dataset", "#params", "model", "val PPL", "LAMBADA", "BLiMP", "CBT", "HellaSwag", "PIQA",
@@ -210,7 +211,8 @@ def main(cfg: DictConfig) -> None:
         if OmegaConf.is_missing(cfg, "results"):
             raise ValueError("results: required: results=[FILE.json,...] (moeut.evaluate results files)")
         c = OmegaConf.to_container(cfg, resolve=True)
-        text = combine(expand_results(c["results"]), c.get("out"))
+        out = str_option(c, "out", allow_none=True)  # typed (moeut.cli): `out=[a,b]` names the option
+        text = combine(expand_results(c["results"]), out)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"moeut.eval.table: error: {e}")
     print(text, end="")

@@ -19,7 +19,6 @@ import torch
 
 from ..rundir import EVAL_DIR, RunDir, run_dir_of
 from .scoring import Scorer
-from .table import row_from_results, skipped_notes, write_tables
 from .tasks import TaskDataMissing, resolve_tasks
 from .tasks.base import EvalOptions
 from .tasks.perplexity import DEFAULT_CONTEXT
@@ -226,6 +225,11 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
         "tasks": task_results,
         "seconds": round(time.time() - t0, 3),
     }
+    # Imported here, not at module level: moeut.eval imports this module, and an eager import of
+    # .table would put moeut.eval.table in sys.modules before `python -m moeut.eval.table` runs it
+    # (runpy's RuntimeWarning on every call).
+    from .table import row_from_results, skipped_notes, write_tables
+
     row = row_from_results(results)
     results["table_row"] = row
     out_dir = out_dir or os.path.join(run_dir, EVAL_DIR)
