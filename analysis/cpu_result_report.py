@@ -8,7 +8,8 @@ Reads each run's metrics.jsonl (through `moeut.rundir`) and prints, as markdown:
     last step reached when the run has not finished: such rows are marked and never used in a ratio),
   * the budget curve (final perplexity of each complete schedule vs training tokens) with the
     MoEUT / dense ratio at each budget, and each model's best learning rate at 610 steps,
-  * the seed spread at 610 steps.
+  * the seed spread at 610 steps, and every 610-step run's validation perplexity at each
+    validation step (unfinished runs included: the only place they appear with numbers).
 Writes <out>_budget.png (budget curve: final points of each schedule, plus the intermediate
 validation points of the 610-step runs) and <out>_stall.png (the first 200 steps of MoEUT at lr 1e-3
 and 2e-3: training CE, expert-usage perplexity, dead experts, selected gate values, the entropy
@@ -136,6 +137,19 @@ def seed_table(runs) -> str:
     return "\n".join(lines)
 
 
+def curve_table(runs) -> str:
+    """Held-out-books perplexity at every validation step of every 610-step run, finished or not
+    (validation every 200 steps and at the end)."""
+    steps = (200, 400, 600, 610)
+    lines = ["| model | lr | seed | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|---|---|" + "---|" * len(steps)]
+    for r in sorted(runs, key=lambda r: (r["row"], float(r["lr"]), r["seed"])):
+        if r["steps"] != 610:
+            continue
+        at = {s: p for s, p, _ in r["val"]}
+        lines.append(f"| {r['row']} | {r['lr']} | {r['seed']} | " + " | ".join(fmt(at.get(s)) for s in steps) + " |")
+    return "\n".join(lines)
+
+
 def plot_budget(runs, out: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for exp, color in (("cpu_result_moeut", "C0"), ("cpu_result_dense_params", "C1")):
@@ -207,6 +221,7 @@ def report(root: str, out: str) -> str:
     if not runs:
         raise ValueError(f"root: {root} holds no run directory with a metrics.jsonl")
     text = "\n".join(["## All runs\n\n" + table(runs),
+                      "\n## Learning curves of the 610-step runs (val PPL, books)\n\n" + curve_table(runs),
                       "\n## Budget curve (lr 2e-3)\n\n" + budget_table(runs),
                       "\n## Learning rates at 610 steps\n\n" + best_lr_table(runs),
                       "\n## Seeds at 610 steps (lr 2e-3)\n\n" + seed_table(runs),

@@ -68,6 +68,9 @@ def test_tables_from_hand_written_runs(rep, tmp_path):
     seeds = rep.seed_table(runs)
     assert "| dense (param-matched) | 200.0 | – | 200.0 | – |" in seeds   # seed 1 unfinished: left out
     assert "not finished (stopped at step 400)" in rep.table(runs)
+    curves = rep.curve_table(runs)   # every validation point of the 610-step runs, unfinished too
+    assert "| dense (param-matched) | 0.002 | 1 | 330.0 | 250.0 | – | – |" in curves
+    assert "| MoEUT | 0.001 | 0 | 280.0 | 190.0 | 140.0 | 100.0 |" in curves
 
 
 def test_cli_writes_figures_and_rejects_bad_root(tmp_path):
