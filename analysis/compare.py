@@ -36,7 +36,6 @@ validation points around the budget; a budget before a run's first validation po
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import math
 import os
@@ -483,19 +482,8 @@ def expand_runs(runs: Any) -> List[str]:
     """The `runs` option as a list of run dirs: one path or a list; an entry with glob characters
     (`*`, `?`, `[`) expands to its matches, sorted. Raises ValueError naming an empty option or a
     pattern matching nothing."""
-    items = [runs] if isinstance(runs, str) else list(runs or [])
-    out: List[str] = []
-    for item in map(str, items):
-        if glob.has_magic(item):
-            hits = sorted(glob.glob(item))
-            if not hits:
-                raise ValueError(f"runs: pattern {item!r} matches nothing")
-            out += hits
-        else:
-            out.append(item)
-    if not out:
-        raise ValueError("runs: required: runs=[RUN_DIR,...] (run dirs or glob patterns)")
-    return out
+    from moeut.cli import path_list_option
+    return path_list_option(runs, "runs", "runs=[RUN_DIR,...] (run dirs or glob patterns)")
 
 
 def run_cli(cfg: Any) -> Dict[str, Any]:

@@ -178,6 +178,27 @@ def str_list_option(opts: Dict[str, Any], key: str) -> List[str]:
     raise ValueError(f"{key}: expected a list of names, e.g. {key}=[a,b], got {v!r}")
 
 
+def path_list_option(value: Any, key: str, required_hint: str) -> List[str]:
+    """A list-of-paths option (`key=PATH` or `key=[PATH,...]`) as a list of paths: an entry with
+    glob characters (`*`, `?`, `[`) expands to its matches, sorted. Raises ValueError naming `key`
+    for a pattern that matches nothing, or when the list is empty (the message then ends with
+    `required_hint`)."""
+    import glob
+    items = [value] if isinstance(value, str) else list(value or [])
+    out: List[str] = []
+    for item in map(str, items):
+        if glob.has_magic(item):
+            hits = sorted(glob.glob(item))
+            if not hits:
+                raise ValueError(f"{key}: pattern {item!r} matches nothing")
+            out += hits
+        else:
+            out.append(item)
+    if not out:
+        raise ValueError(f"{key}: required: {required_hint}")
+    return out
+
+
 def compose(config_name: str, overrides: Sequence[str] = ()) -> Any:
     """Compose conf/<config_name>.yaml with command-line style `overrides`, as the tool's
     `@hydra.main` would (for tests and scripts: `moeut.sweep.run(compose("sweep", [...]))`).

@@ -19,7 +19,6 @@ A results file that does not parse is an error naming file:line:col (moeut.rundi
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import math
 import os
@@ -162,19 +161,8 @@ def expand_results(results: Any) -> List[str]:
     """The `results` option as a list of files: one path or a list; an entry with glob characters
     (`*`, `?`, `[`) expands to its matches, sorted. Raises ValueError naming an empty option or a
     pattern that matches nothing."""
-    items = [results] if isinstance(results, str) else list(results or [])
-    out: List[str] = []
-    for item in map(str, items):
-        if glob.has_magic(item):
-            hits = sorted(glob.glob(item))
-            if not hits:
-                raise ValueError(f"results: pattern {item!r} matches nothing")
-            out += hits
-        else:
-            out.append(item)
-    if not out:
-        raise ValueError("results: required: results=[FILE.json,...] (moeut.evaluate results files)")
-    return out
+    from ..cli import path_list_option
+    return path_list_option(results, "results", "results=[FILE.json,...] (moeut.evaluate results files)")
 
 
 def combine(paths: Sequence[str], out: Optional[str] = None) -> str:
