@@ -1,7 +1,8 @@
 """Tables and figures of docs/results.md from the runs of `sweeps/cpu_result.yaml`.
 
     python -m moeut.sweep ... cpu_result (see the sweep file) ; then
-    python analysis/cpu_result_report.py root=outputs/sweeps/cpu_result out=docs/figures/cpu_result
+    python analysis/cpu_result_report.py root=outputs/sweeps/cpu_result out=docs/figures/cpu_result \
+        doc=docs/results.md     # optional: also rewrite the page's report:start/end block
 
 Reads each run's metrics.jsonl (through `moeut.rundir`) and prints, as markdown:
   * one row per run: model, steps, lr, seed, warm-up, final held-out-books / C4 perplexity (or the
@@ -11,9 +12,10 @@ Reads each run's metrics.jsonl (through `moeut.rundir`) and prints, as markdown:
   * the seed spread at 610 steps, and every 610-step run's validation perplexity at each
     validation step (unfinished runs included: the only place they appear with numbers).
 Writes <out>_budget.png (budget curve: final points of each schedule, plus the intermediate
-validation points of the 610-step runs) and <out>_stall.png (the first 200 steps of MoEUT at lr 1e-3
-and 2e-3: training CE, expert-usage perplexity, dead experts, selected gate values, the entropy
-regulariser and the gradient norm; routing metrics are logged every 10 steps by the sweep).
+validation points of the 610-step runs), <out>_stall.png (the first 200 steps of the MoEUT runs by
+learning rate, seed and warm-up: training CE, expert-usage perplexity, dead experts, selected gate
+values, the entropy regulariser and the gradient norm; routing metrics are logged every 10 steps by
+the sweep) and <out>_runs.png (every 610-step run's training CE and validation perplexity).
 """
 from __future__ import annotations
 
@@ -113,7 +115,29 @@ def budget_table(runs) -> str:
         pm, pd = final(m) if m else None, final(d) if d else None
         ratio = f"{pm / pd:.3f}" if pm and pd else "–"
         lines.append(f"| {steps} | {steps * TOKENS_PER_STEP / 1e6:.2f}M | {fmt(pm)} | {fmt(pd)} | {ratio} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + crossover(runs)
+
+
+def crossover(runs) -> str:
+    """Where MoEUT's final perplexity drops below dense's along the budget curve (lr 2e-3, seed 0),
+    said in one sentence from the finished budgets only."""
+    pts = []
+    for steps in (150, 300, 610):
+        m, d = pick(runs, "cpu_result_moeut", steps), pick(runs, "cpu_result_dense_params", steps)
+        if m and d and final(m) and final(d):
+            pts.append((steps, final(m) / final(d)))
+    if not pts:
+        return "Crossover: no budget has both rows finished."
+    budgets = ", ".join(str(s) for s, _ in pts)
+    if all(r >= 1 for _, r in pts):
+        return f"Crossover: none at the budgets measured ({budgets} steps): MoEUT is behind at every one."
+    if all(r < 1 for _, r in pts):
+        return f"Crossover: before {pts[0][0]} steps: MoEUT is ahead at every budget measured ({budgets} steps)."
+    for (s0, r0), (s1, r1) in zip(pts, pts[1:]):
+        if (r0 >= 1) != (r1 >= 1):
+            who = "MoEUT overtakes dense" if r1 < 1 else "dense overtakes MoEUT"
+            return f"Crossover: between {s0} and {s1} steps ({who}: ratio {r0:.3f} -> {r1:.3f})."
+    return "Crossover: the ratio changes side more than once."
 
 
 def best_lr_table(runs) -> str:
@@ -124,7 +148,21 @@ def best_lr_table(runs) -> str:
         best = min(done, key=done.get) if done else None
         lines.append(f"| {ROWS[exp]} | " + " | ".join(fmt(done.get(lr)) for lr in vals) +
                      f" | {f'{done[best]:.1f} (lr {best})' if best else '–'} |")
+    m, d = best_at_610(runs, "cpu_result_moeut"), best_at_610(runs, "cpu_result_dense_params")
+    ratio = f"{final(m) / final(d):.3f}" if m and d else "–"
+    tried = {exp: sum(1 for lr in ("0.001", "0.002", "0.004") if pick(runs, exp, 610, lr) and final(pick(runs, exp, 610, lr)))
+             for exp in ("cpu_result_moeut", "cpu_result_dense_params")}
+    lines.append(f"\nMoEUT / dense, each at its best learning rate: **{ratio}** (best of "
+                 f"{tried['cpu_result_moeut']} MoEUT and {tried['cpu_result_dense_params']} dense learning rates "
+                 "that finished; seed 0).")
     return "\n".join(lines)
+
+
+def best_at_610(runs, experiment):
+    """The finished seed-0 610-step run of `experiment` with the lowest final perplexity over lr
+    1e-3 / 2e-3 / 4e-3 (warm-up 30), or None."""
+    done = [r for r in (pick(runs, experiment, 610, lr) for lr in ("0.001", "0.002", "0.004")) if r and final(r)]
+    return min(done, key=final) if done else None
 
 
 def seed_table(runs) -> str:
@@ -134,6 +172,11 @@ def seed_table(runs) -> str:
         mean = sum(v) / len(v) if v else None
         spread = f"{(max(v) - min(v)) / mean:.1%}" if len(v) == 2 else "–"
         lines.append(f"| {ROWS[exp]} | {' | '.join(fmt(x) for x in (v + [None, None])[:2])} | {fmt(mean)} | {spread} |")
+    cells = []
+    for seed in ("0", "1"):
+        m, d = pick(runs, "cpu_result_moeut", seed=seed), pick(runs, "cpu_result_dense_params", seed=seed)
+        cells.append(f"{final(m) / final(d):.3f}" if m and d and final(m) and final(d) else "–")
+    lines.append(f"| MoEUT / dense | {cells[0]} | {cells[1]} | | |")
     return "\n".join(lines)
 
 
@@ -181,37 +224,92 @@ STALL_PANELS = (("train/ce", "training CE"), ("moe/usage_rel_ppl_all", "expert-u
                 ("train/reg", "entropy regulariser"), ("train/grad_norm", "gradient norm (pre-clip)"))
 
 
+def run_label(r) -> str:
+    """'610 steps, lr 0.002' plus the seed and warm-up where they differ from the defaults."""
+    return (f"{r['steps']} steps, lr {r['lr']}" + (f", seed {r['seed']}" if r["seed"] != "0" else "")
+            + (f", warm-up {r['warmup']}" if r["warmup"] != "30" else ""))
+
+
+def stall_runs(runs) -> List[Dict]:
+    """The MoEUT runs the stall figure compares: every 610-step run (learning rates and seeds) and
+    the 150-step runs at lr 1e-3 / 2e-3 (warm-up 30 and 75), ordered by label."""
+    keep = [r for r in runs if r["experiment"] == "cpu_result_moeut" and
+            (r["steps"] == 610 or (r["steps"] == 150 and r["lr"] in ("0.001", "0.002")))]
+    return sorted(keep, key=lambda r: (r["steps"], float(r["lr"]), r["seed"], r["warmup"]))
+
+
 def plot_stall(runs, out: str, max_step: int = 200) -> None:
-    series = [(r, f"{r['steps']} steps, lr {r['lr']}" + (f", warm-up {r['warmup']}" if r["warmup"] != "30" else ""))
-              for r in runs if r["experiment"] == "cpu_result_moeut" and r["seed"] == "0"
-              and (r["lr"] in ("0.001", "0.002")) and r["steps"] in (150, 610)]
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
     for ax, (key, title) in zip(axes.ravel(), STALL_PANELS):
-        for i, (r, label) in enumerate(sorted(series, key=lambda s: s[1])):
+        for i, r in enumerate(stall_runs(runs)):
             pts = sorted((s, rec[key]) for s, rec in r["train"].items() if s <= max_step and key in rec)
-            if pts:
-                ax.plot(*zip(*pts), color=f"C{i}", label=label)
+            if pts:  # 150-step schedules dashed: their lr decays 4x sooner than the 610-step ones'
+                ax.plot(*zip(*pts), "--" if r["steps"] == 150 else "-", color=f"C{i}", label=run_label(r))
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"MoEUT, the first {max_step} steps: lr 1e-3 vs 2e-3")
+    axes[0, 0].legend(fontsize=6)
+    fig.suptitle(f"MoEUT, the first {max_step} steps, by learning rate, seed and warm-up")
     fig.tight_layout()
     fig.savefig(out + "_stall.png", dpi=110)
     plt.close(fig)
 
 
+def plot_runs(runs, out: str) -> None:
+    """<out>_runs.png: every 610-step run's training CE (mean over 50-step bins of the records
+    logged every 10 steps) and held-out-books perplexity at each validation step, against tokens."""
+    fig, (ax_ce, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
+    styles = {"0.001": ":", "0.002": "-", "0.004": "--"}
+    for r in sorted(runs, key=lambda r: (r["row"], float(r["lr"]), r["seed"], r["warmup"])):
+        if r["steps"] != 610 or r["warmup"] != "30":
+            continue
+        color = "C0" if r["experiment"] == "cpu_result_moeut" else "C1"
+        label = f"{r['row']}, lr {r['lr']}" + (f", seed {r['seed']}" if r["seed"] != "0" else "")
+        alpha = 1.0 if r["seed"] == "0" else 0.5
+        bins: Dict[int, List[float]] = {}
+        for step, rec in r["train"].items():
+            if "train/ce" in rec:
+                bins.setdefault((step - 1) // 50, []).append(rec["train/ce"])
+        ce = [((b + 1) * 50 * TOKENS_PER_STEP, sum(v) / len(v)) for b, v in sorted(bins.items())]
+        if ce:
+            ax_ce.plot(*zip(*ce), styles.get(r["lr"], "-"), color=color, alpha=alpha, label=label)
+        if r["val"]:
+            ax_val.plot([s * TOKENS_PER_STEP for s, _, _ in r["val"]], [p for _, p, _ in r["val"]],
+                        styles.get(r["lr"], "-"), marker="o", color=color, alpha=alpha, label=label)
+    ax_ce.set_title("training CE (50-step means)", fontsize=10)
+    ax_val.set_title("held-out books perplexity", fontsize=10)
+    ax_val.set_yscale("log")
+    for ax in (ax_ce, ax_val):
+        ax.set_xlabel("training tokens")
+        ax.grid(alpha=0.3)
+    ax_val.legend(fontsize=7)
+    fig.suptitle("The 610-step runs: MoEUT (blue) vs parameter-matched dense (orange); line style = lr, faint = seed 1",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out + "_runs.png", dpi=120)
+    plt.close(fig)
+
+
+def first_step_below(r, key: str, level: float) -> Optional[int]:
+    """The first logged step whose `key` is below `level` (None: never)."""
+    return next((s for s in sorted(r["train"]) if r["train"][s].get(key, math.inf) < level), None)
+
+
 def stall_numbers(runs) -> str:
-    """Mean of each stall metric over steps 20-60 (where the 2e-3 run stalls), per MoEUT run."""
-    lines = ["| run | " + " | ".join(t for _, t in STALL_PANELS) + " |", "|---|" + "---|" * len(STALL_PANELS)]
-    for r in sorted(runs, key=lambda r: (r["steps"], r["lr"], r["warmup"])):
-        if r["experiment"] != "cpu_result_moeut" or r["seed"] != "0":
+    """Per MoEUT run: the mean of each stall metric over steps 20-60 (where the 2e-3 run stalls) and
+    the first step whose training CE is below 6.5 (how long the stall lasts)."""
+    lines = ["| run | " + " | ".join(t for _, t in STALL_PANELS) + " | first step with CE < 6.5 |",
+             "|---|" + "---|" * (len(STALL_PANELS) + 1)]
+    for r in sorted(runs, key=lambda r: (r["steps"], float(r["lr"]), r["seed"], r["warmup"])):
+        if r["experiment"] != "cpu_result_moeut":
             continue
         cells = []
         for key, _ in STALL_PANELS:
             v = [rec[key] for s, rec in r["train"].items() if 20 <= s <= 60 and key in rec]
             cells.append(f"{sum(v) / len(v):.3g}" if v else "–")
-        lines.append(f"| {r['steps']} steps, lr {r['lr']}, warm-up {r['warmup']} | " + " | ".join(cells) + " |")
+        below = first_step_below(r, "train/ce", 6.5)
+        cells.append(str(below) if below is not None else f"not by step {r['last_step']}")
+        lines.append(f"| {run_label(r)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -233,17 +331,45 @@ def report(root: str, out: str) -> str:
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     plot_budget(runs, out)
     plot_stall(runs, out)
-    return text + f"\n\nfigures: {out}_budget.png {out}_stall.png"
+    plot_runs(runs, out)
+    return text + f"\n\nfigures: {out}_budget.png {out}_stall.png {out}_runs.png"
+
+
+START, END = "<!-- report:start -->", "<!-- report:end -->"
+
+
+def splice(doc: str, text: str, when: str) -> None:
+    """Replace what lies between the START and END markers of the markdown file `doc` with `text`
+    (its '## ' headings demoted to '### ', the figure line dropped), headed by the time `when`.
+    Raises FileNotFoundError for a missing file and ValueError naming the file when a marker is
+    missing or out of order (the file is then left untouched)."""
+    if not os.path.isfile(doc):
+        raise FileNotFoundError(f"doc: {doc} is not a file")
+    with open(doc, encoding="utf-8") as f:
+        page = f.read()
+    a, b = page.find(START), page.find(END)
+    if a < 0 or b < a:
+        raise ValueError(f"doc: {doc} has no '{START}' ... '{END}' block to replace")
+    body = text.split("\n\nfigures:")[0].strip().replace("\n## ", "\n### ")
+    body = "#" + body if body.startswith("## ") else body
+    block = (f"{START}\nState of the runs at {when} (output of the command above; \"not finished\" = still "
+             f"running or stopped when this page was written).\n\n{body}\n{END}")
+    with open(doc, "w", encoding="utf-8") as f:
+        f.write(page[:a] + block + page[b + len(END):])
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="cpu_result_report")
 def main(cfg: Any) -> None:
-    """`python analysis/cpu_result_report.py [root=DIR] [out=PREFIX]` (options:
+    """`python analysis/cpu_result_report.py [root=DIR] [out=PREFIX] [doc=FILE]` (options:
     conf/cpu_result_report.yaml, or `--help`). Bad input exits 1 with the message."""
     from omegaconf import OmegaConf
     try:
         c = OmegaConf.to_container(cfg, resolve=True)  # typed options (moeut.cli): errors name the option
-        print(report(str_option(c, "root"), str_option(c, "out")))
+        text = report(str_option(c, "root"), str_option(c, "out"))
+        print(text)
+        if c.get("doc") is not None:
+            import datetime
+            splice(str_option(c, "doc"), text, datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"cpu_result_report: error: {e}")
 

@@ -62,11 +62,14 @@ def test_tables_from_hand_written_runs(rep, tmp_path):
     assert "| 150 | 0.61M | 400.0 | 500.0 | 0.800 |" in budget          # 400 / 500
     assert "| 610 | 2.50M | 120.0 | 200.0 | 0.600 |" in budget          # 120 / 200
     assert "| 300 | 1.23M | – | – | – |" in budget                     # not run
+    assert "Crossover: before 150 steps: MoEUT is ahead at every budget measured (150, 610 steps)." in budget
     best = rep.best_lr_table(runs)
     assert "| MoEUT | 100.0 | 120.0 | – | 100.0 (lr 0.001) |" in best
     assert "| dense (param-matched) | – | 200.0 | 250.0 | 200.0 (lr 0.002) |" in best
+    assert "each at its best learning rate: **0.500** (best of 2 MoEUT and 2 dense" in best   # 100 / 200
     seeds = rep.seed_table(runs)
     assert "| dense (param-matched) | 200.0 | – | 200.0 | – |" in seeds   # seed 1 unfinished: left out
+    assert "| MoEUT / dense | 0.600 | – | | |" in seeds
     assert "not finished (stopped at step 400)" in rep.table(runs)
     curves = rep.curve_table(runs)   # every validation point of the 610-step runs, unfinished too
     assert "| dense (param-matched) | 0.002 | 1 | 330.0 | 250.0 | – | – |" in curves
@@ -79,8 +82,56 @@ def test_cli_writes_figures_and_rejects_bad_root(tmp_path):
     out = subprocess.run([sys.executable, str(SCRIPT), f"root={tmp_path / 'sweep'}", f"out={tmp_path / 'fig'}"],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "fig_budget.png").stat().st_size > 0 and (tmp_path / "fig_stall.png").stat().st_size > 0
+    for fig in ("fig_budget.png", "fig_stall.png", "fig_runs.png"):
+        assert (tmp_path / fig).stat().st_size > 0
+    doc = tmp_path / "page.md"
+    doc.write_text("x\n<!-- report:start -->\n<!-- report:end -->\n")
+    out = subprocess.run([sys.executable, str(SCRIPT), f"root={tmp_path / 'sweep'}", f"out={tmp_path / 'fig'}",
+                          f"doc={doc}"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "| MoEUT | 150 | 0.61M | 0.002 | 30 | 0 | 400.0 | 800.0 | complete |" in doc.read_text()
     bad = subprocess.run([sys.executable, str(SCRIPT), f"root={tmp_path / 'nope'}"],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 1 and "root:" in bad.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_crossover_sentence(rep, tmp_path):
+    """Ratios 1.2 (150), 0.9 (300), 0.8 (610): the crossover lies between 150 and 300 steps;
+    with the 300 and 610 budgets unfinished there is none among the finished budgets."""
+    M, D = "experiment=cpu_result_moeut", "experiment=cpu_result_dense_params"
+    for steps, m, d in ((150, 600.0, 500.0), (300, 360.0, 400.0), (610, 160.0, 200.0)):
+        _job(tmp_path / "a", f"{M},train.steps={steps}", steps, [m] * (len(range(200, steps, 200)) + 1))
+        _job(tmp_path / "a", f"{D},train.steps={steps}", steps, [d] * (len(range(200, steps, 200)) + 1))
+    assert rep.crossover(rep.collect(str(tmp_path / "a"))) == (
+        "Crossover: between 150 and 300 steps (MoEUT overtakes dense: ratio 1.200 -> 0.900).")
+    _job(tmp_path / "b", f"{M},train.steps=150", 150, [600.0])
+    _job(tmp_path / "b", f"{D},train.steps=150", 150, [500.0])
+    _job(tmp_path / "b", f"{M},train.steps=300", 300, [100.0, 100.0], last_step=200)   # unfinished
+    assert rep.crossover(rep.collect(str(tmp_path / "b"))) == (
+        "Crossover: none at the budgets measured (150 steps): MoEUT is behind at every one.")
+
+
+def test_stall_numbers_first_step_below(rep, tmp_path):
+    """train/ce = 9 - step/100 in the hand-written runs: first below 6.5 at step 260; a 150-step run
+    never gets there."""
+    _job(tmp_path, "experiment=cpu_result_moeut,train.steps=610", 610, [1.0, 1.0, 1.0, 1.0])
+    _job(tmp_path, "experiment=cpu_result_moeut,train.steps=150,optim.warmup=75", 150, [1.0])
+    rows = rep.stall_numbers(rep.collect(str(tmp_path))).splitlines()
+    assert rows[2].startswith("| 150 steps, lr 0.002, warm-up 75 | 8.6 |") and rows[2].endswith("| not by step 150 |")
+    assert rows[3].startswith("| 610 steps, lr 0.002 | 8.6 |") and rows[3].endswith("| 260 |")
+
+
+def test_splice_replaces_only_the_marked_block(rep, tmp_path):
+    doc = tmp_path / "results.md"
+    doc.write_text("# Page\nbefore\n<!-- report:start -->\nold tables\n<!-- report:end -->\nafter\n")
+    rep.splice(str(doc), "## All runs\n\n| a |\n\n## Seeds\n\n| b |\n\nfigures: x_budget.png", "2026-11-30 06:00 UTC")
+    assert doc.read_text() == ("# Page\nbefore\n<!-- report:start -->\nState of the runs at 2026-11-30 06:00 UTC "
+                               "(output of the command above; \"not finished\" = still running or stopped when this "
+                               "page was written).\n\n### All runs\n\n| a |\n\n### Seeds\n\n| b |\n"
+                               "<!-- report:end -->\nafter\n")
+    bad = tmp_path / "nomarkers.md"
+    bad.write_text("<!-- report:end -->\n<!-- report:start -->\n")
+    with pytest.raises(ValueError, match="nomarkers.md has no"):
+        rep.splice(str(bad), "## x", "now")
+    assert bad.read_text() == "<!-- report:end -->\n<!-- report:start -->\n"
