@@ -20,7 +20,6 @@ The arrays behind each figure are computed by the NumPy functions in `moeut.anal
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import html
 import json
 import math
@@ -103,39 +102,22 @@ def _register_configs() -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path, text_field: str) -> List[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    texts = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{i}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or text_field not in row:
-                raise ValueError(f"{path}:{i}: no field {text_field!r} (set data.text_field)")
-            texts.append(str(row[text_field]))
-    return texts
-
-
 def load_texts(path: str, text_field: str = "text") -> List[str]:
-    """Documents from a .jsonl/.jsonl.gz (one JSON object per line), a .txt (one document) or a
-    directory of such files (sorted by name)."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.name.endswith((".jsonl", ".jsonl.gz", ".txt")))
-        if not files:
-            raise ValueError(f"data.path: directory {p} holds no .jsonl, .jsonl.gz or .txt files")
-        return [t for f in files for t in load_texts(str(f), text_field)]
-    if not p.is_file():
-        raise FileNotFoundError(f"data.path: {p} does not exist")
-    if p.name.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
-        return _read_jsonl(p, text_field)
-    if p.suffix == ".txt":
-        return [p.read_text(encoding="utf-8")]
-    raise ValueError(f"data.path: {p} is not a .jsonl, .jsonl.gz, .txt file or a directory")
+    """Documents, in file order, of `path`: a file (.jsonl/.jsonl.gz/.json.gz/.jsonl.zst/.txt/.parquet)
+    or a directory of such files (recursive, sorted), read by the training data reader
+    (`moeut.data.sources`, SPEC 5.1) so analysis and training parse data the same way; a null
+    text field reads as an empty document (dropped by `token_stream`).
+
+    Raises FileNotFoundError when `path` does not exist, and ValueError (`DataError`) naming
+    `data.path` and file:line for an unsupported file, a directory with no text files, a line
+    that is not JSON or a record without `text_field`."""
+    from .data.sources import DataError, FileRef, list_local_files, read_documents
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data.path: {path} does not exist")
+    try:
+        return [t for f in list_local_files(path) for t in read_documents(FileRef(f), text_field)]
+    except DataError as e:
+        raise DataError(f"data.path: {e}") from None
 
 
 def token_stream(tokenizer, texts: Sequence[str]) -> np.ndarray:

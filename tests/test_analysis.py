@@ -141,13 +141,20 @@ def test_make_windows_layout_and_errors():
 def test_load_texts_errors(tmp_path):
     bad = tmp_path / "x.jsonl"
     bad.write_text('{"text": "a"}\n{"body": "b"}\n')
-    with pytest.raises(ValueError, match=r"x.jsonl:2: no field 'text'"):
+    with pytest.raises(ValueError, match=r"data.path: .*x.jsonl:2: record has no field 'text'"):
         Z.load_texts(str(bad))
     with pytest.raises(FileNotFoundError, match="data.path"):
         Z.load_texts(str(tmp_path / "missing.jsonl.gz"))
     (tmp_path / "d").mkdir()
-    with pytest.raises(ValueError, match="holds no"):
+    with pytest.raises(ValueError, match="data.path: data directory .* contains no usable text files"):
         Z.load_texts(str(tmp_path / "d"))
+    nulls = tmp_path / "n.jsonl"   # a null text is an empty document, not the string "None"
+    nulls.write_text('{"text": "a b"}\n{"text": null}\n\n{"text": "c"}\n')
+    assert Z.load_texts(str(nulls)) == ["a b", "", "c"]
+    (tmp_path / "d" / "sub").mkdir()   # directories are read recursively, files sorted, like training data
+    (tmp_path / "d" / "sub" / "b.txt").write_text("second")
+    (tmp_path / "d" / "a.jsonl").write_text('{"text": "first"}\n')
+    assert Z.load_texts(str(tmp_path / "d")) == ["first", "second"]
     assert len(Z.load_texts(str(C4_VALID))) == 20
 
 
