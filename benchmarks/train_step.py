@@ -4,9 +4,10 @@
     python benchmarks/train_step.py --device cuda             # GPU: paper batch 64 x 1024, bf16
     python benchmarks/train_step.py --device cuda --record docs/benchmarks.md
 
-Both models run in the same process, interleaved round by round (median over rounds), with the
-training recipe of train.py: AdamW over all parameters, CE + regulariser, grad clipping, bf16
-autocast on GPUs with compute capability >= 8. Target (paper A.7, "significantly less compute
+Both models run in the same process, interleaved round by round (median over rounds). A step is
+training's own `moeut.train_lib.step.train_step` (micro-batches, CE + regulariser, global grad-norm
+clipping, the non-finite check and its host sync, AdamW over all parameters), with bf16 autocast
+on GPUs with compute capability >= 8, so the benchmark times exactly what train.py runs. Target (paper A.7, "significantly less compute
 and memory"): MoEUT step time <= dense and MoEUT peak memory <= dense. CPU numbers only show the
 script works (glibc malloc settings of SPEC 3.8 applied; CPU peak memory is process RSS growth).
 """
@@ -16,30 +17,35 @@ import argparse
 import datetime
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moeut.compute import total_params  # noqa: E402
 from moeut.registry import PAPER_TRAIN, build_model, get_preset  # noqa: E402
+from moeut.train_lib.distributed import DistInfo  # noqa: E402
+from moeut.train_lib.state import TrainState  # noqa: E402
+from moeut.train_lib.step import train_step  # noqa: E402
+
+LR = 2.5e-4  # the paper's 44M learning rate (SPEC 4.2); its value does not change the step's cost
 
 
-def step_fn(model, opt, batch_BT1, autocast_dtype, micro: int, clip: float):
-    device = batch_BT1.device
-    for w in batch_BT1.split(micro):
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(w[:, :-1])
-        ce = F.cross_entropy(out.logits.float().flatten(0, 1), w[:, 1:].flatten())
-        ((ce + out.reg_loss) * (w.shape[0] / batch_BT1.shape[0])).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+def new_state(model: torch.nn.Module, device: torch.device) -> TrainState:
+    """A single-process training state over `model`: AdamW (weight decay 0.01) over all
+    parameters, no loss scaler, no data sampler (the benchmark feeds one fixed batch)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    return TrainState(model, opt, None, None, DistInfo(device=device))
+
+
+def step_fn(state: TrainState, fwd_model, batch_BT1, autocast_dtype, micro: int, clip: float) -> None:
+    """One training step exactly as train.py takes it (`train_step`); fwd_model is the model or
+    its torch.compile wrapper."""
+    train_step(state, fwd_model, batch_BT1, LR, micro_batch_size=micro, autocast_dtype=autocast_dtype,
+               grad_clip=clip)
 
 
 def _rss_mb() -> float:
@@ -65,9 +71,9 @@ def _cpu_peak_rss_mb(preset: str, B: int, T: int, micro: int, clip: float, q, vo
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     m = build_model(get_preset(preset))
-    opt = torch.optim.AdamW(m.parameters(), lr=2.5e-4, weight_decay=0.01)
-    step_fn(m, opt, batch, None, micro, clip)
-    step_fn(m, opt, batch, None, micro, clip)
+    state = new_state(m, torch.device("cpu"))
+    step_fn(state, m, batch, None, micro, clip)
+    step_fn(state, m, batch, None, micro, clip)
     done.set()
     th.join()
     q.put(max(peak[0], _rss_mb()) - base)
@@ -104,7 +110,7 @@ def main(argv=None) -> int:
         keep_freed_memory()
     torch.manual_seed(0)
     names = [a.moeut, a.dense]
-    models, opts, res = {}, {}, {n: {"times": []} for n in names}
+    fwd, states, res = {}, {}, {n: {"times": []} for n in names}
     # Token ids valid for both models (the presets' vocabularies can differ, e.g. tiny's 512).
     vocab = min(get_preset(n).vocab_size for n in names)
     batch = torch.randint(0, vocab, (B, T + 1), device=device)
@@ -116,12 +122,11 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)  # the other model, already resident
         m = build_model(cfg).to(device)
-        if a.compile:
-            m = torch.compile(m)
         m.train()
-        opt = torch.optim.AdamW(m.parameters(), lr=2.5e-4, weight_decay=0.01)
+        state = new_state(m, device)
+        fwd_m = torch.compile(m) if a.compile else m
         for _ in range(a.warmup):
-            step_fn(m, opt, batch, dtype, micro, clip)
+            step_fn(state, fwd_m, batch, dtype, micro, clip)
         sync(device)
         res[n]["params"] = total_params(m)
         if gpu:
@@ -134,12 +139,12 @@ def main(argv=None) -> int:
             p.start()
             res[n]["peak_mb"] = q.get()
             p.join()
-        models[n], opts[n] = m, opt
+        fwd[n], states[n] = fwd_m, state
     for _ in range(rounds):  # interleaved rounds: both models see the same machine state
         for n in names:
             sync(device)
             t0 = time.perf_counter()
-            step_fn(models[n], opts[n], batch, dtype, micro, clip)
+            step_fn(states[n], fwd[n], batch, dtype, micro, clip)
             sync(device)
             res[n]["times"].append(time.perf_counter() - t0)
     dev_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
