@@ -140,7 +140,7 @@ def load_run(run_dir: str, seq_len: int = 1024, val_key: Optional[str] = None) -
     from moeut.registry import config_from_dict
     from moeut.rundir import EVAL_RESULTS_GLOB, RunDir, read_json
 
-    run = Run(name=os.path.basename(os.path.normpath(run_dir)), path=run_dir)
+    run = Run(name=RunDir(run_dir).label(), path=run_dir)
     rd = RunDir(run_dir)
     found = rd.model_config(option="runs")
     if found is None:

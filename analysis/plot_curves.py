@@ -25,7 +25,7 @@ if os.path.dirname(_HERE) not in sys.path:  # run as a script from a checkout
 CONF_DIR = os.path.join(os.path.dirname(_HERE), "conf")  # conf/plot_curves.yaml
 
 from moeut.cli import str_option  # noqa: E402
-from moeut.rundir import read_metrics as _read_run_metrics  # noqa: E402
+from moeut.rundir import RunDir, read_metrics as _read_run_metrics  # noqa: E402
 
 
 def read_metrics(run_dir: str) -> List[Dict]:
@@ -70,7 +70,7 @@ def plot_curves(runs: Sequence[str], out: str, *, labels: Optional[Sequence[str]
     runs = list(runs)
     if not runs:
         raise ValueError("runs: required: runs=[RUN_DIR,...]")
-    labels = list(labels) if labels else [os.path.basename(os.path.normpath(r)) for r in runs]
+    labels = list(labels) if labels else [RunDir(r).label() for r in runs]
     if len(labels) != len(runs):
         raise ValueError(f"labels: needs one label per run ({len(runs)}), got {len(labels)}")
     if len(val_names) != len(val_keys):

@@ -237,6 +237,11 @@ def is_lm_eval(data: Any) -> bool:
 # A run directory
 # ------------------------------------------------------------------------------------------
 
+# Run-dir leaves that name no run: a time stamp (conf/config.yaml's hydra.run.dir, Hydra's own
+# HH-MM-SS), a SLURM job id or a multirun job number.
+_OPAQUE_LEAF = re.compile(r"(\d{4}-\d\d-\d\d_)?\d\d-\d\d-\d\d(_\d+)?|\d+")
+
+
 class RunDir:
     """One run directory (see the module docstring for its layout and the corrupt-line policy).
 
@@ -254,6 +259,17 @@ class RunDir:
     def name(self) -> str:
         """The run dir's folder name."""
         return self.path.name
+
+    def label(self) -> str:
+        """The name plots and tables show for the run: the folder name when it says something
+        (a sweep job's `experiment=...,optim.lr=...`); when it is a time stamp or a number (train.py's
+        default `runs/<name>/<date_time>` or `<SLURM job id>`, a multirun job number), the parent
+        folder too and the job's command-line overrides:
+        `cpu_result_moeut/2026-11-30_05-49-25 (optim.lr=1e-3 train.seed=1)`."""
+        if not _OPAQUE_LEAF.fullmatch(self.path.name):
+            return self.path.name
+        overrides = " ".join(self.overrides())
+        return f"{self.path.parent.name}/{self.path.name}" + (f" ({overrides})" if overrides else "")
 
     @property
     def metrics_path(self) -> Path:

@@ -271,6 +271,18 @@ def test_config_overrides_and_choices(tmp_path):
         rd.overrides()
 
 
+@pytest.mark.parametrize("leaf, opaque", [("experiment=cpu_result_moeut,optim.lr=0.001", False), ("moeut_s0", False),
+                                          ("2026-11-30_05-49-25", True), ("05-49-25", True), ("1234567", True),
+                                          ("3", True), ("2026-11-30", False)])
+def test_label_names_the_run_not_a_time_stamp(tmp_path, leaf, opaque):
+    """Plot legends and compare tables: a meaningful folder name is kept; a time stamp, SLURM job
+    id or multirun number gets its parent folder and the job's overrides."""
+    run = _write(tmp_path / "cpu_result_moeut" / leaf / "metrics.jsonl", "").parent
+    assert RunDir(run).label() == (f"cpu_result_moeut/{leaf}" if opaque else leaf)
+    _write(run / ".hydra" / "overrides.yaml", "- optim.lr=1e-3\n- train.seed=1\n")
+    assert RunDir(run).label() == (f"cpu_result_moeut/{leaf} (optim.lr=1e-3 train.seed=1)" if opaque else leaf)
+
+
 def test_eval_files_and_latest_eval(tmp_path):
     run = tmp_path / "run"
     ours = {"tasks": {"piqa": {"accuracy": 0.5}}, "table_row": {}}
