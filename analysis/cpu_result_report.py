@@ -204,14 +204,15 @@ def plot_budget(runs, out: str) -> None:
         if full and full["val"]:
             ax.plot([s * TOKENS_PER_STEP for s, _, _ in full["val"]], [p for _, p, _ in full["val"]], "x--",
                     color=color, alpha=0.6, label=f"{ROWS[exp]}: inside the 610-step schedule")
-    low = pick(runs, "cpu_result_moeut", 610, "0.001")
-    if low and low["val"]:  # MoEUT at the lower lr, for contrast with its 2e-3 curve
-        ax.plot([s * TOKENS_PER_STEP for s, _, _ in low["val"]], [p for _, p, _ in low["val"]], "^--",
-                color="C2", alpha=0.8, label="MoEUT lr 1e-3: inside the 610-step schedule")
+    for exp, color in (("cpu_result_moeut", "C2"), ("cpu_result_dense_params", "C3")):
+        low = pick(runs, exp, 610, "0.001")
+        if low and low["val"]:  # both rows at lr 1e-3 (each one's best here), for contrast with 2e-3
+            ax.plot([s * TOKENS_PER_STEP for s, _, _ in low["val"]], [p for _, p, _ in low["val"]], "^:",
+                    color=color, alpha=0.8, label=f"{ROWS[exp]} lr 1e-3: inside the 610-step schedule")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("held-out books perplexity")
     ax.set_yscale("log")
-    ax.set_title("Budget curve at lr 2e-3 (solid: each point its own schedule)", fontsize=10)
+    ax.set_title("Budget curve at lr 2e-3 (solid: each point its own schedule); dotted: lr 1e-3", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
