@@ -232,10 +232,9 @@ def run_label(r) -> str:
 
 
 def stall_runs(runs) -> List[Dict]:
-    """The MoEUT runs the stall figure compares: every 610-step run (learning rates and seeds) and
-    the 150-step runs at lr 1e-3 / 2e-3 (warm-up 30 and 75), ordered by label."""
-    keep = [r for r in runs if r["experiment"] == "cpu_result_moeut" and
-            (r["steps"] == 610 or (r["steps"] == 150 and r["lr"] in ("0.001", "0.002")))]
+    """The MoEUT runs the stall figure compares: every one (the 610-step runs' learning rates and
+    seeds, the 150/300-step budgets, the warm-up variant), ordered by steps, lr, seed, warm-up."""
+    keep = [r for r in runs if r["experiment"] == "cpu_result_moeut"]
     return sorted(keep, key=lambda r: (r["steps"], float(r["lr"]), r["seed"], r["warmup"]))
 
 
@@ -244,8 +243,8 @@ def plot_stall(runs, out: str, max_step: int = 200) -> None:
     for ax, (key, title) in zip(axes.ravel(), STALL_PANELS):
         for i, r in enumerate(stall_runs(runs)):
             pts = sorted((s, rec[key]) for s, rec in r["train"].items() if s <= max_step and key in rec)
-            if pts:  # 150-step schedules dashed: their lr decays 4x sooner than the 610-step ones'
-                ax.plot(*zip(*pts), "--" if r["steps"] == 150 else "-", color=f"C{i}", label=run_label(r))
+            if pts:  # shorter schedules dashed: their lr decays sooner than the 610-step ones'
+                ax.plot(*zip(*pts), {150: "--", 300: "-."}.get(r["steps"], "-"), color=f"C{i % 10}", label=run_label(r))
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
