@@ -133,11 +133,14 @@ def crossover(runs) -> str:
         return f"Crossover: none at the budgets measured ({budgets} steps): MoEUT is behind at every one."
     if all(r < 1 for _, r in pts):
         return f"Crossover: before {pts[0][0]} steps: MoEUT is ahead at every budget measured ({budgets} steps)."
-    for (s0, r0), (s1, r1) in zip(pts, pts[1:]):
-        if (r0 >= 1) != (r1 >= 1):
-            who = "MoEUT overtakes dense" if r1 < 1 else "dense overtakes MoEUT"
-            return f"Crossover: between {s0} and {s1} steps ({who}: ratio {r0:.3f} -> {r1:.3f})."
-    return "Crossover: the ratio changes side more than once."
+    changes = [(s0, r0, s1, r1) for (s0, r0), (s1, r1) in zip(pts, pts[1:]) if (r0 >= 1) != (r1 >= 1)]
+    if len(changes) > 1:
+        ratios = ", ".join(f"{r:.3f} at {s}" for s, r in pts)
+        return (f"Crossover: none that holds: the ratio changes side {len(changes)} times ({ratios} steps), "
+                "so the budget is not what decides it.")
+    s0, r0, s1, r1 = changes[0]
+    who = "MoEUT overtakes dense" if r1 < 1 else "dense overtakes MoEUT"
+    return f"Crossover: between {s0} and {s1} steps ({who}: ratio {r0:.3f} -> {r1:.3f})."
 
 
 def best_lr_table(runs) -> str:

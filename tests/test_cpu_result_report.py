@@ -105,6 +105,12 @@ def test_crossover_sentence(rep, tmp_path):
         _job(tmp_path / "a", f"{D},train.steps={steps}", steps, [d] * (len(range(200, steps, 200)) + 1))
     assert rep.crossover(rep.collect(str(tmp_path / "a"))) == (
         "Crossover: between 150 and 300 steps (MoEUT overtakes dense: ratio 1.200 -> 0.900).")
+    for steps, m, d in ((150, 600.0, 500.0), (300, 360.0, 400.0), (610, 300.0, 200.0)):   # 1.2, 0.9, 1.5
+        _job(tmp_path / "c", f"{M},train.steps={steps}", steps, [m] * (len(range(200, steps, 200)) + 1))
+        _job(tmp_path / "c", f"{D},train.steps={steps}", steps, [d] * (len(range(200, steps, 200)) + 1))
+    assert rep.crossover(rep.collect(str(tmp_path / "c"))) == (
+        "Crossover: none that holds: the ratio changes side 2 times (1.200 at 150, 0.900 at 300, 1.500 at 610 "
+        "steps), so the budget is not what decides it.")
     _job(tmp_path / "b", f"{M},train.steps=150", 150, [600.0])
     _job(tmp_path / "b", f"{D},train.steps=150", 150, [500.0])
     _job(tmp_path / "b", f"{M},train.steps=300", 300, [100.0, 100.0], last_step=200)   # unfinished
