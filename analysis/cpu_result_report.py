@@ -143,29 +143,33 @@ def crossover(runs) -> str:
     return f"Crossover: between {s0} and {s1} steps ({who}: ratio {r0:.3f} -> {r1:.3f})."
 
 
-def best_lr_table(runs) -> str:
-    lines = ["| model | lr 1e-3 | lr 2e-3 | lr 4e-3 | best |", "|---|---|---|---|---|"]
-    for exp in ("cpu_result_moeut", "cpu_result_dense_params"):
-        vals = {lr: pick(runs, exp, 610, lr) for lr in ("0.001", "0.002", "0.004")}
-        done = {lr: final(r) for lr, r in vals.items() if r and final(r)}
-        best = min(done, key=done.get) if done else None
-        lines.append(f"| {ROWS[exp]} | " + " | ".join(fmt(done.get(lr)) for lr in vals) +
-                     f" | {f'{done[best]:.1f} (lr {best})' if best else '–'} |")
-    m, d = best_at_610(runs, "cpu_result_moeut"), best_at_610(runs, "cpu_result_dense_params")
-    ratio = f"{final(m) / final(d):.3f}" if m and d else "–"
-    tried = {exp: sum(1 for lr in ("0.001", "0.002", "0.004") if pick(runs, exp, 610, lr) and final(pick(runs, exp, 610, lr)))
-             for exp in ("cpu_result_moeut", "cpu_result_dense_params")}
-    lines.append(f"\nMoEUT / dense, each at its best learning rate: **{ratio}** (best of "
-                 f"{tried['cpu_result_moeut']} MoEUT and {tried['cpu_result_dense_params']} dense learning rates "
-                 "that finished; seed 0).")
-    return "\n".join(lines)
+LRS = ("0.001", "0.002", "0.004")  # the learning-rate grid of the sweep's lr jobs
+
+
+def finished_at_610(runs, experiment) -> Dict[str, Dict]:
+    """lr -> the finished seed-0, warm-up-30, 610-step run of `experiment` at that lr (LRS only)."""
+    return {lr: r for lr in LRS for r in [pick(runs, experiment, 610, lr)] if r and final(r)}
 
 
 def best_at_610(runs, experiment):
     """The finished seed-0 610-step run of `experiment` with the lowest final perplexity over lr
     1e-3 / 2e-3 / 4e-3 (warm-up 30), or None."""
-    done = [r for r in (pick(runs, experiment, 610, lr) for lr in ("0.001", "0.002", "0.004")) if r and final(r)]
-    return min(done, key=final) if done else None
+    done = finished_at_610(runs, experiment)
+    return min(done.values(), key=final) if done else None
+
+
+def best_lr_table(runs) -> str:
+    lines = ["| model | lr 1e-3 | lr 2e-3 | lr 4e-3 | best |", "|---|---|---|---|---|"]
+    for exp in ("cpu_result_moeut", "cpu_result_dense_params"):
+        done, best = finished_at_610(runs, exp), best_at_610(runs, exp)
+        lines.append(f"| {ROWS[exp]} | " + " | ".join(fmt(final(done[lr]) if lr in done else None) for lr in LRS) +
+                     " | " + (f"{final(best):.1f} (lr {best['lr']})" if best else "–") + " |")
+    m, d = best_at_610(runs, "cpu_result_moeut"), best_at_610(runs, "cpu_result_dense_params")
+    ratio = f"{final(m) / final(d):.3f}" if m and d else "–"
+    lines.append(f"\nMoEUT / dense, each at its best learning rate: **{ratio}** (best of "
+                 f"{len(finished_at_610(runs, 'cpu_result_moeut'))} MoEUT and "
+                 f"{len(finished_at_610(runs, 'cpu_result_dense_params'))} dense learning rates that finished; seed 0).")
+    return "\n".join(lines)
 
 
 def seed_table(runs) -> str:
