@@ -23,7 +23,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, NoReturn, Optional, Sequence, Tuple, Type
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from .paths import conf_dir
+
+CONF_DIR = str(conf_dir())  # the one definition: moeut/paths.py (a clone's conf/, or the wheel's copy)
 
 
 # What a tool reports as bad input (one line, exit 1) rather than a crash (traceback): the errors
