@@ -12,7 +12,8 @@ and every command runs from an empty directory outside the clone with PYTHONPATH
 - `moeut-train` trains 3 steps on the carried C4 sample into runs/ under the working directory,
   its token cache under $XDG_CACHE_HOME/moeut (nothing is written into site-packages), and
   `moeut-evaluate` scores a text file with that checkpoint;
-- an editable install (`pip install -e`) still reads the checkout's conf/ and data/.
+- an editable install (`pip install -e`) still reads the checkout's conf/ and data/;
+- a wheel built from the sdist (`python -m build`'s route) carries the same files.
 Marked `wheel` (about a minute and a half on 2 cores): `-m "not wheel"` deselects it.
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -135,6 +138,33 @@ def test_the_wheel_carries_conf_data_and_sweeps_byte_for_byte(built, installed):
     assert sorted(set(want) - set(got)) == [], "files of the checkout missing from the wheel"
     assert sorted(set(got) - set(want)) == [], "files in the wheel that the checkout does not have"
     assert [k for k in want if want[k] != got[k]] == [], "carried files differ from the checkout's"
+
+
+def _carried_in(wheel: Path) -> dict:
+    """{name: CRC} of the wheel's moeut/_carried/ files."""
+    with zipfile.ZipFile(wheel) as z:
+        return {i.filename: i.CRC for i in z.infolist() if i.filename.startswith("moeut/_carried/")}
+
+
+def test_the_source_distribution_builds_the_same_wheel(built, tmp_path):
+    """The route of `python -m build` (an sdist, then a wheel from it): the sdist holds conf/,
+    data/ and sweeps/ (MANIFEST.in), so its wheel carries exactly what the direct build carries."""
+    src, wheel = built
+    res = _run([sys.executable, "-c", "import sys; from setuptools import build_meta as b; "
+                                      "print(b.build_sdist(sys.argv[1]))", str(tmp_path / "sdist")],
+               cwd=src, env=dict(os.environ))
+    assert res.returncode == 0, f"build_sdist:\n{res.stdout[-3000:]}{res.stderr[-3000:]}"
+    (sdist,) = (tmp_path / "sdist").glob("moeut-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        tar.extractall(tmp_path / "unpacked", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    (tree,) = (tmp_path / "unpacked").iterdir()
+    res = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                "--disable-pip-version-check", "-w", str(tmp_path / "dist"), str(tree)], cwd=tmp_path,
+               env=dict(os.environ))
+    assert res.returncode == 0, f"pip wheel (from the sdist):\n{res.stdout[-3000:]}{res.stderr[-3000:]}"
+    (from_sdist,) = (tmp_path / "dist").glob("moeut-*.whl")
+    direct = _carried_in(wheel)
+    assert len(direct) == len(expected_carried()) and _carried_in(from_sdist) == direct
 
 
 def _help_listing(text: str) -> str:
