@@ -3,7 +3,7 @@ every console script outside a clone (docs/architecture.md, "Installed, not clon
 
 One build per session (module fixture): a copy of the source tree is built with
 `pip wheel --no-deps --no-build-isolation` (no network), installed with `pip install --no-deps`
-into a venv made with `--system-site-packages` (torch, Hydra, ... come from this environment),
+into a fresh venv that sees this environment's packages (torch, Hydra, ...: `_venv`),
 and every command runs from an empty directory outside the clone with PYTHONPATH unset. Checked:
 - the venv imports the wheel's moeut (not this checkout, not an editable install of another one),
   whose conf/, data/ and sweeps/ are the carried copies, byte for byte the repository's files;
@@ -69,9 +69,17 @@ def _run(argv, cwd, env, timeout=300) -> subprocess.CompletedProcess:
 
 
 def _venv(path: Path, tmp: Path, env: dict, *pip_args: str) -> Path:
-    """A venv over this environment's packages with `pip install --no-deps --no-index <pip_args>`
-    run in it (the system pip, installing into the venv); its python."""
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(path)], check=True)
+    """A fresh venv that sees this environment's packages (torch, Hydra, pip, ...), with
+    `pip install --no-deps --no-index <pip_args>` run in it; its python.
+
+    Not `--system-site-packages`: under a venv (CI) that would be the base interpreter's packages.
+    A .pth file lists this environment's site directories instead, after the venv's own; their .pth
+    files are not run, so an editable install of moeut here cannot shadow the one under test."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    (own,) = (path / "lib").glob("python*/site-packages")
+    outer = [p for p in sys.path if p.rstrip(os.sep).endswith(("site-packages", "dist-packages")) and os.path.isdir(p)]
+    assert outer, f"no site-packages directory on sys.path: {sys.path}"
+    (own / "_outer_environment.pth").write_text("\n".join(outer) + "\n", encoding="utf-8")
     python = path / "bin" / "python"
     res = _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall",
                 "--disable-pip-version-check", *pip_args], cwd=tmp, env=env)
