@@ -312,6 +312,14 @@ def grid_command(sweep: SweepFile, grid_index: int, root: str, local: bool,
             *hydra_overrides(sweep, grid, root, local, launcher, extra)]
 
 
+def shown_command(cmd: Sequence[str]) -> str:
+    """A grid command as printed: without this interpreter's path (`train.py -m ...` in a clone,
+    `python -m moeut.train -m ...` for an installed wheel), shell-quoted."""
+    if cmd and cmd[0] == sys.executable:
+        cmd = ["python", *cmd[1:]] if len(cmd) > 1 and cmd[1] == "-m" else list(cmd[1:])
+    return shlex.join(cmd)
+
+
 def launch(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
            launcher: Optional[str] = None, extra: Sequence[str] = (), detach: bool = False,
            repo_root: Optional[Path] = None, env: Optional[Dict[str, str]] = None,
@@ -333,7 +341,7 @@ def launch(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
     procs = []
     for gi in range(len(sweep.grids)):
         cmd = grid_command(sweep, gi, root, local, launcher, extra, group)
-        print("$ " + shlex.join(cmd[1:] if cmd[0] == sys.executable else cmd), flush=True)
+        print("$ " + shown_command(cmd), flush=True)
         if local:
             rc = subprocess.run(cmd, cwd=repo_root, env=run_env).returncode
             if rc != 0:
@@ -444,8 +452,8 @@ def run(cfg: Any) -> int:
         _print_jobs(sweep, jobs)
         for gi in range(len(sweep.grids)):
             group = any(_key(ov) == sweep.wandb_group_key for ov in jobs[0].overrides)
-            print(f"grid {gi} command:\n  " + shlex.join(
-                grid_command(sweep, gi, root, local, launcher, extra, group)[1:]))
+            print(f"grid {gi} command:\n  " + shown_command(grid_command(sweep, gi, root, local, launcher,
+                                                                           extra, group)))
         return 0
     return launch(sweep, root, local, launcher, extra, detach)
 

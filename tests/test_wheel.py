@@ -263,3 +263,19 @@ def test_editable_install_reads_the_checkout(built, tmp_path, clean_env):
     assert Path(file) == src / "moeut" / "__init__.py", f"the editable venv imports moeut from {file}"
     assert inst == "False" and not (src / "moeut" / "_carried").exists()
     assert (Path(conf), Path(data), Path(sweeps)) == (src / "conf", src / "data", src / "sweeps")
+
+
+def test_sweep_launches_the_package_entry_point_when_installed(monkeypatch, tmp_path):
+    """An installed wheel has no train.py: `moeut.sweep` runs `python -m moeut.train -m ...` in the
+    working directory (a clone keeps `python train.py -m ...` in its root), and prints it so."""
+    import moeut.sweep as sw
+
+    f = tmp_path / "s.yaml"
+    f.write_text("name: s\nexpected_jobs: 2\ngrids:\n  - overrides: ['model=tiny,dense_tiny']\n")
+    sweep = sw.load_sweep(f)
+    clone = sw.grid_command(sweep, 0, "out", True, None, [])
+    assert clone[:3] == [sys.executable, "train.py", "-m"] and sw.shown_command(clone).startswith("train.py -m ")
+    monkeypatch.setattr(sw, "clone_root", lambda: None)
+    inst = sw.grid_command(sweep, 0, "out", True, None, [])
+    assert inst[:4] == [sys.executable, "-m", "moeut.train", "-m"] and inst[4:] == clone[3:]
+    assert sw.shown_command(inst).startswith("python -m moeut.train -m model=tiny,dense_tiny ")
