@@ -7,87 +7,10 @@
     python train.py --cfg job                         # print the resolved config
     python train.py --help                            # the config groups and options
 
-The Hydra entry point only: compose and type the config (moeut.train_lib.config), check the data
-caches (moeut.data.pipeline), then `moeut.train_lib.loop.train`, which validates the whole start
-before writing into the run dir, commits it and runs the loop. The library (SPEC §4):
-
-    moeut/train_lib/config.py     schemas (Hydra ConfigStore), to_typed + cross-field checks
-    moeut/train_lib/start.py      validated start: resume, model, tokenizer, data, optimiser, TrainState
-    moeut/train_lib/state.py      TrainState (model, optimiser, scaler, step, data position, RNG, accumulators)
-    moeut/train_lib/step.py       train_step: micro-batches, clipping, the optimiser step
-    moeut/train_lib/evaluate.py   validation perplexity
-    moeut/train_lib/loop.py       train(): the loop, logging/validation/checkpoint cadence, signals
-    moeut/train_lib/precision.py, metrics.py, schedule.py, logging.py, distributed.py, data.py
-Nothing imports this file.
+The clone's script for `moeut.train.main`, the entry point an installed package runs as
+`moeut-train` (or `python -m moeut.train`); see that module. Nothing imports this file.
 """
-from __future__ import annotations
-
-import logging
-import os
-from typing import Dict, Optional
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
-
-from moeut.cli import INPUT_ERRORS, bad_input_exits, exit_bad_input, raised_in
-from moeut.data.pipeline import ensure_prepared
-from moeut.train_lib.config import register_configs, to_typed
-from moeut.train_lib.distributed import env_rank_info
-from moeut.train_lib.loop import train
-
-register_configs()  # the structured-config schemas must be in the ConfigStore before Hydra composes
-
-
-def hydra_run_files() -> Dict[str, str]:
-    """What Hydra writes into <run_dir>/.hydra/ at job start (hydra.yaml, overrides.yaml; config.yaml
-    is added by `main`), as {relative path: YAML text}. conf/config.yaml sets
-    hydra.output_subdir=null so Hydra writes nothing before validation; `train` writes these once
-    the start is validated."""
-    return {".hydra/hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),  # {"hydra": ...}
-            ".hydra/overrides.yaml": OmegaConf.to_yaml(HydraConfig.get().overrides.task)}
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> Optional[float]:
-    """Train with the composed config `cfg` into Hydra's run dir; returns the final validation
-    perplexity (for sweepers that minimise it), or None when there was none. A bad option or a
-    refused start (ValueError / FileNotFoundError naming the key or file) exits 1 with one line
-    `train.py: error: ...` (SystemExit); a refused start into a new run dir removes the empty folder."""
-    logging.captureWarnings(True)  # warnings go to the console and, once the run starts, train.log
-    run_dir = HydraConfig.get().runtime.output_dir
-    # Hydra creates the run dir before we get here; a refused start into a NEW run dir removes the
-    # empty folder again, so that a refused start leaves nothing behind (an existing run is never touched).
-    created_empty = os.path.isdir(run_dir) and not os.listdir(run_dir)
-    try:
-        # Bad configuration or input is one line `train.py: error: <message naming the key>`, exit 1
-        # (moeut.cli, like every other tool); a crash of the training itself keeps its traceback.
-        with bad_input_exits("train.py"):
-            world_size = env_rank_info()[2]
-            tc = to_typed(cfg, world_size)  # fails here, naming the key, on a bad value
-            ensure_prepared(tc, world_size, run_dir)  # DDP: no inline tokenising
-        files = {".hydra/config.yaml": OmegaConf.to_yaml(cfg), **hydra_run_files()}
-        try:
-            result = train(tc, run_dir, run_files=files)
-        except INPUT_ERRORS as err:
-            if raised_in(err, "validated_start"):  # a refused start: nothing was written
-                exit_bad_input("train.py", err)
-            raise
-    except BaseException:
-        if created_empty and os.path.isdir(run_dir) and not os.listdir(run_dir):
-            try:
-                os.rmdir(run_dir)
-                # and the empty parents Hydra made for the default runs/<name>/<time> (never above
-                # the working directory): a refused start leaves no folder behind
-                cwd, parent = os.path.abspath(os.getcwd()), os.path.dirname(os.path.abspath(run_dir))
-                while parent.startswith(cwd + os.sep) and not os.listdir(parent):
-                    os.rmdir(parent)
-                    parent = os.path.dirname(parent)
-            except OSError:  # another rank removed it, or wrote into it meanwhile
-                pass
-        raise
-    return result["validation"].get("validation/val/perplexity")
-
+from moeut.train import main
 
 if __name__ == "__main__":
     main()

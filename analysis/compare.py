@@ -51,8 +51,7 @@ import hydra
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if os.path.dirname(_HERE) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, os.path.dirname(_HERE))
-CONF_DIR = os.path.join(os.path.dirname(_HERE), "conf")  # conf/compare.yaml
-from moeut.cli import bool_option, float_option, str_option  # noqa: E402
+from moeut.cli import CONF_DIR, bool_option, float_option, str_option  # noqa: E402  (conf/compare.yaml)
 
 VAL_RE = re.compile(r"^(val|valid|validation)(/.*)?/(perplexity|ppl)$")
 STEP_TIME_KEYS = ("perf/step_time", "train/step_time", "step_time")

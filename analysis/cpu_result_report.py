@@ -33,10 +33,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_HERE))  # run as a script from a checkout: import this checkout's moeut
-from moeut.cli import str_option  # noqa: E402
+from moeut.cli import CONF_DIR, str_option  # noqa: E402  (conf/cpu_result_report.yaml)
 from moeut.rundir import RunDir  # noqa: E402
 
-CONF_DIR = os.path.join(os.path.dirname(_HERE), "conf")  # conf/cpu_result_report.yaml
 
 TOKENS_PER_STEP = 16 * 256
 ROWS = {"cpu_result_moeut": "MoEUT", "cpu_result_dense_params": "dense (param-matched)",

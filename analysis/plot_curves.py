@@ -22,9 +22,8 @@ import numpy as np  # noqa: E402
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if os.path.dirname(_HERE) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, os.path.dirname(_HERE))
-CONF_DIR = os.path.join(os.path.dirname(_HERE), "conf")  # conf/plot_curves.yaml
 
-from moeut.cli import str_option  # noqa: E402
+from moeut.cli import CONF_DIR, str_option  # noqa: E402  (conf/plot_curves.yaml)
 from moeut.rundir import RunDir, read_metrics as _read_run_metrics  # noqa: E402
 
 

@@ -36,12 +36,12 @@ import torch
 
 from . import analysis as A
 from .outputs import RoutingRecord
+from .paths import clone_root, data_dir
 from .routing import RoutingStats
 from .rundir import RunDir, run_dir_of
 from .validate import at_least, check_ranges, in_range
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT / "data" / "books" / "valid.jsonl.gz"  # the embedded held-out books (data/README.md)
+DEFAULT_DATA = data_dir() / "books" / "valid.jsonl.gz"  # the embedded held-out books (data/README.md)
 STATS_FILE = "routing_stats.npz"
 DEFAULT_SEQ_LEN = 1024  # seq_len when the run has no saved config to read data.seq_len from (the paper's T)
 
@@ -889,7 +889,11 @@ def is_notebook_source(path: str) -> bool:
 
 def notebook_sources(folder: Optional[str] = None) -> List[str]:
     """The notebooks among `folder`/*.py (default: the repository's analysis/), sorted."""
-    folder = Path(folder) if folder else REPO_ROOT / "analysis"
+    clone = clone_root()
+    if not folder and clone is None:
+        raise FileNotFoundError("execute_notebooks: the notebooks ship with the repository (analysis/), not with "
+                                "an installed wheel; run from a clone")
+    folder = Path(folder) if folder else clone / "analysis"
     if not folder.is_dir():
         raise FileNotFoundError(f"execute_notebooks: notebook folder {folder} does not exist (the notebooks ship "
                                 f"with the repository, not with an installed wheel)")
@@ -939,11 +943,11 @@ def main() -> None:
     import hydra
     from omegaconf import OmegaConf
 
-    from .cli import bad_input_exits
+    from .cli import CONF_DIR, bad_input_exits
 
     _register_configs()
 
-    @hydra.main(version_base="1.3", config_path=str(REPO_ROOT / "conf"), config_name="analyze")
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="analyze")
     def _main(cfg) -> None:
         with bad_input_exits("moeut.analyze"):
             if OmegaConf.is_missing(cfg, "checkpoint"):

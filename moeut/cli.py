@@ -1,11 +1,12 @@
 """Shared plumbing of the Hydra command-line tools (issue 16, item 5: one config style).
 
-Every command-line tool of the package is a Hydra app over a file of the repository's conf/
-directory: `@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="<tool>")`, with a
+Every command-line tool of the package is a Hydra app over a file of the conf/ directory
+(`CONF_DIR`, from moeut.paths: the clone's, or the copy an installed wheel carries):
+`@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="<tool>")`, with a
 `run(cfg)` that does the work (callable from tests with `compose("<tool>", [...])`), no Hydra
 output folder or log file (`hydra.output_subdir: null`, `hydra.run.dir: .`,
 `hydra/job_logging: stdout`) and a `hydra.help.template` listing every option, so `--help` says
-what the tool does. Tools: train.py, moeut.evaluate, moeut.prepare_data, moeut.analyze,
+what the tool does. Tools: train.py (moeut.train), moeut.evaluate, moeut.prepare_data, moeut.analyze,
 moeut.sweep, moeut.summary, moeut.hf.export, moeut.kernels.footprint, moeut.kernels.warmup,
 moeut.eval.table, analysis/compare.py, analysis/plot_curves.py. The exception is
 moeut.eval.harness_cli, which hands its argv to lm-eval's own command line (see its docstring).
@@ -23,7 +24,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, NoReturn, Optional, Sequence, Tuple, Type
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from .paths import conf_dir
+
+CONF_DIR = str(conf_dir())  # the one definition: moeut/paths.py (a clone's conf/, or the wheel's copy)
 
 
 # What a tool reports as bad input (one line, exit 1) rather than a crash (traceback): the errors

@@ -15,19 +15,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any, Dict
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from .cli import CONF_DIR
 from .eval.tasks import resolve_tasks
 from .eval.tasks.base import EvalOptions
 from .eval.zeroshot import evaluate_checkpoint
 from .validate import Range, check_mapping
 
 log = logging.getLogger(__name__)
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 _KNOWN_KEYS = {"checkpoint", "tokenizer", "tasks", "limit", "source", "data_dir", "paths", "out_dir", "dataset",
                "length_normalize", "normalize_by_task", "hellaswag_strip_brackets", "keep_items", "device",

@@ -13,18 +13,16 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .cli import bad_input_exits
+from .cli import CONF_DIR, bad_input_exits
 from .data.pipeline import check_prepared, prepare_run_data_caches
 from .train_lib.config import DataSchema, LoggerSchema, OptimSchema, TrainConfigSchema, TrainSchema, to_typed
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @dataclass

@@ -41,9 +41,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from . import rundir
-from .cli import bool_option, str_option
+from .cli import CONF_DIR, bool_option, str_option
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 PPL_DEFAULT = "validation/val/perplexity"  # train.py: validation/<set name>/perplexity
 
 # columns shown first in the table, in this order; every other gathered key follows, sorted

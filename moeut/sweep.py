@@ -42,10 +42,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import hydra
 
 from .cli import CONF_DIR
+from .paths import clone_root, sweeps_dir as carried_sweeps_dir
 from .validate import at_least
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SWEEPS_DIR = REPO_ROOT / "sweeps"
+DEFAULT_SWEEPS_DIR = carried_sweeps_dir()  # the clone's sweeps/, or an installed wheel's copy
 DEFAULT_ROOT = os.environ.get("MOEUT_SWEEP_ROOT", "outputs/sweeps")
 # keys that never name a run directory: the seed (a re-seeded rerun should resume, not fork)
 ALWAYS_EXCLUDED = ("seed",)
@@ -231,7 +231,7 @@ def check_expected(sweep: SweepFile, jobs: Sequence[Job]) -> None:
 # Composing every job against the real conf/ (dry run)
 # ------------------------------------------------------------------------------------------
 
-def register_train_schemas(repo_root: Path = REPO_ROOT) -> None:
+def register_train_schemas(repo_root: Optional[Path] = None) -> None:
     """Register the training config's structured schemas in Hydra's ConfigStore
     (`moeut.train_lib.config.register_configs`, as `python train.py` does) so that composing
     conf/ here validates exactly as a launched job would. `repo_root` is not needed any more (the
@@ -242,10 +242,11 @@ def register_train_schemas(repo_root: Path = REPO_ROOT) -> None:
 
 def compose_jobs(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
                  launcher: Optional[str] = None, extra: Sequence[str] = (),
-                 repo_root: Path = REPO_ROOT, config_name: str = "config") -> List[Job]:
+                 repo_root: Optional[Path] = None, config_name: str = "config") -> List[Job]:
     """Plan the sweep and compose every job's config with Hydra's compose API against the real
-    conf/ (so a missing experiment, a misspelt key or an unknown launcher preset fails here, not
-    on the cluster); fills each job's resolved run dir. Raises ValueError naming the job."""
+    conf/ (`repo_root`/conf, default the package's: moeut.paths.conf_dir) -- so a missing
+    experiment, a misspelt key or an unknown launcher preset fails here, not on the cluster; fills
+    each job's resolved run dir. Raises ValueError naming the job."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -257,7 +258,8 @@ def compose_jobs(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False
     except ImportError:
         build_model_config = None
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(repo_root / "conf"), version_base="1.3"):
+    config_dir = str(repo_root / "conf") if repo_root is not None else CONF_DIR
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         loader = GlobalHydra.instance().hydra.config_loader
         probe = compose(config_name=config_name)
         group = OmegaConf.select(probe, sweep.wandb_group_key, default="__absent__") != "__absent__"
@@ -302,20 +304,34 @@ def compose_jobs(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False
 def grid_command(sweep: SweepFile, grid_index: int, root: str, local: bool,
                  launcher: Optional[str], extra: Sequence[str], group: bool = True,
                  python: str = sys.executable) -> List[str]:
-    """`python train.py -m ...` for one grid (argv list: no shell, `${...}` stays literal)."""
+    """`python train.py -m ...` for one grid (argv list: no shell, `${...}` stays literal); an
+    installed wheel has no train.py: `python -m moeut.train -m ...` (the same entry point)."""
     grid = sweep.grids[grid_index]
-    return [python, "train.py", "-m", *task_overrides(sweep, grid, extra, group),
+    entry = ["train.py"] if clone_root() is not None else ["-m", "moeut.train"]
+    return [python, *entry, "-m", *task_overrides(sweep, grid, extra, group),
             *hydra_overrides(sweep, grid, root, local, launcher, extra)]
+
+
+def shown_command(cmd: Sequence[str]) -> str:
+    """A grid command as printed: without this interpreter's path (`train.py -m ...` in a clone,
+    `python -m moeut.train -m ...` for an installed wheel), shell-quoted."""
+    if cmd and cmd[0] == sys.executable:
+        cmd = ["python", *cmd[1:]] if len(cmd) > 1 and cmd[1] == "-m" else list(cmd[1:])
+    return shlex.join(cmd)
 
 
 def launch(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
            launcher: Optional[str] = None, extra: Sequence[str] = (), detach: bool = False,
-           repo_root: Path = REPO_ROOT, env: Optional[Dict[str, str]] = None,
+           repo_root: Optional[Path] = None, env: Optional[Dict[str, str]] = None,
            check: bool = True) -> int:
     """Run every grid's multirun. Local: one grid after the other in the foreground. SLURM: all
-    grids at once (the submitit launcher blocks until its jobs end), logs in the sweep dir."""
+    grids at once (the submitit launcher blocks until its jobs end), logs in the sweep dir. The
+    grids run in `repo_root` (default: the clone's root; for an installed wheel the working
+    directory), against which a relative `root` is taken."""
     jobs = compose_jobs(sweep, root, local, launcher, extra, repo_root) if check else []
     group = bool(jobs) and any(_key(o) == sweep.wandb_group_key for o in jobs[0].overrides)
+    if repo_root is None:
+        repo_root = clone_root() or Path.cwd()
     sweep_dir = (repo_root / root / sweep.name) if not os.path.isabs(root) else Path(root) / sweep.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "sweep.yaml").write_text(sweep.path.read_text(encoding="utf-8"), encoding="utf-8")
@@ -325,7 +341,7 @@ def launch(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
     procs = []
     for gi in range(len(sweep.grids)):
         cmd = grid_command(sweep, gi, root, local, launcher, extra, group)
-        print("$ " + shlex.join(cmd[1:] if cmd[0] == sys.executable else cmd), flush=True)
+        print("$ " + shown_command(cmd), flush=True)
         if local:
             rc = subprocess.run(cmd, cwd=repo_root, env=run_env).returncode
             if rc != 0:
@@ -436,8 +452,8 @@ def run(cfg: Any) -> int:
         _print_jobs(sweep, jobs)
         for gi in range(len(sweep.grids)):
             group = any(_key(ov) == sweep.wandb_group_key for ov in jobs[0].overrides)
-            print(f"grid {gi} command:\n  " + shlex.join(
-                grid_command(sweep, gi, root, local, launcher, extra, group)[1:]))
+            print(f"grid {gi} command:\n  " + shown_command(grid_command(sweep, gi, root, local, launcher,
+                                                                           extra, group)))
         return 0
     return launch(sweep, root, local, launcher, extra, detach)
 

@@ -8,7 +8,9 @@ For each tool, in a subprocess started in an empty working directory:
   names every key whatever the template says), has a line starting with each option's name: the
   option is listed, with its meaning, in the help template of the tool's conf file;
 - neither leaves anything in the working directory (no outputs/, .hydra/ or log file).
-A guard test finds every module with a `__main__` block, so a new tool cannot skip this.
+A guard test finds every module with a `__main__` block, so a new tool cannot skip this, and
+another that every tool of the package has a console script in pyproject.toml (`moeut-<tool>`;
+tests/test_wheel.py runs them from an installed wheel); analysis/*.py are clone-only scripts.
 
 The exception is moeut.eval.harness_cli: it passes its argv to lm-eval's own CLI (its docstring
 and docs/evaluation.md say why); its --help is lm-eval's.
@@ -29,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 # tool -> how to start it (argv after the interpreter)
 TOOLS = {
     "train.py": ["train.py"],
+    "moeut.train": ["-m", "moeut.train"],
     "moeut.evaluate": ["-m", "moeut.evaluate"],
     "moeut.prepare_data": ["-m", "moeut.prepare_data"],
     "moeut.analyze": ["-m", "moeut.analyze"],
@@ -75,6 +78,23 @@ def test_every_command_line_module_is_covered():
     assert covered - found == set(), "listed tools that have no __main__ block"
 
 
+def test_every_package_tool_has_a_console_script():
+    """Every tool inside the package (TOOLS' `-m moeut...` entries, and NOT_HYDRA's modules) is the
+    target of a `[project.scripts]` entry `<name> = "<module>:main"` of pyproject.toml, and every
+    entry names one of them; the clone's scripts (train.py, analysis/*.py) have none."""
+    from test_wheel import console_scripts
+
+    package_tools = {argv[1] for argv in TOOLS.values() if argv[0] == "-m"}
+    package_tools |= {m[:-3].replace("/", ".") for m in NOT_HYDRA}
+    targets = {}
+    for name, target in console_scripts().items():
+        module, _, func = target.partition(":")
+        assert func == "main" and name.startswith("moeut-"), (name, target)
+        targets[module] = name
+    assert sorted(package_tools - set(targets)) == [], "package tools without a console script"
+    assert sorted(set(targets) - package_tools) == [], "console scripts of modules that are not tools"
+
+
 @pytest.mark.parametrize("tool", list(TOOLS))
 def test_help_lists_every_option(tool, tmp_path):
     res = _run(tool, "--cfg", "job", cwd=tmp_path)
@@ -116,6 +136,7 @@ def test_bad_option_fails_naming_it_and_writes_nothing(tool, args, message, tmp_
 @pytest.mark.parametrize("tool, args, message", [
     ("train.py", ["train.steps=-5", "hydra.run.dir=run"], "train.steps: must be >= 1, got -5"),
     ("train.py", ["train.steps=-5"], "train.steps: must be >= 1, got -5"),  # default runs/<name>/<time>
+    ("moeut.train", ["train.steps=-5"], "train.steps: must be >= 1, got -5"),  # python -m moeut.train
     # a refused start found by train_lib.start.validated_start (inside `train`), not by to_typed
     ("train.py", ["experiment=cpu_tiny", "print_config=false", "train.resume=ckpt", "hydra.run.dir=run"],
      "no valid checkpoint in"),

@@ -23,13 +23,12 @@ import io
 import math
 import os
 import sys
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ..cli import str_option
+from ..cli import CONF_DIR, str_option
 from ..rundir import RunDir, read_json
 
 COLUMNS = ("dataset", "#params", "model", "val PPL", "LAMBADA", "BLiMP", "CBT", "HellaSwag", "PIQA",
@@ -39,7 +38,6 @@ TASK_COLUMNS = (("LAMBADA", "lambada"), ("BLiMP", "blimp"), ("CBT", "cbt"), ("He
 PPL_COLUMNS = ("text PPL", "bits/byte")
 SKIPPED = "skipped"
 PAPER_SIZES_M = (44, 126, 244, 319, 728, 1040)
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def size_label(n_params: Optional[int]) -> str:

@@ -21,17 +21,20 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .. import paths
 from ..registry import ARCHS, PAPER_TRAIN, PRESETS, get_preset
 from ..validate import Range, at_least, check_mapping, check_ranges, field_range, in_range, positive
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 # ------------------------------------------------------------------------------------------
-# Resolvers: `${moeut.repo:}` is the repository root, so default data paths work from any cwd.
+# Resolvers (moeut/paths.py), so default data paths work from any cwd, in a clone or an installed
+# wheel: `${moeut.data:}` is the carried data/ (conf/data/books.yaml), `${moeut.cache:}` the default
+# token-cache directory, `${moeut.repo:}` the directory holding conf/ and data/ (the clone's root,
+# or the wheel's carried copy; older run configs spell data paths with it).
 # ------------------------------------------------------------------------------------------
-if not OmegaConf.has_resolver("moeut.repo"):
-    OmegaConf.register_new_resolver("moeut.repo", lambda: REPO_ROOT)
+for _name, _fn in (("moeut.repo", lambda: str(paths.root())), ("moeut.data", lambda: str(paths.data_dir())),
+                   ("moeut.cache", lambda: str(paths.cache_dir()))):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
 
 
 # ------------------------------------------------------------------------------------------
@@ -117,7 +120,7 @@ class DataSchema:
     tokenizer_docs: Optional[int] = field(default=None, metadata=at_least(1))
     tokenizer_chars: Optional[int] = field(default=None, metadata=at_least(1))
     tokenizer_split_paragraphs: bool = False  # books: cut into < 4 kB pieces (see prepare.py)
-    cache_dir: str = "${oc.env:MOEUT_CACHE,${moeut.repo:}/data_cache}"
+    cache_dir: str = "${oc.env:MOEUT_CACHE,${moeut.cache:}}"
     num_workers: int = field(default=2, metadata=at_least(0))  # tokenisation processes (0 = in-process)
 
 
