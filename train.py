@@ -4,7 +4,7 @@
     python train.py experiment=c4_moeut_244m data.path=/data/c4   # a paper run (C4 mirror)
     torchrun --standalone --nproc_per_node=8 train.py experiment=c4_moeut_244m
     srun python train.py experiment=...               # one task per GPU; reads SLURM_* variables
-    python train.py --cfg job                         # print the resolved config
+    python train.py --cfg job                         # print the resolved config (real model values)
     python train.py --help                            # the config groups and options
 
 The Hydra entry point only: compose and type the config (moeut.train_lib.config), check the data
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -89,5 +89,15 @@ def main(cfg: DictConfig) -> Optional[float]:
     return result["validation"].get("validation/val/perplexity")
 
 
+def with_resolve(argv: List[str]) -> List[str]:
+    """`argv` with Hydra's `--resolve` added when it asks to print the config (`--cfg`/`-c`): the model
+    fields are interpolations of the preset's values (moeut.train_lib.config), so `--cfg job` shows
+    the real values, as the rest of the config, rather than `${moeut.preset:...}`."""
+    prints = any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in argv)
+    return argv + ["--resolve"] if prints and "--resolve" not in argv else argv
+
+
 if __name__ == "__main__":
+    import sys
+    sys.argv = with_resolve(sys.argv)
     main()
