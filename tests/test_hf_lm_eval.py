@@ -130,3 +130,31 @@ def test_pyproject_eval_extra_installs_the_hf_route():
     for extra in ("eval", "dev"):
         names = {r.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip() for r in extras[extra]}
         assert {"accelerate", "lm-eval", "transformers"} <= names, extra
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_hf_route_as_documented(route, tmp_path, offline):
+    """docs/evaluation.md's command, `lm-eval run --model hf --model_args pretrained=<export>,
+    trust_remote_code=True,dtype=float32 --tasks ... --device cpu`, in a subprocess (offline, a
+    local task via --include_path): its accuracy equals the adapter's on the same items."""
+    import shutil
+    import subprocess
+    run, out, tok, tasks = route
+    exe = shutil.which("lm-eval") or shutil.which("lm_eval")
+    if exe is None:
+        pytest.skip("lm-eval's command is not on PATH")
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_DATASETS_CACHE=str(tmp_path / "c"), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    p = subprocess.run([exe, "run", "--model", "hf", "--model_args",
+                        f"pretrained={out},trust_remote_code=True,dtype=float32", "--tasks", TASK,
+                        "--include_path", str(tasks), "--device", "cpu", "--batch_size", "1",
+                        "--output_path", str(tmp_path / "res")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(next((tmp_path / "res").rglob("results_*.json")).read_text())
+    ours = MoEUTHarnessLM(checkpoint=str(run), device="cpu")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    ref = simple_evaluate(model=ours, tasks=[TASK], task_manager=TaskManager(include_path=str(tasks)),
+                          bootstrap_iters=0)
+    assert res["results"][TASK]["acc,none"] == ref["results"][TASK]["acc,none"]

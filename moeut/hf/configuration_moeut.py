@@ -27,4 +27,6 @@ class MoEUTHFConfig(PretrainedConfig):
             kwargs.setdefault("hidden_size", self.moeut_config.get("d_model"))
             kwargs.setdefault("num_hidden_layers", self.moeut_config.get("n_layers"))
         # eos_token_id / pad_token_id come from the export (control pieces); never a BOS (SPEC 1.1).
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            kwargs.setdefault(k, None)
         super().__init__(**kwargs)
