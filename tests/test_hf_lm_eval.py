@@ -158,3 +158,18 @@ def test_lm_eval_cli_hf_route_as_documented(route, tmp_path, offline):
     ref = simple_evaluate(model=ours, tasks=[TASK], task_manager=TaskManager(include_path=str(tasks)),
                           bootstrap_iters=0)
     assert res["results"][TASK]["acc,none"] == ref["results"][TASK]["acc,none"]
+
+
+def test_byte_fallback_export_tokenizer_encodes_as_the_native_one(route):
+    """The export of a byte-fallback tokenizer (the default job's kind; needs nothing outside the
+    checkout): the edge strings of tests/test_hf_export.py, arbitrary unicode included, encode to the
+    native ids, never to <unk>, and decode back as the native decode does."""
+    from transformers import AutoTokenizer
+    from test_hf_export import _edge_strings
+    _, out, tok, _ = route
+    auto = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+    for t in _edge_strings(tok.sp):
+        ids = tok.encode(t)
+        assert auto(t).input_ids == ids and auto.encode(t) == ids, repr(t)
+        assert tok.sp.unk_id() not in ids, repr(t)
+        assert auto.decode(ids) == tok.decode(ids), repr(t)
