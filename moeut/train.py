@@ -7,7 +7,7 @@
     python train.py experiment=c4_moeut_244m data.path=/data/c4   # a paper run (C4 mirror)
     torchrun --standalone --nproc_per_node=8 train.py experiment=c4_moeut_244m
     srun python train.py experiment=...               # one task per GPU; reads SLURM_* variables
-    python train.py --cfg job                         # print the resolved config
+    python train.py --cfg job                         # print the resolved config (real model values)
     python train.py --help                            # the config groups and options
 
 The Hydra entry point only (config: conf/config.yaml from moeut.paths.conf_dir, so it works in a
@@ -31,7 +31,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -109,5 +109,20 @@ def main(cfg: DictConfig) -> Optional[float]:
     return result["validation"].get("validation/val/perplexity")
 
 
-if __name__ == "__main__":
+def with_resolve(argv: List[str]) -> List[str]:
+    """`argv` with Hydra's `--resolve` added when it asks to print the config (`--cfg`/`-c`): the model
+    fields are interpolations of the preset's values (moeut.train_lib.config), so `--cfg job` shows
+    the real values, as the rest of the config, rather than `${moeut.preset:...}`."""
+    prints = any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in argv)
+    return argv + ["--resolve"] if prints and "--resolve" not in argv else argv
+
+
+def cli() -> None:
+    """The command line (`moeut-train`, `python -m moeut.train`, the clone's train.py): Hydra's
+    `main` with `--resolve` added to a `--cfg` request (`with_resolve`)."""
+    sys.argv = with_resolve(sys.argv)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -49,8 +49,9 @@ def test_every_experiment_composes_and_builds_on_meta(experiment):
     preset = cfg.model.preset
     # The composed model = the preset, changed exactly in the fields the experiment sets (paper
     # runs set none: they use their preset unchanged).
+    # (an explicit field is one set by a value, not the default interpolation of the preset's value)
     explicit = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
-                if k not in ("preset", "overrides") and v is not None}
+                if k not in ("preset", "overrides") and v is not None and not OmegaConf.is_interpolation(cfg.model, k)}
     explicit.update(cfg.model.overrides or {})
     if not experiment.startswith("cpu"):
         assert explicit == {}, f"{experiment}: paper runs use their preset unchanged, got {explicit}"
@@ -110,3 +111,102 @@ def test_training_config_errors_name_the_key(tmp_path):
         to_typed(compose_cfg(["train.precision=fp8"]))
     with pytest.raises(Exception, match="nonexistent_key"):  # struct mode: typos fail at composition
         compose_cfg(["train.nonexistent_key=1"])
+
+
+# ------------------------------------------------------------------------------------------
+# Data configs differ from the default job only where they say so; `--cfg job` shows real values
+# ------------------------------------------------------------------------------------------
+
+DATA_CONFIGS = sorted(p.stem for p in (REPO / "conf" / "data").glob("*.yaml"))
+# What changes the compute or what the tokenizer can train on when a user switches data=...
+KEPT = ("seq_len", "tokens_per_step", "tokenizer_split_paragraphs", "tokenizer_byte_fallback")
+
+
+def _kept_values(cfg):
+    d = cfg.data
+    return {"seq_len": d.seq_len, "tokens_per_step": cfg.train.batch_size * d.seq_len,
+            "tokenizer_split_paragraphs": d.tokenizer_split_paragraphs,
+            "tokenizer_byte_fallback": d.tokenizer_byte_fallback}
+
+
+def undocumented_differences(yaml_text, values, default):
+    """The KEPT settings whose `values` differ from the default job's without the data config's own
+    line saying so: a differing setting must be set in the file, on a line whose comment contains
+    "differs from the default job" (tokens per step: the seq_len line must also name "tokens per step")."""
+    lines = {ln.split(":", 1)[0]: ln for ln in yaml_text.splitlines() if ln and not ln[0].isspace() and ":" in ln}
+    bad = []
+    for key in KEPT:
+        if values[key] == default[key]:
+            continue
+        line = lines.get("seq_len" if key == "tokens_per_step" else key, "")
+        comment = line.split("#", 1)[1] if "#" in line else ""
+        if "differs from the default job" not in comment or (key == "tokens_per_step" and "tokens per step" not in comment):
+            bad.append(f"{key}: {values[key]} (default job: {default[key]})")
+    return bad
+
+
+def test_undocumented_difference_is_caught():
+    """The checker itself (independent reference: hand-written files): a silent change of seq_len or
+    splitting is reported, a stated one is not."""
+    default = {"seq_len": 256, "tokens_per_step": 4096, "tokenizer_split_paragraphs": True,
+               "tokenizer_byte_fallback": True}
+    moved = dict(default, seq_len=1024, tokens_per_step=16384, tokenizer_split_paragraphs=False)
+    assert undocumented_differences("source: local\npath: ???\n", moved, default) == [
+        "seq_len: 1024 (default job: 256)", "tokens_per_step: 16384 (default job: 4096)",
+        "tokenizer_split_paragraphs: False (default job: True)"]
+    half = "seq_len: 1024  # differs from the default job\ntokenizer_split_paragraphs: false\n"
+    assert undocumented_differences(half, moved, default) == [
+        "tokens_per_step: 16384 (default job: 4096)", "tokenizer_split_paragraphs: False (default job: True)"]
+    stated = ("seq_len: 1024  # differs from the default job: 4x the tokens per step\n"
+              "tokenizer_split_paragraphs: false  # differs from the default job: paper\n")
+    assert undocumented_differences(stated, moved, default) == []
+
+
+@pytest.mark.parametrize("name", DATA_CONFIGS)
+def test_data_config_differs_from_default_job_only_where_stated(name):
+    """Switching `data=books` (the default job) to any other data config keeps seq_len, tokens per
+    step, tokenizer splitting and byte fallback, or the config states the change on that line."""
+    default = _kept_values(compose_cfg([]))
+    assert default == {"seq_len": 256, "tokens_per_step": 16 * 256, "tokenizer_split_paragraphs": True,
+                       "tokenizer_byte_fallback": True}
+    cfg = compose_cfg([f"data={name}"] + (["data.path=/tmp"] if name in ("local", "thestack") else []))
+    text = (REPO / "conf" / "data" / f"{name}.yaml").read_text()
+    assert undocumented_differences(text, _kept_values(cfg), default) == [], f"conf/data/{name}.yaml"
+
+
+def test_paper_data_configs_keep_the_papers_tokenizer_settings():
+    """SPEC 5.2: the paper's corpora train SentencePiece with its defaults (no byte fallback, long
+    documents skipped); every other data config maps no text to <unk>."""
+    from moeut.data.sources import SOURCES
+    for name in DATA_CONFIGS:
+        d = compose_cfg([f"data={name}"]).data
+        paper = d.source != "local"
+        assert d.tokenizer_byte_fallback is (not paper), name
+        if paper:
+            assert d.source in SOURCES and not d.tokenizer_split_paragraphs and d.seq_len == 1024, name
+
+
+def _cfg_job(*overrides):
+    import subprocess
+    import yaml
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, str(REPO / "train.py"), "--cfg", "job", *overrides], cwd=str(REPO),
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return yaml.safe_load(p.stdout)
+
+
+def test_cfg_job_shows_the_presets_real_values():
+    """`train.py --cfg job` prints every model field with the preset's value (null only for fields
+    the preset's architecture does not have), following model=<preset>, model.preset=<name> and a
+    field override; the config the run is built from agrees."""
+    for overrides, preset, changed in ((), "mini", {}), (("model=dense_tiny",), "dense_tiny", {}), \
+            (("model.preset=moeut_244m", "model.ff_k=8"), "moeut_244m", {"ff_k": 8}):
+        printed = _cfg_job(*overrides)["model"]
+        assert printed["preset"] == preset
+        want = {**dataclasses.asdict(PRESETS[preset]), **changed}
+        for k, v in printed.items():
+            if k not in ("preset", "overrides"):
+                assert v == want.get(k), (preset, k, v, want.get(k))  # None: not a field of this architecture
+        assert printed["d_model"] == want["d_model"] is not None
+        assert dataclasses.asdict(build_model_config(compose_cfg(list(overrides)).model)) == want

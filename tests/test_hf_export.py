@@ -59,6 +59,14 @@ def test_export_layout(exported):
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_moeut.MoEUTForCausalLM"
     assert cfg["moeut_config"]["d_model"] == 64 and cfg["tie_word_embeddings"] is False
     assert json.loads((out / "moeut_export.json").read_text())["step"] == 7
+    # every file with the mode a new file gets under the umask (safetensors writes 0600 on its own)
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+    assert modes == {name: 0o666 & ~mask for name in modes}, modes
+    # special tokens for the standard clients: EOS and pad are control pieces, no BOS
+    assert cfg["eos_token_id"] == 2 and cfg["pad_token_id"] == 2 and cfg.get("bos_token_id") is None
 
 
 def test_auto_model_gives_native_logits(exported, small_tokenizer):
@@ -161,6 +169,24 @@ def _incremental_logits(hf, ids, prefill):
     return torch.cat(parts, dim=1)
 
 
+def _until_eos(new_tokens, eos: int, pad: int, width: int):
+    """A row's new tokens as transformers' `generate` returns them when it stops rows at `eos`:
+    the native tokens up to the first EOS, then `pad`, `width` tokens in all."""
+    out = list(new_tokens[:new_tokens.index(eos) + 1]) if eos in new_tokens else list(new_tokens)
+    return (out + [pad] * width)[:width]
+
+
+def _native_generate(native, ids, n, cfg):
+    """The native greedy generate of `ids` [B, T], as transformers' generate with the export's
+    eos/pad ids returns it (rows stopped at EOS; the call ends when every row has)."""
+    T = ids.shape[1]
+    ref = native.generate(ids, n, greedy=True)[:, T:].tolist()
+    ends = [r.index(cfg.eos_token_id) + 1 if cfg.eos_token_id in r else n for r in ref]
+    width = max(ends)
+    rows = [_until_eos(r, cfg.eos_token_id, cfg.pad_token_id, width) for r in ref]
+    return torch.cat([ids, torch.tensor(rows, dtype=ids.dtype).reshape(len(rows), width)], dim=1)
+
+
 def _known_low_precision_failure(model, dtype):
     """The native models cast to bf16 fail on CPU until issue 14.2 is fixed; report that as xfail
     (it runs for real as soon as the native forward works in that dtype)."""
@@ -180,7 +206,7 @@ def test_generate_greedy_equals_native(exports, preset, small_tokenizer):
     assert hf.can_generate()
     native = load_model(run).model
     ids = _ids((3, 12), small_tokenizer.vocab_size)
-    ref = native.generate(ids, 10, greedy=True)
+    ref = _native_generate(native, ids, 10, hf.config)
     got = hf.generate(ids, max_new_tokens=10, do_sample=False)
     assert torch.equal(got, ref)
     if preset in DROPLESS:  # the cache-free path recomputes everything: an independent reference
@@ -223,7 +249,9 @@ def test_left_padded_batch_equals_each_prompt_alone(exports, preset, small_token
         logits = hf(**batch, use_cache=False).logits
     for i, t in enumerate(texts):
         alone = torch.tensor([small_tokenizer.encode(t)])
-        assert got[i, T:].tolist() == native.generate(alone, 8, greedy=True)[0, alone.shape[1]:].tolist(), t
+        want = _until_eos(native.generate(alone, 8, greedy=True)[0, alone.shape[1]:].tolist(),
+                          hf.config.eos_token_id, pad_id, got.shape[1] - T)
+        assert got[i, T:].tolist() == want, t
         with torch.no_grad():
             ref = native(alone).logits[0]
         torch.testing.assert_close(logits[i, T - alone.shape[1]:], ref, rtol=0, atol=1e-5)
@@ -261,7 +289,7 @@ def test_bf16_export_generate_and_cache(exports, preset, small_tokenizer):
     _known_low_precision_failure(native16, "bf16")
     ids = _ids((3, 12), small_tokenizer.vocab_size)
     # Same weights (bf16 rounding of the fp32 checkpoint), same dtype, same calls: identical tokens.
-    assert torch.equal(hf.generate(ids, max_new_tokens=10, do_sample=False), native16.generate(ids, 10, greedy=True))
+    assert torch.equal(hf.generate(ids, max_new_tokens=10, do_sample=False), _native_generate(native16, ids, 10, hf.config))
     with torch.no_grad():
         full = hf(ids, use_cache=False).logits.float()
         inc = _incremental_logits(hf, ids, prefill=5).float()
@@ -274,3 +302,89 @@ def test_bf16_export_generate_and_cache(exports, preset, small_tokenizer):
     noise = (full - fp32).abs().max().item()
     assert noise > 0  # the export really ran in bf16
     assert (inc - full).abs().max().item() <= noise
+
+
+# ------------------------------------------------------------------------------------------
+# The exported tokenizer encodes any text as the native one; generate without a mask
+# ------------------------------------------------------------------------------------------
+
+def _edge_strings(sp):
+    """Edge cases for a tokenizer: empty, whitespace runs, newlines/tabs, leading/trailing spaces,
+    unicode (accents, CJK, emoji, combining marks), the spelling of every control and user-defined
+    piece (and of byte pieces) and of the document separator, alone, glued to text and mixed."""
+    # (the project's tokenizers have no user-defined pieces: SPEC 5.2 keeps SentencePiece's defaults)
+    specials = [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)
+                or sp.is_byte(i)][:8] + ["<pad>", "<unk>", "<s>", "</s>", "<mask>", "<0x41>", "<STORY_SEP>"]
+    base = ["", " ", "   ", "\n", "\n\n\t \n", "\t", " leading", "trailing ", "  both  ", "a  b   c",
+            "line one\nline two\r\nthree", "naïve café", "日本語のテキスト", "emoji 😀🚀 ok", "e\u0301 combining",
+            "Question: Z = 1", "x" * 300, "12345 67.89", "ﬁ ligature", "\u00a0nbsp\u3000ideographic space"]
+    out = list(base)
+    for s in sorted(set(specials)):
+        out += [s, f"text{s}", f"{s}text", f"a {s} b", s * 3, f"Hello.{s}\n{s} world", f" {s} "]
+    out.append(" ".join(specials) + " mixed 😀 text\t")
+    return out
+
+
+def test_tokenizer_encodes_every_text_as_the_native_one(exported, small_tokenizer):
+    """Independent reference: the native tokenizer (SentencePiece). Also batches, decoding, and
+    the special tokens lm-eval and generate read."""
+    _, out = exported
+    from transformers import AutoTokenizer
+    auto = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+    sp = small_tokenizer.sp
+    texts = _edge_strings(sp)
+    for t in texts:
+        ids = small_tokenizer.encode(t)
+        assert auto(t).input_ids == ids, repr(t)
+        assert auto.encode(t) == ids and auto.encode(t, add_special_tokens=True) == ids, repr(t)
+        assert auto.decode(ids) == small_tokenizer.decode(ids), repr(t)
+        assert not any(sp.is_control(i) for i in ids)  # so an encoded text never holds the pad id
+    batch = auto(texts, padding=True)
+    for t, row, m in zip(texts, batch.input_ids, batch.attention_mask):
+        ids = small_tokenizer.encode(t)
+        assert row[len(row) - len(ids):] == ids and sum(m) == len(ids) and m[len(m) - len(ids):] == [1] * len(ids)
+    # special tokens: EOS/pad are control pieces (rendered by name, dropped with skip_special_tokens), no BOS
+    assert auto.bos_token is None and auto.add_bos_token is False
+    assert auto.eos_token == "</s>" and auto.eos_token_id == sp.eos_id() and auto.pad_token_id == sp.eos_id()
+    ids = small_tokenizer.encode("Hello world.") + [auto.eos_token_id] + small_tokenizer.encode(" More")
+    assert auto.decode(ids) == "Hello world.</s> More"
+    assert auto.decode(ids, skip_special_tokens=True) == small_tokenizer.decode(ids) == "Hello world. More"
+    assert auto.decode(auto.eos_token_id) == "</s>"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cpu_du_every2"])
+def test_generate_without_mask_treats_every_id_as_text(exports, preset, small_tokenizer):
+    """Without an attention_mask every input id is a real token, also ids equal to the pad/EOS id
+    (transformers would otherwise infer padding from them): the native generate's tokens."""
+    run, out, _ = exports(preset)
+    hf, native = _auto(out), load_model(run).model
+    pad = hf.config.pad_token_id
+    ids = _ids((2, 10), small_tokenizer.vocab_size, seed=5)
+    ids[0, 0] = ids[0, 4] = ids[1, 9] = pad  # leading, inner and trailing "pad" ids, as text
+    ref = _native_generate(native, ids, 6, hf.config)
+    assert torch.equal(hf.generate(ids, max_new_tokens=6, do_sample=False), ref)
+    assert torch.equal(hf.generate(input_ids=ids, max_new_tokens=6, do_sample=False), ref)
+    # the same with an explicit all-ones mask; and a padded row still needs (and uses) its mask
+    assert torch.equal(hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False), ref)
+
+
+def test_docs_export_example_runs_as_written_and_pads(exported, small_tokenizer):
+    """The Python block of docs/evaluation.md's export section, run as written (only the export
+    path replaced): its batch really is padded, and each row's greedy output is that row alone."""
+    import re
+    _, out = exported
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    section = doc[doc.index("## 3. Hugging Face export"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "exports/c4_moeut_44m" in code
+    ns = {}
+    exec(compile(code.replace("exports/c4_moeut_44m", str(out)), "docs/evaluation.md", "exec"), ns)
+    batch, gen, model = ns["batch"], ns["out"], ns["model"]
+    assert (batch.attention_mask == 0).any(), "the example's prompts must have different lengths"
+    T = batch.input_ids.shape[1]
+    native = load_model(exported[0] / "run").model
+    for i in range(batch.input_ids.shape[0]):
+        alone = batch.input_ids[i][batch.attention_mask[i].bool()][None]
+        want = _until_eos(native.generate(alone, 20, greedy=True)[0, alone.shape[1]:].tolist(),
+                          model.config.eos_token_id, model.config.pad_token_id, gen.shape[1] - T)
+        assert gen[i, T:].tolist() == want

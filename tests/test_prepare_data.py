@@ -201,8 +201,9 @@ def test_too_long_documents_warn_with_counts(tmp_path):
         t = train_tokenizer(long_docs + short, vocab_size=120, hard_vocab_limit=False)
     assert t.train_stats["too_long"] == 3 and t.train_stats["sentences"] == 80
     assert t.train_stats["too_long_bytes"] == sum(len((d + DOC_SEPARATOR).encode()) for d in long_docs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # nothing to warn about when everything fits
+    with warnings.catch_warnings():  # nothing to warn about long documents when everything fits
+        warnings.filterwarnings("error", message=".*max_sentence_length")
+        warnings.filterwarnings("ignore", message=".*map to <unk>")  # (rare characters: tests/test_tokenizer_coverage.py)
         train_tokenizer(short, vocab_size=120, hard_vocab_limit=False)
 
 

@@ -33,12 +33,16 @@ def data_corpus(d, split: str) -> Corpus:
 
 def tokenizer_cache_path(d, corpus: Optional[Corpus] = None) -> str:
     """Where a tokenizer trained from the `data` config is cached: keyed by the train corpus and
-    every setting that changes what the tokenizer sees (and the splitter's version)."""
+    every setting that changes what the tokenizer sees (and the splitter's version) or how it is
+    trained (`-bf` for data.tokenizer_byte_fallback; absent when off, so the paper's caches keep
+    their names). The token caches are keyed by the tokenizer's hash, so a changed setting is a
+    different token cache too."""
     corpus = corpus or data_corpus(d, "train")
     split = f"p{SPLITTER_VERSION}" if d.tokenizer_split_paragraphs else "p0"
+    fallback = "-bf" if getattr(d, "tokenizer_byte_fallback", False) else ""
     return os.path.join(d.cache_dir, "tokenizers",
                         f"{corpus.name}-{corpus.key()}-v{d.vocab_size}-f{d.tokenizer_files}"
-                        f"-d{d.tokenizer_docs}-c{d.tokenizer_chars}-{split}.model")
+                        f"-d{d.tokenizer_docs}-c{d.tokenizer_chars}-{split}{fallback}.model")
 
 
 def find_tokenizer(d, run_dir: Optional[str] = None) -> Tuple[Optional[Tokenizer], str]:
@@ -61,7 +65,7 @@ def obtain_tokenizer(d, run_dir: Optional[str] = None, log=print) -> Tokenizer:
         log(f"[data] training a {d.vocab_size}-piece SentencePiece BPE tokenizer on {corpus.name} ...")
         tok = train_corpus_tokenizer(corpus, d.vocab_size, max_files=d.tokenizer_files, max_docs=d.tokenizer_docs,
                                      max_chars=d.tokenizer_chars, split_paragraphs=d.tokenizer_split_paragraphs,
-                                     log=log)
+                                     byte_fallback=d.tokenizer_byte_fallback, log=log)
         tok.save(path)
     if tok.vocab_size != d.vocab_size:
         raise ValueError(f"data.vocab_size: {d.vocab_size} but the tokenizer {path} has {tok.vocab_size} pieces")

@@ -145,14 +145,16 @@ def tokenizer_sentences(corpus: Corpus, max_files: Optional[int], max_docs: Opti
 def train_corpus_tokenizer(corpus: Corpus, vocab_size: int = 8000, max_files: Optional[int] = None,
                            max_docs: Optional[int] = None, max_chars: Optional[int] = None,
                            split_paragraphs: bool = False, hard_vocab_limit: bool = True,
-                           log=print) -> Tokenizer:
-    """Train the corpus's tokenizer (SPEC 5.2) and log how much text it saw and what stopped it.
+                           byte_fallback: bool = False, log=print) -> Tokenizer:
+    """Train the corpus's tokenizer (SPEC 5.2; `byte_fallback` as in train_tokenizer, off in the
+    paper) and log how much text it saw and what stopped it.
     Raises TokenizerTrainingError (naming the setting) when nothing is left to train on."""
     stats: dict = {}
     sentences = tokenizer_sentences(corpus, max_files, max_docs, max_chars, split_paragraphs, stats)
     where = corpus.description.get("path") or corpus.name
     tok = train_tokenizer(sentences, vocab_size=vocab_size, append_separator=False,
-                          hard_vocab_limit=hard_vocab_limit, source=f"{where} ({corpus.split})")
+                          hard_vocab_limit=hard_vocab_limit, byte_fallback=byte_fallback,
+                          source=f"{where} ({corpus.split})")
     if max_files is not None and max_files > len(corpus.files) and not stats["stopped_by"]:
         log(f"[data] WARNING: data.tokenizer_files={max_files} but {where} has only {len(corpus.files)} "
             f"{corpus.split} file(s): the tokenizer saw all of them")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections import Counter
 from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 import sentencepiece as spm
@@ -76,10 +77,18 @@ class TokenizerTrainingError(ValueError):
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, *, append_separator: bool = True,
-                    hard_vocab_limit: bool = True, source: str = "the tokenizer corpus",
-                    **extra) -> Tokenizer:
+                    hard_vocab_limit: bool = True, byte_fallback: bool = False,
+                    source: str = "the tokenizer corpus", **extra) -> Tokenizer:
     """Train SentencePiece BPE exactly as SPEC 5.2: model_type bpe, split_digits, other options
     default. Each "sentence" is a whole document with the separator appended.
+
+    `byte_fallback=True` [ours, not the paper's] adds SentencePiece's 256 byte pieces (within
+    `vocab_size`): a character without a piece is encoded as its UTF-8 bytes, so no text maps to
+    <unk> (data.tokenizer_byte_fallback; the paper's settings leave it off, and then characters
+    rarer than SentencePiece's character_coverage, e.g. `Q` or `=` in a small book corpus, become
+    <unk>). Either way the characters of the training text that the trained model maps to <unk>
+    are counted and warned about (count, distinct characters, naming data.tokenizer_byte_fallback);
+    the counts are in `train_stats["unk_chars"]` / `["unk_distinct"]`.
 
     `hard_vocab_limit=False` is for tiny test corpora that cannot fill the vocabulary.
     Sentences over SPM_MAX_SENTENCE_BYTES bytes are skipped, as SentencePiece's default does (the
@@ -95,6 +104,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, *, append_sepa
     max_len = int(extra.pop("max_sentence_length", SPM_MAX_SENTENCE_BYTES))
     stats = {"sentences": 0, "bytes": 0, "empty": 0, "too_long": 0, "too_long_bytes": 0,
              "largest_too_long_bytes": 0}
+    chars: Counter = Counter()  # characters of the sentences trained on, for the <unk> count
 
     def sentences() -> Iterator[str]:
         for t in texts:
@@ -110,6 +120,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, *, append_sepa
                 continue
             stats["sentences"] += 1
             stats["bytes"] += n
+            chars.update(s)
             yield s
 
     it = sentences()
@@ -138,6 +149,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, *, append_sepa
         spm.SentencePieceTrainer.train(
             sentence_iterator=all_sentences(), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
             split_digits=True, hard_vocab_limit=hard_vocab_limit, minloglevel=2,
+            # only when asked: an explicit value is stored in the model and changes its hash (paper parity)
+            **({"byte_fallback": True} if byte_fallback else {}),
             # only when not the default: an explicit value is stored in the model and changes its hash
             **({} if max_len == SPM_MAX_SENTENCE_BYTES else {"max_sentence_length": max_len}), **extra)
     except RuntimeError as e:
@@ -153,5 +166,26 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, *, append_sepa
                       f"as in the paper); set data.tokenizer_split_paragraphs=true to split long documents "
                       f"into pieces that fit instead", stacklevel=2)
     tok = Tokenizer(buf.getvalue())
+    unk = unk_characters(tok, chars)
+    stats["unk_chars"], stats["unk_distinct"] = sum(unk.values()), len(unk)
+    if unk:
+        top = ", ".join(f"{c!r} x{n:,}" for c, n in unk.most_common(8))
+        warnings.warn(f"tokenizer training on {source}: {stats['unk_chars']:,} characters of the training text "
+                      f"({len(unk)} distinct; most frequent: {top}) map to <unk>: the trained tokenizer has no "
+                      f"piece for them (SentencePiece's character_coverage, the paper's setting); set "
+                      f"data.tokenizer_byte_fallback=true for a tokenizer that maps no text to <unk>",
+                      stacklevel=2)
     tok.train_stats = dict(stats)
     return tok
+
+
+def unk_characters(tok: Tokenizer, chars: "Counter[str]") -> "Counter[str]":
+    """The characters of `chars` ({character: count}, e.g. a Counter over a text) that `tok`
+    encodes to <unk> (alone, i.e. at the character level, where SentencePiece decides it), with
+    their counts. Empty for a byte-fallback tokenizer."""
+    unk_id = tok.sp.unk_id()
+    if unk_id < 0:
+        return Counter()
+    distinct = list(chars)
+    encoded = tok.sp.encode(distinct, out_type=int)
+    return Counter({c: chars[c] for c, ids in zip(distinct, encoded) if unk_id in ids})

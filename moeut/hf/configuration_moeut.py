@@ -14,7 +14,8 @@ from transformers import PretrainedConfig
 class MoEUTHFConfig(PretrainedConfig):
     """transformers config of an export: `moeut_config` is the native config as a dict (with its
     "arch"); vocab_size, hidden_size (d_model) and num_hidden_layers are mirrored from it for
-    tools that read them. Untied head; no BOS/EOS/pad ids (SPEC 1.1)."""
+    tools that read them. Untied head. eos/pad ids are the tokenizer's control pieces (set by the
+    export; the model never trained on them, SPEC 1.1), no BOS."""
 
     model_type = "moeut"
 
@@ -25,5 +26,7 @@ class MoEUTHFConfig(PretrainedConfig):
             kwargs.setdefault("vocab_size", self.moeut_config.get("vocab_size"))
             kwargs.setdefault("hidden_size", self.moeut_config.get("d_model"))
             kwargs.setdefault("num_hidden_layers", self.moeut_config.get("n_layers"))
-        # No BOS/EOS/pad ids: the model never uses them (SPEC 1.1).
+        # eos_token_id / pad_token_id come from the export (control pieces); never a BOS (SPEC 1.1).
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            kwargs.setdefault(k, None)
         super().__init__(**kwargs)

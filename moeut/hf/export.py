@@ -7,10 +7,11 @@ A Hydra app over conf/hf_export.yaml (`--help` lists the options); `export()` is
 Writes config.json (with auto_map), model.safetensors, the modelling code (configuration_moeut.py,
 modeling_moeut.py, tokenization_moeut.py; the model code imports the installed `moeut` package),
 tokenizer.model (the run's SentencePiece model) + tokenizer_config.json, and moeut_export.json
-(provenance). Load it with
+(provenance), every file with the umask's ordinary mode (0644). Special tokens: EOS and pad are
+control pieces, no BOS (tokenization_moeut.py). Load it with
 
     AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
-    AutoTokenizer.from_pretrained(out, trust_remote_code=True)        # adds no BOS/EOS
+    AutoTokenizer.from_pretrained(out, trust_remote_code=True)        # encodes as the native one, adds no BOS/EOS
     moeut.data.tokenizer.Tokenizer.load(out + "/tokenizer.model")   # or sentencepiece directly
 """
 from __future__ import annotations
@@ -44,12 +45,13 @@ def export(checkpoint: str, out: str, *, dtype: Optional[str] = None) -> str:
     from .modeling_moeut import MoEUTForCausalLM
 
     loaded = load_model(checkpoint)
-    pad_id = None
-    if loaded.tokenizer is not None:  # generate pads finished rows with it; never produced by encoding
+    special = {}
+    if loaded.tokenizer is not None:  # the tokenizer's special tokens (tokenization_moeut.py): control pieces
         from .tokenization_moeut import MoEUTTokenizer
         sp = loaded.tokenizer.sp
-        pad_id = sp.piece_to_id(MoEUTTokenizer.default_pad_piece(sp))
-    hf_cfg = MoEUTHFConfig(moeut_config=dataclasses.asdict(loaded.config), pad_token_id=pad_id)
+        special = {"eos_token_id": sp.piece_to_id(MoEUTTokenizer.default_eos_piece(sp)),
+                   "pad_token_id": sp.piece_to_id(MoEUTTokenizer.default_pad_piece(sp)), "bos_token_id": None}
+    hf_cfg = MoEUTHFConfig(moeut_config=dataclasses.asdict(loaded.config), **special)
     MoEUTHFConfig.register_for_auto_class()
     MoEUTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     hf_model = MoEUTForCausalLM(hf_cfg)
@@ -70,7 +72,18 @@ def export(checkpoint: str, out: str, *, dtype: Optional[str] = None) -> str:
                    "tokenizer_sha256": loaded.tokenizer.sha256 if loaded.tokenizer else None,
                    "note": "No BOS: the first token of a sequence is never predicted. Tokenize with "
                            "tokenizer.model (SentencePiece, add no special tokens)."}, f, indent=1)
+    _ordinary_modes(out)
     return out
+
+
+def _ordinary_modes(out: str) -> None:
+    """Give every file of the export the mode a new file gets under the current umask (0644 under
+    the usual 022): some writers (safetensors) create theirs 0600, unreadable to other users."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, _, files in os.walk(out):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def run(cfg: Any) -> str:

@@ -20,6 +20,11 @@ every architecture (capacity-limited routers give pads no capacity because they 
 at the cost of B forwards of batch size 1 per call; logits at padded positions are 0. Unpadded
 batches (no mask, or all ones) run batched.
 - Left padding (leading zeros) is the `generate` convention and the tokenizer's default side.
+- No attention_mask means no padding: every position is a real token, also an id equal to the pad
+  id (`generate` would otherwise infer a mask from the pad id; encoding text never produces it,
+  but ids from elsewhere may), exactly as the native `model.generate(ids, ...)`.
+- `generate` stops a row at `config.eos_token_id` (a control piece the model never trained on, so
+  a trained model hardly ever produces it) and pads finished rows with `config.pad_token_id`.
 - A right-padded row (trailing zeros) scores correctly but cannot be continued with a cache (the
   next token would follow the pads): that raises, naming `tokenizer.padding_side`.
 `inputs_embeds`, `position_ids`, attention weights and hidden states are not supported (raise).
@@ -91,6 +96,16 @@ class MoEUTForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         """The native output head (nn.Linear d_model -> V; untied from the embedding)."""
         return self.model.lm_head
+
+    def generate(self, inputs: Optional[torch.Tensor] = None, generation_config=None, **kwargs):
+        """transformers' `generate`, with one rule: without an `attention_mask`, every position of the
+        input ids [B, T] is a real token (an all-ones mask is passed), so an id equal to the pad id
+        is never taken for padding. Pass the tokenizer's attention_mask for a padded batch."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if kwargs.get("attention_mask") is None and isinstance(ids, torch.Tensor) and ids.dim() == 2 \
+                and not ids.is_floating_point():
+            kwargs["attention_mask"] = torch.ones_like(ids)
+        return super().generate(inputs, generation_config, **kwargs)
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, input_ids: Optional[torch.LongTensor] = None, attention_mask: Optional[torch.Tensor] = None,

@@ -6,9 +6,13 @@ wrong type fails at composition. `to_typed(cfg)` turns the composed DictConfig i
 built from the config with `_target_`: the training library reads typed fields.
 
 Model configs: `model.preset` names a preset of `moeut.registry.PRESETS`; every architecture field
-of every registered config class (MoEUTConfig, DenseConfig, baselines) is an Optional override
-(None = keep the preset's value), plus a free `model.overrides` dict for fields of architectures
-registered after this module was imported.
+of every registered config class (MoEUTConfig, DenseConfig, baselines) is an Optional override,
+plus a free `model.overrides` dict for fields of architectures registered after this module was
+imported. A field's default is the interpolation `${moeut.preset:${.preset},<field>}`: the value of
+the selected preset (null where the preset's config class has no such field), so the composed
+config (`train.py --cfg job`, the run's saved config) shows the real model values, and it follows
+`model=<preset>` / `model.preset=<name>`. Setting a field (`model.d_model=128`) replaces the
+interpolation; null keeps the preset's value.
 """
 from __future__ import annotations
 
@@ -37,6 +41,20 @@ for _name, _fn in (("moeut.repo", lambda: str(paths.root())), ("moeut.data", lam
         OmegaConf.register_new_resolver(_name, _fn)
 
 
+def preset_value(preset: Any, name: str) -> Any:
+    """`${moeut.preset:<preset>,<field>}`: field `name` of preset `preset` of moeut.registry.PRESETS;
+    None for an unknown preset or a field its config class does not have (an unknown preset is
+    reported by build_model_config, naming model.preset)."""
+    base = PRESETS.get(str(preset))
+    if base is None or name == "arch" or name not in {f.name for f in dataclasses.fields(base)}:
+        return None  # (a property such as MoETransformerConfig.group_size is not a field)
+    return getattr(base, name)
+
+
+if not OmegaConf.has_resolver("moeut.preset"):
+    OmegaConf.register_new_resolver("moeut.preset", preset_value)
+
+
 # ------------------------------------------------------------------------------------------
 # Model schema: union of the fields of every registered architecture, all Optional.
 # ------------------------------------------------------------------------------------------
@@ -59,6 +77,9 @@ MODEL_RANGES: Dict[str, Range] = {
     "expert_dropout": Range(0, 1, hi_open=True),
     "halt_threshold": Range(0.5, 1, lo_open=True, hi_open=True),
 }
+
+
+PRESET_VALUE = "${{moeut.preset:${{.preset}},{name}}}"  # a model field's default: the preset's value
 
 
 def _optional_model_fields() -> List[tuple]:
@@ -84,7 +105,7 @@ def _optional_model_fields() -> List[tuple]:
     for name, tp in sorted(seen.items()):
         rng = ranges.get(name) or MODEL_RANGES.get(name)
         meta = {"range": rng} if rng is not None else {}
-        out.append((name, Optional[tp], field(default=None, metadata=meta)))
+        out.append((name, Optional[tp], field(default=PRESET_VALUE.format(name=name), metadata=meta)))
     return out
 
 
@@ -93,8 +114,9 @@ ModelSchema = dataclasses.make_dataclass(
     [("preset", str, field(default=MISSING)),
      ("overrides", Dict[str, Any], field(default_factory=dict))] + _optional_model_fields(),
 )
-ModelSchema.__doc__ = ("model.preset names a preset of moeut.registry.PRESETS; any other field "
-                       "overrides the preset's value (None = keep).")
+ModelSchema.__doc__ = ("model.preset names a preset of moeut.registry.PRESETS; every other field "
+                       "defaults to the preset's value (an interpolation) and overrides it when set "
+                       "(None = keep).")
 
 
 @dataclass
@@ -120,6 +142,7 @@ class DataSchema:
     tokenizer_docs: Optional[int] = field(default=None, metadata=at_least(1))
     tokenizer_chars: Optional[int] = field(default=None, metadata=at_least(1))
     tokenizer_split_paragraphs: bool = False  # books: cut into < 4 kB pieces (see prepare.py)
+    tokenizer_byte_fallback: bool = False  # [ours] no text maps to <unk> (byte pieces); off = the paper's settings
     cache_dir: str = "${oc.env:MOEUT_CACHE,${moeut.cache:}}"
     num_workers: int = field(default=2, metadata=at_least(0))  # tokenisation processes (0 = in-process)
 

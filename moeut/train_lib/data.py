@@ -62,7 +62,8 @@ def resolve_tokenizer(d, run_dir: str, dist: DistInfo, checkpoint_tokenizer: Opt
             log(f"[data] training a {d.vocab_size}-piece SentencePiece BPE tokenizer on {corpus.name} ...")
             tok = train_corpus_tokenizer(corpus, d.vocab_size, max_files=d.tokenizer_files,
                                          max_docs=d.tokenizer_docs, max_chars=d.tokenizer_chars,
-                                         split_paragraphs=d.tokenizer_split_paragraphs, log=log)
+                                         split_paragraphs=d.tokenizer_split_paragraphs,
+                                         byte_fallback=d.tokenizer_byte_fallback, log=log)
             tok.save(cached)
         barrier()
         src, key = cached, "data.vocab_size"
