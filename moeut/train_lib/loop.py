@@ -84,8 +84,12 @@ def train(tc: TrainConfig, run_dir: str, run_files: Optional[Dict[str, str]] = N
 def save_checkpoint(setup: RunSetup, tc: TrainConfig, run_dir: str, logger: RunLogger) -> Optional[str]:
     """Checkpoint the run at `setup.state.step` into <run_dir>/checkpoints/ (moeut.train_lib.
     checkpoint; keeps train.keep_last). A collective under DDP (every rank contributes its RNG
-    and routing state); only rank 0 writes and gets the path, the others None."""
+    and routing state); only rank 0 writes and gets the path, the others None. Raises
+    NonFiniteWeightsError on every rank (DDP replicas are identical), before any collective or
+    write, when the weights hold inf/NaN: the run stops and the existing checkpoints are kept."""
     state = setup.state
+    ckpt_lib.check_finite_weights(state.model, os.path.join(run_dir, "checkpoints",
+                                                            ckpt_lib.checkpoint_dir_name(state.step)))
     train_state = state.state_dict()
     if not state.dist.is_main:  # only rank 0 writes (DDP replicas are identical)
         return None
