@@ -21,7 +21,8 @@ summed into `reg_loss`), routing decisions into `state.record` when routing is c
   the micro-batch): first choices claim slots before second choices, each in token order, and a
   slot over capacity is dropped (its gate is 0; if all of a token's slots drop, the MoE output is
   0 and the residual passes). Load balance E * sum_e f_e P_e (f_e: share of tokens whose top-1
-  is e, P_e: mean probability) at weight 0.01; router z-loss mean_t logsumexp(z_t)^2 at 0.001.
+  is e, P_e: mean probability) at weight 0.01, over the tokens of the forward, or in training of
+  the whole optimiser step (moeut.lm.StepTotals); router z-loss mean_t logsumexp(z_t)^2 at 0.001.
 - `DeepSeekMoE` — fine-grained + shared experts (SPEC 8.5): K_s always-on shared experts;
   s = softmax over the routed experts only; the top (K - K_s) routed experts get gate s (no
   renormalisation); expert-level balance alpha1 * sum_i f_i P_i with f_i = N'/(K'T) * count_i;

@@ -226,3 +226,22 @@ def test_two_ranks_skip_together_when_one_sees_a_nonfinite_gradient(tmp_path):
         loss = got[r].pop("loss")
         assert math.isfinite(loss) and loss == got[0].get("loss", loss)
         assert got[r] == {"finite": False, "skipped": "gradient", "run": 1, "same": True, "opt_state": 0}, (r, got)
+
+
+def test_fp16_scaler_overflow_is_a_counted_skip_and_the_next_step_runs():
+    """With an fp16 GradScaler, inf gradients skip the step like any other (counted, weights
+    unchanged) and only lower the loss scale; the scaler is updated, so the next step's
+    unscale_ works and the step is taken."""
+    cfg, model = _tiny()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    state = TrainState(model, _sgd(model), scaler, StreamSampler(100, B, "sequential", 0), DistInfo())
+    window_BT1 = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(5))
+    before = [p.detach().clone() for p in model.parameters()]
+    hook = model.lm_head.weight.register_hook(lambda g: g * float("inf"))
+    res = train_step(state, model, window_BT1, LR, micro_batch_size=B, autocast_dtype=None, grad_clip=CLIP)
+    assert res.skipped == "gradient" and state.window.nonfinite_run == 1 and scaler.get_scale() == 2.0 ** 9
+    assert all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), before))
+    hook.remove()
+    res = train_step(state, model, window_BT1, LR, micro_batch_size=B, autocast_dtype=None, grad_clip=CLIP)
+    assert res.finite and state.window.nonfinite_run == 0
+    assert not all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), before))
