@@ -163,8 +163,10 @@ class ForwardState:
                  step_totals: Optional[StepTotals] = None):
         self.training = training
         self.step_totals = step_totals
-        # key -> {statistic -> detached local sum} of every loss built by add_aux_from_stats.
+        # key -> {statistic -> detached local sum} of every loss built by add_aux_from_stats, and
+        # name -> how many such losses were built so far (the n of key "name#n").
         self.aux_stats: Dict[str, Dict[str, torch.Tensor]] = {}
+        self.aux_counts: Dict[str, int] = {}
         # [B, T] bool real positions, None = no padding (moeut.outputs "Padding contract"). Padded
         # positions are kept out of capacity, routing records' statistics and every auxiliary loss.
         self.valid = valid
@@ -183,13 +185,15 @@ class ForwardState:
         # Detached values a model reports in reg_terms that are not losses (SUT's halting).
         self.extra_terms: Dict[str, torch.Tensor] = {}
 
-    def for_recomputation(self) -> "ForwardState":
+    def for_recomputation(self, aux_counts: Optional[Dict[str, int]] = None) -> "ForwardState":
         """A throwaway state with the same flags, for activation checkpointing's recomputation of
         a layer in backward: the layer runs the same operations (so the same tensors are saved)
         but writes nothing into this forward's records, regulariser inputs or losses, which were
-        consumed already (nothing is counted twice)."""
+        consumed already (nothing is counted twice). aux_counts: `aux_counts` as they were when
+        the layer first ran, so that its losses get the same keys (and step totals) again."""
         scratch = ForwardState(self.training, "logits" if self.collect_logits else self.collect_routing, self.valid,
                                self.step_totals)
+        scratch.aux_counts = dict(aux_counts or {})
         if self.collect_routing:
             scratch.record = RoutingRecord(l=-1, g=-1, r=-1, valid=self.valid)
         return scratch
@@ -233,7 +237,8 @@ class ForwardState:
         computed them registered other losses)."""
         if not self.training:
             return
-        n = sum(1 for k in self.aux_stats if k.rsplit("#", 1)[0] == name)
+        n = self.aux_counts.get(name, 0)
+        self.aux_counts[name] = n + 1
         key = f"{name}#{n}"
         self.aux_stats[key] = {s: v.detach() for s, v in stats.items()}
         if self.step_totals is not None:
@@ -325,10 +330,11 @@ class LanguageModel(nn.Module):
         if not (self._activation_checkpointing and state.training and torch.is_grad_enabled()):
             return fn(x, state)
         calls = []
+        counts_before = dict(state.aux_counts)  # this layer's losses are keyed from here on
 
         def run(x_in):
             # First call: the real forward. Later calls: the recomputation in backward.
-            st = state if not calls else state.for_recomputation()
+            st = state if not calls else state.for_recomputation(counts_before)
             calls.append(None)
             return fn(x_in, st)
 

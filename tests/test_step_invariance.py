@@ -83,7 +83,7 @@ def full_batch_grads(model):
 def step_grads(model, window_BT1, mb, scope="step", dist=DistInfo(), fwd_model=None):
     opt = RecordingSGD(model.parameters(), lr=0.0)
     state = TrainState(model, opt, None, StreamSampler(96, B, "sequential", 0), dist)
-    res = train_step(state, fwd_model or model, window_BT1, 0.0, micro_batch_size=mb, autocast_dtype=None,
+    res = train_step(state, model if fwd_model is None else fwd_model, window_BT1, 0.0, micro_batch_size=mb, autocast_dtype=None,
                      grad_clip=None, aux_loss_scope=scope)
     assert res.finite
     return opt.seen, res.loss
@@ -107,6 +107,10 @@ def test_micro_batches_equal_the_full_batch_step(family):
         got, loss = step_grads(copy.deepcopy(model), windows(), mb)
         assert max_rel_diff(got, want) < TOL, (family, mb)
         assert loss == pytest.approx(want_loss, rel=TOL, abs=1e-9)
+    recomputing = copy.deepcopy(model)  # activation checkpointing recomputes layers in backward
+    recomputing.set_activation_checkpointing(True)
+    got, _ = step_grads(recomputing, windows(), 2)
+    assert max_rel_diff(got, want) < TOL, (family, "activation checkpointing")
 
 
 STATS_FAMILIES = sorted(f for f in FAMILIES if build(f).uses_step_statistics())
