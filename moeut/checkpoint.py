@@ -55,12 +55,30 @@ def checkpoint_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
+class NonFiniteWeightsError(ValueError):
+    """A checkpoint was not written because the model's weights hold inf/NaN."""
+
+
+def check_finite_weights(model: torch.nn.Module, where: str) -> None:
+    """Raise NonFiniteWeightsError (naming `where` and up to 5 tensors) when a floating-point
+    parameter or buffer of `model` holds inf or NaN: such weights are never checkpointed, so they
+    cannot replace (and, by rotation, delete) the good checkpoints."""
+    bad = [name for name, t in unwrap_model(model).state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteWeightsError(f"{where}: not written: the weights hold inf/NaN in {len(bad)} tensor(s) "
+                                    f"({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}); the existing "
+                                    f"checkpoints are kept")
+
+
 def save_checkpoint(ckpt_root: PathLike, step: int, model: torch.nn.Module, model_config, *,
                     tokenizer: Optional[Tokenizer] = None, meta: Optional[Dict[str, Any]] = None,
                     extra_files: Optional[Dict[str, Callable[[str], None]]] = None) -> str:
     """Atomically write `ckpt_root/step_XXXXXXX`. `extra_files` maps a file name to a writer
-    `fn(path)` (training adds train_state.pt and config.yaml this way). Returns the final path."""
+    `fn(path)` (training adds train_state.pt and config.yaml this way). Returns the final path.
+    Raises NonFiniteWeightsError, writing nothing, when the weights hold inf/NaN."""
     ckpt_root = os.fspath(ckpt_root)
+    check_finite_weights(model, os.path.join(ckpt_root, checkpoint_dir_name(step)))
     os.makedirs(ckpt_root, exist_ok=True)
     final = os.path.join(ckpt_root, checkpoint_dir_name(step))
     tmp = final + ".tmp"
@@ -287,13 +305,20 @@ def _load_model_from(ckpt: str, map_location, expected_vocab_size: Optional[int]
     with torch.device("meta"):
         model = build_model(cfg)
     state = read_checkpoint_file(os.path.join(ckpt, "model.pt"), map_location=map_location)
-    load_state_dict_strict(model, state, source=ckpt)
+    load_state_dict_strict(model, state, source=os.path.join(ckpt, "model.pt"))
     model.eval()
     return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, meta=meta, path=ckpt)
 
 
 def load_state_dict_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str = "") -> None:
-    """load_state_dict with a readable error naming missing/unexpected/mismatched keys."""
+    """load_state_dict (assigning the tensors) with a readable error naming missing/unexpected/
+    mismatched keys. `source` names where `state` came from (the file, when there is one).
+
+    Dtype policy (docs/architecture.md "Checkpoint dtypes"): the model keeps its own dtypes. A
+    floating-point tensor stored in another floating dtype (e.g. a bf16 export loaded into the
+    fp32 model that trains or evaluates) is cast to the model's dtype, with one warning naming
+    `source`, the dtypes and the number of tensors; it never changes the model's parameters to
+    the stored dtype. Raises ValueError on missing/unexpected keys or shape mismatches."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -308,7 +333,19 @@ def load_state_dict_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor
             parts.append("shape mismatches " + ", ".join(
                 f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:20]))
         raise ValueError(f"checkpoint {source} does not match the model architecture: " + "; ".join(parts))
-    model.load_state_dict(state, assign=True)
+    cast: Dict[Tuple[torch.dtype, torch.dtype], int] = {}
+    fixed = dict(state)
+    for k, v in state.items():
+        want = own[k].dtype
+        if v.is_floating_point() and want.is_floating_point and v.dtype != want:
+            fixed[k] = v.to(want)
+            cast[(v.dtype, want)] = cast.get((v.dtype, want), 0) + 1
+    if cast:
+        what = ", ".join(f"{n} tensor(s) stored as {str(a).replace('torch.', '')} cast to "
+                         f"{str(b).replace('torch.', '')}" for (a, b), n in sorted(cast.items(), key=str))
+        warnings.warn(f"{source}: {what}: the model keeps its own dtype (the stored values are converted; "
+                      f"weights saved in a lower precision stay rounded)")
+    model.load_state_dict(fixed, assign=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -326,7 +363,8 @@ def save_training_checkpoint(run_dir: str, step: int, model, model_config, *, tr
     `TrainState.state_dict()` (train_lib/state.py): everything besides the weights; `raw_config`
     the resolved run config (written as config.yaml); `keep_last` prunes older checkpoints after
     the write (`prune_checkpoints`: only valid ones count; `log` gets its warnings). Returns the checkpoint dir. Raises OSError when the disk refuses the write (the
-    previous checkpoints stay untouched: the new one is renamed into place only when complete)."""
+    previous checkpoints stay untouched: the new one is renamed into place only when complete),
+    and NonFiniteWeightsError, writing and pruning nothing, when the weights hold inf/NaN."""
 
     def write_state(path: str) -> None:
         torch.save(train_state, path)
@@ -428,8 +466,9 @@ def load_training_checkpoint(path: str) -> Dict[str, Any]:
 def restore_model(ckpt: Dict[str, Any], model) -> None:
     """Load the model weights (before building the optimiser: `load_state_dict_strict` assigns
     new parameter tensors). Raises naming the mismatching keys when the checkpoint comes from
-    another architecture."""
-    load_state_dict_strict(unwrap_model(model), ckpt["model"], source=ckpt["path"])
+    another architecture; a stored dtype other than the model's is cast with a warning
+    (`load_state_dict_strict`)."""
+    load_state_dict_strict(unwrap_model(model), ckpt["model"], source=os.path.join(ckpt["path"], "model.pt"))
 
 
 def write_file_atomic(path: str, data: bytes) -> None:

@@ -132,6 +132,21 @@ def layer_schedule(group_size: int, n_repeats: int, order: str = "abab") -> List
 # Per-call state: regulariser inputs, auxiliary losses, routing records
 # ------------------------------------------------------------------------------------------
 
+@dataclass
+class StepTotals:
+    """The optimiser step's totals of the batch statistics of auxiliary losses, passed into a
+    training forward so that its losses take the global-batch form (moeut.train_lib.step computes
+    them; docs/architecture.md "Batch statistics of auxiliary losses").
+
+    totals: key -> {statistic name -> detached tensor}, each statistic summed over every
+    micro-batch and rank of the step (keys as in `LMOutput.aux_stats`). grad_scale: the factor by
+    which the trainer divides this forward's loss (micro-batches per rank x ranks), so that the
+    step's gradient of each loss g is exactly grad g(totals) . d(statistics of the step)."""
+
+    totals: Dict[str, Dict[str, torch.Tensor]]
+    grad_scale: float = 1.0
+
+
 class ForwardState:
     """What one forward collects: inputs of MoEUT's entropy regulariser (SPEC 1.7), auxiliary
     losses of other routers, and routing records (SPEC 1.8). Passed down to the layers explicitly
@@ -139,10 +154,19 @@ class ForwardState:
 
     training: regulariser inputs and auxiliary losses are collected only when True (the model's
     training mode without a KV cache). collect_routing: False, True, or "logits" (records also keep
-    the MLP gate logits). valid: [B, T] bool real positions, or None when nothing is padded."""
+    the MLP gate logits). valid: [B, T] bool real positions, or None when nothing is padded.
+    step_totals: a `StepTotals` (training steps split into micro-batches or ranks), or None: each
+    auxiliary loss built from batch statistics (`add_aux_from_stats`) then uses this forward's
+    own statistics."""
 
-    def __init__(self, training: bool, collect_routing: Union[bool, str], valid: Optional[torch.Tensor] = None):
+    def __init__(self, training: bool, collect_routing: Union[bool, str], valid: Optional[torch.Tensor] = None,
+                 step_totals: Optional[StepTotals] = None):
         self.training = training
+        self.step_totals = step_totals
+        # key -> {statistic -> detached local sum} of every loss built by add_aux_from_stats, and
+        # name -> how many such losses were built so far (the n of key "name#n").
+        self.aux_stats: Dict[str, Dict[str, torch.Tensor]] = {}
+        self.aux_counts: Dict[str, int] = {}
         # [B, T] bool real positions, None = no padding (moeut.outputs "Padding contract"). Padded
         # positions are kept out of capacity, routing records' statistics and every auxiliary loss.
         self.valid = valid
@@ -161,12 +185,15 @@ class ForwardState:
         # Detached values a model reports in reg_terms that are not losses (SUT's halting).
         self.extra_terms: Dict[str, torch.Tensor] = {}
 
-    def for_recomputation(self) -> "ForwardState":
+    def for_recomputation(self, aux_counts: Optional[Dict[str, int]] = None) -> "ForwardState":
         """A throwaway state with the same flags, for activation checkpointing's recomputation of
         a layer in backward: the layer runs the same operations (so the same tensors are saved)
         but writes nothing into this forward's records, regulariser inputs or losses, which were
-        consumed already (nothing is counted twice)."""
-        scratch = ForwardState(self.training, "logits" if self.collect_logits else self.collect_routing, self.valid)
+        consumed already (nothing is counted twice). aux_counts: `aux_counts` as they were when
+        the layer first ran, so that its losses get the same keys (and step totals) again."""
+        scratch = ForwardState(self.training, "logits" if self.collect_logits else self.collect_routing, self.valid,
+                               self.step_totals)
+        scratch.aux_counts = dict(aux_counts or {})
         if self.collect_routing:
             scratch.record = RoutingRecord(l=-1, g=-1, r=-1, valid=self.valid)
         return scratch
@@ -193,6 +220,35 @@ class ForwardState:
         of the same name); ignored outside training."""
         if self.training:
             self.aux_losses[name] = self.aux_losses[name] + value if name in self.aux_losses else value
+
+    def add_aux_from_stats(self, name: str, weight: float, stats: Dict[str, torch.Tensor],
+                           loss_fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor]) -> None:
+        """Add the auxiliary loss weight * loss_fn(S) under `name`, where S = `stats` are sums over
+        this forward's tokens (statistic name -> tensor; differentiable where the loss needs it) and
+        loss_fn is not linear in them (balance losses, MIM). Ignored outside training.
+
+        Without `step_totals` S is this forward's own sums (the per-micro-batch form). With them, S
+        is replaced by T + c (S - S.detach()) where T are the step's totals and c the trainer's
+        grad_scale: the value is loss_fn(T) exactly, and summed over the step's forwards the
+        gradient is grad loss_fn(T) . dT, the full-batch step's (docs/architecture.md). Each call
+        gets its own key `name#n` (n-th call with that name in this forward: a shared layer's
+        repetitions); the detached local sums are kept in `aux_stats` for the trainer.
+        Raises RuntimeError when the step's totals have no entry for the key (the forward that
+        computed them registered other losses)."""
+        if not self.training:
+            return
+        n = self.aux_counts.get(name, 0)
+        self.aux_counts[name] = n + 1
+        key = f"{name}#{n}"
+        self.aux_stats[key] = {s: v.detach() for s, v in stats.items()}
+        if self.step_totals is not None:
+            tot = self.step_totals.totals.get(key)
+            if tot is None:
+                raise RuntimeError(f"step totals have no statistics for the auxiliary loss {key!r} "
+                                   f"(have {sorted(self.step_totals.totals)})")
+            c = self.step_totals.grad_scale
+            stats = {s: tot[s].to(v.dtype) + c * (v - v.detach()) for s, v in stats.items()}
+        self.add_aux(name, weight * loss_fn(stats))
 
     def add_gate_logits(self, kind: str, g: int, z_BTE: torch.Tensor) -> None:
         """Record the entropy regulariser's input (SPEC 1.7) of one gate application: z [B, T, E]
@@ -274,10 +330,11 @@ class LanguageModel(nn.Module):
         if not (self._activation_checkpointing and state.training and torch.is_grad_enabled()):
             return fn(x, state)
         calls = []
+        counts_before = dict(state.aux_counts)  # this layer's losses are keyed from here on
 
         def run(x_in):
             # First call: the real forward. Later calls: the recomputation in backward.
-            st = state if not calls else state.for_recomputation()
+            st = state if not calls else state.for_recomputation(counts_before)
             calls.append(None)
             return fn(x_in, st)
 
@@ -299,20 +356,30 @@ class LanguageModel(nn.Module):
                 state.finish_record(x_in, x_BTd)
         return x_BTd
 
+    def uses_step_statistics(self) -> bool:
+        """True when a training forward builds an auxiliary loss from batch statistics
+        (`ForwardState.add_aux_from_stats`: Switch/GShard and DeepSeekMoE balance losses, SUT's
+        MIM loss, with a nonzero weight), so that a step split into micro-batches or ranks needs
+        the step's totals (`StepTotals`) to equal the full-batch step. Asks every submodule with
+        a `uses_step_statistics` attribute; SUTLM adds its own MIM loss."""
+        return any(bool(getattr(m, "uses_step_statistics", False)) for m in self.modules() if m is not self)
+
     def run_forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                     cache: Optional[KVCache] = None, collect_routing: Union[bool, str] = False,
-                    **layer_kwargs) -> LMOutput:
+                    step_totals: Optional[StepTotals] = None, **layer_kwargs) -> LMOutput:
         """The shared forward (SPEC 1.8): checks, embed, layers, head, regulariser, LMOutput.
 
         input_ids [B, T] int64. attention_mask [B, T] (1 = real token, 0 = right padding;
         moeut.outputs "Padding contract"). cache: a KVCache to extend (decoding; no regulariser
         or auxiliary loss is computed while decoding). collect_routing: True, or "logits" to also
-        keep MLP gate logits. layer_kwargs go to `layers_forward`. Raises ValueError for
-        input_ids that are not [B, T] and for a bad attention_mask (see valid_positions)."""
+        keep MLP gate logits. step_totals: the step's totals of auxiliary-loss statistics
+        (`StepTotals`; training only, set by the trainer). layer_kwargs go to `layers_forward`.
+        Raises ValueError for input_ids that are not [B, T] and for a bad attention_mask (see
+        valid_positions)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         state = ForwardState(self.training and cache is None, collect_routing,
-                             valid_positions(attention_mask, input_ids, cache is not None))
+                             valid_positions(attention_mask, input_ids, cache is not None), step_totals)
         x_BTd = self.embed(input_ids)
         x_BTd = self.layers_forward(x_BTd, state, cache, **layer_kwargs)
         if cache is not None:
@@ -321,13 +388,16 @@ class LanguageModel(nn.Module):
         reg_loss, reg_terms = self.regulariser(state, logits.device)
         reg_terms.update(state.extra_terms)
         return LMOutput(logits=logits, reg_loss=reg_loss, reg_terms=reg_terms,
-                        routing=state.records if state.collect_routing else None, cache=cache)
+                        routing=state.records if state.collect_routing else None, cache=cache,
+                        aux_stats=state.aux_stats)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
-                cache: Optional[KVCache] = None, collect_routing: Union[bool, str] = False) -> LMOutput:
+                cache: Optional[KVCache] = None, collect_routing: Union[bool, str] = False,
+                step_totals: Optional[StepTotals] = None) -> LMOutput:
         """input_ids [B, T] int64 -> LMOutput (logits [B, T, V], reg_loss, reg_terms, routing,
-        cache); see `run_forward` for the arguments and the errors raised (SPEC 1.8)."""
-        return self.run_forward(input_ids, attention_mask, cache=cache, collect_routing=collect_routing)
+        cache, aux_stats); see `run_forward` for the arguments and the errors raised (SPEC 1.8)."""
+        return self.run_forward(input_ids, attention_mask, cache=cache, collect_routing=collect_routing,
+                                step_totals=step_totals)
 
     def regulariser(self, state: ForwardState, device: torch.device) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """(reg_loss, reg_terms): 0-dim fp32 sum of `regulariser_terms(state)` and the auxiliary

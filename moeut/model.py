@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from .config import MoEUTConfig
 from .kernels.cvmm import cvmm, make_plan
-from .lm import ForwardState, KVCache, LanguageModel, apply_rope, attend, generate, layer_schedule, rope_angles
+from .lm import (ForwardState, KVCache, LanguageModel, StepTotals, apply_rope, attend, generate, layer_schedule,
+                 rope_angles)
 from .outputs import LMOutput
 from .softmax_moe import DeepSeekMoE, SwitchMoE
 
@@ -359,14 +360,15 @@ class MoEUTLM(LanguageModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                 cache: Optional[KVCache] = None, collect_routing: Union[bool, str] = False,
-                causal: bool = True) -> LMOutput:
+                causal: bool = True, step_totals: Optional[StepTotals] = None) -> LMOutput:
         """input_ids [B, T] int64 -> LMOutput (SPEC 1.8). attention_mask [B, T] (1 = real token,
         0 = right padding; see moeut.outputs "Padding contract"). collect_routing: True, or
         "logits" to also keep MLP gate logits. cache: a KVCache to extend (decoding); no
         regulariser is computed while decoding. causal=False: bidirectional attention.
+        step_totals: the step's auxiliary-loss statistics (moeut.lm.StepTotals; the trainer's).
         Raises ValueError for input_ids not [B, T] or a bad attention_mask."""
         return self.run_forward(input_ids, attention_mask, cache=cache, collect_routing=collect_routing,
-                                causal=causal)
+                                causal=causal, step_totals=step_totals)
 
     def regulariser_terms(self, state: ForwardState) -> Dict[str, torch.Tensor]:
         """gamma * L_MLP,g and delta * (L_V,g + L_O,g) per unique layer g (SPEC 1.7), as

@@ -94,9 +94,12 @@ def convert_training_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, t
     return out
 
 
-def from_official(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], **overrides) -> MoEUTLM:
-    """Build our model from an official config dict (constructor argument names) and a slim or
-    training-code state dict. Raises ValueError naming missing/unexpected/mismatched keys."""
+def from_official(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], *,
+                  source: str = "official state dict", **overrides) -> MoEUTLM:
+    """Build our model (fp32) from an official config dict (constructor argument names) and a slim
+    or training-code state dict; `source` (e.g. the file read) is named in errors and in the
+    warning when tensors stored in another dtype are cast to fp32 (moeut.checkpoint.
+    load_state_dict_strict). Raises ValueError naming missing/unexpected/mismatched keys."""
     cfg = config_from_official(config, **overrides)
     sd = convert_training_keys(state_dict)
     emb = sd.get("embedding.weight")
@@ -106,8 +109,7 @@ def from_official(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tens
     with torch.device("meta"):
         model = MoEUTLM(cfg)
     from .checkpoint import load_state_dict_strict
-    load_state_dict_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
-                           source="official state dict")
+    load_state_dict_strict(model, dict(sd), source=source)
     return model
 
 

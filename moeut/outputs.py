@@ -57,6 +57,9 @@ class LMOutput:
     reg_terms: Dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars for logging
     routing: Optional[List[RoutingRecord]] = None  # only with collect_routing=True
     cache: Optional[Any] = None  # updated KV cache when a cache was passed
+    # Training only: detached sums over this forward's tokens of the statistics of each auxiliary
+    # loss built from batch statistics (moeut.lm.ForwardState.add_aux_from_stats), by key.
+    aux_stats: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def valid_positions(attention_mask: Optional[torch.Tensor], input_ids: torch.Tensor,

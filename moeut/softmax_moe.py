@@ -21,7 +21,8 @@ summed into `reg_loss`), routing decisions into `state.record` when routing is c
   the micro-batch): first choices claim slots before second choices, each in token order, and a
   slot over capacity is dropped (its gate is 0; if all of a token's slots drop, the MoE output is
   0 and the residual passes). Load balance E * sum_e f_e P_e (f_e: share of tokens whose top-1
-  is e, P_e: mean probability) at weight 0.01; router z-loss mean_t logsumexp(z_t)^2 at 0.001.
+  is e, P_e: mean probability) at weight 0.01, over the tokens of the forward, or in training of
+  the whole optimiser step (moeut.lm.StepTotals); router z-loss mean_t logsumexp(z_t)^2 at 0.001.
 - `DeepSeekMoE` — fine-grained + shared experts (SPEC 8.5): K_s always-on shared experts;
   s = softmax over the routed experts only; the top (K - K_s) routed experts get gate s (no
   renormalisation); expert-level balance alpha1 * sum_i f_i P_i with f_i = N'/(K'T) * count_i;
@@ -62,19 +63,35 @@ def _token_weights(weight_N: Optional[torch.Tensor], N: int, device) -> torch.Te
     return weight_N.reshape(N).float()
 
 
+# The balance losses are not linear in the batch: each is computed from sums over tokens
+# (`*_stats`, a dict of statistic -> tensor) by a `*_from_stats` function, so that training can
+# sum the statistics over a whole step (micro-batches and ranks) before applying it
+# (moeut.lm.ForwardState.add_aux_from_stats; docs/architecture.md).
+
+def switch_balance_stats(probs_NE: torch.Tensor, top1_N: torch.Tensor,
+                         weight_N: Optional[torch.Tensor] = None) -> dict:
+    """Sums over tokens for `switch_balance_from_stats`: {"count": [E] tokens whose first choice
+    is e (no gradient), "sum_p": [E] summed router probabilities, "n": 0-dim token count} (fp32)."""
+    N, E = probs_NE.shape
+    w_N = _token_weights(weight_N, N, probs_NE.device)
+    count_E = torch.zeros(E, device=probs_NE.device, dtype=torch.float32)
+    count_E.scatter_add_(0, top1_N.long(), w_N)
+    return {"count": count_E, "sum_p": (probs_NE.float() * w_N[:, None]).sum(0), "n": w_N.sum()}
+
+
+def switch_balance_from_stats(stats: dict) -> torch.Tensor:
+    """E * sum_e f_e * P_e with f_e = count_e / n, P_e = sum_p_e / n (see switch_balance_stats)."""
+    n = stats["n"].clamp_min(1.0)
+    f_E, P_E = stats["count"] / n, stats["sum_p"] / n
+    return f_E.shape[0] * (f_E * P_E).sum()
+
+
 def switch_balance_loss(probs_NE: torch.Tensor, top1_N: torch.Tensor,
                         weight_N: Optional[torch.Tensor] = None) -> torch.Tensor:
     """E * sum_e f_e * P_e. f_e (no gradient) = share of tokens whose first choice is e;
     P_e = mean router probability. Uniform routing gives 1; all tokens on one expert with
     probability 1 gives the maximum E."""
-    N, E = probs_NE.shape
-    w_N = _token_weights(weight_N, N, probs_NE.device)
-    n = w_N.sum().clamp_min(1.0)
-    f_E = torch.zeros(E, device=probs_NE.device, dtype=torch.float32)
-    f_E.scatter_add_(0, top1_N.long(), w_N)
-    f_E = f_E / n
-    P_E = (probs_NE.float() * w_N[:, None]).sum(0) / n
-    return E * (f_E * P_E).sum()
+    return switch_balance_from_stats(switch_balance_stats(probs_NE, top1_N, weight_N))
 
 
 def router_z_loss(z_NE: torch.Tensor, weight_N: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -86,15 +103,41 @@ def router_z_loss(z_NE: torch.Tensor, weight_N: Optional[torch.Tensor] = None) -
     return (sq_N * w_N).sum() / w_N.sum().clamp_min(1.0)
 
 
-def _routed_share(scores_NE: torch.Tensor, idx_NK: torch.Tensor, weight_N: Optional[torch.Tensor]):
-    """(f_E, P_E) of DeepSeekMoE's balance losses: f_i = N'/(K'*N) * #{t selects i}, P_i = mean_t s_i,t."""
+def deepseek_balance_stats(scores_NE: torch.Tensor, idx_NK: torch.Tensor,
+                           weight_N: Optional[torch.Tensor] = None) -> dict:
+    """Sums over tokens for DeepSeekMoE's balance losses: {"count": [N'] selections of each routed
+    expert (no gradient), "sum_s": [N'] summed scores, "n": 0-dim token count} (fp32). The
+    *_from_stats functions take K' (picks per token) as an argument."""
     N, E = scores_NE.shape
     K = idx_NK.shape[-1]
     w_N = _token_weights(weight_N, N, scores_NE.device)
-    n = w_N.sum().clamp_min(1.0)
     counts_E = torch.zeros(E, device=scores_NE.device, dtype=torch.float32)
     counts_E.scatter_add_(0, idx_NK.reshape(-1).long(), w_N[:, None].expand(N, K).reshape(-1))
-    return counts_E * (E / K) / n, (scores_NE.float() * w_N[:, None]).sum(0) / n
+    return {"count": counts_E, "sum_s": (scores_NE.float() * w_N[:, None]).sum(0), "n": w_N.sum()}
+
+
+def _routed_share(stats: dict, k: int):
+    """(f_E, P_E) of DeepSeekMoE's balance losses: f_i = N'/(K'*N) * #{t selects i}, P_i = mean_t s_i,t."""
+    n = stats["n"].clamp_min(1.0)
+    E = stats["count"].shape[0]
+    return stats["count"] * (E / k) / n, stats["sum_s"] / n
+
+
+def deepseek_balance_from_stats(stats: dict, k: int) -> torch.Tensor:
+    """sum_i f_i P_i from `deepseek_balance_stats` sums, K' = k picks per token."""
+    f_E, P_E = _routed_share(stats, k)
+    return (f_E * P_E).sum()
+
+
+def deepseek_device_balance_from_stats(stats: dict, k: int, n_groups: int) -> torch.Tensor:
+    """sum_d f'_d P'_d from `deepseek_balance_stats` sums over D = n_groups equal consecutive
+    groups of routed experts. Raises ValueError naming moe_device_groups when D does not divide N'."""
+    E = stats["count"].shape[0]
+    if E % n_groups:
+        raise ValueError(f"moe_device_groups: {n_groups} groups do not divide {E} routed experts")
+    f_E, P_E = _routed_share(stats, k)
+    f_DG, P_DG = f_E.view(n_groups, E // n_groups), P_E.view(n_groups, E // n_groups)
+    return (f_DG.mean(1) * P_DG.sum(1)).sum()
 
 
 def deepseek_balance_loss(scores_NE: torch.Tensor, idx_NK: torch.Tensor,
@@ -102,8 +145,7 @@ def deepseek_balance_loss(scores_NE: torch.Tensor, idx_NK: torch.Tensor,
     """Expert-level balance sum_i f_i P_i (unweighted) over N' routed experts, K' picks per token:
     f_i = N'/(K'*N) * #{t selects i} (no gradient), P_i = mean_t s_{i,t}. Uniform routing gives 1;
     all tokens on the same K' experts holding all the probability mass gives the maximum N'/K'."""
-    f_E, P_E = _routed_share(scores_NE, idx_NK, weight_N)
-    return (f_E * P_E).sum()
+    return deepseek_balance_from_stats(deepseek_balance_stats(scores_NE, idx_NK, weight_N), idx_NK.shape[-1])
 
 
 def deepseek_device_balance_loss(scores_NE: torch.Tensor, idx_NK: torch.Tensor, n_groups: int,
@@ -113,9 +155,8 @@ def deepseek_device_balance_loss(scores_NE: torch.Tensor, idx_NK: torch.Tensor, 
     E = scores_NE.shape[1]
     if E % n_groups:
         raise ValueError(f"moe_device_groups: {n_groups} groups do not divide {E} routed experts")
-    f_E, P_E = _routed_share(scores_NE, idx_NK, weight_N)
-    f_DG, P_DG = f_E.view(n_groups, E // n_groups), P_E.view(n_groups, E // n_groups)
-    return (f_DG.mean(1) * P_DG.sum(1)).sum()
+    return deepseek_device_balance_from_stats(deepseek_balance_stats(scores_NE, idx_NK, weight_N),
+                                              idx_NK.shape[-1], n_groups)
 
 
 def expert_capacity(n_tokens, capacity_factor: float, n_experts: int):
@@ -207,6 +248,12 @@ class SwitchMoE(nn.Module):
         self.router = nn.Parameter(torch.empty(E, d))  # W_r (no bias)
         self.experts = _ExpertBank(E, d, cfg.ff_expert_size, cfg.cvmm_backend)
 
+    @property
+    def uses_step_statistics(self) -> bool:
+        """True when the balance loss (built from batch statistics) is on; see
+        moeut.lm.LanguageModel.uses_step_statistics."""
+        return self.balance_weight > 0
+
     def reset_parameters(self, cfg) -> None:
         """σ-MoE's init rule (SPEC 1.6): router and keys N(0, init_scale / sqrt(d)), values
         N(0, init_scale / sqrt(E * d_expert))."""
@@ -251,10 +298,11 @@ class SwitchMoE(nn.Module):
         z_NE = F.linear(gate_in_BTd.reshape(B * T, d), self.router).float()
         probs_NE, idx_NK, gate_NK = self.route(z_NE, T, valid_N)
         if state.training:
-            if self.balance_weight > 0:
-                state.add_aux(f"balance_g{g}", self.balance_weight
-                              * switch_balance_loss(probs_NE, idx_NK[:, 0], valid_N))
-            if self.zloss_weight > 0:
+            if self.balance_weight > 0:  # from batch statistics: the step's totals when split (moeut.lm)
+                state.add_aux_from_stats(f"balance_g{g}", self.balance_weight,
+                                         switch_balance_stats(probs_NE, idx_NK[:, 0], valid_N),
+                                         switch_balance_from_stats)
+            if self.zloss_weight > 0:  # a token mean: a step's equal micro-batches average to it
                 state.add_aux(f"zloss_g{g}", self.zloss_weight * router_z_loss(z_NE, valid_N))
         _record(state, idx_NK.view(B, T, self.k), gate_NK.view(B, T, self.k), z_NE.view(B, T, -1))
         y_Nd = self.experts.run(x_BTd.reshape(B * T, d), idx_NK, gate_NK)
@@ -294,6 +342,12 @@ class DeepSeekMoE(nn.Module):
             self.register_parameter("shared_keys", None)
             self.register_parameter("shared_values", None)
 
+    @property
+    def uses_step_statistics(self) -> bool:
+        """True when an expert- or device-level balance loss (built from batch statistics) is on;
+        see moeut.lm.LanguageModel.uses_step_statistics."""
+        return self.balance_weight > 0 or self.device_weight > 0
+
     def reset_parameters(self, cfg) -> None:
         """σ-MoE's init rule (SPEC 1.6) for centroids, routed and shared experts; the values'
         fan-in is the width of all experts, shared ones included."""
@@ -323,13 +377,15 @@ class DeepSeekMoE(nn.Module):
         valid_N = state.valid.reshape(B * T) if getattr(state, "valid", None) is not None else None
         z_NE = F.linear(gate_in_BTd.reshape(B * T, d), self.centroids).float()  # fp32 softmax (see SwitchMoE)
         scores_NE, idx_NK, gate_NK = self.route(z_NE)
-        if state.training:
+        if state.training and self.uses_step_statistics:  # the step's totals when split (moeut.lm)
+            stats = deepseek_balance_stats(scores_NE, idx_NK, valid_N)
+            K = self.k_routed
             if self.balance_weight > 0:
-                state.add_aux(f"balance_g{g}", self.balance_weight
-                              * deepseek_balance_loss(scores_NE, idx_NK, valid_N))
+                state.add_aux_from_stats(f"balance_g{g}", self.balance_weight, stats,
+                                         lambda st: deepseek_balance_from_stats(st, K))
             if self.device_weight > 0:
-                state.add_aux(f"device_balance_g{g}", self.device_weight
-                              * deepseek_device_balance_loss(scores_NE, idx_NK, self.device_groups, valid_N))
+                state.add_aux_from_stats(f"device_balance_g{g}", self.device_weight, stats,
+                                         lambda st: deepseek_device_balance_from_stats(st, K, self.device_groups))
         if state.record is not None:
             # Records use the global numbering: shared experts are 0..K_s-1 (always selected, gate 1),
             # routed expert i is K_s + i; so records have ff_k slots over ff_n_experts experts.

@@ -8,6 +8,7 @@ readable checkpoint names the run dir and the `checkpoint=` option. Needs no ../
 import json
 import os
 import random
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -252,3 +253,61 @@ def test_fallback_warns_once_naming_the_setting_in_effect(run):
                         setting="train.resume=auto (run dir x)")
     assert len(msgs) == 2 and sum("skipping unreadable checkpoint" in m and str(bad) in m for m in msgs) == 1, msgs
     assert msgs[1].startswith("[ckpt] WARNING train.resume=auto (run dir x): using "), msgs
+
+
+def test_nonfinite_weights_are_never_checkpointed(tmp_path, tokenizer):
+    """A training checkpoint of NaN weights is refused before anything is written: the error names
+    the checkpoint and a tensor, the existing checkpoints stay byte-for-byte (no rotation)."""
+    from moeut.checkpoint import NonFiniteWeightsError, save_training_checkpoint
+    cfg = get_preset("tiny", vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    run_dir = tmp_path / "run"
+    kw = dict(train_state={"tokens_seen": 0}, tokenizer=tokenizer, raw_config={}, keep_last=1)
+    good = save_training_checkpoint(str(run_dir), 2, model, cfg, **kw)
+    files = {p: p.read_bytes() for p in Path(good).iterdir()}
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match=r"step_0000004: not written: .*lm_head\.weight"):
+        save_training_checkpoint(str(run_dir), 4, model, cfg, **kw)
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_0000002"]  # no step 4, no .tmp, 2 kept
+    assert {p: p.read_bytes() for p in Path(good).iterdir()} == files
+
+
+def test_other_dtype_is_cast_to_the_models_with_a_warning_naming_the_file(tmp_path, tokenizer):
+    """Checkpoint dtype policy (docs/architecture.md): a bf16-stored model.pt loads into the fp32
+    model as fp32 (the bf16 values, cast), with one warning naming the file; every loader path
+    (load_model, training resume's restore_model, official weights) follows it."""
+    from moeut.checkpoint import load_training_checkpoint, restore_model, save_training_checkpoint
+    from moeut.official import from_official
+    cfg = get_preset("tiny", vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(torch.bfloat16)
+    bf16 = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt = save_training_checkpoint(str(tmp_path / "run"), 1, model, cfg, train_state={"tokens_seen": 0},
+                                    tokenizer=tokenizer, raw_config={})
+    model_pt = os.path.join(ckpt, "model.pt")
+    loaders = {"load_model": lambda: load_model(ckpt).model,
+               "resume": lambda: _restored(cfg, load_training_checkpoint(ckpt), restore_model)}
+    for name, load in loaders.items():
+        with pytest.warns(UserWarning, match=re.escape(model_pt) + r": \d+ tensor\(s\) stored as bfloat16 cast to float32"):
+            got = load()
+        for k, v in got.state_dict().items():
+            assert v.dtype == torch.float32, (name, k)
+            assert torch.equal(v, bf16[k].float()), (name, k)
+    golden = torch.load(Path(__file__).parent / "golden" / "tiny.pt", weights_only=True)
+    sd16 = {k: v.bfloat16() if v.is_floating_point() else v for k, v in golden["state_dict"].items()}
+    with pytest.warns(UserWarning, match=r"weights\.pt: \d+ tensor\(s\) stored as bfloat16 cast to float32"):
+        m = from_official(golden["config"], sd16, source="weights.pt")
+    assert all(torch.equal(v, sd16[k].float()) for k, v in m.state_dict().items())
+    assert all(v.dtype == torch.float32 for v in m.state_dict().values())
+    with warnings.catch_warnings():  # the same dtype: no warning
+        warnings.simplefilter("error")
+        load_model(save_training_checkpoint(str(tmp_path / "run32"), 1, build_model(cfg), cfg,
+                                            train_state={"tokens_seen": 0}, tokenizer=tokenizer, raw_config={})).model
+
+
+def _restored(cfg, ckpt, restore_model):
+    model = build_model(cfg)
+    restore_model(ckpt, model)
+    return model

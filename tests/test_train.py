@@ -244,8 +244,26 @@ def test_micro_batching_matches_full_batch(cache_dir, tmp_path):
 
 
 def test_nonfinite_loss_aborts(cache_dir, tmp_path):
-    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses or gradients in a row"):
         run(cache_dir, tmp_path, "train.steps=10", "optim.lr=1e30", "optim.grad_clip=null", "train.max_nonfinite=3")
+
+
+def test_nonfinite_gradients_with_a_finite_loss_stop_the_run(cache_dir, tmp_path, monkeypatch):
+    """inf gradients with a finite loss (a backward hook from the second step on) are skipped like a
+    non-finite loss: logged in train.log, counted, and train.max_nonfinite in a row stop the run."""
+    import moeut.train_lib.loop as loop_mod
+    real_step = loop_mod.train_step
+
+    def step(state, *a, **k):
+        if state.step == 1:
+            state.model.lm_head.weight.register_hook(lambda g: g * float("inf"))
+        return real_step(state, *a, **k)
+    monkeypatch.setattr(loop_mod, "train_step", step)
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses or gradients in a row"):
+        run(cache_dir, tmp_path, "train.steps=10", "train.max_nonfinite=3")
+    log = (tmp_path / "train.log").read_text()
+    assert log.count("non-finite gradients") == 3 and "weights and optimiser state unchanged" in log
+    assert [r["train/loss"] for r in metrics(tmp_path) if "train/loss" in r][:1]  # step 1 was logged
 
 
 def test_wandb_offline_writes_files(cache_dir, tmp_path, monkeypatch):

@@ -134,3 +134,114 @@ def test_pick_precision_follows_spec_4_3():
     assert pick_precision("fp32", cpu) == (None, False)
     assert pick_precision("bf16", cpu) == (torch.bfloat16, False)  # no GradScaler with bf16
     assert pick_precision("fp16", cpu) == (torch.float16, True)
+
+
+# ---- non-finite gradients with a finite loss --------------------------------------------------
+
+def _snapshot(state):
+    params = [p.detach().clone() for p in state.model.parameters()]
+    opt = copy.deepcopy(state.optimizer.state_dict())
+    return params, opt
+
+
+def _assert_same_state(state, snap):
+    params, opt = snap
+    for p, q in zip(state.model.parameters(), params):
+        assert torch.equal(p.detach(), q)  # bit-identical
+    now = state.optimizer.state_dict()
+    assert now["state"].keys() == opt["state"].keys()
+    for k, st in opt["state"].items():
+        for name, v in st.items():
+            assert torch.equal(torch.as_tensor(now["state"][k][name]), torch.as_tensor(v)), (k, name)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("mb", [B, 2])
+def test_train_step_skips_nonfinite_gradients_with_a_finite_loss(bad, mb):
+    """A finite loss whose backward puts inf/NaN into one gradient entry (a backward hook): the step is
+    skipped like a non-finite loss (weights and AdamW state bit-identical, counted, gradients
+    dropped); the next good step resets the count and trains."""
+    cfg, model = _tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    state = TrainState(model, opt, None, StreamSampler(100, B, "sequential", 0), DistInfo())
+    window_BT1 = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(4))
+    assert train_step(state, model, window_BT1, LR, micro_batch_size=mb, autocast_dtype=None, grad_clip=CLIP).finite
+    snap = _snapshot(state)
+    target = model.lm_head.weight
+
+    def poison(g):
+        g = g.clone()
+        g.view(-1)[7] = bad
+        return g
+    hook = target.register_hook(poison)
+    for k in (1, 2):
+        res = train_step(state, model, window_BT1, LR, micro_batch_size=mb, autocast_dtype=None, grad_clip=CLIP)
+        assert not res.finite and res.skipped == "gradient" and math.isfinite(res.loss)
+        assert not math.isfinite(res.grad_norm)
+        assert state.window.nonfinite_run == k and state.step == k + 1
+        _assert_same_state(state, snap)
+        assert all(p.grad is None for p in model.parameters())
+    assert state.window.n_finite == 1  # only the good step entered the log window
+    hook.remove()
+    res = train_step(state, model, window_BT1, LR, micro_batch_size=mb, autocast_dtype=None, grad_clip=CLIP)
+    assert res.finite and res.skipped is None and state.window.nonfinite_run == 0
+    assert not torch.equal(target.detach(), snap[0][[p is target for p in model.parameters()].index(True)])
+
+
+def _one_rank_poisons(rank, world, port, out_dir):
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        cfg, model = _tiny()
+        opt = torch.optim.AdamW(model.parameters(), lr=LR)
+        state = TrainState(model, opt, None, StreamSampler(100, B, "sequential", 0, rank, world),
+                           DistInfo(rank=rank, local_rank=rank, world_size=world))
+        window_BT1 = torch.randint(0, cfg.vocab_size, (B // world, T + 1), generator=torch.Generator().manual_seed(rank))
+        before = [p.detach().clone() for p in model.parameters()]
+        if rank == 1:  # only this rank's backward overflows; no DDP, so nothing else carries it over
+            model.lm_head.weight.register_hook(lambda g: g * float("inf"))
+        res = train_step(state, model, window_BT1, LR, micro_batch_size=B // world, autocast_dtype=None,
+                         grad_clip=CLIP)
+        same = all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), before))
+        torch.save({"finite": res.finite, "skipped": res.skipped, "run": state.window.nonfinite_run,
+                    "same": same, "opt_state": len(opt.state), "loss": res.loss},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_skip_together_when_one_sees_a_nonfinite_gradient(tmp_path):
+    """2 gloo processes, plain (non-DDP) modules: only rank 1's gradient is infinite; the flag is
+    all-reduced with the loss, so both ranks skip, keep their weights and count the skip."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_one_rank_poisons, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in range(2):
+        loss = got[r].pop("loss")
+        assert math.isfinite(loss) and loss == got[0].get("loss", loss)
+        assert got[r] == {"finite": False, "skipped": "gradient", "run": 1, "same": True, "opt_state": 0}, (r, got)
+
+
+def test_fp16_scaler_overflow_is_a_counted_skip_and_the_next_step_runs():
+    """With an fp16 GradScaler, inf gradients skip the step like any other (counted, weights
+    unchanged) and only lower the loss scale; the scaler is updated, so the next step's
+    unscale_ works and the step is taken."""
+    cfg, model = _tiny()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    state = TrainState(model, _sgd(model), scaler, StreamSampler(100, B, "sequential", 0), DistInfo())
+    window_BT1 = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(5))
+    before = [p.detach().clone() for p in model.parameters()]
+    hook = model.lm_head.weight.register_hook(lambda g: g * float("inf"))
+    res = train_step(state, model, window_BT1, LR, micro_batch_size=B, autocast_dtype=None, grad_clip=CLIP)
+    assert res.skipped == "gradient" and state.window.nonfinite_run == 1 and scaler.get_scale() == 2.0 ** 9
+    assert all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), before))
+    hook.remove()
+    res = train_step(state, model, window_BT1, LR, micro_batch_size=B, autocast_dtype=None, grad_clip=CLIP)
+    assert res.finite and state.window.nonfinite_run == 0
+    assert not all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), before))

@@ -23,9 +23,10 @@
   0, max_rel)] added to the attention logits (causal, so only non-negative distances exist)
   [verify: the exact relative-position form of shawntan/SUT].
 - **MIM loss** (per routed module, MLP and MoA query): over all (token, step) pairs x that are not
-  halted, with p(e|x) the router softmax: L = H(E|X) - H(E) = -I(X;E), p(x) uniform. Here the
-  statistics cover one forward (one micro-batch); the training code accumulates them over the
-  micro-batches of an optimiser step [ours: with gradient accumulation the two differ slightly].
+  halted, with p(e|x) the router softmax: L = H(E|X) - H(E) = -I(X;E), p(x) uniform. A plain
+  forward uses its own statistics; in training (train.aux_loss_scope=step, the default) they are
+  the optimiser step's, summed over micro-batches and ranks (SPEC 8.4: accumulated over all calls,
+  read once per optimiser step), through moeut.lm.StepTotals.
 - **ACT loss:** expected depth sum_l l * p_l + R_final * (last step), averaged over tokens.
 - reg_loss = mim_weight * (L_MIM,mlp + L_MIM,att) + act_weight * ACT loss (training only).
 
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 
 from ..config import _check
 from ..kernels.cvmm import cvmm, make_plan
-from ..lm import ForwardState, KVCache, LanguageModel, layer_schedule
+from ..lm import ForwardState, KVCache, LanguageModel, StepTotals, layer_schedule
 from ..outputs import LMOutput
 
 
@@ -145,12 +146,22 @@ class MIMAccumulator:
         else:
             self.sum_p, self.sum_h, self.count = self.sum_p + sp, self.sum_h + sh, self.count + n
 
+    def stats(self) -> dict:
+        """The sums so far: {"sum_p": [E], "sum_h": 0-dim, "count": 0-dim} (fp32). Requires one `add`."""
+        return {"sum_p": self.sum_p, "sum_h": self.sum_h, "count": self.count}
+
     def loss(self) -> torch.Tensor:
         """mim_loss over every (token, step) pair added so far (0-dim fp32). Requires one `add`."""
-        n = self.count.clamp_min(1.0)
-        p_e = self.sum_p / n
-        h_marg = -(p_e * torch.log(p_e.clamp_min(1e-20))).sum()
-        return self.sum_h / n - h_marg
+        return mim_loss_from_stats(self.stats())
+
+
+def mim_loss_from_stats(stats: dict) -> torch.Tensor:
+    """H(E|X) - H(E) (0-dim fp32) from `MIMAccumulator.stats()`-shaped sums over (token, step)
+    pairs, possibly summed over several forwards (the step's global form)."""
+    n = stats["count"].clamp_min(1.0)
+    p_e = stats["sum_p"] / n
+    h_marg = -(p_e * torch.log(p_e.clamp_min(1e-20))).sum()
+    return stats["sum_h"] / n - h_marg
 
 
 # ------------------------------------------------------------------------------------------
@@ -378,15 +389,21 @@ class SUTLM(LanguageModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                 cache: Optional[KVCache] = None, collect_routing: Union[bool, str] = False,
-                return_halting: bool = False) -> LMOutput:
+                return_halting: bool = False, step_totals: Optional[StepTotals] = None) -> LMOutput:
         """input_ids [B, T] int64 -> LMOutput (SPEC 1.8). attention_mask [B, T]: 1 = real, 0 = right
         padding (moeut.outputs "Padding contract"): padded positions are left out of the MIM
         statistics, the ACT loss's average and the routing records' statistics. return_halting:
         also put the per-position halting distribution [L, B, T] (fp32, sums to 1 over L) into
         `reg_terms["halting"]` and its expected depth into `reg_terms["act/expected_depth"]`.
+        step_totals: the step's MIM statistics (moeut.lm.StepTotals; the trainer's).
         Raises ValueError for input_ids not [B, T] or a bad attention_mask."""
         return self.run_forward(input_ids, attention_mask, cache=cache, collect_routing=collect_routing,
-                                return_halting=return_halting)
+                                return_halting=return_halting, step_totals=step_totals)
+
+    def uses_step_statistics(self) -> bool:
+        """True when the MIM loss is on (mim_weight > 0): it is built from batch statistics
+        (see moeut.lm.LanguageModel.uses_step_statistics). The ACT loss is a token mean."""
+        return self.config.mim_weight > 0
 
     def layers_forward(self, s: torch.Tensor, state: ForwardState, cache: Optional[KVCache],
                        return_halting: bool = False) -> torch.Tensor:
@@ -433,9 +450,9 @@ class SUTLM(LanguageModel):
                 expected_depth = expected_depth + (l + 1) * rem
             active = active & ~newly
         if state.training:
-            if cfg.mim_weight > 0:
-                state.add_aux("mim_att", cfg.mim_weight * mim_att.loss())
-                state.add_aux("mim_mlp", cfg.mim_weight * mim_mlp.loss())
+            if cfg.mim_weight > 0:  # from batch statistics: the step's totals when split (moeut.lm)
+                state.add_aux_from_stats("mim_att", cfg.mim_weight, mim_att.stats(), mim_loss_from_stats)
+                state.add_aux_from_stats("mim_mlp", cfg.mim_weight, mim_mlp.stats(), mim_loss_from_stats)
             if cfg.act_weight > 0:
                 # Averaged over non-pad tokens (SPEC 8.4).
                 depth = expected_depth.mean() if valid is None else \

@@ -181,7 +181,8 @@ class TrainSchema:
     routing_every: int = field(default=10, metadata=at_least(1))  # collect routing counts on every N-th step (SPEC 7.3)
     resume: str = "auto"  # auto (newest valid checkpoint in the run dir) | never | <checkpoint path>
     init_from: Optional[str] = None  # warm start: model weights only
-    max_nonfinite: int = field(default=10, metadata=at_least(1))  # abort after this many non-finite losses in a row
+    max_nonfinite: int = field(default=10, metadata=at_least(1))  # abort after this many skipped steps (non-finite loss or gradients) in a row
+    aux_loss_scope: str = "step"  # step (balance/MIM losses from the whole step's statistics) | micro_batch (each forward's own)
     threads: Optional[int] = field(default=None, metadata=at_least(1))  # torch CPU threads (None = torch default)
     dist_timeout_min: int = field(default=30, metadata=at_least(1))
     final_eval: bool = True  # validation at the end of training
@@ -341,6 +342,8 @@ def validate(tc: TrainConfig, world_size: int = 1) -> None:
     if local % mb:
         _fail("train.batch_size", f"global batch {t.batch_size} is not divisible by world size {world_size} "
                                   f"x train.micro_batch_size {mb}")
+    if t.aux_loss_scope not in ("step", "micro_batch"):
+        _fail("train.aux_loss_scope", f"{t.aux_loss_scope!r} is not one of step, micro_batch")
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         _fail("train.precision", f"{t.precision!r} is not one of auto, fp32, bf16, fp16")
     if t.resume not in ("auto", "never") and not os.path.exists(t.resume):

@@ -84,8 +84,12 @@ def train(tc: TrainConfig, run_dir: str, run_files: Optional[Dict[str, str]] = N
 def save_checkpoint(setup: RunSetup, tc: TrainConfig, run_dir: str, logger: RunLogger) -> Optional[str]:
     """Checkpoint the run at `setup.state.step` into <run_dir>/checkpoints/ (moeut.train_lib.
     checkpoint; keeps train.keep_last). A collective under DDP (every rank contributes its RNG
-    and routing state); only rank 0 writes and gets the path, the others None."""
+    and routing state); only rank 0 writes and gets the path, the others None. Raises
+    NonFiniteWeightsError on every rank (DDP replicas are identical), before any collective or
+    write, when the weights hold inf/NaN: the run stops and the existing checkpoints are kept."""
     state = setup.state
+    ckpt_lib.check_finite_weights(state.model, os.path.join(run_dir, "checkpoints",
+                                                            ckpt_lib.checkpoint_dir_name(state.step)))
     train_state = state.state_dict()
     if not state.dist.is_main:  # only rank 0 writes (DDP replicas are identical)
         return None
@@ -180,18 +184,22 @@ def run_loop(tc: TrainConfig, run_dir: str, dist: DistInfo, setup: RunSetup,
             collect = routing is not None and step % t_cfg.routing_every == 0
             window_BT1 = data.train.batch(state.sampler.next()).to(device)  # this rank's streams [B/W, T+1]
             res = train_step(state, fwd_model, window_BT1, lr, micro_batch_size=mb,
-                             autocast_dtype=setup.autocast_dtype, grad_clip=o_cfg.grad_clip, collect_routing=collect)
+                             autocast_dtype=setup.autocast_dtype, grad_clip=o_cfg.grad_clip, collect_routing=collect,
+                             aux_loss_scope=t_cfg.aux_loss_scope)
             if res.routing_missing and not routing_missing_warned:
                 routing_missing_warned = True
                 warnings.warn(f"train.routing_interval: {type(model).__name__} returned no "
                               "routing records with collect_routing=True; routing metrics stay empty")
             if not res.finite:
-                logger.message(f"[train] WARNING: non-finite loss {res.loss} at step {res.step}; step skipped "
-                               f"({window.nonfinite_run} in a row)")
+                what = (f"non-finite loss {res.loss}" if res.skipped == "loss" else
+                        f"non-finite gradients (grad norm {res.grad_norm}) with a finite loss {res.loss:.4f}")
+                logger.message(f"[train] WARNING: {what} at step {res.step}; step skipped, weights and optimiser "
+                               f"state unchanged ({window.nonfinite_run} skipped in a row)")
                 if window.nonfinite_run >= t_cfg.max_nonfinite:
                     raise NonFiniteLossError(
-                        f"{window.nonfinite_run} non-finite losses in a row (train.max_nonfinite={t_cfg.max_nonfinite}) "
-                        f"at step {res.step}: lower optim.lr, check the data, or use train.precision=fp32")
+                        f"{window.nonfinite_run} non-finite losses or gradients in a row "
+                        f"(train.max_nonfinite={t_cfg.max_nonfinite}) at step {res.step}: lower optim.lr, check "
+                        f"the data, or use train.precision=fp32")
             losses.append(res.loss)
             step = state.step
             logger.advance()
