@@ -149,8 +149,8 @@ class Task:
         "local": `load_local`; "hf": `load_hub`; "auto": `load_local`, and `load_hub` when the local
         files are missing and the hub is online. When the local files are missing (and the hub is
         not used), `data_dir` is unset and `paths.<task>` is not given, the carried subset
-        (`carried_data_dir()`) is read instead. origin = {"data": FULL or CARRIED, "data_from": the
-        directory, file or hub id read}. Raises ValueError for another source, TaskDataMissing
+        (`carried_data_dir()`) is read instead. origin = {"data": FULL or CARRIED (also for
+        `data_dir` naming the carried folder itself), "data_from": the directory, file or hub id}. Raises ValueError for another source, TaskDataMissing
         (files absent everywhere, or the hub offline/unavailable: the first place's message),
         TaskFormatError (bad line)."""
         if opts.source not in ("local", "hf", "auto"):
@@ -158,7 +158,10 @@ class Task:
         if opts.source == "hf":
             return self.load_hub(opts), {"data": FULL, "data_from": self.hub_id()}
         try:
-            return self.load_local(opts), {"data": FULL, "data_from": str(opts.paths.get(self.name) or opts.root)}
+            items = self.load_local(opts)
+            where = Path(opts.paths.get(self.name) or opts.root)
+            carried = where.resolve() == carried_data_dir().resolve() and self.name not in opts.paths
+            return items, {"data": CARRIED if carried else FULL, "data_from": str(where)}
         except TaskDataMissing as local_err:
             if opts.source == "auto" and not hub_offline():
                 return self.load_hub(opts), {"data": FULL, "data_from": self.hub_id()}
