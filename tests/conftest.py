@@ -13,6 +13,14 @@ if "triton" not in _sys.modules and "TRITON_INTERPRET" not in _os.environ:
     if not _torch.cuda.is_available():
         _os.environ["TRITON_INTERPRET"] = "1"
 # ------------------------------------------------------------------------------------------
+# --- Environment the suite needs, set here (not by the caller) -----------------------------
+# README's `python -m pytest -q` must pass as typed: no figure window (MPLBACKEND), no wandb
+# login or upload (WANDB_MODE), no tokenizers fork warning. Only unset variables are filled in,
+# and subprocesses of the tests inherit them. No HF_*_OFFLINE here: tests that exercise hub code
+# set it themselves (monkeypatch), and local-data code paths never contact the hub.
+for _key, _value in (("MPLBACKEND", "Agg"), ("WANDB_MODE", "disabled"), ("TOKENIZERS_PARALLELISM", "false")):
+    _os.environ.setdefault(_key, _value)
+# ------------------------------------------------------------------------------------------
 
 import gzip
 import json

@@ -144,7 +144,7 @@ def test_loaders_and_errors(tmp_path, monkeypatch):
     assert t.load(opts) == ["first"]
     with pytest.raises(TaskFormatError, match=r"d.jsonl.gz:1: expected a JSON object with a 'text' field"):
         t.load(EvalOptions(perplexity={"path": str(tmp_path / "d.jsonl.gz")}))
-    with pytest.raises(TaskDataMissing, match="perplexity.path: file not found"):
+    with pytest.raises(TaskDataMissing, match=r"perplexity.path=.*nope.txt: file not found"):
         t.load(EvalOptions(perplexity={"path": str(tmp_path / "nope.txt")}))
     with pytest.raises(TaskDataMissing, match="set perplexity.path="):
         t.load(EvalOptions())
