@@ -44,7 +44,7 @@ GOLDEN = REPO_GOLDEN  # where the vendored golden files are
 EMBEDDED = REPO / "data"  # the embedded corpus
 C4 = EMBEDDED / "c4_sample"  # {train,valid}.jsonl.gz: the 980/20-document C4 sample
 BOOKS = EMBEDDED / "books"  # {train,valid}.jsonl.gz: the default corpus
-EVAL = SHARED / "data" / "eval"  # zero-shot sets: not in the repository (optional)
+EVAL = SHARED / "data" / "eval"  # full zero-shot sets: optional (small subsets: data/eval, tests/test_eval_subsets.py)
 
 # Golden files the suite knows; the ones not in tests/golden/ are optional (too large to carry).
 GOLDEN_MODEL_FILES = ("tiny.pt", "small_g3.pt", "tiny_training_format.pt", "v8000.pt")
