@@ -20,6 +20,28 @@ if "triton" not in _sys.modules and "TRITON_INTERPRET" not in _os.environ:
 # set it themselves (monkeypatch), and local-data code paths never contact the hub.
 for _key, _value in (("MPLBACKEND", "Agg"), ("WANDB_MODE", "disabled"), ("TOKENIZERS_PARALLELISM", "false")):
     _os.environ.setdefault(_key, _value)
+# No test may reach the network (a hub call hangs or fails on an offline machine): a connection
+# to anything but this machine fails at once, naming the address (tests/test_no_network.py).
+import ipaddress as _ipaddress
+import socket as _socket
+
+_connect = _socket.socket.connect
+
+
+def _local_only_connect(self, address, *args, **kwargs):
+    if self.family in (_socket.AF_INET, _socket.AF_INET6):
+        host = address[0]
+        try:
+            local = host == "localhost" or _ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            local = False
+        if not local:
+            raise ConnectionRefusedError(f"tests/conftest.py: the test suite must not use the network "
+                                         f"(connection to {address!r} refused)")
+    return _connect(self, address, *args, **kwargs)
+
+
+_socket.socket.connect = _local_only_connect
 # ------------------------------------------------------------------------------------------
 
 import gzip

@@ -128,3 +128,21 @@ def test_merge_rule_by_hand(tmp_path):
     }  # lambada: step 4 is not the newest evaluated step
     assert merged["evaluations"] == [p1.name, p2.name, p3.name]
     assert not list(ev.glob(".*tmp"))
+
+
+def test_shared_out_dir_does_not_merge_other_checkpoints(three_evaluations, tmp_path, monkeypatch):
+    """Another run's checkpoint (same step) evaluated into the same folder: its file is added, not
+    merged into the first run's table, and its table holds only its own evaluation."""
+    from moeut.evaluate import run
+    first, _ = three_evaluations
+    monkeypatch.setenv("MOEUT_SHARED", "/nonexistent")
+    other, _, _ = make_tiny_run(tmp_path, preset="tiny", vocab_size=100)
+    out = tmp_path / "shared_out"
+    import shutil
+    shutil.copytree(first / "eval", out)
+    res = run(compose([f"checkpoint={other}", "tasks=[lambada]", "limit=2", "progress=false", f"out_dir={out}"]))
+    assert Path(res["files"]["json"]).name == "results_step_0000050.4.json"
+    assert res["merged"]["evaluations"] == ["results_step_0000050.4.json"]
+    row = (out / "table_step_0000050.md").read_text().splitlines()[2]
+    assert row.endswith(f"| {100 * res['tasks']['lambada']['accuracy']:.1f} | – | – | – | – | – | "
+                        f"{100 * res['tasks']['lambada']['accuracy']:.1f}* (1/6) | carried subset, limit=2 |")

@@ -259,13 +259,14 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
     out_dir = out_dir or os.path.join(run_dir, EVAL_DIR)
     tag = f"step_{int(step):07d}" if isinstance(step, int) else "final"
     json_path = write_eval_results(out_dir, tag, results, default=_json_default)  # a new file, always
-    # The table of this checkpoint: every evaluation of it in out_dir, merged per task (moeut.rundir).
+    # The table of this checkpoint: every evaluation of it in out_dir, merged per task (moeut.rundir);
+    # an out_dir shared by several runs holds other checkpoints' files of the same step: not merged.
     same = []
     for p in sorted(Path(out_dir).glob(f"results_{tag}*.json")):
         m = EVAL_RESULTS_RE.match(p.name)
         if m and m.group("tag") == tag:
             d = read_json(p)
-            if is_moeut_eval(d):
+            if is_moeut_eval(d) and d.get("checkpoint") == str(ckpt_dir):
                 same.append((p, d))
     merged = merge_evals(same)
     files = write_tables([row_from_results(merged)], os.path.join(out_dir, f"table_{tag}"),
