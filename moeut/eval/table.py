@@ -20,8 +20,8 @@ When any row has the `perplexity` task (perplexity of a user's text), two more c
 Usage: `python -m moeut.eval.table results=[results1.json,results2.json,...] [out=table]` combines
 result files of `moeut.evaluate` into one table (a run dir stands for its evaluation by
 moeut.rundir's rule: the newest evaluated step, its evaluations merged per task;
-entries with * ? [ are glob patterns, e.g.
-`'results=[runs/*/eval/results_step_*.json]'`; `--help` lists the options, conf/eval_table.yaml).
+a results file stands for that one evaluation; entries with * ? [ are glob patterns, e.g.
+`'results=[runs/*]'`; `--help` lists the options, conf/eval_table.yaml).
 A results file that does not parse is an error naming file:line:col (moeut.rundir.read_json).
 """
 from __future__ import annotations
