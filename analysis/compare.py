@@ -27,7 +27,8 @@ other damaged line or file is an error naming file:line):
   the logged step time: Du et al. require step times measured under identical settings (same GPU
   type, software, batch) after optimising each model, which training logs from different
   clusters are not.
-- `eval/results_*.json` (python -m moeut.evaluate): numeric leaves under "tasks" become
+- `eval/results_*.json` (python -m moeut.evaluate), the run's evaluation by moeut.rundir's rule
+  (`RunDir.latest_eval`: newest evaluated step, its evaluations merged per task): numeric leaves under "tasks" become
   "<task>/<metric>" keys; "eval/mean_acc" averages each task's "accuracy"/"acc" entry.
 
 Interpolation: perplexity is interpolated linearly in log(budget) between the two logged
@@ -201,9 +202,8 @@ def load_run(run_dir: str, seq_len: int = 1024, val_key: Optional[str] = None) -
     if v is not None:
         run.step_time, run.step_time_source = v, "measured"
 
-    for _, res in rd.eval_files(EVAL_RESULTS_GLOB):
-        if not isinstance(res, dict):
-            continue
+    latest = rd.latest_eval(rd.eval_files(EVAL_RESULTS_GLOB))  # moeut.rundir's rule: newest step, merged per task
+    for res in [latest[1]] if latest is not None else []:
         flat: Dict[str, float] = {}
         _flatten("", res.get("tasks", {}), flat)
         run.eval.update(flat)

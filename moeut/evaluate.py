@@ -3,9 +3,12 @@
     python -m moeut.evaluate checkpoint=runs/c4_moeut_44m tasks=[lambada,blimp,piqa] limit=100
     python -m moeut.evaluate checkpoint=runs/c4_moeut_44m tasks=[perplexity] perplexity.path=book.txt
 
-A run that has nothing to work on fails (non-zero exit) with a message naming what is missing:
+A run that has nothing to work on fails (non-zero exit) with one line naming what is missing:
 no `checkpoint=`, a checkpoint path that does not exist, a `data_dir=` that does not exist, or no
-task finding its data. A task whose data alone is missing is skipped and reported as skipped.
+task finding its data (each task's file or option named). A task whose data alone is missing is
+skipped: one warning line naming the task and its file or option, and "skipped" in the table.
+One line before the table says which task files were scored (full sets, or the carried subsets
+of data/eval with their item counts: not the paper's numbers).
 
 Any key of conf/eval.yaml can be overridden on the command line (`data_dir=...`,
 `paths.cbt=/data/CBTest/data`, `normalize_by_task.cbt=false`, `hellaswag_strip_brackets=true`).
@@ -15,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
+from pathlib import Path
 from typing import Any, Dict
 
 import hydra
@@ -84,13 +89,25 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     """`python -m moeut.evaluate checkpoint=<run dir> [key=value ...]` (conf/eval.yaml): `run`, then
-    print the table and the written files. Bad input (ValueError, FileNotFoundError, including a
-    damaged run-dir file named file:line) exits 1 with the message, no traceback."""
+    print the task-data line, the table (the skip reasons being warnings) and the written files;
+    each warning is one stderr line
+    "moeut.evaluate: warning: ...". Bad input (ValueError, FileNotFoundError, including a damaged
+    run-dir file named file:line) exits 1 with the one-line message, no traceback."""
+    def one_line(message, category, filename, lineno, file=None, line=None):  # warnings: one line each
+        print(f"moeut.evaluate: warning: {message}", file=sys.stderr)
+
+    shown = warnings.showwarning
+    warnings.showwarning = one_line
     try:
         res = run(cfg)
     except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback; exit 1
         sys.exit(f"moeut.evaluate: error: {e}")
-    print(open(res["files"]["md"]).read(), end="")
+    finally:
+        warnings.showwarning = shown
+    from .eval.table import data_notes, row_from_results, to_markdown
+    print(f"moeut.evaluate: {res['data_line']}")
+    # the table as written, its notes without the skipped tasks (each was one warning line above)
+    print(to_markdown([row_from_results(res["merged"])], data_notes([res["merged"]])), end="")
     for kind, path in res["files"].items():
         print(f"{kind}: {path}")
 

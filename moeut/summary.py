@@ -158,10 +158,13 @@ _EVAL_TASKS = ("lambada", "blimp", "cbt", "hellaswag", "piqa", "arc_easy", "arc_
 def read_eval(run_dir: Path) -> Dict[str, Any]:
     """Evaluation numbers of a run from `<run>/eval/*.json`.
 
-    - `python -m moeut.evaluate` results (`results_step_XXXXXXX.json`): the newest step's file
-      gives `eval/<task>` = the task's table accuracy (a fraction), or "skipped" when the task
-      was asked for but had no data; `eval/text_ppl` and `eval/bits_per_byte` for the
-      perplexity task; `eval_step` and `eval_limit` (null = every item) say what was evaluated.
+    - `python -m moeut.evaluate` results (`results_step_XXXXXXX[.k].json`): the run's evaluation
+      by moeut.rundir's rule (`RunDir.latest_eval`: the newest evaluated step, its evaluations
+      merged per task) gives `eval/<task>` = the task's table accuracy (a fraction), or "skipped"
+      when the task was asked for but had no data; `eval/text_ppl` and `eval/bits_per_byte` for
+      the perplexity task; `eval_step` and `eval_limit` (null = every item; "mixed" when the
+      merged tasks were scored with different limits) say what was evaluated, and `eval_data`
+      ("carried subset", or "mixed") appears when any task was scored on data/eval's subsets.
     - lm-evaluation-harness results: `lm_eval/<task>/<metric>` (metric without lm-eval's
       ",none" filter suffix; stderr entries dropped).
     - Any other JSON in eval/ is ignored with a warning naming the file.
@@ -185,8 +188,13 @@ def read_eval(run_dir: Path) -> Dict[str, Any]:
     if latest is not None:
         data = latest[1]
         out["eval_step"] = data.get("step")
-        out["eval_limit"] = (data.get("options") or {}).get("limit")
         tasks = data["tasks"]
+        scored = [t for t in tasks.values() if isinstance(t, dict) and "skipped" not in t]
+        limits = {t.get("limit") for t in scored}
+        out["eval_limit"] = limits.pop() if len(limits) == 1 else ("mixed" if limits else None)
+        kinds = {t.get("data", "full") for t in scored}
+        if kinds - {"full"}:
+            out["eval_data"] = next(iter(kinds)) if len(kinds) == 1 else "mixed"
         for name in list(_EVAL_TASKS) + sorted(set(tasks) - set(_EVAL_TASKS) - {"perplexity"}):
             t = tasks.get(name)
             if not isinstance(t, dict):

@@ -13,6 +13,36 @@ if "triton" not in _sys.modules and "TRITON_INTERPRET" not in _os.environ:
     if not _torch.cuda.is_available():
         _os.environ["TRITON_INTERPRET"] = "1"
 # ------------------------------------------------------------------------------------------
+# --- Environment the suite needs, set here (not by the caller) -----------------------------
+# README's `python -m pytest -q` must pass as typed: no figure window (MPLBACKEND), no wandb
+# login or upload (WANDB_MODE), no tokenizers fork warning. Only unset variables are filled in,
+# and subprocesses of the tests inherit them. No HF_*_OFFLINE here: tests that exercise hub code
+# set it themselves (monkeypatch), and local-data code paths never contact the hub.
+for _key, _value in (("MPLBACKEND", "Agg"), ("WANDB_MODE", "disabled"), ("TOKENIZERS_PARALLELISM", "false")):
+    _os.environ.setdefault(_key, _value)
+# No test may reach the network (a hub call hangs or fails on an offline machine): a connection
+# to anything but this machine fails at once, naming the address (tests/test_no_network.py).
+import ipaddress as _ipaddress
+import socket as _socket
+
+_connect = _socket.socket.connect
+
+
+def _local_only_connect(self, address, *args, **kwargs):
+    if self.family in (_socket.AF_INET, _socket.AF_INET6):
+        host = address[0]
+        try:
+            local = host == "localhost" or _ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            local = False
+        if not local:
+            raise ConnectionRefusedError(f"tests/conftest.py: the test suite must not use the network "
+                                         f"(connection to {address!r} refused)")
+    return _connect(self, address, *args, **kwargs)
+
+
+_socket.socket.connect = _local_only_connect
+# ------------------------------------------------------------------------------------------
 
 import gzip
 import json
@@ -36,7 +66,7 @@ GOLDEN = REPO_GOLDEN  # where the vendored golden files are
 EMBEDDED = REPO / "data"  # the embedded corpus
 C4 = EMBEDDED / "c4_sample"  # {train,valid}.jsonl.gz: the 980/20-document C4 sample
 BOOKS = EMBEDDED / "books"  # {train,valid}.jsonl.gz: the default corpus
-EVAL = SHARED / "data" / "eval"  # zero-shot sets: not in the repository (optional)
+EVAL = SHARED / "data" / "eval"  # full zero-shot sets: optional (small subsets: data/eval, tests/test_eval_subsets.py)
 
 # Golden files the suite knows; the ones not in tests/golden/ are optional (too large to carry).
 GOLDEN_MODEL_FILES = ("tiny.pt", "small_g3.pt", "tiny_training_format.pt", "v8000.pt")

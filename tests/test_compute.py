@@ -216,7 +216,8 @@ def _fake_run(root, name, cfg, vals, tokens_per_step, tps=None, step_time_json=N
         (run / "step_time.json").write_text(json.dumps({"step_time_s": step_time_json}))
     if eval_tasks is not None:
         (run / "eval").mkdir()
-        (run / "eval" / "results_step_0000100.json").write_text(json.dumps({"tasks": eval_tasks}))
+        (run / "eval" / "results_step_0000100.json").write_text(
+            json.dumps({"step": 100, "tasks": eval_tasks, "table_row": {}}))  # as moeut.evaluate writes
     return run
 
 

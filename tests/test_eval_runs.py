@@ -4,6 +4,7 @@ saves. Self-contained: the model, tokenizer and text are made here."""
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -46,20 +47,23 @@ def test_wrong_data_dir_fails_and_writes_nothing(tiny_run, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data_dir=.*/does_not_exist: no such directory"):
         run(compose([f"checkpoint={run_dir}", f"data_dir={tmp_path / 'does_not_exist'}", f"out_dir={out}"]))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(NoTaskData) as e, pytest.warns(UserWarning):
-        run(compose([f"checkpoint={run_dir}", f"data_dir={tmp_path / 'empty'}", f"out_dir={out}",
-                     "tasks=[lambada,blimp,piqa]"]))
-    msg = str(e.value)
-    assert "no task found its data" in msg and f"data_dir={tmp_path / 'empty'}" in msg
-    for task, what in (("lambada", "lambada_test.jsonl"), ("blimp", "BLiMP directory not found"),
-                       ("piqa", "valid.jsonl")):
-        assert f"  {task}: " in msg and what in msg
+    empty = tmp_path / "empty"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no per-task warning: the one error names each task once
+        with pytest.raises(NoTaskData) as e:
+            run(compose([f"checkpoint={run_dir}", f"data_dir={empty}", f"out_dir={out}",
+                         "tasks=[lambada,blimp,piqa]"]))
+    assert str(e.value) == (
+        f"nothing was evaluated, no task found its data: lambada: file not found: {empty}/lambada/lambada_test.jsonl; "
+        f"blimp: BLiMP directory not found: {empty}/blimp (expects the 67 <paradigm>.jsonl files); "
+        f"piqa: PIQA needs {empty}/piqa/valid.jsonl and {empty}/piqa/valid-labels.lst")
+    assert sorted(e.value.skipped) == ["blimp", "lambada", "piqa"]
     assert not out.exists()  # nothing written for a run that evaluated nothing
     # data present but empty: not an accuracy of nan, a task with no items
-    (tmp_path / "empty" / "lambada").mkdir()
-    (tmp_path / "empty" / "lambada" / "lambada_test.jsonl").write_text("\n")
-    with pytest.raises(NoTaskData, match=r"  lambada: its data holds no items"), pytest.warns(UserWarning):
-        run(compose([f"checkpoint={run_dir}", f"data_dir={tmp_path / 'empty'}", f"out_dir={out}", "tasks=[lambada]"]))
+    (empty / "lambada").mkdir()
+    (empty / "lambada" / "lambada_test.jsonl").write_text("\n")
+    with pytest.raises(NoTaskData, match=r": lambada: its data holds no items \(empty file\?\) in "):
+        run(compose([f"checkpoint={run_dir}", f"data_dir={empty}", f"out_dir={out}", "tasks=[lambada]"]))
     assert not out.exists()
 
 
@@ -167,3 +171,46 @@ def test_default_eval_data_dir_follows_moeut_shared(tmp_path, monkeypatch):
     assert default_data_dir() == tmp_path / "elsewhere" / "data" / "eval"
     monkeypatch.delenv("MOEUT_SHARED")
     assert default_data_dir() == Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval"
+
+
+def _cli(*args, env_extra=None):
+    import os
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "moeut.evaluate", *args, "progress=false"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_cli_skipped_task_is_one_line(tiny_run, tmp_path):
+    """Fresh-clone mode (no shared data): CBT, which nothing carries, is reported on exactly one
+    stderr line naming the task, the folder looked in and the option; nowhere else in the output.
+    The task-data line says PIQA was scored on the carried subset, with its item count."""
+    run_dir, _, _ = tiny_run
+    r = _cli(f"checkpoint={run_dir}", "tasks=[piqa,cbt]", "limit=4", f"out_dir={tmp_path / 'out'}",
+             env_extra={"MOEUT_SHARED": "/nonexistent"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.splitlines() == [
+        "moeut.evaluate: warning: cbt: skipped, data missing: no CBT test files (cbtest_{CN,NE,P,V}_test_2500ex.txt) "
+        "in /nonexistent/data/eval/cbt; extract CBTest.tgz there or pass paths.cbt=<dir>"]
+    assert "cbtest" not in r.stdout and "cbt:" not in r.stdout  # the CBT cell reads "skipped"; the reason: stderr
+    assert ("moeut.evaluate: task data: piqa CARRIED SUBSET (4 items, limit=4); carried subsets (data/eval) are a "
+            "few hundred items per task: not the paper's numbers") in r.stdout.splitlines()
+
+
+def test_cli_perplexity_errors_name_file_and_option(tiny_run, tmp_path):
+    """A missing, an empty and a non-UTF-8 perplexity.path: one stderr line each, naming the
+    file and `perplexity.path`, and no hint about the zero-shot tasks' data; exit 1."""
+    run_dir, _, _ = tiny_run
+    empty, bad = tmp_path / "empty.txt", tmp_path / "latin1.txt"
+    empty.write_text("\n \n")
+    bad.write_bytes("first line\ncaf\u00e9 au lait\n".encode("latin-1"))
+    cases = ((tmp_path / "nope.txt", "moeut.evaluate: error: nothing was evaluated, no task found its data: "
+                                     f"perplexity: perplexity.path={tmp_path / 'nope.txt'}: file not found"),
+             (empty, "moeut.evaluate: error: nothing was evaluated, no task found its data: "
+                     f"perplexity: perplexity.path={empty}: no text in it (empty or blank)"),
+             (bad, f"moeut.evaluate: error: perplexity.path: {bad}:2: not UTF-8 text (byte 0xe9 at column 4); "
+                   "save the file as UTF-8"))
+    for path, line in cases:
+        r = _cli(f"checkpoint={run_dir}", "tasks=[perplexity]", f"perplexity.path={path}",
+                 f"out_dir={tmp_path / 'out'}")
+        assert r.returncode == 1 and r.stderr.splitlines() == [line], (path, r.stderr[-2000:])
+        assert "data_dir" not in r.stderr and not (tmp_path / "out").exists()

@@ -7,13 +7,21 @@ reason is in the results JSON and in a note under the markdown table); a task th
 for reads "–". Either way the average is taken over the tasks present and marked with "*" and the
 count, e.g. "51.3* (5/6)", so a partial average is never mistaken for the paper's.
 
+When any row's accuracies were not all scored on every item of the full sets (a `limit`, the
+carried subsets of data/eval, or tasks merged from evaluations that differ in either), an
+"eval data" column follows Average: "carried subset", "limit=N", "carried subset, limit=N", or
+"mixed" when the row's tasks differ; a note under the markdown table then gives each task's item
+count, data and (for a row merged from several evaluations) its results file. A full-set row
+reads as before.
+
 When any row has the `perplexity` task (perplexity of a user's text), two more columns follow:
 "text PPL" and "bits/byte".
 
 Usage: `python -m moeut.eval.table results=[results1.json,results2.json,...] [out=table]` combines
-result files of `moeut.evaluate` into one table (a run dir stands for its newest results file;
-entries with * ? [ are glob patterns, e.g.
-`'results=[runs/*/eval/results_step_*.json]'`; `--help` lists the options, conf/eval_table.yaml).
+result files of `moeut.evaluate` into one table (a run dir stands for its evaluation by
+moeut.rundir's rule: the newest evaluated step, its evaluations merged per task;
+a results file stands for that one evaluation; entries with * ? [ are glob patterns, e.g.
+`'results=[runs/*]'`; `--help` lists the options, conf/eval_table.yaml).
 A results file that does not parse is an error naming file:line:col (moeut.rundir.read_json).
 """
 from __future__ import annotations
@@ -36,6 +44,7 @@ COLUMNS = ("dataset", "#params", "model", "val PPL", "LAMBADA", "BLiMP", "CBT", 
 TASK_COLUMNS = (("LAMBADA", "lambada"), ("BLiMP", "blimp"), ("CBT", "cbt"), ("HellaSwag", "hellaswag"),
                 ("PIQA", "piqa"), ("ARC-E", "arc_easy"))
 PPL_COLUMNS = ("text PPL", "bits/byte")
+DATA_COLUMN = "eval data"  # only when a row's accuracies are not all full-set, unlimited
 SKIPPED = "skipped"
 PAPER_SIZES_M = (44, 126, 244, 319, 728, 1040)
 
@@ -78,6 +87,9 @@ def row_from_results(res: Dict[str, Any]) -> Dict[str, str]:
         row["Average"] = f"{100 * sum(accs) / len(accs):.1f}* ({len(accs)}/{len(TASK_COLUMNS)})"
     else:
         row["Average"] = "–"
+    label = _data_label(res)
+    if label:
+        row[DATA_COLUMN] = label
     if "perplexity" in tasks:
         t = tasks["perplexity"]
         for col, key, fmt in (("text PPL", "perplexity", "{:.2f}"), ("bits/byte", "bits_per_byte", "{:.4f}")):
@@ -85,6 +97,50 @@ def row_from_results(res: Dict[str, Any]) -> Dict[str, str]:
             row[col] = (fmt.format(v) if isinstance(v, (int, float)) and math.isfinite(v)
                         else SKIPPED if "skipped" in t else "–")
     return row
+
+
+def _scored(res: Dict[str, Any]) -> List[tuple]:
+    """(column, task results, data, limit) of each table task of `res` with an accuracy; `data` is
+    "full" or "carried subset", `limit` the task's own (else the file's options.limit)."""
+    out = []
+    for col, name in TASK_COLUMNS:
+        t = (res.get("tasks") or {}).get(name)
+        if isinstance(t, dict) and isinstance(t.get("accuracy"), (int, float)):
+            out.append((col, t, t.get("data", "full"), t.get("limit", (res.get("options") or {}).get("limit"))))
+    return out
+
+
+def _data_label(res: Dict[str, Any]) -> str:
+    """The "eval data" cell of `res`: "" when every accuracy is full-set without a limit, else
+    "carried subset" / "limit=N" / "carried subset, limit=N", or "mixed" when the tasks differ."""
+    scopes = {(data, limit) for _, _, data, limit in _scored(res)}
+    if not scopes or scopes == {("full", None)}:
+        return ""
+    if len(scopes) > 1:
+        return "mixed"
+    data, limit = next(iter(scopes))
+    return ", ".join(x for x in (data if data != "full" else "", f"limit={limit}" if limit is not None else "") if x)
+
+
+def data_notes(results: Sequence[Dict[str, Any]]) -> List[str]:
+    """For each results dict whose row has an "eval data" cell, one line giving every task's item
+    count and data: "<run>: LAMBADA 300 items (carried subset), PIQA 20 items (full set, limit=20;
+    results_step_0000050.2.json), ..." (the file only for a dict merged from several evaluations)."""
+    out = []
+    for res in results:
+        if not _data_label(res):
+            continue
+        several = len(res.get("evaluations") or ()) > 1
+        parts = []
+        for col, t, data, limit in _scored(res):
+            what = ["carried subset" if data != "full" else "full set"]
+            if limit is not None:
+                what.append(f"limit={limit}")
+            detail = ", ".join(what) + (f"; {t['results_file']}" if several and t.get("results_file") else "")
+            parts.append(f"{col} {t.get('n_items', '?')} items ({detail})")
+        run = Path(str(res.get("run_dir") or res.get("checkpoint") or "?")).name
+        out.append(f"{run}: " + ", ".join(parts))
+    return out
 
 
 def skipped_notes(results: Sequence[Dict[str, Any]]) -> List[str]:
@@ -97,9 +153,15 @@ def skipped_notes(results: Sequence[Dict[str, Any]]) -> List[str]:
     return out
 
 
+def table_notes(results: Sequence[Dict[str, Any]]) -> List[str]:
+    """The notes under a markdown table of `results`: `data_notes`, then `skipped_notes`."""
+    return data_notes(results) + skipped_notes(results)
+
+
 def columns_of(rows: Sequence[Dict[str, str]]) -> List[str]:
-    """COLUMNS, plus PPL_COLUMNS when any row has them."""
-    return list(COLUMNS) + ([c for c in PPL_COLUMNS] if any(c in r for r in rows for c in PPL_COLUMNS) else [])
+    """COLUMNS, plus DATA_COLUMN and PPL_COLUMNS when any row has them."""
+    return (list(COLUMNS) + ([DATA_COLUMN] if any(DATA_COLUMN in r for r in rows) else [])
+            + ([c for c in PPL_COLUMNS] if any(c in r for r in rows for c in PPL_COLUMNS) else []))
 
 
 def to_markdown(rows: Sequence[Dict[str, str]], notes: Sequence[str] = ()) -> str:
@@ -165,7 +227,8 @@ def expand_results(results: Any) -> List[str]:
 
 def combine(paths: Sequence[str], out: Optional[str] = None) -> str:
     """One row per entry of `paths`: a results file (moeut.rundir.read_json), or a run dir (or a
-    checkpoint path in one) meaning its newest moeut.evaluate results (`RunDir.latest_eval`).
+    checkpoint path in one) meaning its evaluation by moeut.rundir's rule (`RunDir.latest_eval`:
+    the newest evaluated step, its evaluations merged per task).
     Writes OUT.md/.csv/.tex when `out` is given and returns their paths (one per line), else
     returns the markdown table. Raises FileNotFoundError (also: a run dir without results),
     CorruptRunFile (file:line:col), ValueError (not a results dict)."""
@@ -183,7 +246,7 @@ def combine(paths: Sequence[str], out: Optional[str] = None) -> str:
             raise ValueError(f"{p}: not a moeut.evaluate results file (expected a JSON object)")
         results.append(res)
         rows.append(row_from_results(res))
-    notes = skipped_notes(results)
+    notes = table_notes(results)
     if out:
         return "\n".join(write_tables(rows, out, notes).values()) + "\n"
     return to_markdown(rows, notes)

@@ -1,7 +1,9 @@
 """Zero-shot evaluation of a model or a checkpoint on the paper's tasks (SPEC 6), no Hydra here.
 
 `evaluate_model` scores an in-memory model; `evaluate_checkpoint` loads a run dir / checkpoint dir,
-evaluates, and writes `<run dir>/eval/results_step_XXXXXXX.json` plus the paper-layout table
+evaluates, and writes a new results file per evaluation, `<run dir>/eval/results_step_XXXXXXX.json`
+(later ones `results_step_XXXXXXX.<k>.json`, never overwritten: moeut.rundir's rule) plus the
+paper-layout table of every evaluation of that checkpoint merged per task
 (`table_step_XXXXXXX.{md,csv,tex}`). `moeut.evaluate` is the Hydra command line around it.
 """
 from __future__ import annotations
@@ -13,14 +15,15 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Sequence
 
 import torch
 
-from ..rundir import EVAL_DIR, RunDir, run_dir_of
+from ..rundir import (EVAL_DIR, EVAL_RESULTS_RE, RunDir, is_moeut_eval, merge_evals, read_json, run_dir_of,
+                      write_eval_results)
 from .scoring import Scorer
 from .tasks import TaskDataMissing, resolve_tasks
-from .tasks.base import EvalOptions
+from .tasks.base import CARRIED, FULL, EvalOptions
 from .tasks.perplexity import DEFAULT_CONTEXT
 
 log = logging.getLogger(__name__)
@@ -29,48 +32,63 @@ DEFAULT_TASKS = ("lambada", "blimp", "cbt", "hellaswag", "piqa", "arc_easy", "ar
 
 
 class NoTaskData(FileNotFoundError):
-    """Every requested task was skipped for missing data: nothing was evaluated."""
+    """Every requested task was skipped for missing data: nothing was evaluated. `skipped` maps
+    each task to its reason."""
+
+    def __init__(self, message: str, skipped: Optional[Dict[str, str]] = None):
+        super().__init__(message)
+        self.skipped = dict(skipped or {})
 
 
-def load_task_items(tasks: Sequence[str], opts: EvalOptions, skip_missing: bool = True
-                    ) -> Tuple[Dict[str, Any], Dict[str, str]]:
-    """({task name: items}, {task name: reason skipped}) in the order asked. Raises NoTaskData,
-    naming each task's missing file, when no task found its data (a run that would evaluate
-    nothing must not look like a success)."""
+class TaskItems(NamedTuple):
+    """What `load_task_items` found: items per task, the reason per skipped task, and where each
+    loaded task's items came from ({"data": "full" | "carried subset", "data_from": dir/file/hub})."""
+
+    loaded: Dict[str, Any]
+    skipped: Dict[str, str]
+    origins: Dict[str, Dict[str, str]]
+
+
+def load_task_items(tasks: Sequence[str], opts: EvalOptions, skip_missing: bool = True) -> TaskItems:
+    """Items of every task in the order asked (`TaskItems`; `Task.load_items`: the full set, else
+    the carried subset).
+
+    A task whose data is missing is skipped with ONE warning naming the task and the file or
+    option. Raises NoTaskData, listing every task's reason on one line (and no per-task warning),
+    when no task found its data: a run that would evaluate nothing must not look like a success."""
     loaded: Dict[str, Any] = {}
     skipped: Dict[str, str] = {}
+    origins: Dict[str, Dict[str, str]] = {}
     for task in resolve_tasks(tasks):  # unknown names fail here, before any model work
         try:
-            items = task.load(opts)
+            items, origin = task.load_items(opts)
             if not items:  # e.g. empty files: evaluating nothing is not a result
-                raise TaskDataMissing("its data holds no items (empty file?)")
+                raise TaskDataMissing(f"its data holds no items (empty file?) in {origin['data_from']}")
             loaded[task.name] = items
+            origins[task.name] = origin
         except TaskDataMissing as e:
             if not skip_missing:
                 raise
-            msg = f"{task.name}: skipped, data missing: {e}"
-            warnings.warn(msg)
-            log.warning(msg)
             skipped[task.name] = str(e)
     if not loaded:
-        where = f"data_dir={opts.root}" if opts.source != "hf" else "source=hf"
-        raise NoTaskData("no task found its data, nothing was evaluated (" + where + "):\n"
-                         + "\n".join(f"  {k}: {v}" for k, v in skipped.items())
-                         + "\nset data_dir=<dir with the task folders>, paths.<task>=<file or dir>, "
-                           "or source=hf (docs/evaluation.md)")
-    return loaded, skipped
+        raise NoTaskData("nothing was evaluated, no task found its data: "
+                         + "; ".join(f"{k}: {v}" for k, v in skipped.items()), skipped)
+    for name, reason in skipped.items():
+        warnings.warn(f"{name}: skipped, data missing: {reason}")
+    return TaskItems(loaded, skipped, origins)
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS,
                    opts: Optional[EvalOptions] = None, *, device: Optional[str] = None,
                    batch_size: int = 16, pad_multiple: int = 1, dtype: Optional[str] = "auto",
                    progress: bool = True, skip_missing: bool = True,
-                   items: Optional[Tuple[Dict[str, Any], Dict[str, str]]] = None) -> Dict[str, Dict[str, Any]]:
-    """{task name: metrics}; a task whose data is missing gets {"skipped": reason}. `items`: the
-    output of load_task_items, when the caller loaded them already. Raises NoTaskData when every
-    task's data is missing."""
+                   items: Optional[TaskItems] = None) -> Dict[str, Dict[str, Any]]:
+    """{task name: metrics}; a task whose data is missing gets {"skipped": reason}. Each task's
+    metrics record what was scored: `n_items`, `limit` (the option) and `data` / `data_from`
+    (full set or carried subset, and where). `items`: the output of load_task_items, when the
+    caller loaded them already. Raises NoTaskData when every task's data is missing."""
     opts = opts or EvalOptions()
-    loaded, skipped = items if items is not None else load_task_items(tasks, opts, skip_missing)
+    loaded, skipped, origins = items if items is not None else load_task_items(tasks, opts, skip_missing)
     if getattr(model, "config", None) is not None and hasattr(model.config, "vocab_size"):
         check_vocab(model.config.vocab_size, tokenizer)
     scorer = Scorer(model, device=device, batch_size=batch_size, pad_multiple=pad_multiple, dtype=dtype,
@@ -83,6 +101,9 @@ def evaluate_model(model: torch.nn.Module, tokenizer, tasks: Sequence[str] = DEF
         t0 = time.time()
         metrics = task.evaluate(loaded[task.name], scorer, tokenizer, opts)
         metrics["seconds"] = round(time.time() - t0, 3)
+        metrics.setdefault("n_items", len(loaded[task.name]))
+        metrics["limit"] = opts.limit
+        metrics.update(origins.get(task.name, {}))
         if "accuracy" in metrics:
             log.info("%s: accuracy %.4f on %d items", task.name, metrics["accuracy"], metrics.get("n_items", 0))
         else:
@@ -170,7 +191,10 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
                         out_dir: Optional[str] = None, device: Optional[str] = None, batch_size: int = 16,
                         pad_multiple: int = 1, dtype: Optional[str] = "auto", progress: bool = True,
                         dataset: Optional[str] = None) -> Dict[str, Any]:
-    """Load, evaluate, write results JSON + tables; returns the results dict (with "files").
+    """Load, evaluate, write a new results JSON (never replacing one) and the checkpoint's tables
+    (all its evaluations in the output dir, merged per task: moeut.rundir's rule); returns the
+    results dict, plus "files" (the paths written), "merged" (the merged results the table shows)
+    and "data_line" (`data_line`).
     Task data are loaded before the model: NoTaskData when no task has any (nothing written)."""
     from ..checkpoint import load_model, resolve_checkpoint
     from ..compute import total_params
@@ -179,7 +203,7 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
     opts = opts or EvalOptions()
     items = load_task_items(tasks, opts)
     ckpt_dir = resolve_checkpoint(checkpoint)
-    if "perplexity" in items[0] and not opts.perplexity.get("context_length"):
+    if "perplexity" in items.loaded and not opts.perplexity.get("context_length"):
         seq_len = _seq_len_of(ckpt_dir)
         if seq_len is None:
             log.warning("perplexity.context_length: not set and the run config has no data.seq_len; "
@@ -228,23 +252,48 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
     # Imported here, not at module level: moeut.eval imports this module, and an eager import of
     # .table would put moeut.eval.table in sys.modules before `python -m moeut.eval.table` runs it
     # (runpy's RuntimeWarning on every call).
-    from .table import row_from_results, skipped_notes, write_tables
+    from .table import row_from_results, table_notes, write_tables
 
     row = row_from_results(results)
-    results["table_row"] = row
+    results["table_row"] = row  # this evaluation's own row
     out_dir = out_dir or os.path.join(run_dir, EVAL_DIR)
-    os.makedirs(out_dir, exist_ok=True)
     tag = f"step_{int(step):07d}" if isinstance(step, int) else "final"
-    json_path = os.path.join(out_dir, f"results_{tag}.json")
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1, default=_json_default)
-    os.replace(tmp, json_path)
-    files = write_tables([row], os.path.join(out_dir, f"table_{tag}"), skipped_notes([results]))
-    files["json"] = json_path
+    json_path = write_eval_results(out_dir, tag, results, default=_json_default)  # a new file, always
+    # The table of this checkpoint: every evaluation of it in out_dir, merged per task (moeut.rundir);
+    # an out_dir shared by several runs holds other checkpoints' files of the same step: not merged.
+    same = []
+    for p in sorted(Path(out_dir).glob(f"results_{tag}*.json")):
+        m = EVAL_RESULTS_RE.match(p.name)
+        if m and m.group("tag") == tag:
+            d = read_json(p)
+            if is_moeut_eval(d) and d.get("checkpoint") == str(ckpt_dir):
+                same.append((p, d))
+    merged = merge_evals(same)
+    files = write_tables([row_from_results(merged)], os.path.join(out_dir, f"table_{tag}"),
+                         table_notes([merged]))
+    files["json"] = str(json_path)
     results["files"] = files
+    results["merged"] = merged  # what the table shows: every evaluation of this checkpoint, per task
+    results["data_line"] = data_line(task_results)
     log.info("results written to %s", json_path)
     return results
+
+
+def data_line(task_results: Dict[str, Dict[str, Any]]) -> str:
+    """One line saying which task files were scored: "task data: <task> <full set | CARRIED
+    SUBSET> (<n> items[, limit=L]), ..." plus, when any task used the carried subsets, that
+    their scores are not the paper's numbers."""
+    parts, carried = [], False
+    for name, t in task_results.items():
+        if "skipped" in t:
+            continue
+        kind = t.get("data", FULL)
+        carried |= kind == CARRIED
+        limit = f", limit={t['limit']}" if t.get("limit") is not None else ""
+        parts.append(f"{name} {'CARRIED SUBSET' if kind == CARRIED else 'full set'} ({t.get('n_items')} items{limit})")
+    note = ("; carried subsets (data/eval) are a few hundred items per task: not the paper's numbers"
+            if carried else "")
+    return "task data: " + ", ".join(parts) + note
 
 
 def _json_default(o):

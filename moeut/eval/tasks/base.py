@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from ... import paths
 
 
 class TaskFormatError(ValueError):
@@ -30,9 +32,23 @@ def hub_offline() -> bool:
 
 def default_data_dir() -> Path:
     """`$MOEUT_SHARED/data/eval`, where MOEUT_SHARED defaults to `shared` beside the repository
-    checkout (…/repo/../shared/data/eval): the zero-shot sets are not carried in the repository."""
-    shared = os.environ.get("MOEUT_SHARED") or Path(__file__).resolve().parents[3].parent / "shared"
+    checkout (…/repo/../shared/data/eval; an installed package has no checkout, so there it is
+    `./shared/data/eval` under the working directory): where the full zero-shot sets are looked up
+    first (moeut.paths)."""
+    clone = paths.clone_root()
+    shared = os.environ.get("MOEUT_SHARED") or (clone.parent / "shared" if clone is not None else Path("shared"))
     return Path(shared) / "data" / "eval"
+
+
+def carried_data_dir() -> Path:
+    """The small subsets of the task files the package carries (`data/eval`, data/eval/README.md),
+    used for a task whose full set is absent when neither `data_dir` nor `paths.<task>` is set."""
+    return paths.data_dir() / "eval"
+
+
+# `EvalOptions`-independent labels of where a task's items came from (results JSON: tasks.<task>.data)
+FULL = "full"            # the files under data_dir / paths.<task>, or the hub copy: every item there
+CARRIED = "carried subset"  # carried_data_dir(): a few hundred items, not the paper's sets
 
 
 @dataclass
@@ -128,23 +144,45 @@ class Task:
     column: Optional[str] = None  # results-table column, None = not in the paper's table
 
     def load(self, opts: EvalOptions) -> List[Any]:
-        """Items from local files, or from the hub per `opts.source` (see EvalOptions).
+        """The items of `load_items` (which says where they came from)."""
+        return self.load_items(opts)[0]
+
+    def load_items(self, opts: EvalOptions) -> Tuple[List[Any], Dict[str, str]]:
+        """(items, origin) from local files, the hub or the carried subset (see EvalOptions).
 
         "local": `load_local`; "hf": `load_hub`; "auto": `load_local`, and `load_hub` when the local
-        files are missing and the hub is online. Raises ValueError for another source,
-        TaskDataMissing (files absent, or the hub offline/unavailable), TaskFormatError (bad line)."""
+        files are missing and the hub is online. When the local files are missing (and the hub is
+        not used), `data_dir` is unset and `paths.<task>` is not given, the carried subset
+        (`carried_data_dir()`) is read instead. origin = {"data": FULL or CARRIED (also for
+        `data_dir` naming the carried folder itself), "data_from": the directory, file or hub id}. Raises ValueError for another source, TaskDataMissing
+        (files absent everywhere, or the hub offline/unavailable: the first place's message),
+        TaskFormatError (bad line)."""
         if opts.source not in ("local", "hf", "auto"):
             raise ValueError(f"source: must be 'local', 'hf' or 'auto', got {opts.source!r}")
         if opts.source == "hf":
-            return self.load_hub(opts)
+            return self.load_hub(opts), {"data": FULL, "data_from": self.hub_id()}
         try:
-            return self.load_local(opts)
+            items = self.load_local(opts)
+            where = Path(opts.paths.get(self.name) or opts.root)
+            carried = where.resolve() == carried_data_dir().resolve() and self.name not in opts.paths
+            return items, {"data": CARRIED if carried else FULL, "data_from": str(where)}
         except TaskDataMissing as local_err:
-            if opts.source != "auto":
+            if opts.source == "auto" and not hub_offline():
+                return self.load_hub(opts), {"data": FULL, "data_from": self.hub_id()}
+            if opts.data_dir or self.name in opts.paths:
+                if opts.source == "auto":
+                    raise TaskDataMissing(f"{local_err} (and the hub is offline)") from None
                 raise
-            if hub_offline():
-                raise TaskDataMissing(f"{local_err} (and the hub is offline)") from None
-            return self.load_hub(opts)
+            carried = carried_data_dir()
+            try:
+                return (self.load_local(replace(opts, data_dir=str(carried))),
+                        {"data": CARRIED, "data_from": str(carried)})
+            except TaskDataMissing:  # nothing carried for this task (CBT): report the full set's place
+                raise local_err from None
+
+    def hub_id(self) -> str:
+        """"hub:<task>": the task's hub copy (`hub.HF_SOURCES[<task>]`), for the results' `data_from`."""
+        return f"hub:{self.name}"
 
     def load_local(self, opts: EvalOptions) -> List[Any]:
         """Items from the task's files under `opts.root` (or `opts.paths[name]`); each subclass
@@ -164,20 +202,27 @@ class Task:
 
 
 def iter_text_lines(path: Path) -> Iterator[Tuple[int, str]]:
-    """(line number, line without its newline) of a text file, .bz2/.gz transparently."""
+    """(line number, line without its newline) of a UTF-8 text file, .bz2/.gz transparently.
+    Raises TaskDataMissing (no such file) or TaskFormatError naming file:line for a line that is
+    not UTF-8."""
     path = Path(path)
     if not path.is_file():
         raise TaskDataMissing(f"file not found: {path}")
     if path.suffix == ".bz2":
         import bz2
-        f = bz2.open(path, "rt", encoding="utf-8")
+        f = bz2.open(path, "rb")
     elif path.suffix == ".gz":
         import gzip
-        f = gzip.open(path, "rt", encoding="utf-8")
+        f = gzip.open(path, "rb")
     else:
-        f = open(path, encoding="utf-8")
-    with f:
-        for lineno, line in enumerate(f, 1):
+        f = open(path, "rb")
+    with f:  # bytes, decoded line by line, so that a bad byte is named with its own line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TaskFormatError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                      f"column {e.start + 1}); save the file as UTF-8") from None
             yield lineno, line.rstrip("\n").rstrip("\r")
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..scoring import ScoreRequest
-from .base import (EvalOptions, Task, TaskDataMissing, TaskFormatError, check_limit, expect_str,
+from .base import (FULL, EvalOptions, Task, TaskDataMissing, TaskFormatError, check_limit, expect_str,
                    iter_text_lines, read_jsonl)
 
 DEFAULT_CONTEXT = 1024  # the paper's context length, when neither the option nor the run says
@@ -88,25 +88,39 @@ class Perplexity(Task):
     def load(self, opts: EvalOptions) -> List[str]:
         """Documents (str) from perplexity.hub (its `field` column of `split`) or perplexity.path
         (.txt = one document, .jsonl[.gz/.bz2] = its `field` per line), at most `limit`. Raises
-        TaskDataMissing (no source set, file absent, hub offline, no text) / TaskFormatError."""
+        TaskDataMissing (no source set, file absent, hub offline, no text) / TaskFormatError (a bad
+        line, or not UTF-8, named file:line); every message names `perplexity.path` or
+        `perplexity.hub`."""
         p = opts.perplexity
         limit = check_limit(opts.limit)
         if p.get("hub"):
             from .hub import load_text_from_hub
             docs = load_text_from_hub(p["hub"], p.get("hub_config"), p.get("split") or "test",
                                       p.get("field") or "text", limit)
+            where = f"perplexity.hub={p['hub']}"
         else:
             path = p.get("path") or opts.paths.get(self.name)
             if not path:
                 raise TaskDataMissing("no text to score: set perplexity.path=<.txt/.jsonl/.gz file> "
                                       "or perplexity.hub=<hub dataset id>")
             path = Path(path)
+            where = f"perplexity.path={path}"
             if not path.is_file():
-                raise TaskDataMissing(f"perplexity.path: file not found: {path}")
-            docs = _docs_from_file(path, p.get("field") or "text", limit)
+                raise TaskDataMissing(f"{where}: file not found")
+            try:
+                docs = _docs_from_file(path, p.get("field") or "text", limit)
+            except TaskFormatError as e:
+                raise TaskFormatError(f"perplexity.path: {e}") from None
         if not any(d.strip() for d in docs):
-            raise TaskDataMissing(f"perplexity: no text in {p.get('hub') or p.get('path')}")
+            raise TaskDataMissing(f"{where}: no text in it (empty or blank)")
         return docs
+
+    def load_items(self, opts: EvalOptions) -> Tuple[List[str], Dict[str, str]]:
+        """(`load`'s documents, {"data": FULL, "data_from": the file or hub id}): the user's text,
+        never a carried subset."""
+        p = opts.perplexity
+        return self.load(opts), {"data": FULL, "data_from": str(p.get("hub") or p.get("path")
+                                                                 or opts.paths.get(self.name))}
 
     def evaluate(self, items: List[str], scorer, tokenizer, opts: EvalOptions) -> Dict[str, Any]:
         """Score every document in `strided_windows`: perplexity = exp(NLL / scored tokens),
