@@ -31,6 +31,7 @@ import io
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import hydra
