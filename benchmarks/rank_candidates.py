@@ -184,20 +184,29 @@ def layer_phase(shape_name, T, variants, device, dtype, budget_s, args, log):
 
     t_start = time.monotonic()
     # Correctness on the GPU shape (also the first call: compile + autotune), vs the reference backend.
-    errors, first = {}, {}
+    errors, first, failed = {}, {}, {}
+    ref = None
     for v in [ref_name] + [v for v in variants if v != ref_name]:
         t0 = time.monotonic()
         torch.manual_seed(1)  # same expert dropout draw (none in mini) and routing for every variant
-        y = moe_step(v)()
-        _sync(device)
+        try:
+            y = moe_step(v)()
+            _sync(device)
+        except Exception as e:  # noqa: BLE001  (a broken candidate must not end the run)
+            failed[v] = f"{type(e).__name__}: {str(e)[:300]}"
+            log(f"[{shape_name}] {v}: FAILED {failed[v]}")
+            continue
         first[v] = time.monotonic() - t0
         got = (y.detach().clone(), x.grad.clone(), moe.keys.grad.clone(), moe.values.grad.clone(),
                moe.expert_sel.grad.clone())
-        if v == ref_name:
+        if ref is None:
             ref = got
         errors[v] = dict(zip(("out", "dx", "dW1", "dW2", "dgate"), (_rel(a, b) for a, b in zip(got, ref))))
         log(f"[{shape_name}] {v}: first call {first[v]:.2f} s, rel. error vs {ref_name} "
             + " ".join(f"{k} {e:.1e}" for k, e in errors[v].items()))
+    variants = [v for v in variants if v not in failed]
+    if ref_name in failed:
+        ref_name = variants[0] if variants else ref_name
     fns = {v: moe_step(v) for v in variants}
     fns["dense"] = dense_step
     for _ in range(args.warmup):
@@ -230,7 +239,8 @@ def layer_phase(shape_name, T, variants, device, dtype, budget_s, args, log):
     del moe, dense
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return dict(shape=shape_name, T=T, dims=s, rounds=rounds, reference=ref_name, errors=errors, rows=rows)
+    return dict(shape=shape_name, T=T, dims=s, rounds=rounds, reference=ref_name, errors=errors, rows=rows,
+                failed=failed)
 
 
 def train_phase(variants, device, dtype, budget_s, args, log):
@@ -258,15 +268,21 @@ def train_phase(variants, device, dtype, budget_s, args, log):
 
     fns = {v: moe_step(v) for v in variants}
     fns["dense"] = lambda: ts.step_fn(st_de, de, batch, dtype, B, clip)
-    first = {}
-    for n, f in fns.items():
+    first, failed = {}, {}
+    for n, f in list(fns.items()):
         t0 = time.monotonic()
-        f()
-        _sync(device)
+        try:
+            f()
+            _sync(device)
+        except Exception as e:  # noqa: BLE001  (a broken candidate must not end the run)
+            failed[n] = f"{type(e).__name__}: {str(e)[:300]}"
+            log(f"[train] {n}: FAILED {failed[n]}")
+            del fns[n]
+            continue
         first[n] = time.monotonic() - t0
         for _ in range(max(args.warmup - 1, 0)):
             f()
-    names_all = list(variants) + ["dense"]
+    names_all = [v for v in variants if v in fns] + ["dense"]
     left = budget_s - (time.monotonic() - t_start)
     phase = Phase(names_all, time.monotonic() + max(left, 0), args.min_rounds, args.max_rounds)
     rounds = phase.run(fns, device)
@@ -282,7 +298,8 @@ def train_phase(variants, device, dtype, budget_s, args, log):
             p = _profile(fns[v], device, args.out / f"profile_train_{v}.txt", args.profile_rows)
             next(r for r in rows if r["variant"] == v).update({"prof_" + k: val for k, val in p.items()})
     log(f"[train] {rounds} rounds in {time.monotonic() - t_start:.1f} s")
-    return dict(moeut=args.train_moeut, dense=args.train_dense, batch=B, seq_len=T, rounds=rounds, rows=rows)
+    return dict(moeut=args.train_moeut, dense=args.train_dense, batch=B, seq_len=T, rounds=rounds, rows=rows,
+                failed=failed)
 
 
 def _fmt(v):
@@ -304,6 +321,7 @@ def to_markdown(result, header) -> str:
         cols = [c for c in cols_l if any(c in r for r in rows)]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+        lines += [f"- FAILED {v}: {msg}" for v, msg in lay.get("failed", {}).items()]
     if result.get("train"):
         tr = result["train"]
         lines += ["", f"### Training step, {tr['moeut']} (each backend) vs {tr['dense']}, batch {tr['batch']} x "
@@ -314,6 +332,7 @@ def to_markdown(result, header) -> str:
                 if any(c in r for r in rows)]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+        lines += [f"- FAILED {v}: {msg}" for v, msg in tr.get("failed", {}).items()]
     lines += ["", "Best per table (lowest ratio, not flagged): " + "; ".join(result["best"]) + "."]
     return "\n".join(lines) + "\n"
 
