@@ -302,3 +302,59 @@ def test_compile_fullgraph_matches_eager(backend, monkeypatch):
     assert "moeut.cvmm.default" in graphs["fw"] and "aten.constant_pad_nd.default" in graphs["fw"]
     assert {"moeut.cvmm_dx.default", "moeut.cvmm_dw.default"} <= graphs["bw"]
     _assert_match(eager, got, grad_atol=1e-6)
+
+
+_PTX_PROBE = r'''
+import collections, json, re, sys
+from moeut.kernels import footprint as fp
+from moeut.registry import get_preset
+res = {}
+for backend in ("triton", "triton_pad"):
+    cfg = get_preset("moeut_44m", cvmm_backend=backend, n_layers=2, group_size=2, vocab_size=256)
+    specs = fp.summarise(fp.trace(cfg, "bf16", batch=64, seq_len=1024, steps=["train"], trace_tokens=16))["specs"]
+    for s in specs:
+        c = dict(s.constexprs)
+        if s.kernel != "fwd":
+            continue
+        up = c["A_GATHER"] and not (c["OUT_ATOMIC"] or c["HAS_DOT"] or c["HAS_SCALE"])  # MLP up, forward
+        down = c["OUT_ATOMIC"] and c["HAS_SCALE"] and not (c["A_GATHER"] or c["HAS_DOT"])  # MLP down + combine
+        if not (up or down):
+            continue
+        ptx = fp.aot_compile(s, s.configs[0], 90).asm["ptx"]
+        cp = collections.Counter(m.group(1) for m in re.finditer(r"cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*,\s*(0x[0-9a-f]+)", ptx))
+        res[backend + (" up" if up else " down")] = dict(
+            cp_async_16B=cp.get("0x10", 0), cp_async_narrow=sum(v for k, v in cp.items() if k != "0x10"),
+            ld_global_scalar=len(re.findall(r"\bld\.global(?![.a-z0-9]*\.v[24])[.a-z0-9]*\s", ptx)),
+            red_scalar=len(re.findall(r"\bred\.global[.a-z]*\.add\.f32", ptx)),
+            red_v4=len(re.findall(r"\bred\.global[.a-z]*\.add\.v4\.f32", ptx)))
+print(json.dumps(res))
+'''
+
+
+@pytest.mark.slow
+def test_pad_candidate_vectorises_the_sm90_code():
+    """What `triton_pad` is for, checked in the sm_90 PTX Triton emits (AOT, no GPU): at moeut_44m's
+    d_model 412 the default kernels copy tiles with narrow (4-byte) cp.async or scalar loads and
+    combine with scalar fp32 atomics; on the padded widths (416) every tile copy is a 16-byte
+    cp.async and every atomic a 4-wide red.add.v4.f32."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOEUT_TRITON_CONFIG")}
+    env["PYTHONPATH"] = str(repo) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _PTX_PROBE], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    d_up, d_down, p_up, p_down = got["triton up"], got["triton down"], got["triton_pad up"], got["triton_pad down"]
+    # default: the gathered x rows of the up projection are scalar loads, the down projection's W
+    # rows narrow cp.async, its combine scalar atomics
+    assert d_up["ld_global_scalar"] >= 32 and d_down["cp_async_narrow"] > 0
+    assert d_down["red_scalar"] > 0 and d_down["red_v4"] == 0
+    # padded: 16-byte copies only, vector atomics only, few scalar loads (indices, offsets)
+    for p in (p_up, p_down):
+        assert p["cp_async_narrow"] == 0 and p["cp_async_16B"] > 0 and p["ld_global_scalar"] <= 24, p
+    assert p_down["red_scalar"] == 0 and p_down["red_v4"] > 0
