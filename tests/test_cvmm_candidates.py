@@ -358,3 +358,31 @@ def test_pad_candidate_vectorises_the_sm90_code():
     for p in (p_up, p_down):
         assert p["cp_async_narrow"] == 0 and p["cp_async_16B"] > 0 and p["ld_global_scalar"] <= 24, p
     assert p_down["red_scalar"] == 0 and p_down["red_v4"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", CANDIDATES)
+@pytest.mark.parametrize("mode", ["rows", "slots", "heads"])
+def test_gpu_vs_fp64(backend, mode):
+    """On a GPU, the real kernels (autotuned configs): each candidate in fp32 (TF32 off) against the
+    float64 oracle at moeut_44m's odd widths (d 412, d_expert 128; padded to 416), and in bf16
+    autocast within bf16 rounding."""
+    E, N, k = 12, 300, 3
+    D_in, D_out = (412, 128) if mode != "slots" else (128, 412)
+    x, w, ids, r, src_div, out_group = random_problem(mode, E=E, N=N, k=k, D_in=D_in, D_out=D_out, H=3,
+                                                      unused=(5,))
+    cot = torch.randn(ids.numel() // out_group, D_out, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    want = list(oracle_with_grads(x, w, ids, r, src_div, out_group, cot))
+    dev = torch.device("cuda")
+    for amp, tol in ((None, 1e-4), (torch.bfloat16, 3e-2)):
+        xs = x.float().to(dev).requires_grad_()
+        ws = w.float().to(dev).requires_grad_()
+        rs = r.float().reshape(-1).to(dev).requires_grad_() if r is not None else None
+        with torch.autocast("cuda", dtype=amp or torch.bfloat16, enabled=amp is not None):
+            out = cvmm(xs, ws, make_plan(ids.to(dev), E), src_div=src_div, out_group=out_group, gates=rs,
+                       backend=backend)
+        (out.double() * cot.to(dev)).sum().backward()
+        got = [t.cpu() if t is not None else None for t in (out, xs.grad, ws.grad, rs.grad if rs is not None else None)]
+        _close(got, want, tol)
+        assert got[2].dtype == torch.float32
