@@ -49,3 +49,27 @@ def test_bad_variant_is_one_line_error(tmp_path):
     assert res.returncode == 1
     assert res.stderr.strip().splitlines()[-1].startswith("rank_candidates: error: --variants")
     assert not (tmp_path / "r").exists()
+
+
+def test_failing_candidate_is_reported_not_fatal(tmp_path, monkeypatch):
+    """A backend that raises (e.g. a kernel that does not compile on the GPU) is listed as FAILED
+    with its error and left out of the timing; the other variants are still ranked."""
+    import argparse
+    import importlib.util
+    import torch
+    from moeut.kernels import cvmm as cv
+    monkeypatch.delenv("MOEUT_CVMM_BACKEND", raising=False)
+    spec = importlib.util.spec_from_file_location("rank_candidates", SCRIPT)
+    rc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rc)
+
+    def broken(*a, **k):
+        raise RuntimeError("ptxas died")
+    monkeypatch.setitem(cv._BACKENDS, "broken_for_test", broken)
+    args = argparse.Namespace(warmup=1, min_rounds=1, max_rounds=1, profile=False, out=tmp_path)
+    res = rc.layer_phase("tiny", 16, ["grouped_mm", "broken_for_test", "grouped_mm_pad"], torch.device("cpu"),
+                         torch.float32, 5.0, args, lambda m: None)
+    assert res["failed"] == {"broken_for_test": "RuntimeError: ptxas died"}
+    assert {r["variant"] for r in res["rows"]} == {"grouped_mm", "grouped_mm_pad", "dense"}
+    md = rc.to_markdown(dict(layers=[res], train=None, best=[]), [])
+    assert "FAILED broken_for_test: RuntimeError: ptxas died" in md
