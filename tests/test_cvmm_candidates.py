@@ -18,6 +18,7 @@ import torch
 
 from moeut.config import CVMM_BACKENDS
 from moeut.kernels import cvmm as cv
+from moeut.kernels import ops  # noqa: F401  (registers the moeut::cvmm* custom ops)
 from moeut.kernels.cvmm import cvmm, make_plan, padded_dim
 
 from cvmm_util import load_golden_cases, oracle_with_grads, random_problem, run_case
