@@ -2,6 +2,7 @@
 
     python benchmarks/compile_cost.py                         # sm_90, before vs after pruning
     python benchmarks/compile_cost.py --record docs/benchmarks.md
+    python benchmarks/compile_cost.py --only moeut_44m --no-before --candidates triton_pad,triton_buffer,triton_pad_buffer
 
 Two workloads (issue 13): one `moeut_44m` bf16 training step (batch 64 x 1024) plus KV-cache
 decoding, and the fp32 golden check of `tiny` + `small_g3` (batch 2 x 64: eval forward, training
@@ -52,17 +53,26 @@ WORKLOADS = {
 }
 
 
-def measure(name, w, arch, legacy, log):
+def _spec_key(s):
+    return (s.kernel, s.constexprs, s.tensors, s.int_classes)
+
+
+def measure(name, w, arch, legacy, log, backend="triton", baseline_keys=None):
+    """Trace workload `w` with CVMM backend `backend` and AOT-compile its variants; with
+    `baseline_keys` (the default backend's variants) also count the variants it shares."""
     traced = {}
     for p in w["presets"]:
-        for step, ls in fp.trace(fp.model_config(p), w["dtype"], w["batch"], w["seq_len"], w["steps"],
+        for step, ls in fp.trace(fp.model_config(p, backend), w["dtype"], w["batch"], w["seq_len"], w["steps"],
                                  w["prefill"]).items():
             traced.setdefault(f"{p}:{step}", []).extend(ls)
     summ = fp.summarise(traced)
-    log(f"# {name}: {len(summ['specs'])} variants, {summ['compiles']} compiles")
+    log(f"# {name} [{backend}]: {len(summ['specs'])} variants, {summ['compiles']} compiles")
     after, rows = fp.aot_time(summ["specs"], arch, log=log)
     res = dict(variants=len(summ["specs"]), compiles=len(rows), after=after,
-               worst=max(r["seconds"] for r in rows), autotuned_keys=summ["autotuned_keys"])
+               worst=max(r["seconds"] for r in rows), autotuned_keys=summ["autotuned_keys"],
+               keys={_spec_key(s) for s in summ["specs"]}, backend=backend)
+    if baseline_keys is not None:
+        res["shared_with_default"] = len(res["keys"] & baseline_keys)
     if legacy:
         before, rows_b = fp.aot_time(summ["specs"], arch, log=log,
                                      configs_of=lambda s: LEGACY_FWD if s.kernel == "fwd" else LEGACY_DW)
@@ -76,12 +86,24 @@ def main(argv=None):
     ap.add_argument("--no-before", action="store_true", help="skip the legacy config sets")
     ap.add_argument("--only", default=None, help="substring of one workload name")
     ap.add_argument("--record", default=None, help="append a markdown section to this file")
+    ap.add_argument("--candidates", default=None,
+                    help="comma-separated Triton CVMM backends (e.g. triton_pad,triton_buffer): also compile each "
+                         "workload's footprint with them (docs/kernels.md \"Candidates\")")
     a = ap.parse_args(argv)
+    from moeut.kernels.cvmm import TRITON_BACKENDS
+    cands = [c for c in (a.candidates or "").split(",") if c]
+    bad = [c for c in cands if c not in TRITON_BACKENDS or c == "triton"]
+    if bad:
+        sys.exit(f"compile_cost.py: error: --candidates: {bad} not among {TRITON_BACKENDS[1:]}")
     results = {}
+    cand_results = []
     for name, w in WORKLOADS.items():
         if a.only and a.only not in name:
             continue
         results[name] = measure(name, w, a.arch, not a.no_before, lambda m: print(m, flush=True))
+        for c in cands:
+            cand_results.append((name, measure(name, w, a.arch, False, lambda m: print(m, flush=True), backend=c,
+                                               baseline_keys=results[name]["keys"])))
     cpu = f"{platform.machine()}, {os.cpu_count()} cores"
     lines = [f"## Triton compile cost, AOT for sm_{a.arch} (`benchmarks/compile_cost.py`), {datetime.date.today()}", "",
              f"- machine: CPU only ({cpu}, shared with other jobs), no GPU: Triton's real CUDA backend + bundled "
@@ -102,6 +124,15 @@ def main(argv=None):
     lines += ["", "\"before\" = the same variants with the pre-pruning config sets (6 + 6, autotuned for every dtype "
               "and size); a lower bound, since the old kernels also compiled a variant per slot-count class "
               "(S % 16, S == 1).", ""]
+    if cand_results:
+        lines += ["Candidates (each workload's whole footprint compiled with the candidate backend, cold; "
+                  "`shared` = variants identical to the default backend's, so compiled once when both run):", "",
+                  "| workload | backend | variants | shared with triton | compiles | compile CPU s | slowest CPU s | "
+                  "autotuned keys |", "|---|---|---|---|---|---|---|---|"]
+        for name, r in [(n, dict(results[n], backend="triton")) for n in results] + cand_results:
+            lines.append(f"| {name} | {r['backend']} | {r['variants']} | {r.get('shared_with_default', r['variants'])} | "
+                         f"{r['compiles']} | {r['after']:.1f} | {r['worst']:.1f} | {r['autotuned_keys']} |")
+        lines.append("")
     text = "\n".join(lines)
     print(text)
     if a.record:

@@ -8,6 +8,11 @@
 # Steps, each with its own time limit, each logged to $WORK/<step>.log; the suite goes on after a
 # failed step and exits non-zero at the end if any failed:
 #   versions     Python, torch, triton, CUDA, GPU
+#   rank_candidates  benchmarks/rank_candidates.py: every CVMM candidate vs the Triton default,
+#                grouped_mm and the dense-active MLP at the 44M and 244M layer shapes, and the
+#                moeut_44m training step per candidate vs dense_44m, with profiler kernel tables
+#                (<= 8 min; its own Triton cache, so cold_start below stays cold); output in
+#                $WORK/rank/ and in the appended section
 #   footprint    the Triton kernels x configs moeut_44m bf16 will compile (moeut.kernels.footprint)
 #   cold_start   first moeut_44m bf16 training step (64 x 1024) with a cold Triton cache, then in a
 #                new process with the on-disk caches warm (moeut.kernels.warmup); targets 30 s / 5 s
@@ -31,7 +36,9 @@
 # puts that folder and the repository on PYTHONPATH. Nothing is fetched from the network.
 #
 # Environment: GPU_SUITE_DRY_RUN=1 (= --dry-run), GPU_SUITE_DOC (markdown file to append to),
-# GPU_SUITE_WORK (work dir; default a new temp dir), GPU_SUITE_WHEELS (default .whl).
+# GPU_SUITE_WORK (work dir; default a new temp dir), GPU_SUITE_WHEELS (default .whl),
+# GPU_SUITE_STEPS (comma-separated step names to run, e.g. versions,rank_candidates to fit a short
+# GPU lease; the others are recorded as SKIPPED; default: all steps).
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -76,6 +83,7 @@ if [[ "$DRY" == 1 ]]; then
   BENCH_TS="--device cpu --moeut tiny --dense dense_tiny --batch 2 --seq-len 32 --rounds 1 --warmup 1"
   BENCH_LAYER="--device cpu --shapes small --rounds 1"
   BENCH_CVMM="--device cpu --small --tokens 128 --skip-layer"
+  RANK_ARGS="--dry-run --budget-s 20"
   LIMIT_SCALE=1
 else
   DEV=cuda; PREC=bf16; PRESET=moeut_44m; FP_ARGS="preset=moeut_44m dtype=bf16"
@@ -87,15 +95,22 @@ else
   BENCH_TS="--device cuda --rounds 5 --warmup 2"
   BENCH_LAYER="--rounds 5"
   BENCH_CVMM="--tokens 8192"
+  RANK_ARGS="--budget-s 420"
   LIMIT_SCALE=1
 fi
 
 STEPS_TSV="$WORK/steps.tsv"; : > "$STEPS_TSV"
 FAILED=0
 # run_step NAME LIMIT_SECONDS CMD...: log to $WORK/NAME.log, record status and seconds
+STEPS_ONLY="${GPU_SUITE_STEPS:-}"
 run_step() {
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
+  if [[ -n "$STEPS_ONLY" && ",$STEPS_ONLY," != *",$name,"* ]]; then
+    printf '%s\t%s\t%s\n' "$name" "SKIPPED" 0 >> "$STEPS_TSV"
+    echo "=== [$name] SKIPPED (not in GPU_SUITE_STEPS=$STEPS_ONLY)"
+    return
+  fi
   echo "=== [$name] $* (limit ${limit}s)"
   timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$WORK/$name.log" 2>&1
   local rc=$? status=PASS
@@ -157,6 +172,9 @@ LAST_CKPT=$(printf 'step_%07d' "$(sed -E 's/.*train\.steps=([0-9]+).*/\1/' <<< "
 export REPO WORK DEV PREC WARM_ARGS TRAIN_ARGS LAST_CKPT
 export -f versions cold_start train_sigterm_resume
 run_step versions 60 bash -c versions
+# Its own Triton cache: the cold_start step below must still find a cold one.
+run_step rank_candidates 480 env TRITON_CACHE_DIR="$WORK/triton_cache_rank" \
+  python benchmarks/rank_candidates.py $RANK_ARGS --out "$WORK/rank"
 run_step footprint 120 python -m moeut.kernels.footprint $FP_ARGS
 run_step cold_start 180 bash -c cold_start
 run_step pytest_gpu 300 python -m pytest -m gpu -q -rA -p no:cacheprovider $PYTEST_TARGETS

@@ -16,7 +16,9 @@ from typing import Optional
 
 LN_PLACEMENTS = ("peri", "pre", "post")
 LAYER_ORDERS = ("abab", "aabb")
-CVMM_BACKENDS = ("auto", "triton", "grouped_mm", "torch_loop")
+CVMM_BACKENDS = ("auto", "triton", "grouped_mm", "torch_loop",
+                 # candidates, never the default (docs/kernels.md "Candidates")
+                 "triton_buffer", "triton_pad", "triton_pad_buffer", "grouped_mm_pad")
 MLP_TYPES = ("sigma_moe", "switch", "deepseek")
 
 

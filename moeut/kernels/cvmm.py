@@ -33,6 +33,9 @@ Backends (selected per call by `backend=` or the MOEUT_CVMM_BACKEND environment 
     d_head 82 in fp32) -- never `w[e]` indexing, whose backward is O(E*|W|) (SPEC 3.8).
   - "torch_loop": the per-expert loop always; the simplest reference.
   - "triton": the fused kernels in `moeut.kernels.cvmm_triton` (registered here on first use).
+  - candidates, never chosen by "auto" (docs/kernels.md "Candidates"): "triton_buffer" (no fp32
+    atomics), "triton_pad" / "grouped_mm_pad" (feature dimensions zero-padded to a multiple of
+    16), "triton_pad_buffer" (both).
   - "auto": Triton for CUDA tensors when available (sm >= 80), else "grouped_mm". A Triton that
     cannot be imported or whose kernels fail to compile is never dropped silently: "auto" warns
     once (naming the cvmm_backend option and MOEUT_CVMM_BACKEND) and uses "grouped_mm"; an
@@ -61,6 +64,8 @@ import torch.nn.functional as F
 from .grouped import ExpertPlan, grouped_mm, grouped_weight_grad, make_plan  # noqa: F401
 
 BACKEND_ENV = "MOEUT_CVMM_BACKEND"
+# The backends that run the Triton kernels (registered on first use): the default and candidates.
+TRITON_BACKENDS = ("triton", "triton_buffer", "triton_pad", "triton_pad_buffer")
 
 
 class _CVMMTorch(torch.autograd.Function):
@@ -177,6 +182,48 @@ def _torch_backend(force_loop: bool) -> CVMMFn:
 register_backend("grouped_mm", _torch_backend(force_loop=False))
 register_backend("torch_loop", _torch_backend(force_loop=True))
 
+# ------------------------------------------------------------------------------------------
+# Candidates (none is the default; docs/kernels.md "Candidates" gives the traffic model that
+# chose them and the GPU ranking script benchmarks/rank_candidates.py decides between them)
+# ------------------------------------------------------------------------------------------
+
+PAD_MULTIPLE = 16  # elements: 32-byte rows in bf16, and Triton's "divisible by 16" specialisation
+
+
+def padded_dim(n: int, multiple: int = PAD_MULTIPLE) -> int:
+    """n rounded up to a multiple of `multiple` (the feature width the "*_pad" backends compute with)."""
+    return -(-n // multiple) * multiple
+
+
+def _padded_backend(inner: str) -> CVMMFn:
+    """Backend `inner` run on zero-padded feature dimensions (backends "grouped_mm_pad",
+    "triton_pad", "triton_pad_buffer"): D_in and D_out are rounded up to `PAD_MULTIPLE`, x and the
+    master weights are zero-padded (W stays in its master dtype, so dW is still accumulated in fp32
+    and returned in it), and the padded output columns are sliced off. Exact: the padded columns
+    of x and rows of W are zeros, which add exact zeros to every dot product, and the padded output
+    columns are dropped; autograd through the pad and slice gives the unpadded gradients. Why:
+    `torch._grouped_mm` needs 16-byte-aligned strides (else `grouped_mm` loops over experts with a
+    host sync), and Triton vectorises loads only when row strides are divisible by 16 elements;
+    d_model 412 and d_head 82 (moeut_44m) are neither."""
+    def run(x, w, plan, *, src_div, grouped_in, out_group, grouped_out, gates):
+        E, D_in, D_out = w.shape
+        pad_in, pad_out = padded_dim(D_in) - D_in, padded_dim(D_out) - D_out
+        if pad_in or pad_out:
+            w = F.pad(w, (0, pad_out, 0, pad_in))
+        if pad_in:
+            x = F.pad(x, (0, pad_in))
+        lay = dict(src_div=src_div, grouped_in=grouped_in, out_group=out_group, grouped_out=grouped_out, gates=gates)
+        if inner in ("grouped_mm", "torch_loop") and torch.compiler.is_compiling():
+            from .ops import cvmm_op  # traced as the opaque custom op, as in `cvmm`
+            out = cvmm_op(x, w, plan, impl=inner, **lay)
+        else:
+            out = _BACKENDS[inner](x, w, plan, **lay)
+        return out[:, :D_out] if pad_out else out
+    return run
+
+
+register_backend("grouped_mm_pad", _padded_backend("grouped_mm"))
+
 _warned_volta = False
 _triton_failure: Optional[str] = None  # why "auto" stopped using Triton in this process (warned once)
 
@@ -204,15 +251,21 @@ def _import_triton_backend():
         raise ImportError(f"cvmm_backend='triton' (model option, or {BACKEND_ENV}=triton) needs a working "
                           f"Triton, but importing moeut.kernels.cvmm_triton failed: {type(e).__name__}: {e}") from e
 
-    def _triton_backend(x, w, plan, *, src_div, grouped_in, out_group, grouped_out, gates):
-        from .ops import cvmm_op
-        # CUDA tensors (or any tensor under the interpreter) run the kernels; CPU tensors the
-        # PyTorch implementation behind the same custom op.
-        impl = "triton" if (x.is_cuda or cvmm_triton.interpreting()) else "grouped_mm"
-        return cvmm_op(x, w, plan, src_div=src_div, grouped_in=grouped_in, out_group=out_group,
-                       grouped_out=grouped_out, gates=gates, impl=impl)
+    def _triton_backend(impl_gpu: str) -> CVMMFn:
+        def run(x, w, plan, *, src_div, grouped_in, out_group, grouped_out, gates):
+            from .ops import cvmm_op
+            # CUDA tensors (or any tensor under the interpreter) run the kernels; CPU tensors the
+            # PyTorch implementation behind the same custom op.
+            impl = impl_gpu if (x.is_cuda or cvmm_triton.interpreting()) else "grouped_mm"
+            return cvmm_op(x, w, plan, src_div=src_div, grouped_in=grouped_in, out_group=out_group,
+                           grouped_out=grouped_out, gates=gates, impl=impl)
+        return run
 
-    register_backend("triton", _triton_backend)
+    register_backend("triton", _triton_backend("triton"))
+    # Candidates (docs/kernels.md "Candidates"): no fp32 atomics; zero-padded feature dimensions.
+    register_backend("triton_buffer", _triton_backend("triton_buffer"))
+    register_backend("triton_pad", _padded_backend("triton"))
+    register_backend("triton_pad_buffer", _padded_backend("triton_buffer"))
 
 
 def _triton_available(device: torch.device) -> bool:
@@ -239,11 +292,12 @@ def _resolve(name: Optional[str], device: torch.device):
                 _warned_volta = True
             return "torch_loop", True
         return ("triton" if _triton_available(device) else "grouped_mm"), True
-    if name == "triton" and "triton" not in _BACKENDS:
+    if name.startswith("triton") and name not in _BACKENDS and name in TRITON_BACKENDS:
         _import_triton_backend()  # raises an ImportError naming the option if Triton is missing or broken
     if name not in _BACKENDS:
-        raise ValueError(f"cvmm_backend: unknown backend {name!r}; known: auto, {sorted(_BACKENDS)}")
-    if name == "triton":
+        known = sorted(set(_BACKENDS) | set(TRITON_BACKENDS))
+        raise ValueError(f"cvmm_backend: unknown backend {name!r}; known: auto, {known}")
+    if name in TRITON_BACKENDS:
         check_volta(device)
     return name, False
 

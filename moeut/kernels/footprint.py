@@ -53,22 +53,25 @@ DTYPES = ("bf16", "fp16", "fp32", "tf32")
 STEPS = ("train", "eval", "decode")
 
 
-def model_config(preset: str):
-    """A model config by preset name (moeut.config), or one of GOLDEN_CONFIGS; Triton backend."""
+def model_config(preset: str, backend: str = "triton"):
+    """A model config by preset name (moeut.config), or one of GOLDEN_CONFIGS, with CVMM backend
+    `backend` (a Triton backend: "triton" or a candidate such as "triton_pad")."""
     if preset in GOLDEN_CONFIGS:
         from moeut.official import config_from_official
         return config_from_official(dict(GOLDEN_CONFIGS[preset], dropout=0.0, entropy_reg=0.01,
-                                         att_entropy_reg=0.001), cvmm_backend="triton")
+                                         att_entropy_reg=0.001), cvmm_backend=backend)
     from moeut.registry import get_preset
-    return get_preset(preset, cvmm_backend="triton")
+    return get_preset(preset, cvmm_backend=backend)
 
 
 class _Replay(torch.utils._python_dispatch.TorchDispatchMode):
-    """Sees every moeut::cvmm* call; replays it with impl="triton" under recording, then runs it."""
+    """Sees every moeut::cvmm* call; replays it with the Triton `impl` ("triton", or the candidate
+    "triton_buffer") under recording, then runs it."""
 
-    def __init__(self, recorder_kwargs):
+    def __init__(self, recorder_kwargs, impl: str = "triton"):
         super().__init__()
         self.recorder_kwargs = recorder_kwargs
+        self.impl = impl
         self.launches: List[dict] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -76,7 +79,7 @@ class _Replay(torch.utils._python_dispatch.TorchDispatchMode):
         if func.namespace == "moeut":
             from . import cvmm_triton as kt
             with kt.recording(**self.recorder_kwargs) as rec:
-                func(*args[:-1], "triton", **kwargs)  # impl is each op's last argument
+                func(*args[:-1], self.impl, **kwargs)  # impl is each op's last argument
             self.launches += rec.launches
             # The values come from the PyTorch implementation (CPU; never the interpreter).
             return func(*args[:-1], "grouped_mm", **kwargs)
@@ -103,12 +106,14 @@ def trace(cfg, dtype: str = "bf16", batch: int = 64, seq_len: int = 1024, steps:
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     V = cfg.vocab_size
     out: Dict[str, List[dict]] = {}
+    # The no-atomics candidates launch other variants; the "*_pad" ones pad before the op is called.
+    replay_impl = "triton_buffer" if cfg.cvmm_backend in ("triton_buffer", "triton_pad_buffer") else "triton"
     saved = {k: os.environ.pop(k, None) for k in ("MOEUT_CVMM_BACKEND",)}
     try:
         for step in steps:
             t = min(trace_tokens, seq_len) if step != "decode" else min(trace_tokens, prefill)
             scale = batch * (seq_len if step != "decode" else prefill) / t
-            mode = _Replay(dict(s_scale=scale, sms=sms, tf32=dtype == "tf32"))
+            mode = _Replay(dict(s_scale=scale, sms=sms, tf32=dtype == "tf32"), impl=replay_impl)
             ids = torch.randint(0, V, (1, t + 1))
             with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
                 if step == "train":

@@ -12,6 +12,12 @@ grouped_out; see that module's docstring) plus `impl`:
 
     "triton"                   the kernels of `moeut.kernels.cvmm_triton` (CUDA tensors, or any
                                tensor under TRITON_INTERPRET=1)
+    "triton_buffer"            the same kernels with no fp32 atomics (a candidate, see
+                               docs/kernels.md "Candidates"): every k-way combine and src_div-way
+                               input-gradient sum goes through a per-slot buffer in the op dtype
+                               summed in a fixed order, and the weight-gradient split through
+                               partials summed in a fixed order (the deterministic mode's
+                               arithmetic, with autotuning left on)
     "grouped_mm" / "torch_loop" PyTorch (`torch._grouped_mm`, or its per-expert loop), the same
                                math as the "grouped_mm"/"torch_loop" backends of cvmm.py
 
@@ -28,7 +34,8 @@ import torch.nn.functional as F
 
 from .grouped import ExpertPlan, grouped_mm, grouped_weight_grad
 
-IMPLS = ("triton", "grouped_mm", "torch_loop")
+IMPLS = ("triton", "triton_buffer", "grouped_mm", "torch_loop")
+TRITON_IMPLS = ("triton", "triton_buffer")
 
 
 def _check_impl(impl: str) -> None:
@@ -36,9 +43,11 @@ def _check_impl(impl: str) -> None:
         raise ValueError(f"moeut::cvmm: impl must be one of {IMPLS}, got {impl!r}")
 
 
-def _det() -> bool:
+def _no_atomics(impl: str) -> bool:
+    """Combines and split weight gradients without atomics: impl "triton_buffer", or the
+    deterministic mode (MOEUT_CVMM_DETERMINISTIC / torch.use_deterministic_algorithms)."""
     from .cvmm_triton import deterministic
-    return deterministic()
+    return impl == "triton_buffer" or deterministic()
 
 
 # ------------------------------------------------------------------------------------------
@@ -58,13 +67,13 @@ def cvmm_fwd(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, inverse: tor
     _check_impl(impl)
     a_idx_S = None if grouped_in else order // src_div  # source row of each sorted slot
     scale_S = gates.index_select(0, order) if gates is not None else None  # gates in sorted order
-    if impl == "triton":
+    if impl in TRITON_IMPLS:
         from . import cvmm_triton as kt
         if grouped_out:
             out, _ = kt.fwd(x, w, sorted_experts, offsets, a_idx=a_idx_S, scale=scale_S)
         elif out_group == 1:
             out, _ = kt.fwd(x, w, sorted_experts, offsets, a_idx=a_idx_S, o_idx=order, scale=scale_S)
-        elif _det():
+        elif _no_atomics(impl):
             # Deterministic combine: each slot stored once in slot order, then a fixed-order sum.
             y_SN, _ = kt.fwd(x, w, sorted_experts, offsets, a_idx=a_idx_S, o_idx=order, scale=scale_S)
             out = y_SN.view(-1, out_group, y_SN.shape[1]).sum(1)
@@ -111,7 +120,7 @@ def cvmm_dx(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, order: torch.T
     scale_S = gates.index_select(0, order) if gates is not None else None
     need_dgates = need_dgates and gates is not None
     grad = grad.to(x.dtype)
-    if impl == "triton":
+    if impl in TRITON_IMPLS:
         from . import cvmm_triton as kt
         # dx_slot = scale * g W[e]^T: the forward kernel on transposed weights; its dot epilogue
         # against x gives the gate gradient <g W[e]^T, x> before the scale is applied.
@@ -121,7 +130,7 @@ def cvmm_dx(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, order: torch.T
             dx, dr_S = kt.fwd(grad, w, sorted_experts, offsets, **kw)
         elif src_div == 1:
             dx, dr_S = kt.fwd(grad, w, sorted_experts, offsets, o_idx=order, **kw)
-        elif _det():
+        elif _no_atomics(impl):
             dxs, dr_S = kt.fwd(grad, w, sorted_experts, offsets, o_idx=order, **kw)
             dx = dxs.view(M, src_div, dxs.shape[1]).sum(1)
         else:
@@ -168,9 +177,10 @@ def cvmm_dw(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, order: torch.T
     g_idx_S = None if grouped_out else order // out_group
     scale_S = gates.index_select(0, order) if gates is not None else None
     grad = grad.to(x.dtype)
-    if impl == "triton":
+    if impl in TRITON_IMPLS:
         from . import cvmm_triton as kt
-        return kt.dw(x, grad, offsets, E, x_idx=a_idx_S, g_idx=g_idx_S, scale=scale_S, out_dtype=w.dtype)
+        return kt.dw(x, grad, offsets, E, x_idx=a_idx_S, g_idx=g_idx_S, scale=scale_S, out_dtype=w.dtype,
+                     det=_no_atomics(impl))
     xs_SI = x if grouped_in else x.index_select(0, a_idx_S)
     g_SO = grad if grouped_out else grad.index_select(0, g_idx_S)
     if scale_S is not None:
@@ -219,7 +229,7 @@ def cvmm_op(x: torch.Tensor, w: torch.Tensor, plan: ExpertPlan, *, src_div: int 
     """The custom-op CVMM (SPEC 3.4; same contract as a `moeut.kernels.cvmm` backend: x [M, D_in] or
     [S, D_in] in the op dtype, w [E, D_in, D_out] the master weight, gates [S] in slot order or
     None): `torch.ops.moeut.cvmm` with `plan`'s tensors, traceable by `torch.compile` without graph
-    breaks and differentiable in x, w and gates. `impl`: "triton" | "grouped_mm" | "torch_loop"
-    (ValueError otherwise)."""
+    breaks and differentiable in x, w and gates. `impl`: "triton" | "triton_buffer" | "grouped_mm" |
+    "torch_loop" (ValueError otherwise)."""
     return torch.ops.moeut.cvmm(x, w, plan.order, plan.inverse, plan.sorted_experts, plan.offsets, gates,
                                 src_div, grouped_in, out_group, grouped_out, impl)
