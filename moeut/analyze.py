@@ -691,19 +691,21 @@ def draw_all(stats: Dict[str, Any], fig_dir: str, *, run: str, fcfg: FigureConfi
 def training_validation(metrics_rows: Optional[Sequence[dict]], run_dir: str,
                         ckpt_dir: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """The run's own last validation during training, for the report to set beside the analysis's:
-    {"step", "perplexity" (`validation/val/perplexity` of metrics.jsonl), "valid_tokens",
+    {"step", "perplexity" (`validation/val/perplexity` of metrics.jsonl), "tokens" (the predicted
+    tokens it averaged over, `validation/val/tokens`; None in older logs), "valid_tokens",
     "valid_path", "seq_len" (`data.*` of the run's saved config; None when absent)}; None when
     metrics.jsonl logged no validation."""
     last = None
     for row in metrics_rows or []:
         v = row.get("validation/val/perplexity")
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            last = (row.get("step"), float(v))
+            n = row.get("validation/val/tokens")
+            last = (row.get("step"), float(v), int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) else None)
     if last is None:
         return None
     conf = RunDir(run_dir).config(ckpt_dir) or {}
     data = conf.get("data") if isinstance(conf.get("data"), dict) else {}
-    return {"step": last[0], "perplexity": last[1], "valid_tokens": data.get("valid_tokens"),
+    return {"step": last[0], "perplexity": last[1], "tokens": last[2], "valid_tokens": data.get("valid_tokens"),
             "valid_path": data.get("valid_path") or data.get("path"), "seq_len": data.get("seq_len")}
 
 
@@ -716,14 +718,16 @@ def _summary_rows(meta: Dict[str, Any], training: Optional[Dict[str, Any]] = Non
             ("validation perplexity", f"{meta['val_ppl']:.2f} over the {n_tok:,} tokens above" if
              meta.get("val_ppl") is not None and isinstance(n_tok, int) else "n/a")]
     if training is not None:
-        budget, T = training.get("valid_tokens"), training.get("seq_len")
-        # training predicts the tokens of its valid_tokens // T windows of T (SPEC 5.7)
-        same = isinstance(budget, int) and isinstance(T, int) and T > 0 and budget // T * T == n_tok
-        size = f"data.valid_tokens={budget:,}" if isinstance(budget, int) else "data.valid_tokens=null (the whole split)"
+        budget, T, counted = training.get("valid_tokens"), training.get("seq_len"), training.get("tokens")
+        if counted is not None:  # logged by training: exact
+            same = counted == n_tok
+            size = f"{counted:,} predicted tokens (data.valid_tokens={budget})"
+        else:  # older logs: training predicts the tokens of its valid_tokens // T windows of T (SPEC 5.7)
+            same = isinstance(budget, int) and isinstance(T, int) and T > 0 and budget // T * T == n_tok
+            size = f"data.valid_tokens={budget:,}" if isinstance(budget, int) else "data.valid_tokens=null (the whole split)"
         vpath = training.get("valid_path")
         same_file = bool(vpath) and os.path.abspath(str(vpath)) == os.path.abspath(str(meta.get("data_path")))
-        diffs = ([] if same_file else ["another file"]) + ([] if same else [f"{'another' if same_file else 'a'} "
-                                                                              f"number of tokens"])
+        diffs = ([] if same_file else ["another file"]) + ([] if same else ["another number of tokens"])
         note = ("the same file and as many tokens as here" if not diffs else
                 f"{' and '.join(diffs)} than here, so the two perplexities differ; data.path={vpath} "
                 f"max_tokens={budget if isinstance(budget, int) else 'null'} measures the same windows")
