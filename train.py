@@ -30,7 +30,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from moeut.cli import INPUT_ERRORS, bad_input_exits, exit_bad_input, install_warning_format, raised_in
+from moeut.cli import INPUT_ERRORS, bad_input_exits, exit_bad_input, raised_in, setup_tool_output
 from moeut.data.pipeline import ensure_prepared
 from moeut.train_lib.config import register_configs, to_typed
 from moeut.train_lib.distributed import env_rank_info
@@ -54,7 +54,7 @@ def main(cfg: DictConfig) -> Optional[float]:
     perplexity (for sweepers that minimise it), or None when there was none. A bad option or a
     refused start (ValueError / FileNotFoundError naming the key or file) exits 1 with one line
     `train.py: error: ...` (SystemExit); a refused start into a new run dir removes the empty folder."""
-    install_warning_format("train.py")  # `train.py: warning: <message>`, one line (moeut.cli)
+    setup_tool_output("train.py")  # one-line warnings; no progress frames in a log file
     logging.captureWarnings(True)  # warnings go to the console and, once the run starts, train.log
     run_dir = HydraConfig.get().runtime.output_dir
     # Hydra creates the run dir before we get here; a refused start into a NEW run dir removes the

@@ -76,7 +76,7 @@ def install_warning_format(tool: str) -> None:
     """Make every warning of this process print as one `warning_line` naming `tool` (sets
     `warnings.formatwarning`, which `logging.captureWarnings` also uses) instead of Python's
     `path.py:123: UserWarning: ...` plus a source line. Called by every tool's entry point
-    (and by `bad_input_exits`); library code never calls it."""
+    (`setup_tool_output`, also from `bad_input_exits`); library code never calls it."""
     import logging
     import warnings
 
@@ -86,6 +86,34 @@ def install_warning_format(tool: str) -> None:
     captured = logging.getLogger("py.warnings")  # logging.captureWarnings: no blank line after each
     if not any(isinstance(f, _StripNewline) for f in captured.filters):
         captured.addFilter(_StripNewline())
+
+
+def plain_progress_off_tty() -> None:
+    """When stderr is not a terminal (a log file, a pipe), turn off the Hugging Face libraries'
+    tqdm bars (transformers, huggingface_hub, datasets), whose `\r` frames would fill the log:
+    HF_HUB_DISABLE_PROGRESS_BARS=1 and HF_DATASETS_DISABLE_PROGRESS_BARS=1 unless set, and the
+    same switch in transformers / huggingface_hub when already imported. The package's own
+    progress is a bar only on a terminal anyway (docs/architecture.md)."""
+    if sys.stderr.isatty():
+        return
+    import os
+    for key in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        if key in os.environ:
+            return  # the user chose
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+
+
+def setup_tool_output(tool: str) -> None:
+    """A tool's console output, set once at its entry point: warnings as one line naming `tool`
+    (`install_warning_format`) and no third-party progress-bar frames in a log file
+    (`plain_progress_off_tty`)."""
+    install_warning_format(tool)
+    plain_progress_off_tty()
 
 
 class _StripNewline:
@@ -103,8 +131,9 @@ def bad_input_exits(tool: str, errors: Tuple[Type[BaseException], ...] = INPUT_E
     """Context manager for a tool's configuration / input-checking phase: an error of `errors`
     raised inside it ends the tool through `exit_bad_input` (one line, exit 1). Wrap only the
     checks that run before any work, so that a real crash later still shows its traceback.
-    Also installs the tool's one-line warning format (`install_warning_format`)."""
-    install_warning_format(tool)
+    Also sets up the tool's console output (`setup_tool_output`: one-line warnings, no progress
+    frames in a log file)."""
+    setup_tool_output(tool)
     try:
         yield
     except errors as err:

@@ -87,8 +87,8 @@ def main(cfg: DictConfig) -> None:
     """`python -m moeut.evaluate checkpoint=<run dir> [key=value ...]` (conf/eval.yaml): `run`, then
     print the table and the written files. Bad input (ValueError, FileNotFoundError, including a
     damaged run-dir file named file:line) exits 1 with the message, no traceback."""
-    from moeut.cli import install_warning_format
-    install_warning_format("moeut.evaluate")  # warnings as one line `moeut.evaluate: warning: ...`
+    from moeut.cli import setup_tool_output
+    setup_tool_output("moeut.evaluate")  # one-line warnings; no progress frames in a log file
     try:
         res = run(cfg)
     except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback; exit 1

@@ -489,8 +489,8 @@ def run(cfg: Any) -> int:
 def main(cfg: Any) -> None:
     """`python -m moeut.sweep [key=value ...]` (options: conf/sweep.yaml, `--help`). Exits with
     run()'s code; bad input prints `moeut.sweep: error: ...` and exits 2 (as the old CLI)."""
-    from moeut.cli import install_warning_format
-    install_warning_format("moeut.sweep")  # warnings as one line `moeut.sweep: warning: ...`
+    from moeut.cli import setup_tool_output
+    setup_tool_output("moeut.sweep")  # one-line warnings; no progress frames in a log file
     try:
         rc = run(cfg)
     except (ValueError, FileNotFoundError) as e:

@@ -291,3 +291,25 @@ s.score([scoring.ScoreRequest(ids=[1, 2, 3], score_from=1) for _ in range(3)], d
     text = log.read_text()
     assert "\r" not in text
     assert _lines(text) == [f"[eval] demo: {k}/3 batches" for k in (1, 2, 3)]
+
+
+def test_hf_export_in_a_log_file_has_no_progress_frames(tmp_path):
+    """transformers' "Writing model shards" bar is off when stderr is a file (moeut.cli.plain_progress_off_tty)."""
+    pytest.importorskip("transformers")
+    from moeut.checkpoint import save_checkpoint
+    from moeut.data.tokenizer import train_tokenizer
+    from moeut.registry import build_model, get_preset
+    tok = train_tokenizer(["the cat sat on the mat and the dog ran over the red tree"] * 20, vocab_size=40,
+                          hard_vocab_limit=False)
+    cfg = get_preset("tiny", vocab_size=tok.vocab_size)
+    save_checkpoint(tmp_path / "run" / "checkpoints", 1, build_model(cfg), cfg, tokenizer=tok)
+    log = tmp_path / "export.log"
+    env = {k: v for k, v in _env().items() if not k.startswith(("HF_HUB_DISABLE", "HF_DATASETS_DISABLE"))}
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable, "-m", "moeut.hf.export", f"checkpoint={tmp_path / 'run'}",
+                            f"out={tmp_path / 'hf'}"], cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT,
+                           timeout=300)
+    text = log.read_text()
+    assert r.returncode == 0, text[-2000:]
+    assert "\r" not in text and "Writing model shards" not in text
+    assert (tmp_path / "hf" / "config.json").is_file()

@@ -85,9 +85,9 @@ def main() -> None:
     missing checkpoint), are one line `moeut.eval.harness_cli: error: ...`, exit 1. When stderr
     is not a terminal, lm-eval's progress bars are off (TQDM_DISABLE=1 unless set)."""
     from ..cli import INPUT_ERRORS, bad_input_exits, exit_bad_input, raised_in
-    with bad_input_exits("moeut.eval.harness_cli"):
+    with bad_input_exits("moeut.eval.harness_cli"):  # also: no HF progress frames in a log file
         check_device(sys.argv[1:])
-    if not sys.stderr.isatty():  # lm-eval's tqdm bars would fill a log file with `\r` frames
+    if not sys.stderr.isatty():  # lm-eval's own tqdm bars would fill a log file with `\r` frames
         os.environ.setdefault("TQDM_DISABLE", "1")
     from . import harness  # noqa: F401  (registers "moeut")
     from lm_eval.__main__ import cli_evaluate

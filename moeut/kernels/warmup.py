@@ -135,8 +135,8 @@ def run(cfg: Any) -> dict:
 def main(cfg: Any) -> None:
     """`python -m moeut.kernels.warmup [key=value ...]` (options: conf/warmup.yaml, `--help`);
     bad options: a one-line error naming the option, exit 1."""
-    from moeut.cli import install_warning_format
-    install_warning_format("moeut.kernels.warmup")  # warnings as one line `moeut.kernels.warmup: warning: ...`
+    from moeut.cli import setup_tool_output
+    setup_tool_output("moeut.kernels.warmup")  # one-line warnings; no progress frames in a log file
     try:
         run(cfg)
     except ValueError as e:
