@@ -727,10 +727,13 @@ def _summary_rows(meta: Dict[str, Any], training: Optional[Dict[str, Any]] = Non
             size = f"data.valid_tokens={budget:,}" if isinstance(budget, int) else "data.valid_tokens=null (the whole split)"
         vpath = training.get("valid_path")
         same_file = bool(vpath) and os.path.abspath(str(vpath)) == os.path.abspath(str(meta.get("data_path")))
-        diffs = ([] if same_file else ["another file"]) + ([] if same else ["another number of tokens"])
+        same_T = not isinstance(T, int) or T == meta.get("seq_len")
+        diffs = ([] if same_file else ["another file"]) + ([] if same else ["another number of tokens"]) + \
+            ([] if same_T else [f"another window length ({T})"])
         note = ("the same file and as many tokens as here" if not diffs else
                 f"{' and '.join(diffs)} than here, so the two perplexities differ; data.path={vpath} "
-                f"max_tokens={budget if isinstance(budget, int) else 'null'} measures the same windows")
+                f"max_tokens={budget if isinstance(budget, int) else 'null'}{'' if same_T else f' seq_len={T}'} "
+                f"measures the same windows")
         rows.append(("training's validation perplexity",
                      f"{training['perplexity']:.2f} at step {training.get('step')} (metrics.jsonl "
                      f"validation/val/perplexity) over the run's {size} of {training.get('valid_path')}: {note}"))

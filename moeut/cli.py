@@ -14,7 +14,9 @@ The helpers here turn a composed config into plain values and check them, with e
 the option (`batch: expected an integer >= 1, got 'x'`), and `bad_input_exits` / `exit_bad_input`
 turn such an error (raised while composing, validating and checking inputs, before any work) into
 one line `<tool>: error: <message>` and exit status 1, as every tool reports bad input; a crash
-during the work itself keeps its traceback. No torch import.
+during the work itself keeps its traceback. `setup_tool_output(<tool>)`, called at every tool's
+entry point, makes warnings one line `<tool>: warning: <message>` and keeps third-party progress
+bars out of log files. No torch import.
 """
 from __future__ import annotations
 

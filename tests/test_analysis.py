@@ -488,6 +488,10 @@ def test_report_sets_training_validation_beside_the_analysis(tmp_path):
         "389.28 at step 10 (metrics.jsonl validation/val/perplexity) over the run's 4,096 predicted tokens "
         "(data.valid_tokens=4096) of /d/valid.jsonl.gz: another file and another number of tokens than here, so "
         "the two perplexities differ; data.path=/d/valid.jsonl.gz max_tokens=4096 measures the same windows")
+    table = dict(Z._summary_rows(dict(meta, seq_len=16, n_windows=256), tv))
+    assert table["training's validation perplexity"].endswith(
+        "another window length (32) than here, so the two perplexities differ; data.path=/d/valid.jsonl.gz "
+        "max_tokens=4096 seq_len=32 measures the same windows")
     assert Z.training_validation([{"step": 1, "train/loss": 3.0}], str(tmp_path)) is None
 
 
