@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -17,7 +17,8 @@
 # # Attention experts, residual norms and training-time routing metrics (SPEC §7.2 F5–F6, §7.3)
 #
 # Reads `<run dir>/analysis/routing_stats.npz` (from `python -m moeut.analyze`) and the run's
-# `metrics.jsonl`. Set `MOEUT_RUN_DIR` (and optionally `MOEUT_ANALYSIS_DIR`).
+# `metrics.jsonl`. Set `MOEUT_RUN_DIR` (and optionally `MOEUT_ANALYSIS_DIR`); a relative path is
+# taken from the directory the command was started in (`$PWD`), not from `analysis/`.
 
 # %%
 # %matplotlib inline
@@ -31,10 +32,8 @@ from IPython.display import display
 from moeut import analysis as A
 from moeut import analyze as Z
 
-run_dir = os.environ.get("MOEUT_RUN_DIR")
-if not run_dir:
-    raise RuntimeError("set MOEUT_RUN_DIR to a run directory analysed with `python -m moeut.analyze`")
-analysis_dir = Path(os.environ.get("MOEUT_ANALYSIS_DIR", Path(run_dir) / "analysis"))
+# relative paths are taken from where the command was started, not from this folder
+run_dir, analysis_dir = map(Path, A.notebook_dirs())
 stats = A.load_stats(str(analysis_dir))
 meta = stats["meta"]
 run = meta.get("run_name") or Path(run_dir).name

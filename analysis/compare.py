@@ -529,6 +529,8 @@ def main(cfg: Any) -> None:
     """`python analysis/compare.py runs=[RUN_DIR,...] [out=DIR] [option=value ...]` (options:
     conf/compare.yaml, or `--help`). Bad input exits 1 with the message (file:line for a damaged
     run-dir file), no traceback."""
+    from moeut.cli import setup_tool_output
+    setup_tool_output("compare")  # one-line warnings; no progress frames in a log file
     try:
         run_cli(cfg)
     except (ValueError, FileNotFoundError) as e:

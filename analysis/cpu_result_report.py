@@ -368,6 +368,8 @@ def splice(doc: str, text: str, when: str) -> None:
 def main(cfg: Any) -> None:
     """`python analysis/cpu_result_report.py [root=DIR] [out=PREFIX] [doc=FILE]` (options:
     conf/cpu_result_report.yaml, or `--help`). Bad input exits 1 with the message."""
+    from moeut.cli import setup_tool_output
+    setup_tool_output("cpu_result_report")  # one-line warnings; no progress frames in a log file
     from omegaconf import OmegaConf
     try:
         c = OmegaConf.to_container(cfg, resolve=True)  # typed options (moeut.cli): errors name the option

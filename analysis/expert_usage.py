@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -19,7 +19,8 @@
 # Reads the statistics that `python -m moeut.analyze checkpoint=<run dir>` stored in
 # `<run dir>/analysis/routing_stats.npz` (no model is run here) and the run's Hydra config.
 # Set the run directory with the environment variable `MOEUT_RUN_DIR` (and optionally
-# `MOEUT_ANALYSIS_DIR` if the statistics were written elsewhere).
+# `MOEUT_ANALYSIS_DIR` if the statistics were written elsewhere); a relative path is taken from
+# the directory the command was started in (`$PWD`), not from `analysis/`.
 
 # %%
 # %matplotlib inline
@@ -34,10 +35,8 @@ from omegaconf import OmegaConf
 from moeut import analysis as A
 from moeut import analyze as Z
 
-run_dir = os.environ.get("MOEUT_RUN_DIR")
-if not run_dir:
-    raise RuntimeError("set MOEUT_RUN_DIR to a run directory analysed with `python -m moeut.analyze`")
-analysis_dir = Path(os.environ.get("MOEUT_ANALYSIS_DIR", Path(run_dir) / "analysis"))
+# relative paths are taken from where the command was started, not from this folder
+run_dir, analysis_dir = map(Path, A.notebook_dirs())
 stats = A.load_stats(str(analysis_dir))
 meta = stats["meta"]
 run = meta.get("run_name") or Path(run_dir).name

@@ -115,6 +115,8 @@ def plot_curves(runs: Sequence[str], out: str, *, labels: Optional[Sequence[str]
 def main(cfg: Any) -> None:
     """`python analysis/plot_curves.py runs=[RUN_DIR,...] out=STEM [option=value ...]` (options:
     conf/plot_curves.yaml, or `--help`). Bad input exits 1 with the message, no traceback."""
+    from moeut.cli import setup_tool_output
+    setup_tool_output("plot_curves")  # one-line warnings; no progress frames in a log file
     from omegaconf import OmegaConf
     c = OmegaConf.to_container(cfg, resolve=True)
     try:

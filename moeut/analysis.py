@@ -320,6 +320,43 @@ def final_layer_values(rows: Iterable[dict], prefix: str) -> Dict[int, float]:
     return {l: sv[1] for l, sv in sorted(last.items())}
 
 
+def user_path(path: str, environ: Optional[Dict[str, str]] = None) -> str:
+    """`path` as an absolute path, a relative one taken from where the user stands: the shell's
+    `$PWD` (a notebook kernel runs in the notebook's folder, `analysis/`, but inherits the $PWD
+    of the shell that started `jupytext --execute` or `jupyter lab`), else the current
+    directory. `~` is expanded."""
+    env = os.environ if environ is None else environ
+    path = os.path.expanduser(path)
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    base = env.get("PWD")
+    if not base or not os.path.isabs(base) or not os.path.isdir(base):
+        base = os.getcwd()
+    return os.path.normpath(os.path.join(base, path))
+
+
+def notebook_dirs(environ: Optional[Dict[str, str]] = None) -> Tuple[str, str]:
+    """(run dir, analysis dir) of the analysis notebooks, from `MOEUT_RUN_DIR` and the optional
+    `MOEUT_ANALYSIS_DIR` (default `<run dir>/analysis`), relative paths taken from where the user
+    stands (`user_path`). Raises ValueError when MOEUT_RUN_DIR is unset and FileNotFoundError
+    naming the variable, its value and the resolved path when a directory does not exist."""
+    env = os.environ if environ is None else environ
+    given = env.get("MOEUT_RUN_DIR")
+    if not given:
+        raise ValueError("MOEUT_RUN_DIR: not set; set it to a run directory analysed with "
+                         "`python -m moeut.analyze checkpoint=<run dir>`")
+    run_dir = user_path(given, env)
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"MOEUT_RUN_DIR={given}: no such directory ({run_dir})")
+    analysis_dir = os.path.join(run_dir, "analysis")
+    if env.get("MOEUT_ANALYSIS_DIR"):
+        analysis_dir = user_path(env["MOEUT_ANALYSIS_DIR"], env)
+        if not os.path.isdir(analysis_dir):
+            raise FileNotFoundError(f"MOEUT_ANALYSIS_DIR={env['MOEUT_ANALYSIS_DIR']}: no such directory "
+                                    f"({analysis_dir})")
+    return run_dir, analysis_dir
+
+
 def load_stats(path: str) -> Dict[str, np.ndarray]:
     """Load `routing_stats.npz` (written by moeut.analyze) into a plain dict of arrays; the JSON
     metadata stored under key "meta_json" is decoded into stats["meta"]."""

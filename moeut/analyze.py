@@ -64,7 +64,7 @@ class FigureConfig:
     formats: List[str] = field(default_factory=lambda: ["png", "pdf"])
     dpi: int = field(default=120, metadata=at_least(1))
     quantile: float = field(default=0.9, metadata=in_range(0, 1))  # F1 threshold quantile (SPEC 7.2)
-    f2_layers: Optional[List[int]] = field(default=None, metadata=at_least(0))  # None = every 4th absolute layer (0, 4, 8, ...) as the paper
+    f2_layers: Optional[List[int]] = field(default=None, metadata=at_least(0))  # None = every ceil(L/5)-th layer from 0 (18 layers: the paper's 0, 4, 8, 12, 16)
     f2_max_tokens: int = field(default=1000, metadata=at_least(1))
     f3_top_tokens: int = field(default=6000, metadata=at_least(1))
     f3_member: int = field(default=0, metadata=at_least(0))
@@ -436,11 +436,13 @@ def _layers_of_member(stats, g: int) -> List[int]:
 
 
 def f2_layers(stats, layers: Optional[Sequence[int]]) -> List[int]:
-    """The absolute 0-based layers F2 draws: `layers`, or every 4th layer (the paper's 0, 4, 8, ...).
-    Raises ValueError naming figures.f2_layers for a layer outside 0..n_layers-1."""
+    """The absolute 0-based layers F2 draws: `layers`, or by default at most 5 layers spread over
+    the depth, every ceil(n_layers / 5)-th from 0: the paper's 0, 4, 8, 12, 16 for its 18 (and
+    16-20) layers, every layer of a model with up to 5 (e.g. 0, 1, 2, 3 for the 4-layer default
+    models). Raises ValueError naming figures.f2_layers for a layer outside 0..n_layers-1."""
     L = stats["meta"]["n_layers"]
     if layers is None:
-        return list(range(0, L, 4))  # the paper's 0, 4, 8, 12, 16
+        return list(range(0, L, max(1, math.ceil(L / 5))))
     bad = [l for l in layers if not 0 <= l < L]
     if bad:
         raise ValueError(f"figures.f2_layers: {bad} outside 0..{L - 1}")
@@ -686,20 +688,68 @@ def draw_all(stats: Dict[str, Any], fig_dir: str, *, run: str, fcfg: FigureConfi
 # ------------------------------------------------------------------------------------------
 
 
-def _summary_rows(meta: Dict[str, Any]) -> List[Tuple[str, str]]:
+def training_validation(metrics_rows: Optional[Sequence[dict]], run_dir: str,
+                        ckpt_dir: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """The run's own last validation during training, for the report to set beside the analysis's:
+    {"step", "perplexity" (`validation/val/perplexity` of metrics.jsonl), "tokens" (the predicted
+    tokens it averaged over, `validation/val/tokens`; None in older logs), "valid_tokens",
+    "valid_path", "seq_len" (`data.*` of the run's saved config; None when absent)}; None when
+    metrics.jsonl logged no validation."""
+    last = None
+    for row in metrics_rows or []:
+        v = row.get("validation/val/perplexity")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            n = row.get("validation/val/tokens")
+            last = (row.get("step"), float(v), int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) else None)
+    if last is None:
+        return None
+    conf = RunDir(run_dir).config(ckpt_dir) or {}
+    data = conf.get("data") if isinstance(conf.get("data"), dict) else {}
+    return {"step": last[0], "perplexity": last[1], "tokens": last[2], "valid_tokens": data.get("valid_tokens"),
+            "valid_path": data.get("valid_path") or data.get("path"), "seq_len": data.get("seq_len")}
+
+
+def _summary_rows(meta: Dict[str, Any], training: Optional[Dict[str, Any]] = None) -> List[Tuple[str, str]]:
+    n_tok = meta.get("n_tokens")
     rows = [("checkpoint", str(meta.get("checkpoint"))), ("step", str(meta.get("step"))),
             ("validation data", str(meta.get("data_path"))),
-            ("tokens analysed", f"{meta.get('n_tokens')} ({meta.get('n_windows')} windows of {meta.get('seq_len')})"),
-            ("validation perplexity", f"{meta['val_ppl']:.2f}" if meta.get("val_ppl") is not None else "n/a"),
-            ("G, R, N_E, K", f"{meta['n_groups']}, {meta['n_repeats']}, {meta['n_experts']}, {meta['k']}")]
+            ("tokens analysed", f"{n_tok:,} predicted tokens ({meta.get('n_windows')} windows of {meta.get('seq_len')})"
+             if isinstance(n_tok, int) else str(n_tok)),
+            ("validation perplexity", f"{meta['val_ppl']:.2f} over the {n_tok:,} tokens above" if
+             meta.get("val_ppl") is not None and isinstance(n_tok, int) else "n/a")]
+    if training is not None:
+        budget, T, counted = training.get("valid_tokens"), training.get("seq_len"), training.get("tokens")
+        if counted is not None:  # logged by training: exact
+            same = counted == n_tok
+            size = f"{counted:,} predicted tokens (data.valid_tokens={budget})"
+        else:  # older logs: training predicts the tokens of its valid_tokens // T windows of T (SPEC 5.7)
+            same = isinstance(budget, int) and isinstance(T, int) and T > 0 and budget // T * T == n_tok
+            size = f"data.valid_tokens={budget:,}" if isinstance(budget, int) else "data.valid_tokens=null (the whole split)"
+        vpath = training.get("valid_path")
+        same_file = bool(vpath) and os.path.abspath(str(vpath)) == os.path.abspath(str(meta.get("data_path")))
+        same_T = not isinstance(T, int) or T == meta.get("seq_len")
+        diffs = ([] if same_file else ["another file"]) + ([] if same else ["another number of tokens"]) + \
+            ([] if same_T else [f"another window length ({T})"])
+        note = ("the same file and as many tokens as here" if not diffs else
+                f"{' and '.join(diffs)} than here, so the two perplexities differ; data.path={vpath} "
+                f"max_tokens={budget if isinstance(budget, int) else 'null'}{'' if same_T else f' seq_len={T}'} "
+                f"measures the same windows")
+        rows.append(("training's validation perplexity",
+                     f"{training['perplexity']:.2f} at step {training.get('step')} (metrics.jsonl "
+                     f"validation/val/perplexity) over the run's {size} of {training.get('valid_path')}: {note}"))
+    rows.append(("G, R, N_E, K", f"{meta['n_groups']}, {meta['n_repeats']}, {meta['n_experts']}, {meta['k']}"))
     for k, v in sorted((meta.get("summary") or {}).items()):
         rows.append((k, f"{v:.4f}"))
     return rows
 
 
-def write_report(out_dir: str, infos: List[FigureInfo], meta: Dict[str, Any], run: str) -> Tuple[str, str]:
-    """report.md and report.html in `out_dir`, embedding the PNGs with one sentence under each."""
-    rows = _summary_rows(meta)
+def write_report(out_dir: str, infos: List[FigureInfo], meta: Dict[str, Any], run: str,
+                 training: Optional[Dict[str, Any]] = None) -> Tuple[str, str]:
+    """report.md and report.html in `out_dir`, embedding the PNGs with one sentence under each.
+    The summary gives the validation perplexity with its token count and, when `training`
+    (`training_validation`) is given, the run's own last validation perplexity with its token
+    budget and whether the two measured the same number of tokens."""
+    rows = _summary_rows(meta, training)
     md = [f"# Expert-specialisation analysis: {run}", "",
           "Generated by `python -m moeut.analyze` (SPEC §7). Layers are 1-based absolute layers.", "",
           "| quantity | value |", "|---|---|"]
@@ -821,6 +871,7 @@ def check_inputs(cfg: AnalyzeConfig) -> AnalysisInputs:
         raise ValueError(f"checkpoint {inp.ckpt} has no tokenizer.model; pass tokenizer=<path to .model>")
     if tok.vocab_size != loaded.config.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} pieces, model vocab_size is {loaded.config.vocab_size}")
+    _model_dims(loaded.config)  # a model without experts (dense) is refused here, before any work
     inp.loaded, inp.tokenizer = loaded, tok
     inp.seq_len = resolve_seq_len(cfg.seq_len, run_dir, inp.ckpt)
     inp.data_path = os.path.abspath(cfg.data.path) if cfg.data.path else str(DEFAULT_DATA)
@@ -865,7 +916,8 @@ def run_analysis(cfg: AnalyzeConfig, inputs: Optional[AnalysisInputs] = None) ->
     infos = draw_all(stats, os.path.join(out_dir, "figures"), run=run, fcfg=cfg.figures, metrics_rows=rows)
     result = {"out_dir": out_dir, "stats": stats_path, "figures": infos}
     if cfg.report:
-        result["report_md"], result["report_html"] = write_report(out_dir, infos, stats["meta"], run)
+        result["report_md"], result["report_html"] = write_report(
+            out_dir, infos, stats["meta"], run, training_validation(rows, run_dir, ckpt))
     if cfg.execute_notebooks:
         result["notebooks"] = execute_notebooks(run_dir, os.path.join(out_dir, "notebooks"))
     print(f"[analyze] wrote {len(infos)} figures and the report to {out_dir}", file=sys.stderr)

@@ -15,7 +15,9 @@ The helpers here turn a composed config into plain values and check them, with e
 the option (`batch: expected an integer >= 1, got 'x'`), and `bad_input_exits` / `exit_bad_input`
 turn such an error (raised while composing, validating and checking inputs, before any work) into
 one line `<tool>: error: <message>` and exit status 1, as every tool reports bad input; a crash
-during the work itself keeps its traceback. No torch import.
+during the work itself keeps its traceback. `setup_tool_output(<tool>)`, called at every tool's
+entry point, makes warnings one line `<tool>: warning: <message>` and keeps third-party progress
+bars out of log files. No torch import.
 """
 from __future__ import annotations
 
@@ -46,11 +48,97 @@ def exit_bad_input(tool: str, err: BaseException) -> NoReturn:
     raise SystemExit(1)
 
 
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _own_source(filename: str) -> bool:
+    """Whether a warning was issued from this project's code: the moeut package, or the
+    repository's scripts (train.py, analysis/, tools/, benchmarks/) in a checkout."""
+    try:
+        path = Path(filename).resolve()
+    except (OSError, ValueError):
+        return False
+    root = _PACKAGE_DIR.parent
+    if path.is_relative_to(_PACKAGE_DIR):
+        return True
+    if not (root / "pyproject.toml").is_file():  # an installed package: no scripts beside it
+        return False
+    return path.parent == root or any(path.is_relative_to(root / d) for d in ("analysis", "tools", "benchmarks"))
+
+
+def warning_line(tool: str, message: Any, category: Type[Warning], filename: str, lineno: int) -> str:
+    """One line for a warning, as the tools print it: `<tool>: warning: <message>` for the
+    project's own warnings (a category other than UserWarning is named first, as in error lines:
+    `<tool>: warning: TruncatedLineWarning: ...`); another package's warning also names its
+    category and source, `<tool>: warning: DeprecationWarning: <message> (<file>:<line>)`."""
+    own = _own_source(filename)
+    named = "" if own and category is UserWarning else f"{category.__name__}: "
+    where = "" if own else f" ({filename}:{lineno})"
+    return f"{tool}: warning: {named}{message}{where}\n"
+
+
+def install_warning_format(tool: str) -> None:
+    """Make every warning of this process print as one `warning_line` naming `tool` (sets
+    `warnings.formatwarning`, which `logging.captureWarnings` also uses) instead of Python's
+    `path.py:123: UserWarning: ...` plus a source line. Called by every tool's entry point
+    (`setup_tool_output`, also from `bad_input_exits`); library code never calls it."""
+    import logging
+    import warnings
+
+    def fmt(message, category, filename, lineno, line=None):
+        return warning_line(tool, message, category, filename, lineno)
+    warnings.formatwarning = fmt
+    captured = logging.getLogger("py.warnings")  # logging.captureWarnings: no blank line after each
+    if not any(isinstance(f, _StripNewline) for f in captured.filters):
+        captured.addFilter(_StripNewline())
+
+
+def plain_progress_off_tty() -> None:
+    """When stderr is not a terminal (a log file, a pipe), turn off the Hugging Face libraries'
+    tqdm bars (transformers, huggingface_hub, datasets), whose `\r` frames would fill the log:
+    HF_HUB_DISABLE_PROGRESS_BARS=1 and HF_DATASETS_DISABLE_PROGRESS_BARS=1 unless set, and the
+    same switch in transformers / huggingface_hub when already imported. The package's own
+    progress is a bar only on a terminal anyway (docs/architecture.md)."""
+    if sys.stderr.isatty():
+        return
+    import os
+    for key in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        if key in os.environ:
+            return  # the user chose
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+
+
+def setup_tool_output(tool: str) -> None:
+    """A tool's console output, set once at its entry point: warnings as one line naming `tool`
+    (`install_warning_format`) and no third-party progress-bar frames in a log file
+    (`plain_progress_off_tty`)."""
+    install_warning_format(tool)
+    plain_progress_off_tty()
+
+
+class _StripNewline:
+    """Logging filter: a captured warning's text without its trailing newline."""
+
+    def filter(self, record: Any) -> bool:
+        """Strip the newline of the warning text in `record.args` (always keeps the record)."""
+        if isinstance(record.args, tuple) and record.args and isinstance(record.args[0], str):
+            record.args = (record.args[0].rstrip("\n"),) + record.args[1:]
+        return True
+
+
 @contextlib.contextmanager
 def bad_input_exits(tool: str, errors: Tuple[Type[BaseException], ...] = INPUT_ERRORS) -> Iterator[None]:
     """Context manager for a tool's configuration / input-checking phase: an error of `errors`
     raised inside it ends the tool through `exit_bad_input` (one line, exit 1). Wrap only the
-    checks that run before any work, so that a real crash later still shows its traceback."""
+    checks that run before any work, so that a real crash later still shows its traceback.
+    Also sets up the tool's console output (`setup_tool_output`: one-line warnings, no progress
+    frames in a log file)."""
+    setup_tool_output(tool)
     try:
         yield
     except errors as err:

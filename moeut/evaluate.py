@@ -18,8 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
-from pathlib import Path
 from typing import Any, Dict
 
 import hydra
@@ -90,20 +88,15 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     """`python -m moeut.evaluate checkpoint=<run dir> [key=value ...]` (conf/eval.yaml): `run`, then
     print the task-data line, the table (the skip reasons being warnings) and the written files;
-    each warning is one stderr line
-    "moeut.evaluate: warning: ...". Bad input (ValueError, FileNotFoundError, including a damaged
-    run-dir file named file:line) exits 1 with the one-line message, no traceback."""
-    def one_line(message, category, filename, lineno, file=None, line=None):  # warnings: one line each
-        print(f"moeut.evaluate: warning: {message}", file=sys.stderr)
-
-    shown = warnings.showwarning
-    warnings.showwarning = one_line
+    each warning is one stderr line "moeut.evaluate: warning: ...". Bad input (ValueError,
+    FileNotFoundError, including a damaged run-dir file named file:line) exits 1 with the one-line
+    message, no traceback."""
+    from moeut.cli import setup_tool_output
+    setup_tool_output("moeut.evaluate")  # one-line warnings; no progress frames in a log file
     try:
         res = run(cfg)
     except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback; exit 1
         sys.exit(f"moeut.evaluate: error: {e}")
-    finally:
-        warnings.showwarning = shown
     from .eval.table import data_notes, row_from_results, to_markdown
     print(f"moeut.evaluate: {res['data_line']}")
     # the table as written, its notes without the skipped tasks (each was one warning line above)

@@ -21,6 +21,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .cli import CONF_DIR, bad_input_exits
 from .data.pipeline import check_prepared, prepare_run_data_caches
+from .data.sources import DataError
+from .data.tokenizer import TokenizerTrainingError
 from .train_lib.config import DataSchema, LoggerSchema, OptimSchema, TrainConfigSchema, TrainSchema, to_typed
 
 
@@ -91,10 +93,14 @@ def run(cfg: DictConfig, log=print) -> Dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: prepare (tokenise, verify) every data cache the training config reads,
     or with prepare.check=true only check them (exit status 1 if any is not ready). A bad option
-    exits 1 with one line `moeut.prepare_data: error: <message naming the key>` (moeut.cli)."""
+    exits 1 with one line `moeut.prepare_data: error: <message naming the key>` (moeut.cli), and
+    so does bad data (DataError naming file:line, TokenizerTrainingError)."""
     with bad_input_exits("moeut.prepare_data"):
         validated_options(cfg)
-    res = run(cfg)
+    # bad data found while reading it (a malformed line, named file:line; a corpus too small for
+    # the tokenizer) is one line too: finished shards stay, a rerun resumes after the fix
+    with bad_input_exits("moeut.prepare_data", (DataError, TokenizerTrainingError)):
+        res = run(cfg)
     if res.get("problems"):
         sys.exit(1)
     for name, m in res.get("manifests", {}).items():

@@ -461,6 +461,8 @@ def main(cfg: DictConfig) -> None:
     """`python -m moeut.summary dir=<sweep dir> [out=DIR] [metric=KEY] [plots=false]`
     (options: conf/summary.yaml, or `--help`). Exits 2 for a missing/empty dir, 1 for a damaged
     run-dir file (the message names file:line)."""
+    from moeut.cli import setup_tool_output
+    setup_tool_output("moeut.summary")  # one-line warnings; no progress frames in a log file
     try:
         status = run(cfg)
     except ValueError as e:  # CorruptRunFile and other bad input: the message, not a traceback

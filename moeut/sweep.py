@@ -325,9 +325,13 @@ def launch(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
            repo_root: Optional[Path] = None, env: Optional[Dict[str, str]] = None,
            check: bool = True) -> int:
     """Run every grid's multirun. Local: one grid after the other in the foreground. SLURM: all
-    grids at once (the submitit launcher blocks until its jobs end), logs in the sweep dir. The
-    grids run in `repo_root` (default: the clone's root; for an installed wheel the working
-    directory), against which a relative `root` is taken."""
+    grids at once (the submitit launcher blocks until its jobs end), logs in the sweep dir; a
+    failing grid's last log line is printed as `moeut.sweep: error: grid N failed ...`. The grids
+    run in `repo_root` (default: the clone's root; for an installed wheel the working directory),
+    against which a relative `root` is taken. Raises ValueError (`check_slurm`) before writing
+    anything when SLURM's commands are missing."""
+    if not local:
+        check_slurm(sweep, launcher, env)
     jobs = compose_jobs(sweep, root, local, launcher, extra, repo_root) if check else []
     group = bool(jobs) and any(_key(o) == sweep.wandb_group_key for o in jobs[0].overrides)
     if repo_root is None:
@@ -358,8 +362,47 @@ def launch(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
     for gi, p in procs:
         code = p.wait()
         print(f"grid {gi} finished with exit code {code}")
+        if code != 0:  # the reason is in the grid's log: its last line says it on the console
+            print(f"moeut.sweep: error: grid {gi} failed with exit code {code}: {_last_line(sweep_dir / f'launch_grid{gi}.log')} "
+                  f"(log: {sweep_dir / f'launch_grid{gi}.log'})", file=sys.stderr)
         rc = rc or code
     return rc
+
+
+def _last_line(path: Path) -> str:
+    """The last non-blank line of a log file (what a failing command printed last), or ''."""
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    except OSError:
+        return ""
+    return next((ln for ln in reversed(lines) if ln), "")
+
+
+def is_slurm_launcher(name: str) -> bool:
+    """Whether the conf/hydra/launcher preset `name` submits to SLURM (Hydra's `submitit_slurm`
+    or a preset built on it)."""
+    if name == "submitit_slurm":
+        return True
+    from .paths import conf_dir
+    preset = conf_dir() / "hydra" / "launcher" / f"{name}.yaml"
+    return preset.is_file() and "submitit_slurm" in preset.read_text(encoding="utf-8")
+
+
+def check_slurm(sweep: SweepFile, launcher: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> None:
+    """Before a SLURM launch writes anything: raise ValueError naming the grid and its launcher
+    when SLURM's `sbatch` / `srun` are not on PATH (this machine is no SLURM login node), with
+    the way out (`local=true`)."""
+    import shutil
+    path = (os.environ if env is None else env).get("PATH")
+    for gi, grid in enumerate(sweep.grids):
+        name = launcher or grid.launcher
+        if not is_slurm_launcher(name):
+            continue
+        missing = [c for c in ("sbatch", "srun") if shutil.which(c, path=path) is None]
+        if missing:
+            raise ValueError(f"launcher={name} (grid {gi} of sweep {sweep.name}): {' and '.join(missing)} not found "
+                             f"on PATH, so this machine cannot submit SLURM jobs; launch from a SLURM login node, "
+                             f"or pass local=true to run the jobs here one after another")
 
 
 # ------------------------------------------------------------------------------------------
@@ -462,6 +505,8 @@ def run(cfg: Any) -> int:
 def main(cfg: Any) -> None:
     """`python -m moeut.sweep [key=value ...]` (options: conf/sweep.yaml, `--help`). Exits with
     run()'s code; bad input prints `moeut.sweep: error: ...` and exits 2 (as the old CLI)."""
+    from moeut.cli import setup_tool_output
+    setup_tool_output("moeut.sweep")  # one-line warnings; no progress frames in a log file
     try:
         rc = run(cfg)
     except (ValueError, FileNotFoundError) as e:

@@ -37,7 +37,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .cli import CONF_DIR, INPUT_ERRORS, bad_input_exits, exit_bad_input, raised_in
+from .cli import CONF_DIR, INPUT_ERRORS, bad_input_exits, exit_bad_input, raised_in, setup_tool_output
 from .data.pipeline import ensure_prepared
 from .train_lib.config import register_configs, to_typed
 from .train_lib.distributed import env_rank_info
@@ -74,6 +74,7 @@ def main(cfg: DictConfig) -> Optional[float]:
     refused start (ValueError / FileNotFoundError naming the key or file) exits 1 with one line
     `<prog>: error: ...` (SystemExit; `prog()`: train.py, moeut-train or moeut.train); a refused
     start into a new run dir removes the empty folder."""
+    setup_tool_output(prog())  # one-line warnings; no progress frames in a log file
     logging.captureWarnings(True)  # warnings go to the console and, once the run starts, train.log
     run_dir = HydraConfig.get().runtime.output_dir
     # Hydra creates the run dir before we get here; a refused start into a NEW run dir removes the

@@ -444,3 +444,73 @@ def test_notebooks_execute_headless(tiny_run, tmp_path):
         outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
         assert not [o for o in outputs if o.get("output_type") == "error"]
         assert any("image/png" in o.get("data", {}) for o in outputs), f"{path}: no figure rendered"
+
+
+# ------------------------------------------------------------------------------------------
+# F2's default layers; the report's two validation perplexities
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_layers,expected", [(1, [0]), (4, [0, 1, 2, 3]), (5, [0, 1, 2, 3, 4]), (8, [0, 2, 4, 6]),
+                                               (16, [0, 4, 8, 12]), (18, [0, 4, 8, 12, 16]),
+                                               (32, [0, 7, 14, 21, 28])])
+def test_f2_default_layers_spread_over_any_depth(n_layers, expected):
+    # hand-written: at most 5 layers, the paper's 0, 4, 8, 12, 16 for its 18 layers
+    assert Z.f2_layers({"meta": {"n_layers": n_layers}}, None) == expected
+
+
+def test_f2_draws_every_layer_of_the_4_layer_model():
+    cfg, st = _collect_fake(shift=1)  # 4 layers, as the default CPU models
+    fig = Z.plot_f2(st, "fake", None, 1000)
+    lines = fig.axes[0].get_lines()
+    assert [ln.get_label() for ln in lines] == ["Layer 1", "Layer 2", "Layer 3", "Layer 4"]
+    tec = A.token_counts_from_stats(st)
+    for l, ln in enumerate(lines):  # each curve is its own layer's counts
+        n_used = A.distinct_experts_per_token(tec, int(st["layer_g"][l]), int(st["layer_r"][l]))
+        np.testing.assert_array_equal(ln.get_ydata(), np.sort(n_used[n_used > 0])[:1000])
+
+
+def test_report_sets_training_validation_beside_the_analysis(tmp_path):
+    meta = {"n_tokens": 4096, "n_windows": 128, "seq_len": 32, "val_ppl": 389.28, "data_path": "/d/valid.jsonl.gz",
+            "n_groups": 2, "n_repeats": 2, "n_experts": 8, "k": 2}
+    rows = [{"step": 5, "validation/val/perplexity": 400.0},
+            {"step": 10, "validation/val/perplexity": 389.28, "validation/val/tokens": 4096}]
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(
+        "data:\n  valid_path: /d/valid.jsonl.gz\n  valid_tokens: 4096\n  seq_len: 32\n")
+    tv = Z.training_validation(rows, str(tmp_path))
+    assert tv == {"step": 10, "perplexity": 389.28, "tokens": 4096, "valid_tokens": 4096,
+                  "valid_path": "/d/valid.jsonl.gz", "seq_len": 32}
+    table = dict(Z._summary_rows(meta, tv))
+    assert table["validation perplexity"] == "389.28 over the 4,096 tokens above"
+    assert table["training's validation perplexity"].endswith("the same file and as many tokens as here")
+    table = dict(Z._summary_rows(dict(meta, n_tokens=20000, n_windows=625, data_path="/other.txt"), tv))
+    assert table["training's validation perplexity"] == (
+        "389.28 at step 10 (metrics.jsonl validation/val/perplexity) over the run's 4,096 predicted tokens "
+        "(data.valid_tokens=4096) of /d/valid.jsonl.gz: another file and another number of tokens than here, so "
+        "the two perplexities differ; data.path=/d/valid.jsonl.gz max_tokens=4096 measures the same windows")
+    table = dict(Z._summary_rows(dict(meta, seq_len=16, n_windows=256), tv))
+    assert table["training's validation perplexity"].endswith(
+        "another window length (32) than here, so the two perplexities differ; data.path=/d/valid.jsonl.gz "
+        "max_tokens=4096 seq_len=32 measures the same windows")
+    assert Z.training_validation([{"step": 1, "train/loss": 3.0}], str(tmp_path)) is None
+
+
+@pytest.mark.slow
+def test_report_perplexity_equals_training_validation_on_the_same_windows(tmp_path):
+    """Independent reference: training's own validation perplexity. Analysing the run's validation
+    file with max_tokens = its data.valid_tokens measures the same windows, so the same number."""
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), MPLBACKEND="Agg", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "train.py", "experiment=cpu_tiny", "train.steps=4", "optim.warmup=1",
+                    "train.val_interval=4", "print_config=false", f"hydra.run.dir={run}",
+                    f"data.cache_dir={tmp_path / 'cache'}"], cwd=repo, env=env, check=True, capture_output=True,
+                   timeout=600)
+    subprocess.run([sys.executable, "-m", "moeut.analyze", f"checkpoint={run}", f"data.path={C4 / 'valid.jsonl.gz'}",
+                    "max_tokens=4096", "device=cpu", "figures.formats=[png]", "figures.dpi=20"],
+                   cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
+    last = [r for r in A.read_metrics_jsonl(str(run / "metrics.jsonl")) if "validation/val/perplexity" in r][-1]
+    stats = A.load_stats(str(run / "analysis"))
+    assert stats["meta"]["n_tokens"] == last["validation/val/tokens"] == 4096 // 32 * 32
+    assert stats["meta"]["val_ppl"] == pytest.approx(last["validation/val/perplexity"], rel=1e-5)
+    assert "the same file and as many tokens as here" in (run / "analysis" / "report.md").read_text()

@@ -37,6 +37,23 @@ def test_execute_notebooks_refuses_a_plain_script(tmp_path):
         Z.notebook_sources(str(tmp_path))
 
 
+def test_notebook_paths_resolve_from_where_the_user_stands(tmp_path, monkeypatch):
+    from moeut.analysis import notebook_dirs, user_path
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "stats").mkdir()
+    monkeypatch.chdir(ANALYSIS)  # where a notebook kernel runs
+    env = {"PWD": str(tmp_path), "MOEUT_RUN_DIR": "runs/x"}
+    assert notebook_dirs(env) == (str(tmp_path / "runs" / "x"), str(tmp_path / "runs" / "x" / "analysis"))
+    env["MOEUT_ANALYSIS_DIR"] = "stats"
+    assert notebook_dirs(env)[1] == str(tmp_path / "stats")
+    assert user_path("/abs/p", env) == "/abs/p"
+    assert user_path("runs/x", {}) == str(ANALYSIS / "runs" / "x")  # no $PWD: the current directory
+    with pytest.raises(FileNotFoundError, match=r"^MOEUT_RUN_DIR=runs/y: no such directory \(" + re.escape(str(tmp_path))):
+        notebook_dirs({"PWD": str(tmp_path), "MOEUT_RUN_DIR": "runs/y"})
+    with pytest.raises(ValueError, match="MOEUT_RUN_DIR: not set"):
+        notebook_dirs({"PWD": str(tmp_path)})
+
+
 def _doc_commands():
     """The runnable notebook commands of docs/analysis.md's Notebooks section (jupyter lab is
     interactive, jupytext --sync rewrites the repository: both are left out)."""
@@ -64,6 +81,9 @@ def test_documented_notebook_commands_run(tmp_path):
     tok = train_tokenizer([text(20, s) for s in range(40)], vocab_size=160, hard_vocab_limit=False)
     torch.manual_seed(0)
     cfg = get_preset("tiny", vocab_size=tok.vocab_size)
+    # A directory laid out like the repository root, so the documented commands run literally
+    # (relative `runs/x`, `analysis/...`) from a cwd that is not analysis/.
+    (tmp_path / "analysis").symlink_to(ANALYSIS, target_is_directory=True)
     run = tmp_path / "runs" / "x"
     save_checkpoint(run / "checkpoints", 5, build_model(cfg), cfg, tokenizer=tok)
     with open(run / "metrics.jsonl", "w") as f:
@@ -71,18 +91,18 @@ def test_documented_notebook_commands_run(tmp_path):
             f.write(json.dumps({"step": step, "train/loss": 5.0 - step, "moe/g0/usage_rel_ppl": 0.9}) + "\n")
     (tmp_path / "valid.txt").write_text(text(200, 7))
     env = {**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"}
+    env.pop("MOEUT_RUN_DIR", None), env.pop("MOEUT_ANALYSIS_DIR", None)
     # the statistics the notebooks read ("analyse the run first")
-    subprocess.run([sys.executable, "-m", "moeut.analyze", f"checkpoint={run}", f"data.path={tmp_path / 'valid.txt'}",
+    subprocess.run([sys.executable, "-m", "moeut.analyze", "checkpoint=runs/x", "data.path=valid.txt",
                     "seq_len=16", "max_tokens=1024", "batch_size=8", "device=cpu", "figures.formats=[png]",
-                    "figures.dpi=30"], cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+                    "figures.dpi=30"], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
 
     cmds = _doc_commands()
     assert any("execute_notebooks=true" in c for c in cmds) and any("jupytext --execute" in c for c in cmds), cmds
-    out_nb = tmp_path / "expert_usage.ipynb"
-    for cmd in cmds:
-        cmd = cmd.replace("runs/x", str(run)).replace("/tmp/expert_usage.ipynb", str(out_nb))
-        res = subprocess.run(["bash", "-c", cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    for cmd in cmds:  # as written in the docs
+        res = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, f"{cmd}\n{res.stderr[-3000:]}"
+    out_nb = run / "analysis" / "expert_usage.ipynb"  # the jupytext command's -o
     executed = sorted((run / "analysis" / "notebooks").glob("*.ipynb")) + [out_nb]
     assert {p.name for p in executed} == {"attention_and_norms.ipynb", "expert_usage.ipynb"}
     for path in executed:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import warnings
@@ -161,6 +162,38 @@ def _text_value(v, where: str, text_field: str) -> str:
     return v
 
 
+def hub_unreachable(timeout: float = 10.0) -> Optional[str]:
+    """Why the Hugging Face hub cannot be reached, or None when it may be: its host name
+    (`HF_ENDPOINT`, default huggingface.co) does not resolve within `timeout` seconds. Skipped
+    (None) behind a proxy (`HTTPS_PROXY`, `ALL_PROXY`), where the proxy resolves names. A fast
+    check, so that an offline machine fails at once instead of after the hub client's retries."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    result: List[str] = []
+
+    def resolve() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+            result.append("")
+        except OSError as e:
+            result.append(f"{host}: {e.strerror or e}")
+    t = threading.Thread(target=resolve, daemon=True)
+    t.start()
+    t.join(timeout)
+    if not result:
+        return f"{host}: no answer to a name look-up in {timeout:g} s"
+    return result[0] or None
+
+
+def _hub_error(ref: FileRef, why: object) -> DataError:
+    return DataError(f"{ref.describe()}: cannot stream from the Hugging Face hub, unreachable ({why}); "
+                     f"point data.path at a local mirror (docs/training.md, \"Data\")")
+
+
 def _read_hub(ref: FileRef, text_field: str) -> Iterator[str]:
     if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
         raise DataError(f"{ref.describe()}: streaming from the hub is impossible offline "
@@ -170,11 +203,21 @@ def _read_hub(ref: FileRef, text_field: str) -> Iterator[str]:
     except ImportError as e:
         raise DataError("streaming from the hub needs the 'datasets' package; "
                         "or point data.path at a local mirror") from e
+    why = hub_unreachable()
+    if why:
+        raise _hub_error(ref, why)
     # One hub file at a time, in the same order as a local mirror (the builder follows the
     # file extension). Not exercised by the offline test suite.
-    ds = datasets.load_dataset(ref.hub_repo, data_files=[ref.path], split="train", streaming=True,
-                               revision=ref.revision)
-    for i, rec in enumerate(ds):
+    try:
+        ds = datasets.load_dataset(ref.hub_repo, data_files=[ref.path], split="train", streaming=True,
+                                   revision=ref.revision)
+        records = iter(ds)
+        first = next(records, None)
+    except (ConnectionError, TimeoutError) as e:  # the hub went away after the look-up
+        raise _hub_error(ref, e) from e
+    if first is None:
+        return
+    for i, rec in enumerate(itertools.chain([first], records)):
         if text_field not in rec:
             raise DataError(f"{ref.describe()}: record {i} has no field {text_field!r} (set data.text_field)")
         yield _text_value(rec[text_field], f"{ref.describe()}: record {i}", text_field)

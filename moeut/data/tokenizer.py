@@ -98,7 +98,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, *, append_sepa
     in the returned tokenizer's `train_stats`.
 
     Raises TokenizerTrainingError when no sentence is left to train on, or when the corpus is too
-    small for `vocab_size`.
+    small for `vocab_size`; an error of reading `texts` (e.g. DataError naming file:line) is
+    raised as itself.
     """
     import warnings
     max_len = int(extra.pop("max_sentence_length", SPM_MAX_SENTENCE_BYTES))
@@ -106,7 +107,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, *, append_sepa
              "largest_too_long_bytes": 0}
     chars: Counter = Counter()  # characters of the sentences trained on, for the <unk> count
 
+    failed: list = []  # an error of the text reader, which SentencePiece would wrap in a RuntimeError
+
     def sentences() -> Iterator[str]:
+        try:
+            yield from _sentences()
+        except Exception as e:
+            failed.append(e)
+            raise
+
+    def _sentences() -> Iterator[str]:
         for t in texts:
             if not t:
                 stats["empty"] += 1
@@ -154,6 +164,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, *, append_sepa
             # only when not the default: an explicit value is stored in the model and changes its hash
             **({} if max_len == SPM_MAX_SENTENCE_BYTES else {"max_sentence_length": max_len}), **extra)
     except RuntimeError as e:
+        if failed:  # the reader's own error (e.g. DataError naming file:line), not SentencePiece's
+            raise failed[0] from None
         if "Vocabulary size" in str(e) or "vocab_size" in str(e):
             raise TokenizerTrainingError(
                 f"data.vocab_size={vocab_size}: {source} ({stats['sentences']} sentences, "

@@ -19,6 +19,7 @@ the one that exists: `cuda` when torch sees a GPU, else `cpu` (and says so).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -44,13 +45,59 @@ def with_default_device(argv: List[str], cuda_available: Optional[bool] = None) 
     return argv + ["--device", device]
 
 
+def named_device(argv: List[str]) -> Optional[str]:
+    """The device the command names (`--device X`, `--device=X`, or `device=X` in `--model_args`;
+    the last one wins, as lm-eval passes --device after the model_args), or None."""
+    found = None
+    for i, a in enumerate(argv):
+        args = argv[i + 1] if a == "--model_args" and i + 1 < len(argv) else (
+            a.split("=", 1)[1] if a.startswith("--model_args=") else None)
+        if args is not None:
+            for kv in args.split(","):
+                if kv.strip().startswith("device="):
+                    found = kv.strip().split("=", 1)[1]
+    for i, a in enumerate(argv):
+        if a == "--device" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif a.startswith("--device="):
+            found = a.split("=", 1)[1]
+    return found
+
+
+def check_device(argv: List[str], cuda_available: Optional[bool] = None) -> None:
+    """Raise ValueError, naming the option, when the command names a CUDA device and torch sees
+    no CUDA GPU (before lm-eval is imported and the model loaded)."""
+    device = named_device(argv)
+    if device is None or not device.startswith("cuda"):
+        return
+    if cuda_available is None:
+        import torch
+        cuda_available = torch.cuda.is_available()
+    if not cuda_available:
+        raise ValueError(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu "
+                         f"(or leave --device out: the wrapper then picks cpu)")
+
+
 def main() -> None:
     """`python -m moeut.eval.harness_cli ...` (also the `moeut-lm-eval` script): register the
-    "moeut" model with lm-eval, add the device default, and run lm-eval's CLI on sys.argv."""
+    "moeut" model with lm-eval, add the device default, and run lm-eval's CLI on sys.argv.
+    A CUDA device without a GPU, and an error building the model from `--model_args` (e.g. a
+    missing checkpoint), are one line `moeut.eval.harness_cli: error: ...`, exit 1. When stderr
+    is not a terminal, lm-eval's progress bars are off (TQDM_DISABLE=1 unless set)."""
+    from ..cli import INPUT_ERRORS, bad_input_exits, exit_bad_input, raised_in
+    with bad_input_exits("moeut.eval.harness_cli"):  # also: no HF progress frames in a log file
+        check_device(sys.argv[1:])
+    if not sys.stderr.isatty():  # lm-eval's own tqdm bars would fill a log file with `\r` frames
+        os.environ.setdefault("TQDM_DISABLE", "1")
     from . import harness  # noqa: F401  (registers "moeut")
     from lm_eval.__main__ import cli_evaluate
     sys.argv = [sys.argv[0]] + with_default_device(sys.argv[1:])
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except INPUT_ERRORS as err:  # the model could not be built from --model_args: bad input
+        if raised_in(err, "create_from_arg_string", "create_from_arg_obj"):
+            exit_bad_input("moeut.eval.harness_cli", err)
+        raise
 
 
 if __name__ == "__main__":

@@ -24,11 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Hashable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+PROGRESS_EVERY_S = 30.0  # progress line interval when stderr is not a terminal
 
 try:
     from tqdm.auto import tqdm
@@ -152,13 +156,20 @@ class Scorer:
         results: List[Optional[ScoreResult]] = [None] * len(requests)
         batches = self._batches(list(requests))
         it = batches
-        if self.progress and tqdm is not None:
+        # a bar only on a terminal; in a log file (not a TTY) a plain line every PROGRESS_EVERY_S
+        # seconds instead of tqdm's `\r` frames
+        bar = self.progress and tqdm is not None and sys.stderr.isatty()
+        if bar:
             it = tqdm(batches, desc=desc, unit="batch", leave=False)
+        lines, t_last = self.progress and not bar, time.time()
         was_training = self.model.training
         self.model.eval()
         try:
-            for batch in it:
+            for k, batch in enumerate(it):
                 self._score_batch([requests[i] for i in batch], batch, results)
+                if lines and time.time() - t_last >= PROGRESS_EVERY_S:
+                    t_last = time.time()
+                    print(f"[eval] {desc}: {k + 1}/{len(batches)} batches", file=sys.stderr, flush=True)
         finally:
             self.model.train(was_training)
         return results  # type: ignore[return-value]

@@ -257,6 +257,8 @@ def combine(paths: Sequence[str], out: Optional[str] = None) -> str:
 def main(cfg: DictConfig) -> None:
     """`python -m moeut.eval.table results=[FILE.json,...] [out=STEM]` (options: conf/eval_table.yaml,
     or `--help`). Bad input exits 1 with the message (file:line for a damaged file), no traceback."""
+    from moeut.cli import setup_tool_output
+    setup_tool_output("moeut.eval.table")  # one-line warnings; no progress frames in a log file
     try:
         if OmegaConf.is_missing(cfg, "results"):
             raise ValueError("results: required: results=[FILE.json,...] (moeut.evaluate results files)")

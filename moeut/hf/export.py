@@ -104,6 +104,8 @@ def run(cfg: Any) -> str:
 def main(cfg: Any) -> None:
     """`python -m moeut.hf.export checkpoint=<dir> out=<dir> [dtype=...]` (also the
     `moeut-hf-export` script): prints the output directory; bad input: a one-line error, exit 1."""
+    from moeut.cli import setup_tool_output
+    setup_tool_output("moeut.hf.export")  # one-line warnings; no progress frames in a log file
     try:
         print(run(cfg))
     except (ValueError, FileNotFoundError) as e:

@@ -384,6 +384,8 @@ def run(cfg: Any) -> int:
 def main(cfg: Any) -> None:
     """`python -m moeut.kernels.footprint [key=value ...]` (options: conf/footprint.yaml, `--help`);
     bad options: a one-line error naming the option, exit 1."""
+    from moeut.cli import setup_tool_output
+    setup_tool_output("moeut.kernels.footprint")  # one-line warnings; no progress frames in a log file
     try:
         rc = run(cfg)
     except ValueError as e:

@@ -13,8 +13,8 @@ gets compiled is `python -m moeut.kernels.footprint` with the same arguments.
 
 A Hydra app over conf/warmup.yaml (`--help` lists the options with their meaning): preset
 [moeut_44m], dtype bf16|fp16|fp32|tf32 [bf16], batch [64], seq_len [1024], steps [2], decode
-true|false [true], prefill [100], device [null: cuda when available; cpu only for a dry run,
-where the PyTorch implementation runs and nothing is compiled].
+true|false [true], prefill [100], device [null: cuda; without a GPU that is an error at once;
+device=cpu is a dry run, announced, where the PyTorch implementation runs and nothing is compiled].
 """
 from __future__ import annotations
 
@@ -114,8 +114,17 @@ def options(cfg: Any) -> dict:
 
 def run(cfg: Any) -> dict:
     """Print the Triton cache dir and run `warm` with the options of a composed conf/warmup.yaml;
-    returns warm()'s timings. Raises the ValueErrors of `options`."""
+    returns warm()'s timings. Raises the ValueErrors of `options`, and ValueError naming `device`
+    when it is (or defaults to) CUDA and torch sees no GPU; device=cpu is announced as a dry run."""
     a = options(cfg)
+    dev = a["device"]
+    if (dev is None or dev.startswith("cuda")) and not torch.cuda.is_available():
+        given = f"device={dev}" if dev else "device (default: cuda)"
+        raise ValueError(f"{given}: torch sees no CUDA GPU, so there is nothing to compile or autotune (the "
+                         f"Triton kernels run on GPUs only); device=cpu runs a dry run of the PyTorch "
+                         f"implementation, which compiles nothing")
+    if torch.device(dev or "cuda").type == "cpu":
+        print("[warmup] device=cpu: a dry run of the PyTorch implementation; nothing is compiled or cached")
     dirs = cache_dirs()
     print(f"[warmup] Triton cache (kernels + autotune results): {dirs['triton']}")
     return warm(a["preset"], a["dtype"], a["batch"], a["seq_len"], a["steps"], a["decode"], a["prefill"],
@@ -126,6 +135,8 @@ def run(cfg: Any) -> dict:
 def main(cfg: Any) -> None:
     """`python -m moeut.kernels.warmup [key=value ...]` (options: conf/warmup.yaml, `--help`);
     bad options: a one-line error naming the option, exit 1."""
+    from moeut.cli import setup_tool_output
+    setup_tool_output("moeut.kernels.warmup")  # one-line warnings; no progress frames in a log file
     try:
         run(cfg)
     except ValueError as e:

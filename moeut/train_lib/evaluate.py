@@ -47,10 +47,12 @@ def evaluate(model: torch.nn.Module, dataset, batch_size: int, device: torch.dev
 def validate(model: torch.nn.Module, valid: Mapping[str, object], batch_size: int, device: torch.device,
              autocast_dtype: Optional[torch.dtype], dist: DistInfo) -> Dict[str, float]:
     """`evaluate` on every validation set of the run ({name: WindowDataset}, "val" first), as
-    the record the loop logs: {"validation/<name>/loss": nats/token, "validation/<name>/perplexity"}.
+    the record the loop logs: {"validation/<name>/loss": nats/token, "validation/<name>/perplexity",
+    "validation/<name>/tokens": the number of predicted tokens it averages over}.
     A collective under DDP: every rank calls it."""
     res: Dict[str, float] = {}
     for name, ds in valid.items():
         r = evaluate(model, ds, batch_size, device, autocast_dtype, dist)
         res[f"validation/{name}/loss"], res[f"validation/{name}/perplexity"] = r["loss"], r["perplexity"]
+        res[f"validation/{name}/tokens"] = r["tokens"]
     return res

@@ -63,9 +63,9 @@ def train(tc: TrainConfig, run_dir: str, run_files: Optional[Dict[str, str]] = N
             keep_freed_memory()  # SPEC 3.8: avoid page-faulting large expert buffers every step
         if t_cfg.threads:
             torch.set_num_threads(t_cfg.threads)
-        if dist.is_main and tc.print_config:
-            say(OmegaConf.to_yaml(tc.raw))
         setup = validated_start(tc, run_dir, dist, say)
+        if dist.is_main and tc.print_config:  # only for a started run: a refused one is its error line
+            say(OmegaConf.to_yaml(tc.raw))
     if dist.is_main:  # --- commit: the first write into the run dir ----------------------------
         ckpt_lib.commit_run_dir(run_dir, setup.tokenizer, dict(run_files or {}))
     barrier()
