@@ -439,6 +439,12 @@ class RunDir:
         merged = merge_evals(at_step)
         return self.eval_dir / merged["evaluations"][-1], merged
 
+    def commit(self) -> str:
+        """The commit(s) of the run's starts from provenance.jsonl (moeut.provenance.commit_label:
+        "1a2b3c4", "1a2b3c4-dirty", ...); "" when the run dir has no provenance."""
+        from .provenance import commit_label, read_provenance
+        return commit_label(read_provenance(self.path))
+
     def step_time(self) -> Optional[float]:
         """Measured step time in seconds from step_time.json ({"step_time_s": s}); None when the
         file is absent. Raises CorruptRunFile (unparsable) or ValueError (no positive number)."""
