@@ -82,17 +82,17 @@ def test_zeroshot_points_logged_once_across_resumes_and_training_unchanged(cache
 @pytest.mark.slow
 def test_zeroshot_under_two_gloo_processes(cache_dir, tmp_path):
     """torchrun, 2 gloo processes: rank 0 evaluates, rank 1 waits; each point logged and written once."""
-    run(cache_dir, tmp_path / "warm", "train.steps=2")  # tokenizer + shards cached for the subprocesses
+    run(cache_dir, tmp_path / "warm", "train.steps=4")  # tokenizer + shards (of this budget) for the subprocesses
     run_dir = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *_cli(cache_dir, run_dir, "train.steps=4", "train.log_interval=1", *ZS)]
+    cli = _cli(cache_dir, run_dir, "train.steps=4", "train.log_interval=1", *ZS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *cli]
     p = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(cache_dir), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert [r["step"] for r in zs_records(run_dir)] == [2, 4]
     assert sorted(f.name for f in (run_dir / "eval").glob("results_*.json")) == [
         "results_step_0000002.json", "results_step_0000004.json"]
     (rec,) = provenance.read_provenance(run_dir)
-    assert rec["world_size"] == 2 and rec["argv"][1:3] == cmd[6:8] or rec["argv"][-1] == cmd[-1]
+    assert rec["world_size"] == 2 and rec["argv"][0].endswith("train.py") and rec["argv"][1:] == cli
 
 
 def test_profile_covers_exactly_the_asked_steps(cache_dir, tmp_path):
