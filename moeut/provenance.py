@@ -5,7 +5,7 @@
 hostname, SLURM job id, Python and package versions, and the git state of the checkout the
 `moeut` package was imported from (commit, dirty flag; the diff against HEAD, when dirty, in
 provenance/diff_<n>.patch). An installed package (no git checkout) records git: null and why.
-`commit_label` is the short form the summary and compare tables show.
+`moeut.rundir.commit_label` is the short form the summary and compare tables show.
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from .rundir import PROVENANCE_FILE, commit_label, read_jsonl
+
 PACKAGES = ("moeut", "torch", "triton", "numpy", "hydra-core", "omegaconf", "sentencepiece", "wandb",
             "datasets", "transformers", "lm_eval")
-PROVENANCE_FILE = "provenance.jsonl"
 
 
 def package_versions() -> Dict[str, Optional[str]]:
@@ -106,21 +107,4 @@ def read_provenance(run_dir) -> List[Dict[str, Any]]:
     path = Path(run_dir) / PROVENANCE_FILE
     if not path.exists():
         return []
-    from .rundir import read_jsonl
     return list(read_jsonl(path).records)
-
-
-def commit_label(records: List[Dict[str, Any]]) -> str:
-    """Short commit(s) of a run's starts, in order, distinct: "1a2b3c4", "1a2b3c4-dirty",
-    "1a2b3c4, 5d6e7f8" (resumed on another commit); "no git (moeut X)" for an installed package;
-    "" without records."""
-    out: List[str] = []
-    for r in records:
-        g = r.get("git")
-        if g and g.get("commit"):
-            label = g["commit"][:7] + ("-dirty" if g.get("dirty") else "")
-        else:
-            label = f"no git (moeut {(r.get('packages') or {}).get('moeut')})"
-        if label not in out:
-            out.append(label)
-    return ", ".join(out)

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from moeut import provenance
 from moeut.evaluate import run as evaluate_run
+from moeut.rundir import RunDir
 from test_train import GENERAL, REPO, _cli, _subprocess_env, logged, metrics, run, tiny_cfg
 
 ZS = ("train.zeroshot.interval=2", "train.zeroshot.tasks=[lambada,piqa]", "train.zeroshot.limit=4",
@@ -153,7 +154,7 @@ def test_provenance_outside_a_git_checkout(tmp_path):
     (tmp_path / "run").mkdir()
     rec = provenance.record_provenance(str(tmp_path / "run"), step=0, root=pkg)
     assert rec["git"] is None and "not" in rec["git_error"]
-    assert provenance.commit_label([rec]) == f"no git (moeut {rec['packages']['moeut']})"
+    assert RunDir(tmp_path / "run").commit() == f"no git (moeut {rec['packages']['moeut']})"
 
 
 def _hand_run(run_dir: Path, commit: str, dirty: bool):
@@ -175,5 +176,4 @@ def test_summary_and_compare_tables_show_the_commit(tmp_path):
     from analysis.compare import Run, summary_rows
     header, body = summary_rows([Run(name="a", path=str(tmp_path / "a"), commit="0123456")])
     assert header[:2] == ["run", "commit"] and body[0][:2] == ["a", "0123456"]
-    from moeut.rundir import RunDir
     assert RunDir(tmp_path / "b").commit() == "fedcba9-dirty"
