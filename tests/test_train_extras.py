@@ -177,3 +177,16 @@ def test_summary_and_compare_tables_show_the_commit(tmp_path):
     header, body = summary_rows([Run(name="a", path=str(tmp_path / "a"), commit="0123456")])
     assert header[:2] == ["run", "commit"] and body[0][:2] == ["a", "0123456"]
     assert RunDir(tmp_path / "b").commit() == "fedcba9-dirty"
+
+
+def test_failed_zeroshot_evaluation_warns_and_training_goes_on(cache_dir, tmp_path, monkeypatch):
+    import moeut.train_lib.loop as loop
+
+    def no_data(ckpt, tasks, limit, device):
+        raise FileNotFoundError("lambada: no task data")
+    monkeypatch.setattr(loop, "evaluate_saved_checkpoint", no_data)
+    plain = run(cache_dir, tmp_path / "plain", "train.steps=4", "train.save_interval=100")
+    res = run(cache_dir, tmp_path / "run", "train.steps=4", *ZS)
+    assert res["status"] == "finished" and res["losses"] == plain["losses"] and not zs_records(tmp_path / "run")
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "train.zeroshot: step 2 not evaluated: lambada: no task data" in log and "step 4 not evaluated" in log

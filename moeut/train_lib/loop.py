@@ -129,8 +129,8 @@ def run_loop(tc: TrainConfig, run_dir: str, dist: DistInfo, setup: RunSetup,
     train.log_interval steps and at train.steps, routing metrics every train.routing_interval,
     validation every train.val_interval (and at the end when train.final_eval), checkpoints every
     train.save_interval and at the end, zero-shot scores every train.zeroshot.interval (zeroshot.py),
-    a profile of steps train.profile.start..end (profile.py). A stop signal ends the run after the current step with a
-    checkpoint and status "preempted"; the replaced signal handler (submitit's requeue) is then
+    a profile of steps train.profile.start..end (profile.py). A stop signal ends the run after the
+    current step with a checkpoint and status "preempted"; the replaced signal handler (submitit's requeue) is then
     called. Raises NonFiniteLossError after train.max_nonfinite non-finite losses in a row."""
     t_cfg, o_cfg, d_cfg = tc.train, tc.optim, tc.data
     device = dist.device
@@ -167,9 +167,13 @@ def run_loop(tc: TrainConfig, run_dir: str, dist: DistInfo, setup: RunSetup,
     def zeroshot(at_step: int) -> None:  # rank 0 evaluates the step's saved checkpoint; the others wait
         if dist.is_main:
             ckpt = os.path.join(run_dir, "checkpoints", ckpt_lib.checkpoint_dir_name(at_step))
-            res, scores = evaluate_saved_checkpoint(ckpt, zs.tasks, zs.limit, str(device))
-            logger.log(at_step, scores, line=True)
-            logger.message(f"[zeroshot] step {at_step}: {res['data_line']}; results {res['files']['json']}")
+            try:
+                res, scores = evaluate_saved_checkpoint(ckpt, zs.tasks, zs.limit, str(device))
+            except (ValueError, FileNotFoundError) as e:  # e.g. no task data: training goes on, said
+                logger.message(f"[zeroshot] WARNING: train.zeroshot: step {at_step} not evaluated: {e}")
+            else:
+                logger.log(at_step, scores, line=True)
+                logger.message(f"[zeroshot] step {at_step}: {res['data_line']}; results {res['files']['json']}")
         barrier()
 
     # A zero-shot point due at the resumed step and not in metrics.jsonl (the previous invocation
