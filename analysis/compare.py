@@ -82,6 +82,7 @@ class Run:
     val: List[Tuple[int, float]] = field(default_factory=list)  # (step, perplexity)
     train_loss: float = float("nan")
     eval: Dict[str, float] = field(default_factory=dict)
+    commit: str = "-"  # provenance.jsonl (moeut.provenance.commit_label): short hash, -dirty
 
     @property
     def final_ppl(self) -> float:
@@ -142,6 +143,7 @@ def load_run(run_dir: str, seq_len: int = 1024, val_key: Optional[str] = None) -
 
     run = Run(name=RunDir(run_dir).label(), path=run_dir)
     rd = RunDir(run_dir)
+    run.commit = rd.commit() or "-"
     found = rd.model_config(option="runs")
     if found is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoints/step_*/model_config.json (nor model_config.json)")
@@ -268,9 +270,9 @@ def _markdown(header: List[str], rows: List[List[str]]) -> str:
 
 def summary_rows(runs: List[Run]) -> Tuple[List[str], List[List[str]]]:
     """(header, formatted rows) of the one-row-per-run summary table."""
-    header = ["run", "arch", "params", "active", "MACs/tok", "FLOPs/tok", "steps", "tokens", "train MACs",
+    header = ["run", "commit", "arch", "params", "active", "MACs/tok", "FLOPs/tok", "steps", "tokens", "train MACs",
               "step time (s)", "source", "val ppl"]
-    rows = [[r.name, r.arch, _fmt(r.params, "M"), _fmt(r.active, "M"), _fmt(r.macs_per_token, "M"),
+    rows = [[r.name, r.commit, r.arch, _fmt(r.params, "M"), _fmt(r.active, "M"), _fmt(r.macs_per_token, "M"),
              _fmt(r.flops_per_token, "M"), str(r.steps), _fmt(r.tokens, "e"), _fmt(r.train_macs, "e"),
              _fmt(r.step_time, "s"), r.step_time_source, _fmt(r.final_ppl, "p")] for r in runs]
     return header, rows

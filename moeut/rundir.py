@@ -319,6 +319,25 @@ def merge_evals(files: List[Tuple[Path, Dict[str, Any]]]) -> Dict[str, Any]:
 _OPAQUE_LEAF = re.compile(r"(\d{4}-\d\d-\d\d_)?\d\d-\d\d-\d\d(_\d+)?|\d+")
 
 
+PROVENANCE_FILE = "provenance.jsonl"  # one record per start of a run (moeut.provenance)
+
+
+def commit_label(records: List[Dict[str, Any]]) -> str:
+    """Short commit(s) of a run's starts, in order, distinct: "1a2b3c4", "1a2b3c4-dirty",
+    "1a2b3c4, 5d6e7f8" (resumed on another commit); "no git (moeut X)" for an installed package;
+    "" without records."""
+    out: List[str] = []
+    for r in records:
+        g = r.get("git")
+        if g and g.get("commit"):
+            label = g["commit"][:7] + ("-dirty" if g.get("dirty") else "")
+        else:
+            label = f"no git (moeut {(r.get('packages') or {}).get('moeut')})"
+        if label not in out:
+            out.append(label)
+    return ", ".join(out)
+
+
 class RunDir:
     """One run directory (see the module docstring for its layout and the corrupt-line policy).
 
@@ -438,6 +457,12 @@ class RunDir:
         at_step = [(p, d) for s, p, d in ours if s == step]
         merged = merge_evals(at_step)
         return self.eval_dir / merged["evaluations"][-1], merged
+
+    def commit(self) -> str:
+        """The commit(s) of the run's starts from provenance.jsonl (moeut.provenance.commit_label:
+        "1a2b3c4", "1a2b3c4-dirty", ...); "" when the run dir has no provenance."""
+        path = self.path / PROVENANCE_FILE
+        return commit_label(list(read_jsonl(path).records)) if path.exists() else ""
 
     def step_time(self) -> Optional[float]:
         """Measured step time in seconds from step_time.json ({"step_time_s": s}); None when the

@@ -46,7 +46,7 @@ from .cli import CONF_DIR, bool_option, str_option
 PPL_DEFAULT = "validation/val/perplexity"  # train.py: validation/<set name>/perplexity
 
 # columns shown first in the table, in this order; every other gathered key follows, sorted
-LEAD_COLUMNS = ["run", "experiment", "dataset", "arch", "params", "d_model", "n_layers", "G", "K",
+LEAD_COLUMNS = ["run", "commit", "experiment", "dataset", "arch", "params", "d_model", "n_layers", "G", "K",
                 "d_expert", "ln", "step", "val_ppl", "best_val_ppl", "train_loss"]
 
 
@@ -215,7 +215,7 @@ def read_eval(run_dir: Path) -> Dict[str, Any]:
 
 def summarize_run(run_dir: os.PathLike, sweep_dir: os.PathLike, ppl_key: str = PPL_DEFAULT) -> RunSummary:
     """One table row for the run at `run_dir` (a directory under `sweep_dir`, or `sweep_dir`
-    itself): its experiment, dataset, step, last/best validation perplexity (key `ppl_key`, see
+    itself): its commit (provenance.jsonl), experiment, dataset, step, last/best validation perplexity (key `ppl_key`, see
     `perplexity_key`), last value of every logged numeric key, architecture and parameter count
     from the newest checkpoint's model config, and evaluation results (`read_eval`). Missing
     files leave cells empty; a damaged run-dir file raises CorruptRunFile (moeut.rundir)."""
@@ -223,6 +223,7 @@ def summarize_run(run_dir: os.PathLike, sweep_dir: os.PathLike, ppl_key: str = P
     rel = run_dir.relative_to(sweep_dir).as_posix() if run_dir != sweep_dir else run_dir.name
     row: Dict[str, Any] = {"run": rel}
     run = rundir.RunDir(run_dir)
+    row["commit"] = run.commit() or None  # provenance.jsonl: short hash, -dirty
 
     overrides = run.overrides()
     choices = run.hydra_choices()

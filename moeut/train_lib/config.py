@@ -161,6 +161,23 @@ class OptimSchema:
 
 
 @dataclass
+class ZeroShotSchema:
+    """`train.zeroshot`: zero-shot evaluation during training, as `python -m moeut.evaluate` runs it
+    on the checkpoint of that step (docs/training.md "Zero-shot evaluation during training")."""
+    interval: int = field(default=0, metadata=at_least(0))  # every N steps (a checkpoint is saved there); 0 = off
+    tasks: List[str] = field(default_factory=lambda: ["lambada", "blimp", "piqa"])  # moeut.evaluate's task names
+    limit: Optional[int] = field(default=None, metadata=at_least(1))  # items per task, as moeut.evaluate's limit
+
+
+@dataclass
+class ProfileSchema:
+    """`train.profile`: a torch.profiler trace of steps start..end (the logged step numbers) into
+    <run dir>/profile/ (docs/training.md "Profiles"); start null = off."""
+    start: Optional[int] = field(default=None, metadata=at_least(1))
+    end: Optional[int] = field(default=None, metadata=at_least(1))  # null = start (one step)
+
+
+@dataclass
 class TrainSchema:
     """The `train` group (SPEC §4.3-4.5): steps, batch, precision, intervals (in steps), resume."""
     steps: int = field(default=100000, metadata=at_least(1))  # the schedule length S (`stop_after`)
@@ -186,6 +203,8 @@ class TrainSchema:
     threads: Optional[int] = field(default=None, metadata=at_least(1))  # torch CPU threads (None = torch default)
     dist_timeout_min: int = field(default=30, metadata=at_least(1))
     final_eval: bool = True  # validation at the end of training
+    zeroshot: ZeroShotSchema = field(default_factory=ZeroShotSchema)
+    profile: ProfileSchema = field(default_factory=ProfileSchema)
 
 
 @dataclass
@@ -348,6 +367,21 @@ def validate(tc: TrainConfig, world_size: int = 1) -> None:
         _fail("train.precision", f"{t.precision!r} is not one of auto, fp32, bf16, fp16")
     if t.resume not in ("auto", "never") and not os.path.exists(t.resume):
         _fail("train.resume", f"'auto', 'never' or an existing checkpoint path; got {t.resume!r}")
+    if t.zeroshot.interval:
+        from ..eval.tasks import resolve_tasks
+        if not t.zeroshot.tasks:
+            _fail("train.zeroshot.tasks", "empty: name at least one task (or set train.zeroshot.interval=0)")
+        try:
+            resolve_tasks(t.zeroshot.tasks)
+        except (KeyError, ValueError) as e:
+            _fail("train.zeroshot.tasks", str(e).strip("'\""))
+    if t.profile.start is None and t.profile.end is not None:
+        _fail("train.profile.end", "set without train.profile.start")
+    if t.profile.start is not None:
+        end = t.profile.end if t.profile.end is not None else t.profile.start
+        if not t.profile.start <= end <= t.steps:
+            _fail("train.profile", f"needs start <= end <= train.steps={t.steps}, got start={t.profile.start}, "
+                                   f"end={t.profile.end}")
     if lg.wandb not in ("disabled", "offline", "online"):
         _fail("logger.wandb", f"{lg.wandb!r} is not one of disabled, offline, online")
     if lg.progress not in ("auto", "bar", "lines", "none"):

@@ -32,7 +32,9 @@ from .logging import RunLogger, log_to_files, run_log_file
 from .metrics import flops_per_token, memory_mb, mfu, mfu_peak
 from .schedule import lr_at
 from .start import RunSetup, validated_start
+from .profile import StepProfiler
 from .step import NonFiniteLossError, train_step
+from .zeroshot import evaluate_saved_checkpoint, logged_zeroshot_steps
 
 log = logging.getLogger("moeut.train")
 
@@ -68,6 +70,8 @@ def train(tc: TrainConfig, run_dir: str, run_files: Optional[Dict[str, str]] = N
             say(OmegaConf.to_yaml(tc.raw))
     if dist.is_main:  # --- commit: the first write into the run dir ----------------------------
         ckpt_lib.commit_run_dir(run_dir, setup.tokenizer, dict(run_files or {}))
+        from moeut.provenance import record_provenance
+        record_provenance(run_dir, step=setup.state.step, log=say)
     barrier()
     with run_log_file(run_dir, enabled=dist.is_main, held=held):
         if dist.is_main:  # newer than the resumed step, unreadable: an abandoned timeline (RunSetup)
@@ -124,8 +128,9 @@ def run_loop(tc: TrainConfig, run_dir: str, dist: DistInfo, setup: RunSetup,
     result. Steps from `setup.state.step` to train.stop_at (or train.steps); logs train/ every
     train.log_interval steps and at train.steps, routing metrics every train.routing_interval,
     validation every train.val_interval (and at the end when train.final_eval), checkpoints every
-    train.save_interval and at the end. A stop signal ends the run after the current step with a
-    checkpoint and status "preempted"; the replaced signal handler (submitit's requeue) is then
+    train.save_interval and at the end, zero-shot scores every train.zeroshot.interval (zeroshot.py),
+    a profile of steps train.profile.start..end (profile.py). A stop signal ends the run after the
+    current step with a checkpoint and status "preempted"; the replaced signal handler (submitit's requeue) is then
     called. Raises NonFiniteLossError after train.max_nonfinite non-finite losses in a row."""
     t_cfg, o_cfg, d_cfg = tc.train, tc.optim, tc.data
     device = dist.device
@@ -153,6 +158,35 @@ def run_loop(tc: TrainConfig, run_dir: str, dist: DistInfo, setup: RunSetup,
                        setup.autocast_dtype, dist)
         logger.log(at_step, res, line=True)
         return res
+
+    zs = t_cfg.zeroshot
+
+    def zeroshot_due(at_step: int) -> bool:
+        return bool(zs.interval) and at_step > 0 and at_step % zs.interval == 0
+
+    def zeroshot(at_step: int) -> None:  # rank 0 evaluates the step's saved checkpoint; the others wait
+        if dist.is_main:
+            ckpt = os.path.join(run_dir, "checkpoints", ckpt_lib.checkpoint_dir_name(at_step))
+            try:
+                res, scores = evaluate_saved_checkpoint(ckpt, zs.tasks, zs.limit, str(device))
+            except (ValueError, FileNotFoundError) as e:  # e.g. no task data: training goes on, said
+                logger.message(f"[zeroshot] WARNING: train.zeroshot: step {at_step} not evaluated: {e}")
+            else:
+                logger.log(at_step, scores, line=True)
+                logger.message(f"[zeroshot] step {at_step}: {res['data_line']}; results {res['files']['json']}")
+        barrier()
+
+    # A zero-shot point due at the resumed step and not in metrics.jsonl (the previous invocation
+    # stopped between that checkpoint and its evaluation, e.g. a signal): evaluate it now.
+    if zeroshot_due(state.step):
+        from moeut.rundir import read_metrics
+        missing = dist.is_main and state.step not in logged_zeroshot_steps(
+            read_metrics(os.path.join(run_dir, "metrics.jsonl")) if os.path.exists(
+                os.path.join(run_dir, "metrics.jsonl")) else [])
+        if broadcast_object(missing):
+            zeroshot(state.step)
+    profiler = StepProfiler(t_cfg.profile.start, t_cfg.profile.end, run_dir, device, enabled=dist.is_main,
+                            log=logger.message)
 
     # --- the loop -------------------------------------------------------------------------
     # Every log/validation decision depends on the step and train.steps only, never on where
@@ -182,10 +216,13 @@ def run_loop(tc: TrainConfig, run_dir: str, dist: DistInfo, setup: RunSetup,
             step = state.step
             lr = lr_at(step, o_cfg.lr, o_cfg.warmup, t_cfg.steps, o_cfg.min_lr_ratio, o_cfg.schedule)
             collect = routing is not None and step % t_cfg.routing_every == 0
-            window_BT1 = data.train.batch(state.sampler.next()).to(device)  # this rank's streams [B/W, T+1]
-            res = train_step(state, fwd_model, window_BT1, lr, micro_batch_size=mb,
-                             autocast_dtype=setup.autocast_dtype, grad_clip=o_cfg.grad_clip, collect_routing=collect,
-                             aux_loss_scope=t_cfg.aux_loss_scope)
+            profiler.before_step(step + 1)
+            with profiler.marker():
+                window_BT1 = data.train.batch(state.sampler.next()).to(device)  # this rank's streams [B/W, T+1]
+                res = train_step(state, fwd_model, window_BT1, lr, micro_batch_size=mb,
+                                 autocast_dtype=setup.autocast_dtype, grad_clip=o_cfg.grad_clip,
+                                 collect_routing=collect, aux_loss_scope=t_cfg.aux_loss_scope)
+            profiler.after_step(step + 1)
             if res.routing_missing and not routing_missing_warned:
                 routing_missing_warned = True
                 warnings.warn(f"train.routing_interval: {type(model).__name__} returned no "
@@ -220,6 +257,10 @@ def run_loop(tc: TrainConfig, run_dir: str, dist: DistInfo, setup: RunSetup,
                 break
             if step % t_cfg.save_interval == 0 and step < stop:
                 ckpt_path = save_checkpoint(setup, tc, run_dir, logger)
+            if zeroshot_due(step) and step < stop:  # on a saved checkpoint: the one moeut.evaluate would read
+                if step % t_cfg.save_interval:
+                    ckpt_path = save_checkpoint(setup, tc, run_dir, logger)
+                zeroshot(step)
         if state.step == t_cfg.steps and t_cfg.final_eval:
             val_res = validation(state.step)
             for name in data.valid:
@@ -228,7 +269,10 @@ def run_loop(tc: TrainConfig, run_dir: str, dist: DistInfo, setup: RunSetup,
             logger.message(f"[train] stopped at step {state.step} (train.stop_at) of train.steps={t_cfg.steps}; "
                            f"the same command without train.stop_at resumes it")
         ckpt_path = save_checkpoint(setup, tc, run_dir, logger)
+        if status == "finished" and zeroshot_due(state.step):  # pre-empted: the resume evaluates it
+            zeroshot(state.step)
     finally:
+        profiler.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
         logger.close()
