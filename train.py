@@ -1,4 +1,4 @@
-from moeut.train import cli
+from moeut.train import main
 
 if __name__ == "__main__":
-    cli()
+    main()

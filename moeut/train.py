@@ -68,7 +68,7 @@ def prog() -> str:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> Optional[float]:
+def hydra_main(cfg: DictConfig) -> Optional[float]:
     """Train with the composed config `cfg` into Hydra's run dir; returns the final validation
     perplexity (for sweepers that minimise it), or None when there was none. A bad option or a
     refused start (ValueError / FileNotFoundError naming the key or file) exits 1 with one line
@@ -118,12 +118,12 @@ def with_resolve(argv: List[str]) -> List[str]:
     return argv + ["--resolve"] if prints and "--resolve" not in argv else argv
 
 
-def cli() -> None:
-    """The command line (`moeut-train`, `python -m moeut.train`, the clone's train.py): Hydra's
-    `main` with `--resolve` added to a `--cfg` request (`with_resolve`)."""
+def main() -> None:
+    """The command line (`moeut-train`, `python -m moeut.train`, the clone's train.py): the Hydra
+    app `hydra_main` with `--resolve` added to a `--cfg` request (`with_resolve`)."""
     sys.argv = with_resolve(sys.argv)
-    main()
+    hydra_main()
 
 
 if __name__ == "__main__":
-    cli()
+    main()
