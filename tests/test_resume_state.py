@@ -1,6 +1,7 @@
 """Resume state per rank (SPEC 4.5): a checkpoint written by W processes and resumed by W processes gives
 each rank its own saved random streams and routing accumulators, not rank 0's. Checked on rank 1 of 2
-with hand-built per-rank entries (no process group needed: loading is local)."""
+with hand-built per-rank entries (no process group needed: loading is local). And the log window's
+training time saved across the interruption, on a fake clock."""
 import random
 
 import numpy as np
@@ -42,3 +43,26 @@ def test_each_rank_restores_its_own_streams_and_counts():
         assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2] == want[2], rank
         for k, v in counts.items():
             assert torch.equal(st.routing.state_counts()[k], v), (rank, k)
+
+
+def test_log_window_saves_the_time_run_so_far_in_this_process(monkeypatch):
+    """train/tokens_per_s after a resume divides by the window's training time before and after the
+    interruption: state_dict's `seconds` includes the time timed in this process (fake clock)."""
+    import time
+
+    from moeut.train_lib.state import LogWindow
+    clock = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    w = LogWindow(seconds=5.0)
+    w.start_clock()
+    w.tokens = 700
+    clock[0] = 130.0
+    d = w.state_dict()
+    assert d["seconds"] == 35.0  # 5 s from an earlier process + 30 s timed here
+    v = LogWindow()
+    v.load_state_dict(d)
+    clock[0] = 500.0  # downtime between the save and the resume is not counted
+    v.start_clock()
+    v.tokens += 300
+    clock[0] = 515.0
+    assert v.record()["train/tokens_per_s"] == 1000 / 50.0
