@@ -90,3 +90,19 @@ def test_driver_reports_killed_survived_and_equivalent(tmp_path, monkeypatch):
     # --only with a killed mutant exits 0
     assert mutation.main(["--root", str(repo), "--mutants", str(repo / "mutants.toml"), "--out", str(out),
                           "--only", "minus", "--no-baseline"]) == 0
+
+
+def test_merge_combines_partial_runs_later_file_wins(tmp_path):
+    toml = tmp_path / "m.toml"
+    toml.write_text("".join(f'[[mutant]]\nid = "{i}"\nfile = "f.py"\noriginal = "a"\nreplacement = "b"\n'
+                            f'tests = ["t.py"]\n\n' for i in ("m1", "m2", "m3")))
+    (tmp_path / "a.json").write_text(json.dumps({"mutants": [{"id": "m1", "status": "survived"},
+                                                             {"id": "m2", "status": "killed"}]}))
+    (tmp_path / "b.json").write_text(json.dumps({"mutants": [{"id": "m1", "status": "killed"},
+                                                             {"id": "m3", "status": "skipped"}]}))
+    out = tmp_path / "out"
+    rc = mutation.main(["--mutants", str(toml), "--root", str(tmp_path), "--out", str(out),
+                        "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    rep = json.loads((out / "report.json").read_text())
+    assert {m["id"]: m["status"] for m in rep["mutants"]} == {"m1": "killed", "m2": "killed", "m3": "not run"}
+    assert rc == 1 and rep["killed"] == 2 and rep["ran"] == 2  # m3 was never run: the merge is incomplete

@@ -219,6 +219,30 @@ def write_report(mutants: list[Mutant], out: Path, root: Path, argv: list[str]) 
     return s
 
 
+def merge_reports(mutants: list[Mutant], reports: list[Path], out: Path, root: Path, argv: list[str]) -> int:
+    """Combine partial runs' report.json files into one report over ``mutants``; returns the exit status."""
+    by_id = {m.id: m for m in mutants}
+    for path in reports:
+        try:
+            rows = json.loads(Path(path).read_text())["mutants"]
+        except (OSError, ValueError, KeyError) as e:
+            print(f"mutation.py: error: --merge: {path}: {e}", file=sys.stderr)
+            return 1
+        for row in rows:
+            m = by_id.get(row["id"])
+            if m is not None and row["status"] not in ("not run", "skipped"):
+                m.status, m.seconds, m.detail = row["status"], row.get("seconds", 0.0), row.get("detail", "")
+    for m in mutants:
+        if m.equivalent and m.status == "not run":
+            m.status = "equivalent"
+    s = write_report(mutants, out, root, argv)
+    rate = "n/a" if s["kill_rate"] is None else f"{100 * s['kill_rate']:.1f} %"
+    print(f"mutation.py: merged {len(reports)} report(s): killed {s['killed']} of {s['ran']} run ({rate}); "
+          f"outcomes {s['counts']}; report in {out}/report.md")
+    bad = [m for m in mutants if m.status in ("survived", "error", "not run") and not m.equivalent]
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run the selected mutants and write the report; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
@@ -239,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the selected tests")
     ap.add_argument("--out", type=Path, default=None, help="report folder (default: <root>/.mutation-report)")
     ap.add_argument("--list", action="store_true", help="print the mutant ids and exit")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="REPORT_JSON",
+                    help="write one report from the report.json files of partial runs (a later file wins per "
+                         "mutant) over the current list, without running anything")
     args = ap.parse_args(argv)
     root = args.root.resolve()
     try:
@@ -250,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in mutants:
             print(f"{m.id}\t{m.file}" + ("\t(equivalent)" if m.equivalent else ""))
         return 0
+    if args.merge:
+        return merge_reports(mutants, args.merge, args.out or (root / ".mutation-report"), root, argv)
     if args.check:
         bad = [(m, p) for m in mutants for p in check_mutant(m, root)]
         for m, p in bad:
