@@ -151,3 +151,29 @@ def test_lambada_window_last_token_and_perplexities_by_hand():
     for k, v in ref.items():
         assert got[k] == pytest.approx(v, rel=1e-9), k
     assert 0 < ref["accuracy"] < 1 and ref["last_token_accuracy"] > ref["accuracy"]
+
+
+class RecordingBigram(BigramLM):
+    """The bigram model, recording the real tokens of every row it is given (mask = 1)."""
+
+    def __init__(self, table):
+        super().__init__(table)
+        self.rows = []
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        for b in range(input_ids.shape[0]):
+            n = int(attention_mask[b].sum()) if attention_mask is not None else input_ids.shape[1]
+            self.rows.append(input_ids[b, :n].tolist())
+        return super().forward(input_ids, **kw)
+
+
+@pytest.mark.parametrize("max_length", [4, 6, 9])
+def test_max_length_keeps_exactly_the_last_max_length_tokens(max_length):
+    """lm-eval's left truncation: the model sees the last `max_length` tokens, the scored span intact."""
+    ctx, cont = TOK.encode("abcdefghij"), TOK.encode("mat")
+    model = RecordingBigram(TABLE)
+    (got,) = Scorer(model, device="cpu", dtype=None, progress=False, max_length=max_length).score(
+        [make_request(ctx, cont)])
+    ids = ctx + cont
+    assert model.rows == [ids[-max_length:]]
+    assert got.n_scored == 3 and got.logprob == pytest.approx(naive_score(ids, len(ctx)), abs=1e-9)
