@@ -177,3 +177,38 @@ def test_max_length_keeps_exactly_the_last_max_length_tokens(max_length):
     ids = ctx + cont
     assert model.rows == [ids[-max_length:]]
     assert got.n_scored == 3 and got.logprob == pytest.approx(naive_score(ids, len(ctx)), abs=1e-9)
+
+
+def test_text_perplexity_and_bits_per_byte_by_hand_first_token_multibyte():
+    """Task `perplexity` with a non-uniform bigram model over the alphabet "é€ab " (é 2 UTF-8 bytes,
+    € 3): NLL summed by hand over every token but each document's first; the bytes covered are the
+    document's minus its first token's (here multi-byte)."""
+    alphabet = "é€ab "
+
+    class Tok:
+        def encode(self, s):
+            return [alphabet.index(c) for c in s]
+
+        def decode(self, ids):
+            return "".join(alphabet[i] for i in ids)
+
+    table = torch.randn(5, 5, generator=torch.Generator().manual_seed(3))
+    lsm = torch.log_softmax(table.double(), -1).tolist()
+    docs = ["éab €a", "€€b"]
+    nll = n_tok = n_bytes = 0
+    for d in docs:
+        ids = Tok().encode(d)
+        nll -= math.fsum(lsm[ids[p - 1]][ids[p]] for p in range(1, len(ids)))
+        n_tok += len(ids) - 1
+        n_bytes += len(d.encode("utf-8")) - len(d[0].encode("utf-8"))
+    assert n_bytes == 11  # "ab €a" = 7 bytes, "€b" = 4
+    got = get_task("perplexity").evaluate(docs, scorer_for_table(table), Tok(),
+                                          EvalOptions(perplexity={"context_length": 3}))
+    assert (got["n_tokens"], got["n_bytes"]) == (n_tok, n_bytes)
+    assert got["nll"] == pytest.approx(nll, abs=1e-9)
+    assert got["perplexity"] == pytest.approx(math.exp(nll / n_tok), rel=1e-12)
+    assert got["bits_per_byte"] == pytest.approx(nll / (math.log(2) * n_bytes), rel=1e-12)
+
+
+def scorer_for_table(table):
+    return Scorer(BigramLM(table), device="cpu", dtype=None, progress=False)
