@@ -10,7 +10,7 @@ mutated file into a copy of the checkout (never the working tree), runs
 - ``killed``: the selection failed (a test caught the bug);
 - ``timeout``: the selection ran past ``--timeout`` (counted as killed: the bug changed behaviour);
 - ``survived``: the whole selection passed with the bug in place;
-- ``error``: the selection collected no tests (pytest exit 5) or the mutant does not apply;
+- ``error``: pytest found no such test or collected none (exit 4 or 5), or the mutant does not apply;
 - ``equivalent``: listed with a reason and not run (``--include-equivalent`` runs them too);
 - ``skipped``: not run because ``--time-budget`` ran out.
 
@@ -166,8 +166,8 @@ def run_mutant(m: Mutant, repo: Path, timeout: float) -> None:
         m.status = "timeout"
     elif rc == 0:
         m.status = "survived"
-    elif rc == 5:
-        m.status = "error"  # collected no tests: the selection is wrong, not the mutant caught
+    elif rc in (4, 5):
+        m.status = "error"  # a usage error or no test collected: the selection is wrong, not the mutant caught
     else:
         m.status = "killed"
     m.detail = tail.splitlines()[-1] if tail else ""
