@@ -37,6 +37,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -314,6 +315,17 @@ def main(argv: list[str] | None = None) -> int:
         print("mutation.py: error: no mutant selected (--only / --file)", file=sys.stderr)
         return 2
     start = time.monotonic()
+    # a SIGTERM (a CI timeout) unwinds normally: the running pytest is killed and the temp copy removed
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return _run(args, argv, root, chosen, runnable, start)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args, argv: list[str], root: Path, chosen: list[Mutant], runnable: list[Mutant], start: float) -> int:
+    """Copy the checkout, run the baseline and each mutant of ``runnable``, write the report; the exit status."""
+    out = args.out or (root / ".mutation-report")
     with tempfile.TemporaryDirectory(prefix="moeut-mutation-") as tmp:
         repo = copy_checkout(root, Path(tmp))
         if not args.no_baseline and runnable:
@@ -329,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             run_mutant(m, repo, args.timeout)
             print(f"mutation.py: [{i}/{len(runnable)}] {m.id}: {m.status} ({m.seconds:.0f} s)", flush=True)
-    out = args.out or (root / ".mutation-report")
+            write_report(chosen, out, root, argv)  # kept current: an interrupted run leaves a partial report
     s = write_report(chosen, out, root, argv)
     rate = "n/a" if s["kill_rate"] is None else f"{100 * s['kill_rate']:.1f} %"
     print(f"mutation.py: killed {s['killed']} of {s['ran']} run ({rate}); outcomes {s['counts']}; "
