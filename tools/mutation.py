@@ -198,11 +198,13 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
-def write_report(mutants: list[Mutant], out: Path, root: Path, argv: list[str]) -> dict:
-    """Write ``report.json`` and ``report.md`` into ``out``; returns the summary dict."""
+def write_report(mutants: list[Mutant], out: Path, root: Path, argv: list[str], commit: str | None = None) -> dict:
+    """Write ``report.json`` and ``report.md`` into ``out``; ``commit``: the code tested (default: the
+    checkout's HEAD now). Returns the summary dict."""
     out.mkdir(parents=True, exist_ok=True)
     s = summary(mutants)
-    meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(root),
+    meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": commit or git_commit(root),
             "command": " ".join(["python tools/mutation.py", *argv])}
     rows = [{"id": m.id, "file": m.file, "status": m.status, "seconds": round(m.seconds, 1),
              "equivalent": m.equivalent, "detail": m.detail, "tests": m.tests} for m in mutants]
@@ -326,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, argv: list[str], root: Path, chosen: list[Mutant], runnable: list[Mutant], start: float) -> int:
     """Copy the checkout, run the baseline and each mutant of ``runnable``, write the report; the exit status."""
     out = args.out or (root / ".mutation-report")
+    commit = git_commit(root)  # the code copied, whatever changes in the checkout during the run
     with tempfile.TemporaryDirectory(prefix="moeut-mutation-") as tmp:
         repo = copy_checkout(root, Path(tmp))
         if not args.no_baseline and runnable:
@@ -341,8 +344,8 @@ def _run(args, argv: list[str], root: Path, chosen: list[Mutant], runnable: list
                 continue
             run_mutant(m, repo, args.timeout)
             print(f"mutation.py: [{i}/{len(runnable)}] {m.id}: {m.status} ({m.seconds:.0f} s)", flush=True)
-            write_report(chosen, out, root, argv)  # kept current: an interrupted run leaves a partial report
-    s = write_report(chosen, out, root, argv)
+            write_report(chosen, out, root, argv, commit)  # kept current: an interrupted run leaves a partial report
+    s = write_report(chosen, out, root, argv, commit)
     rate = "n/a" if s["kill_rate"] is None else f"{100 * s['kill_rate']:.1f} %"
     print(f"mutation.py: killed {s['killed']} of {s['ran']} run ({rate}); outcomes {s['counts']}; "
           f"report in {out}/report.md")
