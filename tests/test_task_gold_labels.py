@@ -7,7 +7,7 @@ import json
 import pytest
 
 from moeut.eval.tasks import EvalOptions, get_task
-from moeut.eval.tasks.cbt import parse_cbt_file
+from moeut.eval.tasks.cbt import detokenize, parse_cbt_file
 
 from conftest import EVAL
 
@@ -99,6 +99,13 @@ def test_cbt_gold_is_the_answer_and_options_carry_the_query_tail(tmp_path):
     assert it.options == [f"w{k} was here." for k in range(10)]
     assert it.context.endswith("Story line 20, said he. The ")
     assert it.context.startswith("Story line 1, said he. Story line 2,")
+
+
+def test_cbt_detokenisation_rules_by_hand():
+    """SPEC 6.2's CBT detokenisation, each rule visible in one hand-detokenised line."""
+    raw = "He did n't say `` hi '' to Tom 's dog ; ok ? Yes : no , fine !"
+    assert detokenize(raw) == 'He didn\'t say "hi" to Tom\'s dog; ok? Yes: no, fine!'
+    assert detokenize("a \n b .") == "a\nb."
 
 
 # --------------------------------------------------------------------------- the real sets
