@@ -66,9 +66,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def check_finite_weights(model: Union[torch.nn.Module, Dict[str, torch.Tensor]], where: str) -> None:
     """Raise NonFiniteWeightsError (naming `where` and up to 5 tensors) when a floating-point
-    parameter or buffer of `model` (a module, or a state dict) holds inf or NaN: such weights are never checkpointed, so they
-    cannot replace (and, by rotation, delete) the good checkpoints. A sharded (FSDP) model is
-    checked on this rank's shards only."""
+    parameter or buffer of `model` (a module, or a state dict) holds inf or NaN: such weights are
+    never checkpointed, so they cannot replace (and, by rotation, delete) the good checkpoints.
+    A sharded (FSDP) model is checked on this rank's shards only."""
     tensors = model if isinstance(model, dict) else unwrap_model(model).state_dict()
     bad = [name for name, t in tensors.items()
            if t.is_floating_point() and not bool(torch.isfinite(_local(t)).all())]

@@ -23,6 +23,8 @@ from moeut.train_lib.loop import train
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SPLIT = 10, 5
 TIMING_KEYS = ("time", "train/tokens_per_s", "train/mfu", "train/memory_mb")
+# FSDP runs split each rank's 4 sequences into 2 micro-batches: sharded gradients accumulate
+FSDP = ("train.parallel=fsdp", "train.micro_batch_size=2")
 COMMON = (f"train.steps={STEPS}", "train.log_interval=1", "train.val_interval=4", "train.routing_interval=5")
 
 
@@ -82,7 +84,7 @@ def single(cache_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fsdp_full(cache_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("fsdp_full")
-    out = torchrun(cache_dir, d, "train.parallel=fsdp")
+    out = torchrun(cache_dir, d, *FSDP)
     assert "sharded over 2 processes" in out
     return d
 
@@ -91,7 +93,7 @@ def fsdp_full(cache_dir, tmp_path_factory):
 def fsdp_split(cache_dir, tmp_path_factory):
     """A 2-process FSDP run stopped at step SPLIT (its checkpoint is copied by the tests)."""
     d = tmp_path_factory.mktemp("fsdp_split")
-    torchrun(cache_dir, d, "train.parallel=fsdp", f"train.stop_at={SPLIT}")
+    torchrun(cache_dir, d, *FSDP, f"train.stop_at={SPLIT}")
     return d
 
 
@@ -108,12 +110,22 @@ def test_fsdp_two_processes_equal_one_process_moeut(single, fsdp_full):
 
 
 def test_fsdp_two_processes_equal_one_process_dense(cache_dir, tmp_path):
-    run(cache_dir, tmp_path / "single", "model=dense_tiny")
+    """Dense, with activation checkpointing; 127 validation windows in batches of 3 (64 and 63 per
+    rank: the second rank runs one uncounted forward so the sharded forwards stay in step), and
+    the validation perplexities equal the 1-process run's."""
+    val = ("data.valid_tokens=4064", "train.val_batch_size=3")
+    run(cache_dir, tmp_path / "single", "model=dense_tiny", *val)
     torchrun(cache_dir, tmp_path / "fsdp", "model=dense_tiny", "train.parallel=fsdp",
-             "train.activation_checkpointing=true")
+             "train.activation_checkpointing=true", *val)
     want, got = losses(tmp_path / "single"), losses(tmp_path / "fsdp")
     assert len(got) == STEPS
     assert [got[s] for s in sorted(got)] == pytest.approx([want[s] for s in sorted(want)], rel=1e-6, abs=0)
+
+    def ppl(d):
+        return [(r["step"], r["validation/val/perplexity"]) for r in logged(d) if "validation/val/perplexity" in r]
+    assert [s for s, _ in ppl(tmp_path / "fsdp")] == [4, 8, 10]
+    assert [p for _, p in ppl(tmp_path / "fsdp")] == pytest.approx([p for _, p in ppl(tmp_path / "single")],
+                                                                   rel=1e-6, abs=0)
 
 
 def test_fsdp_checkpoint_loads_as_the_trained_model(single, fsdp_full):
@@ -131,7 +143,7 @@ def test_fsdp_checkpoint_loads_as_the_trained_model(single, fsdp_full):
 
 def test_fsdp_resume_same_world_size_is_bit_exact(cache_dir, fsdp_full, fsdp_split, tmp_path):
     d = copy_run(fsdp_split, tmp_path / "run")
-    torchrun(cache_dir, d, "train.parallel=fsdp")
+    torchrun(cache_dir, d, *FSDP)
     assert logged(d) == logged(fsdp_full)
 
 

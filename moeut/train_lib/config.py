@@ -172,7 +172,7 @@ class TrainSchema:
     precision: str = "auto"  # auto (bf16 on CUDA cc>=8, fp16+scaler below, fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False
     activation_checkpointing: bool = False
-    parallel: str = "ddp"  # ddp (replicas) | fsdp (FSDP2: parameters, gradients, optimiser state sharded per unique layer)
+    parallel: str = "ddp"  # ddp (replicas) | fsdp (FSDP2, sharded per unique layer; docs/training.md "FSDP")
     log_interval: int = field(default=100, metadata=at_least(1))
     val_interval: int = field(default=2000, metadata=at_least(1))
     val_batch_size: Optional[int] = field(default=None, metadata=at_least(1))  # None = micro batch size

@@ -27,8 +27,9 @@ def evaluate(model: torch.nn.Module, dataset, batch_size: int, device: torch.dev
     token before the exp. Windows are dealt round-robin to the ranks of `dist` and the
     [CE sum, token count] pair is all-reduced in fp64, so every rank returns the same value and
     the result does not depend on the world size or `batch_size`. A sharded (FSDP) model runs
-    the same number of forwards on every rank (a rank short of windows repeats window 0 uncounted). The model's train/eval mode is
-    restored afterwards. Returns {"loss": mean CE (nats), "perplexity": exp(loss), "tokens": count}.
+    the same number of forwards on every rank (a rank short of windows repeats window 0,
+    uncounted). The model's train/eval mode is restored afterwards.
+    Returns {"loss": mean CE (nats), "perplexity": exp(loss), "tokens": count}.
     """
     was_training = model.training
     model.eval()

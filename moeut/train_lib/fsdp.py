@@ -18,7 +18,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-PARALLEL_MODES = ("ddp", "fsdp")
 OPTIM_KEYS = "fqn"  # train_state.pt "optimizer_keys": state keyed by parameter name (not position)
 
 

@@ -23,7 +23,7 @@ uninterrupted one logs (single- and multi-process):
                                     each rank draws its own dropout), and the rank's routing-metric
                                     accumulators (counts are summed over ranks only when logged)
 
-`state_dict()` is a collective under DDP (every rank must call it; rank 0 receives the full
+`state_dict()` is a collective under DDP and FSDP (every rank must call it; rank 0 receives the full
 list). `load_state_dict()` gives each rank its own entry. A checkpoint written by another number
 of processes cannot restore per-rank streams: that is reported with a warning naming
 `train.resume`, never silently.
@@ -180,7 +180,8 @@ class TrainState:
     def state_dict(self) -> Optional[Dict[str, Any]]:
         """Everything but the weights, as saved in a checkpoint's train_state.pt: counters,
         optimizer / scaler / sampler state, the log window, the wandb id and every rank's RNG and
-        routing accumulators (gathered). Collective under DDP: every rank calls it; rank 0 gets
+        routing accumulators (gathered), the optimiser state gathered in full keyed by parameter name.
+        Collective under DDP and FSDP: every rank calls it; rank 0 gets
         the dict, the others None."""
         optim = full_optimizer_state(self.model, self.optimizer)  # collective when sharded
         ranks = gather_object(self._rank_state())
