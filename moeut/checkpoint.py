@@ -59,12 +59,19 @@ class NonFiniteWeightsError(ValueError):
     """A checkpoint was not written because the model's weights hold inf/NaN."""
 
 
-def check_finite_weights(model: torch.nn.Module, where: str) -> None:
+def _local(t: torch.Tensor) -> torch.Tensor:
+    # a DTensor (an FSDP-sharded parameter) -> this rank's shard; a plain tensor -> itself
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def check_finite_weights(model: Union[torch.nn.Module, Dict[str, torch.Tensor]], where: str) -> None:
     """Raise NonFiniteWeightsError (naming `where` and up to 5 tensors) when a floating-point
-    parameter or buffer of `model` holds inf or NaN: such weights are never checkpointed, so they
-    cannot replace (and, by rotation, delete) the good checkpoints."""
-    bad = [name for name, t in unwrap_model(model).state_dict().items()
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    parameter or buffer of `model` (a module, or a state dict) holds inf or NaN: such weights are
+    never checkpointed, so they cannot replace (and, by rotation, delete) the good checkpoints.
+    A sharded (FSDP) model is checked on this rank's shards only."""
+    tensors = model if isinstance(model, dict) else unwrap_model(model).state_dict()
+    bad = [name for name, t in tensors.items()
+           if t.is_floating_point() and not bool(torch.isfinite(_local(t)).all())]
     if bad:
         raise NonFiniteWeightsError(f"{where}: not written: the weights hold inf/NaN in {len(bad)} tensor(s) "
                                     f"({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}); the existing "
@@ -73,12 +80,16 @@ def check_finite_weights(model: torch.nn.Module, where: str) -> None:
 
 def save_checkpoint(ckpt_root: PathLike, step: int, model: torch.nn.Module, model_config, *,
                     tokenizer: Optional[Tokenizer] = None, meta: Optional[Dict[str, Any]] = None,
-                    extra_files: Optional[Dict[str, Callable[[str], None]]] = None) -> str:
+                    extra_files: Optional[Dict[str, Callable[[str], None]]] = None,
+                    model_state: Optional[Dict[str, torch.Tensor]] = None) -> str:
     """Atomically write `ckpt_root/step_XXXXXXX`. `extra_files` maps a file name to a writer
-    `fn(path)` (training adds train_state.pt and config.yaml this way). Returns the final path.
-    Raises NonFiniteWeightsError, writing nothing, when the weights hold inf/NaN."""
+    `fn(path)` (training adds train_state.pt and config.yaml this way); `model_state`, when given,
+    is written as model.pt instead of the model's own state dict (training passes the full state
+    of an FSDP-sharded model). Returns the final path. Raises NonFiniteWeightsError, writing
+    nothing, when the weights hold inf/NaN."""
     ckpt_root = os.fspath(ckpt_root)
-    check_finite_weights(model, os.path.join(ckpt_root, checkpoint_dir_name(step)))
+    check_finite_weights(model if model_state is None else model_state,
+                         os.path.join(ckpt_root, checkpoint_dir_name(step)))
     os.makedirs(ckpt_root, exist_ok=True)
     final = os.path.join(ckpt_root, checkpoint_dir_name(step))
     tmp = final + ".tmp"
@@ -86,7 +97,7 @@ def save_checkpoint(ckpt_root: PathLike, step: int, model: torch.nn.Module, mode
         shutil.rmtree(tmp)
     os.makedirs(tmp)
     model = unwrap_model(model)
-    torch.save(model.state_dict(), os.path.join(tmp, "model.pt"))
+    torch.save(model.state_dict() if model_state is None else model_state, os.path.join(tmp, "model.pt"))
     with open(os.path.join(tmp, "model_config.json"), "w") as f:
         json.dump(dataclasses.asdict(model_config), f, indent=1)
     if tokenizer is not None:
@@ -358,10 +369,13 @@ TRAIN_STATE = "train_state.pt"
 def save_training_checkpoint(run_dir: str, step: int, model, model_config, *, train_state: Dict[str, Any],
                              tokenizer, raw_config: Dict[str, Any], keep_last: Optional[int] = None,
                              meta: Optional[Dict[str, Any]] = None,
-                             log: Optional[Callable[[str], None]] = None) -> str:
+                             log: Optional[Callable[[str], None]] = None,
+                             model_state: Optional[Dict[str, torch.Tensor]] = None) -> str:
     """Write checkpoints/step_XXXXXXX atomically (rank 0 only). `train_state` is
     `TrainState.state_dict()` (train_lib/state.py): everything besides the weights; `raw_config`
-    the resolved run config (written as config.yaml); `keep_last` prunes older checkpoints after
+    the resolved run config (written as config.yaml); `model_state` the full model state to write
+    as model.pt (default: the model's state dict; training gives the gathered full state, so an
+    FSDP run writes the same unsharded model.pt as any other); `keep_last` prunes older checkpoints after
     the write (`prune_checkpoints`: only valid ones count; `log` gets its warnings). Returns the checkpoint dir. Raises OSError when the disk refuses the write (the
     previous checkpoints stay untouched: the new one is renamed into place only when complete),
     and NonFiniteWeightsError, writing and pruning nothing, when the weights hold inf/NaN."""
@@ -376,7 +390,7 @@ def save_training_checkpoint(run_dir: str, step: int, model, model_config, *, tr
     m = {"tokens_seen": train_state["tokens_seen"], "wandb_id": train_state.get("wandb_id"), "kind": "training"}
     m.update(meta or {})
     path = save_checkpoint(os.path.join(run_dir, "checkpoints"), step, unwrap_model(model), model_config,
-                           tokenizer=tokenizer, meta=m,
+                           tokenizer=tokenizer, meta=m, model_state=model_state,
                            extra_files={TRAIN_STATE: write_state, "config.yaml": write_config})
     if keep_last:
         prune_checkpoints(run_dir, keep_last, log)

@@ -189,6 +189,7 @@ class TrainSchema:
     precision: str = "auto"  # auto (bf16 on CUDA cc>=8, fp16+scaler below, fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False
     activation_checkpointing: bool = False
+    parallel: str = "ddp"  # ddp (replicas) | fsdp (FSDP2, sharded per unique layer; docs/training.md "FSDP")
     log_interval: int = field(default=100, metadata=at_least(1))
     val_interval: int = field(default=2000, metadata=at_least(1))
     val_batch_size: Optional[int] = field(default=None, metadata=at_least(1))  # None = micro batch size
@@ -365,6 +366,8 @@ def validate(tc: TrainConfig, world_size: int = 1) -> None:
         _fail("train.aux_loss_scope", f"{t.aux_loss_scope!r} is not one of step, micro_batch")
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         _fail("train.precision", f"{t.precision!r} is not one of auto, fp32, bf16, fp16")
+    if t.parallel not in ("ddp", "fsdp"):
+        _fail("train.parallel", f"{t.parallel!r} is not one of ddp, fsdp")
     if t.resume not in ("auto", "never") and not os.path.exists(t.resume):
         _fail("train.resume", f"'auto', 'never' or an existing checkpoint path; got {t.resume!r}")
     if t.zeroshot.interval:

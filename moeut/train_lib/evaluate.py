@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .distributed import DistInfo, all_reduce_sum_
+from .fsdp import is_sharded
 from .precision import autocast
 
 
@@ -25,14 +26,23 @@ def evaluate(model: torch.nn.Module, dataset, batch_size: int, device: torch.dev
     perplexity = exp(sum of token cross-entropies / number of predicted tokens), in nats per
     token before the exp. Windows are dealt round-robin to the ranks of `dist` and the
     [CE sum, token count] pair is all-reduced in fp64, so every rank returns the same value and
-    the result does not depend on the world size or `batch_size`. The model's train/eval mode is
-    restored afterwards. Returns {"loss": mean CE (nats), "perplexity": exp(loss), "tokens": count}.
+    the result does not depend on the world size or `batch_size`. A sharded (FSDP) model runs
+    the same number of forwards on every rank (a rank short of windows repeats window 0,
+    uncounted). The model's train/eval mode is restored afterwards.
+    Returns {"loss": mean CE (nats), "perplexity": exp(loss), "tokens": count}.
     """
     was_training = model.training
     model.eval()
     idx = np.arange(len(dataset))[dist.rank::dist.world_size]
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # [CE sum, tokens]
-    for a in range(0, len(idx), batch_size):
+    n_local = len(idx)
+    if is_sharded(model):  # FSDP forwards are collectives: every rank runs the same number of batches
+        n_local = -(-len(dataset) // dist.world_size)
+    for a in range(0, n_local, batch_size):
+        if a >= len(idx):  # a rank with fewer windows joins the collective on window 0, not counted
+            with autocast(device, autocast_dtype):
+                model(dataset.batch(np.zeros(1, dtype=np.int64)).to(device)[:, :-1])
+            continue
         w = dataset.batch(idx[a:a + batch_size]).to(device)
         with autocast(device, autocast_dtype):
             logits = model(w[:, :-1]).logits

@@ -28,6 +28,7 @@ from moeut import checkpoint as ckpt_lib
 from .config import TrainConfig, micro_batch_size
 from .distributed import DistInfo, all_reduce_sum_, any_rank, barrier, broadcast_object, cleanup, init_distributed
 from .evaluate import validate
+from .fsdp import full_model_state, is_sharded
 from .logging import RunLogger, log_to_files, run_log_file
 from .metrics import flops_per_token, memory_mb, mfu, mfu_peak
 from .schedule import lr_at
@@ -87,18 +88,28 @@ def train(tc: TrainConfig, run_dir: str, run_files: Optional[Dict[str, str]] = N
 
 def save_checkpoint(setup: RunSetup, tc: TrainConfig, run_dir: str, logger: RunLogger) -> Optional[str]:
     """Checkpoint the run at `setup.state.step` into <run_dir>/checkpoints/ (moeut.train_lib.
-    checkpoint; keeps train.keep_last). A collective under DDP (every rank contributes its RNG
-    and routing state); only rank 0 writes and gets the path, the others None. Raises
-    NonFiniteWeightsError on every rank (DDP replicas are identical), before any collective or
-    write, when the weights hold inf/NaN: the run stops and the existing checkpoints are kept."""
+    checkpoint; keeps train.keep_last). A collective under DDP and FSDP (every rank contributes
+    its RNG and routing state, and under FSDP its shards of the weights and optimiser state,
+    gathered to full tensors); only rank 0 writes and gets the path, the others None. Raises
+    NonFiniteWeightsError on every rank, before anything is gathered or written, when the weights
+    (any rank's shard) hold inf/NaN: the run stops and the existing checkpoints are kept."""
     state = setup.state
-    ckpt_lib.check_finite_weights(state.model, os.path.join(run_dir, "checkpoints",
-                                                            ckpt_lib.checkpoint_dir_name(state.step)))
+    where = os.path.join(run_dir, "checkpoints", ckpt_lib.checkpoint_dir_name(state.step))
+    try:  # under FSDP each rank checks its own shard: every rank must take the same decision
+        ckpt_lib.check_finite_weights(state.model, where)
+        bad = None
+    except ckpt_lib.NonFiniteWeightsError as e:
+        bad = e
+    if any_rank(bad is not None, state.dist.device):
+        raise bad or ckpt_lib.NonFiniteWeightsError(f"{where}: not written: another rank's weight shard holds "
+                                                    "inf/NaN; the existing checkpoints are kept")
+    model_state = full_model_state(state.model)  # collective when sharded (train.parallel=fsdp)
     train_state = state.state_dict()
-    if not state.dist.is_main:  # only rank 0 writes (DDP replicas are identical)
+    if not state.dist.is_main:  # only rank 0 writes the full (unsharded) state
         return None
     path = ckpt_lib.save_training_checkpoint(
-        run_dir, state.step, state.model, tc.model, train_state=train_state, tokenizer=setup.tokenizer,
+        run_dir, state.step, state.model, tc.model, model_state=model_state, train_state=train_state,
+        tokenizer=setup.tokenizer,
         raw_config=tc.raw, keep_last=tc.train.keep_last, meta={"preset": tc.model_preset, "name": tc.name},
         log=logger.message)
     logger.message(f"[ckpt] saved {path}")
@@ -139,7 +150,7 @@ def run_loop(tc: TrainConfig, run_dir: str, dist: DistInfo, setup: RunSetup,
     T = d_cfg.seq_len
     mb = micro_batch_size(tc, dist.world_size)
     fwd_model = torch.compile(model) if t_cfg.compile else model
-    if dist.enabled:
+    if dist.enabled and not is_sharded(model):  # FSDP (train.parallel=fsdp) syncs gradients itself
         fwd_model = torch.nn.parallel.DistributedDataParallel(
             fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
     stop = t_cfg.stop_at or t_cfg.steps

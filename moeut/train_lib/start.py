@@ -33,6 +33,7 @@ from .schedule import lr_at
 from .config import TrainConfig
 from .data import RunData, prepare_run_data, resolve_tokenizer
 from .distributed import DistInfo
+from .fsdp import shard_model
 from .metrics import make_routing_stats
 from .precision import pick_precision
 from .state import TrainState, seed_all
@@ -165,6 +166,12 @@ def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable
 
     # --- optimiser and run state -----------------------------------------------------------
     autocast_dtype, use_scaler = pick_precision(t_cfg.precision, device)
+    if t_cfg.parallel == "fsdp":
+        if dist.enabled:  # shard before the optimiser is built over the (now DTensor) parameters
+            shard_model(model, autocast_dtype)
+            say(f"[train] train.parallel=fsdp: sharded over {dist.world_size} processes per unique layer")
+        else:
+            say("[train] train.parallel=fsdp with one process: nothing to shard, the model trains unsharded")
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=o_cfg.lr, betas=tuple(o_cfg.betas), eps=o_cfg.eps,
                                   weight_decay=o_cfg.weight_decay)  # all parameters (SPEC 4.1)

@@ -8,8 +8,11 @@ uninterrupted one logs (single- and multi-process):
                                     its weights are checkpointed as model files beside the training
                                     state (moeut.checkpoint), so evaluation reads them without it
     step, tokens_seen               counters (the LR schedule is a closed form of `step`)
-    optimizer, scaler, sampler      their own state dicts (identical on every DDP rank); the
-                                    sampler's position is the data position
+    optimizer, scaler, sampler      their own state dicts; the optimiser's is the full state keyed
+                                    by parameter name (moeut.train_lib.fsdp: the same under DDP and
+                                    FSDP, loadable at any world size; older checkpoints keyed by
+                                    position still load unsharded); the sampler's position is the
+                                    global data position
     wandb_id                        the logger's run id, so a resume continues the same wandb run
     window                          accumulators of the train/ record in progress: loss/ce/reg sums
                                     and the number of finite steps in them, tokens and seconds
@@ -20,7 +23,7 @@ uninterrupted one logs (single- and multi-process):
                                     each rank draws its own dropout), and the rank's routing-metric
                                     accumulators (counts are summed over ranks only when logged)
 
-`state_dict()` is a collective under DDP (every rank must call it; rank 0 receives the full
+`state_dict()` is a collective under DDP and FSDP (every rank must call it; rank 0 receives the full
 list). `load_state_dict()` gives each rank its own entry. A checkpoint written by another number
 of processes cannot restore per-rank streams: that is reported with a warning naming
 `train.resume`, never silently.
@@ -37,6 +40,7 @@ import numpy as np
 import torch
 
 from .distributed import DistInfo, gather_object
+from .fsdp import OPTIM_KEYS, full_optimizer_state, is_sharded, load_optimizer_state
 
 STATE_FORMAT = 2  # 1: one RNG state from rank 0, no log-window accumulators
 
@@ -176,14 +180,16 @@ class TrainState:
     def state_dict(self) -> Optional[Dict[str, Any]]:
         """Everything but the weights, as saved in a checkpoint's train_state.pt: counters,
         optimizer / scaler / sampler state, the log window, the wandb id and every rank's RNG and
-        routing accumulators (gathered). Collective under DDP: every rank calls it; rank 0 gets
+        routing accumulators (gathered), the optimiser state gathered in full keyed by parameter name.
+        Collective under DDP and FSDP: every rank calls it; rank 0 gets
         the dict, the others None."""
+        optim = full_optimizer_state(self.model, self.optimizer)  # collective when sharded
         ranks = gather_object(self._rank_state())
         if not self.dist.is_main:
             return None
         return {
             "format": STATE_FORMAT, "step": self.step, "tokens_seen": self.tokens_seen, "wandb_id": self.wandb_id,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optim, "optimizer_keys": OPTIM_KEYS,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "sampler": self.sampler.state_dict(), "window": self.window.state_dict(),
             "world_size": self.dist.world_size, "ranks": ranks,
@@ -193,8 +199,14 @@ class TrainState:
         """Restore on every rank (each takes its own RNG/routing entry). Raises ValueError naming
         `source` when the optimiser state does not fit this model."""
         try:
-            self.optimizer.load_state_dict(d["optimizer"])
-        except (ValueError, KeyError) as e:
+            if d.get("optimizer_keys") == OPTIM_KEYS:  # by parameter name: any world size, DDP or FSDP
+                load_optimizer_state(self.model, self.optimizer, d["optimizer"])
+            elif is_sharded(self.model):
+                raise ValueError("it is keyed by parameter position (a checkpoint written before train.parallel "
+                                 "existed); resume it once with train.parallel=ddp, whose checkpoints load here")
+            else:
+                self.optimizer.load_state_dict(d["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
             raise ValueError(f"train.resume: optimizer state in {source} does not fit this model: {e}") from e
         if self.scaler is not None:
             if d.get("scaler") is not None:

@@ -154,7 +154,10 @@ def train_step(state: TrainState, fwd_model: torch.nn.Module, window_BT1: torch.
     loss_sum = torch.zeros(4, dtype=torch.float64, device=device)  # loss, ce, reg (local means), bad grads
     routing_missing = False
     for k, w in enumerate(micro_batches):
-        sync = contextlib.nullcontext() if (not dist.enabled or k == n_micro - 1) else fwd_model.no_sync()
+        # DDP: all-reduce on the last micro-batch only; FSDP (no `no_sync`) reduce-scatters each
+        # micro-batch's gradients and accumulates the shards, which sums the same gradients.
+        no_sync = getattr(fwd_model, "no_sync", None)
+        sync = contextlib.nullcontext() if (not dist.enabled or k == n_micro - 1 or no_sync is None) else no_sync()
         with sync:
             with autocast(device, autocast_dtype):
                 out = fwd_model(w[:, :-1], collect_routing=collect_routing, **extra)
@@ -176,6 +179,8 @@ def train_step(state: TrainState, fwd_model: torch.nn.Module, window_BT1: torch.
         scaler.unscale_(optimizer)
     clip = grad_clip if grad_clip else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(list(state.model.parameters()), clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm over every rank's shard (a DTensor)
+        grad_norm = grad_norm.full_tensor()
     # inf/NaN gradients with a finite loss (an overflow in a low-precision backward, a bad kernel):
     # flagged here, before any weight changes, and all-reduced with the loss (one collective).
     loss_sum[3] = (~torch.isfinite(grad_norm)).double()
