@@ -299,6 +299,26 @@ def _fail(key: str, msg: str) -> None:
     raise ValueError(f"{key}: {msg}")
 
 
+def unknown_keys(node: DictConfig, prefix: str = "") -> List[str]:
+    """Dotted names of the keys of `node` (a composed config) that its structured schema does not
+    declare, depth first: what a `+key=value` override added. Mappings typed as plain dicts
+    (`data.extra_valid`, `model.overrides`) take any key."""
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return []
+    fields = {f.name for f in dataclasses.fields(schema)}
+    out: List[str] = []
+    for key in node.keys():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            out.append(name)
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            out.extend(unknown_keys(child, name + "."))
+    return out
+
+
 def to_typed(cfg: DictConfig, world_size: int = 1) -> TrainConfig:
     """Resolve the composed `cfg`, convert it to a TrainConfig and validate it for `world_size`
     processes (ranges from the schemas, then `validate`). Raises ValueError naming the offending key."""
@@ -306,6 +326,10 @@ def to_typed(cfg: DictConfig, world_size: int = 1) -> TrainConfig:
         raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as e:  # omegaconf MissingMandatoryValue / InterpolationResolutionError
         raise ValueError(f"config: {e}") from e
+    unknown = unknown_keys(cfg)
+    if unknown:  # `+train.stepz=5` adds a key Hydra accepts; no code would read it
+        _fail(unknown[0], "no such option (a '+' override adds a key that nothing reads; "
+                          "`python train.py --help` lists the options)")
     obj = OmegaConf.to_object(cfg)
     data, optim, train, logger = obj.data, obj.optim, obj.train, obj.logger
     for cls, node in ((DataSchema, data), (OptimSchema, optim), (TrainSchema, train), (LoggerSchema, logger)):
