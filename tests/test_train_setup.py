@@ -78,6 +78,18 @@ def test_issue_examples(ov, key):
         TC.to_typed(_compose(ov))
 
 
+@pytest.mark.parametrize("ov,key", [
+    ("+train.stepz=5", "train.stepz"),     # a typo in '+' form: Hydra adds the key; nothing reads it
+    ("+foo=1", "foo"),
+    ("+data.seq_lenn=64", "data.seq_lenn"),
+])
+def test_a_key_the_schema_does_not_declare_is_refused(ov, key):
+    with pytest.raises(ValueError, match=rf"^{re.escape(key)}: no such option"):
+        TC.to_typed(_compose(ov))
+    # a plain mapping option still takes any key
+    assert TC.unknown_keys(_compose("+data.extra_valid.mine=/tmp")) == []
+
+
 def test_defaults_and_every_experiment_pass_the_range_checks():
     for exp in sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")):
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
