@@ -20,6 +20,8 @@ def test_main_validation_set_preferred(tmp_path):
         assert read_val_perplexity(str(tmp_path), 610) == 145.9
     (tmp_path / "metrics.jsonl").write_text(body)
     assert read_val_perplexity(str(tmp_path), 200) == 250.0
+    # a checkpoint whose step had no validation gets none: not the later step's 145.9, nor 250.0
+    assert read_val_perplexity(str(tmp_path), 300) is None
     assert read_val_perplexity(str(tmp_path)) == 145.9
     # a complete line of garbage is not a crash artefact: an error naming file:line
     (tmp_path / "metrics.jsonl").write_text(body + "not json\n")

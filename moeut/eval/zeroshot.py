@@ -126,7 +126,9 @@ def read_val_perplexity(run_dir: str, step: Optional[int] = None) -> Optional[fl
     file:line); None when the file or the key is absent. The training split's own validation set
     ("validation/val/perplexity", or "val/perplexity") wins over extra validation sets
     ("validation/c4/perplexity", ...); otherwise any key ending in "perplexity" with a "val" path
-    component. Prefers the record logged at `step`, else the last one."""
+    component. With `step` (an evaluated checkpoint's step): the value logged at that step, and
+    None when that step had no validation (another step's number would be mislabelled as this
+    checkpoint's); without `step`: the last one logged."""
     def rank(key: str) -> int:  # lower is better; None = not a validation perplexity
         if key in ("validation/val/perplexity", "val/perplexity"):
             return 0
@@ -145,7 +147,7 @@ def read_val_perplexity(run_dir: str, step: Optional[int] = None) -> Optional[fl
                 last = (r, float(v))
             if step is not None and rec.get("step") == step and (at_step is None or r <= at_step[0]):
                 at_step = (r, float(v))
-    best = at_step if at_step is not None else last
+    best = at_step if step is not None else last
     return best[1] if best is not None else None
 
 
