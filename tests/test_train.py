@@ -203,18 +203,27 @@ def test_resume_moves_a_cut_last_metrics_line_aside_saying_what_it_is(cache_dir,
     assert not any("records of later steps" in m for m in msgs), msgs
 
 
-def test_short_stream_warnings_name_the_limit_of_each_stream(cache_dir, tmp_path):
-    """A train budget (train.steps+100)*batch*seq_len above what the corpus holds is named as the
-    train budget, never as data.valid_tokens; a short validation set names data.valid_tokens."""
+def test_short_stream_warnings_name_the_limit_of_each_stream(cache_dir, tmp_path, caplog):
+    """An explicit data.train_tokens above what the corpus holds is named as data.train_tokens, never
+    as data.valid_tokens; a short validation set names data.valid_tokens. The default budget's
+    100-step margin ((train.steps+100)*batch*seq_len) is not warned about: only real repetition is
+    (steps per epoch < train.steps)."""
     import warnings
+    caplog.set_level("INFO")
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        run(cache_dir, tmp_path, "train.steps=100000", "train.stop_at=1", "data.valid_tokens=100000000",
-            "train.final_eval=false", "train.val_interval=100000")
+        run(cache_dir, tmp_path / "a", "train.steps=4", "train.stop_at=1", "data.train_tokens=1000000000",
+            "data.valid_tokens=100000000", "train.final_eval=false", "train.val_interval=100000")
     short = [str(x.message) for x in w if "fewer than the" in str(x.message)]
-    assert any("the train budget (train.steps+100)*train.batch_size*data.seq_len" in m
-               and "data.valid_tokens" not in m for m in short), short
+    assert any("(data.train_tokens)" in m and "data.valid_tokens" not in m for m in short), short
     assert any("(data.valid_tokens, validation set 'val')" in m for m in short), short
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        run(cache_dir, tmp_path / "b", "train.steps=100000", "train.stop_at=1",
+            "train.final_eval=false", "train.val_interval=100000")
+    assert not [str(x.message) for x in w if "fewer than the" in str(x.message)]
+    assert any("data will repeat" in m for m in _messages(caplog)), _messages(caplog)
 
 
 def test_rewind_refuses_a_damaged_middle_line(tmp_path):

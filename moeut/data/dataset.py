@@ -63,10 +63,11 @@ class TokenStream:
 class WindowDataset:
     """Non-overlapping windows of T inputs + 1 target token. `limit_tokens` caps the stream used
     (the paper's train limit / validation budget); `limit_name` says where that limit comes from
-    (an option, or the train budget), named when the stream holds fewer tokens than it."""
+    (an option, or the train budget), named when the stream holds fewer tokens than it (no warning
+    with `warn_short=False`: a default budget whose shortfall the caller reports in its own terms)."""
 
     def __init__(self, stream: TokenStream, seq_len: int, limit_tokens: Optional[int] = None,
-                 limit_name: str = "the token limit"):
+                 limit_name: str = "the token limit", warn_short: bool = True):
         self.stream = stream
         self.seq_len = seq_len
         usable = len(stream) if limit_tokens is None else min(len(stream), limit_tokens + 1)
@@ -74,7 +75,7 @@ class WindowDataset:
         self.n_windows = max(0, (usable - 1) // seq_len)
         # Predicted tokens inside the limit that no window covers (fewer than T): reported, not hidden.
         self.unused_tokens = max(0, usable - 1 - self.n_windows * seq_len)
-        if limit_tokens is not None and len(stream) < limit_tokens + 1 and self.n_windows:
+        if warn_short and limit_tokens is not None and len(stream) < limit_tokens + 1 and self.n_windows:
             import warnings
             warnings.warn(f"{stream.manifest.path}: holds {len(stream):,} tokens, fewer than the {limit_tokens + 1:,} "
                           f"asked for ({limit_name}); using all of them", stacklevel=2)

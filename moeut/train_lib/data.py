@@ -102,11 +102,10 @@ def prepare_run_data(d, seq_len: int, train_tokens: int, tok: Tokenizer, dist: D
         manifests["train"] = prepare_tokens(train_corpus, tok, d.cache_dir, budgets["train"], log=quiet)
         for name, c in valid_corpora.items():
             manifests[name] = prepare_tokens(c, tok, d.cache_dir, valid_budget, log=quiet)
-    # name the limit actually in effect for each stream, so the "fewer tokens than asked" warning is true
-    train_limit = ("data.train_tokens" if d.train_tokens else
-                   "the train budget (train.steps+100)*train.batch_size*data.seq_len; training cycles through "
-                   "the stream, repeating data when an epoch is shorter than train.steps")
-    train = WindowDataset(TokenStream(manifests["train"]), seq_len, limit_tokens=train_tokens, limit_name=train_limit)
+    # An explicit data.train_tokens the stream cannot fill is worth a warning; the default budget's
+    # 100-step margin is not: whether data repeats is reported by the start (steps per epoch < train.steps).
+    train = WindowDataset(TokenStream(manifests["train"]), seq_len, limit_tokens=train_tokens,
+                          limit_name="data.train_tokens", warn_short=bool(d.train_tokens))
     valid = {name: WindowDataset(TokenStream(manifests[name]), seq_len, limit_tokens=d.valid_tokens,
                                  limit_name=f"data.valid_tokens, validation set {name!r}")
              for name in valid_corpora}
