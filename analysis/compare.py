@@ -52,7 +52,7 @@ import hydra
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if os.path.dirname(_HERE) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, os.path.dirname(_HERE))
-from moeut.cli import CONF_DIR, bool_option, float_option, str_option  # noqa: E402  (conf/compare.yaml)
+from moeut.cli import CONF_DIR, bool_option, float_option, str_option, one_line_hydra_errors  # noqa: E402  (conf/compare.yaml)
 
 VAL_RE = re.compile(r"^(val|valid|validation)(/.*)?/(perplexity|ppl)$")
 STEP_TIME_KEYS = ("perf/step_time", "train/step_time", "step_time")
@@ -526,6 +526,7 @@ def run_cli(cfg: Any) -> Dict[str, Any]:
     return res
 
 
+@one_line_hydra_errors("compare")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="compare")
 def main(cfg: Any) -> None:
     """`python analysis/compare.py runs=[RUN_DIR,...] [out=DIR] [option=value ...]` (options:

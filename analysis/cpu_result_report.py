@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_HERE))  # run as a script from a checkout: import this checkout's moeut
-from moeut.cli import CONF_DIR, str_option  # noqa: E402  (conf/cpu_result_report.yaml)
+from moeut.cli import CONF_DIR, str_option, one_line_hydra_errors  # noqa: E402  (conf/cpu_result_report.yaml)
 from moeut.rundir import RunDir  # noqa: E402
 
 
@@ -364,6 +364,7 @@ def splice(doc: str, text: str, when: str) -> None:
         f.write(page[:a] + block + page[b + len(END):])
 
 
+@one_line_hydra_errors("cpu_result_report")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="cpu_result_report")
 def main(cfg: Any) -> None:
     """`python analysis/cpu_result_report.py [root=DIR] [out=PREFIX] [doc=FILE]` (options:

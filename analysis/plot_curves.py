@@ -23,7 +23,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if os.path.dirname(_HERE) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, os.path.dirname(_HERE))
 
-from moeut.cli import CONF_DIR, str_option  # noqa: E402  (conf/plot_curves.yaml)
+from moeut.cli import CONF_DIR, str_option, one_line_hydra_errors  # noqa: E402  (conf/plot_curves.yaml)
 from moeut.rundir import RunDir, read_metrics as _read_run_metrics  # noqa: E402
 
 
@@ -111,6 +111,7 @@ def plot_curves(runs: Sequence[str], out: str, *, labels: Optional[Sequence[str]
     return paths
 
 
+@one_line_hydra_errors("plot_curves")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="plot_curves")
 def main(cfg: Any) -> None:
     """`python analysis/plot_curves.py runs=[RUN_DIR,...] out=STEM [option=value ...]` (options:

@@ -995,10 +995,11 @@ def main() -> None:
     import hydra
     from omegaconf import OmegaConf
 
-    from .cli import CONF_DIR, bad_input_exits
+    from .cli import CONF_DIR, bad_input_exits, one_line_hydra_errors
 
     _register_configs()
 
+    @one_line_hydra_errors("moeut.analyze")
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="analyze")
     def _main(cfg) -> None:
         with bad_input_exits("moeut.analyze"):

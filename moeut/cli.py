@@ -22,9 +22,12 @@ bars out of log files. No torch import.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, NoReturn, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NoReturn, Optional, Sequence, Tuple, Type
 
 from .paths import conf_dir
 
@@ -143,6 +146,66 @@ def bad_input_exits(tool: str, errors: Tuple[Type[BaseException], ...] = INPUT_E
         yield
     except errors as err:
         exit_bad_input(tool, err)
+
+
+def hydra_error_line(err: BaseException) -> str:
+    """One line for an error Hydra or OmegaConf raised while composing a tool's config from its
+    command line: an unknown key (`train.stepz=5`) becomes `train.stepz: no such option ...`
+    (Hydra's own hint, `+train.stepz=5`, would add a key nothing reads), a value of the wrong type
+    `optim.lr: Value 'abc' ... could not be converted to Float`, anything else its message's
+    lines (without OmegaConf's full_key / object_type and Hydra's search-path listing) joined."""
+    text = str(err)
+    m = re.match(r"Could not override '([^']+)'", text)
+    if m:
+        return f"{m.group(1)}: no such option (--help lists the options)"
+    m = re.match(r"Error merging override ([^=\s]+)=", text)
+    cause = err.__cause__ or err.__context__
+    if m and cause is not None:
+        return f"{m.group(1)}: {str(cause).splitlines()[0]}"
+    skip = ("full_key:", "object_type=", "reference_type=", "Config search path", "provider=")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+    out: List[str] = []
+    for ln in lines:  # "Available options in 'experiment':" then one option a line -> a, b, c
+        if out and out[-1].endswith(":"):
+            out[-1] += " " + ln
+        elif out and ":" in out[-1] and out[-1].startswith("Available options"):
+            out[-1] += ", " + ln
+        else:
+            out.append(ln)
+    return "; ".join(out) or type(err).__name__
+
+
+def one_line_hydra_errors(tool: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for a tool's `@hydra.main` function (put it above `@hydra.main`): an error Hydra
+    finds in the command line or the config before the tool's own code runs (an unknown key, a
+    value of the wrong type, an unknown config-group option) is one line `<tool>: error: ...`, exit
+    status 1 (`hydra_error_line`), instead of Hydra's multi-line report. Errors raised inside the
+    tool's function pass through unchanged (a crash keeps its traceback). Called with a composed
+    config (tests), it is the plain function."""
+    def decorate(app: Callable[..., Any]) -> Callable[..., Any]:
+        task_name = getattr(getattr(app, "__wrapped__", app), "__name__", "main")
+
+        @functools.wraps(app)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if args or kwargs:
+                return app(*args, **kwargs)
+            from hydra.errors import HydraException
+            from omegaconf.errors import OmegaConfBaseException
+            old = os.environ.get("HYDRA_FULL_ERROR")
+            os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing its report
+            try:
+                return app()
+            except (HydraException, OmegaConfBaseException) as err:
+                if raised_in(err, task_name):
+                    raise
+                exit_bad_input(tool, ValueError(hydra_error_line(err)))
+            finally:
+                if old is None:
+                    os.environ.pop("HYDRA_FULL_ERROR", None)
+                else:
+                    os.environ["HYDRA_FULL_ERROR"] = old
+        return run
+    return decorate
 
 
 def raised_in(err: BaseException, *functions: str) -> bool:

@@ -23,7 +23,7 @@ from typing import Any, Dict
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .cli import CONF_DIR
+from .cli import CONF_DIR, one_line_hydra_errors
 from .eval.tasks import resolve_tasks
 from .eval.tasks.base import EvalOptions
 from .eval.zeroshot import evaluate_checkpoint
@@ -84,6 +84,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
                                dataset=c.get("dataset"))
 
 
+@one_line_hydra_errors("moeut.evaluate")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     """`python -m moeut.evaluate checkpoint=<run dir> [key=value ...]` (conf/eval.yaml): `run`, then

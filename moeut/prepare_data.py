@@ -19,7 +19,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .cli import CONF_DIR, bad_input_exits
+from .cli import CONF_DIR, bad_input_exits, one_line_hydra_errors
 from .data.pipeline import check_prepared, prepare_run_data_caches
 from .data.sources import DataError
 from .data.tokenizer import TokenizerTrainingError
@@ -89,6 +89,7 @@ def run(cfg: DictConfig, log=print) -> Dict[str, Any]:
     return {"manifests": prepare_run_data_caches(tc, workers, opts.run_dir, progress=opts.progress, log=log)}
 
 
+@one_line_hydra_errors("moeut.prepare_data")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="prepare_data")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: prepare (tokenise, verify) every data cache the training config reads,

@@ -41,7 +41,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from . import rundir
-from .cli import CONF_DIR, bool_option, str_option
+from .cli import CONF_DIR, bool_option, str_option, one_line_hydra_errors
 
 PPL_DEFAULT = "validation/val/perplexity"  # train.py: validation/<set name>/perplexity
 
@@ -457,6 +457,7 @@ def run(cfg: DictConfig) -> int:
     return 0
 
 
+@one_line_hydra_errors("moeut.summary")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="summary")
 def main(cfg: DictConfig) -> None:
     """`python -m moeut.summary dir=<sweep dir> [out=DIR] [metric=KEY] [plots=false]`

@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import hydra
 
-from .cli import CONF_DIR
+from .cli import CONF_DIR, one_line_hydra_errors
 from .paths import clone_root, sweeps_dir as carried_sweeps_dir
 from .validate import at_least
 
@@ -501,6 +501,7 @@ def run(cfg: Any) -> int:
     return launch(sweep, root, local, launcher, extra, detach)
 
 
+@one_line_hydra_errors("moeut.sweep")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sweep")
 def main(cfg: Any) -> None:
     """`python -m moeut.sweep [key=value ...]` (options: conf/sweep.yaml, `--help`). Exits with

@@ -37,7 +37,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .cli import CONF_DIR, INPUT_ERRORS, bad_input_exits, exit_bad_input, raised_in, setup_tool_output
+from .cli import CONF_DIR, INPUT_ERRORS, bad_input_exits, exit_bad_input, raised_in, setup_tool_output, one_line_hydra_errors
 from .data.pipeline import ensure_prepared
 from .train_lib.config import register_configs, to_typed
 from .train_lib.distributed import env_rank_info
@@ -67,6 +67,7 @@ def prog() -> str:
     return os.path.basename(argv0)
 
 
+@one_line_hydra_errors(prog())
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> Optional[float]:
     """Train with the composed config `cfg` into Hydra's run dir; returns the final validation

@@ -313,3 +313,43 @@ def test_hf_export_in_a_log_file_has_no_progress_frames(tmp_path):
     assert r.returncode == 0, text[-2000:]
     assert "\r" not in text and "Writing model shards" not in text
     assert (tmp_path / "hf" / "config.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------
+# Errors Hydra finds in the command line (before any tool code runs): one line, exit 1
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,line", [
+    (["train.py", "train.stepz=5"], "train.py: error: train.stepz: no such option (--help lists the options)"),
+    (["train.py", "optim.lr=abc"],
+     "train.py: error: optim.lr: Value 'abc' of type 'str' could not be converted to Float"),
+    (["-m", "moeut.evaluate", "checkpoint=x", "limitt=3"],
+     "moeut.evaluate: error: limitt: no such option (--help lists the options)"),
+])
+def test_hydra_composition_errors_are_one_line(tmp_path, args, line):
+    if args[0] == "train.py":
+        args = [str(REPO / "train.py"), *args[1:]]
+    r = _run(args, tmp_path, timeout=120)
+    assert (r.returncode, _lines(r.stderr)) == (1, [line]), r.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_hydra_error_line_unknown_group_option_lists_the_choices():
+    from hydra.errors import MissingConfigException
+    err = MissingConfigException("In 'config': Could not find 'experiment/nosuch'\n\n"
+                                 "Available options in 'experiment':\n\tcpu_small\n\tcpu_tiny\n"
+                                 "Config search path:\n\tprovider=hydra, path=pkg://hydra.conf")
+    assert cli.hydra_error_line(err) == ("In 'config': Could not find 'experiment/nosuch'; "
+                                         "Available options in 'experiment': cpu_small, cpu_tiny")
+
+
+def test_one_line_hydra_errors_lets_the_tools_own_errors_through():
+    """An error raised inside the tool's function keeps its traceback (a crash is not bad input)."""
+    from omegaconf.errors import ValidationError
+
+    def main():
+        raise ValidationError("inside the tool")
+    wrapped = cli.one_line_hydra_errors("t")(main)
+    with pytest.raises(ValidationError, match="inside the tool"):
+        wrapped()
+    assert cli.one_line_hydra_errors("t")(lambda cfg: cfg * 2)(21) == 42  # a composed config passes through

@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ..cli import CONF_DIR, str_option
+from ..cli import CONF_DIR, str_option, one_line_hydra_errors
 from ..rundir import RunDir, read_json
 
 COLUMNS = ("dataset", "#params", "model", "val PPL", "LAMBADA", "BLiMP", "CBT", "HellaSwag", "PIQA",
@@ -253,6 +253,7 @@ def combine(paths: Sequence[str], out: Optional[str] = None) -> str:
     return to_markdown(rows, notes)
 
 
+@one_line_hydra_errors("moeut.eval.table")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval_table")
 def main(cfg: DictConfig) -> None:
     """`python -m moeut.eval.table results=[FILE.json,...] [out=STEM]` (options: conf/eval_table.yaml,

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import hydra
 import torch
 
-from ..cli import CONF_DIR
+from ..cli import CONF_DIR, one_line_hydra_errors
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -100,6 +100,7 @@ def run(cfg: Any) -> str:
     return export(str(o["checkpoint"]), str(o["out"]), dtype=o.get("dtype"))
 
 
+@one_line_hydra_errors("moeut.hf.export")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="hf_export")
 def main(cfg: Any) -> None:
     """`python -m moeut.hf.export checkpoint=<dir> out=<dir> [dtype=...]` (also the

@@ -40,7 +40,7 @@ import hydra
 import torch
 import torch.nn.functional as F
 
-from ..cli import CONF_DIR
+from ..cli import CONF_DIR, one_line_hydra_errors
 
 # The shapes of the golden files (shared/golden/README.md; official constructor arguments).
 GOLDEN_CONFIGS = {
@@ -380,6 +380,7 @@ def run(cfg: Any) -> int:
     return 0
 
 
+@one_line_hydra_errors("moeut.kernels.footprint")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="footprint")
 def main(cfg: Any) -> None:
     """`python -m moeut.kernels.footprint [key=value ...]` (options: conf/footprint.yaml, `--help`);

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import hydra
 import torch
 
-from ..cli import CONF_DIR
+from ..cli import CONF_DIR, one_line_hydra_errors
 
 
 def cache_dirs() -> dict:
@@ -131,6 +131,7 @@ def run(cfg: Any) -> dict:
                 a["device"])
 
 
+@one_line_hydra_errors("moeut.kernels.warmup")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="warmup")
 def main(cfg: Any) -> None:
     """`python -m moeut.kernels.warmup [key=value ...]` (options: conf/warmup.yaml, `--help`);
