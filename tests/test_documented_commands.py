@@ -2,14 +2,15 @@
 ones that can run on CPU run as written, from a working directory laid out like a fresh clone.
 
 Extraction: each non-comment line of a ```bash block (backslash continuations joined, trailing
-`# comments` dropped, a `for ...; do` ... `done` loop joined into one command), plus inline
+`# comments` dropped, a `for ...; do` ... `done` loop joined into one command), each line of an
+indented (4-space) code block that starts with python/moeut-/torchrun/sbatch/srun/bash, plus inline
 `python -m moeut...`, `python train.py ...`, `python tools/...`, `moeut-...` commands in backticks
 that are commands rather than a tool's name (`moeut-train`, `python -m moeut.evaluate` alone) or
 a synopsis (no `...`, ` [optional]`, ` | `, or placeholder other than `<run>`). Whitespace is collapsed.
 
 REGISTRY classifies every extracted command once (a command in several docs shares one entry):
   ("run", extra)      run by test_documented_command_runs as written, with `extra` (size-reducing
-                      overrides only) appended; `<run>`, `runs/x`, `runs/c4_moeut_44m`, ... are
+                      overrides only) appended; `<run>`, `runs/<run>`, `runs/x`, `runs/c4_...` are
                       substituted with the run dir that the README's `python train.py` made;
   ("covered", node)   run (the same command, its paths made temporary) by the named test;
   ("skip", reason)    needs a GPU, SLURM, the hub, a corpus not in the clone, or hours of CPU.
@@ -67,6 +68,11 @@ def extract(text: str) -> list:
                 continue
             cmds.append(line)
         assert loop is None, f"unterminated for loop in a bash block: {loop}"
+    # indented (4-space) code lines outside the fences that start with a command
+    unfenced = re.sub(r"```.*?```", "", text, flags=re.S)
+    for m in re.finditer(r"^ {4,}((?:python|moeut-|torchrun|sbatch|srun|bash) (?:[^\n]*\\\n)*[^\n]*)$",
+                         unfenced, flags=re.M):
+        cmds.append(_norm(_strip_comment(m.group(1).replace("\\\n", " "))))
     for m in INLINE_START.finditer(text):
         cmd = _norm(m.group(1))
         synopsis = ("..." in cmd or " [" in cmd or " | " in cmd
@@ -132,6 +138,13 @@ REGISTRY = {
     'jupytext --sync analysis/*.ipynb':
         ("skip", "rewrites the repository's notebooks; tests/test_notebooks.py checks the notebook sources"),
     # docs/architecture.md, docs/baselines.md
+    'python train.py experiment=c4_switch_44m': ("skip", "the paper's C4 from the hub (data=c4): " + C4),
+    'python train.py experiment=cpu_tiny model.preset=cpu_sut model.vocab_size=512': ("run", ""),
+    'python analysis/compare.py runs=[runs/c4_moeut_44m,runs/c4_dense_44m,runs/c4_switch_44m] out=compare_44m':
+        ("run", ""),  # the three placeholders become the one fixture run
+    "python analysis/compare.py 'runs=[runs/*]' out=compare measure=true device=cuda dtype=bf16 batch_size=64":
+        ("skip", GPU),
+    'python analysis/compare.py --help': ("run", ""),
     'python tools/import_graph.py': ("run", ""),
     'python tools/gen_model_configs.py':
         ("covered", "tests/test_registry.py::test_generator_check_reports_missing_stale_and_extra"),
@@ -215,6 +228,8 @@ REGISTRY = {
         ("covered", "tests/test_mutation.py::test_merge_combines_partial_runs_later_file_wins"),
     # docs/training.md
     'python train.py experiment=c4_moeut_44m data.path=/data/c4': ("skip", C4),
+    'torchrun --standalone --nproc_per_node=8 train.py experiment=c4_moeut_1040m train.parallel=fsdp '
+    'train.activation_checkpointing=true hydra.run.dir=runs/moeut1040': ("skip", "8-GPU torchrun; " + C4),
     'python train.py -m': ("skip", "a flag named in the text (Hydra multirun), not a command on its own"),
     'python train.py experiment=c4_moeut_244m model.ff_k=8': ("skip", "the paper's C4 from the hub (data=c4): " + C4),
     'torchrun --standalone --nproc_per_node=8 train.py experiment=c4_moeut_244m hydra.run.dir=runs/moeut244':
@@ -234,7 +249,7 @@ REGISTRY = {
 }
 
 # The run dir placeholders the docs use for "a run you trained".
-RUN_PLACEHOLDERS = ("runs/<run>", "<run>", "runs/c4_moeut_244m", "runs/c4_moeut_44m", "runs/x")
+RUN_PLACEHOLDER = r"(?:runs/(?:<run>|x|c4_\w+)|<run>)"  # runs/<run>, runs/x, runs/c4_moeut_44m, ...
 
 
 def test_every_documented_command_is_classified():
@@ -268,11 +283,11 @@ def test_extraction_rules():
     """The extractor joins continuations and loops, drops comments, keeps `<run>` commands and
     drops synopses, on a hand-written doc."""
     text = ("```bash\npython a.py x=1 \\\n   y='#2'    # note\n# only a comment\n"
-            "for r in a b; do\n  echo $r\ndone\n```\n"
+            "for r in a b; do\n  echo $r\ndone\n```\n\n    python b.py \\\n      z=3   # indented\n\n"
             "Run `python -m moeut.analyze checkpoint=runs/<run>`, see `python -m moeut.evaluate [limit=N]`, "
             "`moeut-train`, `python train.py experiment=<name>` and `python -m moeut.prepare_data ...`.\n"
             "```python\nprint(1)\n```\n")
-    assert extract(text) == ["python a.py x=1 y='#2'", "for r in a b; do echo $r; done",
+    assert extract(text) == ["python a.py x=1 y='#2'", "for r in a b; do echo $r; done", "python b.py z=3",
                              "python -m moeut.analyze checkpoint=runs/<run>"]
 
 
@@ -281,7 +296,12 @@ def test_extraction_rules():
 # ------------------------------------------------------------------------------------------
 
 def _env():
+    """A user's environment: the interpreter's bin first on PATH (`python`, `jupytext`), the
+    checkout importable, and none of the offline switches or run-dir variables a test might set."""
     env = dict(os.environ)
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "MOEUT_RUN_DIR",
+                "MOEUT_ANALYSIS_DIR"):
+        env.pop(key, None)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -315,8 +335,7 @@ def clone(tmp_path_factory):
 def _prepared(cmd: str, extra: str, run: str) -> str:
     """The command with the documented run dir (and its `checkpoints/step_...`) replaced by the
     fixture's, and the registry's size-reducing overrides appended."""
-    for placeholder in RUN_PLACEHOLDERS:
-        cmd = re.sub(re.escape(placeholder) + r"(?=/|\s|,|$)", run, cmd)
+    cmd = re.sub(RUN_PLACEHOLDER + r"(?=[/\s,\]]|$)", run, cmd)
     cmd = re.sub(r"(?<=/checkpoints/)step_\d{7}", "step_0000003", cmd)  # SMALL_TRAIN's 3 steps
     return f"{cmd} {extra}".strip()
 
@@ -329,19 +348,40 @@ def _run_cases() -> list:
     for cmd, (kind, extra) in REGISTRY.items():
         if kind == "run" and cmd != "python train.py":
             cases.setdefault(_prepared(cmd, extra, "RUN"), []).append(cmd)
-    order = sorted(cases, key=lambda c: ("reuse_stats" in c or "execute_notebooks" in c, "eval.table" in c))
+    order = sorted(cases, key=lambda c: (c.startswith("python train.py experiment="),  # a second run last
+                                         "reuse_stats" in c or "execute_notebooks" in c, "eval.table" in c))
     return [pytest.param(cases[c][0], id=" == ".join(cases[c])) for c in order]
 
 
+@pytest.mark.slow
 def test_readme_train_made_a_checkpoint(clone):
     cwd, run = clone
     assert (cwd / run / "metrics.jsonl").read_text().count("validation/val/perplexity") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cmd", _run_cases())
 def test_documented_command_runs(cmd, clone):
+    """Exit 0 and no traceback; the cases share the clone, so run the module whole (the results
+    table and the redraw read what the evaluate and analyze cases wrote)."""
     cwd, run = clone
     full = _prepared(cmd, REGISTRY[cmd][1], run)
     r = _sh(full, cwd)
     assert r.returncode == 0, f"documented command failed (exit {r.returncode}): {full}\n" \
                               f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    assert "Traceback (most recent call last)" not in r.stderr, f"{full}\n{r.stderr[-3000:]}"
+
+
+def test_testing_doc_states_the_current_counts():
+    """docs/testing.md's "Documented commands" counts are this registry's."""
+    text = " ".join((REPO / "docs" / "testing.md").read_text().split())
+    m = re.search(r"(\d+) distinct commands \((\d+) occurrences\) found; (\d+) run \((\d+) subprocesses"
+                  r".*?(\d+) covered by named tests, (\d+) skipped", text)
+    assert m, "docs/testing.md: the 'Documented commands' counts sentence is missing"
+    found = documented()
+    kinds = [k for k, _ in REGISTRY.values()]
+    actual = (len(found), sum(len(w) for w in found.values()), kinds.count("run"), len(_run_cases()),
+              kinds.count("covered"), kinds.count("skip"))
+    assert tuple(int(g) for g in m.groups()) == actual, (
+        "docs/testing.md 'Documented commands': (found, occurrences, run, subprocesses, covered, skipped) "
+        f"should read {actual}")
