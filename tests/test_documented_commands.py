@@ -102,7 +102,8 @@ SLURM = "submits to a SLURM cluster (sbatch/srun/submitit); tests/test_sweeps.py
 C4 = "needs a local C4 mirror at /data/c4 (not in the clone)"
 SUITE = "a pytest invocation: the suite (or part of it) itself, which CI runs"
 CPU_RESULT = "the CPU result recipe: hours of CPU training on the Gutenberg corpus from ../shared (not in the clone)"
-MUTATION = "a mutation pass: minutes to hours of test runs per mutant (tools/mutation.py; tests/test_mutation.py tests the driver)"
+MUTATION = ("a mutation pass: minutes to hours of test runs per mutant (tools/mutation.py; "
+            "tests/test_mutation.py tests the driver)")
 HUB = ("lm-eval's tasks load their data from the Hugging Face hub; tests/test_harness.py and "
        "tests/test_hf_lm_eval.py run the adapter and the export under lm-eval offline")
 CONSOLE = ("the console script installed by `pip install` (not on PATH in a clone); the same entry as "
@@ -318,8 +319,9 @@ def clone(tmp_path_factory):
     """A working directory laid out like the clone root (its files linked in, runs/ and outputs/
     real), where README's `python train.py` (with SMALL_TRAIN) has made runs/cpu_small/<time>."""
     cwd = tmp_path_factory.mktemp("clone")
+    own_outputs = ("runs", "outputs", "exports", "multirun", "paper_table")  # what the commands write
     for entry in REPO.iterdir():
-        if entry.name not in ("runs", "outputs", "exports", "multirun", "paper_table") and not entry.name.startswith("."):
+        if entry.name not in own_outputs and not entry.name.startswith("."):
             (cwd / entry.name).symlink_to(entry)
     r = _sh(f"python train.py {SMALL_TRAIN}", cwd)
     assert r.returncode == 0, f"README `python train.py` failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
