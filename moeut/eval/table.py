@@ -21,7 +21,7 @@ Usage: `python -m moeut.eval.table results=[results1.json,results2.json,...] [ou
 result files of `moeut.evaluate` into one table (a run dir stands for its evaluation by
 moeut.rundir's rule: the newest evaluated step, its evaluations merged per task;
 a results file stands for that one evaluation; entries with * ? [ are glob patterns, e.g.
-`'results=[runs/*]'`; `--help` lists the options, conf/eval_table.yaml).
+`'results=[runs/*/*]'` (the default run dirs runs/<name>/<time>); `--help` lists the options, conf/eval_table.yaml).
 A results file that does not parse is an error naming file:line:col (moeut.rundir.read_json).
 """
 from __future__ import annotations
