@@ -162,8 +162,10 @@ train_sigterm_resume() {
   echo "SIGTERM after $first_ckpt: exit code $rc, newest checkpoint $(basename "$at_signal")"
   [[ $rc == 0 ]] || { echo "train.py did not exit cleanly on SIGTERM"; return 1; }
   [[ "$(basename "$at_signal")" != "$LAST_CKPT" ]] || { echo "the run finished before the SIGTERM: not a resume test"; return 1; }
-  python train.py $TRAIN_ARGS hydra.run.dir="$run" 2>&1 | tee "$WORK/train_resume.log" | tail -n 20
-  grep -q "resumed from" "$WORK/train_resume.log" || { echo "the second run did not resume"; return 1; }
+  python train.py $TRAIN_ARGS hydra.run.dir="$run" > "$WORK/train_resume.log" 2>&1
+  # the resume line comes before the config dump, so show it apart from the log's tail
+  grep -m1 "resumed from" "$WORK/train_resume.log" || { echo "the second run did not resume"; return 1; }
+  tail -n 20 "$WORK/train_resume.log"
   [[ -d "$run/checkpoints/$LAST_CKPT" ]] || { echo "no final checkpoint $LAST_CKPT"; return 1; }
 }
 
