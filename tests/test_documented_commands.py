@@ -219,7 +219,7 @@ REGISTRY = {
     'python tools/mutation.py --check':
         ("covered", "tests/test_mutation.py::test_every_listed_mutant_applies_exactly_once"),
     'python tools/mutation.py': ("skip", MUTATION),
-    'python tools/mutation.py --sample 4 --seed "$(date +%j)" --time-budget 300 --timeout 300 --out "$(mktemp -d)"':
+    'python tools/mutation.py --sample 3 --seed "$(date +%j)" --time-budget 240 --timeout 240 --out "$(mktemp -d)"':
         ("skip", MUTATION + "; .ci/run runs this sample"),
     'python tools/mutation.py --only sampler-epoch-seed': ("skip", MUTATION),
     'python tools/mutation.py --file moeut/eval/scoring.py': ("skip", MUTATION),
