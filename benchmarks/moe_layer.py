@@ -29,6 +29,8 @@ SHAPES = {
 
 
 class DenseMLP(nn.Module):
+    """The dense-active MLP: Linear(d, width) -> ReLU -> Linear(width, d), no biases."""
+
     def __init__(self, d, width):
         super().__init__()
         self.up = nn.Linear(d, width, bias=False)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
 import sys
@@ -53,6 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moeut.config import CVMM_BACKENDS  # noqa: E402
 from moeut.model import ForwardState, SigmaMoE  # noqa: E402
 from moeut.registry import PAPER_TRAIN, build_model, get_preset  # noqa: E402
+from cvmm import _triton_version  # noqa: E402  (benchmarks/cvmm.py)
+from moe_layer import DenseMLP  # noqa: E402  (benchmarks/moe_layer.py: the dense-active MLP)
 
 DEFAULT_VARIANTS = ("triton", "triton_pad", "triton_buffer", "triton_pad_buffer", "grouped_mm", "grouped_mm_pad")
 SHAPES = {
@@ -62,18 +63,6 @@ SHAPES = {
     "tiny": dict(d=20, n_experts=6, d_expert=16, k=2),
 }
 REL_ERR_FLAG = 0.05  # bf16 layer output / gradients further than this from "triton" are flagged
-
-
-class DenseMLP(nn.Module):
-    """The dense-active MLP: Linear(d, width) -> ReLU -> Linear(width, d), no biases."""
-
-    def __init__(self, d, width):
-        super().__init__()
-        self.up = nn.Linear(d, width, bias=False)
-        self.down = nn.Linear(width, d, bias=False)
-
-    def forward(self, x):
-        return self.down(F.relu(self.up(x)))
 
 
 def _sync(device):
@@ -436,14 +425,6 @@ def _write(result, out: Path, dtype, dry, budget, t0) -> str:
     (out / "rank.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     (out / "rank.md").write_text(md)
     return md
-
-
-def _triton_version():
-    try:
-        import triton
-        return triton.__version__
-    except ImportError:
-        return "not installed"
 
 
 if __name__ == "__main__":
