@@ -32,7 +32,7 @@ import numpy as np
 from IPython.display import display
 from omegaconf import OmegaConf
 
-from moeut import analysis as A
+from moeut.analysis import stats as A
 from moeut import analyze as Z
 
 # relative paths are taken from where the command was started, not from this folder

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import analysis as A
+from .analysis import stats as A
 from .outputs import RoutingRecord
 from .paths import clone_root, data_dir
 from .routing import RoutingStats

@@ -22,10 +22,12 @@ bars out of log files. No torch import.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import re
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NoReturn, Optional, Sequence, Tuple, Type
 
@@ -364,3 +366,199 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> Any:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+# ------------------------------------------------------------------------------------------
+# One typed style for every tool: a dataclass schema beside the tool, each field declared with
+# `option(...)` (its help text, choices and range in the field's metadata), `--help` generated
+# from the schema, bad input one line and exit status 1. docs/architecture.md, "Tools".
+# ------------------------------------------------------------------------------------------
+
+HELP_KEY = "help"
+CHOICES_KEY = "choices"
+REQUIRED = "???"  # OmegaConf's mandatory-value marker: the default of a required option
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
+           choices: Optional[Sequence[Any]] = None, lo: Optional[float] = None, hi: Optional[float] = None,
+           lo_open: bool = False, hi_open: bool = False) -> Any:
+    """A schema field: its default (`REQUIRED` for a required option), one line of `help`, and
+    optionally the allowed `choices` or numeric range [lo, hi] (open with lo_open/hi_open; each
+    item of a list field is checked). Returns a dataclasses.Field for a tool's @dataclass schema."""
+    from .validate import in_range
+
+    meta: Dict[str, Any] = {HELP_KEY: help}
+    if choices is not None:
+        meta[CHOICES_KEY] = tuple(choices)
+    if lo is not None or hi is not None:
+        meta.update(in_range(lo, hi, lo_open=lo_open, hi_open=hi_open))
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
+
+
+def _type_label(tp: Any) -> str:
+    """INT / FLOAT / BOOL / STR / PATH-like label of a field's annotation (Optional stripped)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _type_label(args[0]) if len(args) == 1 else "VALUE"
+    if origin in (list, List, tuple):
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return f"[{_type_label(item)},...]"
+    if origin in (dict, Dict):
+        return "{KEY:VALUE}"
+    return {int: "INT", float: "FLOAT", bool: "BOOL", str: "STR"}.get(tp, "VALUE")
+
+
+def _default_text(f: dataclasses.Field) -> Optional[str]:
+    """How a field's default reads in --help (None for a required option)."""
+    if f.default is not dataclasses.MISSING:
+        if f.default == REQUIRED:
+            return None
+        v = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        v = f.default_factory()  # type: ignore[misc]
+    else:
+        return None
+    if dataclasses.is_dataclass(v):
+        return ""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(str(x) for x in v) + "]"
+    return str(v)
+
+
+def schema_options(schema: type, prefix: str = "") -> List[Tuple[str, str, Optional[str], str]]:
+    """(dotted name, type label, default text or None if required, help with choices/range) for
+    every option of dataclass `schema`, descending into nested dataclass fields. Raises TypeError
+    for a field declared without help text (every option must say what it does)."""
+    from .validate import field_range
+
+    hints = typing.get_type_hints(schema)
+    rows: List[Tuple[str, str, Optional[str], str]] = []
+    for f in dataclasses.fields(schema):
+        name = f"{prefix}{f.name}"
+        tp = hints.get(f.name, f.type)
+        inner = tp
+        if typing.get_origin(tp) is typing.Union:
+            inner = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+        if dataclasses.is_dataclass(inner):
+            rows += schema_options(inner, f"{name}.")
+            continue
+        text = f.metadata.get(HELP_KEY) if f.metadata else None
+        if not text:
+            raise TypeError(f"{schema.__name__}.{f.name}: option without help text (declare it with moeut.cli.option)")
+        extra = []
+        if f.metadata.get(CHOICES_KEY):
+            extra.append("one of " + " | ".join("null" if c is None else str(c) for c in f.metadata[CHOICES_KEY]))
+        rng = field_range(f)
+        if rng is not None:
+            extra.append(rng.describe())
+        if extra:
+            text = f"{text} ({'; '.join(extra)})"
+        rows.append((name, _type_label(tp), _default_text(f), text))
+    return rows
+
+
+def help_text(app: str, summary: str, schema: type, usage: str, notes: str = "") -> str:
+    """The `--help` text of a tool, generated from its schema: the summary, usage, one entry per
+    option (name=TYPE, default or `(required)`, help, choices/range), `notes`, and the exit status."""
+    rows = schema_options(schema)
+    width = max((len(f"{n}={t}") for n, t, _, _ in rows), default=0)
+    lines = [summary.strip(), "", f"Usage: {usage}", "", "Options:"]
+    for name, label, default, text in rows:
+        head = f"  {f'{name}={label}'.ljust(width)}  "
+        when = "(required) " if default is None else ""
+        tail = "" if default in (None, "") else f" [default: {default}]"
+        lines.append(f"{head}{when}{text}{tail}")
+    if notes.strip():
+        lines += ["", notes.strip()]
+    lines += ["", "Exit status: 0 done; 1 bad input (one line naming the option, file or line).",
+              f"Hydra's own flags: --hydra-help, --cfg job. ({app})"]
+    return "\n".join(lines)
+
+
+def check_options(obj: Any, prefix: str = "") -> None:
+    """Check every field of schema instance `obj` against its declared range and choices.
+    Raises ValueError `<option>: must be ..., got <value>` naming the dotted option."""
+    from .validate import check_ranges
+
+    check_ranges(obj, prefix)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_options(value, name)
+            continue
+        choices = f.metadata.get(CHOICES_KEY) if f.metadata else None
+        if choices is None:
+            continue
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if v not in choices:
+                shown = " | ".join("null" if c is None else str(c) for c in choices)
+                raise ValueError(f"{name}: must be one of {shown}, got {v!r}")
+
+
+def _missing_options(cfg: Any, schema: type, prefix: str = "") -> List[str]:
+    """Dotted names of the required options still at `???` in the composed config."""
+    from omegaconf import OmegaConf
+
+    out: List[str] = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        tp = hints.get(f.name, f.type)
+        if typing.get_origin(tp) is typing.Union:
+            tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+        if dataclasses.is_dataclass(tp):
+            if f.name in cfg and cfg[f.name] is not None:
+                out += _missing_options(cfg[f.name], tp, f"{prefix}{f.name}.")
+        elif OmegaConf.is_missing(cfg, f.name):
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def typed_tool(app: str, schema: type, *, summary: str, usage: str, notes: str = "") -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:
+    """Decorate `work(opts)` into a tool's `main()`: a Hydra app whose config is `schema` (no YAML
+    file: the schema and its defaults are the config, registered in Hydra's ConfigStore as
+    `<app>`), with `--help` generated from the schema (help_text), no output folder or log file,
+    Hydra errors and bad input as one line `<app>: error: ...` and exit status 1, and `work`
+    called with the checked schema instance. `app` is the command's name as the user types it,
+    e.g. `moeut.evaluate` or `moeut.analysis summary`."""
+    def decorate(work: Callable[[Any], Any]) -> Callable[[], Any]:
+        @functools.wraps(work)
+        def main() -> Any:
+            import hydra
+            from hydra.core.config_store import ConfigStore
+            from omegaconf import OmegaConf
+
+            setup_tool_output(app)
+            name = app.replace(" ", "_").replace(".", "_")
+            cs = ConfigStore.instance()
+            cs.store(name=f"{name}_schema", node=schema)
+            cs.store(group="hydra/help", name=name,
+                     node={"app_name": app, "header": "", "footer": "",
+                           "template": help_text(app, summary, schema, usage, notes).replace("${", "\\${")})
+            cs.store(name=name, node={
+                "defaults": [f"{name}_schema", "_self_", {"override hydra/job_logging": "stdout"},
+                             {"override hydra/help": name}],
+                "hydra": {"output_subdir": None, "run": {"dir": "."}, "job": {"chdir": False}}})
+            result: Dict[str, Any] = {}
+
+            @one_line_hydra_errors(app)
+            @hydra.main(version_base="1.3", config_path=None, config_name=name)
+            def _hydra_main(cfg: Any) -> None:
+                with bad_input_exits(app):
+                    missing = _missing_options(cfg, schema)
+                    if missing:
+                        raise ValueError(f"{missing[0]}: required: pass {missing[0]}=<value> ({app} --help lists the options)")
+                    opts = OmegaConf.to_object(cfg)
+                    check_options(opts)
+                result["value"] = work(opts)
+
+            _hydra_main()
+            return result.get("value")
+        main.__doc__ = f"`{usage}`: {summary.strip().splitlines()[0]}"
+        return main
+    return decorate

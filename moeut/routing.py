@@ -20,7 +20,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from . import analysis as A
+from .analysis import stats as A
 from .outputs import RoutingRecord
 
 

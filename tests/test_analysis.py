@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from routing_fakes import FakeMoE, FakeMoEConfig, random_sets, record  # noqa: E402
 
-from moeut import analysis as A  # noqa: E402
+from moeut.analysis import stats as A  # noqa: E402
 from moeut import analyze as Z  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -156,7 +156,7 @@ def test_analyze_falls_back(run, tmp_path):
                           figures=Z.FigureConfig(formats=["png"], dpi=30), report=False)
     with pytest.warns(UserWarning, match=SKIP_RE):
         res = Z.run_analysis(cfg)
-    from moeut.analysis import load_stats
+    from moeut.analysis.stats import load_stats
     meta = load_stats(res["stats"])["meta"]
     assert meta["step"] == 2 and meta["checkpoint"].endswith("step_0000002")
     cfg.checkpoint = str(bad)

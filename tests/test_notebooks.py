@@ -38,7 +38,7 @@ def test_execute_notebooks_refuses_a_plain_script(tmp_path):
 
 
 def test_notebook_paths_resolve_from_where_the_user_stands(tmp_path, monkeypatch):
-    from moeut.analysis import notebook_dirs, user_path
+    from moeut.analysis.stats import notebook_dirs, user_path
     (tmp_path / "runs" / "x").mkdir(parents=True)
     (tmp_path / "stats").mkdir()
     monkeypatch.chdir(ANALYSIS)  # where a notebook kernel runs

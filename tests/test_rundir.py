@@ -104,7 +104,7 @@ def test_whole_files_json_and_yaml_name_line_and_column(tmp_path):
 
 def _readers():
     """(name, read(run_dir) -> list of the steps it saw) for every reader of metrics.jsonl."""
-    from moeut import analysis as A
+    from moeut.analysis import stats as A
     from moeut import summary as S
     from moeut.eval.zeroshot import read_val_perplexity
 

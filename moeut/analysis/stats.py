@@ -284,7 +284,7 @@ def read_metrics_jsonl(path: str) -> List[dict]:
     `moeut.rundir.read_jsonl`: a cut last line (no newline: a crash mid-write) is skipped with a
     warning naming file:line; any other malformed line raises CorruptRunFile (a ValueError)
     naming the file and line number; blank lines are skipped."""
-    from .rundir import read_jsonl
+    from ..rundir import read_jsonl
     return read_jsonl(path).records
 
 

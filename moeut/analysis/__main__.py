@@ -1,0 +1,44 @@
+"""`python -m moeut.analysis <subcommand> [options]`: the one command of the analysis package.
+
+Each subcommand is a module of this package with a `main()` (a Hydra app over its typed schema);
+the subcommand name is removed from argv before that module's `main()` runs, so
+`python -m moeut.analysis summary dir=x --help` is the summary tool's own `--help`.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Dict, List, Optional
+
+# subcommand -> (module, one-line description); the module's main() does the work
+SUBCOMMANDS: Dict[str, tuple] = {
+}
+
+
+def usage() -> str:
+    """The command's usage text: one line per subcommand."""
+    width = max((len(n) for n in SUBCOMMANDS), default=0)
+    lines = ["usage: python -m moeut.analysis <subcommand> [options]   (<subcommand> --help for its options)", "",
+             "subcommands:"]
+    lines += [f"  {name.ljust(width)}  {desc}" for name, (_, desc) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Dispatch to the subcommand named by argv[0]; an unknown or missing one prints the usage
+    and exits with status 1 (bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        raise SystemExit(0 if argv else 1)
+    name = argv[0]
+    if name not in SUBCOMMANDS:
+        print(f"moeut.analysis: error: unknown subcommand '{name}' (one of: {', '.join(SUBCOMMANDS)})", file=sys.stderr)
+        raise SystemExit(1)
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    sys.argv = [f"moeut.analysis {name}"] + argv[1:]
+    module.main()
+
+
+if __name__ == "__main__":
+    main()
