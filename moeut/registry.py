@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Dict, NamedTuple
+import typing
+from typing import Any, Dict, NamedTuple, Tuple
 
 import torch
 
-from .baselines.dense import MoETransformerConfig
+from .baselines.dense import DenseConfig, MoETransformerConfig
 from .baselines.sut import SUTConfig
-from .config import DenseConfig, MoEUTConfig
+from .model_config import MoEUTConfig
 
 
 # ------------------------------------------------------------------------------------------
@@ -97,6 +98,39 @@ def build_model(cfg) -> torch.nn.Module:
     if not isinstance(cfg, expected):
         raise TypeError(f"build_model: arch {arch!r} takes a {expected.__name__}, got {type(cfg).__name__}")
     return cls(cfg)
+
+
+def _plain_type(tp: Any) -> Any:
+    """Optional[X] -> X; any other annotation unchanged."""
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def config_fields() -> Dict[str, Tuple[Any, dataclasses.Field]]:
+    """{field name: (type, dataclasses.Field)} over the config classes of every registered
+    architecture, `arch` left out, sorted by name: the architecture fields the training config
+    offers as `model.<field>` (moeut.train_lib.config builds its model schema from this). A name
+    used by several classes means one thing: raises ValueError naming the field and both classes
+    when their types (Optional ignored) or declared ranges (field metadata) differ."""
+    out: Dict[str, Tuple[Any, dataclasses.Field, type]] = {}
+    for arch in ARCHS.values():
+        cls = arch.config_cls
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "arch":
+                continue
+            tp = _plain_type(hints.get(f.name, f.type))
+            if f.name not in out:
+                out[f.name] = (tp, f, cls)
+                continue
+            tp0, f0, cls0 = out[f.name]
+            if tp != tp0 or dict(f.metadata) != dict(f0.metadata):
+                raise ValueError(f"config field {f.name!r}: {cls0.__name__} declares {tp0} {dict(f0.metadata)}, "
+                                 f"{cls.__name__} {tp} {dict(f.metadata)} (one meaning per field name)")
+    return {name: (tp, f) for name, (tp, f, _) in sorted(out.items())}
 
 
 def config_from_dict(d: Dict[str, Any]):

@@ -16,7 +16,7 @@ with odd widths (D_in 20, D_out 26: padded to 32) so that the padding is exercis
 import pytest
 import torch
 
-from moeut.config import CVMM_BACKENDS
+from moeut.model_config import CVMM_BACKENDS
 from moeut.kernels import cvmm as cv
 from moeut.kernels import ops  # noqa: F401  (registers the moeut::cvmm* custom ops)
 from moeut.kernels.cvmm import cvmm, make_plan, padded_dim
@@ -78,7 +78,7 @@ def _close(got, want, rtol):
 
 
 def test_candidates_are_options_but_not_the_default():
-    from moeut.config import MoEUTConfig
+    from moeut.model_config import MoEUTConfig
     assert set(CANDIDATES) <= set(CVMM_BACKENDS)
     assert MoEUTConfig.cvmm_backend == "auto"
     # auto never picks a candidate: on CPU it is grouped_mm

@@ -36,13 +36,13 @@ def test_import_registry_alone_gives_every_preset_and_arch():
 
 
 def test_import_config_loads_no_model_code():
-    """moeut.config is a leaf: importing it (and so the package __init__) loads no model, kernel,
+    """moeut.model_config is a leaf: importing it (and so the package __init__) loads no model, kernel,
     baseline or registry module."""
-    res = _fresh("import sys, json, moeut.config; "
+    res = _fresh("import sys, json, moeut.model_config; "
                  "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'moeut')))")
     assert res.returncode == 0, res.stderr
     loaded = set(json.loads(res.stdout))
-    assert loaded <= {"moeut", "moeut.config", "moeut.outputs"}, loaded
+    assert loaded <= {"moeut", "moeut.model_config", "moeut.outputs", "moeut.validate"}, loaded
 
 
 def test_a_broken_baseline_module_fails_the_import_not_silently():

@@ -2,7 +2,7 @@
 Switch/GShard and DeepSeekMoE MLPs (non-shared, every-k-layers, or inside MoEUT's shared layers),
 and the Sparse Universal Transformer.
 
-    moeut.baselines.dense    DenseLM (arch "dense", config moeut.config.DenseConfig) and
+    moeut.baselines.dense    DenseLM (arch "dense", DenseConfig) and
                              MoETransformerLM (arch "moe_transformer", MoETransformerConfig)
     moeut.baselines.sut      SUTLM (arch "sut", SUTConfig)
     moeut.baselines.routers  the Switch/GShard and DeepSeekMoE MLPs (MoEUTConfig.mlp_type)
