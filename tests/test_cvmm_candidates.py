@@ -223,7 +223,7 @@ def test_pad_candidate_launches_aligned_strides():
     """Recorded launches of "triton_pad" at moeut_44m's odd widths (d 412, d_head 82): every row
     stride and every feature width the kernels see is a multiple of 16 (Triton's divisibility
     specialisation, which vectorises loads), while the default "triton" sees 412 and 82."""
-    from moeut.kernels import footprint as fp
+    from moeut.tools import footprint as fp
     from moeut.registry import get_preset
 
     def classes(backend):
@@ -307,7 +307,7 @@ def test_compile_fullgraph_matches_eager(backend, monkeypatch):
 
 _PTX_PROBE = r'''
 import collections, json, re, sys
-from moeut.kernels import footprint as fp
+from moeut.tools import footprint as fp
 from moeut.registry import get_preset
 res = {}
 for backend in ("triton", "triton_pad"):
