@@ -147,8 +147,6 @@ REGISTRY = {
         ("skip", GPU),
     'python analysis/compare.py --help': ("run", ""),
     'python tools/import_graph.py': ("run", ""),
-    'python tools/gen_model_configs.py':
-        ("covered", "tests/test_registry.py::test_generator_check_reports_missing_stale_and_extra"),
     'python -m moeut.analyze --cfg job checkpoint=runs/x': ("run", ""),
     # docs/evaluation.md
     'python -m moeut.evaluate checkpoint=runs/c4_moeut_44m': ("run", "limit=2"),
