@@ -9,7 +9,8 @@ The other architectures' config classes live with their models (`moeut.baselines
 and `.MoETransformerConfig`, `moeut.baselines.sut.SUTConfig`) and use these helpers. A leaf: it
 imports only `moeut.validate` (no torch, no model code, no Hydra), so `import moeut` stays light;
 the training entry point turns its Hydra config into these dataclasses (`moeut.train_lib.config`,
-which builds its per-architecture schemas from these fields and their ranges).
+whose `model.<field>` options are these fields with their types and ranges, through
+`moeut.registry.config_fields`).
 """
 from __future__ import annotations
 
