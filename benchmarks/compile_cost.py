@@ -6,7 +6,7 @@
 
 Two workloads (issue 13): one `moeut_44m` bf16 training step (batch 64 x 1024) plus KV-cache
 decoding, and the fp32 golden check of `tiny` + `small_g3` (batch 2 x 64: eval forward, training
-forward + backward, decoding). Their kernel variants come from `moeut.kernels.footprint.trace`;
+forward + backward, decoding). Their kernel variants come from `moeut.tools.footprint.trace`;
 each variant is compiled for every config it may autotune over with Triton's real backend and
 ptxas into a fresh cache, one after the other (Triton's autotuner compiles sequentially too).
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from moeut.kernels import footprint as fp  # noqa: E402
+from moeut.tools import footprint as fp  # noqa: E402
 
 
 def _cfg(BM, BN, BK, warps, stages):

@@ -13,9 +13,9 @@
 #                moeut_44m training step per candidate vs dense_44m, with profiler kernel tables
 #                (<= 8 min; its own Triton cache, so cold_start below stays cold); output in
 #                $WORK/rank/ and in the appended section
-#   footprint    the Triton kernels x configs moeut_44m bf16 will compile (moeut.kernels.footprint)
+#   footprint    the Triton kernels x configs moeut_44m bf16 will compile (moeut.tools.footprint)
 #   cold_start   first moeut_44m bf16 training step (64 x 1024) with a cold Triton cache, then in a
-#                new process with the on-disk caches warm (moeut.kernels.warmup); targets 30 s / 5 s
+#                new process with the on-disk caches warm (moeut.tools.warmup); targets 30 s / 5 s
 #   pytest_gpu   python -m pytest -m gpu tests/ (golden files in fp32 and bf16 with Triton, KV
 #                decoding, gradients vs fp64, torch.compile, autotune disk cache, kernel checks)
 #   train        python train.py on CUDA in bf16 (default data config, real text): a few hundred
@@ -140,7 +140,7 @@ EOF
 
 cold_start() {
   # First process: cold Triton cache (compile + autotune). Second: warm on-disk caches.
-  python -m moeut.kernels.warmup $WARM_ARGS decode=true && python -m moeut.kernels.warmup $WARM_ARGS decode=true
+  python -m moeut.tools.warmup $WARM_ARGS decode=true && python -m moeut.tools.warmup $WARM_ARGS decode=true
 }
 
 train_sigterm_resume() {
@@ -177,7 +177,7 @@ run_step versions 60 bash -c versions
 # Its own Triton cache: the cold_start step below must still find a cold one.
 run_step rank_candidates 480 env TRITON_CACHE_DIR="$WORK/triton_cache_rank" \
   python benchmarks/rank_candidates.py $RANK_ARGS --out "$WORK/rank"
-run_step footprint 120 python -m moeut.kernels.footprint $FP_ARGS
+run_step footprint 120 python -m moeut.tools.footprint $FP_ARGS
 run_step cold_start 180 bash -c cold_start
 run_step pytest_gpu 300 python -m pytest -m gpu -q -rA -p no:cacheprovider $PYTEST_TARGETS
 run_step train 300 bash -c train_sigterm_resume

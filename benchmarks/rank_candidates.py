@@ -49,7 +49,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from moeut.config import CVMM_BACKENDS  # noqa: E402
+from moeut.model_config import CVMM_BACKENDS  # noqa: E402
 from moeut.model import ForwardState, SigmaMoE  # noqa: E402
 from moeut.registry import PAPER_TRAIN, build_model, get_preset  # noqa: E402
 from cvmm import _triton_version  # noqa: E402  (benchmarks/cvmm.py)

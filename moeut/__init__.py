@@ -1,11 +1,16 @@
 """MoEUT: Mixture-of-Experts Universal Transformers (Csordás et al., NeurIPS 2024)."""
-from .config import DenseConfig, MoEUTConfig
 from .outputs import LMOutput, RoutingRecord
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name):  # lazy: importing the package does not build kernels or models
+    if name == "MoEUTConfig":
+        from . import model_config
+        return model_config.MoEUTConfig
+    if name == "DenseConfig":  # lives with its model (moeut.baselines.dense)
+        from .baselines import dense
+        return dense.DenseConfig
     if name in ("MoEUTLM", "KVCache"):
         from . import model
         return getattr(model, name)

@@ -44,6 +44,7 @@ import yaml
 
 from .data.tokenizer import Tokenizer
 from .registry import build_model, config_from_dict
+from .wrappers import unwrap_model
 
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -114,17 +115,6 @@ def save_checkpoint(ckpt_root: PathLike, step: int, model: torch.nn.Module, mode
     return final
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, truncated or corrupt. `file` names it, `reason` says why;
     str(e) is "<file>: <reason>"."""
@@ -174,15 +164,6 @@ def verify_checkpoint_files(path: PathLike) -> None:
                     z.infolist()
         except (OSError, zipfile.BadZipFile) as e:
             raise CheckpointError(f, f"unreadable (truncated or corrupt?): {type(e).__name__}: {e}") from None
-
-
-def is_valid_checkpoint(path: PathLike) -> bool:
-    """Whether `verify_checkpoint_files(path)` passes (never raises for a bad checkpoint)."""
-    try:
-        verify_checkpoint_files(path)
-        return True
-    except CheckpointError:
-        return False
 
 
 def find_checkpoints(run_dir: PathLike) -> List[str]:

@@ -90,7 +90,7 @@ def _mlp_active(cfg) -> int:
 
 
 def _dense_order(cfg):
-    G, R = cfg.group_size, cfg.n_layers // cfg.group_size
+    G, R = cfg.group_size, cfg.n_repeats
     return [(r * G + g, g, r) for r in range(R) for g in range(G)]
 
 

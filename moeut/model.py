@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import MoEUTConfig
+from .model_config import MoEUTConfig
 from .kernels.cvmm import cvmm, make_plan
 from .lm import (ForwardState, KVCache, LanguageModel, StepTotals, apply_rope, attend, generate, layer_schedule,
                  rope_angles)

@@ -12,7 +12,7 @@ from typing import Any, Dict, Mapping, Tuple
 
 import torch
 
-from .config import MoEUTConfig
+from .model_config import MoEUTConfig
 from .model import MoEUTLM
 
 # Official constructor argument -> our MoEUTConfig field.

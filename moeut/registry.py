@@ -1,36 +1,39 @@
 """The one table of architectures and size presets (SPEC §2, §8), and `build_model`.
 
     ARCHS      arch name -> Arch(config class, "module:ModelClass")
-               moeut            MoEUTConfig (moeut.config)     moeut.model:MoEUTLM
+               moeut            MoEUTConfig (moeut.model_config) moeut.model:MoEUTLM
                                 (mlp_type sigma_moe | switch | deepseek: the MLP of the shared layers)
-               dense            DenseConfig (moeut.config)     moeut.baselines.dense:DenseLM
+               dense            DenseConfig (baselines.dense)  moeut.baselines.dense:DenseLM
                moe_transformer  MoETransformerConfig           moeut.baselines.dense:MoETransformerLM
                sut              SUTConfig                      moeut.baselines.sut:SUTLM
     PRESETS    preset name -> config instance: the MoEUT ladder and its ablations (SPEC 2.1-2.5), the
                parameter-matched dense models (2.2), our CPU sizes, and the baselines of SPEC §8
-               (BASELINE_PRESETS, also in PRESETS). conf/model/<name>.yaml is generated from this table
-               (tools/gen_model_configs.py; tests/test_registry.py checks the two agree exactly).
+               (BASELINE_PRESETS, also in PRESETS). The training config offers each as a Hydra
+               `model` group entry (moeut.train_lib.config.register_configs; no YAML files).
+    config_fields  the fields of every registered config class (the training schema's `model.<field>`).
     PRESET_PARAMS, PAPER_TRAIN   the SPEC's expected totals and per-size warm-up/clip, as data.
 
 Everything is defined when this module has been imported, whatever was imported before it: the
 table is written out here, nothing registers itself as a side effect of importing another module.
 Users add their own architecture with `register_arch` and their own presets with `register_preset`.
 
-Imports: moeut.config and the baselines' config classes (moeut.baselines.dense / .sut, which import
-the model code); model classes are imported by `build_model` from their "module:Class" path. No
-module that this one imports imports it back (tests/test_import_graph.py checks the whole package).
+Layer (tools/import_graph.py LAYERS): above the models, below data/eval/checkpoint and training.
+Imports the config classes from the model layer (moeut.model_config, moeut.baselines.dense / .sut,
+which import the model code); model classes are imported by `build_model` from their
+"module:Class" path. Nothing above the model layer is imported (tests/test_import_graph.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Dict, NamedTuple
+import typing
+from typing import Any, Dict, NamedTuple, Tuple
 
 import torch
 
-from .baselines.dense import MoETransformerConfig
+from .baselines.dense import DenseConfig, MoETransformerConfig
 from .baselines.sut import SUTConfig
-from .config import DenseConfig, MoEUTConfig
+from .model_config import MoEUTConfig
 
 
 # ------------------------------------------------------------------------------------------
@@ -97,6 +100,39 @@ def build_model(cfg) -> torch.nn.Module:
     if not isinstance(cfg, expected):
         raise TypeError(f"build_model: arch {arch!r} takes a {expected.__name__}, got {type(cfg).__name__}")
     return cls(cfg)
+
+
+def _plain_type(tp: Any) -> Any:
+    """Optional[X] -> X; any other annotation unchanged."""
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def config_fields() -> Dict[str, Tuple[Any, dataclasses.Field]]:
+    """{field name: (type, dataclasses.Field)} over the config classes of every registered
+    architecture, `arch` left out, sorted by name: the architecture fields the training config
+    offers as `model.<field>` (moeut.train_lib.config builds its model schema from this). A name
+    used by several classes means one thing: raises ValueError naming the field and both classes
+    when their types (Optional ignored) or declared ranges (field metadata) differ."""
+    out: Dict[str, Tuple[Any, dataclasses.Field, type]] = {}
+    for arch in ARCHS.values():
+        cls = arch.config_cls
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "arch":
+                continue
+            tp = _plain_type(hints.get(f.name, f.type))
+            if f.name not in out:
+                out[f.name] = (tp, f, cls)
+                continue
+            tp0, f0, cls0 = out[f.name]
+            if tp != tp0 or dict(f.metadata) != dict(f0.metadata):
+                raise ValueError(f"config field {f.name!r}: {cls0.__name__} declares {tp0} {dict(f0.metadata)}, "
+                                 f"{cls.__name__} {tp} {dict(f.metadata)} (one meaning per field name)")
+    return {name: (tp, f) for name, (tp, f, _) in sorted(out.items())}
 
 
 def config_from_dict(d: Dict[str, Any]):
@@ -291,7 +327,8 @@ PAPER_TRAIN: Dict[str, Dict[str, float]] = {
 def register_preset(name: str, cfg) -> None:
     """Add a user preset `name` (a config instance of a registered architecture). Then
     `get_preset(name)` and the training config's `model.preset=<name>` find it (in the process that
-    registered it; `model=<name>` needs a conf/model YAML, see tools/gen_model_configs.py).
+    registered it; `model=<name>` too once `moeut.train_lib.config.register_configs()` runs after it,
+    as train.py and moeut.sweep do before composing).
     Raises ValueError when `name` is taken or `cfg.arch` is not registered, TypeError when `cfg`
     is not that arch's config class."""
     if name in PRESETS:

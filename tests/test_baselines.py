@@ -14,7 +14,7 @@ from moeut.baselines.routers import (DeepSeekMoE, SwitchMoE, capacity_keep_mask,
                                      switch_balance_loss)
 from moeut.baselines.sut import MIMAccumulator, SUTConfig, SUTLM, mim_loss
 from moeut.checkpoint import load_model, save_checkpoint
-from moeut.config import DenseConfig
+from moeut.baselines.dense import DenseConfig
 from moeut.registry import BASELINE_PRESETS, build_model, get_preset
 from moeut.model import ForwardState, KVCache
 

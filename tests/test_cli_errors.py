@@ -191,20 +191,20 @@ def test_harness_cli_cuda_without_gpu(tmp_path):
 
 @NO_GPU
 def test_kernels_warmup_without_gpu(tmp_path):
-    r = _run(["-m", "moeut.kernels.warmup"], tmp_path, TRITON_CACHE_DIR=str(tmp_path / "triton"))
+    r = _run(["-m", "moeut.tools.warmup"], tmp_path, TRITON_CACHE_DIR=str(tmp_path / "triton"))
     assert r.returncode == 1 and r.stdout == ""
     assert _lines(r.stderr) == [
-        "moeut.kernels.warmup: error: device (default: cuda): torch sees no CUDA GPU, so there is nothing to "
+        "moeut.tools.warmup: error: device=cuda: torch sees no CUDA GPU, so there is nothing to "
         "compile or autotune (the Triton kernels run on GPUs only); device=cpu runs a dry run of the PyTorch "
         "implementation, which compiles nothing"]
     assert list(tmp_path.iterdir()) == []
 
 
 def test_kernels_warmup_cpu_dry_run_is_announced(capsys, monkeypatch):
-    from moeut.kernels import warmup
+    from moeut.tools import warmup
     monkeypatch.setenv("MOEUT_CVMM_BACKEND", "grouped_mm")
-    warmup.run(cli.compose("warmup", ["preset=golden_tiny", "dtype=fp32", "batch=1", "seq_len=8", "steps=1",
-                                      "decode=false", "device=cpu"]))
+    warmup.run(warmup.WarmupOptions(preset="golden_tiny", dtype="fp32", batch=1, seq_len=8, steps=1, decode=False,
+                                    device="cpu"))
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "[warmup] device=cpu: a dry run of the PyTorch implementation; nothing is compiled or cached"
 

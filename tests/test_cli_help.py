@@ -37,8 +37,8 @@ TOOLS = {
     "moeut.analyze": ["-m", "moeut.analyze"],
     "moeut.sweep": ["-m", "moeut.sweep"],
     "moeut.hf.export": ["-m", "moeut.hf.export"],
-    "moeut.kernels.footprint": ["-m", "moeut.kernels.footprint"],
-    "moeut.kernels.warmup": ["-m", "moeut.kernels.warmup"],
+    "moeut.tools.footprint": ["-m", "moeut.tools.footprint"],
+    "moeut.tools.warmup": ["-m", "moeut.tools.warmup"],
     "moeut.summary": ["-m", "moeut.summary"],
     "moeut.eval.table": ["-m", "moeut.eval.table"],
     "analysis/compare.py": ["analysis/compare.py"],
@@ -118,8 +118,8 @@ def test_help_lists_every_option(tool, tmp_path):
 @pytest.mark.parametrize("tool, args, message", [
     ("moeut.sweep", ["action=go"], "action: expected one of"),
     ("moeut.hf.export", ["out=x"], "checkpoint: required"),
-    ("moeut.kernels.footprint", ["batch=many"], "batch: expected an integer >= 1, got 'many'"),
-    ("moeut.kernels.warmup", ["decode=maybe"], "decode: expected true or false, got 'maybe'"),
+    ("moeut.tools.footprint", ["batch=many"], "batch: Value 'many' of type 'str' could not be converted to Integer"),
+    ("moeut.tools.warmup", ["decode=maybe"], "decode: Value 'maybe' is not a valid bool"),
 ])
 def test_bad_option_fails_naming_it_and_writes_nothing(tool, args, message, tmp_path):
     """A refused start: non-zero exit, a one-line error naming the option (no traceback), and no

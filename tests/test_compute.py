@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from moeut import compute as C
-from moeut.config import DenseConfig, MoEUTConfig
+from moeut.baselines.dense import DenseConfig
+from moeut.model_config import MoEUTConfig
 from moeut.registry import PRESET_PARAMS, PRESETS, build_model, get_preset
 from moeut.baselines.dense import MoETransformerConfig
 from moeut.baselines.sut import SUTConfig

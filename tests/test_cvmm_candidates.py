@@ -16,7 +16,7 @@ with odd widths (D_in 20, D_out 26: padded to 32) so that the padding is exercis
 import pytest
 import torch
 
-from moeut.config import CVMM_BACKENDS
+from moeut.model_config import CVMM_BACKENDS
 from moeut.kernels import cvmm as cv
 from moeut.kernels import ops  # noqa: F401  (registers the moeut::cvmm* custom ops)
 from moeut.kernels.cvmm import cvmm, make_plan, padded_dim
@@ -78,7 +78,7 @@ def _close(got, want, rtol):
 
 
 def test_candidates_are_options_but_not_the_default():
-    from moeut.config import MoEUTConfig
+    from moeut.model_config import MoEUTConfig
     assert set(CANDIDATES) <= set(CVMM_BACKENDS)
     assert MoEUTConfig.cvmm_backend == "auto"
     # auto never picks a candidate: on CPU it is grouped_mm
@@ -223,7 +223,7 @@ def test_pad_candidate_launches_aligned_strides():
     """Recorded launches of "triton_pad" at moeut_44m's odd widths (d 412, d_head 82): every row
     stride and every feature width the kernels see is a multiple of 16 (Triton's divisibility
     specialisation, which vectorises loads), while the default "triton" sees 412 and 82."""
-    from moeut.kernels import footprint as fp
+    from moeut.tools import footprint as fp
     from moeut.registry import get_preset
 
     def classes(backend):
@@ -307,7 +307,7 @@ def test_compile_fullgraph_matches_eager(backend, monkeypatch):
 
 _PTX_PROBE = r'''
 import collections, json, re, sys
-from moeut.kernels import footprint as fp
+from moeut.tools import footprint as fp
 from moeut.registry import get_preset
 res = {}
 for backend in ("triton", "triton_pad"):

@@ -1,6 +1,6 @@
 """Compile the Triton CVMM kernels ahead of time for Hopper (sm_90) with Triton's real backend
 and its bundled ptxas -- no GPU needed. The interpreter tests check numerics; this checks that
-the kernels, in every variant and config the fp32 golden check needs (moeut.kernels.footprint),
+the kernels, in every variant and config the fp32 golden check needs (moeut.tools.footprint),
 are valid for the GPU compiler (which the permissive interpreter is not) and fit shared memory.
 
 Runs in a subprocess without TRITON_INTERPRET: in this process tests/conftest.py may have turned
@@ -24,7 +24,7 @@ def _footprint_aot(tmp_path, *args):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOEUT_TRITON_CONFIG")}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     out = tmp_path / "footprint.json"
-    res = subprocess.run([sys.executable, "-m", "moeut.kernels.footprint", *args, "aot=90", f"json={out}"],
+    res = subprocess.run([sys.executable, "-m", "moeut.tools.footprint", *args, "aot=90", f"json={out}"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return json.loads(out.read_text())

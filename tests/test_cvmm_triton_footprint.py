@@ -1,15 +1,17 @@
-"""The compile footprint (moeut.kernels.footprint) and the per-precision config pruning.
+"""The compile footprint (moeut.tools.footprint) and the per-precision config pruning.
 
 The footprint is recorded by replaying the model's custom-op calls through the launchers, so the
 key test here checks it against an independent source: the launches the kernels really make
 when the same model runs under TRITON_INTERPRET=1."""
+import re
+
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
 from moeut.kernels import cvmm_triton as kt  # noqa: E402
-from moeut.kernels import footprint as fp  # noqa: E402
+from moeut.tools import footprint as fp  # noqa: E402
 
 
 def test_bucket_small_problems_share_one_untuned_bucket():
@@ -72,28 +74,26 @@ def test_footprint_fp32_golden_never_autotunes():
 
 
 def test_cli_arguments_are_checked():
-    """`python -m moeut.kernels.footprint` options (conf/footprint.yaml): bad ones fail naming
-    the option; the old comma-separated form of preset/steps (quoted) still means a list."""
-    from hydra.errors import ConfigCompositionException
-    from moeut.cli import compose
-    with pytest.raises(ConfigCompositionException, match="presett"):  # Hydra's struct check
-        compose("footprint", ["presett=tiny"])
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['presett'\]"):
-        fp.options(compose("footprint", ["+presett=tiny"]))
-    with pytest.raises(ValueError, match="batch: expected an integer >= 1, got 'many'"):
-        fp.options(compose("footprint", ["batch=many"]))
-    with pytest.raises(ValueError, match="seq_len: expected an integer >= 1, got 0"):
-        fp.options(compose("footprint", ["seq_len=0"]))
-    with pytest.raises(ValueError, match=r"steps: expected a non-empty list of \['train', 'eval', 'decode'\], got \['train', 'bwd'\]"):
-        fp.options(compose("footprint", ["steps=[train,bwd]"]))
-    with pytest.raises(ValueError, match=r"dtype: expected one of \['bf16', 'fp16', 'fp32', 'tf32'\], got 'fp8'"):
-        fp.options(compose("footprint", ["dtype=fp8"]))
+    """`python -m moeut.tools.footprint` options (FootprintOptions, a typed tool): ranges and
+    choices from the schema, preset and steps by `check`; each error names the option."""
+    from moeut.cli import check_options
+    O = fp.FootprintOptions
+    for opts, msg in ((O(seq_len=0), "seq_len: must be >= 1, got 0"),
+                      (O(steps=["train", "bwd"]), "steps: must be one of train | eval | decode, got 'bwd'"),
+                      (O(dtype="fp8"), "dtype: must be one of bf16 | fp16 | fp32 | tf32, got 'fp8'"),
+                      (O(aot=0), "aot: must be >= 1, got 0")):
+        with pytest.raises(ValueError, match="^" + re.escape(msg)):
+            check_options(opts)
     with pytest.raises(ValueError, match=r"preset: 'nope': .*unknown preset 'nope'"):
-        fp.options(compose("footprint", ["preset=[tiny,nope]"]))
-    a = fp.options(compose("footprint", ["preset='golden_tiny,tiny'", "steps='train,eval'", "aot=90"]))
-    assert a["preset"] == ["golden_tiny", "tiny"] and a["steps"] == ["train", "eval"] and a["aot"] == 90
-    a = fp.options(compose("footprint"))
-    assert (a["preset"], a["steps"], a["batch"], a["seq_len"], a["aot"], a["json"]) == (
+        fp.check(O(preset=["tiny", "nope"]))
+    with pytest.raises(ValueError, match=r"preset: expected a preset name or a non-empty list"):
+        fp.check(O(preset=[]))
+    with pytest.raises(ValueError, match=r"steps: expected a non-empty list of \['train', 'eval', 'decode'\], got \[\]"):
+        fp.check(O(steps=[]))
+    assert fp.check(O(preset=["golden_tiny", "tiny"])) == ["golden_tiny", "tiny"]
+    a = O()
+    check_options(a)
+    assert (fp.check(a), a.steps, a.batch, a.seq_len, a.aot, a.json) == (
         ["moeut_44m"], ["train", "decode"], 64, 1024, None, None)
     with pytest.raises(ValueError, match="dtype"):
         fp.trace(fp.model_config("tiny"), "fp8")

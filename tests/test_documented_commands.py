@@ -124,7 +124,7 @@ REGISTRY = {
         ("skip", HUB),
     'python -m moeut.hf.export checkpoint=runs/<run> out=exports/<run>': ("run", ""),
     'python -m moeut.analyze checkpoint=runs/<run>': ("run", SMALL_ANALYZE),
-    'python -m moeut.kernels.footprint preset=moeut_44m dtype=bf16': ("run", ""),
+    'python -m moeut.tools.footprint preset=moeut_44m dtype=bf16': ("run", ""),
     # docs/analysis.md
     'python -m moeut.analyze checkpoint=runs/c4_moeut_244m': ("run", SMALL_ANALYZE),
     'python -m moeut.analyze checkpoint=runs/x/checkpoints/step_0100000 max_tokens=null device=cuda dtype=bfloat16':
@@ -147,8 +147,6 @@ REGISTRY = {
         ("skip", GPU),
     'python analysis/compare.py --help': ("run", ""),
     'python tools/import_graph.py': ("run", ""),
-    'python tools/gen_model_configs.py':
-        ("covered", "tests/test_registry.py::test_generator_check_reports_missing_stale_and_extra"),
     'python -m moeut.analyze --cfg job checkpoint=runs/x': ("run", ""),
     # docs/evaluation.md
     'python -m moeut.evaluate checkpoint=runs/c4_moeut_44m': ("run", "limit=2"),
@@ -169,12 +167,12 @@ REGISTRY = {
     'lm-eval run --model hf --model_args pretrained=exports/c4_moeut_44m,trust_remote_code=True,dtype=float32 '
     '--tasks piqa,arc_easy --device cpu': ("skip", HUB),
     # docs/kernels.md
-    'python -m moeut.kernels.footprint preset=[golden_tiny,golden_small_g3] dtype=fp32 batch=2 seq_len=64 '
+    'python -m moeut.tools.footprint preset=[golden_tiny,golden_small_g3] dtype=fp32 batch=2 seq_len=64 '
     'steps=[train,eval,decode]': ("run", ""),
-    'python -m moeut.kernels.footprint preset=moeut_44m dtype=bf16 aot=90':
+    'python -m moeut.tools.footprint preset=moeut_44m dtype=bf16 aot=90':
         ("skip", "AOT-compiles every kernel for sm_90 (minutes); tests/test_cvmm_triton_aot.py (slow) covers it"),
-    'python -m moeut.kernels.warmup preset=moeut_44m dtype=bf16': ("skip", GPU),
-    'python -m moeut.kernels.warmup preset=moeut_244m dtype=bf16 batch=16 seq_len=1024 decode=false': ("skip", GPU),
+    'python -m moeut.tools.warmup preset=moeut_44m dtype=bf16': ("skip", GPU),
+    'python -m moeut.tools.warmup preset=moeut_244m dtype=bf16 batch=16 seq_len=1024 decode=false': ("skip", GPU),
     'python -m pytest tests/test_cvmm_triton.py tests/test_cvmm_triton_footprint.py tests/test_compile.py -q':
         ("skip", SUITE),
     'python -m pytest -m "not triton and not slow" -q': ("skip", SUITE),

@@ -1,6 +1,7 @@
-"""No import cycle among `moeut` modules (issue 16, item 3), found by tools/import_graph.py:
+"""No import cycle among `moeut` modules and no import that runs up a layer (tools/import_graph.py
+LAYERS: base < kernels < model < registry < io < top), found by tools/import_graph.py:
 module-level, function-level and dynamic ("module:Class") imports, a package __init__ importing
-its submodules included. The script itself is checked on a hand-made package first."""
+its submodules included. The script itself is checked on hand-made packages first."""
 import json
 import subprocess
 import sys
@@ -63,5 +64,40 @@ def test_the_config_registry_circle_is_gone():
     """The 8-module circle of main b067be7 (config, baselines, model, compute, checkpoint): none of
     those modules is in a cycle with config, registry, compute or checkpoint any more."""
     for c in _graph(REPO / "moeut")["cycles"]:
-        assert not set(c) & {"moeut.config", "moeut.registry", "moeut.compute", "moeut.checkpoint",
+        assert not set(c) & {"moeut.model_config", "moeut.registry", "moeut.compute", "moeut.checkpoint",
                              "moeut.baselines", "moeut.baselines.dense", "moeut.baselines.sut"}, c
+
+
+def test_script_finds_upward_imports_and_unplaced_modules(tmp_path):
+    """Hand-made package laid out like moeut: a kernel that builds a model (function level), a
+    registry class path into a tool (dynamic), a model importing checkpoint I/O, and a module no
+    layer covers; downward imports and imports within a layer are decoys."""
+    _write(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/kernels/__init__.py": "",
+        "pkg/kernels/cvmm.py": "def f():\n    from pkg.registry import build\n",     # kernels -> registry
+        "pkg/kernels/ops.py": "from .cvmm import f\n",                                # same layer: fine
+        "pkg/model.py": "from pkg.kernels.cvmm import f\nfrom pkg import checkpoint\n",  # model -> io
+        "pkg/registry.py": 'T = {"x": "pkg.tools.fp:Tool", "y": "pkg.model:M"}\n',   # -> top (dynamic)
+        "pkg/checkpoint.py": "from pkg.registry import T\n",                          # io -> registry: fine
+        "pkg/tools/__init__.py": "",
+        "pkg/tools/fp.py": "from pkg.model import f\n",                               # top -> model: fine
+        "pkg/stray.py": "",                                                            # in no layer
+    })
+    g = _graph(tmp_path / "pkg")
+    assert g["unassigned"] == ["pkg.stray"]
+    assert [(a, b, k) for a, b, k, _ in g["upward"]] == [
+        ("pkg.kernels.cvmm", "pkg.registry", "function"), ("pkg.model", "pkg.checkpoint", "module"),
+        ("pkg.registry", "pkg.tools.fp", "dynamic")]
+    assert g["layers"]["pkg"] == "top" and g["layers"]["pkg.kernels.ops"] == "kernels"
+
+
+def test_moeut_layers_point_one_way():
+    """Every moeut module is placed in a layer and imports only its own layer or lower ones:
+    kernels hold kernels only, the registry imports no tool, checkpoint I/O no training code."""
+    g = _graph(REPO / "moeut")
+    assert g["unassigned"] == [], f"modules in no layer (add them to LAYERS in tools/import_graph.py): {g['unassigned']}"
+    assert g["upward"] == [], "imports that run up a layer (python tools/import_graph.py lists them):\n" + \
+        "\n".join(f"{a} -> {b} [{k}] {w}" for a, b, k, w in g["upward"])
+    assert {m for m, layer in g["layers"].items() if m.startswith("moeut.kernels")} == {
+        m for m, layer in g["layers"].items() if layer == "kernels"}

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeut.config import MoEUTConfig
+from moeut.model_config import MoEUTConfig
 from moeut.registry import get_preset
 from moeut.model import KVCache, MoEUTLM, entropy_reg_term
 

@@ -1,6 +1,6 @@
-"""moeut.registry (issue 16, item 3): one explicit table of architectures and presets that does
-not depend on import order; conf/model/*.yaml generated from it and checked; `model.preset=<name>`
-works without a YAML; compute.total_params is the one parameter counter."""
+"""moeut.registry: one explicit table of architectures and presets that does not depend on import
+order; `model=<name>` and `model.preset=<name>` select the same preset; compute.total_params is
+the one parameter counter."""
 import dataclasses
 import json
 import os
@@ -36,13 +36,13 @@ def test_import_registry_alone_gives_every_preset_and_arch():
 
 
 def test_import_config_loads_no_model_code():
-    """moeut.config is a leaf: importing it (and so the package __init__) loads no model, kernel,
+    """moeut.model_config is a leaf: importing it (and so the package __init__) loads no model, kernel,
     baseline or registry module."""
-    res = _fresh("import sys, json, moeut.config; "
+    res = _fresh("import sys, json, moeut.model_config; "
                  "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'moeut')))")
     assert res.returncode == 0, res.stderr
     loaded = set(json.loads(res.stdout))
-    assert loaded <= {"moeut", "moeut.config", "moeut.outputs"}, loaded
+    assert loaded <= {"moeut", "moeut.model_config", "moeut.outputs", "moeut.validate"}, loaded
 
 
 def test_a_broken_baseline_module_fails_the_import_not_silently():
@@ -59,31 +59,8 @@ def test_baseline_package_registers_nothing():
     assert "moeut.registry" not in res.stdout and "moeut.model" not in res.stdout
 
 
-# --------------------------------------------------------------------------- conf/model YAMLs
-
-def test_model_yaml_set_equals_the_registry_exactly():
-    """The generated Hydra config group has exactly one file per preset, each as generated."""
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import gen_model_configs as G
-    finally:
-        sys.path.pop(0)
-    model_dir = REPO / "conf" / "model"
-    assert sorted(p.stem for p in model_dir.glob("*.yaml")) == sorted(R.PRESETS)
-    assert G.differences(str(model_dir), R.PRESETS) == [], "run: python tools/gen_model_configs.py"
-
-
-def test_generator_check_reports_missing_stale_and_extra(tmp_path):
-    gen = [sys.executable, str(REPO / "tools" / "gen_model_configs.py"), "--model-dir", str(tmp_path)]
-    assert subprocess.run(gen, capture_output=True, text=True).returncode == 0
-    assert subprocess.run(gen + ["--check"], capture_output=True, text=True).returncode == 0
-    (tmp_path / "tiny.yaml").unlink()
-    (tmp_path / "mini.yaml").write_text("defaults:\n  - base_model\npreset: tiny\n")
-    (tmp_path / "gone_44m.yaml").write_text("preset: gone_44m\n")
-    res = subprocess.run(gen + ["--check"], capture_output=True, text=True)
-    assert res.returncode == 1
-    assert "missing tiny.yaml" in res.stdout and "stale mini.yaml" in res.stdout and "extra gone_44m.yaml" in res.stdout
-
+# --------------------------------------------------------------------------- the `model` config group
+# (one ConfigStore entry per preset, no YAML files: tests/model/test_model_configs.py)
 
 def _compose(overrides):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -92,8 +69,8 @@ def _compose(overrides):
 
 @pytest.mark.parametrize("name", ["tiny", "sut_44m", "du_every4_44m"])
 def test_model_group_and_model_preset_select_the_same_config(name):
-    """`model=<name>` (the generated YAML) and `model.preset=<name>` (no YAML needed) compose to
-    the same preset."""
+    """`model=<name>` (the preset's model-group entry) and `model.preset=<name>` compose to the
+    same preset."""
     from moeut.train_lib.config import build_model_config
     by_group = build_model_config(_compose([f"model={name}"]).model)
     by_field = build_model_config(_compose([f"model.preset={name}"]).model)

@@ -40,11 +40,13 @@ pytestmark = pytest.mark.wheel
 # what the build must not copy from the checkout (git-ignored outputs) and does not need
 IGNORED = ("_carried", ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "runs", "outputs",
            "multirun", "data_cache", "wandb", "exports", "tests", "docs")
-# console script -> the conf file its --help documents (None: lm-eval's own argparse help)
+# console script -> the conf file its --help documents, or "module:Schema" for a typed tool (moeut.cli.typed_tool;
+# its options are the schema's), None: lm-eval's own argparse help
 SCRIPT_CONF = {"moeut-train": "config", "moeut-prepare-data": "prepare_data", "moeut-evaluate": "eval",
                "moeut-eval-table": "eval_table", "moeut-hf-export": "hf_export", "moeut-analyze": "analyze",
-               "moeut-summary": "summary", "moeut-sweep": "sweep", "moeut-footprint": "footprint",
-               "moeut-warmup": "warmup", "moeut-lm-eval": None}
+               "moeut-summary": "summary", "moeut-sweep": "sweep",
+               "moeut-footprint": "moeut.tools.footprint:FootprintOptions",
+               "moeut-warmup": "moeut.tools.warmup:WarmupOptions", "moeut-lm-eval": None}
 
 
 def console_scripts() -> dict:
@@ -197,8 +199,14 @@ def test_every_console_script_answers_help_outside_the_clone(installed):
         if conf is None:  # lm-eval's argparse help, after the wrapper registered the moeut model
             assert "usage: lm-eval" in res.stdout and re.search(r"^\s+run\b", res.stdout, re.M), res.stdout[-2000:]
             continue
-        raw = yaml.safe_load((REPO / "conf" / f"{conf}.yaml").read_text(encoding="utf-8"))
-        options = [k for k in raw if k not in ("defaults", "hydra")]
+        if ":" in conf:  # a typed tool: the schema's options
+            import importlib
+            from moeut.cli import schema_options
+            module, _, cls = conf.partition(":")
+            options = [row[0] for row in schema_options(getattr(importlib.import_module(module), cls))]
+        else:
+            raw = yaml.safe_load((REPO / "conf" / f"{conf}.yaml").read_text(encoding="utf-8"))
+            options = [k for k in raw if k not in ("defaults", "hydra")]
         if conf == "config":  # training: the config groups are its options too
             options += ["experiment", "model", "data", "optim", "train", "logger"]
         assert options, name

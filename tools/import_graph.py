@@ -1,9 +1,14 @@
-"""Print the import graph of the `moeut` package and its cycles (issue 16, item 3).
+"""Print the import graph of the `moeut` package, its cycles and its imports that run up a layer.
 
-    python tools/import_graph.py                 # cycles, one block per strongly connected component
+    python tools/import_graph.py                 # cycles and layer violations
     python tools/import_graph.py --edges         # also every edge, with file:line and kind
     python tools/import_graph.py --json          # machine-readable (tests/test_import_graph.py)
     python tools/import_graph.py --package path/to/moeut
+
+Layers (`LAYERS`, bottom to top; docs/architecture.md draws them): a module may import modules of
+its own layer or of a layer below, never above. Each entry names a module or a package (covering
+its submodules); the longest matching name decides. A module no entry covers is reported
+("unassigned"), so a new module is placed deliberately.
 
 What counts as an edge A -> B (A, B modules of the package; found with `ast`, nothing is imported):
 - `import moeut.x.y` / `from moeut.x import y` / `from .x import y` / `from . import y`, at module
@@ -17,7 +22,7 @@ Not an edge: the implicit import of a parent package (`import moeut.a.b` runs `m
 first); counting it would make every package that re-exports a submodule a "cycle".
 
 A cycle is a strongly connected component with more than one module (or a module importing
-itself). Exit status: 0, also when there are cycles (the test decides which are allowed).
+itself). Exit status: 0, also when there are cycles or upward imports (the test decides).
 """
 from __future__ import annotations
 
@@ -32,6 +37,17 @@ from typing import Dict, List, Set, Tuple
 _CLASS_PATH = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):[A-Za-z_]\w*$")
 
 Edge = Tuple[str, str, str, str]  # (source module, target module, kind, "file:line")
+
+# The layers of the moeut package, bottom to top (names relative to the package).
+LAYERS: List[Tuple[str, List[str]]] = [
+    ("base", ["outputs", "validate", "paths", "cli", "wrappers", "cpu"]),  # utilities: no model code
+    ("kernels", ["kernels"]),  # CVMM kernels only
+    ("model", ["model_config", "lm", "model", "softmax_moe", "baselines"]),  # configs + models
+    ("registry", ["registry"]),  # architectures + presets, build_model
+    ("io", ["data", "eval", "checkpoint", "compute", "official", "rundir", "provenance", "hf"]),
+    ("top", ["", "train_lib", "analysis", "tools", "routing", "analyze", "summary", "train", "evaluate",
+             "prepare_data", "sweep"]),  # training, analysis, tools and the CLIs ("": the package facade)
+]
 
 
 def module_names(package_dir: str) -> Dict[str, str]:
@@ -175,23 +191,53 @@ def cycles(modules: List[str], edges: List[Edge]) -> List[List[str]]:
     return sorted(out)
 
 
+def layer_of(module: str, layers: List[Tuple[str, List[str]]] = LAYERS) -> int:
+    """Index in `layers` of dotted `module` (its first component is the package): the layer of the
+    longest entry naming it or a package above it ("" names only the package itself); -1 if none."""
+    rel = module.split(".", 1)[1] if "." in module else ""
+    best, best_len = -1, -1
+    for i, (_, names) in enumerate(layers):
+        for n in names:
+            if (n == "" and rel == "") or (n and (rel == n or rel.startswith(n + "."))):
+                if len(n) > best_len:
+                    best, best_len = i, len(n)
+    return best
+
+
+def layer_violations(modules: List[str], edges: List[Edge],
+                     layers: List[Tuple[str, List[str]]] = LAYERS) -> Tuple[List[str], List[Edge]]:
+    """(modules no layer covers, edges from a module to one of a higher layer), both sorted."""
+    unassigned = sorted(m for m in modules if layer_of(m, layers) < 0)
+    upward = sorted(e for e in edges if layer_of(e[1], layers) > layer_of(e[0], layers) >= 0)
+    return unassigned, upward
+
+
 def main(argv=None) -> int:
     """Command line: see the module docstring. Returns the exit status (0)."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = argparse.ArgumentParser(description="Import graph and import cycles of the moeut package "
-                                            "(module-level, function-level and dynamic imports).")
+    p = argparse.ArgumentParser(description="Import graph, import cycles and upward imports (LAYERS) of the "
+                                            "moeut package (module-level, function-level and dynamic imports).")
     p.add_argument("--package", default=os.path.join(here, "moeut"), help="package folder (default: this repo's moeut)")
     p.add_argument("--edges", action="store_true", help="also print every edge (source -> target, kind, file:line)")
     p.add_argument("--json", action="store_true", help="print {modules, edges, cycles} as JSON")
     args = p.parse_args(argv)
     modules, edges = import_graph(args.package)
     cyc = cycles(modules, edges)
+    unassigned, upward = layer_violations(modules, edges)
     if args.json:
-        json.dump({"modules": modules, "edges": [list(e) for e in edges], "cycles": cyc}, sys.stdout, indent=1)
+        json.dump({"modules": modules, "edges": [list(e) for e in edges], "cycles": cyc,
+                   "layers": {m: LAYERS[layer_of(m)][0] if layer_of(m) >= 0 else None for m in modules},
+                   "unassigned": unassigned, "upward": [list(e) for e in upward]}, sys.stdout, indent=1)
         print()
         return 0
     print(f"{len(modules)} modules, {len(edges)} import edges, {len(cyc)} cycle(s) "
-          "(strongly connected components)")
+          f"(strongly connected components), {len(upward)} upward import(s), {len(unassigned)} module(s) "
+          "in no layer")
+    print("layers, bottom to top: " + " < ".join(name for name, _ in LAYERS))
+    for m in unassigned:
+        print(f"    in no layer: {m} (add it to LAYERS in tools/import_graph.py)")
+    for a, b, kind, where in upward:
+        print(f"    upward: {a} [{LAYERS[layer_of(a)][0]}] -> {b} [{LAYERS[layer_of(b)][0]}]  [{kind}]  {where}")
     for i, comp in enumerate(cyc, 1):
         members = set(comp)
         print(f"\ncycle {i}: {len(comp)} modules: {', '.join(comp)}")

@@ -25,16 +25,50 @@ parameters and their init.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DenseConfig, MLP_TYPES, _check
 from ..lm import ForwardState, KVCache, LanguageModel, apply_rope, attend, layer_schedule, rope_angles
 from ..model import build_moe_mlp
+from ..model_config import (CVMM_BACKENDS, MLP_TYPES, PROBABILITY, SIZE, NON_NEGATIVE, LayerGeometry, RotaryHeads,
+                            _check, check_fields)
+from ..validate import in_range, positive
+
+
+@dataclass
+class DenseConfig(LayerGeometry, RotaryHeads):
+    """Pre-LN RoPE Transformer baseline (SPEC 8.1). group_size < n_layers shares layers
+    (group_size=1 is the naive Universal Transformer of SPEC 8.3). Ranges as field metadata;
+    n_repeats / n_rotate from LayerGeometry / RotaryHeads. Raises ValueError naming the field."""
+
+    d_model: int = field(metadata=SIZE)
+    n_layers: int = field(metadata=SIZE)
+    n_heads: int = field(metadata=SIZE)
+    d_head: int = field(metadata=SIZE)
+    d_ff: int = field(metadata=SIZE)
+    vocab_size: int = field(default=8000, metadata=SIZE)
+    group_size: Optional[int] = field(default=None, metadata=SIZE)  # None = n_layers (no sharing)
+    rope_base: float = field(default=10000.0, metadata=positive())
+    rotate_fraction: float = field(default=0.5, metadata=in_range(0, 1, lo_open=True))
+    dropout: float = field(default=0.0, metadata=PROBABILITY)
+    arch: str = "dense"
+
+    def __post_init__(self) -> None:
+        if self.group_size is None:
+            self.group_size = self.n_layers
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (run at construction): declared ranges, then group_size divides
+        n_layers. Raises ValueError "DenseConfig.<field>: <why>" naming the first bad field
+        (SPEC 8.1, 8.3)."""
+        check_fields(self)
+        _check(self.n_layers % self.group_size == 0, type(self).__name__, "group_size",
+               f"n_layers={self.n_layers} is not divisible by group_size={self.group_size}")
 
 
 @torch.no_grad()
@@ -167,31 +201,33 @@ class DenseLM(LanguageModel):
 # ------------------------------------------------------------------------------------------
 
 @dataclass
-class MoETransformerConfig:
+class MoETransformerConfig(LayerGeometry, RotaryHeads):
     """Dense pre-LN RoPE transformer whose every `moe_every`-th MLP is a MoE (SPEC 8.5-8.6).
-    MoE field names equal MoEUTConfig's so the MoE MLP classes take either config."""
+    MoE field names equal MoEUTConfig's so the MoE MLP classes take either config. No sharing:
+    group_size = n_layers (so n_repeats = 1); pre-LN, so init_scale = sqrt(2 / n_layers). Raises
+    ValueError naming the field (validate)."""
 
-    d_model: int
-    n_layers: int
-    n_heads: int
-    d_head: int
-    d_ff: int  # width of the dense MLPs in the non-MoE layers
-    ff_n_experts: int
-    ff_k: int
-    ff_expert_size: int
+    d_model: int = field(metadata=SIZE)
+    n_layers: int = field(metadata=SIZE)
+    n_heads: int = field(metadata=SIZE)
+    d_head: int = field(metadata=SIZE)
+    d_ff: int = field(metadata=SIZE)  # width of the dense MLPs in the non-MoE layers
+    ff_n_experts: int = field(metadata=SIZE)
+    ff_k: int = field(metadata=SIZE)
+    ff_expert_size: int = field(metadata=SIZE)
     mlp_type: str = "switch"  # switch | deepseek | sigma_moe
-    moe_every: int = 1  # 1: every layer is MoE; 4: Du et al.'s "Every-4" placement
-    moe_n_shared: int = 0
-    moe_balance_weight: float = 0.01
-    moe_zloss_weight: float = 0.001
-    moe_capacity_factor: float = 0.0
-    moe_device_groups: int = 1
-    moe_device_balance_weight: float = 0.0
-    vocab_size: int = 8000
-    rope_base: float = 10000.0
-    rotate_fraction: float = 0.5
-    dropout: float = 0.0
-    expert_dropout: float = 0.0  # σ-MoE option
+    moe_every: int = field(default=1, metadata=SIZE)  # 1: every layer is MoE; 4: Du et al.'s "Every-4" placement
+    moe_n_shared: int = field(default=0, metadata=NON_NEGATIVE)
+    moe_balance_weight: float = field(default=0.01, metadata=NON_NEGATIVE)
+    moe_zloss_weight: float = field(default=0.001, metadata=NON_NEGATIVE)
+    moe_capacity_factor: float = field(default=0.0, metadata=NON_NEGATIVE)
+    moe_device_groups: int = field(default=1, metadata=SIZE)
+    moe_device_balance_weight: float = field(default=0.0, metadata=NON_NEGATIVE)
+    vocab_size: int = field(default=8000, metadata=SIZE)
+    rope_base: float = field(default=10000.0, metadata=positive())
+    rotate_fraction: float = field(default=0.5, metadata=in_range(0, 1, lo_open=True))
+    dropout: float = field(default=0.0, metadata=PROBABILITY)
+    expert_dropout: float = field(default=0.0, metadata=PROBABILITY)  # σ-MoE option
     mlp_gate_renorm: bool = False  # σ-MoE option
     cvmm_backend: str = "auto"
     arch: str = "moe_transformer"
@@ -200,40 +236,25 @@ class MoETransformerConfig:
         self.validate()
 
     group_size = property(lambda self: self.n_layers)  # no sharing
-    n_repeats = property(lambda self: 1)
-
-    @property
-    def n_rotate(self) -> int:
-        """RoPE channels per head: rotate_fraction * d_head, rounded down to even (SPEC 1.4)."""
-        n = int(self.rotate_fraction * self.d_head)
-        return n - n % 2
-
-    @property
-    def init_scale(self) -> float:
-        """sqrt(2 / n_layers): the MoE MLPs' init scale (SPEC 1.6)."""
-        return math.sqrt(2.0 / self.n_layers)
 
     def is_moe_layer(self, l: int) -> bool:
         """Whether layer l (0-based) has a MoE MLP: l = moe_every-1, 2*moe_every-1, ..."""
         return (l + 1) % self.moe_every == 0
 
     def validate(self) -> None:
-        """Raises ValueError naming the field for a non-positive size, an unknown mlp_type,
-        moe_every > n_layers, ff_k > ff_n_experts, moe_n_shared >= ff_k (deepseek), a negative
-        capacity factor or dropout outside [0, 1)."""
+        """Raises ValueError naming the field for a value outside its declared range, an unknown
+        mlp_type or cvmm_backend, moe_every > n_layers, ff_k > ff_n_experts or moe_n_shared >= ff_k
+        (deepseek)."""
+        check_fields(self)
         c = type(self).__name__
-        for name in ("d_model", "n_layers", "n_heads", "d_head", "d_ff", "ff_n_experts", "ff_k",
-                     "ff_expert_size", "moe_every", "vocab_size", "moe_device_groups"):
-            v = getattr(self, name)
-            _check(isinstance(v, int) and v > 0, c, name, f"must be a positive integer, got {v!r}")
         _check(self.mlp_type in MLP_TYPES, c, "mlp_type", f"{self.mlp_type!r} is not one of {MLP_TYPES}")
+        _check(self.cvmm_backend in CVMM_BACKENDS, c, "cvmm_backend",
+               f"{self.cvmm_backend!r} is not one of {CVMM_BACKENDS}")
         _check(self.moe_every <= self.n_layers, c, "moe_every",
                f"moe_every={self.moe_every} > n_layers={self.n_layers}: no layer would be MoE")
         _check(self.ff_k <= self.ff_n_experts, c, "ff_k", f"K={self.ff_k} > ff_n_experts={self.ff_n_experts}")
-        _check(self.mlp_type != "deepseek" or 0 <= self.moe_n_shared < self.ff_k, c, "moe_n_shared",
+        _check(self.mlp_type != "deepseek" or self.moe_n_shared < self.ff_k, c, "moe_n_shared",
                f"K_s={self.moe_n_shared} must be < ff_k={self.ff_k}")
-        _check(self.moe_capacity_factor >= 0, c, "moe_capacity_factor", "must be >= 0 (0 = dropless)")
-        _check(0.0 <= self.dropout < 1.0, c, "dropout", f"must be in [0, 1), got {self.dropout}")
 
 
 class MoETransformerLM(DenseLM):

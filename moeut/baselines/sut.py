@@ -40,50 +40,53 @@ The input checks, padding mask, KV cache, routing records (`ForwardState.new_rec
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import _check
 from ..kernels.cvmm import cvmm, make_plan
 from ..lm import ForwardState, KVCache, LanguageModel, StepTotals, layer_schedule
+from ..model_config import CVMM_BACKENDS, PROBABILITY, SIZE, NON_NEGATIVE, LayerGeometry, _check, check_fields
 from ..outputs import LMOutput
+from ..validate import in_range
 
 
 @dataclass
-class SUTConfig:
+class SUTConfig(LayerGeometry):
     """Sparse Universal Transformer config (SPEC 8.4, presets 2.6): one shared post-LN layer of MoA
     attention and a softmax-routed MoE MLP, applied up to n_layers times with stick-breaking
-    halting; MIM and ACT losses weighted by mim_weight / act_weight. Raises ValueError naming the
-    field (validate) on construction."""
+    halting; MIM and ACT losses weighted by mim_weight / act_weight. group_size = 1, so n_repeats
+    (LayerGeometry) = n_layers. Raises ValueError naming the field (validate) on construction."""
 
-    d_model: int
-    n_layers: int  # maximum number of ACT steps (applications of the shared layer)
-    ff_n_experts: int
-    ff_expert_size: int
-    ff_k: int
-    att_n_experts: int
-    att_expert_size: int  # = heads_per_expert * d_head
-    att_k: int
-    d_head: int
-    vocab_size: int = 8000
-    mim_weight: float = 0.001
-    act_weight: float = 0.01
-    halt_threshold: float = 0.999  # a position halts when its remaining mass < 1 - threshold
-    sample_topk: int = 0
-    max_relative_positions: int = 64
-    dropout: float = 0.0
+    d_model: int = field(metadata=SIZE)
+    n_layers: int = field(metadata=SIZE)  # maximum number of ACT steps (applications of the shared layer)
+    ff_n_experts: int = field(metadata=SIZE)
+    ff_expert_size: int = field(metadata=SIZE)
+    ff_k: int = field(metadata=SIZE)
+    att_n_experts: int = field(metadata=SIZE)
+    att_expert_size: int = field(metadata=SIZE)  # = heads_per_expert * d_head
+    att_k: int = field(metadata=SIZE)
+    d_head: int = field(metadata=SIZE)
+    vocab_size: int = field(default=8000, metadata=SIZE)
+    mim_weight: float = field(default=0.001, metadata=NON_NEGATIVE)
+    act_weight: float = field(default=0.01, metadata=NON_NEGATIVE)
+    # a position halts when its remaining mass < 1 - threshold
+    halt_threshold: float = field(default=0.999, metadata=in_range(0.5, 1, lo_open=True, hi_open=True))
+    sample_topk: int = field(default=0, metadata=NON_NEGATIVE)  # <= ff_k (validate)
+    max_relative_positions: int = field(default=64, metadata=SIZE)
+    dropout: float = field(default=0.0, metadata=PROBABILITY)
     cvmm_backend: str = "auto"
     arch: str = "sut"
+
+    ln_placement = "post"  # (not a field: SUT's layer is post-LN)
 
     def __post_init__(self) -> None:
         self.validate()
 
     group_size = property(lambda self: 1)
-    n_repeats = property(lambda self: self.n_layers)
     # MoA routes once per token (not per head): routing records hold its query/output experts as
     # one "head" of att_o_idx [B, T, 1, k] (consumed by moeut.routing.RoutingStats).
     n_heads = property(lambda self: 1)
@@ -94,22 +97,18 @@ class SUTConfig:
         return self.att_expert_size // self.d_head
 
     def validate(self) -> None:
-        """Raises ValueError naming the field for non-positive sizes, att_expert_size not a
-        multiple of d_head, k > experts, sample_topk outside [0, ff_k], halt_threshold outside
-        (0.5, 1), negative loss weights or dropout outside [0, 1)."""
+        """Raises ValueError naming the field for a value outside its declared range,
+        att_expert_size not a multiple of d_head, k > experts, sample_topk > ff_k or an unknown
+        cvmm_backend."""
+        check_fields(self)
         c = type(self).__name__
-        for name in ("d_model", "n_layers", "ff_n_experts", "ff_expert_size", "ff_k", "att_n_experts",
-                     "att_expert_size", "att_k", "d_head", "vocab_size", "max_relative_positions"):
-            v = getattr(self, name)
-            _check(isinstance(v, int) and v > 0, c, name, f"must be a positive integer, got {v!r}")
         _check(self.att_expert_size % self.d_head == 0, c, "att_expert_size",
                f"{self.att_expert_size} is not a multiple of d_head={self.d_head}")
         _check(self.ff_k <= self.ff_n_experts, c, "ff_k", f"K={self.ff_k} > ff_n_experts={self.ff_n_experts}")
         _check(self.att_k <= self.att_n_experts, c, "att_k", f"k={self.att_k} > att_n_experts={self.att_n_experts}")
-        _check(0 <= self.sample_topk <= self.ff_k, c, "sample_topk", f"must be in [0, ff_k], got {self.sample_topk}")
-        _check(0.5 < self.halt_threshold < 1.0, c, "halt_threshold", f"must be in (0.5, 1), got {self.halt_threshold}")
-        _check(self.mim_weight >= 0 and self.act_weight >= 0, c, "mim_weight", "loss weights must be >= 0")
-        _check(0.0 <= self.dropout < 1.0, c, "dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(self.sample_topk <= self.ff_k, c, "sample_topk", f"must be in [0, ff_k], got {self.sample_topk}")
+        _check(self.cvmm_backend in CVMM_BACKENDS, c, "cvmm_backend",
+               f"{self.cvmm_backend!r} is not one of {CVMM_BACKENDS}")
 
 
 # ------------------------------------------------------------------------------------------

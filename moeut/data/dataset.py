@@ -185,11 +185,6 @@ class StreamSampler:
         self.position = int(state["position"])
 
 
-def validation_windows(stream: TokenStream, seq_len: int, n_tokens: Optional[int]) -> WindowDataset:
-    """The first `n_tokens` tokens as non-overlapping windows (SPEC 5.7: 1,032,192 for C4)."""
-    return WindowDataset(stream, seq_len, limit_tokens=n_tokens)
-
-
 def paper_valid_tokens(corpus: str, seq_len: int = 1024) -> int:
     """SPEC 5.7: int((const div T) * 0.005) * T with the authors' constants."""
     const = 842021184 if corpus == "pes2o" else 206453965

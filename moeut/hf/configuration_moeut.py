@@ -1,8 +1,8 @@
 """Hugging Face config for MoEUT exports (`model_type="moeut"`).
 
-The native architecture (moeut.config.MoEUTConfig / DenseConfig / ...) travels verbatim in
+The native architecture (moeut.model_config.MoEUTConfig, moeut.baselines.dense.DenseConfig, ...) travels verbatim in
 `moeut_config` (dataclasses.asdict, with its "arch"), so the export rebuilds exactly the trained
-model. Named MoEUTHFConfig in code to avoid clashing with moeut.config.MoEUTConfig.
+model. Named MoEUTHFConfig in code to avoid clashing with moeut.model_config.MoEUTConfig.
 """
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ summed in a fixed order) *and* autotuning (the K-reduction order depends on the 
 different autotune winner in another process would change the bits). Results are then
 bit-identical run to run on the same GPU and software.
 
-Compile footprint and autotuning (see `candidate_configs` and `moeut.kernels.footprint`):
+Compile footprint and autotuning (see `candidate_configs` and `moeut.tools.footprint`):
 every kernel specialisation is compiled once per config it may autotune over, so the config sets
 are small and pruned per call: 2 configs for 16-bit / TF32 tiles, one small config for true fp32
 and one for small problems (<= SMALL_S slots: decoding), which are never autotuned. Autotuning is
@@ -285,7 +285,7 @@ def _cfg(BM, BN, BK, warps, stages):
 
 # Config sets per precision (SPEC 3.2's official sets had 10 and 13 configs, all autotuned).
 # Every config of a set is compiled on the first call of each autotune key, so the sets are the
-# compile footprint (`moeut.kernels.footprint` lists it): keep them small.
+# compile footprint (`moeut.tools.footprint` lists it): keep them small.
 #   * 16-bit (and TF32): 2 configs. The shapes that matter have d_expert / d_head = 128 on one side
 #     and d_model on the other and are memory-bound: mid-size tiles, deep pipelines; BN 128 covers
 #     d_expert / d_head in one tile. (Each extra config costs ~1 s of compile per kernel variant:
@@ -348,7 +348,7 @@ _DW_NO_SPECIALIZE = ["E", "S_BUCKET"]
 def candidate_configs(kind: str, dtype: torch.dtype, s_bucket: int, tf32: bool = False):
     """The configs a launch of kernel `kind` ("fwd" or "dw") may compile and autotune over, for
     tiles in `dtype` and a problem of `s_bucket` slots (`_bucket(S)`; 0 = small). One config
-    means no autotuning. Used by the autotuners' pruning and by `moeut.kernels.footprint`."""
+    means no autotuning. Used by the autotuners' pruning and by `moeut.tools.footprint`."""
     if kind not in ("fwd", "dw"):
         raise ValueError(f"candidate_configs: kind must be 'fwd' or 'dw', got {kind!r}")
     fp32 = dtype == torch.float32
@@ -507,7 +507,7 @@ def _kernels(interpret: bool):
 
 
 # ------------------------------------------------------------------------------------------
-# Recording (the compile footprint without a GPU, see moeut.kernels.footprint)
+# Recording (the compile footprint without a GPU, see moeut.tools.footprint)
 # ------------------------------------------------------------------------------------------
 
 class Recorder:
@@ -528,7 +528,7 @@ _recorder: Optional[Recorder] = None
 class recording:
     """Context manager: `with recording(s_scale=..., sms=..., tf32=...) as rec:` records every
     kernel launch into `rec.launches` (a `Recorder`) instead of running it; nests (restores the
-    previous recorder on exit). Used by `moeut.kernels.footprint` to count compiles without a GPU."""
+    previous recorder on exit). Used by `moeut.tools.footprint` to count compiles without a GPU."""
 
     def __init__(self, **kw):
         self.rec = Recorder(**kw)

@@ -5,20 +5,21 @@ wrong type fails at composition. `to_typed(cfg)` turns the composed DictConfig i
 `TrainConfig` and validates cross-field constraints with messages that name the key. Nothing is
 built from the config with `_target_`: the training library reads typed fields.
 
-Model configs: `model.preset` names a preset of `moeut.registry.PRESETS`; every architecture field
-of every registered config class (MoEUTConfig, DenseConfig, baselines) is an Optional override,
-plus a free `model.overrides` dict for fields of architectures registered after this module was
-imported. A field's default is the interpolation `${moeut.preset:${.preset},<field>}`: the value of
-the selected preset (null where the preset's config class has no such field), so the composed
-config (`train.py --cfg job`, the run's saved config) shows the real model values, and it follows
-`model=<preset>` / `model.preset=<name>`. Setting a field (`model.d_model=128`) replaces the
-interpolation; null keeps the preset's value.
+Model configs: the `model` group has one ConfigStore entry per preset of `moeut.registry.PRESETS`
+(`register_configs`; no YAML files), so `model=<preset>` selects one; `model.preset=<name>` does
+the same inside any entry. The schema (`model_schema`) has one Optional field per field of the
+registered architectures' config classes (`moeut.registry.config_fields`: their types and their
+range metadata, so `model.d_model=0` fails naming the option), plus a free `model.overrides` dict.
+A field's default is the interpolation `${moeut.preset:${.preset},<field>}`: the value of the
+selected preset (null where the preset's config class has no such field), so the composed config
+(`train.py --cfg job`, the run's saved config) shows the real model values. Setting a field
+(`model.d_model=128`) replaces the interpolation; null keeps the preset's value; a field the
+preset's class does not have is refused by `build_model_config`, naming it.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -26,8 +27,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .. import paths
-from ..registry import ARCHS, PAPER_TRAIN, PRESETS, get_preset
-from ..validate import Range, at_least, check_mapping, check_ranges, field_range, in_range, positive
+from ..registry import PRESETS, config_fields, get_preset
+from ..validate import at_least, check_ranges, check_value, field_range, in_range, positive
 
 # ------------------------------------------------------------------------------------------
 # Resolvers (moeut/paths.py), so default data paths work from any cwd, in a clone or an installed
@@ -56,67 +57,32 @@ if not OmegaConf.has_resolver("moeut.preset"):
 
 
 # ------------------------------------------------------------------------------------------
-# Model schema: union of the fields of every registered architecture, all Optional.
+# Model schema: the fields of every registered architecture (moeut.registry.config_fields, with
+# each config class's own types and ranges), all Optional, defaulting to the preset's value.
 # ------------------------------------------------------------------------------------------
-
-# Ranges of the architecture fields as command-line overrides (`model.<name>=...`), checked at
-# start with the option's name. A field of an architecture config may instead declare its own
-# range in its metadata (moeut.validate), which wins. Cross-field rules (ff_k <= ff_n_experts,
-# n_layers divisible by group_size, ...) stay in each config class's validate().
-MODEL_RANGES: Dict[str, Range] = {
-    **{k: Range(1) for k in ("d_model", "n_layers", "group_size", "n_heads", "d_head", "att_n_experts",
-                             "ff_n_experts", "ff_k", "ff_expert_size", "att_k", "d_ff", "moe_every",
-                             "moe_device_groups", "att_expert_size", "max_relative_positions")},
-    "vocab_size": Range(2, 65536),
-    **{k: Range(0) for k in ("entropy_reg", "att_entropy_reg", "moe_n_shared", "moe_balance_weight",
-                             "moe_zloss_weight", "moe_capacity_factor", "moe_device_balance_weight",
-                             "mim_weight", "act_weight", "sample_topk")},
-    "rope_base": Range(0, lo_open=True),
-    "rotate_fraction": Range(0, 1, lo_open=True),
-    "dropout": Range(0, 1, hi_open=True),
-    "expert_dropout": Range(0, 1, hi_open=True),
-    "halt_threshold": Range(0.5, 1, lo_open=True, hi_open=True),
-}
-
 
 PRESET_VALUE = "${{moeut.preset:${{.preset}},{name}}}"  # a model field's default: the preset's value
 
 
-def _optional_model_fields() -> List[tuple]:
-    seen: Dict[str, Any] = {}
-    ranges: Dict[str, Range] = {}
-    for cls, _ in ARCHS.values():
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name == "arch":
-                continue
-            if field_range(f) is not None:
-                ranges.setdefault(f.name, field_range(f))
-            if f.name in seen:
-                continue
-            tp = hints[f.name]
-            if typing.get_origin(tp) is typing.Union:  # Optional[X] -> X
-                args = [a for a in typing.get_args(tp) if a is not type(None)]
-                tp = args[0] if len(args) == 1 else Any
-            if tp not in (int, float, bool, str):
-                tp = Any
-            seen[f.name] = tp
-    out = []
-    for name, tp in sorted(seen.items()):
-        rng = ranges.get(name) or MODEL_RANGES.get(name)
-        meta = {"range": rng} if rng is not None else {}
-        out.append((name, Optional[tp], field(default=PRESET_VALUE.format(name=name), metadata=meta)))
-    return out
+def model_schema() -> type:
+    """The `model` group's schema for the architectures registered now: `preset` (a name of
+    moeut.registry.PRESETS), `overrides` (a free dict, for fields no schema field covers) and one
+    Optional field per architecture field (moeut.registry.config_fields: type int/float/bool/str
+    or Any, the range metadata of the config class), defaulting to the interpolation
+    `${moeut.preset:${.preset},<field>}`. Cross-field rules stay in each config's validate()."""
+    fields: List[tuple] = [("preset", str, field(default=MISSING)),
+                           ("overrides", Dict[str, Any], field(default_factory=dict))]
+    for name, (tp, f) in config_fields().items():
+        tp = tp if tp in (int, float, bool, str) else Any
+        fields.append((name, Optional[tp], field(default=PRESET_VALUE.format(name=name), metadata=dict(f.metadata))))
+    schema = dataclasses.make_dataclass("ModelSchema", fields)
+    schema.__module__ = __name__
+    schema.__doc__ = ("model.preset names a preset of moeut.registry.PRESETS; every other field defaults to "
+                      "the preset's value (an interpolation) and overrides it when set (None = keep).")
+    return schema
 
 
-ModelSchema = dataclasses.make_dataclass(
-    "ModelSchema",
-    [("preset", str, field(default=MISSING)),
-     ("overrides", Dict[str, Any], field(default_factory=dict))] + _optional_model_fields(),
-)
-ModelSchema.__doc__ = ("model.preset names a preset of moeut.registry.PRESETS; every other field "
-                       "defaults to the preset's value (an interpolation) and overrides it when set "
-                       "(None = keep).")
+ModelSchema = model_schema()  # the built-in architectures' (register_configs rebuilds it for later ones)
 
 
 @dataclass
@@ -233,13 +199,18 @@ class TrainConfigSchema:
 
 
 def register_configs() -> None:
-    """Store the schemas in Hydra's ConfigStore as base_config and base_<group> (the YAML files in
+    """Store the schemas in Hydra's ConfigStore: base_config and base_<group> (the YAML files in
     conf/ list them first in their defaults), so composing fails on a misspelt key or a wrong
-    type. Idempotent. Called when this module is imported, and explicitly by train.py and by
-    moeut.sweep before they compose conf/."""
+    type, and one `model` group entry per preset of moeut.registry.PRESETS (`model=<preset>`,
+    also `override /model: <preset>` in an experiment): the model schema with `preset` set.
+    Idempotent; presets and architectures registered before a call are included. Called when
+    this module is imported, and again by train.py and moeut.sweep before they compose conf/."""
+    global ModelSchema
+    ModelSchema = model_schema()
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=TrainConfigSchema)
-    cs.store(group="model", name="base_model", node=ModelSchema)
+    for name in PRESETS:
+        cs.store(group="model", name=name, node=ModelSchema(preset=name))
     cs.store(group="data", name="base_data", node=DataSchema)
     cs.store(group="optim", name="base_optim", node=OptimSchema)
     cs.store(group="train", name="base_train", node=TrainSchema)
@@ -289,6 +260,10 @@ def build_model_config(model_node: Any):
     if foreign:
         raise ValueError(f"model.{foreign[0]}: not a field of {type(base).__name__} (preset {preset!r}); "
                          f"fields: {', '.join(sorted(own))}")
+    ranges = {f.name: field_range(f) for f in dataclasses.fields(base)}
+    for k, v in extra.items():  # the schema fields were range-checked by to_typed; the free dict is here
+        if ranges.get(k) is not None and not isinstance(v, (list, tuple)):
+            check_value(f"model.overrides.{k}", v, ranges[k])
     try:
         return get_preset(preset, **overrides)
     except ValueError as e:
@@ -338,7 +313,6 @@ def to_typed(cfg: DictConfig, world_size: int = 1) -> TrainConfig:
     for key, node in (("model", obj.model), ("data", data), ("optim", optim), ("train", train), ("logger", logger)):
         if dataclasses.is_dataclass(node):
             check_ranges(node, key)
-    check_mapping(dict(getattr(obj.model, "overrides", None) or {}), MODEL_RANGES, "model.overrides")
     model_cfg = build_model_config(cfg.model)
     tc = TrainConfig(model=model_cfg, model_preset=cfg.model.preset, data=data, optim=optim, train=train,
                      logger=logger, name=obj.name, print_config=obj.print_config, raw=raw)
@@ -420,7 +394,3 @@ def micro_batch_size(tc: TrainConfig, world_size: int) -> int:
     (train.batch_size / world_size) when unset."""
     return tc.train.micro_batch_size or tc.train.batch_size // world_size
 
-
-def paper_train_settings(size: str) -> Dict[str, float]:
-    """PAPER_TRAIN warm-up and clip for a size label ("44m", ...)."""
-    return dict(PAPER_TRAIN[size])

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from moeut.checkpoint import unwrap_model
 from moeut import checkpoint as ckpt_lib
+from moeut.wrappers import unwrap_model
 
 from .config import TrainConfig, micro_batch_size
 from .distributed import DistInfo, all_reduce_sum_, any_rank, barrier, broadcast_object, cleanup, init_distributed

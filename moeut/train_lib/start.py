@@ -22,12 +22,13 @@ import yaml
 import torch
 
 from moeut import checkpoint as ckpt_lib
-from moeut.checkpoint import load_state_dict_strict, resolve_checkpoint, unwrap_model
+from moeut.checkpoint import load_state_dict_strict, resolve_checkpoint
 from moeut.compute import total_params
 from moeut.data.dataset import StreamSampler
 from moeut.data.tokenizer import Tokenizer
 from moeut.registry import build_model
 from moeut.rundir import METRICS_FILE, TruncatedLineWarning, read_jsonl
+from moeut.wrappers import unwrap_model
 from .schedule import lr_at
 
 from .config import TrainConfig

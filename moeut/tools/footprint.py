@@ -1,22 +1,14 @@
 """The Triton compile footprint of a run: every kernel specialisation x config it will compile.
 
-    python -m moeut.kernels.footprint preset=moeut_44m dtype=bf16
-    python -m moeut.kernels.footprint preset=[golden_tiny,golden_small_g3] dtype=fp32 batch=2 seq_len=64
-    python -m moeut.kernels.footprint preset=moeut_44m dtype=bf16 aot=90     # + compile it all for sm_90
+    python -m moeut.tools.footprint preset=moeut_44m dtype=bf16
+    python -m moeut.tools.footprint preset=[golden_tiny,golden_small_g3] dtype=fp32 batch=2 seq_len=64
+    python -m moeut.tools.footprint preset=moeut_44m dtype=bf16 aot=90     # + compile it all for sm_90
 
-A Hydra app over conf/footprint.yaml (`--help` lists the options with their meaning):
-
-    preset     model preset, or a list [a,b] (moeut.config presets, or golden_tiny /
-               golden_small_g3: the shapes of the golden files)             [moeut_44m]
-    dtype      bf16 | fp16 (autocast) | fp32 (true fp32) | tf32 (fp32 with TF32 allowed)  [bf16]
-    batch, seq_len  the training batch (sequences x tokens)                   [64, 1024]
-    steps      which work to trace, a list: train (forward + backward), eval (forward), decode
-               (prefill `prefill` tokens, then one-token steps)             [[train,decode]]
-    prefill    prompt length of the decode trace                             [100]
-    sms        streaming multiprocessors of the target GPU (H100/H200: 132)  [132]
-    aot        compile everything ahead of time for this sm (e.g. 90) with Triton's real
-               backend and ptxas, no GPU needed, and print the compile time  [null: off]
-    json       write the footprint (and AOT times) to this file              [null: off]
+A typed tool (`FootprintOptions`, moeut.cli.typed_tool; `--help` lists the options): preset (a
+registry preset, golden_tiny / golden_small_g3 = the shapes of the golden files, or a list
+[a,b]), dtype, the batch (batch x seq_len), the steps to trace (train, eval, decode), prefill,
+sms of the target GPU, aot=<sm> to compile everything ahead of time (no GPU needed) and print the
+compile time, json=<file> to write the footprint.
 
 How it works (`trace`): the model runs once on CPU at a small batch with the Triton backend,
 and every `moeut::cvmm*` custom-op call is replayed through the Triton launchers with launching
@@ -29,18 +21,17 @@ per process, or once ever with the on-disk autotune cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import hydra
 import torch
 import torch.nn.functional as F
 
-from ..cli import CONF_DIR, one_line_hydra_errors
+from ..cli import bad_input_exits, option, typed_tool
 
 # The shapes of the golden files (shared/golden/README.md; official constructor arguments).
 GOLDEN_CONFIGS = {
@@ -54,7 +45,7 @@ STEPS = ("train", "eval", "decode")
 
 
 def model_config(preset: str, backend: str = "triton"):
-    """A model config by preset name (moeut.config), or one of GOLDEN_CONFIGS, with CVMM backend
+    """A model config by preset name (moeut.registry), or one of GOLDEN_CONFIGS, with CVMM backend
     `backend` (a Triton backend: "triton" or a candidate such as "triton_pad")."""
     if preset in GOLDEN_CONFIGS:
         from moeut.official import config_from_official
@@ -77,7 +68,7 @@ class _Replay(torch.utils._python_dispatch.TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.namespace == "moeut":
-            from . import cvmm_triton as kt
+            from ..kernels import cvmm_triton as kt
             with kt.recording(**self.recorder_kwargs) as rec:
                 func(*args[:-1], self.impl, **kwargs)  # impl is each op's last argument
             self.launches += rec.launches
@@ -245,7 +236,7 @@ def aot_compile(spec: Spec, config, arch: int = 90):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
-    from . import cvmm_triton as kt
+    from ..kernels import cvmm_triton as kt
     fn = JITFunction(kt._cvmm_fwd_kernel if spec.kernel == "fwd" else kt._cvmm_dw_kernel,
                      do_not_specialize=kt._FWD_NO_SPECIALIZE if spec.kernel == "fwd" else kt._DW_NO_SPECIALIZE)
     consts = dict(spec.constexprs)
@@ -288,7 +279,7 @@ def aot_time(specs: Sequence[Spec], arch: int = 90, configs_of=None, log=print) 
     (this process + ptxas; single-threaded, so on an idle machine about the wall time). `configs_of`
     overrides a variant's config list (e.g. to measure an older config set). Returns (total s, rows)."""
     import tempfile
-    from . import cvmm_triton as kt
+    from ..kernels import cvmm_triton as kt
     if kt.interpreting():
         raise RuntimeError("aot: TRITON_INTERPRET is set in this process; run without it")
     rows, total = [], 0.0
@@ -317,81 +308,98 @@ def aot_time(specs: Sequence[Spec], arch: int = 90, configs_of=None, log=print) 
 # CLI
 # ------------------------------------------------------------------------------------------
 
-def options(cfg: Any) -> dict:
-    """The checked options of a composed conf/footprint.yaml: preset and steps as lists of names,
-    batch/seq_len/prefill/sms as ints >= 1, aot an int or None, json a path or None.
-    Raises ValueError naming the option (unknown option, non-integer or < 1, unknown dtype or
-    step, unknown preset)."""
-    from ..cli import choice_option, int_option, str_list_option, tool_options
+@dataclass
+class FootprintOptions:
+    """The options of `python -m moeut.tools.footprint` (checked by moeut.cli.typed_tool, then `run`)."""
 
-    a = tool_options(cfg, "footprint")
-    a["preset"] = str_list_option(a, "preset")
-    if not a["preset"]:
-        raise ValueError("preset: at least one preset name is required")
-    for p in a["preset"]:
+    preset: Any = option("moeut_44m", help="model preset, or a list preset=[a,b] (registry presets, "
+                                           "golden_tiny, golden_small_g3: the golden files' shapes)")
+    dtype: str = option("bf16", choices=DTYPES,
+                        help="bf16 | fp16 (autocast), fp32 (true fp32), tf32 (fp32 with TF32 allowed)")
+    batch: int = option(64, lo=1, help="sequences per training batch")
+    seq_len: int = option(1024, lo=1, help="tokens per sequence")
+    steps: List[str] = option(default_factory=lambda: ["train", "decode"], choices=STEPS,
+                              help="work to trace: train (forward + backward), eval (forward), decode "
+                                   "(prefill `prefill` tokens, then one-token steps), e.g. steps=[train,eval,decode]")
+    prefill: int = option(100, lo=1, help="prompt length (tokens) of the decode trace")
+    sms: int = option(132, lo=1, help="streaming multiprocessors of the target GPU (H100/H200: 132)")
+    aot: Optional[int] = option(None, lo=1, help="compile everything ahead of time for this sm (e.g. aot=90), "
+                                                 "timed; null = off")
+    json: Optional[str] = option(None, help="write the footprint (and AOT times) to this file; null = off")
+
+
+def preset_names(value: Any) -> List[str]:
+    """The `preset` option as a list of names, each checked (`model_config`). Raises ValueError
+    naming `preset` for an empty list, a non-string or an unknown preset."""
+    names = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"preset: expected a preset name or a non-empty list of names, got {value!r}")
+    for p in names:
         try:
             model_config(p)
         except (KeyError, ValueError) as e:
             raise ValueError(f"preset: {p!r}: {e}") from None
-    choice_option(a, "dtype", DTYPES)
-    for k in ("batch", "seq_len", "prefill", "sms"):
-        a[k] = int_option(a, k)
-    a["steps"] = str_list_option(a, "steps")
-    bad = [s for s in a["steps"] if s not in STEPS]
-    if bad or not a["steps"]:
-        raise ValueError(f"steps: expected a non-empty list of {list(STEPS)}, got {a['steps']!r}")
-    a["aot"] = int_option(a, "aot", lo=None)
-    if a.get("json") is not None:
-        a["json"] = str(a["json"])
-    return a
+    return names
 
 
-def run(cfg: Any) -> int:
+def check(a: FootprintOptions) -> List[str]:
+    """The cross-option checks the schema cannot express; returns the preset names. Raises
+    ValueError naming `preset` (see preset_names) or `steps` (an empty list)."""
+    if not a.steps:
+        raise ValueError(f"steps: expected a non-empty list of {list(STEPS)}, got []")
+    return preset_names(a.preset)
+
+
+def run(a: FootprintOptions) -> int:
     """Trace, print the footprint table per preset (and all together), optionally compile it
-    ahead of time and write `json`; returns 0. Options as in `options`, whose ValueErrors it
-    raises; RuntimeError from aot_time under TRITON_INTERPRET."""
-    a = options(cfg)
-    steps = a["steps"]
-    report: Dict[str, object] = {"args": {k: v for k, v in a.items()}}
+    ahead of time and write `json`; returns 0. Raises the ValueErrors of `check` and
+    RuntimeError from aot_time under TRITON_INTERPRET."""
+    presets = check(a)
+    steps = list(a.steps)
+    report: Dict[str, object] = {"args": dict(dataclasses.asdict(a), preset=presets)}
     traced_all: Dict[str, List[dict]] = {}
-    for preset in a["preset"]:
-        traced = trace(model_config(preset), a["dtype"], a["batch"], a["seq_len"], steps, a["prefill"], a["sms"])
+    for preset in presets:
+        traced = trace(model_config(preset), a.dtype, a.batch, a.seq_len, steps, a.prefill, a.sms)
         for step, ls in traced.items():
             traced_all.setdefault(f"{preset}:{step}", []).extend(ls)
         summ = summarise(traced)
-        print(format_table(summ, f"{preset}, {a['dtype']}, batch {a['batch']} x {a['seq_len']}, steps {','.join(steps)}"))
+        print(format_table(summ, f"{preset}, {a.dtype}, batch {a.batch} x {a.seq_len}, steps {','.join(steps)}"))
         print()
         report[preset] = dict(variants=len(summ["specs"]), compiles=summ["compiles"],
                               autotuned_keys=summ["autotuned_keys"])
     summ = summarise(traced_all)
-    if len(a["preset"]) > 1:
+    if len(presets) > 1:
         print(f"all presets together: {len(summ['specs'])} kernel variants, {summ['compiles']} compiles, "
               f"{summ['autotuned_keys']} autotuned keys")
     report["total"] = dict(variants=len(summ["specs"]), compiles=summ["compiles"], autotuned_keys=summ["autotuned_keys"])
-    if a["aot"] is not None:
-        arch = a["aot"]
-        print(f"AOT compile for sm_{arch} (cold cache):")
-        total, rows = aot_time(summ["specs"], arch)
+    if a.aot is not None:
+        print(f"AOT compile for sm_{a.aot} (cold cache):")
+        total, rows = aot_time(summ["specs"], a.aot)
         print(f"total compile time: {total:.1f} s for {len(rows)} compiles")
-        report["aot"] = dict(arch=arch, seconds=round(total, 1), rows=rows)
-    if a["json"]:
-        with open(a["json"], "w") as f:
+        report["aot"] = dict(arch=a.aot, seconds=round(total, 1), rows=rows)
+    if a.json:
+        with open(a.json, "w") as f:
             json.dump(report, f, indent=1, default=str)
     return 0
 
 
-@one_line_hydra_errors("moeut.kernels.footprint")
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="footprint")
-def main(cfg: Any) -> None:
-    """`python -m moeut.kernels.footprint [key=value ...]` (options: conf/footprint.yaml, `--help`);
-    bad options: a one-line error naming the option, exit 1."""
-    from moeut.cli import setup_tool_output
-    setup_tool_output("moeut.kernels.footprint")  # one-line warnings; no progress frames in a log file
-    try:
-        rc = run(cfg)
-    except ValueError as e:
-        sys.exit(f"moeut.kernels.footprint: error: {e}")
-    sys.exit(rc)
+APP = "moeut.tools.footprint"
+
+
+def _work(a: FootprintOptions) -> int:
+    with bad_input_exits(APP):  # bad input: one line, exit 1 (a later crash keeps its traceback)
+        check(a)
+    return run(a)
+
+
+main = typed_tool(
+    APP, FootprintOptions,
+    summary="List every Triton CVMM kernel variant x config a run will compile (and autotune): the model "
+            "runs once on CPU and each custom-op call is replayed through the Triton launchers with "
+            "launching replaced by recording. With aot=<sm>, compile them all for that GPU architecture "
+            "(no GPU needed) and print the compile time.",
+    usage="python -m moeut.tools.footprint [key=value ...]",
+    notes="See docs/kernels.md.")(_work)
 
 
 if __name__ == "__main__":

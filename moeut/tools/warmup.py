@@ -1,7 +1,7 @@
 """Pre-warm the Triton caches for a model: compile (and autotune) everything a run will need.
 
-    python -m moeut.kernels.warmup preset=moeut_44m dtype=bf16            # batch 64 x 1024 + decoding
-    python -m moeut.kernels.warmup preset=moeut_44m dtype=bf16 batch=16 seq_len=256 decode=false
+    python -m moeut.tools.warmup preset=moeut_44m dtype=bf16            # batch 64 x 1024 + decoding
+    python -m moeut.tools.warmup preset=moeut_44m dtype=bf16 batch=16 seq_len=256 decode=false
 
 Runs `steps` forward + backward passes of the model on the GPU at the given batch (random tokens),
 then (decode=true) a KV-cache decode of `prefill` tokens and 8 single-token steps, and prints the
@@ -9,24 +9,24 @@ wall time of each: the first pass includes compiling and autotuning, the second 
 time. Compiled kernels land in Triton's cache (TRITON_CACHE_DIR, default ~/.triton/cache) and
 autotune winners beside them (`cache_results`), so later processes -- training, evaluation --
 start warm. Run it once per machine / cache directory, per model shape and dtype; the list of what
-gets compiled is `python -m moeut.kernels.footprint` with the same arguments.
+gets compiled is `python -m moeut.tools.footprint` with the same arguments.
 
-A Hydra app over conf/warmup.yaml (`--help` lists the options with their meaning): preset
-[moeut_44m], dtype bf16|fp16|fp32|tf32 [bf16], batch [64], seq_len [1024], steps [2], decode
-true|false [true], prefill [100], device [null: cuda; without a GPU that is an error at once;
-device=cpu is a dry run, announced, where the PyTorch implementation runs and nothing is compiled].
+A typed tool (`WarmupOptions`, moeut.cli.typed_tool; `--help` lists the options). device=cuda
+(the default) without a GPU is an error at once; device=cpu is a dry run, announced, where the
+PyTorch implementation runs and nothing is compiled.
 """
 from __future__ import annotations
 
 import os
-import sys
+import re
 import time
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
-import hydra
 import torch
 
-from ..cli import CONF_DIR, one_line_hydra_errors
+from ..cli import bad_input_exits, option, typed_tool
+from .footprint import DTYPES, model_config
 
 
 def cache_dirs() -> dict:
@@ -46,8 +46,7 @@ def warm(preset: str, dtype: str, batch: int, seq_len: int, steps: int = 2, deco
     import torch.nn.functional as F
     from moeut.registry import build_model
     from moeut.model import KVCache
-    from .footprint import model_config
-    from . import cvmm_triton as kt
+    from ..kernels import cvmm_triton as kt
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype not in ("bf16", "fp16", "fp32", "tf32"):  # else it would silently run fp32
         raise ValueError(f"dtype: expected one of bf16, fp16, fp32, tf32, got {dtype!r}")
@@ -91,57 +90,68 @@ def warm(preset: str, dtype: str, batch: int, seq_len: int, steps: int = 2, deco
     return res
 
 
-def options(cfg: Any) -> dict:
-    """The checked options of a composed conf/warmup.yaml: batch/seq_len/prefill ints >= 1, steps >= 0,
-    decode a bool, device a string or None. Raises ValueError naming the option (unknown option,
-    non-integer or < 1, decode not true/false, unknown dtype or preset)."""
-    from ..cli import bool_option, choice_option, int_option, tool_options
-    from .footprint import DTYPES, model_config
+@dataclass
+class WarmupOptions:
+    """The options of `python -m moeut.tools.warmup` (checked by moeut.cli.typed_tool, then `check`)."""
 
-    a = tool_options(cfg, "warmup")
-    choice_option(a, "dtype", DTYPES)
-    for k in ("batch", "seq_len", "prefill"):
-        a[k] = int_option(a, k)
-    a["steps"] = int_option(a, "steps", lo=0)  # 0: warm the decode only
-    a["decode"] = bool_option(a, "decode")
+    preset: str = option("moeut_44m", help="model preset (registry presets, or golden_tiny / golden_small_g3)")
+    dtype: str = option("bf16", choices=DTYPES,
+                        help="bf16 | fp16 (autocast), fp32 (true fp32), tf32 (fp32 with TF32 allowed)")
+    batch: int = option(64, lo=1, help="sequences per training step")
+    seq_len: int = option(1024, lo=1, help="tokens per sequence")
+    steps: int = option(2, lo=0, help="forward + backward passes to run (0: only the decode)")
+    decode: bool = option(True, help="also a KV-cache decode of `prefill` tokens and 8 single-token steps")
+    prefill: int = option(100, lo=1, help="prompt length (tokens) of the decode")
+    device: str = option("cuda", help="cuda | cuda:N | cpu (cuda without a GPU is an error; cpu: a dry run "
+                                      "of the PyTorch implementation, nothing compiled)")
+
+
+def check(a: WarmupOptions) -> None:
+    """Raises ValueError naming `preset` when it is unknown, and `device` when it is not cpu /
+    cuda / cuda:N, or CUDA while torch sees no GPU."""
     try:
-        model_config(str(a["preset"]))
+        model_config(a.preset)
     except (KeyError, ValueError) as e:
-        raise ValueError(f"preset: {a['preset']!r}: {e}") from None
-    a["device"] = str(a["device"]) if a.get("device") else None
-    return a
-
-
-def run(cfg: Any) -> dict:
-    """Print the Triton cache dir and run `warm` with the options of a composed conf/warmup.yaml;
-    returns warm()'s timings. Raises the ValueErrors of `options`, and ValueError naming `device`
-    when it is (or defaults to) CUDA and torch sees no GPU; device=cpu is announced as a dry run."""
-    a = options(cfg)
-    dev = a["device"]
-    if (dev is None or dev.startswith("cuda")) and not torch.cuda.is_available():
-        given = f"device={dev}" if dev else "device (default: cuda)"
-        raise ValueError(f"{given}: torch sees no CUDA GPU, so there is nothing to compile or autotune (the "
+        raise ValueError(f"preset: {a.preset!r}: {e}") from None
+    dev = a.device
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", dev):
+        raise ValueError(f"device: expected cuda, cuda:N or cpu, got {dev!r}")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={dev}: torch sees no CUDA GPU, so there is nothing to compile or autotune (the "
                          f"Triton kernels run on GPUs only); device=cpu runs a dry run of the PyTorch "
                          f"implementation, which compiles nothing")
-    if torch.device(dev or "cuda").type == "cpu":
+
+
+def run(a: WarmupOptions) -> dict:
+    """Print the Triton cache dir and run `warm` with the options `a`; returns warm()'s timings.
+    Raises the ValueErrors of `check`; device=cpu is announced as a dry run."""
+    check(a)
+    if a.device == "cpu":
         print("[warmup] device=cpu: a dry run of the PyTorch implementation; nothing is compiled or cached")
     dirs = cache_dirs()
     print(f"[warmup] Triton cache (kernels + autotune results): {dirs['triton']}")
-    return warm(a["preset"], a["dtype"], a["batch"], a["seq_len"], a["steps"], a["decode"], a["prefill"],
-                a["device"])
+    return warm(a.preset, a.dtype, a.batch, a.seq_len, a.steps, a.decode, a.prefill, a.device)
 
 
-@one_line_hydra_errors("moeut.kernels.warmup")
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="warmup")
-def main(cfg: Any) -> None:
-    """`python -m moeut.kernels.warmup [key=value ...]` (options: conf/warmup.yaml, `--help`);
-    bad options: a one-line error naming the option, exit 1."""
-    from moeut.cli import setup_tool_output
-    setup_tool_output("moeut.kernels.warmup")  # one-line warnings; no progress frames in a log file
-    try:
-        run(cfg)
-    except ValueError as e:
-        sys.exit(f"moeut.kernels.warmup: error: {e}")
+APP = "moeut.tools.warmup"
+
+
+def _work(a: WarmupOptions) -> dict:
+    with bad_input_exits(APP):  # bad input: one line, exit 1 (a later crash keeps its traceback)
+        check(a)
+    return run(a)
+
+
+main = typed_tool(
+    APP, WarmupOptions,
+    summary="Pre-warm the Triton caches for a model: run `steps` forward + backward passes at the given "
+            "batch (random tokens) and, with decode=true, a KV-cache decode, printing the wall time of "
+            "each (the first pass includes compiling and autotuning). Compiled kernels and autotune "
+            "winners land in Triton's cache (TRITON_CACHE_DIR, default ~/.triton/cache), so later "
+            "processes start warm. `python -m moeut.tools.footprint` with the same options lists what "
+            "gets compiled.",
+    usage="python -m moeut.tools.warmup [key=value ...]",
+    notes="See docs/kernels.md.")(_work)
 
 
 if __name__ == "__main__":
