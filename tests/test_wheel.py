@@ -42,7 +42,7 @@ IGNORED = ("_carried", ".git", "build", "dist", "*.egg-info", "__pycache__", ".p
            "multirun", "data_cache", "wandb", "exports", "tests", "docs")
 # console script -> the conf file its --help documents (None: lm-eval's own argparse help)
 SCRIPT_CONF = {"moeut-train": "config", "moeut-prepare-data": "prepare_data", "moeut-evaluate": "eval",
-               "moeut-eval-table": "eval_table", "moeut-hf-export": "hf_export", "moeut-analyze": "analyze",
+               "moeut-eval-table": "eval_table", "moeut-hf-export": "hf_export",
                "moeut-summary": "summary", "moeut-sweep": "sweep", "moeut-footprint": "footprint",
                "moeut-warmup": "warmup", "moeut-lm-eval": None}
 
