@@ -85,7 +85,7 @@ class SUTConfig:
     group_size = property(lambda self: 1)
     n_repeats = property(lambda self: self.n_layers)
     # MoA routes once per token (not per head): routing records hold its query/output experts as
-    # one "head" of att_o_idx [B, T, 1, k] (consumed by moeut.routing.RoutingStats).
+    # one "head" of att_o_idx [B, T, 1, k] (consumed by moeut.analysis.routing.RoutingStats).
     n_heads = property(lambda self: 1)
 
     @property
