@@ -193,7 +193,8 @@ def test_routing_bad_data_path_is_one_line_and_writes_nothing(tiny_run, tmp_path
 def test_routing_requires_checkpoint():
     res = subprocess.run(CMD, cwd=REPO, capture_output=True, text=True,
                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert res.returncode != 0 and "checkpoint" in res.stderr
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "moeut.analysis routing: error: checkpoint: required" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_notebooks_execute_headless(tiny_run, tmp_path):
