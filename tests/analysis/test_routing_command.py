@@ -274,7 +274,7 @@ def test_report_sets_training_validation_beside_the_analysis(tmp_path):
 def test_report_perplexity_equals_training_validation_on_the_same_windows(tmp_path):
     """Independent reference: training's own validation perplexity. Analysing the run's validation
     file with max_tokens = its data.valid_tokens measures the same windows, so the same number."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     env = dict(os.environ, PYTHONPATH=str(repo), MPLBACKEND="Agg", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     run = tmp_path / "run"
     subprocess.run([sys.executable, "train.py", "experiment=cpu_tiny", "train.steps=4", "optim.warmup=1",
