@@ -16,7 +16,7 @@
 # %% [markdown]
 # # Attention experts, residual norms and training-time routing metrics (SPEC §7.2 F5–F6, §7.3)
 #
-# Reads `<run dir>/analysis/routing_stats.npz` (from `python -m moeut.analyze`) and the run's
+# Reads `<run dir>/analysis/routing_stats.npz` (from `python -m moeut.analysis routing`) and the run's
 # `metrics.jsonl`. Set `MOEUT_RUN_DIR` (and optionally `MOEUT_ANALYSIS_DIR`); a relative path is
 # taken from the directory the command was started in (`$PWD`), not from `analysis/`.
 
@@ -30,7 +30,7 @@ import numpy as np
 from IPython.display import display
 
 from moeut.analysis import stats as A
-from moeut import analyze as Z
+from moeut.analysis import figures as F
 
 # relative paths are taken from where the command was started, not from this folder
 run_dir, analysis_dir = map(Path, A.notebook_dirs())
@@ -52,8 +52,8 @@ inn = A.layer_means(stats["in_norm_sum"], stats["norm_count"])
 rel = A.layer_means(stats["rel_update_sum"], stats["norm_count"])
 for l in range(meta["n_layers"]):
     print(f"layer {l + 1}: |update| {upd[l]:.3f}  |x_in| {inn[l]:.3f}  |update|/|x_in| {rel[l]:.3f}")
-display(Z.plot_f5(stats, run, "update", rows))
-display(Z.plot_f5(stats, run, "in_norm", rows))
+display(F.plot_f5(stats, run, "update", rows))
+display(F.plot_f5(stats, run, "in_norm", rows))
 
 # %% [markdown]
 # ## F6 — attention expert usage per head (V and O gates)
@@ -65,7 +65,7 @@ if "att_v_counts" in stats:
             c = stats[f"att_{gate}_counts"][g]
             print(f"g={g} {gate.upper()}: usage rel. perplexity {A.att_usage_rel_ppl(c):.3f}; "
                   f"sorted totals per head {A.att_sorted_totals(c).tolist()}")
-            display(Z.plot_f6(stats, run, g, gate))
+            display(F.plot_f6(stats, run, g, gate))
 else:
     print("this model has no attention experts")
 
@@ -76,7 +76,7 @@ else:
 series = A.metric_series(rows, "moe/")
 for k, (steps, vals) in series.items():
     print(f"{k}: {len(steps)} points, last {vals[-1]:.4f} at step {int(steps[-1])}")
-fig = Z.plot_training_metrics(rows, run) if rows else None
+fig = F.plot_training_metrics(rows, run) if rows else None
 if fig is not None:
     display(fig)
 plt.close("all")

@@ -16,7 +16,7 @@
 # %% [markdown]
 # # MLP expert specialisation across the shared layers (SPEC §7.2, F1–F4)
 #
-# Reads the statistics that `python -m moeut.analyze checkpoint=<run dir>` stored in
+# Reads the statistics that `python -m moeut.analysis routing checkpoint=<run dir>` stored in
 # `<run dir>/analysis/routing_stats.npz` (no model is run here) and the run's Hydra config.
 # Set the run directory with the environment variable `MOEUT_RUN_DIR` (and optionally
 # `MOEUT_ANALYSIS_DIR` if the statistics were written elsewhere); a relative path is taken from
@@ -33,7 +33,7 @@ from IPython.display import display
 from omegaconf import OmegaConf
 
 from moeut.analysis import stats as A
-from moeut import analyze as Z
+from moeut.analysis import figures as F
 
 # relative paths are taken from where the command was started, not from this folder
 run_dir, analysis_dir = map(Path, A.notebook_dirs())
@@ -70,8 +70,8 @@ for g in range(G):
     top_layer = p.argmax(0)
     print(f"g={g}: experts whose selections peak at each repetition:",
           np.bincount(top_layer[p.sum(0) > 0], minlength=R).tolist())
-    display(Z.plot_f1(stats, g, run))
-    display(Z.plot_f1(stats, g, run, normalised=True))
+    display(F.plot_f1(stats, g, run))
+    display(F.plot_f1(stats, g, run, normalised=True))
 
 # %% [markdown]
 # ## F2 — distinct experts per token id
@@ -80,11 +80,11 @@ for g in range(G):
 
 # %%
 tec = A.token_counts_from_stats(stats)
-for l in Z.f2_layers(stats, None):
+for l in F.f2_layers(stats, None):
     n_used = A.distinct_experts_per_token(tec, int(stats["layer_g"][l]), int(stats["layer_r"][l]))
     seen = n_used[n_used > 0]
     print(f"layer {l + 1}: {len(seen)} token ids seen, median #experts {np.median(seen):.1f} (K = {K})")
-display(Z.plot_f2(stats, run))
+display(F.plot_f2(stats, run))
 
 # %% [markdown]
 # ## F3 — per-layer share of each token's expert set (member g = 0)
@@ -93,7 +93,7 @@ display(Z.plot_f2(stats, run))
 top = A.top_tokens(stats["token_freq"], 6000)
 img = A.layer_share_of_token_set(tec, 0, top)
 print("mean share per layer (most frequent 100 tokens):", np.round(np.nanmean(img[:, :100], 1), 3).tolist())
-display(Z.plot_f3(stats, run, 0, 6000))
+display(F.plot_f3(stats, run, 0, 6000))
 
 # %% [markdown]
 # ## F4 — per-token Jaccard overlap between repetitions
@@ -109,5 +109,5 @@ for g in range(G):
     subset = stats["sets"][:, layers, :]
     if len(subset):
         print("  same, from the first", len(subset), "stored positions:\n", np.round(A.jaccard_matrix(subset), 3))
-    display(Z.plot_f4(stats, run, g))
+    display(F.plot_f4(stats, run, g))
 plt.close("all")

@@ -23,7 +23,7 @@
 #   evaluate     python -m moeut.evaluate on that run (limit per task): perplexity of the C4 sample
 #                carried in data/ always; the zero-shot tasks when their sets are found
 #                ($MOEUT_SHARED/data/eval or ../shared/data/eval), else reported as skipped
-#   analyze      python -m moeut.analyze on that run (capped tokens)
+#   analyze      python -m moeut.analysis routing on that run (capped tokens)
 #   bench_*      benchmarks/train_step.py, benchmarks/moe_layer.py, benchmarks/cvmm.py
 # and appends one dated markdown section (GPU, versions, step table, figures) to docs/benchmarks.md
 # (GPU_SUITE_DOC overrides; the dry run writes to $WORK/benchmarks.md, never docs/benchmarks.md).
@@ -182,7 +182,7 @@ run_step cold_start 180 bash -c cold_start
 run_step pytest_gpu 300 python -m pytest -m gpu -q -rA -p no:cacheprovider $PYTEST_TARGETS
 run_step train 300 bash -c train_sigterm_resume
 run_step evaluate 150 python -m moeut.evaluate checkpoint="$WORK/run" $EVAL_ARGS out_dir="$WORK/eval"
-run_step analyze 150 python -m moeut.analyze checkpoint="$WORK/run" $ANALYZE_ARGS out_dir="$WORK/analysis"
+run_step analyze 150 python -m moeut.analysis routing checkpoint="$WORK/run" $ANALYZE_ARGS out_dir="$WORK/analysis"
 run_step bench_train_step 200 python benchmarks/train_step.py $BENCH_TS --record "$WORK/bench_train_step.md"
 run_step bench_moe_layer 120 python benchmarks/moe_layer.py $BENCH_LAYER
 run_step bench_cvmm 150 python benchmarks/cvmm.py $BENCH_CVMM --record "$WORK/bench_cvmm.md"

@@ -6,7 +6,7 @@ Every command-line tool of the package is a Hydra app over a file of the conf/ d
 `run(cfg)` that does the work (callable from tests with `compose("<tool>", [...])`), no Hydra
 output folder or log file (`hydra.output_subdir: null`, `hydra.run.dir: .`,
 `hydra/job_logging: stdout`) and a `hydra.help.template` listing every option, so `--help` says
-what the tool does. Tools: train.py (moeut.train), moeut.evaluate, moeut.prepare_data, moeut.analyze,
+what the tool does. Tools: train.py (moeut.train), moeut.evaluate, moeut.prepare_data, moeut.analysis routing,
 moeut.sweep, moeut.summary, moeut.hf.export, moeut.tools.footprint, moeut.tools.warmup,
 moeut.eval.table, analysis/compare.py, analysis/plot_curves.py. The exception is
 moeut.eval.harness_cli, which hands its argv to lm-eval's own command line (see its docstring).

@@ -6,7 +6,7 @@ interchangeable behind `model(input_ids, attention_mask=..., cache=..., collect_
 Padding contract (every LM here): `attention_mask` [B, T] (named as in Hugging Face; 1 = real
 token, 0 = padding; bool or integer) marks the valid positions of a right-padded batch. Padded
 positions take no expert capacity (capacity-limited routers), enter no routing statistic (routing
-records carry the mask as `valid`; `moeut.routing.RoutingStats` skips them) and no auxiliary loss
+records carry the mask as `valid`; `moeut.analysis.routing.RoutingStats` skips them) and no auxiliary loss
 or regulariser; their logits are unspecified. Only right padding is supported (each row 1...1 0...0):
 the models are causal, so a real position never attends to a later padded one, and absolute
 positions (RoPE) stay those of the unpadded sequence. A score therefore never depends on padding

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from model_families import FAMILIES, V, family_config
 from moeut.checkpoint import build_model
-from moeut.routing import RoutingStats
+from moeut.analysis.routing import RoutingStats
 
 B, T = 2, 12
 

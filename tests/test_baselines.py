@@ -450,7 +450,7 @@ def test_routing_records_for_new_mlps():
             assert torch.all(rec.mlp_idx[..., 0] == 0) and torch.all(rec.mlp_gate[..., 0] == 1)
             assert torch.all(rec.mlp_idx[..., 1:] >= 1)
     # The training loop's routing metrics accept these records.
-    from moeut.routing import RoutingStats
+    from moeut.analysis.routing import RoutingStats
     for name in ("moeut_deepseek", "sut", "du_every2"):
         model = build_model(SMALL[name]).eval()
         stats = RoutingStats.from_config(model.config)

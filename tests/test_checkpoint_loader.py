@@ -147,13 +147,13 @@ def test_export_falls_back(run, tmp_path):
 
 
 def test_analyze_falls_back(run, tmp_path):
-    from moeut import analyze as Z
+    from moeut.analysis import routing_command as Z
     run_dir, _, bad = run
     data = tmp_path / "valid.txt"
     data.write_text(_text(60, 123))
-    cfg = Z.AnalyzeConfig(checkpoint=str(run_dir), data=Z.DataConfig(path=str(data)), seq_len=16, batch_size=4,
+    cfg = Z.RoutingOptions(checkpoint=str(run_dir), data=Z.DataOptions(path=str(data)), seq_len=16, batch_size=4,
                           max_tokens=256, device="cpu", out_dir=str(tmp_path / "an"),
-                          figures=Z.FigureConfig(formats=["png"], dpi=30), report=False)
+                          figures=Z.FigureOptions(formats=["png"], dpi=30), report=False)
     with pytest.warns(UserWarning, match=SKIP_RE):
         res = Z.run_analysis(cfg)
     from moeut.analysis.stats import load_stats

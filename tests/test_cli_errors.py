@@ -46,9 +46,9 @@ def _lines(text):
 # ------------------------------------------------------------------------------------------
 
 def test_warning_line_format():
-    own = str(REPO / "moeut" / "analyze.py")
-    assert cli.warning_line("moeut.analyze", "seq_len: null ...", UserWarning, own, 12) == \
-        "moeut.analyze: warning: seq_len: null ...\n"
+    own = str(REPO / "moeut" / "analysis" / "collect.py")
+    assert cli.warning_line("moeut.analysis routing", "seq_len: null ...", UserWarning, own, 12) == \
+        "moeut.analysis routing: warning: seq_len: null ...\n"
     assert cli.warning_line("train.py", "x", DeprecationWarning, str(REPO / "train.py"), 3) == \
         "train.py: warning: DeprecationWarning: x\n"
     other = str(Path(torch.__file__))
@@ -69,9 +69,9 @@ def test_install_warning_format_sets_the_one_formatter():
         warnings.formatwarning = old
 
 
-def test_analyze_prints_its_warning_as_one_line(tmp_path):
-    """A project warning of a tool (moeut.analyze: no saved training config, so seq_len falls back)
-    is one line `moeut.analyze: warning: <message>`, no source path and no `UserWarning:`."""
+def test_routing_analysis_prints_its_warning_as_one_line(tmp_path):
+    """A project warning of a tool (moeut.analysis routing: no saved training config, so seq_len falls
+    back) is one line `moeut.analysis routing: warning: <message>`, no source path and no `UserWarning:`."""
     import random
 
     from moeut.checkpoint import save_checkpoint
@@ -85,12 +85,12 @@ def test_analyze_prints_its_warning_as_one_line(tmp_path):
     cfg = get_preset("tiny", vocab_size=tok.vocab_size)
     save_checkpoint(tmp_path / "run" / "checkpoints", 1, build_model(cfg), cfg, tokenizer=tok)
     (tmp_path / "valid.txt").write_text("\n\n".join(text))
-    r = _run(["-m", "moeut.analyze", f"checkpoint={tmp_path / 'run'}", f"data.path={tmp_path / 'valid.txt'}",
+    r = _run(["-m", "moeut.analysis", "routing", f"checkpoint={tmp_path / 'run'}", f"data.path={tmp_path / 'valid.txt'}",
               "max_tokens=2048", "batch_size=2", "device=cpu", "report=false", "figures.formats=[png]",
               "figures.dpi=20"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     warned = [ln for ln in r.stderr.splitlines() if "warning" in ln.lower()]
-    assert warned == [f"moeut.analyze: warning: seq_len: null, but the run {tmp_path / 'run'} has no saved training "
+    assert warned == [f"moeut.analysis routing: warning: seq_len: null, but the run {tmp_path / 'run'} has no saved training "
                       f"config with data.seq_len; analysing at seq_len=1024 (pass seq_len=<T> to choose)"], r.stderr
 
 

@@ -34,7 +34,7 @@ TOOLS = {
     "moeut.train": ["-m", "moeut.train"],
     "moeut.evaluate": ["-m", "moeut.evaluate"],
     "moeut.prepare_data": ["-m", "moeut.prepare_data"],
-    "moeut.analyze": ["-m", "moeut.analyze"],
+    "moeut.analysis routing": ["-m", "moeut.analysis", "routing"],
     "moeut.sweep": ["-m", "moeut.sweep"],
     "moeut.hf.export": ["-m", "moeut.hf.export"],
     "moeut.tools.footprint": ["-m", "moeut.tools.footprint"],
@@ -84,7 +84,7 @@ def test_every_package_tool_has_a_console_script():
     entry names one of them; the clone's scripts (train.py, analysis/*.py) have none."""
     from test_wheel import console_scripts
 
-    package_tools = {argv[1] for argv in TOOLS.values() if argv[0] == "-m"}
+    package_tools = {argv[1] for argv in TOOLS.values() if argv[0] == "-m" and len(argv) == 2}  # not subcommands
     package_tools |= {m[:-3].replace("/", ".") for m in NOT_HYDRA}
     targets = {}
     for name, target in console_scripts().items():
@@ -140,8 +140,10 @@ def test_bad_option_fails_naming_it_and_writes_nothing(tool, args, message, tmp_
     # a refused start found by train_lib.start.validated_start (inside `train`), not by to_typed
     ("train.py", ["experiment=cpu_tiny", "print_config=false", "train.resume=ckpt", "hydra.run.dir=run"],
      "no valid checkpoint in"),
-    ("moeut.analyze", ["checkpoint=nope", "seq_len=0"], "seq_len: must be >= 1, got 0"),
-    ("moeut.analyze", [], "checkpoint: required"),
+    ("moeut.analysis routing", ["checkpoint=nope", "seq_len=0"], "seq_len: must be >= 1, got 0"),
+    ("moeut.analysis routing", [], "checkpoint: required"),
+    ("moeut.analysis routing", ["checkpoint=nope", "precision=bfloat16"], "precision: must be one of fp32 | bf16 | fp16"),
+    ("moeut.analysis routing", ["checkpoint=nope", "device=gpu"], "device: must be auto | cpu | cuda | cuda:N"),
     ("moeut.prepare_data", ["prepare.workers=-1"], "prepare.workers: must be >= 0"),
     ("moeut.summary", ["dir=.", "plots=maybe"], "plots: expected true or false, got 'maybe'"),
     ("analysis/compare.py", ["runs=x", "plot=maybe"], "plot: expected true or false, got 'maybe'"),

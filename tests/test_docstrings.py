@@ -32,7 +32,7 @@ PACKAGE = REPO / "moeut"
 
 # Command-line modules named in issue 16; each must be detected as a CLI when its file exists
 # (guards the detection rule below against a CLI written in a form it does not recognise).
-KNOWN_CLIS = ("moeut.evaluate", "moeut.analyze", "moeut.prepare_data", "moeut.summary", "moeut.sweep",
+KNOWN_CLIS = ("moeut.evaluate", "moeut.analysis.__main__", "moeut.prepare_data", "moeut.summary", "moeut.sweep",
               "moeut.hf.export", "moeut.tools.footprint", "moeut.tools.warmup", "moeut.eval.table",
               "moeut.eval.harness_cli")
 

@@ -123,15 +123,16 @@ REGISTRY = {
     'python -m moeut.eval.harness_cli run --model moeut --model_args checkpoint=runs/<run> --tasks piqa,arc_easy':
         ("skip", HUB),
     'python -m moeut.hf.export checkpoint=runs/<run> out=exports/<run>': ("run", ""),
-    'python -m moeut.analyze checkpoint=runs/<run>': ("run", SMALL_ANALYZE),
+    'python -m moeut.analysis routing checkpoint=runs/<run>': ("run", SMALL_ANALYZE),
     'python -m moeut.tools.footprint preset=moeut_44m dtype=bf16': ("run", ""),
     # docs/analysis.md
-    'python -m moeut.analyze checkpoint=runs/c4_moeut_244m': ("run", SMALL_ANALYZE),
-    'python -m moeut.analyze checkpoint=runs/x/checkpoints/step_0100000 max_tokens=null device=cuda dtype=bfloat16':
+    'python -m moeut.analysis routing checkpoint=runs/c4_moeut_244m': ("run", SMALL_ANALYZE),
+    'python -m moeut.analysis routing checkpoint=runs/x/checkpoints/step_0100000 max_tokens=null device=cuda precision=bf16':
         ("skip", GPU),
-    'python -m moeut.analyze checkpoint=runs/x reuse_stats=true figures.dpi=200': ("run", ""),
-    'python -m moeut.analyze checkpoint=runs/x execute_notebooks=true': ("run", SMALL_ANALYZE),
-    'python -m moeut.analyze checkpoint=runs/x reuse_stats=true execute_notebooks=true':
+    'python -m moeut.analysis routing checkpoint=runs/x reuse_stats=true figures.dpi=200': ("run", ""),
+    'python -m moeut.analysis routing checkpoint=runs/x execute_notebooks=true': ("run", SMALL_ANALYZE),
+    'python -m moeut.analysis routing --help': ("run", ""),
+    'python -m moeut.analysis routing checkpoint=runs/x reuse_stats=true execute_notebooks=true':
         ("covered", "tests/test_notebooks.py::test_documented_notebook_commands_run"),
     'MOEUT_RUN_DIR=runs/x jupytext --execute --to ipynb -o runs/x/analysis/expert_usage.ipynb analysis/expert_usage.py':
         ("covered", "tests/test_notebooks.py::test_documented_notebook_commands_run"),
@@ -147,7 +148,7 @@ REGISTRY = {
         ("skip", GPU),
     'python analysis/compare.py --help': ("run", ""),
     'python tools/import_graph.py': ("run", ""),
-    'python -m moeut.analyze --cfg job checkpoint=runs/x': ("run", ""),
+    'python -m moeut.analysis routing --cfg job checkpoint=runs/x': ("run", ""),
     # docs/evaluation.md
     'python -m moeut.evaluate checkpoint=runs/c4_moeut_44m': ("run", "limit=2"),
     'python -m moeut.evaluate checkpoint=runs/c4_moeut_44m/checkpoints/step_0100000 tasks=[lambada,blimp,piqa] limit=100':
@@ -189,9 +190,9 @@ REGISTRY = {
     'for r in moeut dense_params dense_macs; do python -m moeut.evaluate checkpoint=runs/results/${r}_s0 '
     'tasks=[lambada,blimp,hellaswag,piqa,arc_easy] limit=200 pad_multiple=8 batch_size=64 dataset=Gutenberg; done':
         ("skip", CPU_RESULT),
-    'python -m moeut.analyze checkpoint=runs/results/moeut_s0 data.path=../shared/data/text/gutenberg/valid.jsonl.gz '
+    'python -m moeut.analysis routing checkpoint=runs/results/moeut_s0 data.path=../shared/data/text/gutenberg/valid.jsonl.gz '
     'seq_len=256 batch_size=16 max_tokens=131072': ("skip", CPU_RESULT),
-    'python -m moeut.analyze checkpoint=runs/results/moeut_s0 data.path=../shared/data/text/gutenberg/valid.jsonl.gz '
+    'python -m moeut.analysis routing checkpoint=runs/results/moeut_s0 data.path=../shared/data/text/gutenberg/valid.jsonl.gz '
     'seq_len=256 max_tokens=131072': ("skip", CPU_RESULT),
     'python analysis/plot_curves.py runs=[runs/results/moeut_s0,runs/results/dense_params_s0,runs/results/dense_macs_s0] '
     '\'labels=[MoEUT,"dense (param-matched)","dense (MAC-matched)"]\' out=docs/figures/cpu_results_curves':
@@ -283,11 +284,11 @@ def test_extraction_rules():
     drops synopses, on a hand-written doc."""
     text = ("```bash\npython a.py x=1 \\\n   y='#2'    # note\n# only a comment\n"
             "for r in a b; do\n  echo $r\ndone\n```\n\n    python b.py \\\n      z=3   # indented\n\n"
-            "Run `python -m moeut.analyze checkpoint=runs/<run>`, see `python -m moeut.evaluate [limit=N]`, "
+            "Run `python -m moeut.analysis routing checkpoint=runs/<run>`, see `python -m moeut.evaluate [limit=N]`, "
             "`moeut-train`, `python train.py experiment=<name>` and `python -m moeut.prepare_data ...`.\n"
             "```python\nprint(1)\n```\n")
     assert extract(text) == ["python a.py x=1 y='#2'", "for r in a b; do echo $r; done", "python b.py z=3",
-                             "python -m moeut.analyze checkpoint=runs/<run>"]
+                             "python -m moeut.analysis routing checkpoint=runs/<run>"]
 
 
 # ------------------------------------------------------------------------------------------

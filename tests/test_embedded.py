@@ -57,9 +57,10 @@ def test_validation_books_are_outside_the_full_gutenberg_train_split():
 
 
 def test_analysis_default_data_is_embedded():
-    from moeut import analyze as Z
-    assert Z.DEFAULT_DATA == BOOKS / "valid.jsonl.gz" and Z.DEFAULT_DATA.is_file()
-    assert len(Z.load_texts(str(Z.DEFAULT_DATA))) == 4
+    from moeut.analysis import collect as C
+    from moeut.data.sources import FileRef, read_documents
+    assert C.DEFAULT_DATA == BOOKS / "valid.jsonl.gz" and C.DEFAULT_DATA.is_file()
+    assert len(list(read_documents(FileRef(str(C.DEFAULT_DATA))))) == 4
 
 
 @pytest.mark.slow

@@ -138,14 +138,14 @@ def test_dataset_name_from_the_config_train_writes(tmp_path):
 
 
 def test_analyze_and_compare_refuse_nothing_to_do(tiny_run, tmp_path):
-    """moeut.analyze: a checkpoint path that does not exist, or no figure format, is a named
+    """moeut.analysis routing: a checkpoint path that does not exist, or no figure format, is a named
     error before any work; analysis/compare.py: runs of which none logged the compared metric."""
     import importlib.util
-    from moeut.analyze import AnalyzeConfig, run_analysis
+    from moeut.analysis.routing_command import RoutingOptions, run_analysis
     run_dir, _, _ = tiny_run
     with pytest.raises(FileNotFoundError, match=r"checkpoint=.*nothing: no such file or directory"):
-        run_analysis(AnalyzeConfig(checkpoint=str(tmp_path / "nothing")))
-    cfg = AnalyzeConfig(checkpoint=str(run_dir), out_dir=str(tmp_path / "an"))
+        run_analysis(RoutingOptions(checkpoint=str(tmp_path / "nothing")))
+    cfg = RoutingOptions(checkpoint=str(run_dir), out_dir=str(tmp_path / "an"))
     cfg.figures.formats = []
     with pytest.raises(ValueError, match=r"figures.formats: empty"):
         run_analysis(cfg)

@@ -1,6 +1,6 @@
 """The CPU dry run of benchmarks/gpu_suite.sh (issue 13 item 3), so the GPU suite cannot rot
 between GPU sessions: every step (versions, compile footprint, cold start, pytest -m gpu,
-train.py with a checkpoint + SIGTERM + resume, moeut.evaluate, moeut.analyze, the benchmarks)
+train.py with a checkpoint + SIGTERM + resume, moeut.evaluate, moeut.analysis routing, the benchmarks)
 runs at tiny sizes on CPU and writes its markdown section to a temp file, not docs/benchmarks.md."""
 import os
 import shutil

@@ -38,7 +38,7 @@ def test_the_list_covers_every_path_that_makes_the_numbers():
     needed = {"moeut/model.py", "moeut/lm.py", "moeut/kernels/grouped.py", "moeut/kernels/cvmm.py",
               "moeut/train_lib/step.py", "moeut/train_lib/schedule.py", "moeut/train_lib/start.py",
               "moeut/train_lib/state.py", "moeut/train_lib/evaluate.py", "moeut/data/dataset.py",
-              "moeut/eval/scoring.py", "moeut/checkpoint.py", "moeut/rundir.py", "moeut/routing.py",
+              "moeut/eval/scoring.py", "moeut/checkpoint.py", "moeut/rundir.py", "moeut/analysis/routing.py",
               *(f"moeut/eval/tasks/{t}.py" for t in ("lambada", "blimp", "cbt", "hellaswag", "piqa", "arc",
                                                      "perplexity"))}
     assert needed <= files, sorted(needed - files)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from moeut import analyze as Z
+from moeut.analysis import notebooks as Z
 
 REPO = Path(__file__).resolve().parents[1]
 ANALYSIS = REPO / "analysis"
@@ -93,7 +93,7 @@ def test_documented_notebook_commands_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"}
     env.pop("MOEUT_RUN_DIR", None), env.pop("MOEUT_ANALYSIS_DIR", None)
     # the statistics the notebooks read ("analyse the run first")
-    subprocess.run([sys.executable, "-m", "moeut.analyze", "checkpoint=runs/x", "data.path=valid.txt",
+    subprocess.run([sys.executable, "-m", "moeut.analysis", "routing", "checkpoint=runs/x", "data.path=valid.txt",
                     "seq_len=16", "max_tokens=1024", "batch_size=8", "device=cpu", "figures.formats=[png]",
                     "figures.dpi=30"], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
 

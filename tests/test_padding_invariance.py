@@ -75,7 +75,7 @@ def test_unmasked_padding_would_change_capacity_scores(family):
 @pytest.mark.parametrize("family", sorted(f for f in FAMILIES if hasattr(family_config(f), "ff_n_experts")))
 def test_routing_statistics_skip_padding(family):
     """RoutingStats over a padded batch = the sum over its requests scored alone (no padding)."""
-    from moeut.routing import RoutingStats
+    from moeut.analysis.routing import RoutingStats
     torch.manual_seed(0)
     cfg = family_config(family)
     model = build_family(family).eval()

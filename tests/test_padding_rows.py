@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moeut.model import entropy_reg_term
-from moeut.routing import RoutingStats
+from moeut.analysis.routing import RoutingStats
 
 from model_families import FAMILIES, V, build_family, family_config
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from moeut.data.dataset import StreamSampler
-from moeut.routing import RoutingStats
+from moeut.analysis.routing import RoutingStats
 from moeut.train_lib.distributed import DistInfo
 from moeut.train_lib.state import TrainState, rng_state, seed_all
 

@@ -226,8 +226,8 @@ def test_run_dir_of_each_kind_of_path(tmp_path):
 
 
 def test_one_run_dir_of_everywhere():
-    """moeut.analyze and moeut.eval.zeroshot had their own, disagreeing copies; now there is one."""
-    import moeut.analyze as Z
+    """The analysis (moeut.analysis) and moeut.eval.zeroshot had their own, disagreeing copies; now there is one."""
+    import moeut.analysis.routing_command as Z
     import moeut.eval.zeroshot as E
     assert Z.run_dir_of is R.run_dir_of and E.run_dir_of is R.run_dir_of
 

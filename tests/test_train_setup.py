@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from moeut import validate as V
-from moeut.analyze import AnalyzeConfig
+from moeut.analysis.routing_command import RoutingOptions
 from moeut.registry import get_preset
 from moeut.sweep import SweepFile
 from moeut.train_lib import config as TC
@@ -33,7 +33,7 @@ TRAIN_SCHEMAS = {"data": TC.DataSchema, "optim": TC.OptimSchema, "train": TC.Tra
                  "logger": TC.LoggerSchema, "model": TC.ModelSchema}
 TRAIN_OPTIONS = [(f"{group}.{name}", field, kind) for group, cls in TRAIN_SCHEMAS.items()
                  for name, field, kind in V.numeric_fields(cls)]
-OTHER_OPTIONS = ([(f"analyze.{n}", f, k) for n, f, k in V.numeric_fields(AnalyzeConfig)]
+OTHER_OPTIONS = ([(f"routing.{n}", f, k) for n, f, k in V.numeric_fields(RoutingOptions)]
                  + [(f"sweep.{n}", f, k) for n, f, k in V.numeric_fields(SweepFile)])
 
 
@@ -99,13 +99,13 @@ def test_defaults_and_every_experiment_pass_the_range_checks():
             V.check_ranges(getattr(obj, key), key)
 
 
-@pytest.mark.parametrize("name,field,kind", [o for o in OTHER_OPTIONS if o[0].startswith("analyze.")],
+@pytest.mark.parametrize("name,field,kind", [o for o in OTHER_OPTIONS if o[0].startswith("routing.")],
                          ids=lambda x: x if isinstance(x, str) else "")
-def test_analyze_option_out_of_range_is_named(name, field, kind):
-    from moeut.analyze import run_analysis
+def test_routing_option_out_of_range_is_named(name, field, kind):
+    from moeut.analysis.routing_command import run_analysis
     path = name.split(".", 1)[1]
     for bad in _bad_values(field):
-        cfg = AnalyzeConfig(checkpoint="/nonexistent")
+        cfg = RoutingOptions(checkpoint="/nonexistent")
         node, leaf = cfg, path
         while "." in leaf:
             head, leaf = leaf.split(".", 1)
@@ -238,7 +238,7 @@ def test_log_window_state_round_trip_counts_time_without_downtime():
 
 def _state(seed=0):
     from moeut.data.dataset import StreamSampler
-    from moeut.routing import RoutingStats
+    from moeut.analysis.routing import RoutingStats
     from moeut.train_lib.distributed import DistInfo
     from moeut.train_lib.state import TrainState
     torch.manual_seed(seed)

@@ -43,7 +43,7 @@ IGNORED = ("_carried", ".git", "build", "dist", "*.egg-info", "__pycache__", ".p
 # console script -> the conf file its --help documents, or "module:Schema" for a typed tool (moeut.cli.typed_tool;
 # its options are the schema's), None: lm-eval's own argparse help
 SCRIPT_CONF = {"moeut-train": "config", "moeut-prepare-data": "prepare_data", "moeut-evaluate": "eval",
-               "moeut-eval-table": "eval_table", "moeut-hf-export": "hf_export", "moeut-analyze": "analyze",
+               "moeut-eval-table": "eval_table", "moeut-hf-export": "hf_export",
                "moeut-summary": "summary", "moeut-sweep": "sweep",
                "moeut-footprint": "moeut.tools.footprint:FootprintOptions",
                "moeut-warmup": "moeut.tools.warmup:WarmupOptions", "moeut-lm-eval": None}

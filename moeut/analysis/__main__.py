@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 # subcommand -> (module, one-line description); the module's main() does the work
 SUBCOMMANDS: Dict[str, tuple] = {
+    "routing": ("moeut.analysis.routing_command", "expert analysis of a checkpoint: routing_stats.npz, F1-F6, report"),
 }
 
 

@@ -1,8 +1,8 @@
 """The arrays behind the expert-specialisation figures (SPEC §7), from stored statistics.
 
-Everything here is plain NumPy on arrays that `moeut.analyze` stores in `<run dir>/analysis/`
-(`routing_stats.npz`), so figures and notebooks can be redrawn without rerunning the model.
-Training-time metrics (`moeut.routing.RoutingStats`) reuse the usage functions below.
+Everything here is plain NumPy on arrays that `python -m moeut.analysis routing` stores in
+`<run dir>/analysis/` (`routing_stats.npz`), so figures and notebooks can be redrawn without rerunning the model.
+Training-time metrics (`moeut.analysis.routing.RoutingStats`) reuse the usage functions below.
 
 Conventions (SPEC 0): G group members, R repetitions, absolute layer l (execution order), N_E MLP
 experts per unique layer, K active MLP experts, H heads, E_att attention experts per head,
@@ -228,7 +228,8 @@ def jaccard_matrix(sets: np.ndarray) -> np.ndarray:
 
 
 def jaccard_from_sums(jaccard_sum: np.ndarray, n_positions: int) -> np.ndarray:
-    """F4 from the streaming accumulation in `moeut.analyze` (sum over positions of J_i)."""
+    """F4 from the streaming accumulation of `moeut.analysis.routing.RoutingStats.add` (sum over
+    positions of J_i)."""
     if n_positions <= 0:
         raise ValueError("jaccard_from_sums: n_positions must be > 0 (no positions were analysed)")
     return np.asarray(jaccard_sum, dtype=np.float64) / n_positions
@@ -344,7 +345,7 @@ def notebook_dirs(environ: Optional[Dict[str, str]] = None) -> Tuple[str, str]:
     given = env.get("MOEUT_RUN_DIR")
     if not given:
         raise ValueError("MOEUT_RUN_DIR: not set; set it to a run directory analysed with "
-                         "`python -m moeut.analyze checkpoint=<run dir>`")
+                         "`python -m moeut.analysis routing checkpoint=<run dir>`")
     run_dir = user_path(given, env)
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"MOEUT_RUN_DIR={given}: no such directory ({run_dir})")
@@ -358,12 +359,12 @@ def notebook_dirs(environ: Optional[Dict[str, str]] = None) -> Tuple[str, str]:
 
 
 def load_stats(path: str) -> Dict[str, np.ndarray]:
-    """Load `routing_stats.npz` (written by moeut.analyze) into a plain dict of arrays; the JSON
-    metadata stored under key "meta_json" is decoded into stats["meta"]."""
+    """Load `routing_stats.npz` (written by `python -m moeut.analysis routing`) into a plain dict of
+    arrays; the JSON metadata stored under key "meta_json" is decoded into stats["meta"]."""
     if os.path.isdir(path):
         path = os.path.join(path, "routing_stats.npz")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"routing statistics not found: {path} (run `python -m moeut.analyze "
+        raise FileNotFoundError(f"routing statistics not found: {path} (run `python -m moeut.analysis routing "
                                 f"checkpoint=<run dir>` first)")
     with np.load(path, allow_pickle=False) as z:
         stats = {k: z[k] for k in z.files}

@@ -88,7 +88,7 @@ class SUTConfig(LayerGeometry):
 
     group_size = property(lambda self: 1)
     # MoA routes once per token (not per head): routing records hold its query/output experts as
-    # one "head" of att_o_idx [B, T, 1, k] (consumed by moeut.routing.RoutingStats).
+    # one "head" of att_o_idx [B, T, 1, k] (consumed by moeut.analysis.routing.RoutingStats).
     n_heads = property(lambda self: 1)
 
     @property

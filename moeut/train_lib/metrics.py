@@ -23,7 +23,7 @@ def make_routing_stats(model_cfg):
         sut  one shared layer applied L times: G = 1, R = L; its MoA experts as one "head"
     Raises ValueError naming train.routing_interval for an architecture with experts whose record
     layout is not known here (rather than silently logging no routing metrics)."""
-    from moeut.routing import RoutingStats
+    from moeut.analysis.routing import RoutingStats
     arch = getattr(model_cfg, "arch", "moeut")
     if arch == "moeut":
         return RoutingStats.from_config(model_cfg)

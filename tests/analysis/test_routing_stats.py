@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from routing_fakes import random_sets, record  # noqa: E402
 
-from moeut.routing import RoutingStats  # noqa: E402
+from moeut.analysis.routing import RoutingStats  # noqa: E402
 
 
 def _cycle(n_tokens, n_experts, k, start=0):

@@ -1,6 +1,7 @@
-"""Training-time routing metrics (SPEC 7.3), accumulated from the model's routing records.
+"""The one routing accumulator (SPEC 7.1, 7.3): training's routing metrics and the offline
+expert analysis both count routing here, from the model's routing records.
 
-The training loop calls the model with `collect_routing=True` on the steps it samples (every 10th
+Training: the loop calls the model with `collect_routing=True` on the steps it samples (every 10th
 step and every eval step in the authors' code), passes `out.routing` to `RoutingStats.update`,
 all-reduces `state_counts()` (SUM) across ranks before logging, then logs `compute()` and
 `heatmap_figure(g)` and calls `reset()`. Keep separate instances for train and eval.
@@ -12,16 +13,22 @@ checkpointing (which re-runs forwards) cannot count anything twice.
     stats.update(out.routing)
     for k, t in stats.state_counts().items(): dist.all_reduce(t)   # tensors are updated in place
     logger.log(stats.compute(), step=step); stats.reset()
+
+Offline (`moeut.analysis.collect`): `RoutingStats(..., vocab_size=V, store_positions=n)` and
+`add(input_ids, records)` per batch also count (g, r, expert, token id) tuples, the per-position
+overlaps between every pair of repetitions, the residual norms and the first `store_positions`
+expert sets; `arrays()` is the content of routing_stats.npz. These extras are host-side NumPy
+arrays outside `state_counts()`, so training's all-reduce and checkpointed counts are unchanged.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .analysis import stats as A
-from .outputs import RoutingRecord
+from ..outputs import RoutingRecord
+from . import stats as A
 
 
 def _check_idx(t: torch.Tensor, n: int, what: str, rec: RoutingRecord) -> None:
@@ -34,13 +41,44 @@ def _check_idx(t: torch.Tensor, n: int, what: str, rec: RoutingRecord) -> None:
                          f"[{lo}, {hi}], expected 0..{n - 1}")
 
 
+class _SparseCounter:
+    """Counts of int64 keys, merged in bounded-memory chunks (np.unique on the concatenation)."""
+
+    def __init__(self, flush_at: int = 1 << 22):
+        self.keys = np.zeros(0, dtype=np.int64)
+        self.counts = np.zeros(0, dtype=np.int64)
+        self._buf: List[Tuple[np.ndarray, np.ndarray]] = []
+        self._n = 0
+        self.flush_at = flush_at
+
+    def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        """Buffer (keys [n] int64, counts [n]) pairs; coalesced once flush_at pairs are buffered."""
+        self._buf.append((keys, counts))
+        self._n += len(keys)
+        if self._n >= self.flush_at:
+            self.coalesce()
+
+    def coalesce(self) -> None:
+        """Merge the buffered pairs into the sorted unique `keys` with summed `counts`."""
+        if not self._buf:
+            return
+        k = np.concatenate([self.keys] + [b[0] for b in self._buf])
+        c = np.concatenate([self.counts] + [b[1] for b in self._buf])
+        self.keys, inv = np.unique(k, return_inverse=True)
+        self.counts = np.bincount(inv.reshape(-1), weights=c, minlength=len(self.keys)).astype(np.int64)
+        self._buf, self._n = [], 0
+
+
 class RoutingStats:
     """Accumulates MLP expert counts [G, R, N_E], attention V/O counts [G, R, H, E_att], the
     overlap of each application's expert sets with the previous application of the same member,
-    and the mean min/max selected gate, over any number of `update` calls."""
+    and the mean min/max selected gate, over any number of `update` calls (training, SPEC 7.3).
+    With `vocab_size`, `add(input_ids, records)` also accumulates the offline statistics of SPEC
+    7.1 (token x expert counts, pairwise Jaccard, norms, the first `store_positions` expert sets)."""
 
     def __init__(self, n_groups: int, n_repeats: int, n_experts: int, att_n_heads: Optional[int] = None,
-                 att_n_experts: Optional[int] = None, device: Optional[torch.device] = None):
+                 att_n_experts: Optional[int] = None, device: Optional[torch.device] = None,
+                 vocab_size: Optional[int] = None, store_positions: int = 0):
         for name, v in (("n_groups", n_groups), ("n_repeats", n_repeats), ("n_experts", n_experts)):
             if not (isinstance(v, int) and v > 0):
                 raise ValueError(f"RoutingStats.{name}: must be a positive integer, got {v!r}")
@@ -51,6 +89,9 @@ class RoutingStats:
         self.device = torch.device(device) if device is not None else None
         self._counts: Optional[Dict[str, torch.Tensor]] = None
         self.layer_index = np.full((n_groups, n_repeats), -1, dtype=np.int64)  # (g, r) -> absolute l
+        self.vocab_size = vocab_size
+        if vocab_size is not None:
+            self._init_offline(vocab_size, store_positions)
 
     @classmethod
     def from_config(cls, cfg, device=None) -> "RoutingStats":
@@ -168,6 +209,145 @@ class RoutingStats:
                         cnt = torch.bincount(flat.reshape(-1), minlength=H * E).view(H, E)
                         c[f"{name}_counts"][g, r] += cnt.to(c[f"{name}_counts"].device)
 
+    # -- offline statistics (SPEC 7.1) ----------------------------------------------------------
+    def _init_offline(self, vocab_size: int, store_positions: int) -> None:
+        G, R = self.n_groups, self.n_repeats
+        self.G, self.R, self.NE, self.V = G, R, self.n_experts, vocab_size
+        self.L = L = G * R
+        self.tokens = _SparseCounter()
+        self.token_freq = np.zeros(vocab_size, dtype=np.int64)
+        self.jaccard_sum = np.zeros((G, R, R), dtype=np.float64)
+        self.inter_sum = np.zeros((G, R, R), dtype=np.float64)
+        self.n_positions = 0
+        self.in_norm_sum, self.update_norm_sum = np.zeros(L), np.zeros(L)
+        self.rel_update_sum, self.abs_cos_sum = np.zeros(L), np.zeros(L)
+        self.norm_count = np.zeros(L, dtype=np.int64)
+        self.layer_g = np.full(L, -1, dtype=np.int64)
+        self.layer_r = np.full(L, -1, dtype=np.int64)
+        self.store_positions = store_positions
+        self._sets: List[np.ndarray] = []  # [n, L, K] per batch, until store_positions are kept
+        self._set_tokens: List[np.ndarray] = []
+        self._n_stored = 0
+        self.k: Optional[int] = None
+        self.loss_sum, self.loss_count = 0.0, 0
+
+    @torch.no_grad()
+    def add(self, input_ids: torch.Tensor, records: Sequence[RoutingRecord]) -> None:
+        """Accumulate one batch of the offline pass: input_ids [B, T] and the model's routing
+        records (one per absolute layer, SPEC 1.8): `update(records)` plus the SPEC 7.1 extras.
+        Raises ValueError when the instance has no vocab_size, when `records` is empty (no
+        collect_routing=True, or not a MoE model), when a layer or repetition is missing, or for
+        token ids outside 0..V-1."""
+        if self.vocab_size is None:
+            raise ValueError("RoutingStats.add: needs vocab_size (RoutingStats(..., vocab_size=V)); "
+                             "training uses update(records)")
+        if not records:
+            raise ValueError("RoutingStats.add: the model returned no routing records "
+                             "(was collect_routing=True passed? is this a MoE model?)")
+        B, T = input_ids.shape
+        # Heavy work (unique keys, one-hot overlaps) runs on the records' device (the GPU in a real
+        # pass); only reduced results travel to the host.
+        dev = next((r.mlp_idx.device for r in records if r.mlp_idx is not None), input_ids.device)
+        ids_dev = input_ids.reshape(-1).to(dev, torch.int64)  # [N], N = B*T positions
+        ids = ids_dev.cpu()
+        if int(ids.max()) >= self.V or int(ids.min()) < 0:
+            raise ValueError(f"input ids outside 0..{self.V - 1}")
+        self.update(records)
+        self.token_freq += np.bincount(ids.numpy(), minlength=self.V)
+        by_l = sorted(records, key=lambda rec: rec.l)
+        if len(by_l) != self.L or [r.l for r in by_l] != list(range(self.L)):
+            raise ValueError(f"expected one routing record per absolute layer 0..{self.L - 1}, got "
+                             f"layers {[r.l for r in by_l]}")
+        per_member: Dict[int, Dict[int, torch.Tensor]] = {}
+        keys = []
+        for rec in by_l:
+            self.layer_g[rec.l], self.layer_r[rec.l] = rec.g, rec.r
+            if rec.mlp_idx is None:
+                raise ValueError(f"routing record l={rec.l} has no mlp_idx")
+            idx = rec.mlp_idx.reshape(B * T, -1).to(dev, torch.int64)  # [N, K]
+            if self.k is None:
+                self.k = idx.shape[1]
+            per_member.setdefault(rec.g, {})[rec.r] = idx
+            # flat key ((g*R + r)*N_E + e)*V + v: one sparse counter for N[g, r, e, v]
+            base = (rec.g * self.R + rec.r) * self.NE
+            keys.append(((base + idx) * self.V + ids_dev[:, None]).reshape(-1))
+            self._add_norms(rec, B * T)
+        uk, uc = torch.unique(torch.cat(keys), return_counts=True)
+        self.tokens.add(uk.cpu().numpy(), uc.cpu().numpy().astype(np.int64))
+        for g, reps in per_member.items():
+            if len(reps) != self.R:
+                raise ValueError(f"member g={g} has {len(reps)} applications, expected R={self.R}")
+            s = torch.stack([reps[r] for r in range(self.R)], 1)  # [N, R, K]
+            self._add_overlaps(g, s)
+        self.n_positions += B * T
+        if self._n_stored < self.store_positions:
+            n = min(B * T, self.store_positions - self._n_stored)
+            s_all = torch.stack([per_member[r.g][r.r][:n] for r in by_l], 1)  # [n, L, K]
+            dt = np.int16 if self.NE < 32768 else np.int32
+            self._sets.append(s_all.cpu().numpy().astype(dt))
+            self._set_tokens.append(ids[:n].numpy().astype(np.int32))
+            self._n_stored += n
+
+    def _add_overlaps(self, g: int, s: torch.Tensor) -> None:
+        """Intersections of the K-sets of every pair of repetitions, per position, through one-hot
+        matmuls (chunked so that [chunk, R, N_E] stays small): J = |A∩B| / (2K - |A∩B|)."""
+        N, R, K = s.shape
+        chunk = max(1, (1 << (24 if s.is_cuda else 22)) // (R * self.NE))
+        for i in range(0, N, chunk):
+            part = s[i:i + chunk]  # [n, R, K]
+            onehot = torch.zeros(part.shape[0], R, self.NE, device=s.device)
+            onehot.scatter_(2, part, 1.0)  # [n, R, N_E]
+            # 0/1 inputs and sums <= K: exact in fp32, also with TF32 matmuls on GPU
+            inter = torch.bmm(onehot, onehot.transpose(1, 2)).double()  # [n, R, R]
+            self.inter_sum[g] += inter.sum(0).cpu().numpy()
+            self.jaccard_sum[g] += (inter / (2 * K - inter)).sum(0).cpu().numpy()
+
+    def _add_norms(self, rec: RoutingRecord, n: int) -> None:
+        if rec.in_norm is None or rec.update_norm is None:
+            return
+        x_in = rec.in_norm.reshape(-1).double().cpu()
+        upd = rec.update_norm.reshape(-1).double().cpu()
+        self.in_norm_sum[rec.l] += float(x_in.sum())
+        self.update_norm_sum[rec.l] += float(upd.sum())
+        self.rel_update_sum[rec.l] += float((upd / x_in.clamp_min(1e-12)).sum())
+        if rec.cos_in_out is not None:
+            self.abs_cos_sum[rec.l] += float(rec.cos_in_out.reshape(-1).double().abs().sum())
+        self.norm_count[rec.l] += n
+
+    def add_loss(self, ce_sum: float, n_targets: int) -> None:
+        """Add a batch's summed cross-entropy (nats) over `n_targets` tokens (for the perplexity)."""
+        self.loss_sum += ce_sum
+        self.loss_count += n_targets
+
+    def arrays(self) -> Dict[str, np.ndarray]:
+        """The offline statistics as NumPy arrays: the content of routing_stats.npz minus
+        "meta_json" (SPEC 7.1; keys listed in docs/analysis.md). Raises ValueError without vocab_size."""
+        if self.vocab_size is None:
+            raise ValueError("RoutingStats.arrays: needs vocab_size (the offline statistics)")
+        self.tokens.coalesce()
+        tec = A.TokenExpertCounts.from_keys(self.tokens.keys, self.tokens.counts, (self.G, self.R, self.NE, self.V))
+        c = self.counts_numpy()
+        small = lambda x, n: x.astype(np.int16 if n < 32768 else np.int32)  # noqa: E731
+        out = {
+            "mlp_counts": c["mlp_counts"],
+            "token_freq": self.token_freq,
+            "tok_g": small(tec.g, self.G), "tok_r": small(tec.r, self.R), "tok_e": small(tec.e, self.NE),
+            "tok_v": small(tec.v, self.V), "tok_count": tec.count,
+            "jaccard_sum": self.jaccard_sum, "intersection_sum": self.inter_sum,
+            "n_positions": np.array(self.n_positions, dtype=np.int64),
+            "in_norm_sum": self.in_norm_sum, "update_norm_sum": self.update_norm_sum,
+            "rel_update_sum": self.rel_update_sum, "abs_cos_sum": self.abs_cos_sum,
+            "norm_count": self.norm_count, "layer_g": self.layer_g, "layer_r": self.layer_r,
+            "gate_min_sum": c["gate_min_sum"], "gate_max_sum": c["gate_max_sum"], "gate_n": c["gate_n"],
+            "sets": (np.concatenate(self._sets) if self._sets
+                     else np.zeros((0, self.L, self.k or 0), dtype=np.int16)),
+            "set_tokens": (np.concatenate(self._set_tokens) if self._set_tokens else np.zeros(0, np.int32)),
+        }
+        if "att_v_counts" in c:
+            out["att_v_counts"] = c["att_v_counts"]
+            out["att_o_counts"] = c["att_o_counts"]
+        return out
+
     # -- results -----------------------------------------------------------------------------
     def counts_numpy(self) -> Dict[str, np.ndarray]:
         """Copies of the accumulators as numpy arrays: mlp_counts [G, R, N_E] int64, overlap_sum /
@@ -230,12 +410,11 @@ class RoutingStats:
     def heatmap_figure(self, g: int, title: Optional[str] = None):
         """Repetitions x experts heatmap of member g (rows normalised), as a matplotlib Figure
         created without pyplot (safe in training loops; the caller logs and drops it)."""
-        from matplotlib.figure import Figure
+        from .style import figure
         if not 0 <= g < self.n_groups:
             raise ValueError(f"heatmap_figure: g={g} outside 0..{self.n_groups - 1}")
         u = self.usage_matrix(g)
-        fig = Figure(figsize=(8, 1.2 + 0.35 * self.n_repeats), layout="constrained")
-        ax = fig.add_subplot()
+        fig, ax = figure((8, 1.2 + 0.35 * self.n_repeats))
         im = ax.imshow(u, aspect="auto", interpolation="nearest", cmap="viridis")
         ax.set_xlabel("expert")
         ax.set_ylabel("repetition r (layer l)")
