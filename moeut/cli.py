@@ -1,23 +1,24 @@
-"""Shared plumbing of the Hydra command-line tools (issue 16, item 5: one config style).
+"""Shared plumbing of the command-line tools (docs/architecture.md, "Command-line tools").
 
-Every command-line tool of the package is a Hydra app over a file of the conf/ directory
-(`CONF_DIR`, from moeut.paths: the clone's, or the copy an installed wheel carries):
-`@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="<tool>")`, with a
-`run(cfg)` that does the work (callable from tests with `compose("<tool>", [...])`), no Hydra
-output folder or log file (`hydra.output_subdir: null`, `hydra.run.dir: .`,
-`hydra/job_logging: stdout`) and a `hydra.help.template` listing every option, so `--help` says
-what the tool does. Tools: train.py (moeut.train), moeut.evaluate, moeut.prepare_data, moeut.analyze,
-moeut.sweep, moeut.summary, moeut.hf.export, moeut.kernels.footprint, moeut.kernels.warmup,
-moeut.eval.table, analysis/compare.py, analysis/plot_curves.py. The exception is
-moeut.eval.harness_cli, which hands its argv to lm-eval's own command line (see its docstring).
+The one tool style (last section): a `@dataclass` schema beside the tool, each field declared with
+`option(default, help=..., lo=/hi=/choices=)`, and `main = typed_tool("<command>", Schema,
+summary=..., usage=...)(work)`: a Hydra app over the schema (no conf file), `--help` generated
+from it, `work` called with the checked schema instance; `typed_options(Schema, ["key=value"])`
+gives tests and scripts the same checked instance. Typed tools: moeut.evaluate, moeut.sweep,
+moeut.hf.export. train.py (moeut.train) and moeut.prepare_data compose conf/config.yaml
+(`CONF_DIR`, from moeut.paths: the clone's, or the copy an installed wheel carries) with its
+groups; their schemas (moeut/train_lib/config.py) declare their fields with `option` too and their
+`--help` is generated from them (train_lib.config.train_help). moeut.eval.harness_cli hands its
+argv to lm-eval's own command line (see its docstring). Tools still on the older conf-file style
+use `tool_options` and the `*_option` parsers below.
 
-The helpers here turn a composed config into plain values and check them, with errors that name
-the option (`batch: expected an integer >= 1, got 'x'`), and `bad_input_exits` / `exit_bad_input`
-turn such an error (raised while composing, validating and checking inputs, before any work) into
-one line `<tool>: error: <message>` and exit status 1, as every tool reports bad input; a crash
-during the work itself keeps its traceback. `setup_tool_output(<tool>)`, called at every tool's
-entry point, makes warnings one line `<tool>: warning: <message>` and keeps third-party progress
-bars out of log files. No torch import.
+Bad input (raised while composing, validating and checking inputs, before any work) is one line
+`<tool>: error: <message naming the option, file or line>` and exit status 1 (`bad_input_exits`,
+`exit_bad_input`, `one_line_hydra_errors`); a crash during the work itself keeps its traceback.
+`setup_tool_output(<tool>)`, called at every tool's entry point, makes warnings one line
+`<tool>: warning: <message>` and keeps third-party progress bars out of log files. One spelling
+per concept: precision `PRECISIONS` (fp32 | bf16 | fp16, plus `auto` where it means "pick by
+device"), device `auto | cpu | cuda | cuda:N` (`check_device`). No torch import.
 """
 from __future__ import annotations
 

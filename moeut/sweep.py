@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .cli import option, typed_tool
+from .cli import CONF_DIR, option, typed_tool
 from .paths import clone_root, sweeps_dir as carried_sweeps_dir
 from .validate import at_least
 

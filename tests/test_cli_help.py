@@ -116,7 +116,7 @@ def test_help_lists_every_option(tool, tmp_path):
 
 
 @pytest.mark.parametrize("tool, args, message", [
-    ("moeut.sweep", ["action=go"], "action: expected one of"),
+    ("moeut.sweep", ["action=go"], "action: must be one of list | dry-run | launch, got 'go'"),
     ("moeut.hf.export", ["out=x"], "checkpoint: required"),
     ("moeut.kernels.footprint", ["batch=many"], "batch: expected an integer >= 1, got 'many'"),
     ("moeut.kernels.warmup", ["decode=maybe"], "decode: expected true or false, got 'maybe'"),

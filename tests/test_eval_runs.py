@@ -208,7 +208,7 @@ def test_cli_perplexity_errors_name_file_and_option(tiny_run, tmp_path):
                                      f"perplexity: perplexity.path={tmp_path / 'nope.txt'}: file not found"),
              (empty, "moeut.evaluate: error: NoTaskData: nothing was evaluated, no task found its data: "
                      f"perplexity: perplexity.path={empty}: no text in it (empty or blank)"),
-             (bad, f"moeut.evaluate: error: perplexity.path: {bad}:2: not UTF-8 text (byte 0xe9 at column 4); "
+             (bad, f"moeut.evaluate: error: TaskFormatError: perplexity.path: {bad}:2: not UTF-8 text (byte 0xe9 at column 4); "
                    "save the file as UTF-8"))
     for path, line in cases:
         r = _cli(f"checkpoint={run_dir}", "tasks=[perplexity]", f"perplexity.path={path}",

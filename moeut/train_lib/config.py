@@ -28,7 +28,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from .. import paths
 from ..cli import DEVICE_HELP, PRECISIONS, check_device, option
 from ..registry import ARCHS, PAPER_TRAIN, PRESETS, get_preset
-from ..validate import Range, at_least, check_mapping, check_ranges, field_range, in_range, positive
+from ..validate import Range, check_mapping, check_ranges, field_range
 
 # ------------------------------------------------------------------------------------------
 # Resolvers (moeut/paths.py), so default data paths work from any cwd, in a clone or an installed
@@ -291,7 +291,7 @@ def _wrapped(head: str, items: List[str], width: int = 100) -> List[str]:
 
 
 def train_help(app: str, usage: str = TRAIN_USAGE, summary: str = TRAIN_SUMMARY, extra: Any = None,
-               extra_prefix: str = "") -> str:
+               extra_prefix: str = "", multirun: bool = True) -> str:
     """`train.py --help`, generated: the config groups with their options, the model presets
     (moeut.registry.PRESETS), every option of the data/optim/train/logger schemas with its help,
     default and range, the model fields (ModelSchema), and `extra`'s options under `extra_prefix`
@@ -320,7 +320,7 @@ def train_help(app: str, usage: str = TRAIN_USAGE, summary: str = TRAIN_SUMMARY,
               "model.overrides.<field>=VALUE for a field of an architecture registered later):"]
     lines += _wrapped("  ", fields)
     lines += ["", EXIT_STATUS_LINE,
-              f"Hydra's own flags: --cfg job (the resolved config), --hydra-help, -m (multirun). ({app})"]
+              f"Hydra's own flags: --cfg job (the resolved config), --hydra-help{', -m (multirun)' if multirun else ''}. ({app})"]
     return "\n".join(lines)
 
 
