@@ -358,7 +358,7 @@ def path_list_option(value: Any, key: str, required_hint: str) -> List[str]:
 
 def compose(config_name: str, overrides: Sequence[str] = ()) -> Any:
     """Compose conf/<config_name>.yaml with command-line style `overrides`, as the tool's
-    `@hydra.main` would (for tests and scripts: `moeut.sweep.run(compose("sweep", [...]))`).
+    `@hydra.main` would (for tests and scripts of the tools on conf files; a typed tool: `typed_options`).
     Returns the DictConfig (with its `hydra` node removed). Hydra's errors (unknown key, bad
     override syntax) propagate."""
     from hydra import compose as hydra_compose, initialize_config_dir

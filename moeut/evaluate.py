@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from .cli import DEVICE_HELP, REQUIRED, check_device, option, typed_tool
+from .cli import DEVICE_HELP, PRECISIONS, REQUIRED, check_device, option, typed_tool
 from .eval.tasks import resolve_tasks
 from .eval.tasks.base import EvalOptions
 from .eval.zeroshot import evaluate_checkpoint
@@ -72,7 +72,7 @@ class EvaluateOptions:
     perplexity: PerplexityOptions = dataclasses.field(default_factory=PerplexityOptions)
     keep_items: bool = option(False, help="store per-item scores in the results JSON")
     device: str = option("auto", help=DEVICE_HELP)
-    dtype: str = option("auto", help="auto = bf16 autocast on CUDA, fp32 on CPU", choices=["auto", "fp32", "bf16", "fp16"])
+    dtype: str = option("auto", help="autocast precision; auto = bf16 on CUDA, fp32 on CPU", choices=["auto", *PRECISIONS])
     batch_size: int = option(16, help="sequences per batch (SPEC: 16 x a per-task multiplier)", lo=1)
     pad_multiple: int = option(1, help="pad each batch to a multiple of this many tokens (1 = its longest "
                                "sequence; the paper's code used 128: same scores, ~10x the work on BLiMP)", lo=1)

@@ -1,5 +1,5 @@
 """End to end: a tiny checkpoint evaluated on every task with limit=20 through the Hydra config
-(conf/eval.yaml), producing the results JSON and the paper-layout table; bad inputs."""
+(moeut.evaluate.EvaluateOptions), producing the results JSON and the paper-layout table; bad inputs."""
 import csv
 import os
 import json

@@ -43,7 +43,7 @@ def test_export_options_are_checked_before_writing(exported, tmp_path):
         run(_opts([f"checkpoint={root / 'run'}"]))
     with pytest.raises(ValueError, match=r"^checkpoint: required"):
         run(_opts([f"out={out}"]))
-    with pytest.raises(ValueError, match=r"^dtype: must be one of null \| bf16 \| fp16 \| fp32, got 'int8'$"):
+    with pytest.raises(ValueError, match=r"^dtype: must be one of null \| fp32 \| bf16 \| fp16, got 'int8'$"):
         run(_opts([f"checkpoint={root / 'run'}", f"out={out}", "dtype=int8"]))
     with pytest.raises(ValueError, match=r"dtype: use one of"):  # the library call checks it too
         export(str(root / "run"), str(out), dtype="fp8")

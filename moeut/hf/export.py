@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from ..cli import REQUIRED, option, typed_tool
+from ..cli import PRECISIONS, REQUIRED, option, typed_tool
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -92,7 +92,7 @@ class HFExportOptions:
     checkpoint: str = option(REQUIRED, help="run dir (its newest valid checkpoint) or a checkpoints/step_XXXXXXX dir")
     out: str = option(REQUIRED, help="directory to write (created if absent; files of an earlier export are replaced)")
     dtype: Optional[str] = option(None, help="stored weight precision; null = fp32, as the native checkpoint",
-                                  choices=[None, *DTYPES])
+                                  choices=[None, *PRECISIONS])
 
 
 def check_checkpoint(opts: HFExportOptions) -> None:

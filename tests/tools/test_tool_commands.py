@@ -65,7 +65,7 @@ def test_help_lists_every_schema_option(tool, tmp_path):
      "moeut.evaluate: error: limitt: no such option (a '+' override adds a key that nothing reads; "
      "moeut.evaluate --help lists the options)"),
     (["-m", "moeut.hf.export", "checkpoint=x", "out=y", "dtype=bfloat16"],
-     "moeut.hf.export: error: dtype: must be one of null | bf16 | fp16 | fp32, got 'bfloat16'"),
+     "moeut.hf.export: error: dtype: must be one of null | fp32 | bf16 | fp16, got 'bfloat16'"),
     (["-m", "moeut.hf.export", "checkpoint=nowhere", "out=y"],
      "moeut.hf.export: error: checkpoint=nowhere: no such file or directory (pass a run dir or a "
      "checkpoints/step_XXXXXXX dir)"),

@@ -123,7 +123,7 @@ def test_sweep_and_export_options():
         assert str(e.value) == message
     with pytest.raises(ValueError) as e:
         typed_options(HFExportOptions, ["checkpoint=c", "out=o", "dtype=bfloat16"])
-    assert str(e.value) == "dtype: must be one of null | bf16 | fp16 | fp32, got 'bfloat16'"
+    assert str(e.value) == "dtype: must be one of null | fp32 | bf16 | fp16, got 'bfloat16'"
     assert typed_options(HFExportOptions, ["checkpoint=c", "out=o"]).dtype is None
 
 
