@@ -1,7 +1,8 @@
 """Hydra structured configs for training (schemas in the ConfigStore) and their conversion.
 
 The YAML files in `conf/` hold values only; these dataclasses are the schemas, so a typo or a
-wrong type fails at composition. `to_typed(cfg)` turns the composed DictConfig into a
+wrong type fails at composition. Each field is declared with `moeut.cli.option` (its help line,
+range and choices), and `train.py --help` is generated from them (`train_help`). `to_typed(cfg)` turns the composed DictConfig into a
 `TrainConfig` and validates cross-field constraints with messages that name the key. Nothing is
 built from the config with `_target_`: the training library reads typed fields.
 
