@@ -100,11 +100,12 @@ def main(argv=None):
     p.add_argument("--shapes", default="small,244m")
     p.add_argument("--backend", default="auto", help="cvmm backend: auto, grouped_mm, torch_loop, triton")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--no-malloc-tuning", action="store_true", help="keep glibc's default trimming (SPEC 3.8)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     tuned = False if args.no_malloc_tuning else keep_freed_memory()
     print(f"device={device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads) "
           f"torch={torch.__version__} python={sys.version.split()[0]} dtype={dtype} backend={args.backend} "

@@ -1,23 +1,25 @@
-"""Shared plumbing of the Hydra command-line tools (issue 16, item 5: one config style).
+"""Shared plumbing of the command-line tools (docs/architecture.md, "Command-line tools").
 
-Every command-line tool of the package is a Hydra app over a file of the conf/ directory
-(`CONF_DIR`, from moeut.paths: the clone's, or the copy an installed wheel carries):
-`@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="<tool>")`, with a
-`run(cfg)` that does the work (callable from tests with `compose("<tool>", [...])`), no Hydra
-output folder or log file (`hydra.output_subdir: null`, `hydra.run.dir: .`,
-`hydra/job_logging: stdout`) and a `hydra.help.template` listing every option, so `--help` says
-what the tool does. Tools: train.py (moeut.train), moeut.evaluate, moeut.prepare_data, moeut.analysis routing,
-moeut.sweep, moeut.summary, moeut.hf.export, moeut.tools.footprint, moeut.tools.warmup,
-moeut.eval.table, analysis/compare.py, analysis/plot_curves.py. The exception is
-moeut.eval.harness_cli, which hands its argv to lm-eval's own command line (see its docstring).
+The one tool style (last section): a `@dataclass` schema beside the tool, each field declared with
+`option(default, help=..., lo=/hi=/choices=)`, and `main = typed_tool("<command>", Schema,
+summary=..., usage=...)(work)`: a Hydra app over the schema (no conf file), `--help` generated
+from it, `work` called with the checked schema instance; `typed_options(Schema, ["key=value"])`
+gives tests and scripts the same checked instance. Typed tools: moeut.evaluate, moeut.sweep,
+moeut.hf.export, moeut.tools.footprint, moeut.tools.warmup and every `python -m moeut.analysis`
+subcommand. train.py (moeut.train) and moeut.prepare_data compose conf/config.yaml
+(`CONF_DIR`, from moeut.paths: the clone's, or the copy an installed wheel carries) with its
+groups; their schemas (moeut/train_lib/config.py) declare their fields with `option` too and their
+`--help` is generated from them (train_lib.config.train_help). moeut.eval.harness_cli hands its
+argv to lm-eval's own command line (see its docstring). Tools still on the older conf-file style
+use `tool_options` and the `*_option` parsers below.
 
-The helpers here turn a composed config into plain values and check them, with errors that name
-the option (`batch: expected an integer >= 1, got 'x'`), and `bad_input_exits` / `exit_bad_input`
-turn such an error (raised while composing, validating and checking inputs, before any work) into
-one line `<tool>: error: <message>` and exit status 1, as every tool reports bad input; a crash
-during the work itself keeps its traceback. `setup_tool_output(<tool>)`, called at every tool's
-entry point, makes warnings one line `<tool>: warning: <message>` and keeps third-party progress
-bars out of log files. No torch import.
+Bad input (raised while composing, validating and checking inputs, before any work) is one line
+`<tool>: error: <message naming the option, file or line>` and exit status 1 (`bad_input_exits`,
+`exit_bad_input`, `one_line_hydra_errors`); a crash during the work itself keeps its traceback.
+`setup_tool_output(<tool>)`, called at every tool's entry point, makes warnings one line
+`<tool>: warning: <message>` and keeps third-party progress bars out of log files. One spelling
+per concept: precision `PRECISIONS` (fp32 | bf16 | fp16, plus `auto` where it means "pick by
+device"), device `auto | cpu | cuda | cuda:N` (`check_device`). No torch import.
 """
 from __future__ import annotations
 
@@ -357,7 +359,7 @@ def path_list_option(value: Any, key: str, required_hint: str) -> List[str]:
 
 def compose(config_name: str, overrides: Sequence[str] = ()) -> Any:
     """Compose conf/<config_name>.yaml with command-line style `overrides`, as the tool's
-    `@hydra.main` would (for tests and scripts: `moeut.sweep.run(compose("sweep", [...]))`).
+    `@hydra.main` would (for tests and scripts of the tools on conf files; a typed tool: `typed_options`).
     Returns the DictConfig (with its `hydra` node removed). Hydra's errors (unknown key, bad
     override syntax) propagate."""
     from hydra import compose as hydra_compose, initialize_config_dir
@@ -393,6 +395,20 @@ def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: An
     if lo is not None or hi is not None:
         meta.update(in_range(lo, hi, lo_open=lo_open, hi_open=hi_open))
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
+
+
+# One spelling per concept across the tools: precision and device.
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICE_HELP = "auto (cuda if torch sees a GPU, else cpu) | cpu | cuda | cuda:N"
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device(value: Any, name: str = "device") -> str:
+    """`value` if it is a device spelt `auto | cpu | cuda | cuda:N`; raises ValueError
+    `<name>: must be auto | cpu | cuda | cuda:N, got <value>` otherwise (no torch import)."""
+    if not isinstance(value, str) or not _DEVICE.fullmatch(value):
+        raise ValueError(f"{name}: must be auto | cpu | cuda | cuda:N, got {value!r}")
+    return value
 
 
 def _type_label(tp: Any) -> str:
@@ -462,22 +478,36 @@ def schema_options(schema: type, prefix: str = "") -> List[Tuple[str, str, Optio
     return rows
 
 
-def help_text(app: str, summary: str, schema: type, usage: str, notes: str = "") -> str:
-    """The `--help` text of a tool, generated from its schema: the summary, usage, one entry per
-    option (name=TYPE, default or `(required)`, help, choices/range), `notes`, and the exit status."""
-    rows = schema_options(schema)
+def format_options(rows: Sequence[Tuple[str, str, Optional[str], str]]) -> List[str]:
+    """The `--help` lines of option rows (schema_options): `  name=TYPE  [(required)] help [default: d]`."""
     width = max((len(f"{n}={t}") for n, t, _, _ in rows), default=0)
-    lines = [summary.strip(), "", f"Usage: {usage}", "", "Options:"]
+    lines = []
     for name, label, default, text in rows:
         head = f"  {f'{name}={label}'.ljust(width)}  "
         when = "(required) " if default is None else ""
         tail = "" if default in (None, "") else f" [default: {default}]"
         lines.append(f"{head}{when}{text}{tail}")
+    return lines
+
+
+def help_text(app: str, summary: str, schema: type, usage: str, notes: str = "") -> str:
+    """The `--help` text of a tool, generated from its schema: the summary, usage, one entry per
+    option (name=TYPE, default or `(required)`, help, choices/range), `notes`, and the exit status."""
+    lines = [summary.strip(), "", f"Usage: {usage}", "", "Options:", *format_options(schema_options(schema))]
     if notes.strip():
         lines += ["", notes.strip()]
-    lines += ["", "Exit status: 0 done; 1 bad input (one line naming the option, file or line).",
-              f"Hydra's own flags: --hydra-help, --cfg job. ({app})"]
+    lines += ["", EXIT_STATUS_LINE, f"Hydra's own flags: --hydra-help, --cfg job. ({app})"]
     return "\n".join(lines)
+
+
+EXIT_STATUS_LINE = "Exit status: 0 done; 1 bad input (one line naming the option, file or line)."
+
+
+def help_node(app: str, text: str) -> Dict[str, Any]:
+    """A `hydra/help` config-group node showing `text` verbatim as `app --help` (`$` doubled for
+    Hydra's string.Template, `${` escaped for OmegaConf)."""
+    return {"app_name": app, "header": "", "footer": "",
+            "template": text.replace("$", "$$").replace("$${", "$\\${")}
 
 
 def check_options(obj: Any, prefix: str = "") -> None:
@@ -519,6 +549,100 @@ def _missing_options(cfg: Any, schema: type, prefix: str = "") -> List[str]:
     return out
 
 
+def _open_mappings(node: Any, schema: type) -> Any:
+    """`node` (the structured config of `schema`) with every dict-typed option open to new keys,
+    so `paths.cbt=/data/CBT` sets an entry without Hydra's `+` (the keys of a mapping option are
+    the user's, e.g. task names); returns `node`."""
+    from omegaconf import OmegaConf
+
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        tp = hints.get(f.name, f.type)
+        if typing.get_origin(tp) is typing.Union:
+            tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+        if typing.get_origin(tp) in (dict, Dict) and node[f.name] is not None:
+            OmegaConf.set_struct(node[f.name], False)
+        elif dataclasses.is_dataclass(tp) and node[f.name] is not None:
+            _open_mappings(node[f.name], tp)
+    return node
+
+
+def _register(app: str, schema: type, summary: str, usage: str, notes: str) -> str:
+    """Store `schema` and the tool's generated help in Hydra's ConfigStore under the config name
+    of `app` (e.g. `moeut_evaluate`); returns that name. Idempotent."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    name = app.replace(" ", "_").replace(".", "_").replace("/", "_")
+    cs = ConfigStore.instance()
+    cs.store(name=f"{name}_schema", node=_open_mappings(OmegaConf.structured(schema), schema))
+    cs.store(group="hydra/help", name=name, node=help_node(app, help_text(app, summary, schema, usage, notes)))
+    cs.store(name=name, node={
+        "defaults": [f"{name}_schema", "_self_", {"override hydra/job_logging": "stdout"},
+                     {"override hydra/help": name}],
+        "hydra": {"output_subdir": None, "run": {"dir": "."}, "job": {"chdir": False}}})
+    return name
+
+
+def _unknown_options(cfg: Any, schema: type, prefix: str = "") -> List[str]:
+    """Dotted names of the keys of the composed config that `schema` does not declare (what a
+    `+key=value` override added), depth first; mappings typed as dicts take any key."""
+    hints = typing.get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    out: List[str] = []
+    for key in cfg.keys():
+        if key == "hydra" and not prefix:
+            continue
+        if key not in fields:
+            out.append(f"{prefix}{key}")
+            continue
+        tp = hints.get(key, fields[key].type)
+        if typing.get_origin(tp) is typing.Union:
+            tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+        if dataclasses.is_dataclass(tp) and cfg[key] is not None:
+            out += _unknown_options(cfg[key], tp, f"{prefix}{key}.")
+    return out
+
+
+def _checked(cfg: Any, schema: type, app: str) -> Any:
+    """The schema instance of a composed tool config, its required options present and every
+    option within its range and choices. Raises ValueError naming the option."""
+    from omegaconf import OmegaConf
+
+    extra = _unknown_options(cfg, schema)
+    if extra:  # `+key=value` gets past Hydra's check; nothing would read it
+        raise ValueError(f"{extra[0]}: no such option (a '+' override adds a key that nothing reads; "
+                         f"{app} --help lists the options)")
+    missing = _missing_options(cfg, schema)
+    if missing:
+        raise ValueError(f"{missing[0]}: required: pass {missing[0]}=<value> ({app} --help lists the options)")
+    opts = OmegaConf.to_object(cfg)
+    check_options(opts)
+    return opts
+
+
+def typed_options(schema: type, overrides: Sequence[str] = (), app: str = "tool") -> Any:
+    """The checked instance of `schema` for command-line `overrides` (`key=value`, parsed as the
+    tool's command line parses them): what `typed_tool`'s `main` hands to its work function, for
+    tests and scripts (`moeut.evaluate.run(typed_options(EvalOptions, ["checkpoint=..."]))`).
+    Raises ValueError naming the option (unknown key, wrong type, required, out of range)."""
+    from hydra import compose, initialize
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    name = _register(app, schema, "", app, "")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize(version_base="1.3", config_path=None):
+            cfg = compose(config_name=name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ValueError(hydra_error_line(err)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    return _checked(cfg, schema, app)
+
+
 def typed_tool(app: str, schema: type, *, summary: str, usage: str, notes: str = "") -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:
     """Decorate `work(opts)` into a tool's `main()`: a Hydra app whose config is `schema` (no YAML
     file: the schema and its defaults are the config, registered in Hydra's ConfigStore as
@@ -530,31 +654,16 @@ def typed_tool(app: str, schema: type, *, summary: str, usage: str, notes: str =
         @functools.wraps(work)
         def main() -> Any:
             import hydra
-            from hydra.core.config_store import ConfigStore
-            from omegaconf import OmegaConf
 
             setup_tool_output(app)
-            name = app.replace(" ", "_").replace(".", "_")
-            cs = ConfigStore.instance()
-            cs.store(name=f"{name}_schema", node=schema)
-            cs.store(group="hydra/help", name=name,
-                     node={"app_name": app, "header": "", "footer": "",
-                           "template": help_text(app, summary, schema, usage, notes).replace("${", "\\${")})
-            cs.store(name=name, node={
-                "defaults": [f"{name}_schema", "_self_", {"override hydra/job_logging": "stdout"},
-                             {"override hydra/help": name}],
-                "hydra": {"output_subdir": None, "run": {"dir": "."}, "job": {"chdir": False}}})
+            name = _register(app, schema, summary, usage, notes)
             result: Dict[str, Any] = {}
 
             @one_line_hydra_errors(app)
             @hydra.main(version_base="1.3", config_path=None, config_name=name)
             def _hydra_main(cfg: Any) -> None:
                 with bad_input_exits(app):
-                    missing = _missing_options(cfg, schema)
-                    if missing:
-                        raise ValueError(f"{missing[0]}: required: pass {missing[0]}=<value> ({app} --help lists the options)")
-                    opts = OmegaConf.to_object(cfg)
-                    check_options(opts)
+                    opts = _checked(cfg, schema, app)
                 result["value"] = work(opts)
 
             _hydra_main()

@@ -38,7 +38,7 @@ def clone_root() -> Optional[Path]:
 
 
 def conf_dir() -> Path:
-    """The directory of every tool's Hydra config (`config.yaml`, `eval.yaml`, ...)."""
+    """The directory of every tool's Hydra config (`config.yaml` and its config groups, ...)."""
     return root() / "conf"
 
 

@@ -1,7 +1,7 @@
 """Prepare a training run's data ahead of time: `python -m moeut.prepare_data [overrides]`.
 
-Takes train.py's config and overrides (`experiment=c4_moeut_244m data.path=/data/c4 ...`; see
-conf/prepare_data.yaml), trains or loads the tokenizer and tokenises the train split (up to the
+Takes train.py's config and overrides (`experiment=c4_moeut_244m data.path=/data/c4 ...`) plus
+the `prepare.*` options of `PrepareOptions` (`--help`, generated from the schemas), trains or loads the tokenizer and tokenises the train split (up to the
 run's train limit), the validation split and every data.extra_valid set into data.cache_dir, on
 all cores (`prepare.workers`), with progress, resumable after a kill, each cache with a
 manifest.json that train.py verifies. A DDP run refuses to start without it
@@ -19,7 +19,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .cli import CONF_DIR, bad_input_exits, one_line_hydra_errors
+from .cli import CONF_DIR, bad_input_exits, check_options, help_node, one_line_hydra_errors, option
 from .data.pipeline import check_prepared, prepare_run_data_caches
 from .data.sources import DataError
 from .data.tokenizer import TokenizerTrainingError
@@ -31,10 +31,11 @@ from .train_lib.config import DataSchema, LoggerSchema, OptimSchema, TrainConfig
 class PrepareOptions:
     """The `prepare` node of `python -m moeut.prepare_data` (beside train.py's own options)."""
 
-    workers: Optional[int] = None  # None = every core this process may use
-    progress: bool = True
-    run_dir: Optional[str] = None  # a run being resumed: use its tokenizer.model
-    check: bool = False  # only check; exit 1 if the run would tokenise
+    workers: Optional[int] = option(None, help="tokenisation processes; null = every core this process may use "
+                                    "(0 = in-process)", lo=0)
+    progress: bool = option(True, help="a bar on a terminal, else a line every 30 s")
+    run_dir: Optional[str] = option(None, help="resuming a run? its dir, so that its tokenizer.model is used")
+    check: bool = option(False, help="only check the caches (exit 1 if the run would have to tokenise)")
 
 
 @dataclass
@@ -51,7 +52,31 @@ class PrepareConfigSchema(TrainConfigSchema):
     prepare: PrepareOptions = field(default_factory=PrepareOptions)
 
 
-ConfigStore.instance().store(name="base_prepare_config", node=PrepareConfigSchema)
+PREPARE_SUMMARY = """\
+Prepare a training run's data ahead of time: train or load the tokenizer and tokenise the train,
+validation and data.extra_valid sets into data.cache_dir, on all cores, resumable after a kill (it
+continues from the last finished shard). It composes train.py's config, so it prepares exactly the
+caches `python train.py <same overrides>` reads; the options besides prepare.* are train.py's
+(data.* and train.* set how many tokens are prepared). See docs/training.md, "Preparing data"."""
+
+
+def register_configs() -> None:
+    """Store the prepare_data config in Hydra's ConfigStore: `prepare_data` (train.py's conf/config.yaml
+    plus the `prepare` options; no conf/ file) and its generated `--help`. Idempotent."""
+    from .train_lib.config import train_help
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_prepare_config", node=PrepareConfigSchema)
+    text = train_help("moeut.prepare_data", usage="python -m moeut.prepare_data [experiment=<name>] [key=value ...]"
+                      "   (train.py's overrides; also moeut-prepare-data)", summary=PREPARE_SUMMARY,
+                      extra=PrepareOptions, extra_prefix="prepare.", multirun=False)
+    cs.store(name="prepare_data", node={
+        "defaults": ["config", "base_prepare_config", "_self_", {"override hydra/job_logging": "stdout"}],
+        # no run dir, no .hydra/: this command only writes data.cache_dir
+        "hydra": {"output_subdir": None, "run": {"dir": "."}, "help": help_node("moeut.prepare_data", text)}})
+
+
+register_configs()
 
 
 def available_cores() -> int:
@@ -67,9 +92,8 @@ def validated_options(cfg: DictConfig):
     prepare_data config, as (PrepareOptions, TrainConfig). Raises ValueError naming the key for a
     bad value (e.g. `prepare.workers: must be >= 0`)."""
     opts = OmegaConf.to_object(cfg.prepare)
+    check_options(opts, "prepare")
     tc = to_typed(cfg)  # train.py's validation (the extra `prepare` node is ignored there)
-    if opts.workers is not None and opts.workers < 0:
-        raise ValueError(f"prepare.workers: must be >= 0 (0 = in-process), got {opts.workers}")
     return opts, tc
 
 

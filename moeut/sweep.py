@@ -6,8 +6,8 @@
         'set=["hydra.launcher.partition=gpu","hydra.launcher.account=myproj"]'
     python -m moeut.sweep action=launch sweep=cpu_smoke local=true   # basic launcher, this machine
 
-A Hydra app over conf/sweep.yaml (options: action, sweep, sweeps_dir, local, launcher, root, set,
-detach; `python -m moeut.sweep --help` lists them with their meaning). `sweep=` is a file path
+A typed tool (moeut.cli.typed_tool; options in `SweepOptions`: action, sweep, sweeps_dir, local,
+launcher, root, set, detach; `python -m moeut.sweep --help` is generated from them). `sweep=` is a file path
 or the name of a file in sweeps_dir; an unknown name is refused with the available ones.
 
 A sweep file is YAML:
@@ -39,9 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import hydra
-
-from .cli import CONF_DIR, one_line_hydra_errors
+from .cli import CONF_DIR, option, typed_tool
 from .paths import clone_root, sweeps_dir as carried_sweeps_dir
 from .validate import at_least
 
@@ -422,6 +420,29 @@ def _print_jobs(sweep: SweepFile, jobs: Sequence[Job]) -> None:
 SWEEP_ACTIONS = ("list", "dry-run", "launch")
 
 
+@dataclass
+class SweepOptions:
+    """The options of `python -m moeut.sweep` (`--help` is generated from them)."""
+    action: str = option("list", help="list: every sweep file with its job count; dry-run: compose every job "
+                         "against conf/ and print its overrides, run dir and SLURM resources, submit nothing; "
+                         "launch: run every grid (`python train.py -m ...`; installed: `python -m moeut.train -m ...`)",
+                         choices=SWEEP_ACTIONS)
+    sweep: Optional[str] = option(None, help="dry-run/launch: a sweep file's path, or the name of one in sweeps_dir "
+                                  "(an unknown name is refused with the available ones)")
+    sweeps_dir: Optional[str] = option(None, help="where sweep names are looked up and what `list` shows; null = the "
+                                       "repository's sweeps/ (installed: the package's copy)")
+    local: bool = option(False, help="Hydra's basic launcher: the jobs one after another on this machine (no SLURM)")
+    launcher: Optional[str] = option(None, help="a conf/hydra/launcher/ preset for every grid (e.g. "
+                                     "submitit_slurm_8gpu); null = each grid's own")
+    root: str = option("${oc.env:MOEUT_SWEEP_ROOT,outputs/sweeps}",
+                       help="sweep dirs go to <root>/<sweep name> ($MOEUT_SWEEP_ROOT, else outputs/sweeps)")
+    set: List[str] = option(default_factory=list, help="extra overrides for every job, a list of quoted strings, e.g. "
+                            "'set=[\"train.steps=1000\",\"hydra.launcher.partition=gpu\"]' (hydra.* ones go to the launcher)")
+    detach: bool = option(False, help="launch on SLURM: return once the submitters have started instead of waiting")
+
+
+
+
 def resolve_sweep_path(sweep: str, sweeps_dir: os.PathLike = DEFAULT_SWEEPS_DIR) -> Path:
     """The sweep file `sweep` names: a path to a file, or the name of one in `sweeps_dir`
     (`g_ablation` -> sweeps/g_ablation.yaml). Raises FileNotFoundError naming the `sweep` option
@@ -455,65 +476,61 @@ def _list(sweeps_dir: Path) -> int:
     return 0
 
 
-def run(cfg: Any) -> int:
-    """Do what a composed conf/sweep.yaml asks (`action=list | dry-run | launch`); the exit code.
+def run(o: SweepOptions) -> int:
+    """Do what `python -m moeut.sweep` options `o` ask (`action=list | dry-run | launch`); the exit code.
 
-    `cfg` is the DictConfig of `python -m moeut.sweep` (or `moeut.cli.compose("sweep", [...])`);
-    its options are documented in conf/sweep.yaml and by `--help`. Returns 0 on success, 1 when
-    `list` finds no or a broken sweep file, the first failing grid's exit code for a local launch.
-    Raises ValueError / FileNotFoundError naming the option (unknown action, missing or unknown
-    `sweep` -- with the available names --, a `set` entry that is not an override) or the sweep
-    file and job (errors of load_sweep / compose_jobs)."""
-    from .cli import bool_option, choice_option, tool_options
-
-    o = tool_options(cfg, "sweep")
-    action = choice_option(o, "action", SWEEP_ACTIONS)
-    sweeps_dir = Path(o["sweeps_dir"]) if o.get("sweeps_dir") else DEFAULT_SWEEPS_DIR
-    if o.get("sweeps_dir") and not sweeps_dir.is_dir():
+    Returns 0 on success, 1 when `list` finds no or a broken sweep file, the first failing grid's
+    exit code for a local launch. Raises ValueError / FileNotFoundError naming the option (missing
+    or unknown `sweep` -- with the available names --, a missing sweeps_dir, a `set` entry that is
+    not an override) or the sweep file and job (errors of load_sweep / compose_jobs)."""
+    sweeps_dir = Path(o.sweeps_dir) if o.sweeps_dir else DEFAULT_SWEEPS_DIR
+    if o.sweeps_dir and not sweeps_dir.is_dir():
         raise FileNotFoundError(f"sweeps_dir={sweeps_dir}: no such directory")
-    local, detach = bool_option(o, "local"), bool_option(o, "detach")
-    extra = o.get("set") or []
-    if not isinstance(extra, list):
-        raise ValueError(f"set: expected a list of overrides, e.g. 'set=[\"train.steps=1000\"]', got {extra!r}")
+    extra = list(o.set)
     for item in extra:
-        if not isinstance(item, str) or ("=" not in item and not item.startswith("~")):
+        if "=" not in item and not item.startswith("~"):
             raise ValueError(f"set: {item!r} is not a Hydra override (key=value); quote each entry: "
                              "'set=[\"train.steps=1000\"]'")
-    launcher = o.get("launcher")
-    if launcher is not None and not isinstance(launcher, str):
-        raise ValueError(f"launcher: expected a conf/hydra/launcher preset name or null, got {launcher!r}")
-    root = str(o.get("root") or DEFAULT_ROOT)
-    if action == "list":
+    root = str(o.root or DEFAULT_ROOT)
+    if o.action == "list":
         return _list(sweeps_dir)
-    if not o.get("sweep"):
+    if not o.sweep:
         names = [p.stem for p in list_sweep_files(sweeps_dir)]
-        raise ValueError(f"sweep: required for action={action}: pass sweep=<name or file>; "
+        raise ValueError(f"sweep: required for action={o.action}: pass sweep=<name or file>; "
                          f"available: {', '.join(names) if names else '(none)'}")
-    sweep = load_sweep(resolve_sweep_path(str(o["sweep"]), sweeps_dir))
-    if action == "dry-run":
-        jobs = compose_jobs(sweep, root, local, launcher, extra)
+    sweep = load_sweep(resolve_sweep_path(o.sweep, sweeps_dir))
+    if o.action == "dry-run":
+        jobs = compose_jobs(sweep, root, o.local, o.launcher, extra)
         _print_jobs(sweep, jobs)
         for gi in range(len(sweep.grids)):
             group = any(_key(ov) == sweep.wandb_group_key for ov in jobs[0].overrides)
-            print(f"grid {gi} command:\n  " + shown_command(grid_command(sweep, gi, root, local, launcher,
+            print(f"grid {gi} command:\n  " + shown_command(grid_command(sweep, gi, root, o.local, o.launcher,
                                                                            extra, group)))
         return 0
-    return launch(sweep, root, local, launcher, extra, detach)
+    return launch(sweep, root, o.local, o.launcher, extra, o.detach)
 
 
-@one_line_hydra_errors("moeut.sweep")
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sweep")
-def main(cfg: Any) -> None:
-    """`python -m moeut.sweep [key=value ...]` (options: conf/sweep.yaml, `--help`). Exits with
-    run()'s code; bad input prints `moeut.sweep: error: ...` and exits 2 (as the old CLI)."""
-    from moeut.cli import setup_tool_output
-    setup_tool_output("moeut.sweep")  # one-line warnings; no progress frames in a log file
-    try:
-        rc = run(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"moeut.sweep: error: {e}", file=sys.stderr)
-        sys.exit(2)
+def _main(o: SweepOptions) -> None:
+    """Exit with run()'s code; bad input (an option, a sweep file, a job that does not compose, no
+    SLURM for a SLURM launcher) is one line `moeut.sweep: error: ...`, exit 1."""
+    from .cli import bad_input_exits
+    with bad_input_exits("moeut.sweep"):
+        rc = run(o)
     sys.exit(rc)
+
+
+main = typed_tool(
+    "moeut.sweep", SweepOptions,
+    summary="List, dry-run and launch the paper's experiment grids (sweeps/*.yaml) as Hydra multiruns of\n"
+            "train.py. Every job runs in <root>/<sweep name>/<its grid overrides>, so a re-launch or a SLURM\n"
+            "requeue lands each job in its old directory, where train.py resumes it. See docs/sweeps.md.",
+    usage="python -m moeut.sweep [key=value ...]   (also moeut-sweep)",
+    notes="Examples:\n"
+          "  python -m moeut.sweep\n"
+          "  python -m moeut.sweep action=dry-run sweep=g_ablation\n"
+          "  python -m moeut.sweep action=launch sweep=main_table 'set=[\"hydra.launcher.account=myproj\"]'\n"
+          "  python -m moeut.sweep action=launch sweep=cpu_smoke local=true root=/tmp/sweeps",
+)(_main)
 
 
 if __name__ == "__main__":

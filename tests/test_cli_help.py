@@ -116,7 +116,7 @@ def test_help_lists_every_option(tool, tmp_path):
 
 
 @pytest.mark.parametrize("tool, args, message", [
-    ("moeut.sweep", ["action=go"], "action: expected one of"),
+    ("moeut.sweep", ["action=go"], "action: must be one of list | dry-run | launch, got 'go'"),
     ("moeut.hf.export", ["out=x"], "checkpoint: required"),
     ("moeut.tools.footprint", ["batch=many"], "batch: Value 'many' of type 'str' could not be converted to Integer"),
     ("moeut.tools.warmup", ["decode=maybe"], "decode: Value 'maybe' is not a valid bool"),

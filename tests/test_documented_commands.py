@@ -119,6 +119,8 @@ REGISTRY = {
     'moeut-train': ("skip", CONSOLE),
     'python -m pytest -q': ("skip", SUITE),
     'python -m moeut.sweep --help': ("run", ""),
+    'python train.py --help': ("covered", "tests/test_cli_help.py::test_help_lists_every_option"),
+    'python -m moeut.evaluate --help': ("covered", "tests/tools/test_tool_commands.py::test_help_lists_every_schema_option"),
     'python train.py --cfg job': ("run", ""),
     'python -m moeut.eval.harness_cli run --model moeut --model_args checkpoint=runs/<run> --tasks piqa,arc_easy':
         ("skip", HUB),

@@ -1,5 +1,5 @@
 """End to end: a tiny checkpoint evaluated on every task with limit=20 through the Hydra config
-(conf/eval.yaml), producing the results JSON and the paper-layout table; bad inputs."""
+(moeut.evaluate.EvaluateOptions), producing the results JSON and the paper-layout table; bad inputs."""
 import csv
 import os
 import json
@@ -51,9 +51,10 @@ def run_dir(tmp_path_factory, small_tokenizer):
 
 
 def compose(overrides):
-    from hydra import compose as hcompose, initialize_config_dir
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hcompose(config_name="eval", overrides=overrides)
+    """The checked options of `python -m moeut.evaluate <overrides>`."""
+    from moeut.cli import typed_options
+    from moeut.evaluate import EvaluateOptions
+    return typed_options(EvaluateOptions, overrides, "moeut.evaluate")
 
 
 def test_end_to_end_every_task_limit_20(run_dir, small_tokenizer):

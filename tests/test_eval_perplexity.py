@@ -161,17 +161,16 @@ def test_loaders_and_errors(tmp_path, monkeypatch):
 def test_command_writes_results_and_table(tiny_run, tmp_path):
     """Through the Hydra config: the perplexity row sits in the same results JSON and table as a
     zero-shot task (here PIQA, whose data is absent: reported as skipped, not a dash)."""
-    from hydra import compose, initialize_config_dir
-    from moeut.evaluate import run
+    from moeut.cli import typed_options
+    from moeut.evaluate import EvaluateOptions, run
     run_dir, model, tok = tiny_run
     text = "\n".join(generated_texts(30, seed=5))
     (tmp_path / "t.txt").write_text(text)
     (tmp_path / "empty").mkdir()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=[
-            f"checkpoint={run_dir}", "tasks=[perplexity,piqa]", f"perplexity.path={tmp_path / 't.txt'}",
-            "perplexity.context_length=32", "perplexity.stride=16", f"data_dir={tmp_path / 'empty'}",
-            f"out_dir={tmp_path / 'out'}", "progress=false"])
+    cfg = typed_options(EvaluateOptions, [
+        f"checkpoint={run_dir}", "tasks=[perplexity,piqa]", f"perplexity.path={tmp_path / 't.txt'}",
+        "perplexity.context_length=32", "perplexity.stride=16", f"data_dir={tmp_path / 'empty'}",
+        f"out_dir={tmp_path / 'out'}", "progress=false"], "moeut.evaluate")
     with pytest.warns(UserWarning, match="piqa: skipped, data missing"):
         res = run(cfg)
     ids = tok.encode(text)

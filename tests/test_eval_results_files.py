@@ -15,9 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def compose(overrides):
-    from hydra import compose as hcompose, initialize_config_dir
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hcompose(config_name="eval", overrides=overrides)
+    """The checked options of `python -m moeut.evaluate <overrides>`."""
+    from moeut.cli import typed_options
+    from moeut.evaluate import EvaluateOptions
+    return typed_options(EvaluateOptions, overrides, "moeut.evaluate")
 
 
 @pytest.fixture(scope="module")

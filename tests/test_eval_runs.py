@@ -22,9 +22,10 @@ def tiny_run(tmp_path_factory):
 
 
 def compose(overrides):
-    from hydra import compose as hcompose, initialize_config_dir
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hcompose(config_name="eval", overrides=overrides)
+    """The checked options of `python -m moeut.evaluate <overrides>`."""
+    from moeut.cli import typed_options
+    from moeut.evaluate import EvaluateOptions
+    return typed_options(EvaluateOptions, overrides, "moeut.evaluate")
 
 
 def test_missing_checkpoint_names_the_option(tmp_path):
@@ -203,11 +204,11 @@ def test_cli_perplexity_errors_name_file_and_option(tiny_run, tmp_path):
     empty, bad = tmp_path / "empty.txt", tmp_path / "latin1.txt"
     empty.write_text("\n \n")
     bad.write_bytes("first line\ncaf\u00e9 au lait\n".encode("latin-1"))
-    cases = ((tmp_path / "nope.txt", "moeut.evaluate: error: nothing was evaluated, no task found its data: "
+    cases = ((tmp_path / "nope.txt", "moeut.evaluate: error: NoTaskData: nothing was evaluated, no task found its data: "
                                      f"perplexity: perplexity.path={tmp_path / 'nope.txt'}: file not found"),
-             (empty, "moeut.evaluate: error: nothing was evaluated, no task found its data: "
+             (empty, "moeut.evaluate: error: NoTaskData: nothing was evaluated, no task found its data: "
                      f"perplexity: perplexity.path={empty}: no text in it (empty or blank)"),
-             (bad, f"moeut.evaluate: error: perplexity.path: {bad}:2: not UTF-8 text (byte 0xe9 at column 4); "
+             (bad, f"moeut.evaluate: error: TaskFormatError: perplexity.path: {bad}:2: not UTF-8 text (byte 0xe9 at column 4); "
                    "save the file as UTF-8"))
     for path, line in cases:
         r = _cli(f"checkpoint={run_dir}", "tasks=[perplexity]", f"perplexity.path={path}",

@@ -13,8 +13,13 @@ transformers = pytest.importorskip("transformers")
 from moeut.checkpoint import load_model, save_checkpoint  # noqa: E402
 from moeut.registry import build_model, get_preset  # noqa: E402
 from moeut.data.tokenizer import Tokenizer  # noqa: E402
-from moeut.cli import compose  # noqa: E402
-from moeut.hf.export import export, run  # noqa: E402
+from moeut.cli import typed_options  # noqa: E402
+from moeut.hf.export import HFExportOptions, export, run  # noqa: E402
+
+
+def _opts(overrides):
+    """The checked options of `python -m moeut.hf.export <overrides>`."""
+    return typed_options(HFExportOptions, overrides, "moeut.hf.export")
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +30,7 @@ def exported(tmp_path_factory, small_tokenizer):
     model = build_model(cfg)
     save_checkpoint(root / "run" / "checkpoints", 7, model, cfg, tokenizer=small_tokenizer)
     out = root / "export"
-    assert run(compose("hf_export", [f"checkpoint={root / 'run'}", f"out={out}"])) == str(out)
+    assert run(_opts([f"checkpoint={root / 'run'}", f"out={out}"])) == str(out)
     return root, out
 
 
@@ -35,17 +40,17 @@ def test_export_options_are_checked_before_writing(exported, tmp_path):
     root, _ = exported
     out = tmp_path / "x"
     with pytest.raises(ValueError, match=r"^out: required"):
-        run(compose("hf_export", [f"checkpoint={root / 'run'}"]))
+        run(_opts([f"checkpoint={root / 'run'}"]))
     with pytest.raises(ValueError, match=r"^checkpoint: required"):
-        run(compose("hf_export", [f"out={out}"]))
-    with pytest.raises(ValueError, match=r"dtype: expected one of \['bf16', 'fp16', 'fp32'\] or null, got 'int8'"):
-        run(compose("hf_export", [f"checkpoint={root / 'run'}", f"out={out}", "dtype=int8"]))
+        run(_opts([f"out={out}"]))
+    with pytest.raises(ValueError, match=r"^dtype: must be one of null \| fp32 \| bf16 \| fp16, got 'int8'$"):
+        run(_opts([f"checkpoint={root / 'run'}", f"out={out}", "dtype=int8"]))
     with pytest.raises(ValueError, match=r"dtype: use one of"):  # the library call checks it too
         export(str(root / "run"), str(out), dtype="fp8")
     with pytest.raises(FileNotFoundError, match=r"checkpoint=.*nowhere: no such file"):
-        run(compose("hf_export", [f"checkpoint={tmp_path / 'nowhere'}", f"out={out}"]))
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['outdir'\]"):
-        run(compose("hf_export", [f"checkpoint={root / 'run'}", f"out={out}", "+outdir=y"]))
+        run(_opts([f"checkpoint={tmp_path / 'nowhere'}", f"out={out}"]))
+    with pytest.raises(ValueError, match=r"^outdir: no such option"):
+        run(_opts([f"checkpoint={root / 'run'}", f"out={out}", "+outdir=y"]))
     assert not out.exists()
 
 

@@ -296,10 +296,15 @@ def test_bad_sweep_files_fail_naming_file_and_field(tmp_path):
         sw.compose_jobs(s, root=str(tmp_path))
 
 
+def _opts(overrides):
+    """The checked options of `python -m moeut.sweep <overrides>`."""
+    from moeut.cli import typed_options
+    return typed_options(sw.SweepOptions, overrides, "moeut.sweep")
+
+
 def test_dry_run_cli_prints_every_job(tmp_path, capsys):
-    from moeut.cli import compose
-    assert sw.run(compose("sweep", ["action=dry-run", "sweep=k_ablation", f"root={tmp_path}",
-                                    'set=["hydra.launcher.partition=mypart"]'])) == 0
+    assert sw.run(_opts(["action=dry-run", "sweep=k_ablation", f"root={tmp_path}",
+                         'set=["hydra.launcher.partition=mypart"]'])) == 0
     out = capsys.readouterr().out
     assert out.count("run dir:") == 3
     for name in ("c4_moeut_244m_k8", "c4_moeut_244m", "c4_moeut_244m_k24"):
@@ -310,22 +315,21 @@ def test_dry_run_cli_prints_every_job(tmp_path, capsys):
 def test_cli_errors_name_the_option(tmp_path):
     """Bad options of `python -m moeut.sweep` fail naming the option; an unknown sweep name lists
     the available ones (read from sweeps/, not a hand list)."""
-    from moeut.cli import compose
     names = [p.stem for p in SWEEP_FILES]
     with pytest.raises(FileNotFoundError, match=r"sweep=no_such_sweep: .*available: " + ", ".join(names)):
-        sw.run(compose("sweep", ["action=dry-run", "sweep=no_such_sweep"]))
+        sw.run(_opts(["action=dry-run", "sweep=no_such_sweep"]))
     with pytest.raises(ValueError, match=r"sweep: required for action=launch.*available: " + names[0]):
-        sw.run(compose("sweep", ["action=launch"]))
-    with pytest.raises(ValueError, match=r"action: expected one of \['list', 'dry-run', 'launch'\], got 'run'"):
-        sw.run(compose("sweep", ["action=run"]))
+        sw.run(_opts(["action=launch"]))
+    with pytest.raises(ValueError, match=r"^action: must be one of list \| dry-run \| launch, got 'run'$"):
+        sw.run(_opts(["action=run"]))
     with pytest.raises(ValueError, match=r"set: 'train\.steps' is not a Hydra override"):
-        sw.run(compose("sweep", ["action=dry-run", "sweep=cpu_smoke", "set=[train.steps]"]))
-    with pytest.raises(ValueError, match=r"local: expected true or false, got 'yes'"):
-        sw.run(compose("sweep", ["local=yes"]))
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['sweep_dir'\]"):
-        sw.run(compose("sweep", [f"+sweep_dir={tmp_path}"]))
+        sw.run(_opts(["action=dry-run", "sweep=cpu_smoke", "set=[train.steps]"]))
+    with pytest.raises(ValueError, match=r"^local: Value 'maybe' is not a valid bool"):
+        sw.run(_opts(["local=maybe"]))
+    with pytest.raises(ValueError, match=r"^sweep_dir: no such option"):
+        sw.run(_opts([f"+sweep_dir={tmp_path}"]))
     with pytest.raises(FileNotFoundError, match=r"sweeps_dir=.*nowhere: no such directory"):
-        sw.run(compose("sweep", [f"sweeps_dir={tmp_path / 'nowhere'}"]))
+        sw.run(_opts([f"sweeps_dir={tmp_path / 'nowhere'}"]))
     # a sweep named from another sweeps_dir; `list` lists that directory
     (tmp_path / "mine.yaml").write_text("name: mine\nexpected_jobs: 2\n"
                                         "grids:\n  - overrides: ['experiment=cpu_tiny,cpu_small']\n")
@@ -335,7 +339,7 @@ def test_cli_errors_name_the_option(tmp_path):
 
 
 def test_cli_subprocess_dry_run_writes_nothing_in_cwd(tmp_path):
-    """The real command line (quoting of `set`), exit codes 0 / 2, and no Hydra output or log
+    """The real command line (quoting of `set`), exit codes 0 / 1, and no Hydra output or log
     file in the working directory."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -348,7 +352,7 @@ def test_cli_subprocess_dry_run_writes_nothing_in_cwd(tmp_path):
     assert "train.steps=3" in r.stdout.split("grid 0 command:")[1]
     r = subprocess.run([sys.executable, "-m", "moeut.sweep", "action=launch", "sweep=nope"],
                        cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "moeut.sweep: error: sweep=nope:" in r.stderr and "cpu_smoke" in r.stderr
+    assert r.returncode == 1 and "moeut.sweep: error: sweep=nope:" in r.stderr and "cpu_smoke" in r.stderr
     assert list(cwd.iterdir()) == []
 
 

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from moeut import provenance
-from moeut.evaluate import run as evaluate_run
+from moeut.cli import typed_options
+from moeut.evaluate import EvaluateOptions, run as evaluate_run
 from moeut.rundir import RunDir
 from test_train import GENERAL, REPO, _cli, _subprocess_env, logged, metrics, run, tiny_cfg
 
@@ -45,9 +45,8 @@ def test_zeroshot_during_training_equals_the_evaluate_command(cache_dir, tmp_pat
         ckpt = run_dir / "checkpoints" / f"step_{step:07d}"
         during = json.loads((run_dir / "eval" / f"results_step_{step:07d}.json").read_text())
         assert during["step"] == step and during["checkpoint"] == str(ckpt)
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            cfg = compose("eval", overrides=[f"checkpoint={ckpt}", "tasks=[lambada,piqa]", "limit=4",
-                                             "device=cpu", "progress=false"])
+        cfg = typed_options(EvaluateOptions, [f"checkpoint={ckpt}", "tasks=[lambada,piqa]", "limit=4",
+                                              "device=cpu", "progress=false"], "moeut.evaluate")
         after = evaluate_run(cfg)  # the command, afterwards: results_step_N.2.json
         assert Path(after["files"]["json"]).name == f"results_step_{step:07d}.2.json"
         assert without_seconds(after["tasks"]) == without_seconds(during["tasks"])  # exactly

@@ -124,21 +124,20 @@ def test_sweep_expected_jobs_out_of_range(tmp_path):
         load_sweep(f)
 
 
-@pytest.mark.parametrize("key,bad", [("limit", 0), ("batch_size", 0), ("pad_multiple", -1)])
+@pytest.mark.parametrize("key,bad", [("limit", 0), ("batch_size", 0), ("pad_multiple", -1),
+                                     ("perplexity.stride", 0)])
 def test_eval_option_out_of_range_is_named(key, bad):
-    from moeut.evaluate import EVAL_RANGES, run
-    assert key in EVAL_RANGES
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("eval", overrides=["checkpoint=/nonexistent", "tasks=[piqa]", f"{key}={bad}"])
-    with pytest.raises(ValueError, match=rf"^{key}: must be"):
-        run(cfg)
+    from moeut.cli import typed_options
+    from moeut.evaluate import EvaluateOptions
+    with pytest.raises(ValueError, match=rf"^{key}: must be >= 1, got {bad}$"):
+        typed_options(EvaluateOptions, ["checkpoint=/nonexistent", "tasks=[piqa]", f"{key}={bad}"])
 
 
 def test_eval_numeric_options_all_have_ranges():
-    from moeut.evaluate import EVAL_RANGES
-    raw = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "eval.yaml"))
-    numeric = {k for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    assert numeric <= set(EVAL_RANGES), numeric - set(EVAL_RANGES)
+    from moeut.evaluate import EvaluateOptions
+    numeric = list(V.numeric_fields(EvaluateOptions))
+    assert {name for name, _, _ in numeric} >= {"limit", "batch_size", "pad_multiple", "perplexity.stride"}
+    assert [name for name, f, _ in numeric if V.field_range(f) is None] == []
 
 
 def test_range_descriptions():

@@ -40,11 +40,11 @@ pytestmark = pytest.mark.wheel
 # what the build must not copy from the checkout (git-ignored outputs) and does not need
 IGNORED = ("_carried", ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "runs", "outputs",
            "multirun", "data_cache", "wandb", "exports", "tests", "docs")
-# console script -> the conf file its --help documents, or "module:Schema" for a typed tool (moeut.cli.typed_tool;
-# its options are the schema's), None: lm-eval's own argparse help
-SCRIPT_CONF = {"moeut-train": "config", "moeut-prepare-data": "prepare_data", "moeut-evaluate": "eval",
-               "moeut-eval-table": "eval_table", "moeut-hf-export": "hf_export",
-               "moeut-summary": "summary", "moeut-sweep": "sweep",
+# console script -> the conf file its --help documents, or the "module:Schema" of a typed tool
+# (moeut.cli.typed_tool; None: lm-eval's own argparse help)
+SCRIPT_CONF = {"moeut-train": "config", "moeut-prepare-data": "config", "moeut-evaluate": "moeut.evaluate:EvaluateOptions",
+               "moeut-eval-table": "eval_table", "moeut-hf-export": "moeut.hf.export:HFExportOptions",
+               "moeut-summary": "summary", "moeut-sweep": "moeut.sweep:SweepOptions",
                "moeut-footprint": "moeut.tools.footprint:FootprintOptions",
                "moeut-warmup": "moeut.tools.warmup:WarmupOptions", "moeut-lm-eval": None}
 
@@ -183,7 +183,7 @@ def _help_listing(text: str) -> str:
 
 def test_every_console_script_answers_help_outside_the_clone(installed):
     """Each script of [project.scripts] (the list here must match pyproject's) exits 0 on --help and
-    lists every option of its conf file; `moeut-sweep action=list` finds the carried grids. Run
+    lists every option of its conf file or schema; `moeut-sweep action=list` finds the carried grids. Run
     side by side (each is mostly the import of torch)."""
     bin_dir, cwd, env = installed
     scripts = console_scripts()
@@ -209,6 +209,8 @@ def test_every_console_script_answers_help_outside_the_clone(installed):
             options = [k for k in raw if k not in ("defaults", "hydra")]
         if conf == "config":  # training: the config groups are its options too
             options += ["experiment", "model", "data", "optim", "train", "logger"]
+        if name == "moeut-prepare-data":
+            options.append("prepare")
         assert options, name
         listing = _help_listing(res.stdout)
         missing = [k for k in options if not re.search(rf"^[ \t]*[-*]?[ \t]*{re.escape(k)}\b", listing, re.M)]

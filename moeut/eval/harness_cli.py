@@ -13,8 +13,11 @@ re-declare (and track, across lm-eval releases) every one of them. So argv goes 
 unchanged, except for the device default below; `--help` is lm-eval's own.
 
 Device: lm-eval's CLI defaults to `--device cuda:0`, which fails on a machine without CUDA. Unless
-the command names a device (`--device ...` or `device=` in `--model_args`), this wrapper passes
-the one that exists: `cuda` when torch sees a GPU, else `cpu` (and says so).
+the command names a device (`--device ...` or `device=` in `--model_args`), or with `--device auto`,
+this wrapper passes the one that exists: `cuda` when torch sees a GPU, else `cpu` (and says so).
+A named device is spelt as everywhere in the package, `auto | cpu | cuda | cuda:N`; another
+spelling, or a CUDA device on a machine without one, is one line `moeut.eval.harness_cli: error:
+...` naming the option, exit 1, before lm-eval starts.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ def with_default_device(argv: List[str], cuda_available: Optional[bool] = None) 
     """argv plus `--device cuda|cpu` when it runs a model and names no device itself."""
     if "--model" not in argv and not any(a.startswith("--model=") for a in argv):
         return argv
+    if _cli_device(argv) == "auto":  # `--device auto`: the default below, said so
+        argv = _without_device_flag(argv)
     if any(a == "--device" or a.startswith("--device=") for a in argv):
         return argv
     for i, a in enumerate(argv):
@@ -45,6 +50,30 @@ def with_default_device(argv: List[str], cuda_available: Optional[bool] = None) 
     return argv + ["--device", device]
 
 
+def _cli_device(argv: List[str]) -> Optional[str]:
+    """The value of the last `--device X` / `--device=X` of argv, or None."""
+    found = None
+    for i, a in enumerate(argv):
+        if a == "--device" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif a.startswith("--device="):
+            found = a.split("=", 1)[1]
+    return found
+
+
+def _without_device_flag(argv: List[str]) -> List[str]:
+    """argv less its `--device X` / `--device=X` arguments."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == "--device" and i + 1 < len(argv):
+            skip = True
+        elif not a.startswith("--device="):
+            out.append(a)
+    return out
+
+
 def named_device(argv: List[str]) -> Optional[str]:
     """The device the command names (`--device X`, `--device=X`, or `device=X` in `--model_args`;
     the last one wins, as lm-eval passes --device after the model_args), or None."""
@@ -56,18 +85,18 @@ def named_device(argv: List[str]) -> Optional[str]:
             for kv in args.split(","):
                 if kv.strip().startswith("device="):
                     found = kv.strip().split("=", 1)[1]
-    for i, a in enumerate(argv):
-        if a == "--device" and i + 1 < len(argv):
-            found = argv[i + 1]
-        elif a.startswith("--device="):
-            found = a.split("=", 1)[1]
-    return found
+    return _cli_device(argv) or found
 
 
 def check_device(argv: List[str], cuda_available: Optional[bool] = None) -> None:
-    """Raise ValueError, naming the option, when the command names a CUDA device and torch sees
-    no CUDA GPU (before lm-eval is imported and the model loaded)."""
+    """Raise ValueError, naming the option, when the command names a device not spelt `auto | cpu |
+    cuda | cuda:N`, or a CUDA device while torch sees no CUDA GPU (before lm-eval is imported and
+    the model loaded)."""
+    from ..cli import check_device as check_spelling
+
     device = named_device(argv)
+    if device is not None:
+        check_spelling(device, "--device")
     if device is None or not device.startswith("cuda"):
         return
     if cuda_available is None:

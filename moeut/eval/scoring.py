@@ -82,13 +82,14 @@ def resolve_device(device: Optional[str] = None) -> torch.device:
 
 
 def resolve_autocast_dtype(dtype: Optional[str], device: torch.device) -> Optional[torch.dtype]:
-    """'auto' = bf16 on CUDA (the paper evaluates under bf16 autocast), none on CPU."""
+    """The autocast dtype for `dtype` = auto | fp32 | bf16 | fp16 (the one spelling of precision,
+    moeut.cli.PRECISIONS): None / 'auto' = bf16 on CUDA (the paper evaluates under bf16
+    autocast), none on CPU; fp32 = none. Raises ValueError naming `dtype` for any other value."""
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else None
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-             "float16": torch.float16, "fp32": None, "float32": None, "none": None}
+    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in table:
-        raise ValueError(f"dtype: unknown value {dtype!r}; use one of {sorted(table)} or 'auto'")
+        raise ValueError(f"dtype: must be one of auto | fp32 | bf16 | fp16, got {dtype!r}")
     return table[dtype]
 
 

@@ -2,7 +2,8 @@
 
     python -m moeut.hf.export checkpoint=<run dir or checkpoint dir> out=<dir> [dtype=bf16|fp16|fp32]
 
-A Hydra app over conf/hf_export.yaml (`--help` lists the options); `export()` is the library call.
+A typed tool (moeut.cli.typed_tool: options in `HFExportOptions`, `--help` generated from it);
+`export()` is the library call.
 
 Writes config.json (with auto_map), model.safetensors, the modelling code (configuration_moeut.py,
 modeling_moeut.py, tokenization_moeut.py; the model code imports the installed `moeut` package),
@@ -19,13 +20,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
-import hydra
 import torch
 
-from ..cli import CONF_DIR, one_line_hydra_errors
+from ..cli import PRECISIONS, REQUIRED, option, typed_tool
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -86,31 +86,47 @@ def _ordinary_modes(out: str) -> None:
             os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
-def run(cfg: Any) -> str:
-    """Export as a composed conf/hf_export.yaml asks (`checkpoint`, `out`, `dtype`); returns `out`.
-    Raises ValueError naming the option (missing checkpoint/out, unknown option, bad dtype) and
-    FileNotFoundError `checkpoint=...` when the checkpoint path does not exist."""
-    from ..cli import choice_option, tool_options
+@dataclass
+class HFExportOptions:
+    """The options of `python -m moeut.hf.export` (`--help` is generated from them)."""
+    checkpoint: str = option(REQUIRED, help="run dir (its newest valid checkpoint) or a checkpoints/step_XXXXXXX dir")
+    out: str = option(REQUIRED, help="directory to write (created if absent; files of an earlier export are replaced)")
+    dtype: Optional[str] = option(None, help="stored weight precision; null = fp32, as the native checkpoint",
+                                  choices=[None, *PRECISIONS])
 
-    o = tool_options(cfg, "hf_export", required=("checkpoint", "out"))
-    choice_option(o, "dtype", sorted(DTYPES), allow_none=True)
-    if not os.path.exists(str(o["checkpoint"])):
-        raise FileNotFoundError(f"checkpoint={o['checkpoint']}: no such file or directory "
+
+def check_checkpoint(opts: HFExportOptions) -> None:
+    """Raise FileNotFoundError `checkpoint=...` when the checkpoint path does not exist."""
+    if not os.path.exists(opts.checkpoint):
+        raise FileNotFoundError(f"checkpoint={opts.checkpoint}: no such file or directory "
                                 "(pass a run dir or a checkpoints/step_XXXXXXX dir)")
-    return export(str(o["checkpoint"]), str(o["out"]), dtype=o.get("dtype"))
 
 
-@one_line_hydra_errors("moeut.hf.export")
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="hf_export")
-def main(cfg: Any) -> None:
-    """`python -m moeut.hf.export checkpoint=<dir> out=<dir> [dtype=...]` (also the
-    `moeut-hf-export` script): prints the output directory; bad input: a one-line error, exit 1."""
-    from moeut.cli import setup_tool_output
-    setup_tool_output("moeut.hf.export")  # one-line warnings; no progress frames in a log file
-    try:
-        print(run(cfg))
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"moeut.hf.export: error: {e}")
+def run(opts: HFExportOptions) -> str:
+    """Export as `opts` asks (checkpoint, out, dtype); returns `out`. Raises FileNotFoundError
+    `checkpoint=...` when the checkpoint path does not exist (before anything is written)."""
+    check_checkpoint(opts)
+    return export(opts.checkpoint, opts.out, dtype=opts.dtype)
+
+
+def _main(opts: HFExportOptions) -> None:
+    """Export and print the output directory; a missing checkpoint is one line, exit 1."""
+    from ..cli import bad_input_exits
+    with bad_input_exits("moeut.hf.export"):
+        check_checkpoint(opts)
+    print(run(opts))
+
+
+main = typed_tool(
+    "moeut.hf.export", HFExportOptions,
+    summary="Export a MoEUT checkpoint as a Hugging Face model directory: config.json (with auto_map),\n"
+            "model.safetensors, the modelling code, tokenizer.model + tokenizer_config.json and\n"
+            "moeut_export.json (provenance). Prints the output directory. See docs/evaluation.md.",
+    usage="python -m moeut.hf.export checkpoint=<dir> out=<dir> [dtype=bf16|fp16|fp32]   (also moeut-hf-export)",
+    notes="Load the export with\n"
+          "  AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)\n"
+          "  AutoTokenizer.from_pretrained(out, trust_remote_code=True)",
+)(_main)
 
 
 if __name__ == "__main__":

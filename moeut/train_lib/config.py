@@ -1,7 +1,8 @@
 """Hydra structured configs for training (schemas in the ConfigStore) and their conversion.
 
 The YAML files in `conf/` hold values only; these dataclasses are the schemas, so a typo or a
-wrong type fails at composition. `to_typed(cfg)` turns the composed DictConfig into a
+wrong type fails at composition. Each field is declared with `moeut.cli.option` (its help line,
+range and choices), and `train.py --help` is generated from them (`train_help`). `to_typed(cfg)` turns the composed DictConfig into a
 `TrainConfig` and validates cross-field constraints with messages that name the key. Nothing is
 built from the config with `_target_`: the training library reads typed fields.
 
@@ -27,8 +28,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .. import paths
+from ..cli import DEVICE_HELP, PRECISIONS, check_device, option
 from ..registry import PRESETS, config_fields, get_preset
-from ..validate import at_least, check_ranges, check_value, field_range, in_range, positive
+from ..validate import check_ranges, check_value, field_range
 
 # ------------------------------------------------------------------------------------------
 # Resolvers (moeut/paths.py), so default data paths work from any cwd, in a clone or an installed
@@ -89,87 +91,105 @@ ModelSchema = model_schema()  # the built-in architectures' (register_configs re
 class DataSchema:
     """The `data` group (SPEC §5): corpus, tokenizer, window length and token budgets, cache.
     Token counts are tokens; `seq_len` is T (each window holds T + 1 tokens)."""
-    source: str = "local"  # local | c4 | slimpajama | pes2o | thestack
-    path: Optional[str] = None  # local file/dir, or a hub-layout mirror root (None: stream C4 from the hub)
-    valid_path: Optional[str] = None  # local only: validation file/dir (default: *valid* files in path)
-    text_field: str = "text"
-    revision: Optional[str] = None  # hub revision (C4 defaults to the paper's pinned commit)
-    languages: List[str] = field(default_factory=list)  # The Stack
-    seq_len: int = field(default=1024, metadata=at_least(1))
-    train_tokens: Optional[int] = field(default=None, metadata=at_least(1))  # token budget; None = (steps + 100) * batch * seq_len + 1
-    valid_tokens: Optional[int] = field(default=1032192, metadata=at_least(1))  # SPEC 5.7; None = the whole validation split
-    extra_valid: Dict[str, str] = field(default_factory=dict)  # name -> local file/dir, more val sets
-    sampler: str = "sequential"  # sequential (paper) | shuffled
-    shuffle_seed: int = field(default=123, metadata=at_least(0))
+    source: str = option("local", help="the corpus", choices=["local", "c4", "slimpajama", "pes2o", "thestack"])
+    path: Optional[str] = option(None, help="local file/dir, or a hub-layout mirror root (null: stream C4 from the hub)")
+    valid_path: Optional[str] = option(None, help="local only: validation file/dir (null: the *valid* files in path)")
+    text_field: str = option("text", help="the JSON field holding a document's text")
+    revision: Optional[str] = option(None, help="hub revision (C4: null = the paper's pinned commit)")
+    languages: List[str] = option(default_factory=list, help="The Stack: the languages to read")
+    seq_len: int = option(1024, help="window length T in tokens (each window holds T + 1 tokens)", lo=1)
+    train_tokens: Optional[int] = option(None, help="training token budget; null = (train.steps + 100) x "
+                                         "train.batch_size x seq_len + 1", lo=1)
+    valid_tokens: Optional[int] = option(1032192, help="validation tokens (SPEC 5.7); null = the whole validation "
+                                         "split", lo=1)
+    extra_valid: Dict[str, str] = option(default_factory=dict, help="more validation sets: name -> local file/dir, "
+                                         "e.g. data.extra_valid.books=/data/books")
+    sampler: str = option("sequential", help="window order: sequential (paper) | shuffled",
+                          choices=["sequential", "shuffled"])
+    shuffle_seed: int = option(123, help="seed of the shuffled sampler", lo=0)
     # tokenizer (SPEC 5.2)
-    tokenizer_path: Optional[str] = None  # an existing SentencePiece .model (e.g. the released one)
-    vocab_size: int = field(default=8000, metadata=in_range(2, 65536))  # token shards are uint16
-    tokenizer_files: Optional[int] = field(default=10, metadata=at_least(1))  # train on the first N files (C4 10, SlimPajama 200, ...)
-    tokenizer_docs: Optional[int] = field(default=None, metadata=at_least(1))
-    tokenizer_chars: Optional[int] = field(default=None, metadata=at_least(1))
-    tokenizer_split_paragraphs: bool = False  # books: cut into < 4 kB pieces (see prepare.py)
-    tokenizer_byte_fallback: bool = False  # [ours] no text maps to <unk> (byte pieces); off = the paper's settings
-    cache_dir: str = "${oc.env:MOEUT_CACHE,${moeut.cache:}}"
-    num_workers: int = field(default=2, metadata=at_least(0))  # tokenisation processes (0 = in-process)
+    tokenizer_path: Optional[str] = option(None, help="an existing SentencePiece .model (e.g. the released one); "
+                                           "null = train one")
+    vocab_size: int = option(8000, help="tokenizer vocabulary (token shards are uint16); must equal "
+                             "model.vocab_size", lo=2, hi=65536)
+    tokenizer_files: Optional[int] = option(10, help="train the tokenizer on the first N files (C4 10, SlimPajama "
+                                            "200, ...)", lo=1)
+    tokenizer_docs: Optional[int] = option(None, help="train the tokenizer on at most N documents", lo=1)
+    tokenizer_chars: Optional[int] = option(None, help="train the tokenizer on at most N characters", lo=1)
+    tokenizer_split_paragraphs: bool = option(False, help="books: cut documents into < 4 kB pieces for "
+                                              "tokenizer training")
+    tokenizer_byte_fallback: bool = option(False, help="[ours] byte pieces, so no text maps to <unk>; false = "
+                                           "the paper's settings")
+    cache_dir: str = option("${oc.env:MOEUT_CACHE,${moeut.cache:}}", help="token-cache directory "
+                            "($MOEUT_CACHE, else the default cache)")
+    num_workers: int = option(2, help="tokenisation processes (0 = in-process)", lo=0)
 
 
 @dataclass
 class OptimSchema:
     """The `optim` group (SPEC §4.1-4.3): AdamW over all parameters, LR schedule, grad clipping."""
-    lr: float = field(default=2.5e-4, metadata=positive())
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999], metadata=in_range(0, 1, hi_open=True))
-    eps: float = field(default=1e-8, metadata=positive())
-    weight_decay: float = field(default=0.01, metadata=at_least(0))
-    warmup: int = field(default=0, metadata=at_least(0))  # <= train.steps (checked with it)
-    min_lr_ratio: float = field(default=0.1, metadata=in_range(0, 1))
-    schedule: str = "cosine"  # cosine (SPEC 4.2) | constant
-    grad_clip: Optional[float] = field(default=0.1, metadata=at_least(0))  # None/0 = off
+    lr: float = option(2.5e-4, help="peak learning rate", lo=0, lo_open=True)
+    betas: List[float] = option(default_factory=lambda: [0.9, 0.999], help="AdamW betas (two values)",
+                                lo=0, hi=1, hi_open=True)
+    eps: float = option(1e-8, help="AdamW epsilon", lo=0, lo_open=True)
+    weight_decay: float = option(0.01, help="AdamW weight decay", lo=0)
+    warmup: int = option(0, help="linear warm-up steps (<= train.steps)", lo=0)
+    min_lr_ratio: float = option(0.1, help="the cosine schedule ends at lr x min_lr_ratio", lo=0, hi=1)
+    schedule: str = option("cosine", help="learning-rate schedule (SPEC 4.2)", choices=["cosine", "constant"])
+    grad_clip: Optional[float] = option(0.1, help="gradient-norm clipping; null/0 = off", lo=0)
 
 
 @dataclass
 class ZeroShotSchema:
     """`train.zeroshot`: zero-shot evaluation during training, as `python -m moeut.evaluate` runs it
     on the checkpoint of that step (docs/training.md "Zero-shot evaluation during training")."""
-    interval: int = field(default=0, metadata=at_least(0))  # every N steps (a checkpoint is saved there); 0 = off
-    tasks: List[str] = field(default_factory=lambda: ["lambada", "blimp", "piqa"])  # moeut.evaluate's task names
-    limit: Optional[int] = field(default=None, metadata=at_least(1))  # items per task, as moeut.evaluate's limit
+    interval: int = option(0, help="evaluate every N steps (a checkpoint is saved there); 0 = off", lo=0)
+    tasks: List[str] = option(default_factory=lambda: ["lambada", "blimp", "piqa"],
+                              help="moeut.evaluate's task names")
+    limit: Optional[int] = option(None, help="items per task, as moeut.evaluate's limit; null = all", lo=1)
 
 
 @dataclass
 class ProfileSchema:
     """`train.profile`: a torch.profiler trace of steps start..end (the logged step numbers) into
     <run dir>/profile/ (docs/training.md "Profiles"); start null = off."""
-    start: Optional[int] = field(default=None, metadata=at_least(1))
-    end: Optional[int] = field(default=None, metadata=at_least(1))  # null = start (one step)
+    start: Optional[int] = option(None, help="first profiled step; null = no profile", lo=1)
+    end: Optional[int] = option(None, help="last profiled step; null = start (one step)", lo=1)
 
 
 @dataclass
 class TrainSchema:
     """The `train` group (SPEC §4.3-4.5): steps, batch, precision, intervals (in steps), resume."""
-    steps: int = field(default=100000, metadata=at_least(1))  # the schedule length S (`stop_after`)
-    stop_at: Optional[int] = field(default=None, metadata=at_least(1))  # end this invocation early (schedule still spans `steps`)
-    batch_size: int = field(default=64, metadata=at_least(1))  # global batch in sequences
-    micro_batch_size: Optional[int] = field(default=None, metadata=at_least(1))  # per-rank micro-batch; None = local batch (no accumulation)
-    seed: int = field(default=0, metadata=at_least(0))
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA cc>=8, fp16+scaler below, fp32 on CPU) | fp32 | bf16 | fp16
-    compile: bool = False
-    activation_checkpointing: bool = False
-    parallel: str = "ddp"  # ddp (replicas) | fsdp (FSDP2, sharded per unique layer; docs/training.md "FSDP")
-    log_interval: int = field(default=100, metadata=at_least(1))
-    val_interval: int = field(default=2000, metadata=at_least(1))
-    val_batch_size: Optional[int] = field(default=None, metadata=at_least(1))  # None = micro batch size
-    save_interval: int = field(default=10000, metadata=at_least(1))
-    keep_last: int = field(default=3, metadata=at_least(1))
-    routing_interval: int = field(default=500, metadata=at_least(1))  # log routing metrics every N steps (SPEC 4.4)
-    routing_every: int = field(default=10, metadata=at_least(1))  # collect routing counts on every N-th step (SPEC 7.3)
-    resume: str = "auto"  # auto (newest valid checkpoint in the run dir) | never | <checkpoint path>
-    init_from: Optional[str] = None  # warm start: model weights only
-    max_nonfinite: int = field(default=10, metadata=at_least(1))  # abort after this many skipped steps (non-finite loss or gradients) in a row
-    aux_loss_scope: str = "step"  # step (balance/MIM losses from the whole step's statistics) | micro_batch (each forward's own)
-    threads: Optional[int] = field(default=None, metadata=at_least(1))  # torch CPU threads (None = torch default)
-    dist_timeout_min: int = field(default=30, metadata=at_least(1))
-    final_eval: bool = True  # validation at the end of training
+    steps: int = option(100000, help="the schedule length S in optimizer steps", lo=1)
+    stop_at: Optional[int] = option(None, help="end this invocation early at this step (the schedule still "
+                                    "spans train.steps)", lo=1)
+    batch_size: int = option(64, help="global batch in sequences", lo=1)
+    micro_batch_size: Optional[int] = option(None, help="per-rank micro-batch; null = the local batch (no "
+                                             "accumulation)", lo=1)
+    seed: int = option(0, help="random seed", lo=0)
+    device: str = option("auto", help=DEVICE_HELP)
+    precision: str = option("auto", help="auto = bf16 on CUDA cc>=8, fp16 + loss scaler below, fp32 on CPU",
+                            choices=["auto", *PRECISIONS])
+    compile: bool = option(False, help="torch.compile the model")
+    activation_checkpointing: bool = option(False, help="recompute activations in the backward pass")
+    parallel: str = option("ddp", help="ddp (replicas) | fsdp (FSDP2, sharded per unique layer; docs/training.md "
+                           "\"FSDP\")", choices=["ddp", "fsdp"])
+    log_interval: int = option(100, help="log training metrics every N steps", lo=1)
+    val_interval: int = option(2000, help="validate every N steps", lo=1)
+    val_batch_size: Optional[int] = option(None, help="validation batch; null = the micro-batch size", lo=1)
+    save_interval: int = option(10000, help="save a checkpoint every N steps", lo=1)
+    keep_last: int = option(3, help="checkpoints kept", lo=1)
+    routing_interval: int = option(500, help="log routing metrics every N steps (SPEC 4.4)", lo=1)
+    routing_every: int = option(10, help="collect routing counts on every N-th step (SPEC 7.3)", lo=1)
+    resume: str = option("auto", help="auto (newest valid checkpoint in the run dir) | never | <checkpoint path>")
+    init_from: Optional[str] = option(None, help="warm start: a checkpoint's model weights only")
+    max_nonfinite: int = option(10, help="abort after this many skipped steps (non-finite loss or gradients) in "
+                                "a row", lo=1)
+    aux_loss_scope: str = option("step", help="step: balance/MIM losses from the whole step's statistics; "
+                                 "micro_batch: each forward's own", choices=["step", "micro_batch"])
+    threads: Optional[int] = option(None, help="torch CPU threads; null = torch's default", lo=1)
+    dist_timeout_min: int = option(30, help="timeout of collective operations, minutes", lo=1)
+    final_eval: bool = option(True, help="validate at the end of training")
     zeroshot: ZeroShotSchema = field(default_factory=ZeroShotSchema)
     profile: ProfileSchema = field(default_factory=ProfileSchema)
 
@@ -177,25 +197,98 @@ class TrainSchema:
 @dataclass
 class LoggerSchema:
     """The `logger` group: wandb mode and run naming, console progress style (metrics.jsonl is always written)."""
-    wandb: str = "disabled"  # disabled | offline | online
-    project: str = "moeut"
-    entity: Optional[str] = None
-    name: Optional[str] = None  # default: the experiment name
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
-    progress: str = "auto"  # auto (bar on a TTY, lines otherwise) | bar | lines | none
+    wandb: str = option("disabled", help="wandb mode", choices=["disabled", "offline", "online"])
+    project: str = option("moeut", help="wandb project")
+    entity: Optional[str] = option(None, help="wandb entity")
+    name: Optional[str] = option(None, help="wandb run name; null = the experiment name")
+    group: Optional[str] = option(None, help="wandb group")
+    tags: List[str] = option(default_factory=list, help="wandb tags")
+    progress: str = option("auto", help="console progress: auto = a bar on a terminal, lines otherwise",
+                           choices=["auto", "bar", "lines", "none"])
 
 
 @dataclass
 class TrainConfigSchema:
     """The whole training config (conf/config.yaml's schema): model, data, optim, train, logger."""
-    model: Any = MISSING  # ModelSchema (typed through the group's own schema)
+    model: Any = option(MISSING, help="the model group (ModelSchema, typed through the group's own schema)")
     data: DataSchema = field(default_factory=DataSchema)
     optim: OptimSchema = field(default_factory=OptimSchema)
     train: TrainSchema = field(default_factory=TrainSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
-    name: str = "run"  # experiment name (wandb name, run-dir name)
-    print_config: bool = True
+    name: str = option("run", help="run name (conf/config.yaml: the experiment's name); the run dir is runs/<name>/...")
+    print_config: bool = option(True, help="print the composed config at the start")
+
+
+TRAIN_SUMMARY = """\
+Train a language model (MoEUT or a baseline) from a composed config: the experiment overlay picks
+model, data and training settings together; any option can be overridden. The run directory
+runs/<name>/<SLURM job id or start time> holds checkpoints, metrics.jsonl and train.log, and a
+restarted run resumes from its newest checkpoint. With no arguments: the CPU demo
+(experiment=cpu_small). See docs/training.md."""
+TRAIN_USAGE = ("python train.py | moeut-train | python -m moeut.train [experiment=<name>] [group=option ...] "
+               "[key=value ...]   (sweeps: -m)")
+CONFIG_GROUPS = ("experiment", "model", "data", "optim", "train", "logger")
+
+
+def group_options(group: str) -> List[str]:
+    """The options of config group `group`: its conf/<group>/*.yaml files and the entries stored in
+    Hydra's ConfigStore under it (the `base_<group>` schemas left out), sorted."""
+    from hydra.core.config_store import ConfigStore
+
+    names = {p.stem for p in (paths.conf_dir() / group).glob("*.yaml")}
+    node = ConfigStore.instance().repo.get(group, {})
+    names |= {k[:-5] if k.endswith(".yaml") else k for k, v in node.items() if not isinstance(v, dict)}
+    return sorted(n for n in names if not n.startswith("base_"))
+
+
+def _wrapped(head: str, items: List[str], width: int = 100) -> List[str]:
+    """`head` followed by `items` comma-separated, wrapped at `width` between items, continuation
+    lines indented by six spaces."""
+    indent = " " * 6
+    lines, line = [], head
+    for i, item in enumerate(items):
+        piece = item + ("," if i < len(items) - 1 else "")
+        fresh = line in (head, indent)
+        if not fresh and len(line) + 1 + len(piece) > width:
+            lines.append(line)
+            line, fresh = indent, True
+        line += ("" if fresh else " ") + piece
+    lines.append(line)
+    return lines
+
+
+def train_help(app: str, usage: str = TRAIN_USAGE, summary: str = TRAIN_SUMMARY, extra: Any = None,
+               extra_prefix: str = "", multirun: bool = True) -> str:
+    """`train.py --help`, generated: the config groups with their options, the model presets
+    (moeut.registry.PRESETS), every option of the data/optim/train/logger schemas with its help,
+    default and range, the model fields (ModelSchema), and `extra`'s options under `extra_prefix`
+    (moeut.prepare_data's `prepare.*`)."""
+    from ..cli import EXIT_STATUS_LINE, format_options, schema_options
+
+    lines = [summary.strip(), "", f"Usage: {usage}", "",
+             "Config groups (group=option; the experiment overlay sets model, data and training together):"]
+    for group in CONFIG_GROUPS:
+        lines += _wrapped(f"  {group}: ", group_options(group))
+    lines += ["", "Model presets (model=<preset>, or model.preset=<preset>):"]
+    lines += _wrapped("  ", sorted(PRESETS))
+    rows = [("model.preset", "STR", "", "the architecture: a preset of moeut.registry.PRESETS (set by model=...)")]
+    rows += [r for r in schema_options(TrainConfigSchema) if r[0] != "model"]
+    if extra is not None:
+        rows += schema_options(extra, extra_prefix)
+    lines += ["", "Options (key=value; a [default] is the schema's: the group files and the experiment set their own, "
+              "`--cfg job` prints the composed values):", *format_options(rows)]
+    fields = []
+    for f in dataclasses.fields(ModelSchema):
+        if f.name in ("preset", "overrides"):
+            continue
+        rng = field_range(f)
+        fields.append(f"{f.name} ({rng.describe()})" if rng is not None else f.name)
+    lines += ["", "Model fields (model.<field>=VALUE, SPEC 1; each defaults to the preset's value, null keeps it; "
+              "model.overrides.<field>=VALUE for a field of an architecture registered later):"]
+    lines += _wrapped("  ", fields)
+    lines += ["", EXIT_STATUS_LINE,
+              f"Hydra's own flags: --cfg job (the resolved config), --hydra-help{', -m (multirun)' if multirun else ''}. ({app})"]
+    return "\n".join(lines)
 
 
 def register_configs() -> None:
@@ -215,6 +308,9 @@ def register_configs() -> None:
     cs.store(group="optim", name="base_optim", node=OptimSchema)
     cs.store(group="train", name="base_train", node=TrainSchema)
     cs.store(group="logger", name="base_logger", node=LoggerSchema)
+    # conf/config.yaml: `override hydra/help: train`
+    from ..cli import help_node
+    cs.store(group="hydra/help", name="train", node=help_node("train.py", train_help("train.py")))
 
 
 register_configs()
@@ -362,6 +458,7 @@ def validate(tc: TrainConfig, world_size: int = 1) -> None:
                                   f"x train.micro_batch_size {mb}")
     if t.aux_loss_scope not in ("step", "micro_batch"):
         _fail("train.aux_loss_scope", f"{t.aux_loss_scope!r} is not one of step, micro_batch")
+    check_device(t.device, "train.device")
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         _fail("train.precision", f"{t.precision!r} is not one of auto, fp32, bf16, fp16")
     if t.parallel not in ("ddp", "fsdp"):

@@ -1,7 +1,7 @@
 """Zero-shot evaluation during training (train.zeroshot; docs/training.md, SPEC 6).
 
 At every train.zeroshot.interval-th step the loop saves that step's checkpoint (if the save
-cadence did not already) and rank 0 runs `moeut.evaluate` on it with conf/eval.yaml's defaults,
+cadence did not already) and rank 0 runs `moeut.evaluate` on it with its default options,
 train.zeroshot.tasks and train.zeroshot.limit: the results file (<run dir>/eval/results_step_N.json
 and its table) is the one the command writes, the scores are the command's. Each task's numeric
 metrics are logged as zeroshot/<task>/<metric>. The evaluation runs with the process's random
@@ -14,27 +14,21 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
-
-from moeut.paths import conf_dir
 
 # Per-task fields that describe the evaluation, not its score: not logged as metrics.
 NOT_SCORES = ("seconds", "n_items", "limit")
 
 
 def eval_config(checkpoint: str, tasks: List[str], limit: Optional[int], device: Optional[str] = None):
-    """conf/eval.yaml's options (what `python -m moeut.evaluate` composes) with `checkpoint`, `tasks`,
-    `limit` and, when given, `device` set; progress bars off. Returns a DictConfig for moeut.evaluate.run."""
-    cfg = OmegaConf.load(conf_dir() / "eval.yaml")
-    for key in ("defaults", "hydra"):
-        cfg.pop(key, None)
-    cfg.checkpoint = checkpoint
-    cfg.tasks = list(tasks)
-    cfg.limit = limit
-    cfg.progress = False
+    """`python -m moeut.evaluate`'s options (moeut.evaluate.EvaluateOptions, its defaults) with
+    `checkpoint`, `tasks`, `limit` and, when given, `device` set; progress bars off. Returns the
+    EvaluateOptions for moeut.evaluate.run."""
+    from moeut.evaluate import EvaluateOptions
+
+    opts = EvaluateOptions(checkpoint=checkpoint, tasks=list(tasks), limit=limit, progress=False)
     if device is not None:
-        cfg.device = device
-    return cfg
+        opts.device = device
+    return opts
 
 
 def score_metrics(task_results: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
