@@ -11,8 +11,10 @@ classes live next to their models (`moeut.baselines.dense.MoETransformerConfig`,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
+
+from .validate import at_least
 
 LN_PLACEMENTS = ("peri", "pre", "post")
 LAYER_ORDERS = ("abab", "aabb")
@@ -67,6 +69,14 @@ class MoEUTConfig:
     # consecutive groups ("devices"), weight alpha2 (0 = off, the default at our scale).
     moe_device_groups: int = 1
     moe_device_balance_weight: float = 0.0
+    # Routing-stability options (docs/training.md "Routing stability"), all off by default.
+    # Router z-loss for sigmoid gates (after ST-MoE, Zoph et al. 2022): weight x mean z^2 of the
+    # selection logits, per gate application; MLP gate (W_S) and SwitchHead gates (sel_v, sel_o).
+    router_zloss: float = field(default=0.0, metadata=at_least(0))
+    att_router_zloss: float = field(default=0.0, metadata=at_least(0))
+    # Auxiliary-loss-free bias balancing (Wang et al. 2024; DeepSeek-V3): per-expert bias on the
+    # sigma-MoE selection scores for the top-k choice only, updated by this rate after every step.
+    bias_balance_rate: float = field(default=0.0, metadata=at_least(0))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -128,6 +138,12 @@ class MoEUTConfig:
                f"{self.moe_device_groups} groups do not divide the "
                f"{self.ff_n_experts - self.moe_n_shared} routed experts")
         _check(self.moe_device_balance_weight >= 0, c, "moe_device_balance_weight", "must be >= 0")
+        for name in ("router_zloss", "att_router_zloss", "bias_balance_rate"):
+            _check(getattr(self, name) >= 0, c, name, f"must be >= 0, got {getattr(self, name)}")
+        _check(self.bias_balance_rate == 0 or self.mlp_type == "sigma_moe", c, "bias_balance_rate",
+               f"bias balancing is for the sigma-MoE MLP (mlp_type=sigma_moe), not mlp_type={self.mlp_type}")
+        _check(self.router_zloss == 0 or self.mlp_type == "sigma_moe", c, "router_zloss",
+               f"the sigmoid-gate z-loss is for mlp_type=sigma_moe; {self.mlp_type} has moe_zloss_weight")
 
 
 @dataclass

@@ -148,8 +148,26 @@ class DataSchema:
 
 
 @dataclass
+class OptimGroupSchema:
+    """`optim.groups.<group>`: settings of one parameter group (moeut.train_lib.optim; docs/training.md
+    "Routing stability"). Defaults change nothing (the paper's single group)."""
+    lr_mult: float = field(default=1.0, metadata=positive())  # the group's lr = schedule lr x lr_mult
+    weight_decay: Optional[float] = field(default=None, metadata=at_least(0))  # None = optim.weight_decay
+    warmup: int = field(default=0, metadata=at_least(0))  # extra linear ramp of the group's lr over these steps; 0 = off
+
+
+@dataclass
+class OptimGroupsSchema:
+    """`optim.groups`: per-parameter-group settings for router/gate weights, norms and embeddings."""
+    router: OptimGroupSchema = field(default_factory=OptimGroupSchema)
+    norm: OptimGroupSchema = field(default_factory=OptimGroupSchema)
+    embedding: OptimGroupSchema = field(default_factory=OptimGroupSchema)
+
+
+@dataclass
 class OptimSchema:
-    """The `optim` group (SPEC §4.1-4.3): AdamW over all parameters, LR schedule, grad clipping."""
+    """The `optim` group (SPEC §4.1-4.3): AdamW over all parameters, LR schedule, grad clipping;
+    `groups`: optional per-parameter-group settings (off by default)."""
     lr: float = field(default=2.5e-4, metadata=positive())
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999], metadata=in_range(0, 1, hi_open=True))
     eps: float = field(default=1e-8, metadata=positive())
@@ -158,6 +176,7 @@ class OptimSchema:
     min_lr_ratio: float = field(default=0.1, metadata=in_range(0, 1))
     schedule: str = "cosine"  # cosine (SPEC 4.2) | constant
     grad_clip: Optional[float] = field(default=0.1, metadata=at_least(0))  # None/0 = off
+    groups: OptimGroupsSchema = field(default_factory=OptimGroupsSchema)
 
 
 @dataclass
@@ -377,6 +396,9 @@ def validate(tc: TrainConfig, world_size: int = 1) -> None:
         _fail("optim.betas", f"needs two values, got {o.betas}")
     if o.warmup > t.steps:
         _fail("optim.warmup", f"must be in [0, train.steps={t.steps}], got {o.warmup}")
+    for g in ("router", "norm", "embedding"):
+        if getattr(o.groups, g).warmup > t.steps:
+            _fail(f"optim.groups.{g}.warmup", f"must be in [0, train.steps={t.steps}], got {getattr(o.groups, g).warmup}")
     if t.stop_at is not None and not 0 < t.stop_at <= t.steps:
         _fail("train.stop_at", f"must be in (0, train.steps={t.steps}], got {t.stop_at}")
     if t.batch_size % world_size:

@@ -198,6 +198,12 @@ class TrainState:
     def load_state_dict(self, d: Dict[str, Any], source: str = "checkpoint") -> None:
         """Restore on every rank (each takes its own RNG/routing entry). Raises ValueError naming
         `source` when the optimiser state does not fit this model."""
+        saved_groups = [g.get("name", "all") for g in d["optimizer"].get("param_groups", [])]
+        now_groups = [g.get("name", "all") for g in self.optimizer.param_groups]
+        if saved_groups and saved_groups != now_groups:
+            raise ValueError(f"optim.groups: {source} was trained with the parameter groups {saved_groups}, these "
+                             f"settings give {now_groups}; resume with optim.groups.* set as when it was started "
+                             "(all at their defaults = one group)")
         try:
             if d.get("optimizer_keys") == OPTIM_KEYS:  # by parameter name: any world size, DDP or FSDP
                 load_optimizer_state(self.model, self.optimizer, d["optimizer"])
