@@ -197,6 +197,18 @@ class ProfileSchema:
 
 
 @dataclass
+class AlarmSchema:
+    """`train.alarm`: the collapse alarm (moeut.train_lib.alarm; docs/training.md "Collapse alarm"),
+    on by default: it only warns, once per metric and layer group, in train.log and metrics.jsonl."""
+    enabled: bool = True
+    usage_rel_ppl: float = field(default=0.7, metadata=in_range(0, 1))  # warn below this expert-usage perplexity / N_E
+    dead_frac: float = field(default=0.1, metadata=in_range(0, 1))  # warn at this fraction of dead experts
+    ce_plateau_drop: float = field(default=0.2, metadata=at_least(0))  # warn when CE fell less than this (nats) ...
+    ce_plateau_window: float = field(default=0.08, metadata=in_range(0, 1, lo_open=True))  # ... over this fraction of train.steps
+    ce_plateau_until: float = field(default=0.25, metadata=in_range(0, 1))  # ... up to this fraction of train.steps
+
+
+@dataclass
 class TrainSchema:
     """The `train` group (SPEC §4.3-4.5): steps, batch, precision, intervals (in steps), resume."""
     steps: int = field(default=100000, metadata=at_least(1))  # the schedule length S (`stop_after`)
@@ -225,6 +237,7 @@ class TrainSchema:
     final_eval: bool = True  # validation at the end of training
     zeroshot: ZeroShotSchema = field(default_factory=ZeroShotSchema)
     profile: ProfileSchema = field(default_factory=ProfileSchema)
+    alarm: AlarmSchema = field(default_factory=AlarmSchema)
 
 
 @dataclass

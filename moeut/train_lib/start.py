@@ -34,6 +34,7 @@ from .config import TrainConfig
 from .data import RunData, prepare_run_data, resolve_tokenizer
 from .distributed import DistInfo
 from .fsdp import shard_model
+from .alarm import CollapseAlarm
 from .metrics import make_routing_stats
 from .optim import build_optimizer, reapply_group_settings
 from .precision import pick_precision
@@ -180,6 +181,7 @@ def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable
     if routing is None:
         say(f"[train] {tc.model_preset} has no experts: no routing metrics (train.routing_interval unused)")
     state = TrainState(model, optimizer, scaler, sampler, dist, routing, seed=t_cfg.seed)
+    state.alarm = CollapseAlarm(t_cfg.alarm, o_cfg.warmup, t_cfg.steps)
     if resume is not None:
         configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         state.load_state_dict(resume["train"], source=resume["path"])

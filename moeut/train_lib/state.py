@@ -14,6 +14,7 @@ uninterrupted one logs (single- and multi-process):
                                     position still load unsharded); the sampler's position is the
                                     global data position
     wandb_id                        the logger's run id, so a resume continues the same wandb run
+    alarm                           the collapse alarm's fired warnings and CE history (rank 0's)
     window                          accumulators of the train/ record in progress: loss/ce/reg sums
                                     and the number of finite steps in them, tokens and seconds
                                     since the last record (train/tokens_per_s), the run of
@@ -146,6 +147,7 @@ class TrainState:
         self.tokens_seen = 0
         self.wandb_id: Optional[str] = None
         self.window = LogWindow()
+        self.alarm = None  # the collapse alarm (alarm.CollapseAlarm; fed on rank 0), set by the start
 
     # -- per-rank part ---------------------------------------------------------------------
     def _rank_state(self) -> Dict[str, Any]:
@@ -193,6 +195,7 @@ class TrainState:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "sampler": self.sampler.state_dict(), "window": self.window.state_dict(),
             "world_size": self.dist.world_size, "ranks": ranks,
+            "alarm": self.alarm.state_dict() if self.alarm is not None else None,
         }
 
     def load_state_dict(self, d: Dict[str, Any], source: str = "checkpoint") -> None:
@@ -228,6 +231,8 @@ class TrainState:
                               "resume differs from the original run")
         self.sampler.load_state_dict(saved)
         self.step, self.tokens_seen, self.wandb_id = int(d["step"]), int(d["tokens_seen"]), d.get("wandb_id")
+        if self.alarm is not None and d.get("alarm") is not None:
+            self.alarm.load_state_dict(d["alarm"])
         if d.get("format", 1) >= 2:
             self.window.load_state_dict(d["window"])
             self._load_rank_state(d["ranks"], source)
