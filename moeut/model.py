@@ -114,10 +114,10 @@ def sigmoid_topk(z: torch.Tensor, k: int, training: bool, expert_dropout: float,
 def gate_zloss(z: torch.Tensor, valid_BT: Optional[torch.Tensor]) -> torch.Tensor:
     """Mean of z^2 over the real tokens (and heads, experts) of one sigmoid-gate application:
     z [B, T, E] or [B, T, H, E] selection logits, valid_BT [B, T] bool real positions or None
-    (nothing padded). 0-dim fp32. The router z-loss for sigmoid gates (docs/training.md "Routing
+    (nothing padded). 0-dim, fp32 (fp64 for fp64 logits). The router z-loss for sigmoid gates (docs/training.md "Routing
     stability"): a per-token mean, so a step split into micro-batches of equal size gets the
     full batch's value and gradient."""
-    z2 = z.float().pow(2)
+    z2 = z.to(torch.promote_types(z.dtype, torch.float32)).pow(2)  # fp32 at least
     if valid_BT is None:
         return z2.mean()
     w = valid_BT.view(*valid_BT.shape, *([1] * (z2.dim() - 2))).to(z2.dtype)
