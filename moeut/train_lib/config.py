@@ -151,6 +151,8 @@ class DataSchema:
 class OptimGroupSchema:
     """`optim.groups.<group>`: settings of one parameter group (moeut.train_lib.optim; docs/training.md
     "Routing stability"). Defaults change nothing (the paper's single group)."""
+    # Sources: a separate router optimiser group (marin-community/marin #5478); no decay on non-matmul
+    # weights (nanoGPT configure_optimizers); the per-group warm-up is ours (docs/results.md).
     lr_mult: float = field(default=1.0, metadata=positive())  # the group's lr = schedule lr x lr_mult
     weight_decay: Optional[float] = field(default=None, metadata=at_least(0))  # None = optim.weight_decay
     warmup: int = field(default=0, metadata=at_least(0))  # extra linear ramp of the group's lr over these steps; 0 = off

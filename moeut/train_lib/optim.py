@@ -13,6 +13,8 @@ and `group_lr` (the learning rate of a group at a step, which `schedule.set_lr` 
     embedding  the token embedding table(s) (nn.Embedding; the untied head is "other")
     other      everything else
 
+Sources: a separate router optimiser group (e.g. marin-community/marin issue #5478); no weight decay
+on non-matmul weights (nanoGPT's configure_optimizers); the router warm-up is ours (docs/results.md).
 Per-group settings are stored in each param group's dict (`name`, `lr_mult`, `warmup`), so they
 are saved with the optimiser's state in checkpoints.
 """
