@@ -163,6 +163,7 @@ class ForwardState:
                  step_totals: Optional[StepTotals] = None):
         self.training = training
         self.step_totals = step_totals
+        self.recomputing = False  # activation checkpointing's replay of a layer (for_recomputation)
         # key -> {statistic -> detached local sum} of every loss built by add_aux_from_stats, and
         # name -> how many such losses were built so far (the n of key "name#n").
         self.aux_stats: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -194,6 +195,7 @@ class ForwardState:
         scratch = ForwardState(self.training, "logits" if self.collect_logits else self.collect_routing, self.valid,
                                self.step_totals)
         scratch.aux_counts = dict(aux_counts or {})
+        scratch.recomputing = True
         if self.collect_routing:
             scratch.record = RoutingRecord(l=-1, g=-1, r=-1, valid=self.valid)
         return scratch

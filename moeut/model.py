@@ -36,7 +36,7 @@ from .outputs import LMOutput
 from .softmax_moe import DeepSeekMoE, SwitchMoE
 
 __all__ = ["MoEUTLM", "MoEUTLayer", "SigmaMoE", "SwitchHeadAttention", "Transformer", "build_moe_mlp",
-           "entropy_reg_term", "sigmoid_topk", "renorm_keep_std", "renorm_rows",
+           "entropy_reg_term", "gate_zloss", "sigmoid_topk", "renorm_keep_std", "renorm_rows",
            # shared scaffolding (moeut.lm), re-exported for existing imports
            "ForwardState", "KVCache", "apply_rope", "generate", "rope_angles"]
 
@@ -94,19 +94,35 @@ def entropy_reg_term(lse_list: List[torch.Tensor], T: Union[int, torch.Tensor]) 
 # Gating shared by the MLP and attention: sigmoid, top-k without gradient, values with gradient
 # ------------------------------------------------------------------------------------------
 
-def sigmoid_topk(z: torch.Tensor, k: int, training: bool, expert_dropout: float):
+def sigmoid_topk(z: torch.Tensor, k: int, training: bool, expert_dropout: float,
+                 choice_bias: Optional[torch.Tensor] = None):
     """(idx, gate) of the k largest sigmoid(z) along the last dim (SPEC 1.3, 1.5): z [..., E] logits;
     idx [..., k] int64 chosen without gradient (in training, expert dropout sets each expert's
     score to -inf with probability `expert_dropout` for the choice only); gate [..., k] = sigmoid(z)
-    at idx, with gradient."""
+    at idx, with gradient. choice_bias [E]: added to the scores for the choice only (bias
+    balancing, `SigmaMoE`); the gate values stay sigmoid(z)."""
     s = torch.sigmoid(z)
     with torch.no_grad():
-        s_sel = s
+        s_sel = s if choice_bias is None else s + choice_bias.to(s.dtype)
         if training and expert_dropout > 0:
             drop = torch.rand_like(s) < expert_dropout
-            s_sel = s.masked_fill(drop, float("-inf"))
+            s_sel = s_sel.masked_fill(drop, float("-inf"))
         idx = s_sel.topk(k, dim=-1, sorted=False).indices
     return idx, s.gather(-1, idx)
+
+
+def gate_zloss(z: torch.Tensor, valid_BT: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of z^2 over the real tokens (and heads, experts) of one sigmoid-gate application:
+    z [B, T, E] or [B, T, H, E] selection logits, valid_BT [B, T] bool real positions or None
+    (nothing padded). 0-dim, fp32 (fp64 for fp64 logits). The router z-loss for sigmoid gates (docs/training.md "Routing
+    stability"): a per-token mean, so a step split into micro-batches of equal size gets the
+    full batch's value and gradient."""
+    z2 = z.to(torch.promote_types(z.dtype, torch.float32)).pow(2)  # fp32 at least
+    if valid_BT is None:
+        return z2.mean()
+    w = valid_BT.view(*valid_BT.shape, *([1] * (z2.dim() - 2))).to(z2.dtype)
+    per_token = z2[0, 0].numel()
+    return (z2 * w).sum() / (w.sum() * per_token).clamp_min(1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -127,6 +143,15 @@ class SigmaMoE(nn.Module):
         self.expert_sel = nn.Parameter(torch.empty(E, d))  # gate W_S
         self.keys = nn.Parameter(torch.empty(E, d, De))  # W1
         self.values = nn.Parameter(torch.empty(E, De, d))  # W2
+        self.zloss = getattr(cfg, "router_zloss", 0.0)
+        self.bias_balance_rate = getattr(cfg, "bias_balance_rate", 0.0)
+        if self.bias_balance_rate > 0:
+            # Bias balancing (Wang et al. 2024; DeepSeek-V3): a per-expert bias on the selection
+            # scores for the top-k choice only, saved with the weights; and the selections of the
+            # training forwards since the last update (a plain attribute, not a buffer: DDP would
+            # overwrite every rank's counts with rank 0's), read by `update_selection_bias`.
+            self.register_buffer("selection_bias", torch.zeros(E))
+            self.load_counts: Optional[torch.Tensor] = None
 
     def reset_parameters(self, cfg: MoEUTConfig) -> None:
         """SPEC 1.6: W_S and W1 N(0, init_scale / sqrt(d)); W2 N(0, init_scale / sqrt(E * d_expert))."""
@@ -145,7 +170,12 @@ class SigmaMoE(nn.Module):
         B, T, d = x_BTd.shape
         z_BTE = F.linear(gate_in_BTd, self.expert_sel).float()  # matmul in autocast dtype, then fp32
         state.add_gate_logits("mlp", g, z_BTE)
-        idx_BTK, gate_BTK = sigmoid_topk(z_BTE, self.k, self.training, self.expert_dropout)
+        if self.zloss > 0:
+            state.add_aux("router_zloss", self.zloss * gate_zloss(z_BTE, state.valid))
+        bias = getattr(self, "selection_bias", None)
+        idx_BTK, gate_BTK = sigmoid_topk(z_BTE, self.k, self.training, self.expert_dropout, choice_bias=bias)
+        if bias is not None and state.training and torch.is_grad_enabled() and not state.recomputing:
+            self.count_selections(idx_BTK, state.valid)
         if state.record is not None:
             state.record.mlp_idx = idx_BTK.int()
             state.record.mlp_gate = gate_BTK.detach().float()
@@ -159,6 +189,24 @@ class SigmaMoE(nn.Module):
         y_Nd = cvmm(h_SDe, self.values, plan, grouped_in=True, out_group=self.k, gates=gate_BTK,
                     backend=self.backend)
         return y_Nd.view(B, T, d)
+
+
+    @torch.no_grad()
+    def count_selections(self, idx_BTK: torch.Tensor, valid_BT: Optional[torch.Tensor]) -> None:
+        """Add the experts chosen for the real tokens (idx [B, T, K]; valid [B, T] bool or None)
+        to `load_counts` [E] (float64), the bias balancing's load since the last update."""
+        idx = idx_BTK if valid_BT is None else idx_BTK[valid_BT]
+        counts = torch.bincount(idx.reshape(-1), minlength=self.n_experts).double()
+        self.load_counts = counts if self.load_counts is None else self.load_counts + counts
+
+    @torch.no_grad()
+    def update_selection_bias(self, load_E: torch.Tensor) -> None:
+        """One bias-balancing update from the step's total selections per expert load_E [E]
+        (summed over micro-batches, ranks and repetitions of this layer): bias_e += rate x
+        sign(mean load - load_e) (Wang et al. 2024, DeepSeek-V3 sec. 2.1.2); `load_counts` restarts."""
+        load = load_E.to(self.selection_bias.device, torch.float64)
+        self.selection_bias += (self.bias_balance_rate * torch.sign(load.mean() - load)).to(self.selection_bias.dtype)
+        self.load_counts = None
 
 
 def build_moe_mlp(cfg) -> nn.Module:
@@ -192,6 +240,7 @@ class SwitchHeadAttention(nn.Module):
         self.n_heads, self.d_head, self.n_experts, self.top_k = H, D, E, cfg.att_k
         self.n_rot, self.rope_base = cfg.n_rotate, cfg.rope_base
         self.expert_dropout, self.backend = cfg.expert_dropout, cfg.cvmm_backend
+        self.zloss = getattr(cfg, "att_router_zloss", 0.0)  # router z-loss weight of the sel_v / sel_o gates
         self.q = nn.Linear(d, H * D, bias=False)
         self.k = nn.Linear(d, H * D, bias=False)
         self.v = nn.Parameter(torch.empty(H * E, d, D))  # expert (h, e) is row h*E + e
@@ -217,6 +266,8 @@ class SwitchHeadAttention(nn.Module):
         B, T, _ = u_BTd.shape
         z_BTHE = F.linear(u_BTd, w_sel).float().view(B, T, self.n_heads, self.n_experts)
         state.add_gate_logits(kind, g, z_BTHE)
+        if self.zloss > 0:
+            state.add_aux("att_router_zloss", self.zloss * gate_zloss(z_BTHE, state.valid))
         idx_BTHk, gate_BTHk = sigmoid_topk(z_BTHE, self.top_k, self.training, self.expert_dropout)
         # Global expert id h*E + e: each head owns its own bank.
         head_offset = torch.arange(self.n_heads, device=u_BTd.device)[:, None] * self.n_experts

@@ -143,6 +143,14 @@ class MoEUTConfig(LayerGeometry, RotaryHeads):
     # consecutive groups ("devices"), weight alpha2 (0 = off, the default at our scale).
     moe_device_groups: int = field(default=1, metadata=SIZE)
     moe_device_balance_weight: float = field(default=0.0, metadata=NON_NEGATIVE)
+    # Routing-stability options (docs/training.md "Routing stability"), all off by default.
+    # Router z-loss for sigmoid gates (after ST-MoE, Zoph et al. 2022): weight x mean z^2 of the
+    # selection logits, per gate application; MLP gate (W_S) and SwitchHead gates (sel_v, sel_o).
+    router_zloss: float = field(default=0.0, metadata=NON_NEGATIVE)
+    att_router_zloss: float = field(default=0.0, metadata=NON_NEGATIVE)
+    # Auxiliary-loss-free bias balancing (Wang et al. 2024; DeepSeek-V3): per-expert bias on the
+    # sigma-MoE selection scores for the top-k choice only, updated by this rate after every step.
+    bias_balance_rate: float = field(default=0.0, metadata=NON_NEGATIVE)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -172,3 +180,7 @@ class MoEUTConfig(LayerGeometry, RotaryHeads):
                or (self.ff_n_experts - self.moe_n_shared) % self.moe_device_groups == 0, c, "moe_device_groups",
                f"{self.moe_device_groups} groups do not divide the "
                f"{self.ff_n_experts - self.moe_n_shared} routed experts")
+        _check(self.bias_balance_rate == 0 or self.mlp_type == "sigma_moe", c, "bias_balance_rate",
+               f"bias balancing is for the sigma-MoE MLP (mlp_type=sigma_moe), not mlp_type={self.mlp_type}")
+        _check(self.router_zloss == 0 or self.mlp_type == "sigma_moe", c, "router_zloss",
+               f"the sigmoid-gate z-loss is for mlp_type=sigma_moe; {self.mlp_type} has moe_zloss_weight")

@@ -48,6 +48,10 @@ def aux_on_config(family: str, **extra):
         over["moe_capacity_factor"] = float(cfg.ff_n_experts)  # capacity >= every token: nothing drops
     if "sample_topk" in names:
         over["sample_topk"] = 0
+    if getattr(cfg, "mlp_type", "") == "sigma_moe" and "router_zloss" in names:  # sigmoid-gate z-losses
+        over["router_zloss"] = 0.001
+    if "att_router_zloss" in names:
+        over["att_router_zloss"] = 0.001
     over.update(extra)
     return dataclasses.replace(cfg, **over)
 

@@ -9,6 +9,8 @@
     precision.py    train.precision -> autocast dtype and GradScaler
     metrics.py      FLOPs per token and MFU, peak memory, routing-metric layout per architecture
     schedule.py     the LR schedule (closed form of the step)
+    optim.py        the AdamW optimiser and its optional parameter groups (optim.groups: router, norm, embedding)
+    alarm.py        the collapse alarm (train.alarm): warns once when routing metrics or CE look collapsed
     logging.py      writing a run dir's metrics.jsonl, train.log, wandb, progress
     distributed.py  torchrun / SLURM process groups and collectives
     data.py         tokenizer and token windows of a run

@@ -126,8 +126,28 @@ class DataSchema:
 
 
 @dataclass
+class OptimGroupSchema:
+    """`optim.groups.<group>`: settings of one parameter group (moeut.train_lib.optim; docs/training.md
+    "Routing stability"). Defaults change nothing (the paper's single group)."""
+    # Sources: a separate router optimiser group (marin-community/marin #5478); no decay on non-matmul
+    # weights (nanoGPT configure_optimizers); the per-group warm-up is ours (docs/results.md).
+    lr_mult: float = option(1.0, help="the group's lr = the schedule's lr x lr_mult", lo=0, lo_open=True)
+    weight_decay: Optional[float] = option(None, help="the group's weight decay; null = optim.weight_decay", lo=0)
+    warmup: int = option(0, help="extra linear ramp of the group's lr over these steps; 0 = off", lo=0)
+
+
+@dataclass
+class OptimGroupsSchema:
+    """`optim.groups`: per-parameter-group settings for router/gate weights, norms and embeddings."""
+    router: OptimGroupSchema = field(default_factory=OptimGroupSchema)
+    norm: OptimGroupSchema = field(default_factory=OptimGroupSchema)
+    embedding: OptimGroupSchema = field(default_factory=OptimGroupSchema)
+
+
+@dataclass
 class OptimSchema:
-    """The `optim` group (SPEC §4.1-4.3): AdamW over all parameters, LR schedule, grad clipping."""
+    """The `optim` group (SPEC §4.1-4.3): AdamW over all parameters, LR schedule, grad clipping;
+    `groups`: optional per-parameter-group settings (off by default)."""
     lr: float = option(2.5e-4, help="peak learning rate", lo=0, lo_open=True)
     betas: List[float] = option(default_factory=lambda: [0.9, 0.999], help="AdamW betas (two values)",
                                 lo=0, hi=1, hi_open=True)
@@ -137,6 +157,7 @@ class OptimSchema:
     min_lr_ratio: float = option(0.1, help="the cosine schedule ends at lr x min_lr_ratio", lo=0, hi=1)
     schedule: str = option("cosine", help="learning-rate schedule (SPEC 4.2)", choices=["cosine", "constant"])
     grad_clip: Optional[float] = option(0.1, help="gradient-norm clipping; null/0 = off", lo=0)
+    groups: OptimGroupsSchema = field(default_factory=OptimGroupsSchema)
 
 
 @dataclass
@@ -155,6 +176,18 @@ class ProfileSchema:
     <run dir>/profile/ (docs/training.md "Profiles"); start null = off."""
     start: Optional[int] = option(None, help="first profiled step; null = no profile", lo=1)
     end: Optional[int] = option(None, help="last profiled step; null = start (one step)", lo=1)
+
+
+@dataclass
+class AlarmSchema:
+    """`train.alarm`: the collapse alarm (moeut.train_lib.alarm; docs/training.md "Collapse alarm"),
+    on by default: it only warns, once per metric and layer group, in train.log and metrics.jsonl."""
+    enabled: bool = option(True, help="warn on a routing collapse (it only warns)")
+    usage_rel_ppl: float = option(0.7, help="warn below this sigma-MoE expert-usage perplexity / N_E", lo=0, hi=1)
+    dead_frac: float = option(0.1, help="warn at this fraction of dead experts", lo=0, hi=1)
+    ce_plateau_drop: float = option(0.2, help="CE plateau: warn when CE fell less than this (nats) ...", lo=0)
+    ce_plateau_window: float = option(0.08, help="... over this fraction of train.steps ...", lo=0, hi=1, lo_open=True)
+    ce_plateau_until: float = option(0.25, help="... checked up to this fraction of train.steps", lo=0, hi=1)
 
 
 @dataclass
@@ -192,6 +225,7 @@ class TrainSchema:
     final_eval: bool = option(True, help="validate at the end of training")
     zeroshot: ZeroShotSchema = field(default_factory=ZeroShotSchema)
     profile: ProfileSchema = field(default_factory=ProfileSchema)
+    alarm: AlarmSchema = field(default_factory=AlarmSchema)
 
 
 @dataclass
@@ -447,6 +481,9 @@ def validate(tc: TrainConfig, world_size: int = 1) -> None:
         _fail("optim.betas", f"needs two values, got {o.betas}")
     if o.warmup > t.steps:
         _fail("optim.warmup", f"must be in [0, train.steps={t.steps}], got {o.warmup}")
+    for g in ("router", "norm", "embedding"):
+        if getattr(o.groups, g).warmup > t.steps:
+            _fail(f"optim.groups.{g}.warmup", f"must be in [0, train.steps={t.steps}], got {getattr(o.groups, g).warmup}")
     if t.stop_at is not None and not 0 < t.stop_at <= t.steps:
         _fail("train.stop_at", f"must be in (0, train.steps={t.steps}], got {t.stop_at}")
     if t.batch_size % world_size:

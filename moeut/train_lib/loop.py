@@ -116,15 +116,28 @@ def save_checkpoint(setup: RunSetup, tc: TrainConfig, run_dir: str, logger: RunL
     return path
 
 
+def sound_alarm(state, step: int, record: Dict[str, Any], logger: RunLogger) -> None:
+    """Feed a logged record to the collapse alarm (rank 0; train.alarm): each new event is a
+    WARNING line in train.log and an alarm/<metric>/<group> entry in metrics.jsonl at `step`."""
+    if state.alarm is None or not state.dist.is_main:
+        return
+    for event in state.alarm.check(step, record):
+        logger.message(event.message())
+        logger.log(step, event.record())
+
+
 def log_routing(state, step: int, run_dir: str, logger: RunLogger) -> None:
     """Log the routing metrics accumulated since the last call (SPEC 7.3) and start anew:
-    counts summed over ranks (SPEC 4.6), moe/... metrics and usage heatmaps on rank 0, the raw
-    counts as <run_dir>/routing/counts_step<step>.npz. A collective under DDP."""
+    counts summed over ranks (SPEC 4.6), moe/... metrics and usage heatmaps on rank 0 (and the
+    collapse alarm fed with them), the raw counts as <run_dir>/routing/counts_step<step>.npz.
+    A collective under DDP."""
     routing, dist = state.routing, state.dist
     counts = routing.state_counts()
     all_reduce_sum_(list(counts.values()))  # statistics are summed over ranks (SPEC 4.6)
     if dist.is_main:
-        logger.log(step, routing.compute())
+        metrics = routing.compute()
+        logger.log(step, metrics)
+        sound_alarm(state, step, metrics, logger)
         buf = io.BytesIO()
         np.savez(buf, **routing.counts_numpy())
         ckpt_lib.write_file_atomic(os.path.join(run_dir, "routing", f"counts_step{step:07d}.npz"), buf.getvalue())
@@ -258,6 +271,7 @@ def run_loop(tc: TrainConfig, run_dir: str, dist: DistInfo, setup: RunSetup,
                                   "train/mfu": mfu(rec["train/tokens_per_s"], fpt, peak),
                                   "train/tokens_seen": state.tokens_seen, "train/memory_mb": memory_mb(device)},
                            line=True)
+                sound_alarm(state, step, rec, logger)
             if routing is not None and step % t_cfg.routing_interval == 0:
                 log_routing(state, step, run_dir, logger)
             if step % t_cfg.val_interval == 0 and step < t_cfg.steps:

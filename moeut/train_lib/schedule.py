@@ -7,6 +7,7 @@ with warm-up end above lr_min (2.5888e-5 instead of 2.5e-5 for W = 4000, S = 100
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 
 def lr_at(i: int, lr_max: float, warmup: int, total_steps: int, min_ratio: float = 0.1,
@@ -28,7 +29,10 @@ def lr_at(i: int, lr_max: float, warmup: int, total_steps: int, min_ratio: float
     return lr
 
 
-def set_lr(optimizer, lr: float) -> None:
-    """Set `lr` on every parameter group of `optimizer` (one schedule for all parameters, SPEC 4.1)."""
+def set_lr(optimizer, lr: float, step: Optional[int] = None) -> None:
+    """Set the schedule's `lr` for optimiser step `step` on every parameter group of `optimizer`
+    (one schedule for all parameters, SPEC 4.1), scaled by a group's own `lr_mult` and warm-up ramp
+    when it has them (optim.groups, moeut.train_lib.optim.group_lr)."""
+    from .optim import group_lr
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group_lr(lr, group, step)

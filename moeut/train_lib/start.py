@@ -35,7 +35,9 @@ from .config import TrainConfig
 from .data import RunData, prepare_run_data, resolve_tokenizer
 from .distributed import DistInfo
 from .fsdp import shard_model
+from .alarm import CollapseAlarm
 from .metrics import make_routing_stats
+from .optim import build_optimizer, reapply_group_settings
 from .precision import pick_precision
 from .state import TrainState, seed_all
 
@@ -174,14 +176,17 @@ def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable
         else:
             say("[train] train.parallel=fsdp with one process: nothing to shard, the model trains unsharded")
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o_cfg.lr, betas=tuple(o_cfg.betas), eps=o_cfg.eps,
-                                  weight_decay=o_cfg.weight_decay)  # all parameters (SPEC 4.1)
+    optimizer, groups_line = build_optimizer(model, o_cfg)  # all parameters (SPEC 4.1), optim.groups
+    say(groups_line)
     routing = make_routing_stats(tc.model)
     if routing is None:
         say(f"[train] {tc.model_preset} has no experts: no routing metrics (train.routing_interval unused)")
     state = TrainState(model, optimizer, scaler, sampler, dist, routing, seed=t_cfg.seed)
+    state.alarm = CollapseAlarm(t_cfg.alarm, o_cfg.warmup, t_cfg.steps)
     if resume is not None:
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         state.load_state_dict(resume["train"], source=resume["path"])
+        reapply_group_settings(optimizer, configured, lambda msg: say(f"[optim] WARNING: {msg}"))
         say(f"[ckpt] resumed from {resume['path']} at step {state.step}")
         warn_schedule_change(tc, resume["path"], state.step, say)
     else:

@@ -14,6 +14,7 @@ uninterrupted one logs (single- and multi-process):
                                     position still load unsharded); the sampler's position is the
                                     global data position
     wandb_id                        the logger's run id, so a resume continues the same wandb run
+    alarm                           the collapse alarm's fired warnings and CE history (rank 0's)
     window                          accumulators of the train/ record in progress: loss/ce/reg sums
                                     and the number of finite steps in them, tokens and seconds
                                     since the last record (train/tokens_per_s), the run of
@@ -146,6 +147,7 @@ class TrainState:
         self.tokens_seen = 0
         self.wandb_id: Optional[str] = None
         self.window = LogWindow()
+        self.alarm = None  # the collapse alarm (alarm.CollapseAlarm; fed on rank 0), set by the start
 
     # -- per-rank part ---------------------------------------------------------------------
     def _rank_state(self) -> Dict[str, Any]:
@@ -193,11 +195,18 @@ class TrainState:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "sampler": self.sampler.state_dict(), "window": self.window.state_dict(),
             "world_size": self.dist.world_size, "ranks": ranks,
+            "alarm": self.alarm.state_dict() if self.alarm is not None else None,
         }
 
     def load_state_dict(self, d: Dict[str, Any], source: str = "checkpoint") -> None:
         """Restore on every rank (each takes its own RNG/routing entry). Raises ValueError naming
         `source` when the optimiser state does not fit this model."""
+        saved_groups = [g.get("name", "all") for g in d["optimizer"].get("param_groups", [])]
+        now_groups = [g.get("name", "all") for g in self.optimizer.param_groups]
+        if saved_groups and saved_groups != now_groups:
+            raise ValueError(f"optim.groups: {source} was trained with the parameter groups {saved_groups}, these "
+                             f"settings give {now_groups}; resume with optim.groups.* set as when it was started "
+                             "(all at their defaults = one group)")
         try:
             if d.get("optimizer_keys") == OPTIM_KEYS:  # by parameter name: any world size, DDP or FSDP
                 load_optimizer_state(self.model, self.optimizer, d["optimizer"])
@@ -222,6 +231,8 @@ class TrainState:
                               "resume differs from the original run")
         self.sampler.load_state_dict(saved)
         self.step, self.tokens_seen, self.wandb_id = int(d["step"]), int(d["tokens_seen"]), d.get("wandb_id")
+        if self.alarm is not None and d.get("alarm") is not None:
+            self.alarm.load_state_dict(d["alarm"])
         if d.get("format", 1) >= 2:
             self.window.load_state_dict(d["window"])
             self._load_rank_state(d["ranks"], source)

@@ -5,7 +5,8 @@ of the auxiliary losses' batch statistics (`step_totals`: a no-grad pre-pass, on
 is split and the model has such losses), forward under autocast, loss = CE + regulariser weighted
 by each micro-batch's share, backward (DDP syncs the gradients on the last micro-batch only),
 global grad-norm clipping, the step itself (skipped on a non-finite loss or non-finite gradients,
-identically on every rank) and the run-state counters. Deciding *when* to log, validate, save or
+identically on every rank), the bias-balancing update of a σ-MoE with model.bias_balance_rate
+(from the step's selections, all micro-batches and ranks) and the run-state counters. Deciding *when* to log, validate, save or
 stop is the loop's (loop.py); the schedule's value is computed there (schedule.py) and passed in.
 """
 from __future__ import annotations
@@ -114,6 +115,26 @@ def _check_replay(pre: Dict[str, Dict[str, torch.Tensor]], real: Dict[str, Dict[
                       "full-batch ones")
 
 
+def balance_selection_biases(model: torch.nn.Module, dist: DistInfo, apply: bool) -> None:
+    """Bias balancing after an optimiser step (model.bias_balance_rate > 0; docs/training.md "Routing
+    stability"): each σ-MoE layer's selections counted by this step's training forwards are summed
+    over ranks (one collective) and its `selection_bias` is updated from the step's totals; with
+    `apply` False (a skipped step) the counts are dropped. Nothing happens without such layers."""
+    mods = [m for m in model.modules() if hasattr(m, "selection_bias") and hasattr(m, "update_selection_bias")]
+    if not mods:
+        return
+    counts = torch.stack([m.load_counts.to(dist.device) if m.load_counts is not None
+                          else torch.zeros(m.selection_bias.numel(), dtype=torch.float64, device=dist.device)
+                          for m in mods])
+    if dist.enabled:
+        all_reduce_sum_([counts])
+    for m, c in zip(mods, counts):
+        if apply:
+            m.update_selection_bias(c)
+        else:
+            m.load_counts = None
+
+
 def train_step(state: TrainState, fwd_model: torch.nn.Module, window_BT1: torch.Tensor, lr: float, *,
                micro_batch_size: int, autocast_dtype: Optional[torch.dtype], grad_clip: Optional[float],
                collect_routing: bool = False, aux_loss_scope: str = "step") -> StepResult:
@@ -141,7 +162,7 @@ def train_step(state: TrainState, fwd_model: torch.nn.Module, window_BT1: torch.
         raise ValueError(f"train.aux_loss_scope: {aux_loss_scope!r} is not one of {', '.join(AUX_LOSS_SCOPES)}")
     dist, optimizer, scaler, routing = state.dist, state.optimizer, state.scaler, state.routing
     device = dist.device
-    set_lr(optimizer, lr)
+    set_lr(optimizer, lr, state.step)
     micro_batches = list(window_BT1.split(micro_batch_size))
     n_micro = len(micro_batches)
     uses_stats = getattr(state.model, "uses_step_statistics", None)
@@ -206,6 +227,7 @@ def train_step(state: TrainState, fwd_model: torch.nn.Module, window_BT1: torch.
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         window.add(loss_val, loss_sum[1].item(), loss_sum[2].item())
+    balance_selection_biases(state.model, dist, apply=skipped is None)
     step = state.step
     tokens = window_BT1.shape[0] * dist.world_size * (window_BT1.shape[1] - 1)  # global batch x T
     state.step = step + 1

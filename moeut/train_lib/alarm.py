@@ -1,0 +1,120 @@
+"""The collapse alarm (docs/training.md "Collapse alarm"): warns once when a run's logged metrics
+look like an expert-routing collapse. It only warns; training goes on unchanged.
+
+Owns `CollapseAlarm`, fed every logged record (the train/ records and the routing metrics of
+moeut.routing, as written to metrics.jsonl), which returns the events to report. Three checks,
+each with a `train.alarm.*` threshold (defaults chosen on the CPU-scale runs of docs/results.md,
+where they fire on every collapsed run and on none of the healthy ones: tests/train/
+test_collapse_alarm.py):
+
+    usage_rel_ppl   moe/g<g>/usage_rel_ppl (expert-usage perplexity / number of experts) below the
+                    threshold after the warm-up (optim.warmup): the tokens concentrate on few experts
+    dead_frac       moe/g<g>/dead_frac (fraction of experts never selected) at or above the threshold
+                    after the warm-up
+    ce_plateau      train/ce fell by less than ce_plateau_drop nats over the last ce_plateau_window x
+                    train.steps steps, looked at from the end of the warm-up to ce_plateau_until x
+                    train.steps (an early plateau; late in a schedule a flat CE is normal)
+
+Each (metric, layer group) warns once per run: the fired set is part of the training state
+(`state_dict`), so a resumed run does not repeat a warning.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
+
+HELP = {  # the options likely to help, named in the warning (docs/training.md "Routing stability")
+    "usage_rel_ppl": "optim.groups.router.lr_mult<1 or optim.groups.router.warmup, a longer optim.warmup, "
+                     "model.bias_balance_rate, or a lower optim.lr",
+    "dead_frac": "model.bias_balance_rate, optim.groups.router.lr_mult<1, or a lower optim.lr",
+    "ce_plateau": "check the moe/ usage metrics; a longer optim.warmup, optim.groups.router.lr_mult<1, "
+                  "or a lower optim.lr",
+}
+_GROUP_KEY = re.compile(r"^moe/(g\d+)/(usage_rel_ppl|dead_frac)$")
+
+
+@dataclass
+class AlarmEvent:
+    """One alarm: `metric` (usage_rel_ppl, dead_frac, ce_plateau), `where` (a layer group "g<g>",
+    or "all" for the CE), the step, the value that crossed `threshold`, the option that sets it."""
+    metric: str
+    where: str
+    step: int
+    value: float
+    threshold: float
+    option: str
+
+    def message(self) -> str:
+        """The train.log line: the metric, the layer group, the value and the options likely to help."""
+        what = {"usage_rel_ppl": f"expert-usage perplexity of layer group {self.where} is {self.value:.3f} of "
+                                 f"uniform (< {self.option}={self.threshold:g}): tokens concentrate on few experts",
+                "dead_frac": f"{self.value:.1%} of the experts of layer group {self.where} are dead "
+                             f"(>= {self.option}={self.threshold:g})",
+                "ce_plateau": f"training CE fell only {self.value:.3f} nats over the last steps "
+                              f"(< {self.option}={self.threshold:g}): an early plateau"}[self.metric]
+        return (f"[alarm] WARNING: step {self.step}: {what}; the expert routing may be collapsing. "
+                f"Likely to help: {HELP[self.metric]} (docs/training.md \"Routing stability\")")
+
+    def record(self) -> Dict[str, float]:
+        """The metrics.jsonl entry: {"alarm/<metric>/<where>": value}."""
+        return {f"alarm/{self.metric}/{self.where}": float(self.value)}
+
+
+class CollapseAlarm:
+    """The alarm of one run. cfg: train.alarm (AlarmSchema); warmup: optim.warmup (steps);
+    total_steps: train.steps. `check(step, record)` returns the new events of a logged record."""
+
+    def __init__(self, cfg, warmup: int, total_steps: int):
+        self.cfg, self.warmup, self.total_steps = cfg, warmup, total_steps
+        self.window = max(1, round(cfg.ce_plateau_window * total_steps))
+        self.fired: set = set()
+        self.ce: List[Tuple[int, float]] = []  # (step, train/ce) of the last `window` steps and one before
+
+    def _event(self, metric: str, where: str, step: int, value: float, option: str) -> List[AlarmEvent]:
+        if (metric, where) in self.fired:
+            return []
+        self.fired.add((metric, where))
+        return [AlarmEvent(metric, where, step, value, getattr(self.cfg, option.rsplit(".", 1)[-1]), option)]
+
+    def check(self, step: int, record: Dict[str, Any]) -> List[AlarmEvent]:
+        """The events a logged record (metric name -> value, at optimiser step `step`) triggers,
+        each (metric, layer group) once per run; none when train.alarm.enabled is false."""
+        if not self.cfg.enabled:
+            return []
+        events: List[AlarmEvent] = []
+        after_warmup = step > self.warmup
+        for key, value in sorted(record.items()):
+            m = _GROUP_KEY.match(key)
+            if m is None or not isinstance(value, (int, float)) or not after_warmup:
+                continue
+            where, metric = m.groups()
+            if metric == "usage_rel_ppl" and value < self.cfg.usage_rel_ppl:
+                events += self._event(metric, where, step, value, "train.alarm.usage_rel_ppl")
+            if metric == "dead_frac" and value >= self.cfg.dead_frac:
+                events += self._event(metric, where, step, value, "train.alarm.dead_frac")
+        ce = record.get("train/ce")
+        if isinstance(ce, (int, float)):
+            events += self._check_ce(step, float(ce))
+        return events
+
+    def _check_ce(self, step: int, ce: float) -> List[AlarmEvent]:
+        self.ce.append((step, ce))
+        before = [(s, v) for s, v in self.ce if s <= step - self.window]
+        if before:  # keep the newest point at least `window` steps back, and everything after it
+            self.ce = [p for p in self.ce if p[0] >= before[-1][0]]
+        if not before or before[-1][0] < self.warmup or step > self.cfg.ce_plateau_until * self.total_steps:
+            return []
+        drop = before[-1][1] - ce
+        if drop < self.cfg.ce_plateau_drop:
+            return self._event("ce_plateau", "all", step, drop, "train.alarm.ce_plateau_drop")
+        return []
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The fired (metric, group) pairs and the CE history, for the checkpoint."""
+        return {"fired": sorted(list(p) for p in self.fired), "ce": [list(p) for p in self.ce]}
+
+    def load_state_dict(self, d: Dict[str, Any]) -> None:
+        """Restore `state_dict()` (a resumed run does not repeat a warning)."""
+        self.fired = {tuple(p) for p in d.get("fired", [])}
+        self.ce = [(int(s), float(v)) for s, v in d.get("ce", [])]
