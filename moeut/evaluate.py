@@ -98,7 +98,7 @@ def main(cfg: DictConfig) -> None:
         res = run(cfg)
     except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback; exit 1
         sys.exit(f"moeut.evaluate: error: {e}")
-    from .eval.table import data_notes, row_from_results, to_markdown
+    from .analysis.table import data_notes, row_from_results, to_markdown
     print(f"moeut.evaluate: {res['data_line']}")
     # the table as written, its notes without the skipped tasks (each was one warning line above)
     print(to_markdown([row_from_results(res["merged"])], data_notes([res["merged"]])), end="")
