@@ -7,8 +7,8 @@ Every command-line tool of the package is a Hydra app over a file of the conf/ d
 output folder or log file (`hydra.output_subdir: null`, `hydra.run.dir: .`,
 `hydra/job_logging: stdout`) and a `hydra.help.template` listing every option, so `--help` says
 what the tool does. Tools: train.py (moeut.train), moeut.evaluate, moeut.prepare_data, moeut.analyze,
-moeut.sweep, moeut.summary, moeut.hf.export, moeut.kernels.footprint, moeut.kernels.warmup,
-moeut.eval.table, analysis/compare.py, analysis/plot_curves.py. The exception is
+moeut.sweep, moeut.hf.export, moeut.kernels.footprint, moeut.kernels.warmup (the `python -m
+moeut.analysis` subcommands use `typed_tool`, below). The exception is
 moeut.eval.harness_cli, which hands its argv to lm-eval's own command line (see its docstring).
 
 The helpers here turn a composed config into plain values and check them, with errors that name

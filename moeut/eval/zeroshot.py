@@ -218,9 +218,7 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
         "tasks": task_results,
         "seconds": round(time.time() - t0, 3),
     }
-    # Imported here, not at module level: moeut.eval imports this module, and an eager import of
-    # .table would put moeut.eval.table in sys.modules before `python -m moeut.eval.table` runs it
-    # (runpy's RuntimeWarning on every call).
+    # Imported here, not at module level: evaluation needs the table only when it writes one.
     from ..analysis.table import row_from_results, table_notes, write_tables
 
     row = row_from_results(results)
