@@ -399,3 +399,63 @@ def test_eval_table_takes_results_files_or_run_dirs(tmp_path):
     _write(tmp_path / "empty" / "metrics.jsonl", "")
     with pytest.raises(FileNotFoundError, match=r"empty: no moeut.evaluate results in .*empty/eval"):
         T.combine([str(tmp_path / "empty")])
+
+
+# ------------------------------------------------------------------------------------------
+# The one validation-perplexity rule, and the run facts
+# ------------------------------------------------------------------------------------------
+
+def test_val_ppl_key_by_hand():
+    key = R.val_ppl_key
+    # the training corpus's own held-out set wins, under either name, whatever else is logged
+    assert key(["validation/c4/perplexity", "validation/val/perplexity", "val/perplexity"]) == "validation/val/perplexity"
+    assert key(["val/c4/perplexity", "val/perplexity"]) == "val/perplexity"
+    # only other validation sets: the first in sorted order
+    assert key(["validation/wiki/perplexity", "validation/c4/perplexity"]) == "validation/c4/perplexity"
+    assert key(["valid/ppl"]) == "valid/ppl" and key(["val_perplexity"]) == "val_perplexity"
+    # not validation perplexities
+    assert key(["train/ppl", "moe/usage_rel_ppl_all", "validation/val/loss", "eval/perplexity"]) is None
+    # a preferred key is taken as given, and only when logged (no silent fallback to another)
+    assert key(["validation/val/perplexity", "x/ppl"], "x/ppl") == "x/ppl"
+    assert key(["validation/val/perplexity"], "validation/c4/perplexity") is None
+
+
+# Two hand-written runs on which the five former rules disagreed (the numbers each printed):
+# - "legacy": older key names, the extra C4 set logged first: the former summary took the first
+#   *sorted* val*/perplexity key, val/c4/perplexity (58.5); compare took the first key in file
+#   order, also C4 (58.5); evaluation (zeroshot) ranked val/perplexity first (45.0).
+# - "c4first": current names, the C4 set logged first in each record: compare took C4 (54.6), the
+#   summary and evaluation took validation/val/perplexity (42.0).
+# The training corpus's own held-out set is the number every table means: 45.0 and 42.0.
+RULE_RUNS = {
+    "legacy": [{"step": 50, "val/c4/perplexity": 117.0, "val/perplexity": 90.0},
+               {"step": 100, "val/c4/perplexity": 58.5, "val/perplexity": 45.0}],
+    "c4first": [{"step": 50, "validation/c4/perplexity": 110.5, "validation/val/perplexity": 85.0},
+                {"step": 100, "validation/c4/perplexity": 54.6, "validation/val/perplexity": 42.0}],
+}
+
+
+@pytest.mark.parametrize("name, last, first", [("legacy", 45.0, 90.0), ("c4first", 42.0, 85.0)])
+def test_every_reader_takes_the_one_validation_perplexity(tmp_path, name, last, first):
+    from moeut.analysis import compare, summary
+    from moeut.eval.zeroshot import read_val_perplexity
+    from moeut.registry import get_preset
+    run = tmp_path / "sweep" / name
+    _write(run / "metrics.jsonl", _lines([{"step": 100, "train/loss": 3.9, "train/tokens_seen": 6400}]
+                                         + RULE_RUNS[name]))
+    _write(run / "model_config.json", json.dumps(dict(vars(get_preset("cpu_dense", vocab_size=512)))))
+    assert RunDir(run).val_ppl_curve()[1] == [(50, first), (100, last)]
+    row = summary.summarize_run(run, tmp_path / "sweep").row
+    assert (row["val_ppl"], row["best_val_ppl"]) == (last, last)
+    assert compare.load_run(str(run), seq_len=32).val == [(50, first), (100, last)]
+    assert read_val_perplexity(str(run)) == last and read_val_perplexity(str(run), 50) == first
+
+
+def test_run_facts_corpus_and_seq_len(tmp_path):
+    run = tmp_path / "run"
+    _write(run / ".hydra" / "config.yaml", "data:\n  source: slimpajama\n  seq_len: 256\n")
+    _write(run / "metrics.jsonl", "")
+    assert (RunDir(run).dataset(), RunDir(run).seq_len()) == ("SlimPajama", 256)
+    _write(run / ".hydra" / "config.yaml", "data:\n  source: local\n  path: /data/gutenberg/train.jsonl.gz\n")
+    assert (RunDir(run).dataset(), RunDir(run).seq_len()) == ("gutenberg", None)
+    assert R.corpus_name({"source": "c4"}) == "C4" and R.corpus_name(None) is None
