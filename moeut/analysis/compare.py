@@ -507,6 +507,3 @@ main = typed_tool("moeut.analysis compare", CompareOptions,
                         "with a warning naming file:line; any other damaged line or file is an error naming "
                         "file:line.")(work)
 
-
-if __name__ == "__main__":
-    main()

@@ -394,6 +394,3 @@ main = typed_tool("moeut.analysis cpu-result", CpuResultOptions,
                         "is read through moeut/rundir.py (a cut last line is skipped with a warning; any other "
                         "damaged line is an error naming file:line).")(work)
 
-
-if __name__ == "__main__":
-    main()

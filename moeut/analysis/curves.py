@@ -133,6 +133,3 @@ main = typed_tool("moeut.analysis curves", CurvesOptions,
                   notes="metrics.jsonl is read through moeut/rundir.py: a cut last line is skipped with a warning "
                         "naming file:line; any other damaged line is an error naming file:line.")(work)
 
-
-if __name__ == "__main__":
-    main()

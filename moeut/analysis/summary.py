@@ -430,6 +430,3 @@ main = typed_tool("moeut.analysis summary", SummaryOptions,
                         "naming file:line; any other damaged line or file is an error naming file:line "
                         "(moeut/rundir.py).")(work)
 
-
-if __name__ == "__main__":
-    main()

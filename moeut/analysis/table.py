@@ -252,6 +252,3 @@ main = typed_tool("moeut.analysis table", TableOptions,
                   usage="python -m moeut.analysis table results=[FILE.json|RUN_DIR,...] [out=STEM]",
                   notes="A results file that does not parse is an error naming file:line:col.")(work)
 
-
-if __name__ == "__main__":
-    main()
