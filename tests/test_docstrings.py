@@ -32,9 +32,10 @@ PACKAGE = REPO / "moeut"
 
 # Command-line modules named in issue 16; each must be detected as a CLI when its file exists
 # (guards the detection rule below against a CLI written in a form it does not recognise).
-KNOWN_CLIS = ("moeut.evaluate", "moeut.analyze", "moeut.prepare_data", "moeut.summary", "moeut.sweep",
-              "moeut.hf.export", "moeut.kernels.footprint", "moeut.kernels.warmup", "moeut.eval.table",
-              "moeut.eval.harness_cli")
+KNOWN_CLIS = ("moeut.evaluate", "moeut.analyze", "moeut.prepare_data", "moeut.sweep",
+              "moeut.hf.export", "moeut.kernels.footprint", "moeut.kernels.warmup", "moeut.analysis.summary",
+              "moeut.analysis.table", "moeut.analysis.compare", "moeut.analysis.curves",
+              "moeut.analysis.cpu_result", "moeut.eval.harness_cli")
 
 Offender = Tuple[str, int, str]  # (path relative to the repository, line, qualified name)
 
