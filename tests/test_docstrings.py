@@ -107,11 +107,14 @@ def _is_main_guard(node) -> bool:
 
 
 def is_cli(tree: ast.Module) -> bool:
-    """A command-line module: it defines a module-level `main` or has a `__main__` block."""
+    """A command-line module: it defines a module-level `main` (a def, or an assignment such as
+    `main = typed_tool(...)(work)`) or has a `__main__` block."""
     for node in tree.body:
         if _is_main_guard(node):
             return True
-    return any(isinstance(n, _DEF) and n.name == "main" for n in _statements(tree.body))
+    return any((isinstance(n, _DEF) and n.name == "main")
+               or (isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "main" for t in n.targets))
+               for n in _statements(tree.body))
 
 
 def module_name(path: Path, package_dir: Path) -> str:

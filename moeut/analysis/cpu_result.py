@@ -83,14 +83,17 @@ def _md(header: Sequence[str], rows: List[List[str]]) -> str:
 
 
 def fmt(x: Optional[float]) -> str:
+    """A perplexity cell: one decimal; "–" for None or NaN."""
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
 
 
 def final(run) -> Optional[float]:
+    """The run's last validation perplexity when its schedule completed, else None."""
     return run["val"][-1][1] if run["done"] else None
 
 
 def table(runs: List[Dict]) -> str:
+    """Markdown: one row per run (model, steps, tokens, lr, warm-up, seed, final books/C4 perplexity, status)."""
     rows = []
     for r in sorted(runs, key=lambda r: (r["row"], r["steps"], float(r["lr"]), r["warmup"], r["seed"])):
         c4 = r["val"][-1][2] if r["done"] else None
@@ -101,6 +104,7 @@ def table(runs: List[Dict]) -> str:
 
 
 def pick(runs, experiment, steps=610, lr="0.002", seed="0", warmup="30"):
+    """The run of `experiment` with these settings (lr, seed, warm-up as the job names spell them), or None."""
     for r in runs:
         if (r["experiment"], r["steps"], r["lr"], r["seed"], r["warmup"]) == (experiment, steps, lr, seed, warmup):
             return r
@@ -108,6 +112,8 @@ def pick(runs, experiment, steps=610, lr="0.002", seed="0", warmup="30"):
 
 
 def budget_table(runs) -> str:
+    """Markdown: final perplexity of MoEUT and param-matched dense at 150/300/610 steps (lr 2e-3, seed 0),
+    their ratio, and the crossover sentence."""
     rows = []
     for steps in (150, 300, 610):
         m, d = pick(runs, "cpu_result_moeut", steps), pick(runs, "cpu_result_dense_params", steps)
@@ -159,6 +165,8 @@ def best_at_610(runs, experiment):
 
 
 def best_lr_table(runs) -> str:
+    """Markdown: each model's final perplexity at lr 1e-3/2e-3/4e-3 (610 steps, seed 0), its best, and the
+    ratio of the two bests."""
     rows = []
     for exp in ("cpu_result_moeut", "cpu_result_dense_params"):
         done, best = finished_at_610(runs, exp), best_at_610(runs, exp)
@@ -174,6 +182,8 @@ def best_lr_table(runs) -> str:
 
 
 def seed_table(runs) -> str:
+    """Markdown: each model's final perplexity for seeds 0 and 1 (610 steps, lr 2e-3), mean and spread,
+    and the MoEUT / dense ratio per seed."""
     rows = []
     for exp in ("cpu_result_moeut", "cpu_result_dense_params"):
         v = [final(r) for r in (pick(runs, exp, seed="0"), pick(runs, exp, seed="1")) if r and final(r)]
@@ -203,6 +213,8 @@ def curve_table(runs) -> str:
 
 
 def plot_budget(runs, out: str) -> None:
+    """<out>_budget.png: the budget curve (each complete schedule's final perplexity vs tokens) and the
+    610-step runs' intermediate validation points."""
     fig, ax = style.figure(figsize=(6.4, 4.2))
     for exp, color in (("cpu_result_moeut", "C0"), ("cpu_result_dense_params", "C1")):
         pts = [(s * TOKENS_PER_STEP, final(pick(runs, exp, s))) for s in (150, 300, 610)
@@ -246,6 +258,7 @@ def stall_runs(runs) -> List[Dict]:
 
 
 def plot_stall(runs, out: str, max_step: int = 200) -> None:
+    """<out>_stall.png: the STALL_PANELS metrics of every MoEUT run over its first `max_step` steps."""
     fig, axes = style.figure(figsize=(12, 6.5), nrows=2, ncols=3)
     for ax, (key, title) in zip(axes.ravel(), STALL_PANELS):
         for i, r in enumerate(stall_runs(runs)):
