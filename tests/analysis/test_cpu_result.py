@@ -3,12 +3,14 @@ which run is "complete", the MoEUT / dense ratio per budget, each model's best l
 seed spread, and that an unfinished run never enters a ratio."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[2]
 COMMAND = [sys.executable, "-m", "moeut.analysis", "cpu-result"]
 
 
@@ -137,3 +139,19 @@ def test_splice_replaces_only_the_marked_block(rep, tmp_path):
     with pytest.raises(ValueError, match="nomarkers.md has no"):
         rep.splice(str(bad), "## x", "now")
     assert bad.read_text() == "<!-- report:end -->\n<!-- report:start -->\n"
+
+
+def test_results_page_is_the_report_of_its_run_logs(tmp_path):
+    """docs/results.md's report block is exactly what the documented command prints for the run
+    logs kept in docs/results_runs/ (`python -m moeut.analysis cpu-result root=docs/results_runs
+    out=... doc=...`): only the time stamp of the block's first line differs."""
+    page = REPO / "docs" / "results.md"
+    doc = tmp_path / "results.md"
+    doc.write_text(page.read_text(encoding="utf-8"), encoding="utf-8")
+    out = subprocess.run([*COMMAND, f"root={REPO / 'docs' / 'results_runs'}", f"out={tmp_path / 'fig' / 'cpu_result'}",
+                          f"doc={doc}"], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "MPLBACKEND": "Agg"})
+    assert out.returncode == 0, out.stderr
+    stamp = re.compile(r"State of the runs at \d{4}-\d\d-\d\d \d\d:\d\d UTC")
+    assert stamp.sub("STAMP", doc.read_text(encoding="utf-8")) == stamp.sub("STAMP", page.read_text(encoding="utf-8"))
+    assert "## All runs" in out.stdout and (tmp_path / "fig" / "cpu_result_budget.png").stat().st_size > 1000
