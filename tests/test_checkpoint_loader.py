@@ -9,7 +9,6 @@ import json
 import os
 import random
 import re
-import sys
 import warnings
 from pathlib import Path
 
