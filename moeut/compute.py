@@ -269,7 +269,7 @@ def measure_step_time(model: torch.nn.Module, batch: torch.Tensor, *, optimizer:
 
 
 def summarize(cfg, seq_len: int = 1024) -> Dict[str, float]:
-    """Every accounting number for one config (used by analysis/compare.py and the training logs)."""
+    """Every accounting number for one config (used by `python -m moeut.analysis compare` and the training logs)."""
     return {
         "params_total": float(total_params(cfg)),
         "params_active": float(active_params(cfg)),

@@ -115,7 +115,7 @@ def _main(o: EvaluateOptions) -> None:
     from .cli import bad_input_exits
     with bad_input_exits("moeut.evaluate"):
         res = run(o)
-    from .eval.table import data_notes, row_from_results, to_markdown
+    from .analysis.table import data_notes, row_from_results, to_markdown
     print(f"moeut.evaluate: {res['data_line']}")
     # the table as written, its notes without the skipped tasks (each was one warning line above)
     print(to_markdown([row_from_results(res["merged"])], data_notes([res["merged"]])), end="")

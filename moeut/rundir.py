@@ -10,11 +10,13 @@ A *run directory* is what `python train.py` writes (docs/training.md, "Run direc
                                      (results_step_XXXXXXX.json, then results_step_XXXXXXX.2.json, ...;
                                      never overwritten: see "Evaluation results" below) and
                                      lm-evaluation-harness results files
-    <run>/step_time.json             a measured step time (analysis/compare.py measure=true)
+    <run>/step_time.json             a measured step time (moeut.analysis compare measure=true)
 
-Every reader of these files (moeut.summary, analysis/compare.py, analysis/plot_curves.py,
-moeut.evaluate / moeut.eval.zeroshot, moeut.analyze and its notebooks, moeut.eval.table) goes
-through this module, so they agree on where things are and on what a damaged file means.
+Every reader of these files (the `python -m moeut.analysis` subcommands summary, compare, curves,
+table and cpu-result, moeut.evaluate / moeut.eval.zeroshot, moeut.analyze and its notebooks) goes
+through this module, so they agree on where things are, on what a damaged file means, and on the
+run's facts: its validation perplexity (`val_ppl_key`, the one rule), training corpus
+(`RunDir.dataset`), context length (`RunDir.seq_len`) and commit (`RunDir.commit`).
 
 **The corrupt-line policy** (one for every reader; docs/analysis.md, "Reading run directories"):
 
@@ -74,7 +76,7 @@ HYDRA_CONFIG_FILE = "config.yaml"         # in HYDRA_DIR: the job's (unresolved)
 HYDRA_OVERRIDES_FILE = "overrides.yaml"   # in HYDRA_DIR: the command-line overrides
 HYDRA_STATE_FILE = "hydra.yaml"           # in HYDRA_DIR: Hydra's own config (runtime choices)
 CHECKPOINT_CONFIG_FILE = "config.yaml"    # in a checkpoint dir: the resolved training config
-STEP_TIME_FILE = "step_time.json"         # measured step time (analysis/compare.py)
+STEP_TIME_FILE = "step_time.json"         # measured step time (moeut.analysis compare)
 STEP_DIR_RE = re.compile(r"^step_(\d+)$")  # a checkpoint dir: step_XXXXXXX
 # folders of a run dir that never hold another run (pruned by find_runs)
 _NOT_RUNS = ("eval", "routing", "wandb", "analysis")
@@ -311,6 +313,62 @@ def merge_evals(files: List[Tuple[Path, Dict[str, Any]]]) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------
+# Run facts: the validation perplexity (the one rule), the training corpus
+# ------------------------------------------------------------------------------------------
+
+# train.py logs validation/<set>/perplexity per validation set; "val" is the held-out split of the
+# training corpus itself, the number every table reports (extra sets such as "c4" are other corpora)
+VAL_PPL_KEY = "validation/val/perplexity"
+_VAL_PPL_ALIASES = (VAL_PPL_KEY, "val/perplexity")  # the same set under the older logging name
+_VAL_PPL_RE = re.compile(r"^(.*/)?val[^/]*/(.*/)?(perplexity|ppl)$|^val[^/]*_perplexity$")
+_CORPUS_NAMES = {"c4": "C4", "slimpajama": "SlimPajama", "pes2o": "peS2o", "thestack": "The Stack"}
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def val_ppl_key(keys: Any, preferred: Optional[str] = None) -> Optional[str]:
+    """The validation-perplexity key among logged `keys`, by the one rule: `preferred` when given
+    (None if it is not logged); else the training corpus's own held-out set (VAL_PPL_KEY, or its
+    older name "val/perplexity"), whatever else is logged and in whatever order; else, for a run
+    with only other validation sets, the first in sorted order of the keys whose last part is
+    "perplexity"/"ppl" under a part starting with "val" ("validation/c4/perplexity")."""
+    keys = set(keys)
+    if preferred is not None:
+        return preferred if preferred in keys else None
+    for k in _VAL_PPL_ALIASES:
+        if k in keys:
+            return k
+    return next(iter(sorted(k for k in keys if isinstance(k, str) and _VAL_PPL_RE.match(k))), None)
+
+
+def val_ppl_curve(records: List[Dict[str, Any]], key: Optional[str] = None) -> Tuple[Optional[str], List[Tuple[int, float]]]:
+    """(key, [(step, perplexity), ...] in logging order) of metrics records: the key by
+    `val_ppl_key` over every key logged with a finite number (`key` as its `preferred`); records
+    without a numeric step are left out. (None, []) when the run logged no validation perplexity."""
+    k = val_ppl_key({name for r in records for name, v in r.items() if _finite(v)}, key)
+    if k is None:
+        return None, []
+    return k, [(int(r["step"]), float(r[k])) for r in records if _finite(r.get(k)) and _finite(r.get("step"))]
+
+
+def corpus_name(data: Any) -> Optional[str]:
+    """The training corpus named by a run config's `data` section: a hub corpus by its `source`
+    (c4 -> "C4", slimpajama, pes2o, thestack), local files by the folder holding `data.path`
+    (.../c4/train.jsonl.gz -> "c4"); None when `data` names neither."""
+    if not isinstance(data, dict):
+        return None
+    source = data.get("source")
+    if isinstance(source, str) and source != "local":
+        return _CORPUS_NAMES.get(source, source)
+    path = data.get("path")
+    if isinstance(path, str) and path:
+        return Path(path).parent.name or Path(path).stem
+    return None
+
+
+# ------------------------------------------------------------------------------------------
 # A run directory
 # ------------------------------------------------------------------------------------------
 
@@ -457,6 +515,20 @@ class RunDir:
         at_step = [(p, d) for s, p, d in ours if s == step]
         merged = merge_evals(at_step)
         return self.eval_dir / merged["evaluations"][-1], merged
+
+    def val_ppl_curve(self, key: Optional[str] = None) -> Tuple[Optional[str], List[Tuple[int, float]]]:
+        """The run's validation-perplexity key and curve from metrics.jsonl (`val_ppl_curve`)."""
+        return val_ppl_curve(self.metrics(), key)
+
+    def dataset(self, checkpoint: Optional[PathLike] = None) -> Optional[str]:
+        """The training corpus (`corpus_name` of the config's `data`, see `config`); None when unknown."""
+        return corpus_name((self.config(checkpoint) or {}).get("data"))
+
+    def seq_len(self, checkpoint: Optional[PathLike] = None) -> Optional[int]:
+        """The training context length (the config's data.seq_len, see `config`); None when unknown."""
+        data = (self.config(checkpoint) or {}).get("data")
+        v = data.get("seq_len") if isinstance(data, dict) else None
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 1 else None
 
     def commit(self) -> str:
         """The commit(s) of the run's starts from provenance.jsonl (moeut.provenance.commit_label:

@@ -9,7 +9,6 @@ import json
 import os
 import random
 import re
-import sys
 import warnings
 from pathlib import Path
 
@@ -201,13 +200,8 @@ def test_training_resume_uses_the_same_loader(run):
 
 
 def test_compare_reads_the_newest_readable_config(run):
-    """analysis/compare.py reads only model_config.json: a damaged one is skipped, named."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "compare_script", Path(__file__).resolve().parents[1] / "analysis" / "compare.py")
-    compare = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = compare  # its dataclasses look their module up
-    spec.loader.exec_module(compare)
+    """moeut.analysis compare reads only model_config.json: a damaged one is skipped, named."""
+    from moeut.analysis import compare
     run_dir, _, bad = run
     cfg4 = bad.parent / "model_config.json"
     cfg4.write_text(cfg4.read_text()[:20])

@@ -39,11 +39,11 @@ TOOLS = {
     "moeut.hf.export": ["-m", "moeut.hf.export"],
     "moeut.tools.footprint": ["-m", "moeut.tools.footprint"],
     "moeut.tools.warmup": ["-m", "moeut.tools.warmup"],
-    "moeut.summary": ["-m", "moeut.summary"],
-    "moeut.eval.table": ["-m", "moeut.eval.table"],
-    "analysis/compare.py": ["analysis/compare.py"],
-    "analysis/plot_curves.py": ["analysis/plot_curves.py"],
-    "analysis/cpu_result_report.py": ["analysis/cpu_result_report.py"],
+    "moeut.analysis summary": ["-m", "moeut.analysis", "summary"],
+    "moeut.analysis table": ["-m", "moeut.analysis", "table"],
+    "moeut.analysis compare": ["-m", "moeut.analysis", "compare"],
+    "moeut.analysis curves": ["-m", "moeut.analysis", "curves"],
+    "moeut.analysis cpu-result": ["-m", "moeut.analysis", "cpu-result"],
 }
 # command-line modules that are deliberately not Hydra apps, and why
 NOT_HYDRA = {"moeut/eval/harness_cli.py": "passes argv to lm-eval's own CLI"}
@@ -84,7 +84,8 @@ def test_every_package_tool_has_a_console_script():
     entry names one of them; the clone's scripts (train.py, analysis/*.py) have none."""
     from test_wheel import console_scripts
 
-    package_tools = {argv[1] for argv in TOOLS.values() if argv[0] == "-m" and len(argv) == 2}  # not subcommands
+    package_tools = {argv[1] + (".__main__" if (REPO / argv[1].replace(".", "/")).is_dir() else "")
+                     for argv in TOOLS.values() if argv[0] == "-m"}
     package_tools |= {m[:-3].replace("/", ".") for m in NOT_HYDRA}
     targets = {}
     for name, target in console_scripts().items():
@@ -145,13 +146,18 @@ def test_bad_option_fails_naming_it_and_writes_nothing(tool, args, message, tmp_
     ("moeut.analysis routing", ["checkpoint=nope", "precision=bfloat16"], "precision: must be one of fp32 | bf16 | fp16"),
     ("moeut.analysis routing", ["checkpoint=nope", "device=gpu"], "device: must be auto | cpu | cuda | cuda:N"),
     ("moeut.prepare_data", ["prepare.workers=-1"], "prepare.workers: must be >= 0"),
-    ("moeut.summary", ["dir=.", "plots=maybe"], "plots: expected true or false, got 'maybe'"),
-    ("analysis/compare.py", ["runs=x", "plot=maybe"], "plot: expected true or false, got 'maybe'"),
-    ("analysis/compare.py", ["runs=x", "measure=1"], "measure: expected true or false, got 1"),
-    ("analysis/compare.py", ["runs=x", "param_tol=wide"], "param_tol: expected a number >= 0.0, got 'wide'"),
-    ("analysis/plot_curves.py", ["runs=x", "out=[a,b]"], "out: expected a string, got ['a', 'b']"),
-    ("moeut.eval.table", ["results=[x.json]", "out=[a,b]"], "out: expected a string or null, got ['a', 'b']"),
-    ("analysis/cpu_result_report.py", ["root=[a,b]"], "root: expected a string, got ['a', 'b']"),
+    ("moeut.analysis summary", ["dir=.", "plots=maybe"], "plots: Value 'maybe' is not a valid bool"),
+    ("moeut.analysis summary", ["dir=nope"], "sweep dir nope does not exist"),
+    ("moeut.analysis compare", ["runs=[x]", "plot=maybe"], "plot: Value 'maybe' is not a valid bool"),
+    ("moeut.analysis compare", ["runs=[x]", "param_tol=-1"], "param_tol: must be >= 0, got -1"),
+    ("moeut.analysis compare", ["runs=[x]", "dtype=float32"], "dtype: must be one of fp32 | bf16 | fp16"),
+    ("moeut.analysis compare", ["runs=[x*]"], "runs: pattern 'x*' matches nothing"),
+    ("moeut.analysis curves", ["runs=[x]", "out=[a,b]"], "out: "),
+    ("moeut.analysis curves", ["runs=[x]", "out=o", "smooth=0"], "smooth: must be >= 1, got 0"),
+    ("moeut.analysis table", ["results=[x.json]", "out=[a,b]"], "out: "),
+    ("moeut.analysis table", ["results=[x.json]"], "x.json"),
+    ("moeut.analysis cpu-result", ["root=nope"], "root: nope is not a directory"),
+    ("moeut.analysis cpu-result", ["root=.", "doc=nope.md"], "doc: nope.md is not a file"),
 ])
 def test_bad_input_is_one_line_exit_1(tool, args, message, tmp_path):
     if "train.resume=ckpt" in args:

@@ -32,9 +32,10 @@ PACKAGE = REPO / "moeut"
 
 # Command-line modules named in issue 16; each must be detected as a CLI when its file exists
 # (guards the detection rule below against a CLI written in a form it does not recognise).
-KNOWN_CLIS = ("moeut.evaluate", "moeut.analysis.__main__", "moeut.prepare_data", "moeut.summary", "moeut.sweep",
-              "moeut.hf.export", "moeut.tools.footprint", "moeut.tools.warmup", "moeut.eval.table",
-              "moeut.eval.harness_cli")
+KNOWN_CLIS = ("moeut.evaluate", "moeut.analysis.__main__", "moeut.prepare_data", "moeut.sweep",
+              "moeut.hf.export", "moeut.tools.footprint", "moeut.tools.warmup", "moeut.analysis.summary",
+              "moeut.analysis.table", "moeut.analysis.compare", "moeut.analysis.curves",
+              "moeut.analysis.cpu_result", "moeut.eval.harness_cli")
 
 Offender = Tuple[str, int, str]  # (path relative to the repository, line, qualified name)
 
@@ -106,11 +107,14 @@ def _is_main_guard(node) -> bool:
 
 
 def is_cli(tree: ast.Module) -> bool:
-    """A command-line module: it defines a module-level `main` or has a `__main__` block."""
+    """A command-line module: it defines a module-level `main` (a def, or an assignment such as
+    `main = typed_tool(...)(work)`) or has a `__main__` block."""
     for node in tree.body:
         if _is_main_guard(node):
             return True
-    return any(isinstance(n, _DEF) and n.name == "main" for n in _statements(tree.body))
+    return any((isinstance(n, _DEF) and n.name == "main")
+               or (isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "main" for t in n.targets))
+               for n in _statements(tree.body))
 
 
 def module_name(path: Path, package_dir: Path) -> str:

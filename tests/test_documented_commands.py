@@ -5,7 +5,8 @@ Extraction: each non-comment line of a ```bash block (backslash continuations jo
 `# comments` dropped, a `for ...; do` ... `done` loop joined into one command), each line of an
 indented (4-space) code block that starts with python/moeut-/torchrun/sbatch/srun/bash, plus inline
 `python -m moeut...`, `python train.py ...`, `python tools/...`, `moeut-...` commands in backticks
-that are commands rather than a tool's name (`moeut-train`, `python -m moeut.evaluate` alone) or
+that are commands rather than a tool's name (`moeut-train`, `python -m moeut.evaluate` or
+`python -m moeut.analysis summary` alone) or
 a synopsis (no `...`, ` [optional]`, ` | `, or placeholder other than `<run>`). Whitespace is collapsed.
 
 REGISTRY classifies every extracted command once (a command in several docs shares one entry):
@@ -79,6 +80,7 @@ def extract(text: str) -> list:
                     or re.search(r"<(?!run>)[^>]*>", cmd) is not None)
         words = cmd.split()
         bare_tool = len(words) == (3 if words[:2] == ["python", "-m"] else 1)  # a tool's name in the text
+        bare_tool |= words[:3] == ["python", "-m", "moeut.analysis"] and len(words) == 4  # a subcommand's name
         if not bare_tool and not synopsis:
             cmds.append(cmd)
     return cmds
@@ -144,11 +146,13 @@ REGISTRY = {
     # docs/architecture.md, docs/baselines.md
     'python train.py experiment=c4_switch_44m': ("skip", "the paper's C4 from the hub (data=c4): " + C4),
     'python train.py experiment=cpu_tiny model.preset=cpu_sut model.vocab_size=512': ("run", ""),
-    'python analysis/compare.py runs=[runs/c4_moeut_44m,runs/c4_dense_44m,runs/c4_switch_44m] out=compare_44m':
+    'python -m moeut.analysis compare runs=[runs/c4_moeut_44m,runs/c4_dense_44m,runs/c4_switch_44m] out=compare_44m':
         ("run", ""),  # the three placeholders become the one fixture run
-    "python analysis/compare.py 'runs=[runs/*]' out=compare measure=true device=cuda dtype=bf16 batch_size=64":
+    "python -m moeut.analysis compare 'runs=[runs/*]' out=compare measure=true device=cuda dtype=bf16 batch_size=64":
         ("skip", GPU),
-    'python analysis/compare.py --help': ("run", ""),
+    'python -m moeut.analysis compare --help': ("run", ""),
+    'python -m moeut.analysis compare runs=[runs/A,runs/B] out=cmp':
+        ("covered", "tests/test_rundir.py::test_cli_compare_plot_table_end_to_end"),
     'python tools/import_graph.py': ("run", ""),
     'python -m moeut.analysis routing --cfg job checkpoint=runs/x': ("run", ""),
     # docs/evaluation.md
@@ -160,7 +164,7 @@ REGISTRY = {
         ("skip", "needs the CBT and ARC-Challenge corpora under /data (licensed, not in the clone)"),
     'python -m moeut.evaluate checkpoint=runs/x tasks=[perplexity,piqa] perplexity.path=book.txt '
     'perplexity.context_length=1024 perplexity.stride=512': ("run", "limit=2"),
-    "python -m moeut.eval.table 'results=[runs/*/*]' out=paper_table": ("run", ""),
+    "python -m moeut.analysis table 'results=[runs/*/*]' out=paper_table": ("run", ""),
     'python -m moeut.evaluate checkpoint=<run>': ("run", "limit=2"),
     'python -m moeut.eval.harness_cli run --model moeut --model_args checkpoint=runs/c4_moeut_44m,batch_size=32 '
     '--tasks lambada_openai,piqa,arc_easy,hellaswag,blimp': ("skip", HUB),
@@ -196,9 +200,14 @@ REGISTRY = {
     'seq_len=256 batch_size=16 max_tokens=131072': ("skip", CPU_RESULT),
     'python -m moeut.analysis routing checkpoint=runs/results/moeut_s0 data.path=../shared/data/text/gutenberg/valid.jsonl.gz '
     'seq_len=256 max_tokens=131072': ("skip", CPU_RESULT),
-    'python analysis/plot_curves.py runs=[runs/results/moeut_s0,runs/results/dense_params_s0,runs/results/dense_macs_s0] '
+    'python -m moeut.analysis curves runs=[runs/results/moeut_s0,runs/results/dense_params_s0,runs/results/dense_macs_s0] '
     '\'labels=[MoEUT,"dense (param-matched)","dense (MAC-matched)"]\' out=docs/figures/cpu_results_curves':
         ("skip", CPU_RESULT),
+    'python -m moeut.analysis compare runs=[runs/results/moeut_s0,runs/results/dense_params_s0,'
+    'runs/results/dense_macs_s0] measure=true device=cpu batch_size=16 seq_len=256 out=runs/results/compare':
+        ("skip", CPU_RESULT),
+    'python -m moeut.analysis cpu-result root=docs/results_runs out=/tmp/cpu_result':
+        ("covered", "tests/analysis/test_cpu_result.py::test_results_page_is_the_report_of_its_run_logs"),
     'python -m moeut.sweep action=dry-run sweep=cpu_result': ("run", ""),
     'python -m moeut.sweep action=launch sweep=cpu_result local=true': ("skip", CPU_RESULT),
     # docs/sweeps.md
@@ -208,7 +217,7 @@ REGISTRY = {
     '\'set=["hydra.launcher.partition=gpu","hydra.launcher.account=myproj"]\'': ("skip", SLURM),
     'python -m moeut.sweep action=launch sweep=cpu_smoke local=true root=/tmp/sweeps':
         ("covered", "tests/test_sweeps.py::test_local_multirun_two_tiny_jobs_and_summary"),
-    'python -m moeut.summary dir=outputs/sweeps/g_ablation': ("run", ""),
+    'python -m moeut.analysis summary dir=outputs/sweeps/g_ablation': ("run", ""),
     'python train.py -m experiment=c4_moeut_44m,c4_dense_44m hydra/launcher=submitit_slurm_1gpu '
     'hydra.sweep.dir=outputs/sweeps/mine \'hydra.sweep.subdir=${hydra.job.override_dirname}\' '
     '\'hydra.job.config.override_dirname.exclude_keys=[seed,logger.group]\'': ("skip", SLURM),
@@ -352,7 +361,7 @@ def _run_cases() -> list:
         if kind == "run" and cmd != "python train.py":
             cases.setdefault(_prepared(cmd, extra, "RUN"), []).append(cmd)
     order = sorted(cases, key=lambda c: (c.startswith("python train.py experiment="),  # a second run last
-                                         "reuse_stats" in c or "execute_notebooks" in c, "eval.table" in c))
+                                         "reuse_stats" in c or "execute_notebooks" in c, "moeut.analysis table" in c))
     return [pytest.param(cases[c][0], id=" == ".join(cases[c])) for c in order]
 
 

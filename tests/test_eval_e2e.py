@@ -13,7 +13,7 @@ import torch
 
 from moeut.checkpoint import save_checkpoint
 from moeut.registry import build_model, get_preset
-from moeut.eval.table import row_from_results, to_latex, to_markdown
+from moeut.analysis.table import row_from_results, to_latex, to_markdown
 from moeut.eval.tasks import get_task
 from moeut.eval.tasks.base import EvalOptions
 

@@ -9,7 +9,7 @@ import pytest
 
 from eval_fakes import make_tiny_run
 from moeut import rundir as R
-from moeut.eval import table as T
+from moeut.analysis import table as T
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_table_follows_the_rule(three_evaluations):
     assert md[0] == ("| dataset | #params | model | val PPL | LAMBADA | BLiMP | CBT | HellaSwag | PIQA | ARC-E | "
                      "Average | eval data |")
     assert md[2] == expect_row and md[3:] == ["", expect_note]
-    # the same table from the run dir through moeut.eval.table (RunDir.latest_eval)
+    # the same table from the run dir through moeut.analysis.table (RunDir.latest_eval)
     assert T.combine([str(run_dir)]).splitlines() == md
     # one results file stands for that evaluation alone: evaluation 1's PIQA on 10 items
     row1 = T.combine([str(run_dir / "eval" / "results_step_0000050.json")]).splitlines()[2]
@@ -82,19 +82,13 @@ def test_table_follows_the_rule(three_evaluations):
 
 
 def test_summary_and_compare_read_the_merged_evaluation(three_evaluations):
-    import importlib.util
-    import moeut.summary as summ
+    from moeut.analysis import compare, summary as summ
     run_dir, results = three_evaluations
     row = summ.summarize_run(run_dir, run_dir.parent).row
     assert row["eval/piqa"] == results[2]["tasks"]["piqa"]["accuracy"]
     assert row["eval/arc_easy"] == results[0]["tasks"]["arc_easy"]["accuracy"]
     assert row["eval/lambada"] == results[1]["tasks"]["lambada"]["accuracy"]
     assert (row["eval_limit"], row["eval_data"]) == ("mixed", "carried subset")
-    import sys
-    spec = importlib.util.spec_from_file_location("analysis_compare", REPO / "analysis" / "compare.py")
-    compare = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = compare  # its dataclasses look their module up
-    spec.loader.exec_module(compare)
     run = compare.load_run(str(run_dir))
     assert run.eval["piqa/accuracy"] == results[2]["tasks"]["piqa"]["accuracy"]
     assert run.eval["piqa/n_items"] == 20 and run.eval["arc_easy/n_items"] == 10

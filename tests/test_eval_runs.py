@@ -1,5 +1,5 @@
 """`moeut.evaluate` runs that have nothing to do fail with a named error and write nothing;
-`moeut.summary` on files written by `moeut.evaluate`; `dataset_name_of` on the config train.py
+`python -m moeut.analysis summary` on files written by `moeut.evaluate`; `dataset_name_of` on the config train.py
 saves. Self-contained: the model, tokenizer and text are made here."""
 import json
 import subprocess
@@ -93,7 +93,7 @@ def _evaluate(run_dir, tmp_path, extra=()):
 def test_summary_reads_moeut_evaluate_files(tiny_run, tmp_path):
     """The columns summary makes from the files moeut.evaluate writes: one per task, named
     after it, with the results file's own numbers; no junk such as eval/.../options/batch_size."""
-    import moeut.summary as summ
+    from moeut.analysis import summary as summ
     run_dir, _, _ = tiny_run
     res = _evaluate(run_dir, tmp_path)
     row = summ.summarize_run(run_dir, run_dir.parent).row
@@ -140,8 +140,8 @@ def test_dataset_name_from_the_config_train_writes(tmp_path):
 
 def test_analyze_and_compare_refuse_nothing_to_do(tiny_run, tmp_path):
     """moeut.analysis routing: a checkpoint path that does not exist, or no figure format, is a named
-    error before any work; analysis/compare.py: runs of which none logged the compared metric."""
-    import importlib.util
+    error before any work; moeut.analysis compare: runs of which none logged the compared metric."""
+    from moeut.analysis import compare as cmp
     from moeut.analysis.routing_command import RoutingOptions, run_analysis
     run_dir, _, _ = tiny_run
     with pytest.raises(FileNotFoundError, match=r"checkpoint=.*nothing: no such file or directory"):
@@ -152,10 +152,6 @@ def test_analyze_and_compare_refuse_nothing_to_do(tiny_run, tmp_path):
         run_analysis(cfg)
     assert not (tmp_path / "an").exists()
 
-    spec = importlib.util.spec_from_file_location("analysis_compare", REPO / "analysis" / "compare.py")
-    cmp = importlib.util.module_from_spec(spec)
-    sys.modules["analysis_compare"] = cmp
-    spec.loader.exec_module(cmp)
     # the tiny run has a checkpoint but no metrics.jsonl: no validation perplexity anywhere
     with pytest.raises(ValueError, match=r"no run has a validation perplexity.*run/metrics.jsonl"):
         cmp.compare([str(run_dir)], str(tmp_path / "cmp"), seq_len=32, plot=False)

@@ -169,7 +169,7 @@ def test_total_params_counts_a_shared_tensor_once_and_sees_through_compile_wrapp
 
 
 def test_summary_counts_through_the_counter():
-    from moeut.summary import count_params
+    from moeut.analysis.summary import count_params
     for name in ("tiny", "sut_44m", "du_every4_44m"):
         cfg = R.PRESETS[name]
         assert count_params(dataclasses.asdict(cfg)) == C.total_params(cfg) == param_count_formula(cfg)

@@ -1,16 +1,17 @@
 """moeut.rundir: the one run-directory reader (issue 16 item 4), on hand-written files.
 
-- the corrupt-line policy, once, for every reader of metrics.jsonl (moeut.rundir, moeut.summary,
-  moeut.analysis / moeut.analyze, moeut.eval.zeroshot, analysis/compare.py, analysis/plot_curves.py):
+- the corrupt-line policy, once, for every reader of metrics.jsonl (moeut.rundir, the analysis
+  subcommands summary / compare / curves, moeut.analysis.stats / moeut.analyze, moeut.eval.zeroshot):
   a cut last line (no newline) is skipped with a warning naming file:line, anything else damaged
   is a CorruptRunFile naming file:line;
 - metrics.rewound.jsonl (what a resume moves aside) is never counted;
 - run_dir_of for each kind of path it takes; the two former copies are this one;
-- find_runs, the saved config, evaluation results and the model config of a run dir.
+- find_runs, the saved config, evaluation results and the model config of a run dir;
+- the one validation-perplexity rule (`val_ppl_key`) on a run where the former five rules disagreed,
+  and the run facts (corpus name, seq_len).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -23,15 +24,6 @@ from moeut import rundir as R
 from moeut.rundir import CorruptRunFile, RunDir, TruncatedLineWarning, read_jsonl, run_dir_of
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _script(name: str):
-    """analysis/<name>.py imported as a module (they are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"analysis_{name}", REPO / "analysis" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
 
 
 GOOD = [{"step": 1, "train/loss": 5.0, "train/tokens_seen": 64},
@@ -105,17 +97,16 @@ def test_whole_files_json_and_yaml_name_line_and_column(tmp_path):
 def _readers():
     """(name, read(run_dir) -> list of the steps it saw) for every reader of metrics.jsonl."""
     from moeut.analysis import stats as A
-    from moeut import summary as S
+    from moeut.analysis import curves as plot, summary as S
     from moeut.eval.zeroshot import read_val_perplexity
 
-    plot = _script("plot_curves")
     return [
         ("RunDir.metrics", lambda d: [r["step"] for r in RunDir(d).metrics()]),
         ("rundir.read_metrics", lambda d: [r["step"] for r in R.read_metrics(d)]),
         ("summary.read_metrics", lambda d: [r["step"] for r in S.read_metrics(d / "metrics.jsonl")]),
         ("summary.summarize_run", lambda d: [S.summarize_run(d, d.parent).row["step"]]),
         ("analysis.read_metrics_jsonl", lambda d: [r["step"] for r in A.read_metrics_jsonl(str(d / "metrics.jsonl"))]),
-        ("plot_curves.read_metrics", lambda d: [r["step"] for r in plot.read_metrics(str(d))]),
+        ("curves.read_metrics", lambda d: [r["step"] for r in plot.read_metrics(str(d))]),
         ("zeroshot.read_val_perplexity", lambda d: [read_val_perplexity(str(d))]),
     ]
 
@@ -135,9 +126,9 @@ def test_every_reader_applies_the_one_policy(tmp_path, which):
 
 
 def test_compare_applies_the_one_policy(tmp_path):
-    """analysis/compare.py reads a run with a model config: same warning, same error."""
+    """moeut.analysis compare reads a run with a model config: same warning, same error."""
+    from moeut.analysis import compare as cmp
     from moeut.registry import get_preset
-    cmp = _script("compare")
     cfg = dict(vars(get_preset("cpu_dense", vocab_size=512)))
     for name, tail in (("ok", '{"step": 9, "validation/val/perplexity": 1'),
                        ("bad", '{"step": 9}\n{"step": 10, "validation/val/perp\n{"step": 11}\n')):
@@ -171,7 +162,7 @@ def _resumed_run(run: Path) -> None:
 
 
 def test_rewound_records_are_not_counted(tmp_path):
-    from moeut import summary as S
+    from moeut.analysis import curves as plot, summary as S
     from moeut.eval.zeroshot import read_val_perplexity
     run = tmp_path / "sweep" / "run"
     _resumed_run(run)
@@ -188,7 +179,6 @@ def test_rewound_records_are_not_counted(tmp_path):
         assert (row["val_ppl"], row["best_val_ppl"], row["step"], row["train/loss"]) == (40.0, 40.0, 4, 6.0)
         assert read_val_perplexity(str(run)) == 40.0 and read_val_perplexity(str(run), 4) == 40.0
         assert S.find_runs(tmp_path / "sweep") == [run]
-        plot = _script("plot_curves")
         assert [r["step"] for r in plot.read_metrics(str(run))] == [r["step"] for r in recs]
 
 
@@ -330,10 +320,7 @@ def test_model_config_newest_readable(tmp_path):
 # The command lines of the run-dir readers (Hydra, issue 16 item 5)
 # ------------------------------------------------------------------------------------------
 
-CLIS = {"summary": [sys.executable, "-m", "moeut.summary"],
-        "compare": [sys.executable, str(REPO / "analysis" / "compare.py")],
-        "plot_curves": [sys.executable, str(REPO / "analysis" / "plot_curves.py")],
-        "eval_table": [sys.executable, "-m", "moeut.eval.table"]}
+CLIS = {sub: [sys.executable, "-m", "moeut.analysis", sub] for sub in ("summary", "compare", "curves", "table")}
 
 
 def _cli(tool: str, *args: str, cwd: Path):
@@ -345,13 +332,13 @@ def _cli(tool: str, *args: str, cwd: Path):
 
 @pytest.mark.parametrize("tool", sorted(CLIS))
 def test_cli_help_lists_every_option(tmp_path, tool):
-    """`--help` names every option of conf/<tool>.yaml (each documented there in a comment)."""
-    import yaml
-    conf = REPO / "conf" / f"{tool}.yaml"
-    keys = [k for k in yaml.safe_load(conf.read_text()) if k not in ("defaults", "hydra")]
-    text = conf.read_text()
-    for k in keys:  # a comment on the option's line
-        assert any(line.startswith(f"{k}:") and "#" in line for line in text.splitlines()), (tool, k)
+    """`--help` of each subcommand names every field of its schema (each with its help text)."""
+    import importlib
+    from moeut.analysis.__main__ import SUBCOMMANDS
+    from moeut.cli import schema_options
+    module = importlib.import_module(SUBCOMMANDS[tool][0])
+    schema = next(v for k, v in vars(module).items() if k.endswith("Options") and isinstance(v, type))
+    keys = [name for name, _, _, _ in schema_options(schema)]
     r = _cli(tool, "--help", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     missing = [k for k in keys if f"{k}=" not in r.stdout]
@@ -360,7 +347,7 @@ def test_cli_help_lists_every_option(tmp_path, tool):
 
 
 def test_cli_compare_plot_table_end_to_end(tmp_path):
-    """compare, plot_curves and eval.table from the command line on a hand-made run: the files
+    """compare, curves and table from the command line on a hand-made run: the files
     they promise, numbers from the run's files, named errors, and nothing else in the cwd."""
     from moeut.registry import get_preset
     run = tmp_path / "runs" / "r1"
@@ -379,28 +366,28 @@ def test_cli_compare_plot_table_end_to_end(tmp_path):
     r = _cli("compare", f"runs=[{tmp_path}/nothing*]", cwd=work)
     assert r.returncode == 1 and "runs: pattern" in r.stderr and "matches nothing" in r.stderr
 
-    r = _cli("plot_curves", f"runs=[{run}]", f"out={tmp_path}/fig/curves", "val_keys=[validation/val/perplexity]",
+    r = _cli("curves", f"runs=[{run}]", f"out={tmp_path}/fig/curves", "val_keys=[validation/val/perplexity]",
              "val_names=[held-out]", cwd=work)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "fig" / "curves.png").stat().st_size > 1000 and (tmp_path / "fig" / "curves.pdf").is_file()
-    r = _cli("plot_curves", f"runs=[{run}]", f"out={tmp_path}/fig/x", "labels=[a,b]", cwd=work)
+    r = _cli("curves", f"runs=[{run}]", f"out={tmp_path}/fig/x", "labels=[a,b]", cwd=work)
     assert r.returncode == 1 and "labels: needs one label per run (1), got 2" in r.stderr
 
-    r = _cli("eval_table", f"results=[{tmp_path}/runs/*/eval/results_step_*.json]", cwd=work)
+    r = _cli("table", f"results=[{tmp_path}/runs/*/eval/results_step_*.json]", cwd=work)
     assert r.returncode == 0, r.stderr
     assert "| C4 | 44M | MoEUT | 12.35 | – | – | – | – | 62.5 | – | 62.5* (1/6) |" in r.stdout
-    r = _cli("eval_table", f"results={run}/eval/results_step_0000002.json", f"out={tmp_path}/tab/t", cwd=work)
+    r = _cli("table", f"results=[{run}/eval/results_step_0000002.json]", f"out={tmp_path}/tab/t", cwd=work)
     assert r.returncode == 0 and {p.suffix for p in (tmp_path / "tab").iterdir()} == {".md", ".csv", ".tex"}
     _write(run / "eval" / "results_step_0000003.json", '{"tasks": {}\n "x": 1}')
-    r = _cli("eval_table", f"results=[{run}/eval/results_step_0000003.json]", cwd=work)
+    r = _cli("table", f"results=[{run}/eval/results_step_0000003.json]", cwd=work)
     assert r.returncode == 1 and "results_step_0000003.json:2:2: not valid JSON" in r.stderr
 
     assert list(work.iterdir()) == []  # no outputs/, .hydra/ or log file left in the cwd
 
 
 def test_eval_table_takes_results_files_or_run_dirs(tmp_path):
-    """moeut.eval.table.combine: a run dir means its newest results file (RunDir.latest_eval)."""
-    from moeut.eval import table as T
+    """moeut.analysis.table.combine: a run dir means its newest results file (RunDir.latest_eval)."""
+    from moeut.analysis import table as T
     run = tmp_path / "run"
     base = {"tasks": {"piqa": {"accuracy": 0.5}}, "table_row": {}, "arch": "dense", "n_params": 1_500_000,
             "dataset": "C4"}
@@ -412,3 +399,63 @@ def test_eval_table_takes_results_files_or_run_dirs(tmp_path):
     _write(tmp_path / "empty" / "metrics.jsonl", "")
     with pytest.raises(FileNotFoundError, match=r"empty: no moeut.evaluate results in .*empty/eval"):
         T.combine([str(tmp_path / "empty")])
+
+
+# ------------------------------------------------------------------------------------------
+# The one validation-perplexity rule, and the run facts
+# ------------------------------------------------------------------------------------------
+
+def test_val_ppl_key_by_hand():
+    key = R.val_ppl_key
+    # the training corpus's own held-out set wins, under either name, whatever else is logged
+    assert key(["validation/c4/perplexity", "validation/val/perplexity", "val/perplexity"]) == "validation/val/perplexity"
+    assert key(["val/c4/perplexity", "val/perplexity"]) == "val/perplexity"
+    # only other validation sets: the first in sorted order
+    assert key(["validation/wiki/perplexity", "validation/c4/perplexity"]) == "validation/c4/perplexity"
+    assert key(["valid/ppl"]) == "valid/ppl" and key(["val_perplexity"]) == "val_perplexity"
+    # not validation perplexities
+    assert key(["train/ppl", "moe/usage_rel_ppl_all", "validation/val/loss", "eval/perplexity"]) is None
+    # a preferred key is taken as given, and only when logged (no silent fallback to another)
+    assert key(["validation/val/perplexity", "x/ppl"], "x/ppl") == "x/ppl"
+    assert key(["validation/val/perplexity"], "validation/c4/perplexity") is None
+
+
+# Two hand-written runs on which the five former rules disagreed (the numbers each printed):
+# - "legacy": older key names, the extra C4 set logged first: the former summary took the first
+#   *sorted* val*/perplexity key, val/c4/perplexity (58.5); compare took the first key in file
+#   order, also C4 (58.5); evaluation (zeroshot) ranked val/perplexity first (45.0).
+# - "c4first": current names, the C4 set logged first in each record: compare took C4 (54.6), the
+#   summary and evaluation took validation/val/perplexity (42.0).
+# The training corpus's own held-out set is the number every table means: 45.0 and 42.0.
+RULE_RUNS = {
+    "legacy": [{"step": 50, "val/c4/perplexity": 117.0, "val/perplexity": 90.0},
+               {"step": 100, "val/c4/perplexity": 58.5, "val/perplexity": 45.0}],
+    "c4first": [{"step": 50, "validation/c4/perplexity": 110.5, "validation/val/perplexity": 85.0},
+                {"step": 100, "validation/c4/perplexity": 54.6, "validation/val/perplexity": 42.0}],
+}
+
+
+@pytest.mark.parametrize("name, last, first", [("legacy", 45.0, 90.0), ("c4first", 42.0, 85.0)])
+def test_every_reader_takes_the_one_validation_perplexity(tmp_path, name, last, first):
+    from moeut.analysis import compare, summary
+    from moeut.eval.zeroshot import read_val_perplexity
+    from moeut.registry import get_preset
+    run = tmp_path / "sweep" / name
+    _write(run / "metrics.jsonl", _lines([{"step": 100, "train/loss": 3.9, "train/tokens_seen": 6400}]
+                                         + RULE_RUNS[name]))
+    _write(run / "model_config.json", json.dumps(dict(vars(get_preset("cpu_dense", vocab_size=512)))))
+    assert RunDir(run).val_ppl_curve()[1] == [(50, first), (100, last)]
+    row = summary.summarize_run(run, tmp_path / "sweep").row
+    assert (row["val_ppl"], row["best_val_ppl"]) == (last, last)
+    assert compare.load_run(str(run), seq_len=32).val == [(50, first), (100, last)]
+    assert read_val_perplexity(str(run)) == last and read_val_perplexity(str(run), 50) == first
+
+
+def test_run_facts_corpus_and_seq_len(tmp_path):
+    run = tmp_path / "run"
+    _write(run / ".hydra" / "config.yaml", "data:\n  source: slimpajama\n  seq_len: 256\n")
+    _write(run / "metrics.jsonl", "")
+    assert (RunDir(run).dataset(), RunDir(run).seq_len()) == ("SlimPajama", 256)
+    _write(run / ".hydra" / "config.yaml", "data:\n  source: local\n  path: /data/gutenberg/train.jsonl.gz\n")
+    assert (RunDir(run).dataset(), RunDir(run).seq_len()) == ("gutenberg", None)
+    assert R.corpus_name({"source": "c4"}) == "C4" and R.corpus_name(None) is None

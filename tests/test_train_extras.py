@@ -164,7 +164,7 @@ def _hand_run(run_dir: Path, commit: str, dirty: bool):
 
 
 def test_summary_and_compare_tables_show_the_commit(tmp_path):
-    from moeut.summary import summarize_run, to_markdown
+    from moeut.analysis.summary import summarize_run, to_markdown
     _hand_run(tmp_path / "a", "0123456789abcdef0123456789abcdef01234567", False)
     _hand_run(tmp_path / "b", "fedcba9876543210fedcba9876543210fedcba98", True)
     rows = [summarize_run(tmp_path / n, tmp_path).row for n in ("a", "b")]
@@ -172,7 +172,7 @@ def test_summary_and_compare_tables_show_the_commit(tmp_path):
     assert table.splitlines()[0].startswith("| run | commit |")
     assert "| a | 0123456 |" in table and "| b | fedcba9-dirty |" in table
     sys.path.insert(0, str(REPO))
-    from analysis.compare import Run, summary_rows
+    from moeut.analysis.compare import Run, summary_rows
     header, body = summary_rows([Run(name="a", path=str(tmp_path / "a"), commit="0123456")])
     assert header[:2] == ["run", "commit"] and body[0][:2] == ["a", "0123456"]
     assert RunDir(tmp_path / "b").commit() == "fedcba9-dirty"

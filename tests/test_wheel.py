@@ -41,10 +41,11 @@ pytestmark = pytest.mark.wheel
 IGNORED = ("_carried", ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "runs", "outputs",
            "multirun", "data_cache", "wandb", "exports", "tests", "docs")
 # console script -> the conf file its --help documents, or the "module:Schema" of a typed tool
-# (moeut.cli.typed_tool; None: lm-eval's own argparse help)
+# (moeut.cli.typed_tool); None: lm-eval's own argparse help; ANALYSIS: the analysis command's list of
+# subcommands, then each subcommand's generated --help
 SCRIPT_CONF = {"moeut-train": "config", "moeut-prepare-data": "config", "moeut-evaluate": "moeut.evaluate:EvaluateOptions",
-               "moeut-eval-table": "eval_table", "moeut-hf-export": "moeut.hf.export:HFExportOptions",
-               "moeut-summary": "summary", "moeut-sweep": "moeut.sweep:SweepOptions",
+               "moeut-hf-export": "moeut.hf.export:HFExportOptions", "moeut-analysis": "ANALYSIS",
+               "moeut-sweep": "moeut.sweep:SweepOptions",
                "moeut-footprint": "moeut.tools.footprint:FootprintOptions",
                "moeut-warmup": "moeut.tools.warmup:WarmupOptions", "moeut-lm-eval": None}
 
@@ -196,6 +197,10 @@ def test_every_console_script_answers_help_outside_the_clone(installed):
         res = results[name]
         assert res.returncode == 0, f"{name} --help: exit {res.returncode}\n{res.stdout[-2000:]}{res.stderr[-3000:]}"
         conf = SCRIPT_CONF[name]
+        if conf == "ANALYSIS":  # the subcommands, each listed; moeut.analysis's own tests check their --help
+            from moeut.analysis.__main__ import SUBCOMMANDS
+            assert all(re.search(rf"^  {re.escape(sub)}\b", res.stdout, re.M) for sub in SUBCOMMANDS), res.stdout
+            continue
         if conf is None:  # lm-eval's argparse help, after the wrapper registered the moeut model
             assert "usage: lm-eval" in res.stdout and re.search(r"^\s+run\b", res.stdout, re.M), res.stdout[-2000:]
             continue

@@ -13,6 +13,11 @@ from typing import Dict, List, Optional
 # subcommand -> (module, one-line description); the module's main() does the work
 SUBCOMMANDS: Dict[str, tuple] = {
     "routing": ("moeut.analysis.routing_command", "expert analysis of a checkpoint: routing_stats.npz, F1-F6, report"),
+    "summary": ("moeut.analysis.summary", "a sweep's run dirs -> one table (summary.md/.csv) and the paper's plots"),
+    "table": ("moeut.analysis.table", "moeut.evaluate results -> the paper's zero-shot table (md, csv, tex)"),
+    "compare": ("moeut.analysis.compare", "compute-matched comparisons: iso-parameter, iso-MAC, iso-step-time"),
+    "curves": ("moeut.analysis.curves", "learning curves of several runs on one figure"),
+    "cpu-result": ("moeut.analysis.cpu_result", "docs/results.md's tables and figures from the cpu_result sweep"),
 }
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 import warnings
@@ -121,38 +120,16 @@ def check_vocab(model_vocab: int, tokenizer) -> None:
 
 
 def read_val_perplexity(run_dir: str, step: Optional[int] = None) -> Optional[float]:
-    """The validation perplexity from run_dir/metrics.jsonl (read by moeut.rundir: a cut last
-    line is skipped with a warning, any other damaged line raises CorruptRunFile naming
-    file:line); None when the file or the key is absent. The training split's own validation set
-    ("validation/val/perplexity", or "val/perplexity") wins over extra validation sets
-    ("validation/c4/perplexity", ...); otherwise any key ending in "perplexity" with a "val" path
-    component. With `step` (an evaluated checkpoint's step): the value logged at that step, and
-    None when that step had no validation (another step's number would be mislabelled as this
-    checkpoint's); without `step`: the last one logged."""
-    def rank(key: str) -> int:  # lower is better; None = not a validation perplexity
-        if key in ("validation/val/perplexity", "val/perplexity"):
-            return 0
-        parts = key.split("/")
-        if key.endswith("perplexity") and any(p in ("val", "validation") or p.startswith("val") for p in parts[:-1]):
-            return 1
-        return -1
-
-    last, at_step = None, None  # (rank, value)
-    for rec in RunDir(run_dir).metrics():
-        for k, v in rec.items():
-            r = rank(str(k))
-            if r < 0 or not isinstance(v, (int, float)) or not math.isfinite(v):
-                continue
-            if last is None or r <= last[0]:
-                last = (r, float(v))
-            if step is not None and rec.get("step") == step and (at_step is None or r <= at_step[0]):
-                at_step = (r, float(v))
-    best = at_step if step is not None else last
-    return best[1] if best is not None else None
-
-
-# data.source of the training config -> the corpus name the paper's table uses
-_CORPUS_NAMES = {"c4": "C4", "slimpajama": "SlimPajama", "pes2o": "peS2o", "thestack": "The Stack"}
+    """The validation perplexity from run_dir/metrics.jsonl, its key by moeut.rundir's one rule
+    (`val_ppl_key`: the training corpus's own held-out set, else another validation set); read
+    by moeut.rundir (a cut last line is skipped with a warning, any other damaged line raises
+    CorruptRunFile naming file:line); None when the file or the key is absent. With `step` (an
+    evaluated checkpoint's step): the value logged at that step, and None when that step had no
+    validation (another step's number would be mislabelled as this checkpoint's); without
+    `step`: the last one logged."""
+    _, curve = RunDir(run_dir).val_ppl_curve()
+    vals = [v for s, v in curve if step is None or s == step]
+    return vals[-1] if vals else None
 
 
 def run_config_of(checkpoint_dir: str) -> Optional[Dict[str, Any]]:
@@ -165,27 +142,16 @@ def run_config_of(checkpoint_dir: str) -> Optional[Dict[str, Any]]:
 
 
 def dataset_name_of(checkpoint_dir: str) -> Optional[str]:
-    """The training corpus of a checkpoint, from the `data` section train.py saves: a hub corpus
-    by its `data.source` (c4 -> "C4", slimpajama, pes2o, thestack), local files by the folder
-    holding `data.path` (…/c4/train.jsonl.gz -> "c4"). None when the run config is absent."""
-    cfg = run_config_of(checkpoint_dir)
-    data = (cfg or {}).get("data")
-    if not isinstance(data, dict):
+    """The training corpus of a checkpoint (moeut.rundir: `RunDir.dataset`, from the `data`
+    section train.py saves: "C4", "SlimPajama", ..., or the folder of local files); None when the
+    run config is absent."""
+    if not os.path.exists(checkpoint_dir):
         return None
-    source = data.get("source")
-    if isinstance(source, str) and source != "local":
-        return _CORPUS_NAMES.get(source, source)
-    path = data.get("path")
-    if isinstance(path, str) and path:
-        p = Path(path)
-        return p.parent.name or p.stem
-    return None
+    return RunDir(checkpoint_dir).dataset(checkpoint_dir)
 
 
 def _seq_len_of(checkpoint_dir: str) -> Optional[int]:
-    data = (run_config_of(checkpoint_dir) or {}).get("data")
-    v = data.get("seq_len") if isinstance(data, dict) else None
-    return v if isinstance(v, int) and v > 1 else None
+    return RunDir(checkpoint_dir).seq_len(checkpoint_dir) if os.path.exists(checkpoint_dir) else None
 
 
 def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
@@ -251,10 +217,8 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
         "tasks": task_results,
         "seconds": round(time.time() - t0, 3),
     }
-    # Imported here, not at module level: moeut.eval imports this module, and an eager import of
-    # .table would put moeut.eval.table in sys.modules before `python -m moeut.eval.table` runs it
-    # (runpy's RuntimeWarning on every call).
-    from .table import row_from_results, table_notes, write_tables
+    # Imported here, not at module level: evaluation needs the table only when it writes one.
+    from ..analysis.table import row_from_results, table_notes, write_tables
 
     row = row_from_results(results)
     results["table_row"] = row  # this evaluation's own row

@@ -1,18 +1,20 @@
 """Gather a sweep's run directories into one table and draw the paper's comparison plots.
 
-    python -m moeut.summary dir=outputs/sweeps/main_table            # table on stdout + files
-    python -m moeut.summary dir=outputs/sweeps/g_ablation out=/tmp/g metric=val/perplexity
-    python -m moeut.summary --help                                   # every option (conf/summary.yaml)
+    python -m moeut.analysis summary dir=outputs/sweeps/main_table            # table on stdout + files
+    python -m moeut.analysis summary dir=outputs/sweeps/g_ablation out=/tmp/g metric=val/perplexity
+    python -m moeut.analysis summary --help                                   # every option
 
 A *run* is any directory under the sweep dir holding a `metrics.jsonl` or a `checkpoints/` folder
 (Hydra multirun sub-directories, `sbatch` run dirs, or a single `python train.py` run dir). For each
 run it reads, through `moeut.rundir` (one reader, one corrupt-line policy), tolerating missing pieces:
 
-- `metrics.jsonl`: JSON lines with "step" and keys such as "train/loss", "val/perplexity". The table
-  keeps the last logged value of each key (and the best validation perplexity). A cut last line
+- `metrics.jsonl`: JSON lines with "step" and keys such as "train/loss", "validation/val/perplexity".
+  The table keeps the last logged value of each key, and the last and best validation perplexity
+  (its key by moeut.rundir's one rule, `val_ppl_key`). A cut last line
   (a run killed mid-write) is skipped with a warning naming file:line; any other damaged line is
   an error naming file:line (`metrics.rewound.jsonl` is never read: no step counts twice);
-- `.hydra/overrides.yaml` and `.hydra/config.yaml`: the job's overrides (experiment name) and data;
+- `.hydra/overrides.yaml`, `.hydra/hydra.yaml` and `.hydra/config.yaml`: the job's overrides
+  (experiment name) and dataset (the `data` group choice, else `RunDir.dataset`);
 - the newest readable checkpoint's `model_config.json` (`RunDir.model_config`): architecture,
   G, K, d_expert, LayerNorm placement, and the parameter count (SPEC §2 closed form, or the model
   built on the meta device when no closed form exists);
@@ -23,27 +25,21 @@ run it reads, through `moeut.rundir` (one reader, one corrupt-line policy), tole
 Outputs (in `out`, default the sweep dir): `summary.csv`, `summary.md` and the plots
 `ppl_vs_params.png` (perplexity vs parameters, one line per architecture and dataset: the paper's
 MoEUT-vs-dense figure) and `g_ablation.png` (perplexity vs group size G for runs that differ in G
-only: the paper's G ablation). The analysis reads these files only, never the wandb API.
+only: the paper's G ablation). The analysis reads these files only, never the wandb API. Tables are laid out by moeut.analysis.tables, figures by moeut.analysis.style.
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import re
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
-from . import rundir
-from .cli import CONF_DIR, bool_option, str_option, one_line_hydra_errors
-
-PPL_DEFAULT = "validation/val/perplexity"  # train.py: validation/<set name>/perplexity
+from .. import rundir
+from ..cli import REQUIRED, bad_input_exits, option, typed_tool
+from . import style, tables
 
 # columns shown first in the table, in this order; every other gathered key follows, sorted
 LEAD_COLUMNS = ["run", "commit", "experiment", "dataset", "arch", "params", "d_model", "n_layers", "G", "K",
@@ -89,17 +85,6 @@ def last_values(records: Iterable[Dict[str, Any]]) -> Dict[str, Any]:
     return out
 
 
-def perplexity_key(keys: Iterable[str], preferred: str = PPL_DEFAULT) -> Optional[str]:
-    """The validation-perplexity key: `preferred` if logged, else the first (sorted) key that
-    looks like a validation perplexity ("val.../perplexity", e.g. "val/c4/perplexity")."""
-    keys = set(keys)
-    if preferred in keys:
-        return preferred
-    cands = sorted(k for k in keys if re.search(r"(^|/)val[^/]*(/.*)?/perplexity$", k)
-                   or re.fullmatch(r"val[^/]*_perplexity", k))
-    return cands[0] if cands else None
-
-
 def read_overrides(run_dir: Path) -> List[str]:
     """The job's command-line overrides (`.hydra/overrides.yaml`); [] when absent. Raises
     CorruptRunFile (file:line) when the file does not parse."""
@@ -108,13 +93,13 @@ def read_overrides(run_dir: Path) -> List[str]:
 
 def _dataset_name(run: rundir.RunDir, experiment: Optional[str], choices: Dict[str, Any]) -> Optional[str]:
     """Dataset label: the job's `data` group choice (c4, c4_sample, gutenberg, slimpajama, ...),
-    else `data.source` from the saved job config, else the experiment name's prefix."""
+    else the training corpus of the saved job config (`RunDir.dataset`: "C4", or the folder of
+    local files), else the experiment name's prefix."""
     if isinstance(choices.get("data"), str):
         return choices["data"]
-    cfg = run.config()
-    data = cfg.get("data") if isinstance(cfg, dict) else None
-    if isinstance(data, dict) and isinstance(data.get("source"), str):
-        return data["source"]
+    name = run.dataset()
+    if name:
+        return name
     if experiment:
         m = re.match(r"(c4|slimpajama|pes2o|thestack)_", experiment)
         if m:
@@ -137,21 +122,21 @@ def read_model_config(run_dir: Path) -> Optional[Dict[str, Any]]:
 def count_params(model_config: Dict[str, Any]) -> Optional[int]:
     """Total parameters: moeut.compute.total_params, the exact count of the model built on the meta
     device (no memory, no initialisation)."""
-    from .registry import config_from_dict
+    from ..registry import config_from_dict
     try:
         cfg = config_from_dict(model_config)
     except (ValueError, TypeError) as e:
         warnings.warn(f"model config not understood ({e}); parameter count left empty")
         return None
     try:
-        from .compute import total_params
+        from ..compute import total_params
         return int(total_params(cfg))
     except Exception as e:  # noqa: BLE001
         warnings.warn(f"cannot count parameters for arch {model_config.get('arch')!r}: {e}")
         return None
 
 
-# moeut.evaluate's paper-table tasks, in the table's order (moeut/eval/table.py)
+# moeut.evaluate's paper-table tasks, in the table's order (moeut/analysis/table.py)
 _EVAL_TASKS = ("lambada", "blimp", "cbt", "hellaswag", "piqa", "arc_easy", "arc_challenge")
 
 
@@ -213,10 +198,10 @@ def read_eval(run_dir: Path) -> Dict[str, Any]:
     return out
 
 
-def summarize_run(run_dir: os.PathLike, sweep_dir: os.PathLike, ppl_key: str = PPL_DEFAULT) -> RunSummary:
+def summarize_run(run_dir: os.PathLike, sweep_dir: os.PathLike, ppl_key: Optional[str] = None) -> RunSummary:
     """One table row for the run at `run_dir` (a directory under `sweep_dir`, or `sweep_dir`
-    itself): its commit (provenance.jsonl), experiment, dataset, step, last/best validation perplexity (key `ppl_key`, see
-    `perplexity_key`), last value of every logged numeric key, architecture and parameter count
+    itself): its commit (provenance.jsonl), experiment, dataset, step, last/best validation
+    perplexity (`moeut.rundir.val_ppl_curve`: key `ppl_key`, default the one rule), last value of every logged numeric key, architecture and parameter count
     from the newest checkpoint's model config, and evaluation results (`read_eval`). Missing
     files leave cells empty; a damaged run-dir file raises CorruptRunFile (moeut.rundir)."""
     run_dir, sweep_dir = Path(run_dir), Path(sweep_dir)
@@ -239,11 +224,10 @@ def summarize_run(run_dir: os.PathLike, sweep_dir: os.PathLike, ppl_key: str = P
     last = last_values(records)
     steps = [r["step"] for r in records if _is_number(r.get("step"))]
     row["step"] = int(max(steps)) if steps else None
-    key = perplexity_key(last, ppl_key)
+    key, curve = rundir.val_ppl_curve(records, ppl_key)
     row["val_ppl"] = last.get(key) if key else None
     if key:
-        vals = [r[key] for r in records if _is_number(r.get(key))]
-        row["best_val_ppl"] = min(vals) if vals else None
+        row["best_val_ppl"] = min((v for _, v in curve), default=None)
     row["train_loss"] = last.get("train/loss")
     for k, v in last.items():
         if k != "step" and k not in row:
@@ -268,7 +252,7 @@ def summarize_run(run_dir: os.PathLike, sweep_dir: os.PathLike, ppl_key: str = P
 # The table
 # ------------------------------------------------------------------------------------------
 
-def summarize_sweep(sweep_dir: os.PathLike, ppl_key: str = PPL_DEFAULT) -> List[Dict[str, Any]]:
+def summarize_sweep(sweep_dir: os.PathLike, ppl_key: Optional[str] = None) -> List[Dict[str, Any]]:
     """Rows (summarize_run) of every run under `sweep_dir`, sorted by path. Raises
     FileNotFoundError when the dir does not exist or holds no run."""
     runs = find_runs(sweep_dir)
@@ -315,24 +299,18 @@ def _fmt(v: Any, millions: bool = False) -> str:
 
 
 def to_markdown(rows: Sequence[Dict[str, Any]], columns: Optional[Sequence[str]] = None) -> str:
-    """Markdown table of `rows`; default columns: the lead columns and evaluation columns."""
+    """Markdown table of `rows` (moeut.analysis.tables); default columns: the lead columns and
+    evaluation columns."""
     columns = list(columns or [c for c in table_columns(rows)
                                if c in LEAD_COLUMNS or c.startswith(("eval/", "eval_", "lm_eval/"))])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     millions = _millions_columns(rows, columns)
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c), c in millions).replace("|", "\\|") for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    return tables.to_markdown(columns, [[_fmt(r.get(c), c in millions) for c in columns] for r in rows])
 
 
 def write_csv(rows: Sequence[Dict[str, Any]], path: os.PathLike) -> None:
     """Every column (table_columns) of `rows` to a CSV file at `path`; empty cells for None."""
     columns = table_columns(rows)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
+    tables.write_text(path, tables.to_csv(columns, [[r.get(c) for c in columns] for r in rows]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -353,11 +331,7 @@ def plot_ppl_vs_params(rows: Sequence[Dict[str, Any]], path: os.PathLike) -> boo
     pts = [r for r in rows if _is_number(r.get("val_ppl")) and _is_number(r.get("params"))]
     if not pts:
         return False
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = style.figure(figsize=(5.5, 4))
     series: Dict[str, List[Dict[str, Any]]] = {}
     for r in pts:
         label = _family(r) + (f" ({r['dataset']})" if r.get("dataset") else "")
@@ -371,9 +345,7 @@ def plot_ppl_vs_params(rows: Sequence[Dict[str, Any]], path: os.PathLike) -> boo
     ax.set_title("Perplexity vs parameters")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    style.save(fig, Path(path).with_suffix(""), dpi=150)  # PNG at `path`
     return True
 
 
@@ -396,11 +368,7 @@ def plot_g_ablation(rows: Sequence[Dict[str, Any]], path: os.PathLike) -> bool:
     groups = g_ablation_groups(rows)
     if not groups:
         return False
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = style.figure(figsize=(5.5, 4))
     for (dataset, d, L, K, ln), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
         label = f"d={d}, L={L}" + (f", {dataset}" if dataset else "")
         ax.plot([r["G"] for r in rs], [r["val_ppl"] for r in rs], marker="o", label=label)
@@ -410,14 +378,12 @@ def plot_g_ablation(rows: Sequence[Dict[str, Any]], path: os.PathLike) -> bool:
     ax.set_title("Group-size ablation")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    style.save(fig, Path(path).with_suffix(""), dpi=150)  # PNG at `path`
     return True
 
 
 def write_summary(sweep_dir: os.PathLike, out_dir: Optional[os.PathLike] = None,
-                  ppl_key: str = PPL_DEFAULT, plots: bool = True) -> Dict[str, Any]:
+                  ppl_key: Optional[str] = None, plots: bool = True) -> Dict[str, Any]:
     """Gather, write summary.csv/summary.md and the plots; returns rows and written paths."""
     rows = summarize_sweep(sweep_dir, ppl_key)
     out = Path(out_dir) if out_dir is not None else Path(sweep_dir)
@@ -425,8 +391,7 @@ def write_summary(sweep_dir: os.PathLike, out_dir: Optional[os.PathLike] = None,
     written = {"csv": out / "summary.csv", "markdown": out / "summary.md"}
     write_csv(rows, written["csv"])
     md = to_markdown(rows)
-    written["markdown"].write_text(f"# Sweep summary: {Path(sweep_dir).resolve().name}\n\n{md}",
-                                   encoding="utf-8")
+    tables.write_text(written["markdown"], f"# Sweep summary: {Path(sweep_dir).resolve().name}\n\n{md}")
     if plots:
         if plot_ppl_vs_params(rows, out / "ppl_vs_params.png"):
             written["ppl_vs_params"] = out / "ppl_vs_params.png"
@@ -435,44 +400,33 @@ def write_summary(sweep_dir: os.PathLike, out_dir: Optional[os.PathLike] = None,
     return {"rows": rows, "markdown": md, "files": written}
 
 
-def run(cfg: DictConfig) -> int:
-    """The command line's work for a composed conf/summary.yaml: write the summary of `cfg.dir`
-    and print its table; returns the exit status (2, with the message on stderr, when `dir` is
-    missing or holds no run; a bad option value (`plots=maybe`) raises ValueError naming it and a
-    damaged run-dir file raises CorruptRunFile, status 1 in `main`)."""
-    if OmegaConf.is_missing(cfg, "dir") or not cfg.dir:
-        print("moeut.summary: error: dir: required: dir=<sweep dir or run dir>", file=sys.stderr)
-        return 2
-    opts = OmegaConf.to_container(cfg, resolve=True)
-    # typed options (moeut.cli): `plots=maybe` is an error naming it, not a truthy string
-    plots = bool_option(opts, "plots")
-    out, metric = str_option(opts, "out", allow_none=True), str_option(opts, "metric")
-    try:
-        res = write_summary(str(cfg.dir), out, metric, plots=plots)
-    except FileNotFoundError as e:
-        print(f"moeut.summary: error: {e}", file=sys.stderr)
-        return 2
+@dataclass
+class SummaryOptions:
+    """Options of `python -m moeut.analysis summary`."""
+    dir: str = option(REQUIRED, help="a sweep directory (every run dir under it is summarised) or one run dir; a run "
+                      "dir holds metrics.jsonl or checkpoints/")
+    out: Optional[str] = option(None, help="folder for summary.{csv,md} and the plots; null = dir")
+    metric: Optional[str] = option(None, help="metrics.jsonl key of the validation perplexity; null = moeut.rundir's "
+                                   "rule (validation/val/perplexity, else another validation set's)")
+    plots: bool = option(True, help="false: skip the PNG plots")
+
+
+def work(opts: SummaryOptions) -> Dict[str, Any]:
+    """The command's work: write the summary of `opts.dir` and print its table; returns
+    `write_summary`'s result. A missing dir, a dir without runs or a damaged run-dir file is one
+    line naming it, exit status 1."""
+    with bad_input_exits("moeut.analysis summary"):
+        res = write_summary(opts.dir, opts.out, opts.metric, plots=opts.plots)
     print(res["markdown"], end="")
     print(f"\n{len(res['rows'])} run(s); wrote " + ", ".join(str(p) for p in res["files"].values()))
-    return 0
+    return res
 
 
-@one_line_hydra_errors("moeut.summary")
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="summary")
-def main(cfg: DictConfig) -> None:
-    """`python -m moeut.summary dir=<sweep dir> [out=DIR] [metric=KEY] [plots=false]`
-    (options: conf/summary.yaml, or `--help`). Exits 2 for a missing/empty dir, 1 for a damaged
-    run-dir file (the message names file:line)."""
-    from moeut.cli import setup_tool_output
-    setup_tool_output("moeut.summary")  # one-line warnings; no progress frames in a log file
-    try:
-        status = run(cfg)
-    except ValueError as e:  # CorruptRunFile and other bad input: the message, not a traceback
-        print(f"moeut.summary: error: {e}", file=sys.stderr)
-        status = 1
-    if status:
-        sys.exit(status)
+main = typed_tool("moeut.analysis summary", SummaryOptions,
+                  summary="Gather a sweep's run directories into one table (summary.csv, summary.md) and draw the "
+                          "paper's comparison plots (ppl_vs_params.png, g_ablation.png).",
+                  usage="python -m moeut.analysis summary dir=<sweep or run dir> [option=value ...]",
+                  notes="A cut last line of a metrics.jsonl (a run killed mid-write) is skipped with a warning "
+                        "naming file:line; any other damaged line or file is an error naming file:line "
+                        "(moeut/rundir.py).")(work)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,9 @@
 """Compute-matched comparisons of trained runs (SPEC 9.4, Du et al.'s protocol of 8.7).
 
-    python analysis/compare.py runs=[RUN_DIR,RUN_DIR,...] out=compare_out [seq_len=1024]
+    python -m moeut.analysis compare runs=[RUN_DIR,RUN_DIR,...] out=compare_out [seq_len=1024]
         [param_tol=0.05] [metric=val_ppl|EVAL_KEY] [measure=true batch_size=8 device=cuda]
-    python analysis/compare.py 'runs=[runs/*]' out=compare      # glob patterns expand
-    python analysis/compare.py --help                           # every option (conf/compare.yaml)
+    python -m moeut.analysis compare 'runs=[runs/*]' out=compare      # glob patterns expand
+    python -m moeut.analysis compare --help                           # every option
 
 Writes to `out`: `summary.md/.csv/.json` (one row per run), `iso_param.md` (runs grouped by total
 parameters within `param_tol`), `iso_mac.md` and `iso_step_time.md` (validation perplexity of every
@@ -17,8 +17,8 @@ other damaged line or file is an error naming file:line):
 - model config: `checkpoints/step_*/model_config.json` of the newest checkpoint (or
   `model_config.json` in the run dir) -> parameters, active parameters, MACs and FLOPs per token
   (moeut.compute, "paper" convention, full T^2).
-- `metrics.jsonl`: JSON lines with "step" and scalar keys. Validation perplexity: the first key
-  matching `(val|valid|validation)[/...]/(perplexity|ppl)` (or `val_key`); training loss
+- `metrics.jsonl`: JSON lines with "step" and scalar keys. Validation perplexity: its key by
+  moeut.rundir's one rule (`val_ppl_key`; or `val_key`); training loss
   "train/loss"; tokens seen "train/tokens_seen" / "tokens_seen" / "tokens" (else step x tokens per
   step from meta.json); step time "perf/step_time" / "train/step_time" / "step_time" (seconds),
   else tokens per step / "train/tokens_per_s" (median over the logged intervals); wall clock
@@ -33,28 +33,21 @@ other damaged line or file is an error naming file:line):
 
 Interpolation: perplexity is interpolated linearly in log(budget) between the two logged
 validation points around the budget; a budget before a run's first validation point gives "-".
+Tables are laid out by moeut.analysis.tables, the figure by moeut.analysis.style.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
-import re
 import statistics
-import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import hydra
+from ..cli import REQUIRED, bad_input_exits, option, typed_tool
+from . import style, tables
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if os.path.dirname(_HERE) not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, os.path.dirname(_HERE))
-from moeut.cli import CONF_DIR, bool_option, float_option, str_option, one_line_hydra_errors  # noqa: E402  (conf/compare.yaml)
-
-VAL_RE = re.compile(r"^(val|valid|validation)(/.*)?/(perplexity|ppl)$")
 STEP_TIME_KEYS = ("perf/step_time", "train/step_time", "step_time")
 TOKENS_KEYS = ("train/tokens_seen", "tokens_seen", "tokens")
 TPS_KEYS = ("train/tokens_per_s", "perf/tokens_per_s", "tokens_per_s")
@@ -133,13 +126,13 @@ def _flatten(prefix: str, obj, out: Dict[str, float]) -> None:
 def load_run(run_dir: str, seq_len: int = 1024, val_key: Optional[str] = None) -> Run:
     """Read one run dir (through moeut.rundir) into a Run: model config of the newest readable
     checkpoint -> parameter/MAC/FLOP counts at `seq_len` (moeut.compute, paper convention);
-    metrics.jsonl -> validation curve (`val_key`, default the first key matching VAL_RE), train
-    loss, tokens per step, step time; step_time.json; eval/results_*.json.
+    metrics.jsonl -> validation curve (moeut.rundir.val_ppl_curve: `val_key`, default the one
+    rule), train loss, tokens per step, step time; step_time.json; eval/results_*.json.
     Raises FileNotFoundError (no model config), ValueError (config not understood, bad
     step_time.json), CorruptRunFile (a damaged run-dir file, named with its line)."""
-    from moeut import compute
-    from moeut.registry import config_from_dict
-    from moeut.rundir import EVAL_RESULTS_GLOB, RunDir, read_json
+    from .. import compute
+    from ..registry import config_from_dict
+    from ..rundir import EVAL_RESULTS_GLOB, RunDir, read_json, val_ppl_curve
 
     run = Run(name=RunDir(run_dir).label(), path=run_dir)
     rd = RunDir(run_dir)
@@ -172,11 +165,7 @@ def load_run(run_dir: str, seq_len: int = 1024, val_key: Optional[str] = None) -
         for k, v in r.items():
             if _num(v) is None:
                 continue
-            if (val_key is not None and k == val_key) or (val_key is None and VAL_RE.match(k)):
-                if val_key is None:
-                    val_key = k  # the first matching key wins for the whole run
-                run.val.append((step, float(v)))
-            elif k == "train/loss":
+            if k == "train/loss":
                 run.train_loss = float(v)
             elif k in STEP_TIME_KEYS:
                 times.append(float(v))
@@ -184,7 +173,7 @@ def load_run(run_dir: str, seq_len: int = 1024, val_key: Optional[str] = None) -
                 tps.append(float(v))
             elif k in TOKENS_KEYS and step > 0:
                 tokens_rows.append((step, float(v)))
-    run.val.sort()
+    run.val = sorted(val_ppl_curve(rows, val_key)[1])
     if tokens_rows:
         step, tok = max(tokens_rows)
         run.tokens_per_step = tok / step
@@ -262,12 +251,6 @@ def _fmt(v, kind: str = "g") -> str:
     return f"{v:.4g}"
 
 
-def _markdown(header: List[str], rows: List[List[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out) + "\n"
-
-
 def summary_rows(runs: List[Run]) -> Tuple[List[str], List[List[str]]]:
     """(header, formatted rows) of the one-row-per-run summary table."""
     header = ["run", "commit", "arch", "params", "active", "MACs/tok", "FLOPs/tok", "steps", "tokens", "train MACs",
@@ -300,7 +283,7 @@ def iso_param_table(runs: List[Run], tol: float, metric: str) -> str:
         rows = [[r.name, r.arch, _fmt(r.params, "M"), _fmt(r.metric(metric), "p"),
                  _fmt(r.macs_per_token / ref.macs_per_token, "p"), _fmt(r.step_time / ref.step_time, "p")]
                 for r in group]
-        parts.append(f"### ~{ref.params / 1e6:.3g}M parameters\n\n" + _markdown(header, rows))
+        parts.append(f"### ~{ref.params / 1e6:.3g}M parameters\n\n" + tables.to_markdown(header, rows))
     return "## Iso-parameter (SPEC 9.4; the paper's main comparison)\n\n" + "\n".join(parts)
 
 
@@ -319,7 +302,7 @@ def iso_mac_table(runs: List[Run], budget: Optional[float] = None) -> Tuple[str,
     rows = [[r.name, r.arch, _fmt(r.params, "M"), _fmt(r.train_macs, "e"), _fmt(ppl_at_macs(r, b), "p")]
             for r in sorted(runs, key=lambda r: ppl_at_macs(r, b) if math.isfinite(ppl_at_macs(r, b)) else 1e30)]
     text = (f"## Iso-MAC (forward training MACs, paper convention)\n\nBudget: {b:.3e} MACs\n\n"
-            + _markdown(["run", "arch", "params", "total train MACs", "val ppl at budget"], rows))
+            + tables.to_markdown(["run", "arch", "params", "total train MACs", "val ppl at budget"], rows))
     return text, b
 
 
@@ -332,7 +315,7 @@ def iso_time_table(runs: List[Run], budget: Optional[float] = None) -> Tuple[str
             for r in sorted(runs, key=lambda r: ppl_at_time(r, b) if math.isfinite(ppl_at_time(r, b)) else 1e30)]
     text = (f"## Iso-step-time (Du et al.: equal wall-clock = steps x step time)\n\nBudget: {b:.4g} s\n\n"
             "Compare only step times measured on the same GPU type and software stack.\n\n"
-            + _markdown(["run", "arch", "params", "step time (s)", "source", "val ppl at budget"], rows))
+            + tables.to_markdown(["run", "arch", "params", "step time (s)", "source", "val ppl at budget"], rows))
     return text, b
 
 
@@ -343,12 +326,9 @@ def iso_time_table(runs: List[Run], budget: Optional[float] = None) -> Tuple[str
 def plot_speed_accuracy(runs: List[Run], metric: str, stem: str) -> List[str]:
     """Three panels (step time vs `metric`; perplexity vs training MACs; perplexity vs wall
     clock) written to `stem`.png and `stem`.pdf; returns the two paths."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig, axes = style.figure(figsize=(16, 4.6), ncols=3)
     ax = axes[0]
     for r in runs:
         y = r.metric(metric)
@@ -373,13 +353,7 @@ def plot_speed_accuracy(runs: List[Run], metric: str, stem: str) -> List[str]:
         ax.grid(alpha=0.3, which="both")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths = []
-    for ext in ("png", "pdf"):
-        fig.savefig(f"{stem}.{ext}", dpi=150)
-        paths.append(f"{stem}.{ext}")
-    plt.close(fig)
-    return paths
+    return style.save(fig, stem, formats=("png", "pdf"), dpi=150)
 
 
 # ------------------------------------------------------------------------------------------
@@ -392,8 +366,8 @@ def measure_runs(runs: List[Run], batch_size: int, seq_len: int, device: str, dt
     writes `<run>/step_time.json` and updates the runs."""
     import torch
 
-    from moeut.registry import build_model
-    from moeut.compute import measure_step_time
+    from ..registry import build_model
+    from ..compute import measure_step_time
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None, "fp32": None}[dtype]
     for r in runs:
@@ -418,12 +392,12 @@ def measure_runs(runs: List[Run], batch_size: int, seq_len: int, device: str, dt
 def check_has_metric(runs: List[Run], metric: str, val_key: Optional[str] = None) -> None:
     """A comparison whose quality metric no run has would be a table of dashes: fail naming what
     is missing; warn for the runs that lack it while others have it."""
-    from moeut.rundir import EVAL_DIR, EVAL_RESULTS_GLOB, METRICS_FILE
+    from ..rundir import EVAL_DIR, EVAL_RESULTS_GLOB, METRICS_FILE
     where = {r.name: (os.path.join(r.path, METRICS_FILE) if metric == "val_ppl"
                       else os.path.join(r.path, EVAL_DIR, EVAL_RESULTS_GLOB)) for r in runs}
     lacking = [r for r in runs if not math.isfinite(r.metric(metric))]
     what = (f"validation perplexity (key {val_key!r})" if val_key else
-            f"validation perplexity (a key matching {VAL_RE.pattern})") if metric == "val_ppl" else f"metric={metric}"
+            "validation perplexity (moeut.rundir.val_ppl_key)") if metric == "val_ppl" else f"metric={metric}"
     if len(lacking) == len(runs):
         raise ValueError(f"no run has a {what}; nothing to compare. Looked in: "
                          + ", ".join(where[r.name] for r in runs)
@@ -448,18 +422,12 @@ def compare(run_dirs: Sequence[str], out_dir: str, *, seq_len: int = 1024, param
     os.makedirs(out_dir, exist_ok=True)
     header, rows = summary_rows(runs)
     files = {}
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
-        f.write(_markdown(header, rows))
-    with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([header] + rows)
+    tables.write_tables(os.path.join(out_dir, "summary"), header, rows, formats=("md", "csv"))
     mac_text, mac_b = iso_mac_table(runs, mac_budget)
     time_text, time_b = iso_time_table(runs, time_budget)
     for name, text in (("iso_param", iso_param_table(runs, param_tol, metric)), ("iso_mac", mac_text),
                        ("iso_step_time", time_text)):
-        path = os.path.join(out_dir, f"{name}.md")
-        with open(path, "w") as f:
-            f.write(text)
-        files[name] = path
+        files[name] = tables.write_text(os.path.join(out_dir, f"{name}.md"), text)
     summary = {
         "seq_len": seq_len, "mac_budget": mac_b, "time_budget": time_b,
         "runs": [{"name": r.name, "path": r.path, "arch": r.arch, "params": r.params, "active": r.active,
@@ -483,41 +451,46 @@ def expand_runs(runs: Any) -> List[str]:
     """The `runs` option as a list of run dirs: one path or a list; an entry with glob characters
     (`*`, `?`, `[`) expands to its matches, sorted. Raises ValueError naming an empty option or a
     pattern matching nothing."""
-    from moeut.cli import path_list_option
+    from ..cli import path_list_option
     return path_list_option(runs, "runs", "runs=[RUN_DIR,...] (run dirs or glob patterns)")
 
 
-def run_cli(cfg: Any) -> Dict[str, Any]:
-    """The command line's work for a composed conf/compare.yaml (see its comments or `--help`):
-    compare the runs, print the tables and the written files; returns `compare`'s result.
-    Raises ValueError for a bad option (named), FileNotFoundError for a run without model config."""
-    from omegaconf import OmegaConf
-    if OmegaConf.is_missing(cfg, "runs"):
-        raise ValueError("runs: required: runs=[RUN_DIR,...] (run dirs or glob patterns)")
-    if cfg.dtype not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"dtype: must be bf16, fp16 or fp32, got {cfg.dtype!r}")
-    for key in ("seq_len", "batch_size", "iters"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ValueError(f"{key}: must be a positive integer, got {cfg[key]!r}")
-    if not isinstance(cfg.warmup, int) or cfg.warmup < 0:
-        raise ValueError(f"warmup: must be a non-negative integer, got {cfg.warmup!r}")
-    # the other typed options through moeut.cli's checks (errors name the option): `plot=maybe`
-    # is an error, not a truthy string
-    opts = OmegaConf.to_container(cfg, resolve=True)
-    plot, do_measure = bool_option(opts, "plot"), bool_option(opts, "measure")
-    param_tol = float_option(opts, "param_tol", lo=0.0)
-    mac_budget = float_option(opts, "mac_budget", lo=0.0, allow_none=True)
-    time_budget = float_option(opts, "time_budget", lo=0.0, allow_none=True)
-    out, metric = str_option(opts, "out"), str_option(opts, "metric")
-    val_key, device = str_option(opts, "val_key", allow_none=True), str_option(opts, "device")
+@dataclass
+class CompareOptions:
+    """Options of `python -m moeut.analysis compare`."""
+    runs: List[str] = option(REQUIRED, help="run dirs to compare (checkpoints/ and metrics.jsonl); entries with * ? [ "
+                             "are glob patterns, e.g. 'runs=[runs/c4_*]'")
+    out: str = option("compare_out", help="output folder (summary.*, iso_*.md, speed_accuracy.*)")
+    seq_len: int = option(1024, help="context length T for MACs/FLOPs per token (the paper's: 1024)", lo=1)
+    param_tol: float = option(0.05, help="relative tolerance of the iso-parameter groups", lo=0)
+    metric: str = option("val_ppl", help="quality axis: val_ppl, or an eval key such as eval/mean_acc or piqa/accuracy")
+    val_key: Optional[str] = option(None, help="metrics.jsonl key of the validation perplexity; null = moeut.rundir's "
+                                    "rule (validation/val/perplexity, else another validation set's)")
+    mac_budget: Optional[float] = option(None, help="iso-MAC budget in forward training MACs; null = the smallest "
+                                         "run's total", lo=0)
+    time_budget: Optional[float] = option(None, help="iso-step-time budget in seconds; null = the smallest run's "
+                                          "wall clock", lo=0)
+    plot: bool = option(True, help="false: no speed_accuracy.png/.pdf")
+    measure: bool = option(False, help="true: time every model here and write <run>/step_time.json (Du et al.: step "
+                           "times measured under identical settings); the options below")
+    batch_size: int = option(8, help="measure: sequences per step", lo=1)
+    device: str = option("cuda", help="measure: device (cpu, cuda, cuda:N)")
+    dtype: str = option("bf16", help="measure: autocast precision", choices=("fp32", "bf16", "fp16"))
+    warmup: int = option(5, help="measure: untimed steps first", lo=0)
+    iters: int = option(20, help="measure: timed steps", lo=1)
+
+
+def work(opts: CompareOptions) -> Dict[str, Any]:
+    """The command's work: compare the runs, print the tables and the written files; returns
+    `compare`'s result. A bad option or run dir is one line naming it, exit status 1."""
     measure = None
-    if do_measure:
-        measure = {"batch_size": cfg.batch_size, "device": device, "dtype": cfg.dtype,
-                   "n_warmup": cfg.warmup, "n_iters": cfg.iters}
-    res = compare(expand_runs(opts["runs"]), out,
-                  seq_len=cfg.seq_len, param_tol=param_tol, metric=metric,
-                  val_key=val_key, mac_budget=mac_budget, time_budget=time_budget,
-                  plot=plot, measure=measure)
+    if opts.measure:
+        measure = {"batch_size": opts.batch_size, "device": opts.device, "dtype": opts.dtype,
+                   "n_warmup": opts.warmup, "n_iters": opts.iters}
+    with bad_input_exits("moeut.analysis compare"):
+        res = compare(expand_runs(opts.runs), opts.out, seq_len=opts.seq_len, param_tol=opts.param_tol,
+                      metric=opts.metric, val_key=opts.val_key, mac_budget=opts.mac_budget,
+                      time_budget=opts.time_budget, plot=opts.plot, measure=measure)
     for name in ("summary_md", "iso_param", "iso_mac", "iso_step_time"):
         with open(res["files"][name]) as f:
             print(f.read())
@@ -526,19 +499,11 @@ def run_cli(cfg: Any) -> Dict[str, Any]:
     return res
 
 
-@one_line_hydra_errors("compare")
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="compare")
-def main(cfg: Any) -> None:
-    """`python analysis/compare.py runs=[RUN_DIR,...] [out=DIR] [option=value ...]` (options:
-    conf/compare.yaml, or `--help`). Bad input exits 1 with the message (file:line for a damaged
-    run-dir file), no traceback."""
-    from moeut.cli import setup_tool_output
-    setup_tool_output("compare")  # one-line warnings; no progress frames in a log file
-    try:
-        run_cli(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"compare: error: {e}")
+main = typed_tool("moeut.analysis compare", CompareOptions,
+                  summary="Compute-matched comparisons of trained runs (SPEC 9.4, Du et al.): iso-parameter, "
+                          "iso-MAC and iso-step-time tables and the speed-accuracy plot.",
+                  usage="python -m moeut.analysis compare runs=[RUN_DIR,...] [option=value ...]",
+                  notes="Run dirs are read through moeut/rundir.py: a cut last line of metrics.jsonl is skipped "
+                        "with a warning naming file:line; any other damaged line or file is an error naming "
+                        "file:line.")(work)
 
-
-if __name__ == "__main__":
-    main()

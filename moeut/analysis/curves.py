@@ -2,29 +2,24 @@
 against tokens seen, from each run's metrics.jsonl (read through moeut.rundir: a cut last line is
 skipped with a warning naming file:line, any other damaged line is an error naming file:line).
 
-    python analysis/plot_curves.py runs=[runs/results/moeut_s0,runs/results/dense_params_s0] \\
+    python -m moeut.analysis curves runs=[runs/results/moeut_s0,runs/results/dense_params_s0] \\
         'labels=[MoEUT,"dense (param-matched)"]' out=docs/figures/cpu_results_curves
-    python analysis/plot_curves.py --help       # every option (conf/plot_curves.yaml)
+    python -m moeut.analysis curves --help       # every option
+
+The figure is made and written by moeut.analysis.style.
 """
 from __future__ import annotations
 
-import os
-import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
-import hydra
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from ..cli import REQUIRED, bad_input_exits, option, path_list_option, typed_tool
+from ..rundir import VAL_PPL_KEY, RunDir, read_metrics as _read_run_metrics
+from . import style
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if os.path.dirname(_HERE) not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, os.path.dirname(_HERE))
-
-from moeut.cli import CONF_DIR, str_option, one_line_hydra_errors  # noqa: E402  (conf/plot_curves.yaml)
-from moeut.rundir import RunDir, read_metrics as _read_run_metrics  # noqa: E402
+EXTRA_VAL_KEY = "validation/c4/perplexity"  # the cpu_result sweep's second validation set (a C4 sample)
 
 
 def read_metrics(run_dir: str) -> List[Dict]:
@@ -59,7 +54,7 @@ def smooth(y: np.ndarray, k: int) -> np.ndarray:
 
 
 def plot_curves(runs: Sequence[str], out: str, *, labels: Optional[Sequence[str]] = None,
-                val_keys: Sequence[str] = ("validation/val/perplexity", "validation/c4/perplexity"),
+                val_keys: Sequence[str] = (VAL_PPL_KEY, EXTRA_VAL_KEY),
                 val_names: Sequence[str] = ("held-out books", "C4 sample"), title: str = "",
                 smooth_k: int = 5) -> List[str]:
     """One figure: training loss (moving average of `smooth_k` logs) and one validation-perplexity
@@ -82,7 +77,7 @@ def plot_curves(runs: Sequence[str], out: str, *, labels: Optional[Sequence[str]
         except ValueError as e:
             raise ValueError(f"{run}: {e}") from None
     n_val = len(val_keys)
-    fig, axes = plt.subplots(1, 1 + n_val, figsize=(5.2 * (1 + n_val), 4.2), dpi=130)
+    fig, axes = style.figure(figsize=(5.2 * (1 + n_val), 4.2), ncols=1 + n_val)
     axes = np.atleast_1d(axes)
     for (rows, tr), label in zip(data, labels):
         y = smooth(tr[:, 1], smooth_k)
@@ -101,45 +96,40 @@ def plot_curves(runs: Sequence[str], out: str, *, labels: Optional[Sequence[str]
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    paths = []
-    for ext in ("png", "pdf"):
-        fig.savefig(f"{out}.{ext}")
-        paths.append(f"{out}.{ext}")
-    plt.close(fig)
+    return style.save(fig, out, formats=("png", "pdf"), dpi=130)
+
+
+@dataclass
+class CurvesOptions:
+    """Options of `python -m moeut.analysis curves`."""
+    runs: List[str] = option(REQUIRED, help="run dirs with metrics.jsonl (train/loss, train/tokens_seen); entries "
+                             "with * ? [ are glob patterns")
+    out: str = option(REQUIRED, help="output path without extension: OUT.png and OUT.pdf are written")
+    labels: Optional[List[str]] = option(None, help="one legend label per run; null = each run's name (a time-stamp "
+                                         "dir adds its parent and its overrides)")
+    val_keys: List[str] = option(default_factory=lambda: [VAL_PPL_KEY, EXTRA_VAL_KEY],
+                                 help="metrics.jsonl keys, one validation panel each")
+    val_names: List[str] = option(default_factory=lambda: ["held-out books", "C4 sample"],
+                                  help="panel title of each val_keys entry (same length)")
+    title: str = option("", help="figure title; empty = none")
+    smooth: int = option(5, help="moving-average window of the training loss, in log records (1 = none)", lo=1)
+
+
+def work(opts: CurvesOptions) -> List[str]:
+    """The command's work: draw the figure and print where it went; returns the written paths.
+    Bad input is one line naming the option or run, exit status 1."""
+    with bad_input_exits("moeut.analysis curves"):
+        runs = path_list_option(opts.runs, "runs", "runs=[RUN_DIR,...]")
+        paths = plot_curves(runs, opts.out, labels=opts.labels or None, val_keys=opts.val_keys,
+                            val_names=opts.val_names, title=opts.title, smooth_k=opts.smooth)
+    print(f"wrote {paths[0]} and .pdf")
     return paths
 
 
-@one_line_hydra_errors("plot_curves")
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="plot_curves")
-def main(cfg: Any) -> None:
-    """`python analysis/plot_curves.py runs=[RUN_DIR,...] out=STEM [option=value ...]` (options:
-    conf/plot_curves.yaml, or `--help`). Bad input exits 1 with the message, no traceback."""
-    from moeut.cli import setup_tool_output
-    setup_tool_output("plot_curves")  # one-line warnings; no progress frames in a log file
-    from omegaconf import OmegaConf
-    c = OmegaConf.to_container(cfg, resolve=True)
-    try:
-        for key in ("runs", "out"):
-            if OmegaConf.is_missing(cfg, key):
-                raise ValueError(f"{key}: required (runs=[RUN_DIR,...] out=<path without extension>)")
-        runs = [c["runs"]] if isinstance(c["runs"], str) else c["runs"]
-        as_list = lambda v: [v] if isinstance(v, str) else list(v or [])  # noqa: E731
-        if not isinstance(c["smooth"], int) or c["smooth"] < 1:
-            raise ValueError(f"smooth: must be a positive integer, got {c['smooth']!r}")
-        out = str_option(c, "out")  # typed options (moeut.cli): errors name the option
-        title = str_option(c, "title", allow_none=True) or ""
-        for key in ("labels", "val_keys", "val_names"):
-            if not all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in as_list(c[key])):
-                raise ValueError(f"{key}: expected a list of names, e.g. {key}=[a,b], got {c[key]!r}")
-        paths = plot_curves([str(r) for r in runs], out, labels=as_list(c["labels"]) or None,
-                            val_keys=as_list(c["val_keys"]), val_names=as_list(c["val_names"]),
-                            title=title, smooth_k=c["smooth"])
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"plot_curves: error: {e}")
-    print(f"wrote {paths[0]} and .pdf")
+main = typed_tool("moeut.analysis curves", CurvesOptions,
+                  summary="Learning curves of several runs on one figure: training loss and validation perplexity "
+                          "against tokens seen, from each run's metrics.jsonl.",
+                  usage="python -m moeut.analysis curves runs=[RUN_DIR,...] out=STEM [option=value ...]",
+                  notes="metrics.jsonl is read through moeut/rundir.py: a cut last line is skipped with a warning "
+                        "naming file:line; any other damaged line is an error naming file:line.")(work)
 
-
-if __name__ == "__main__":
-    main()

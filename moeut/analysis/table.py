@@ -17,28 +17,25 @@ reads as before.
 When any row has the `perplexity` task (perplexity of a user's text), two more columns follow:
 "text PPL" and "bits/byte".
 
-Usage: `python -m moeut.eval.table results=[results1.json,results2.json,...] [out=table]` combines
+Usage: `python -m moeut.analysis table results=[results1.json,results2.json,...] [out=table]` combines
 result files of `moeut.evaluate` into one table (a run dir stands for its evaluation by
 moeut.rundir's rule: the newest evaluated step, its evaluations merged per task;
 a results file stands for that one evaluation; entries with * ? [ are glob patterns, e.g.
-`'results=[runs/*/*]'` (the default run dirs runs/<name>/<time>); `--help` lists the options, conf/eval_table.yaml).
+`'results=[runs/*/*]'` (the default run dirs runs/<name>/<time>); `--help` lists the options).
 A results file that does not parse is an error naming file:line:col (moeut.rundir.read_json).
+The tables are laid out by moeut.analysis.tables, the package's one table writer.
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
-from ..cli import CONF_DIR, str_option, one_line_hydra_errors
+from ..cli import REQUIRED, bad_input_exits, option, typed_tool
 from ..rundir import RunDir, read_json
+from . import tables
 
 COLUMNS = ("dataset", "#params", "model", "val PPL", "LAMBADA", "BLiMP", "CBT", "HellaSwag", "PIQA",
            "ARC-E", "Average")
@@ -165,57 +162,33 @@ def columns_of(rows: Sequence[Dict[str, str]]) -> List[str]:
             + ([c for c in PPL_COLUMNS] if any(c in r for r in rows for c in PPL_COLUMNS) else []))
 
 
+def _cells(rows: Sequence[Dict[str, str]]) -> tuple:
+    """(columns, rows as lists of cells; missing cells "–")."""
+    cols = columns_of(rows)
+    return cols, [[r.get(c, "–") for c in cols] for r in rows]
+
+
 def to_markdown(rows: Sequence[Dict[str, str]], notes: Sequence[str] = ()) -> str:
     """Markdown table of `rows` (missing cells "–"), then `notes` as a bullet list."""
-    cols = columns_of(rows)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(r.get(c, "–") for c in cols) + " |")
-    if notes:
-        lines.append("")
-        lines += [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
+    return tables.to_markdown(*_cells(rows), notes)
 
 
 def to_csv(rows: Sequence[Dict[str, str]]) -> str:
-    """CSV text of `rows` with a header line (missing cells "–")."""
-    buf = io.StringIO()
-    cols = columns_of(rows)
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({c: r.get(c, "–") for c in cols})
-    return buf.getvalue()
-
-
-def _tex_escape(s: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("#", r"\#"), ("_", r"\_"),
-                 ("–", "--")):
-        s = s.replace(a, b)
-    return s
+    """CSV text of `rows` with a header line (missing cells "–"; lines end in "\n")."""
+    return tables.to_csv(*_cells(rows), lineterminator="\n")
 
 
 def to_latex(rows: Sequence[Dict[str, str]]) -> str:
     """A booktabs LaTeX tabular of `rows` (special characters escaped, "–" as "--")."""
-    cols = columns_of(rows)
-    lines = [r"\begin{tabular}{lll" + "r" * (len(cols) - 3) + "}", r"\toprule",
-             " & ".join(_tex_escape(c) for c in cols) + r" \\", r"\midrule"]
-    for r in rows:
-        lines.append(" & ".join(_tex_escape(r.get(c, "–")) for c in cols) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(lines) + "\n"
+    cols, cells = _cells(rows)
+    return tables.to_latex(cols, cells, align="lll" + "r" * (len(cols) - 3))
 
 
 def write_tables(rows: Sequence[Dict[str, str]], stem: str, notes: Sequence[str] = ()) -> Dict[str, str]:
     """Write stem.md (with `notes` under the table), stem.csv and stem.tex; returns {format: path}."""
-    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-    out = {}
-    for ext, text in (("md", to_markdown(rows, notes)), ("csv", to_csv(rows)), ("tex", to_latex(rows))):
-        path = f"{stem}.{ext}"
-        with open(path, "w") as f:
-            f.write(text)
-        out[ext] = path
-    return out
+    cols, cells = _cells(rows)
+    return tables.write_tables(stem, cols, cells, notes, csv_lineterminator="\n",
+                               align="lll" + "r" * (len(cols) - 3))
 
 
 def expand_results(results: Any) -> List[str]:
@@ -253,23 +226,29 @@ def combine(paths: Sequence[str], out: Optional[str] = None) -> str:
     return to_markdown(rows, notes)
 
 
-@one_line_hydra_errors("moeut.eval.table")
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval_table")
-def main(cfg: DictConfig) -> None:
-    """`python -m moeut.eval.table results=[FILE.json,...] [out=STEM]` (options: conf/eval_table.yaml,
-    or `--help`). Bad input exits 1 with the message (file:line for a damaged file), no traceback."""
-    from moeut.cli import setup_tool_output
-    setup_tool_output("moeut.eval.table")  # one-line warnings; no progress frames in a log file
-    try:
-        if OmegaConf.is_missing(cfg, "results"):
-            raise ValueError("results: required: results=[FILE.json,...] (moeut.evaluate results files)")
-        c = OmegaConf.to_container(cfg, resolve=True)
-        out = str_option(c, "out", allow_none=True)  # typed (moeut.cli): `out=[a,b]` names the option
-        text = combine(expand_results(c["results"]), out)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"moeut.eval.table: error: {e}")
+@dataclass
+class TableOptions:
+    """Options of `python -m moeut.analysis table`."""
+    results: List[str] = option(REQUIRED, help="moeut.evaluate results JSON files "
+                                "(<run>/eval/results_step_XXXXXXX[.k].json: that one evaluation) or run dirs (the "
+                                "newest step's evaluations merged per task); entries with * ? [ are glob patterns, "
+                                "e.g. 'results=[runs/*/*]'")
+    out: Optional[str] = option(None, help="write OUT.md, OUT.csv and OUT.tex and print their paths; null = print "
+                                "the markdown table")
+
+
+def work(opts: TableOptions) -> str:
+    """The command's work: print (and with `out`, write) the table of `opts.results`; returns
+    the printed text. Raises ValueError/FileNotFoundError (one line, exit 1)."""
+    with bad_input_exits("moeut.analysis table"):
+        text = combine(expand_results(opts.results), opts.out)
     print(text, end="")
+    return text
 
 
-if __name__ == "__main__":
-    main()
+main = typed_tool("moeut.analysis table", TableOptions,
+                  summary="Combine moeut.evaluate results files into the paper's zero-shot table (SPEC 6.3) as "
+                          "markdown, CSV and LaTeX.",
+                  usage="python -m moeut.analysis table results=[FILE.json|RUN_DIR,...] [out=STEM]",
+                  notes="A results file that does not parse is an error naming file:line:col.")(work)
+

@@ -1,25 +1,23 @@
-"""analysis/cpu_result_report.py (docs/results.md's tables) on hand-written sweep job directories:
+"""`python -m moeut.analysis cpu-result` (docs/results.md's tables) on hand-written sweep job directories:
 which run is "complete", the MoEUT / dense ratio per budget, each model's best learning rate, the
 seed spread, and that an unfinished run never enters a ratio."""
-import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "analysis" / "cpu_result_report.py"
+REPO = Path(__file__).resolve().parents[2]
+COMMAND = [sys.executable, "-m", "moeut.analysis", "cpu-result"]
 
 
 @pytest.fixture(scope="module")
 def rep():
-    spec = importlib.util.spec_from_file_location("cpu_result_report", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from moeut.analysis import cpu_result
+    return cpu_result
 
 
 def _job(root: Path, name: str, steps: int, finals, last_step=None):
@@ -79,18 +77,18 @@ def test_tables_from_hand_written_runs(rep, tmp_path):
 def test_cli_writes_figures_and_rejects_bad_root(tmp_path):
     _job(tmp_path / "sweep", "experiment=cpu_result_moeut,train.steps=150", 150, [400.0])
     env = {**os.environ, "MPLBACKEND": "Agg"}
-    out = subprocess.run([sys.executable, str(SCRIPT), f"root={tmp_path / 'sweep'}", f"out={tmp_path / 'fig'}"],
+    out = subprocess.run([*COMMAND, f"root={tmp_path / 'sweep'}", f"out={tmp_path / 'fig'}"],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     for fig in ("fig_budget.png", "fig_stall.png", "fig_runs.png"):
         assert (tmp_path / fig).stat().st_size > 0
     doc = tmp_path / "page.md"
     doc.write_text("x\n<!-- report:start -->\n<!-- report:end -->\n")
-    out = subprocess.run([sys.executable, str(SCRIPT), f"root={tmp_path / 'sweep'}", f"out={tmp_path / 'fig'}",
+    out = subprocess.run([*COMMAND, f"root={tmp_path / 'sweep'}", f"out={tmp_path / 'fig'}",
                           f"doc={doc}"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "| MoEUT | 150 | 0.61M | 0.002 | 30 | 0 | 400.0 | 800.0 | complete |" in doc.read_text()
-    bad = subprocess.run([sys.executable, str(SCRIPT), f"root={tmp_path / 'nope'}"],
+    bad = subprocess.run([*COMMAND, f"root={tmp_path / 'nope'}"],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 1 and "root:" in bad.stderr
     assert not (tmp_path / "outputs").exists()
@@ -141,3 +139,19 @@ def test_splice_replaces_only_the_marked_block(rep, tmp_path):
     with pytest.raises(ValueError, match="nomarkers.md has no"):
         rep.splice(str(bad), "## x", "now")
     assert bad.read_text() == "<!-- report:end -->\n<!-- report:start -->\n"
+
+
+def test_results_page_is_the_report_of_its_run_logs(tmp_path):
+    """docs/results.md's report block is exactly what the documented command prints for the run
+    logs kept in docs/results_runs/ (`python -m moeut.analysis cpu-result root=docs/results_runs
+    out=... doc=...`): only the time stamp of the block's first line differs."""
+    page = REPO / "docs" / "results.md"
+    doc = tmp_path / "results.md"
+    doc.write_text(page.read_text(encoding="utf-8"), encoding="utf-8")
+    out = subprocess.run([*COMMAND, f"root={REPO / 'docs' / 'results_runs'}", f"out={tmp_path / 'fig' / 'cpu_result'}",
+                          f"doc={doc}"], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "MPLBACKEND": "Agg"})
+    assert out.returncode == 0, out.stderr
+    stamp = re.compile(r"State of the runs at \d{4}-\d\d-\d\d \d\d:\d\d UTC")
+    assert stamp.sub("STAMP", doc.read_text(encoding="utf-8")) == stamp.sub("STAMP", page.read_text(encoding="utf-8"))
+    assert "## All runs" in out.stdout and (tmp_path / "fig" / "cpu_result_budget.png").stat().st_size > 1000

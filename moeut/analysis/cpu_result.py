@@ -1,7 +1,7 @@
 """Tables and figures of docs/results.md from the runs of `sweeps/cpu_result.yaml`.
 
     python -m moeut.sweep ... cpu_result (see the sweep file) ; then
-    python analysis/cpu_result_report.py root=outputs/sweeps/cpu_result out=docs/figures/cpu_result \
+    python -m moeut.analysis cpu-result root=outputs/sweeps/cpu_result out=docs/figures/cpu_result \
         doc=docs/results.md     # optional: also rewrite the page's report:start/end block
 
 Reads each run's metrics.jsonl (through `moeut.rundir`) and prints, as markdown:
@@ -16,26 +16,22 @@ validation points of the 610-step runs), <out>_stall.png (the first 200 steps of
 learning rate, seed and warm-up: training CE, expert-usage perplexity, dead experts, selected gate
 values, the entropy regulariser and the gradient norm; routing metrics are logged every 10 steps by
 the sweep) and <out>_runs.png (every 610-step run's training CE and validation perplexity).
+Tables are laid out by moeut.analysis.tables, figures by moeut.analysis.style; the held-out-books
+perplexity is the run's validation perplexity by moeut.rundir's rule (`val_ppl_curve`).
 """
 from __future__ import annotations
 
 import math
 import os
 import re
-import sys
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
-import hydra
-import matplotlib
+from ..cli import bad_input_exits, option, typed_tool
+from ..rundir import RunDir, val_ppl_curve
+from . import style, tables
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(_HERE))  # run as a script from a checkout: import this checkout's moeut
-from moeut.cli import CONF_DIR, str_option, one_line_hydra_errors  # noqa: E402  (conf/cpu_result_report.yaml)
-from moeut.rundir import RunDir  # noqa: E402
-
+C4_KEY = "validation/c4/perplexity"  # the sweep's second validation set (a C4 sample)
 
 TOKENS_PER_STEP = 16 * 256
 ROWS = {"cpu_result_moeut": "MoEUT", "cpu_result_dense_params": "dense (param-matched)",
@@ -67,8 +63,8 @@ def collect(root: str) -> List[Dict]:
         ov = job_overrides(name)
         records = RunDir(path).metrics()
         steps = int(ov["train.steps"])
-        val = [(r["step"], r["validation/val/perplexity"], r.get("validation/c4/perplexity"))
-               for r in records if "validation/val/perplexity" in r]
+        key = val_ppl_curve(records)[0]  # moeut.rundir's rule: validation/val/perplexity, the held-out books
+        val = [(r["step"], r[key], r.get(C4_KEY)) for r in records if key in r] if key else []
         train = {}
         for r in records:
             train.setdefault(r["step"], {}).update({k: v for k, v in r.items() if k not in ("step", "time")})
@@ -81,26 +77,34 @@ def collect(root: str) -> List[Dict]:
     return runs
 
 
+def _md(header: Sequence[str], rows: List[List[str]]) -> str:
+    """A markdown table (moeut.analysis.tables) without its final newline."""
+    return tables.to_markdown(header, rows).rstrip("\n")
+
+
 def fmt(x: Optional[float]) -> str:
+    """A perplexity cell: one decimal; "–" for None or NaN."""
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
 
 
 def final(run) -> Optional[float]:
+    """The run's last validation perplexity when its schedule completed, else None."""
     return run["val"][-1][1] if run["done"] else None
 
 
 def table(runs: List[Dict]) -> str:
-    lines = ["| model | steps | tokens | lr | warm-up | seed | val PPL (books) | val PPL (C4) | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """Markdown: one row per run (model, steps, tokens, lr, warm-up, seed, final books/C4 perplexity, status)."""
+    rows = []
     for r in sorted(runs, key=lambda r: (r["row"], r["steps"], float(r["lr"]), r["warmup"], r["seed"])):
         c4 = r["val"][-1][2] if r["done"] else None
         status = "complete" if r["done"] else f"not finished (stopped at step {r['last_step']})"
-        lines.append(f"| {r['row']} | {r['steps']} | {r['steps'] * TOKENS_PER_STEP / 1e6:.2f}M | {r['lr']} | "
-                     f"{r['warmup']} | {r['seed']} | {fmt(final(r))} | {fmt(c4)} | {status} |")
-    return "\n".join(lines)
+        rows.append([r["row"], str(r["steps"]), f"{r['steps'] * TOKENS_PER_STEP / 1e6:.2f}M", r["lr"], r["warmup"],
+                     r["seed"], fmt(final(r)), fmt(c4), status])
+    return _md(["model", "steps", "tokens", "lr", "warm-up", "seed", "val PPL (books)", "val PPL (C4)", "status"], rows)
 
 
 def pick(runs, experiment, steps=610, lr="0.002", seed="0", warmup="30"):
+    """The run of `experiment` with these settings (lr, seed, warm-up as the job names spell them), or None."""
     for r in runs:
         if (r["experiment"], r["steps"], r["lr"], r["seed"], r["warmup"]) == (experiment, steps, lr, seed, warmup):
             return r
@@ -108,13 +112,16 @@ def pick(runs, experiment, steps=610, lr="0.002", seed="0", warmup="30"):
 
 
 def budget_table(runs) -> str:
-    lines = ["| steps | tokens | MoEUT | dense (param-matched) | MoEUT / dense |", "|---|---|---|---|---|"]
+    """Markdown: final perplexity of MoEUT and param-matched dense at 150/300/610 steps (lr 2e-3, seed 0),
+    their ratio, and the crossover sentence."""
+    rows = []
     for steps in (150, 300, 610):
         m, d = pick(runs, "cpu_result_moeut", steps), pick(runs, "cpu_result_dense_params", steps)
         pm, pd = final(m) if m else None, final(d) if d else None
         ratio = f"{pm / pd:.3f}" if pm and pd else "–"
-        lines.append(f"| {steps} | {steps * TOKENS_PER_STEP / 1e6:.2f}M | {fmt(pm)} | {fmt(pd)} | {ratio} |")
-    return "\n".join(lines) + "\n\n" + crossover(runs)
+        rows.append([str(steps), f"{steps * TOKENS_PER_STEP / 1e6:.2f}M", fmt(pm), fmt(pd), ratio])
+    return (_md(["steps", "tokens", "MoEUT", "dense (param-matched)", "MoEUT / dense"], rows) + "\n\n"
+            + crossover(runs))
 
 
 def crossover(runs) -> str:
@@ -158,11 +165,14 @@ def best_at_610(runs, experiment):
 
 
 def best_lr_table(runs) -> str:
-    lines = ["| model | lr 1e-3 | lr 2e-3 | lr 4e-3 | best |", "|---|---|---|---|---|"]
+    """Markdown: each model's final perplexity at lr 1e-3/2e-3/4e-3 (610 steps, seed 0), its best, and the
+    ratio of the two bests."""
+    rows = []
     for exp in ("cpu_result_moeut", "cpu_result_dense_params"):
         done, best = finished_at_610(runs, exp), best_at_610(runs, exp)
-        lines.append(f"| {ROWS[exp]} | " + " | ".join(fmt(final(done[lr]) if lr in done else None) for lr in LRS) +
-                     " | " + (f"{final(best):.1f} (lr {best['lr']})" if best else "–") + " |")
+        rows.append([ROWS[exp]] + [fmt(final(done[lr]) if lr in done else None) for lr in LRS]
+                    + [f"{final(best):.1f} (lr {best['lr']})" if best else "–"])
+    lines = [_md(["model", "lr 1e-3", "lr 2e-3", "lr 4e-3", "best"], rows)]
     m, d = best_at_610(runs, "cpu_result_moeut"), best_at_610(runs, "cpu_result_dense_params")
     ratio = f"{final(m) / final(d):.3f}" if m and d else "–"
     lines.append(f"\nMoEUT / dense, each at its best learning rate: **{ratio}** (best of "
@@ -172,17 +182,20 @@ def best_lr_table(runs) -> str:
 
 
 def seed_table(runs) -> str:
-    lines = ["| model | seed 0 | seed 1 | mean | spread (max-min)/mean |", "|---|---|---|---|---|"]
+    """Markdown: each model's final perplexity for seeds 0 and 1 (610 steps, lr 2e-3), mean and spread,
+    and the MoEUT / dense ratio per seed."""
+    rows = []
     for exp in ("cpu_result_moeut", "cpu_result_dense_params"):
         v = [final(r) for r in (pick(runs, exp, seed="0"), pick(runs, exp, seed="1")) if r and final(r)]
         mean = sum(v) / len(v) if v else None
         spread = f"{(max(v) - min(v)) / mean:.1%}" if len(v) == 2 else "–"
-        lines.append(f"| {ROWS[exp]} | {' | '.join(fmt(x) for x in (v + [None, None])[:2])} | {fmt(mean)} | {spread} |")
+        rows.append([ROWS[exp]] + [fmt(x) for x in (v + [None, None])[:2]] + [fmt(mean), spread])
+    lines = [_md(["model", "seed 0", "seed 1", "mean", "spread (max-min)/mean"], rows)]
     cells = []
     for seed in ("0", "1"):
         m, d = pick(runs, "cpu_result_moeut", seed=seed), pick(runs, "cpu_result_dense_params", seed=seed)
         cells.append(f"{final(m) / final(d):.3f}" if m and d and final(m) and final(d) else "–")
-    lines.append(f"| MoEUT / dense | {cells[0]} | {cells[1]} | | |")
+    lines.append(f"| MoEUT / dense | {cells[0]} | {cells[1]} | | |")  # the ratio line: no mean or spread
     return "\n".join(lines)
 
 
@@ -190,17 +203,19 @@ def curve_table(runs) -> str:
     """Held-out-books perplexity at every validation step of every 610-step run, finished or not
     (validation every 200 steps and at the end)."""
     steps = (200, 400, 600, 610)
-    lines = ["| model | lr | seed | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|---|---|" + "---|" * len(steps)]
+    rows = []
     for r in sorted(runs, key=lambda r: (r["row"], float(r["lr"]), r["seed"])):
         if r["steps"] != 610:
             continue
         at = {s: p for s, p, _ in r["val"]}
-        lines.append(f"| {r['row']} | {r['lr']} | {r['seed']} | " + " | ".join(fmt(at.get(s)) for s in steps) + " |")
-    return "\n".join(lines)
+        rows.append([r["row"], r["lr"], r["seed"]] + [fmt(at.get(s)) for s in steps])
+    return _md(["model", "lr", "seed"] + [f"step {s}" for s in steps], rows)
 
 
 def plot_budget(runs, out: str) -> None:
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    """<out>_budget.png: the budget curve (each complete schedule's final perplexity vs tokens) and the
+    610-step runs' intermediate validation points."""
+    fig, ax = style.figure(figsize=(6.4, 4.2))
     for exp, color in (("cpu_result_moeut", "C0"), ("cpu_result_dense_params", "C1")):
         pts = [(s * TOKENS_PER_STEP, final(pick(runs, exp, s))) for s in (150, 300, 610)
                if pick(runs, exp, s) and final(pick(runs, exp, s))]
@@ -221,9 +236,7 @@ def plot_budget(runs, out: str) -> None:
     ax.set_title("Budget curve at lr 2e-3 (solid: each point its own schedule); dotted: lr 1e-3", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out + "_budget.png", dpi=130)
-    plt.close(fig)
+    style.save(fig, out + "_budget", dpi=130)
 
 
 STALL_PANELS = (("train/ce", "training CE"), ("moe/usage_rel_ppl_all", "expert-usage perplexity / N_E"),
@@ -245,7 +258,8 @@ def stall_runs(runs) -> List[Dict]:
 
 
 def plot_stall(runs, out: str, max_step: int = 200) -> None:
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    """<out>_stall.png: the STALL_PANELS metrics of every MoEUT run over its first `max_step` steps."""
+    fig, axes = style.figure(figsize=(12, 6.5), nrows=2, ncols=3)
     for ax, (key, title) in zip(axes.ravel(), STALL_PANELS):
         for i, r in enumerate(stall_runs(runs)):
             pts = sorted((s, rec[key]) for s, rec in r["train"].items() if s <= max_step and key in rec)
@@ -256,15 +270,13 @@ def plot_stall(runs, out: str, max_step: int = 200) -> None:
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=6)
     fig.suptitle(f"MoEUT, the first {max_step} steps, by learning rate, seed and warm-up")
-    fig.tight_layout()
-    fig.savefig(out + "_stall.png", dpi=110)
-    plt.close(fig)
+    style.save(fig, out + "_stall", dpi=110)
 
 
 def plot_runs(runs, out: str) -> None:
     """<out>_runs.png: every 610-step run's training CE (mean over 50-step bins of the records
     logged every 10 steps) and held-out-books perplexity at each validation step, against tokens."""
-    fig, (ax_ce, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_ce, ax_val) = style.figure(figsize=(12, 4.5), ncols=2)
     styles = {"0.001": ":", "0.002": "-", "0.004": "--"}
     for r in sorted(runs, key=lambda r: (r["row"], float(r["lr"]), r["seed"], r["warmup"])):
         if r["steps"] != 610 or r["warmup"] != "30":
@@ -291,9 +303,7 @@ def plot_runs(runs, out: str) -> None:
     ax_val.legend(fontsize=7)
     fig.suptitle("The 610-step runs: MoEUT (blue) vs parameter-matched dense (orange); line style = lr, faint = seed 1",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out + "_runs.png", dpi=120)
-    plt.close(fig)
+    style.save(fig, out + "_runs", dpi=120)
 
 
 def first_step_below(r, key: str, level: float) -> Optional[int]:
@@ -304,8 +314,7 @@ def first_step_below(r, key: str, level: float) -> Optional[int]:
 def stall_numbers(runs) -> str:
     """Per MoEUT run: the mean of each stall metric over steps 20-60 (where the 2e-3 run stalls) and
     the first step whose training CE is below 6.5 (how long the stall lasts)."""
-    lines = ["| run | " + " | ".join(t for _, t in STALL_PANELS) + " | first step with CE < 6.5 |",
-             "|---|" + "---|" * (len(STALL_PANELS) + 1)]
+    rows = []
     for r in sorted(runs, key=lambda r: (r["steps"], float(r["lr"]), r["seed"], r["warmup"])):
         if r["experiment"] != "cpu_result_moeut":
             continue
@@ -315,8 +324,8 @@ def stall_numbers(runs) -> str:
             cells.append(f"{sum(v) / len(v):.3g}" if v else "–")
         below = first_step_below(r, "train/ce", 6.5)
         cells.append(str(below) if below is not None else f"not by step {r['last_step']}")
-        lines.append(f"| {run_label(r)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([run_label(r)] + cells)
+    return _md(["run"] + [t for _, t in STALL_PANELS] + ["first step with CE < 6.5"], rows)
 
 
 def report(root: str, out: str) -> str:
@@ -364,24 +373,37 @@ def splice(doc: str, text: str, when: str) -> None:
         f.write(page[:a] + block + page[b + len(END):])
 
 
-@one_line_hydra_errors("cpu_result_report")
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="cpu_result_report")
-def main(cfg: Any) -> None:
-    """`python analysis/cpu_result_report.py [root=DIR] [out=PREFIX] [doc=FILE]` (options:
-    conf/cpu_result_report.yaml, or `--help`). Bad input exits 1 with the message."""
-    from moeut.cli import setup_tool_output
-    setup_tool_output("cpu_result_report")  # one-line warnings; no progress frames in a log file
-    from omegaconf import OmegaConf
-    try:
-        c = OmegaConf.to_container(cfg, resolve=True)  # typed options (moeut.cli): errors name the option
-        text = report(str_option(c, "root"), str_option(c, "out"))
+@dataclass
+class CpuResultOptions:
+    """Options of `python -m moeut.analysis cpu-result`."""
+    root: str = option("outputs/sweeps/cpu_result", help="the sweep directory: one job dir (experiment=...,...) per run")
+    out: str = option("docs/figures/cpu_result", help="figure path prefix: OUT_budget.png, OUT_stall.png and "
+                      "OUT_runs.png")
+    doc: Optional[str] = option(None, help="also replace the block between <!-- report:start --> and "
+                                "<!-- report:end --> in this markdown file (docs/results.md) with the tables; "
+                                "null = print only")
+
+
+def work(opts: CpuResultOptions) -> str:
+    """The command's work: print the report (and splice it into `opts.doc`); returns its text.
+    A missing root, a root without runs or a doc without the markers is one line, exit status 1."""
+    import datetime
+    with bad_input_exits("moeut.analysis cpu-result"):
+        if opts.doc is not None and not os.path.isfile(opts.doc):
+            raise FileNotFoundError(f"doc: {opts.doc} is not a file")
+        text = report(opts.root, opts.out)
         print(text)
-        if c.get("doc") is not None:
-            import datetime
-            splice(str_option(c, "doc"), text, datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"cpu_result_report: error: {e}")
+        if opts.doc is not None:
+            splice(opts.doc, text, datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    return text
 
 
-if __name__ == "__main__":
-    main()
+main = typed_tool("moeut.analysis cpu-result", CpuResultOptions,
+                  summary="Tables (markdown, to stdout) and figures of docs/results.md from the cpu_result sweep's "
+                          "runs: every run, the budget curve (150/300/610 steps), learning rates and seeds at 610 "
+                          "steps, and MoEUT's routing metrics over the first 200 steps (by lr, seed and warm-up).",
+                  usage="python -m moeut.analysis cpu-result [root=DIR] [out=PREFIX] [doc=FILE]",
+                  notes="Unfinished runs are listed with the last step reached and never enter a ratio. metrics.jsonl "
+                        "is read through moeut/rundir.py (a cut last line is skipped with a warning; any other "
+                        "damaged line is an error naming file:line).")(work)
+
