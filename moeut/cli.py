@@ -10,8 +10,8 @@ subcommand. train.py (moeut.train) and moeut.prepare_data compose conf/config.ya
 (`CONF_DIR`, from moeut.paths: the clone's, or the copy an installed wheel carries) with its
 groups; their schemas (moeut/train_lib/config.py) declare their fields with `option` too and their
 `--help` is generated from them (train_lib.config.train_help). moeut.eval.harness_cli hands its
-argv to lm-eval's own command line (see its docstring). Tools still on the older conf-file style
-use `tool_options` and the `*_option` parsers below.
+argv to lm-eval's own command line (see its docstring). `path_list_option` expands a list-of-paths
+option's glob patterns.
 
 Bad input (raised while composing, validating and checking inputs, before any work) is one line
 `<tool>: error: <message naming the option, file or line>` and exit status 1 (`bad_input_exits`,
@@ -31,7 +31,7 @@ import re
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, NoReturn, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Type
 
 from .paths import conf_dir
 
@@ -223,118 +223,6 @@ def raised_in(err: BaseException, *functions: str) -> bool:
     return False
 
 
-def tool_options(cfg: Any, config_name: str, required: Sequence[str] = ()) -> Dict[str, Any]:
-    """The options of a composed tool config as a plain dict (interpolations resolved, `hydra`
-    dropped).
-
-    `cfg` is the DictConfig a `@hydra.main` function receives (or `compose(config_name)`); the
-    known options are the keys of conf/<config_name>.yaml. Raises ValueError naming the option for
-    a key the file does not have (`+typo=1` gets past Hydra's struct check) and for a `required`
-    option left at `???` (or null), with how to pass it."""
-    from omegaconf import OmegaConf
-
-    known = set(_file_keys(config_name))
-    for key in required:
-        if key not in cfg or OmegaConf.is_missing(cfg, key) or cfg[key] is None:
-            raise ValueError(f"{key}: required: pass {key}=<value> (python -m ... --help lists the options)")
-    opts = OmegaConf.to_container(cfg, resolve=True)
-    opts.pop("hydra", None)
-    unknown = sorted(set(opts) - known)
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} (conf/{config_name}.yaml); known: {sorted(known)}")
-    return opts
-
-
-def _file_keys(config_name: str) -> List[str]:
-    """Top-level keys of conf/<config_name>.yaml, less `defaults` and `hydra`."""
-    from omegaconf import OmegaConf
-
-    raw = OmegaConf.load(Path(CONF_DIR) / f"{config_name}.yaml")
-    return [k for k in raw.keys() if k not in ("defaults", "hydra")]
-
-
-def int_option(opts: Dict[str, Any], key: str, lo: Optional[int] = 1) -> Optional[int]:
-    """`opts[key]` as an int >= `lo` (None stays None). A whole-number string ("64") is accepted,
-    as the old key=value parsers did. Raises ValueError `key: expected an integer >= lo, got v`."""
-    v = opts.get(key)
-    if v is None:
-        return None
-    if isinstance(v, str):
-        try:
-            v = int(v)
-        except ValueError:
-            pass
-    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
-        bound = f" >= {lo}" if lo is not None else ""
-        raise ValueError(f"{key}: expected an integer{bound}, got {opts.get(key)!r}")
-    return v
-
-
-def bool_option(opts: Dict[str, Any], key: str) -> bool:
-    """`opts[key]` as a bool (Hydra parses `key=true` / `key=false`; the strings are accepted too).
-    Raises ValueError `key: expected true or false, got v` for anything else."""
-    v = opts.get(key)
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    raise ValueError(f"{key}: expected true or false, got {v!r}")
-
-
-def float_option(opts: Dict[str, Any], key: str, lo: Optional[float] = None, allow_none: bool = False) -> Optional[float]:
-    """`opts[key]` as a float >= `lo` (an int or a numeric string is accepted; None only with
-    `allow_none`). Raises ValueError `key: expected a number >= lo, got v`."""
-    v = opts.get(key)
-    if v is None and allow_none:
-        return None
-    x = None
-    if not isinstance(v, bool) and isinstance(v, (int, float, str)):
-        try:
-            x = float(v)
-        except ValueError:
-            x = None
-    if x is None or x != x or (lo is not None and x < lo):
-        bound = f" >= {lo}" if lo is not None else ""
-        raise ValueError(f"{key}: expected a number{bound}{' or null' if allow_none else ''}, got {v!r}")
-    return x
-
-
-def str_option(opts: Dict[str, Any], key: str, allow_none: bool = False) -> Optional[str]:
-    """`opts[key]` as a string (a number Hydra parsed from `key=5` is turned back into text; None
-    only with `allow_none`). Raises ValueError `key: expected a string, got v` for a list, a
-    mapping or a boolean."""
-    v = opts.get(key)
-    if v is None and allow_none:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-        raise ValueError(f"{key}: expected a string{' or null' if allow_none else ''}, got {v!r}")
-    return str(v)
-
-
-def choice_option(opts: Dict[str, Any], key: str, choices: Iterable[str], allow_none: bool = False) -> Optional[str]:
-    """`opts[key]` checked against `choices`. Raises ValueError `key: expected one of [...], got v`."""
-    v = opts.get(key)
-    choices = list(choices)
-    if v is None and allow_none:
-        return None
-    if v not in choices:
-        raise ValueError(f"{key}: expected one of {choices}{' or null' if allow_none else ''}, got {v!r}")
-    return v
-
-
-def str_list_option(opts: Dict[str, Any], key: str) -> List[str]:
-    """`opts[key]` as a list of strings: a list, or one comma-separated string (`a,b` quoted on the
-    command line, the old key=value form). None/empty -> []. Raises ValueError naming `key` for
-    other types or non-string items."""
-    v = opts.get(key)
-    if v is None or v == "":
-        return []
-    if isinstance(v, str):
-        return [s.strip() for s in v.split(",") if s.strip()]
-    if isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v):
-        return list(v)
-    raise ValueError(f"{key}: expected a list of names, e.g. {key}=[a,b], got {v!r}")
-
 
 def path_list_option(value: Any, key: str, required_hint: str) -> List[str]:
     """A list-of-paths option (`key=PATH` or `key=[PATH,...]`) as a list of paths: an entry with
@@ -356,18 +244,6 @@ def path_list_option(value: Any, key: str, required_hint: str) -> List[str]:
         raise ValueError(f"{key}: required: {required_hint}")
     return out
 
-
-def compose(config_name: str, overrides: Sequence[str] = ()) -> Any:
-    """Compose conf/<config_name>.yaml with command-line style `overrides`, as the tool's
-    `@hydra.main` would (for tests and scripts of the tools on conf files; a typed tool: `typed_options`).
-    Returns the DictConfig (with its `hydra` node removed). Hydra's errors (unknown key, bad
-    override syntax) propagate."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
 # ------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ A *run directory* is what `python train.py` writes (docs/training.md, "Run direc
     <run>/step_time.json             a measured step time (moeut.analysis compare measure=true)
 
 Every reader of these files (the `python -m moeut.analysis` subcommands summary, compare, curves,
-table and cpu-result, moeut.evaluate / moeut.eval.zeroshot, moeut.analyze and its notebooks) goes
+table and cpu-result, moeut.evaluate / moeut.eval.zeroshot, routing and its notebooks) goes
 through this module, so they agree on where things are, on what a damaged file means, and on the
 run's facts: its validation perplexity (`val_ppl_key`, the one rule), training corpus
 (`RunDir.dataset`), context length (`RunDir.seq_len`) and commit (`RunDir.commit`).

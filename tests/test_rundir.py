@@ -1,7 +1,7 @@
 """moeut.rundir: the one run-directory reader (issue 16 item 4), on hand-written files.
 
 - the corrupt-line policy, once, for every reader of metrics.jsonl (moeut.rundir, the analysis
-  subcommands summary / compare / curves, moeut.analysis.stats / moeut.analyze, moeut.eval.zeroshot):
+  subcommands summary / compare / curves / routing, moeut.analysis.stats, moeut.eval.zeroshot):
   a cut last line (no newline) is skipped with a warning naming file:line, anything else damaged
   is a CorruptRunFile naming file:line;
 - metrics.rewound.jsonl (what a resume moves aside) is never counted;

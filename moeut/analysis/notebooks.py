@@ -11,8 +11,7 @@ from ..paths import clone_root
 
 def is_notebook_source(path: str) -> bool:
     """A jupytext percent-format notebook source: a `# ---` YAML header holding a `jupytext:`
-    section (what `jupytext --sync` writes). Plain scripts next to the notebooks
-    (analysis/compare.py, analysis/plot_curves.py) have none."""
+    section (what `jupytext --sync` writes). A plain script next to the notebooks has none."""
     try:
         with open(path, encoding="utf-8") as f:
             head = f.read(2000)

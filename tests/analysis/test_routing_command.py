@@ -206,7 +206,7 @@ def test_notebooks_execute_headless(tiny_run, tmp_path):
         Z.run_analysis(Z.RoutingOptions(checkpoint=str(run), seq_len=32, batch_size=8, max_tokens=1024,
                                        data=Z.DataOptions(path=str(C4_VALID)), device="cpu",
                                        figures=Z.FigureOptions(formats=["png"], dpi=40)))
-    # Only jupytext-paired sources are notebooks (analysis/compare.py is a plain CLI script).
+    # Only jupytext-paired sources are notebooks (a plain script in analysis/ is not).
     srcs = [p for p in sorted((REPO / "analysis").glob("*.py")) if p.read_text().startswith("# ---\n# jupyter:")]
     assert {p.name for p in srcs} >= {"expert_usage.py", "attention_and_norms.py"}
     for src in srcs:  # the committed .ipynb is generated from the .py source
