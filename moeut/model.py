@@ -36,7 +36,7 @@ from .outputs import LMOutput
 from .softmax_moe import DeepSeekMoE, SwitchMoE
 
 __all__ = ["MoEUTLM", "MoEUTLayer", "SigmaMoE", "SwitchHeadAttention", "Transformer", "build_moe_mlp",
-           "entropy_reg_term", "sigmoid_topk", "renorm_keep_std", "renorm_rows",
+           "entropy_reg_term", "knock_out", "sigmoid_topk", "renorm_keep_std", "renorm_rows",
            # shared scaffolding (moeut.lm), re-exported for existing imports
            "ForwardState", "KVCache", "apply_rope", "generate", "rope_angles"]
 
@@ -109,6 +109,15 @@ def sigmoid_topk(z: torch.Tensor, k: int, training: bool, expert_dropout: float)
     return idx, s.gather(-1, idx)
 
 
+def knock_out(z: torch.Tensor, knockout: Optional[Dict[str, torch.Tensor]], kind: str) -> torch.Tensor:
+    """Gate logits z [..., E] with the experts `knockout[kind]` marks (a bool tensor broadcastable
+    to z, True = knocked out) set to -inf: such an expert is never chosen while another is left, and
+    its gate sigmoid(-inf) = 0 when it is, so it contributes nothing. No entry (the default None):
+    z itself, unchanged. Used by the causal knock-out analysis (docs/analysis.md)."""
+    mask = knockout.get(kind) if knockout else None
+    return z if mask is None else z.masked_fill(mask, float("-inf"))
+
+
 # ------------------------------------------------------------------------------------------
 # σ-MoE MLP (SPEC 1.5)
 # ------------------------------------------------------------------------------------------
@@ -124,6 +133,8 @@ class SigmaMoE(nn.Module):
         d, E, De = cfg.d_model, cfg.ff_n_experts, cfg.ff_expert_size
         self.n_experts, self.k, self.expert_dropout = E, cfg.ff_k, cfg.expert_dropout
         self.backend = cfg.cvmm_backend
+        # {"mlp": bool mask broadcastable to [B, T, E]} of knocked-out experts (`knock_out`); None = none
+        self.knockout: Optional[Dict[str, torch.Tensor]] = None
         self.expert_sel = nn.Parameter(torch.empty(E, d))  # gate W_S
         self.keys = nn.Parameter(torch.empty(E, d, De))  # W1
         self.values = nn.Parameter(torch.empty(E, De, d))  # W2
@@ -145,6 +156,7 @@ class SigmaMoE(nn.Module):
         B, T, d = x_BTd.shape
         z_BTE = F.linear(gate_in_BTd, self.expert_sel).float()  # matmul in autocast dtype, then fp32
         state.add_gate_logits("mlp", g, z_BTE)
+        z_BTE = knock_out(z_BTE, self.knockout, "mlp")
         idx_BTK, gate_BTK = sigmoid_topk(z_BTE, self.k, self.training, self.expert_dropout)
         if state.record is not None:
             state.record.mlp_idx = idx_BTK.int()
@@ -192,6 +204,8 @@ class SwitchHeadAttention(nn.Module):
         self.n_heads, self.d_head, self.n_experts, self.top_k = H, D, E, cfg.att_k
         self.n_rot, self.rope_base = cfg.n_rotate, cfg.rope_base
         self.expert_dropout, self.backend = cfg.expert_dropout, cfg.cvmm_backend
+        # {"att_v" / "att_o": bool mask broadcastable to [B, T, H, E]} of knocked-out experts; None = none
+        self.knockout: Optional[Dict[str, torch.Tensor]] = None
         self.q = nn.Linear(d, H * D, bias=False)
         self.k = nn.Linear(d, H * D, bias=False)
         self.v = nn.Parameter(torch.empty(H * E, d, D))  # expert (h, e) is row h*E + e
@@ -217,6 +231,7 @@ class SwitchHeadAttention(nn.Module):
         B, T, _ = u_BTd.shape
         z_BTHE = F.linear(u_BTd, w_sel).float().view(B, T, self.n_heads, self.n_experts)
         state.add_gate_logits(kind, g, z_BTHE)
+        z_BTHE = knock_out(z_BTHE, self.knockout, kind)
         idx_BTHk, gate_BTHk = sigmoid_topk(z_BTHE, self.top_k, self.training, self.expert_dropout)
         # Global expert id h*E + e: each head owns its own bank.
         head_offset = torch.arange(self.n_heads, device=u_BTd.device)[:, None] * self.n_experts

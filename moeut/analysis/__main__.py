@@ -12,6 +12,10 @@ from typing import Dict, List, Optional
 
 # subcommand -> (module, one-line description); the module's main() does the work
 SUBCOMMANDS: Dict[str, tuple] = {
+    "sources": ("moeut.analysis.sources", "expert specialisation by data source (NMI, usage relative to uniform)"),
+    "dynamics": ("moeut.analysis.dynamics", "expert usage, router saturation and dead experts at every checkpoint"),
+    "knockout": ("moeut.analysis.knockout", "validation loss change when one expert (or a group) is knocked out"),
+    "depth": ("moeut.analysis.depth", "perplexity with R' repetitions and the logit lens after every layer"),
 }
 
 

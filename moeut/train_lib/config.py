@@ -195,6 +195,7 @@ class TrainSchema:
     val_batch_size: Optional[int] = field(default=None, metadata=at_least(1))  # None = micro batch size
     save_interval: int = field(default=10000, metadata=at_least(1))
     keep_last: int = field(default=3, metadata=at_least(1))
+    keep_every: Optional[int] = field(default=None, metadata=at_least(1))  # also keep every checkpoint whose step is a multiple of N (None = only keep_last)
     routing_interval: int = field(default=500, metadata=at_least(1))  # log routing metrics every N steps (SPEC 4.4)
     routing_every: int = field(default=10, metadata=at_least(1))  # collect routing counts on every N-th step (SPEC 7.3)
     resume: str = "auto"  # auto (newest valid checkpoint in the run dir) | never | <checkpoint path>
