@@ -109,13 +109,20 @@ def sigmoid_topk(z: torch.Tensor, k: int, training: bool, expert_dropout: float)
     return idx, s.gather(-1, idx)
 
 
-def knock_out(z: torch.Tensor, knockout: Optional[Dict[str, torch.Tensor]], kind: str) -> torch.Tensor:
-    """Gate logits z [..., E] with the experts `knockout[kind]` marks (a bool tensor broadcastable
-    to z, True = knocked out) set to -inf: such an expert is never chosen while another is left, and
-    its gate sigmoid(-inf) = 0 when it is, so it contributes nothing. No entry (the default None):
-    z itself, unchanged. Used by the causal knock-out analysis (docs/analysis.md)."""
-    mask = knockout.get(kind) if knockout else None
-    return z if mask is None else z.masked_fill(mask, float("-inf"))
+def knock_out(z: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, mask: Optional[torch.Tensor], k: int,
+              training: bool, expert_dropout: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(idx, gate) of `sigmoid_topk` with the experts of `mask` knocked out (the causal knock-out
+    analysis, docs/analysis.md): z [..., E] the gate logits, idx/gate [..., k] the selection without
+    knock-out, mask a bool tensor broadcastable to z (True = knocked out) or None (idx, gate
+    returned as they are). Positions that selected a knocked-out expert choose again among the
+    others (its logit set to -inf before the top-k; if fewer than k are left, the knocked-out ones
+    fill up with gate sigmoid(-inf) = 0, so they contribute nothing); every other position keeps
+    its selection exactly, so knocking out an expert no position selects changes nothing."""
+    if mask is None:
+        return idx, gate
+    hit = mask.expand_as(z).gather(-1, idx).any(-1, keepdim=True)  # [..., 1]
+    idx_ko, gate_ko = sigmoid_topk(z.masked_fill(mask, float("-inf")), k, training, expert_dropout)
+    return torch.where(hit, idx_ko, idx), torch.where(hit, gate_ko, gate)
 
 
 # ------------------------------------------------------------------------------------------
@@ -133,7 +140,7 @@ class SigmaMoE(nn.Module):
         d, E, De = cfg.d_model, cfg.ff_n_experts, cfg.ff_expert_size
         self.n_experts, self.k, self.expert_dropout = E, cfg.ff_k, cfg.expert_dropout
         self.backend = cfg.cvmm_backend
-        # {"mlp": bool mask broadcastable to [B, T, E]} of knocked-out experts (`knock_out`); None = none
+        # {"mlp": bool mask broadcastable to [B, T, E]} of knocked-out experts (see `knock_out`); None = none
         self.knockout: Optional[Dict[str, torch.Tensor]] = None
         self.expert_sel = nn.Parameter(torch.empty(E, d))  # gate W_S
         self.keys = nn.Parameter(torch.empty(E, d, De))  # W1
@@ -156,8 +163,10 @@ class SigmaMoE(nn.Module):
         B, T, d = x_BTd.shape
         z_BTE = F.linear(gate_in_BTd, self.expert_sel).float()  # matmul in autocast dtype, then fp32
         state.add_gate_logits("mlp", g, z_BTE)
-        z_BTE = knock_out(z_BTE, self.knockout, "mlp")
         idx_BTK, gate_BTK = sigmoid_topk(z_BTE, self.k, self.training, self.expert_dropout)
+        if self.knockout is not None:  # the knock-out analysis only
+            idx_BTK, gate_BTK = knock_out(z_BTE, idx_BTK, gate_BTK, self.knockout.get("mlp"), self.k, self.training,
+                                          self.expert_dropout)
         if state.record is not None:
             state.record.mlp_idx = idx_BTK.int()
             state.record.mlp_gate = gate_BTK.detach().float()
@@ -231,8 +240,10 @@ class SwitchHeadAttention(nn.Module):
         B, T, _ = u_BTd.shape
         z_BTHE = F.linear(u_BTd, w_sel).float().view(B, T, self.n_heads, self.n_experts)
         state.add_gate_logits(kind, g, z_BTHE)
-        z_BTHE = knock_out(z_BTHE, self.knockout, kind)
         idx_BTHk, gate_BTHk = sigmoid_topk(z_BTHE, self.top_k, self.training, self.expert_dropout)
+        if self.knockout is not None:  # the knock-out analysis only
+            idx_BTHk, gate_BTHk = knock_out(z_BTHE, idx_BTHk, gate_BTHk, self.knockout.get(kind), self.top_k,
+                                            self.training, self.expert_dropout)
         # Global expert id h*E + e: each head owns its own bank.
         head_offset = torch.arange(self.n_heads, device=u_BTd.device)[:, None] * self.n_experts
         plan = make_plan((idx_BTHk + head_offset).view(B * T, self.n_heads * self.top_k),
