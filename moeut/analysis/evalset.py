@@ -2,7 +2,7 @@
 the checkpoint and its windows, the options every one of them takes, and the per-layer-application
 labels (docs/analysis.md "Beyond the paper").
 
-A *source* is a named evaluation text: `name=path` with path a .txt / .jsonl(.gz) file or a folder of
+A *source* is a named evaluation text: `name:path` with path a .txt / .jsonl(.gz) file or a folder of
 them, read by the training data reader (SPEC 5.1). Without `sources`, the carried held-out books
 (data/books/valid.jsonl.gz) and the carried C4 sample (data/c4_sample/valid.jsonl.gz) when present.
 Each source is tokenised with the checkpoint's tokenizer into non-overlapping windows of T+1 tokens
@@ -30,35 +30,35 @@ DEVICE_RE = r"^(auto|cpu|cuda|cuda:\d+)$"
 
 
 def default_sources() -> List[str]:
-    """`name=path` of the carried evaluation texts that exist: books (held-out Project Gutenberg
+    """`name:path` of the carried evaluation texts that exist: books (held-out Project Gutenberg
     books) and c4 (the C4 validation sample), from moeut.paths.data_dir()."""
     out = []
     for name, rel in (("books", "books/valid.jsonl.gz"), ("c4", "c4_sample/valid.jsonl.gz")):
         p = data_dir() / rel
         if p.is_file():
-            out.append(f"{name}={p}")
+            out.append(f"{name}:{p}")
     return out
 
 
 def parse_sources(specs: List[str], option_name: str = "sources") -> List[Tuple[str, str]]:
-    """[(name, path)] of `name=path` entries (a bare path is named by its file stem). Raises
+    """[(name, path)] of `name:path` entries (a bare path is named by its file name up to the first dot). Raises
     ValueError naming `option_name` for an empty list, a repeated name or a path that does not exist."""
     out: List[Tuple[str, str]] = []
     for spec in specs:
-        name, sep, path = str(spec).partition("=")
+        name, sep, path = str(spec).partition(":")
         if not sep:
             path = name
             name = os.path.basename(os.path.normpath(path)).split(".")[0]
         name, path = name.strip(), path.strip()
         if not name or not path:
-            raise ValueError(f"{option_name}: {spec!r} is not name=path")
+            raise ValueError(f"{option_name}: {spec!r} is not name:path")
         if any(n == name for n, _ in out):
             raise ValueError(f"{option_name}: the name {name!r} is given twice")
         if not os.path.exists(path):
-            raise ValueError(f"{option_name}: {name}={path}: no such file or directory")
+            raise ValueError(f"{option_name}: {name}:{path}: no such file or directory")
         out.append((name, os.path.abspath(path)))
     if not out:
-        raise ValueError(f"{option_name}: no evaluation text: pass {option_name}=[name=path,...] (the carried "
+        raise ValueError(f"{option_name}: no evaluation text: pass {option_name}=[name:path,...] (the carried "
                          f"data/books and data/c4_sample are missing)")
     return out
 
@@ -68,7 +68,7 @@ class EvalOptions:
     """The options every expert analysis takes (nested as the tool's top-level fields)."""
 
     checkpoint: str = option("???", help="run dir (newest checkpoint) or a checkpoints/step_* dir")
-    sources: List[str] = option(default_factory=list, help="named evaluation texts name=path (.txt/.jsonl(.gz) "
+    sources: List[str] = option(default_factory=list, help="named evaluation texts name:path (.txt/.jsonl(.gz) "
                                 "file or folder); [] = the carried books and C4 sample")
     seq_len: Optional[int] = option(None, help="window length T; null = the run's training data.seq_len", lo=1)
     max_tokens: int = option(8192, help="tokens per source (whole windows of T)", lo=1)
@@ -146,7 +146,7 @@ def open_evalset(opts: EvalOptions, checkpoint: Optional[str] = None) -> EvalSet
         try:
             windows[name] = make_windows(stream, T, opts.max_tokens)
         except ValueError as e:
-            raise ValueError(f"sources: {name}={path}: {e}; or raise max_tokens={opts.max_tokens}") from None
+            raise ValueError(f"sources: {name}:{path}: {e}; or raise max_tokens={opts.max_tokens}") from None
     n = {k: len(v) for k, v in windows.items()}
     if len(set(n.values())) > 1:
         warnings.warn(f"sources: the sources give different numbers of windows of {T} tokens ({n}); each source's "

@@ -201,7 +201,7 @@ APP = "moeut.analysis sources"
 
 @typed_tool(APP, SourcesOptions, summary="Expert specialisation by data source: routing over several named "
             "evaluation texts, per layer application and expert (docs/analysis.md).",
-            usage="python -m moeut.analysis sources checkpoint=<run dir> [sources=[name=path,...]] [key=value ...]")
+            usage="python -m moeut.analysis sources checkpoint=<run dir> [sources=[name:path,...]] [key=value ...]")
 def main(opts: SourcesOptions) -> Dict[str, object]:
     """Check the inputs (one-line errors, exit 1), then run `analyse`."""
     with bad_input_exits(APP):
