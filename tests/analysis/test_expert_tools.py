@@ -156,3 +156,16 @@ def test_commands_run(run, tmp_path, sub):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / sub / f"{sub}.json").is_file()
     assert f"<!-- section:{sub} -->" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("sub, schema", [("sources", "SourcesOptions"), ("dynamics", "DynamicsOptions"),
+                                         ("knockout", "KnockoutOptions"), ("depth", "DepthOptions")])
+def test_help_lists_every_option(sub, schema):
+    import importlib
+    from moeut.cli import schema_options
+    r = _cli(sub, "--help")
+    assert r.returncode == 0, r.stderr
+    names = [n for n, *_ in schema_options(getattr(importlib.import_module(f"moeut.analysis.{sub}"), schema))]
+    assert "checkpoint" in names and "max_tokens" in names
+    for n in names:
+        assert any(line.split()[0].startswith(f"{n}=") for line in r.stdout.splitlines() if line.strip()), n
