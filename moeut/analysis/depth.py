@@ -97,7 +97,7 @@ def _figures(es: EvalSet, reps: List[int], ce_rep: np.ndarray, lens: Dict[str, D
     ax.set_title(f"{es.run}: perplexity against the number of repetitions")
     ax.legend()
     save(fig, os.path.join(fig_dir, "depth_repeats"), formats)
-    out.append(("figures/depth_repeats.png", "Validation perplexity when the G shared layers are applied R' times "
+    out.append((f"figures/depth_repeats.{formats[0]}", "Validation perplexity when the G shared layers are applied R' times "
                 "instead of the trained R (dotted line)."))
 
     order = sorted(es.model.execution_order())
@@ -123,7 +123,7 @@ def _figures(es: EvalSet, reps: List[int], ce_rep: np.ndarray, lens: Dict[str, D
     axes[0].legend()
     fig.suptitle(f"{es.run}: logit lens (final norm + head after every layer application; grey: repetition boundary)")
     save(fig, os.path.join(fig_dir, "depth_lens"), formats)
-    out.append(("figures/depth_lens.png", "Logit lens: the target's loss, its median rank and the share of tokens "
+    out.append((f"figures/depth_lens.{formats[0]}", "Logit lens: the target's loss, its median rank and the share of tokens "
                 "whose top-1 prediction no longer changes, against depth, per source."))
     return out
 

@@ -99,7 +99,7 @@ def _figures(es: EvalSet, steps: np.ndarray, st: Dict[str, np.ndarray], fig_dir:
     axes[0, 0].legend(title="layer application", fontsize=7)
     fig.suptitle(f"{es.run}: MLP expert routing over training")
     save(fig, os.path.join(fig_dir, "dynamics_mlp"), formats)
-    out.append(("figures/dynamics_mlp.png", "MLP experts against the training step, one line per layer application: "
+    out.append((f"figures/dynamics_mlp.{formats[0]}", "MLP experts against the training step, one line per layer application: "
                 "router saturation (1 = the final checkpoint's choices), usage entropy, dead experts, source NMI."))
     fig, axes = figure((9.6, 3.4), ncols=2)
     for ax, k in zip(axes, ("att_v", "att_o")):
@@ -111,7 +111,7 @@ def _figures(es: EvalSet, steps: np.ndarray, st: Dict[str, np.ndarray], fig_dir:
         ax.set_ylim(0, 1.02)
     axes[0].legend(title="layer application", fontsize=7)
     save(fig, os.path.join(fig_dir, "dynamics_attention"), formats)
-    out.append(("figures/dynamics_attention.png", "Router saturation of the attention value and output experts "
+    out.append((f"figures/dynamics_attention.{formats[0]}", "Router saturation of the attention value and output experts "
                 "(per head bank) against the training step."))
     return out
 

@@ -24,7 +24,7 @@ from ..paths import data_dir
 
 # The collection code of moeut/analyze.py that these analyses reuse (one place, so that it is
 # re-pointed once when that module moves into this package).
-from ..analyze import load_texts, make_windows, resolve_seq_len, token_stream  # noqa: E402
+from ..analyze import load_texts, make_windows, resolve_seq_len, token_stream
 
 DEVICE_RE = r"^(auto|cpu|cuda|cuda:\d+)$"
 
@@ -133,6 +133,8 @@ def open_evalset(opts: EvalOptions, checkpoint: Optional[str] = None) -> EvalSet
     from ..rundir import run_dir_of
 
     dev = resolve_device(opts.device)
+    if not opts.formats:
+        raise ValueError("formats: empty, so no figure would be written; e.g. formats=[png]")
     srcs = parse_sources(opts.sources or default_sources())
     loaded = load_model(checkpoint or opts.checkpoint)
     check_moeut(loaded.config)

@@ -195,7 +195,7 @@ def _figures(es: EvalSet, targets: List[Target], delta: np.ndarray, usage: np.nd
     ax.set_title(f"{es.run}: distribution of knock-out effects ({scope})")
     ax.legend()
     save(fig, os.path.join(fig_dir, "knockout_effects"), formats)
-    out.append(("figures/knockout_effects.png", "Histogram of the loss change of every single-expert knock-out, per "
+    out.append((f"figures/knockout_effects.{formats[0]}", "Histogram of the loss change of every single-expert knock-out, per "
                 "expert kind (right of 0: the expert helped)."))
 
     fig, ax = figure((6.4, 3.8))
@@ -208,7 +208,7 @@ def _figures(es: EvalSet, targets: List[Target], delta: np.ndarray, usage: np.nd
     ax.set_title(f"{es.run}: importance against usage")
     ax.legend()
     save(fig, os.path.join(fig_dir, "knockout_vs_usage"), formats)
-    out.append(("figures/knockout_vs_usage.png", "Each expert's knock-out effect against how often it is selected."))
+    out.append((f"figures/knockout_vs_usage.{formats[0]}", "Each expert's knock-out effect against how often it is selected."))
 
     blocks = [(j, t) for j, t in enumerate(targets) if t.expert < 0 and t.l >= 0 and len(t.experts) == 1
               and t.name.endswith("all experts")]
@@ -228,7 +228,7 @@ def _figures(es: EvalSet, targets: List[Target], delta: np.ndarray, usage: np.nd
         ax.set_title(f"{es.run}: knocking out every expert of a branch")
         ax.legend(fontsize=6, ncols=2)
         save(fig, os.path.join(fig_dir, "knockout_blocks"), formats)
-        out.append(("figures/knockout_blocks.png", "Loss change when all experts of one kind are knocked out at one "
+        out.append((f"figures/knockout_blocks.{formats[0]}", "Loss change when all experts of one kind are knocked out at one "
                     "layer application (the MLP / attention branch removed there), per source."))
     return out
 
@@ -239,7 +239,6 @@ def analyse(es: EvalSet, opts: KnockoutOptions) -> Dict[str, object]:
     from .sections import write_section
 
     t0 = time.time()
-    cfg = es.loaded.config
     targets, n_candidates = build_targets(opts, es.model)
     if opts.max_experts is not None and opts.max_experts < n_candidates:
         warnings.warn(f"max_experts={opts.max_experts}: {opts.max_experts} of {n_candidates} single-expert "

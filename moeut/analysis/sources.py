@@ -101,7 +101,7 @@ def _figures(es: EvalSet, st: Dict[str, np.ndarray], fig_dir: str, formats) -> L
     ax.set_title(f"{es.run}: how much the expert choice tells about the source")
     ax.legend()
     save(fig, os.path.join(fig_dir, "sources_nmi"), formats)
-    written.append(("figures/sources_nmi.png", "Normalised mutual information between expert choice and source per "
+    written.append((f"figures/sources_nmi.{formats[0]}", "Normalised mutual information between expert choice and source per "
                     "layer application (0: every source uses the experts alike; 1: no expert is shared)."))
 
     names = es.names
@@ -118,7 +118,7 @@ def _figures(es: EvalSet, st: Dict[str, np.ndarray], fig_dir: str, formats) -> L
     axes[0].set_ylabel("layer application")
     fig.colorbar(im, ax=list(axes), label="log2(usage / uniform)")
     save(fig, os.path.join(fig_dir, "sources_share_mlp"), formats)
-    written.append(("figures/sources_share_mlp.png", "Each source's use of each MLP expert relative to uniform "
+    written.append((f"figures/sources_share_mlp.{formats[0]}", "Each source's use of each MLP expert relative to uniform "
                     "(log2; red = used more than 1/E of the source's slots, blue = less, -3 = never)."))
 
     fig, ax = figure((6.4, 3.8))
@@ -132,7 +132,7 @@ def _figures(es: EvalSet, st: Dict[str, np.ndarray], fig_dir: str, formats) -> L
     ax.set_title(f"{es.run}: specialisation of single experts")
     ax.legend()
     save(fig, os.path.join(fig_dir, "sources_specialisation"), formats)
-    written.append(("figures/sources_specialisation.png", "Distribution of per-expert specialisation over every "
+    written.append((f"figures/sources_specialisation.{formats[0]}", "Distribution of per-expert specialisation over every "
                     "expert and layer application, per expert kind."))
     return written
 

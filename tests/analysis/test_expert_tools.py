@@ -3,11 +3,9 @@ against independent references: slot counts = tokens x k, saturation of the fina
 itself = 1, the two whole-attention knock-outs (all value / all output experts) agree, the
 depth analysis at R' = R reproduces the sources analysis' perplexity, report sections are replaced
 on a rerun, not duplicated; bad input is one line and exit status 1, nothing written."""
-import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
