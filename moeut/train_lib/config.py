@@ -387,6 +387,9 @@ def validate(tc: TrainConfig, world_size: int = 1) -> None:
     if local % mb:
         _fail("train.batch_size", f"global batch {t.batch_size} is not divisible by world size {world_size} "
                                   f"x train.micro_batch_size {mb}")
+    if t.keep_every is not None and t.keep_every % t.save_interval:
+        _fail("train.keep_every", f"must be a multiple of train.save_interval={t.save_interval} (checkpoints are "
+                                  f"written only there), got {t.keep_every}")
     if t.aux_loss_scope not in ("step", "micro_batch"):
         _fail("train.aux_loss_scope", f"{t.aux_loss_scope!r} is not one of step, micro_batch")
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):

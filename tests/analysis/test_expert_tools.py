@@ -167,3 +167,17 @@ def test_help_lists_every_option(sub, schema):
     assert "checkpoint" in names and "max_tokens" in names
     for n in names:
         assert any(line.split()[0].startswith(f"{n}=") for line in r.stdout.splitlines() if line.strip()), n
+
+
+def test_keep_every_must_be_a_multiple_of_save_interval():
+    from hydra import compose, initialize_config_dir
+    from moeut.train_lib.config import to_typed
+
+    def typed(*overrides):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            return to_typed(compose("config", overrides=["name=test", *overrides]))
+
+    assert typed("train.save_interval=25", "train.keep_every=50").train.keep_every == 50
+    assert typed().train.keep_every is None  # default: off
+    with pytest.raises(ValueError, match=r"train.keep_every: must be a multiple of train.save_interval=25 .* got 30"):
+        typed("train.save_interval=25", "train.keep_every=30")
