@@ -111,3 +111,72 @@ for g in range(G):
         print("  same, from the first", len(subset), "stored positions:\n", np.round(A.jaccard_matrix(subset), 3))
     display(F.plot_f4(stats, run, g))
 plt.close("all")
+
+# %% [markdown]
+# ## Beyond the paper: specialisation by source
+# From `python -m moeut.analysis sources checkpoint=<run dir>` (`<analysis dir>/sources/sources.npz`):
+# NMI between expert choice and source per layer application (0 = every source uses the experts
+# alike, 1 = no expert serves two sources), and the MLP experts most specific to one source.
+
+# %%
+def beyond(name):
+    """The npz of one of the expert analyses, or None (with the command that writes it)."""
+    path = analysis_dir / name / f"{name}.npz"
+    if not path.is_file():
+        print(f"{path} not found: run python -m moeut.analysis {name} checkpoint={run_dir}")
+        return None
+    return np.load(path)
+
+
+src = beyond("sources")
+if src is not None:
+    lab = [f"g{g} r{r}" for g, r in zip(src["layer_g"], src["layer_r"])]
+    for kind in ("mlp", "att_v", "att_o"):
+        print(f"NMI {kind:6s}", dict(zip(lab, np.round(src[f"nmi_{kind}"], 4).tolist())))
+    spec = src["spec_mlp"]
+    for l, e in np.argwhere(spec >= np.nanpercentile(spec, 99))[:10]:
+        top = str(src["sources"][int(np.nanargmax(src["share_mlp"][:, l, e]))])
+        print(f"{lab[l]} expert {e}: specialisation {spec[l, e]:.2f}, mostly {top}")
+
+# %% [markdown]
+# ## Beyond the paper: routing over training
+# From `python -m moeut.analysis dynamics checkpoint=<run dir>` (train with `train.keep_every=N`):
+# router saturation against the final checkpoint, per layer application.
+
+# %%
+dyn = beyond("dynamics")
+if dyn is not None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for l in range(dyn["saturation_mlp"].shape[1]):
+        ax.plot(dyn["steps"], dyn["saturation_mlp"][:, l], marker="o", label=f"g{dyn['layer_g'][l]} r{dyn['layer_r'][l]}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("MLP router saturation vs final")
+    ax.legend(fontsize=7)
+    display(fig)
+
+# %% [markdown]
+# ## Beyond the paper: causal knock-out
+# From `python -m moeut.analysis knockout checkpoint=<run dir>`: the loss change (nats/token) when
+# an expert is removed exactly; the ten most important single experts.
+
+# %%
+ko = beyond("knockout")
+if ko is not None:
+    mean = ko["delta"].mean(0)
+    single = np.nonzero(ko["expert"] >= 0)[0]
+    for j in single[np.argsort(-mean[single])][:10]:
+        print(f"{ko['target'][j]:28s} delta {mean[j]:+.4f}  usage {ko['usage'][j] * 100:.2f} %")
+
+# %% [markdown]
+# ## Beyond the paper: recurrent depth
+# From `python -m moeut.analysis depth checkpoint=<run dir>`: perplexity with R' repetitions, and
+# the logit lens (mean loss after every layer application).
+
+# %%
+dep = beyond("depth")
+if dep is not None:
+    for s, name in enumerate(dep["sources"]):
+        print(name, "perplexity by R':", dict(zip(dep["repeats"].tolist(), np.round(np.exp(dep["ce_repeats"][s]), 2).tolist())))
+        print("  logit-lens loss by depth:", dict(zip(dep["depth_labels"].tolist(),
+                                                      np.round(dep[f"lens_ce_{name}"].mean(1), 3).tolist())))
+plt.close("all")

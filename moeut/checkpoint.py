@@ -349,7 +349,7 @@ TRAIN_STATE = "train_state.pt"
 
 def save_training_checkpoint(run_dir: str, step: int, model, model_config, *, train_state: Dict[str, Any],
                              tokenizer, raw_config: Dict[str, Any], keep_last: Optional[int] = None,
-                             meta: Optional[Dict[str, Any]] = None,
+                             keep_every: Optional[int] = None, meta: Optional[Dict[str, Any]] = None,
                              log: Optional[Callable[[str], None]] = None,
                              model_state: Optional[Dict[str, torch.Tensor]] = None) -> str:
     """Write checkpoints/step_XXXXXXX atomically (rank 0 only). `train_state` is
@@ -357,7 +357,8 @@ def save_training_checkpoint(run_dir: str, step: int, model, model_config, *, tr
     the resolved run config (written as config.yaml); `model_state` the full model state to write
     as model.pt (default: the model's state dict; training gives the gathered full state, so an
     FSDP run writes the same unsharded model.pt as any other); `keep_last` prunes older checkpoints after
-    the write (`prune_checkpoints`: only valid ones count; `log` gets its warnings). Returns the checkpoint dir. Raises OSError when the disk refuses the write (the
+    the write (`prune_checkpoints`: only valid ones count; `log` gets its warnings), besides every
+    checkpoint whose step is a multiple of `keep_every` (None: none). Returns the checkpoint dir. Raises OSError when the disk refuses the write (the
     previous checkpoints stay untouched: the new one is renamed into place only when complete),
     and NonFiniteWeightsError, writing and pruning nothing, when the weights hold inf/NaN."""
 
@@ -374,7 +375,7 @@ def save_training_checkpoint(run_dir: str, step: int, model, model_config, *, tr
                            tokenizer=tokenizer, meta=m, model_state=model_state,
                            extra_files={TRAIN_STATE: write_state, "config.yaml": write_config})
     if keep_last:
-        prune_checkpoints(run_dir, keep_last, log)
+        prune_checkpoints(run_dir, keep_last, log, keep_every=keep_every)
     return path
 
 
@@ -401,9 +402,11 @@ def set_aside_checkpoint(ckpt_dir: str, why: str, log: Optional[Callable[[str], 
     return dest
 
 
-def prune_checkpoints(run_dir: str, keep_last: int, log: Optional[Callable[[str], None]] = None) -> None:
+def prune_checkpoints(run_dir: str, keep_last: int, log: Optional[Callable[[str], None]] = None,
+                      keep_every: Optional[int] = None) -> None:
     """Keep the newest `keep_last` (>= 1) VALID checkpoints of `run_dir` and delete older valid
-    ones. Validity is `verify_checkpoint_files` (complete files, no weight loading). A checkpoint
+    ones, except those whose step is a multiple of `keep_every` (None: no exception; the
+    checkpoints the training-dynamics analysis reads, docs/training.md). Validity is `verify_checkpoint_files` (complete files, no weight loading). A checkpoint
     that fails it is never counted and never deleted: it is moved to checkpoints/unreadable/
     (`set_aside_checkpoint`, warning naming the bad file), so a valid checkpoint is never
     deleted while an unreadable one is kept."""
@@ -416,6 +419,9 @@ def prune_checkpoints(run_dir: str, keep_last: int, log: Optional[Callable[[str]
             continue
         valid.append(c)
     for old in valid[:-keep_last]:
+        m = _STEP_RE.match(os.path.basename(os.path.normpath(old)))
+        if keep_every and m and int(m.group(1)) % keep_every == 0:
+            continue
         shutil.rmtree(old, ignore_errors=True)
 
 

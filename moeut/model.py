@@ -36,7 +36,7 @@ from .outputs import LMOutput
 from .softmax_moe import DeepSeekMoE, SwitchMoE
 
 __all__ = ["MoEUTLM", "MoEUTLayer", "SigmaMoE", "SwitchHeadAttention", "Transformer", "build_moe_mlp",
-           "entropy_reg_term", "gate_zloss", "sigmoid_topk", "renorm_keep_std", "renorm_rows",
+           "entropy_reg_term", "gate_zloss", "knock_out", "sigmoid_topk", "renorm_keep_std", "renorm_rows",
            # shared scaffolding (moeut.lm), re-exported for existing imports
            "ForwardState", "KVCache", "apply_rope", "generate", "rope_angles"]
 
@@ -125,6 +125,25 @@ def gate_zloss(z: torch.Tensor, valid_BT: Optional[torch.Tensor]) -> torch.Tenso
     return (z2 * w).sum() / (w.sum() * per_token).clamp_min(1)
 
 
+def knock_out(z: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, mask: Optional[torch.Tensor], k: int,
+              training: bool, expert_dropout: float,
+              choice_bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(idx, gate) of `sigmoid_topk` with the experts of `mask` knocked out (the causal knock-out
+    analysis, docs/analysis.md): z [..., E] the gate logits, idx/gate [..., k] the selection without
+    knock-out, mask a bool tensor broadcastable to z (True = knocked out) or None (idx, gate
+    returned as they are). Positions that selected a knocked-out expert choose again among the
+    others (its logit set to -inf before the top-k; if fewer than k are left, the knocked-out ones
+    fill up with gate sigmoid(-inf) = 0, so they contribute nothing); every other position keeps
+    its selection exactly, so knocking out an expert no position selects changes nothing.
+    choice_bias: as in `sigmoid_topk` (bias balancing), used for the new choice too."""
+    if mask is None:
+        return idx, gate
+    hit = mask.expand_as(z).gather(-1, idx).any(-1, keepdim=True)  # [..., 1]
+    idx_ko, gate_ko = sigmoid_topk(z.masked_fill(mask, float("-inf")), k, training, expert_dropout,
+                                   choice_bias=choice_bias)
+    return torch.where(hit, idx_ko, idx), torch.where(hit, gate_ko, gate)
+
+
 # ------------------------------------------------------------------------------------------
 # σ-MoE MLP (SPEC 1.5)
 # ------------------------------------------------------------------------------------------
@@ -140,6 +159,8 @@ class SigmaMoE(nn.Module):
         d, E, De = cfg.d_model, cfg.ff_n_experts, cfg.ff_expert_size
         self.n_experts, self.k, self.expert_dropout = E, cfg.ff_k, cfg.expert_dropout
         self.backend = cfg.cvmm_backend
+        # {"mlp": bool mask broadcastable to [B, T, E]} of knocked-out experts (see `knock_out`); None = none
+        self.knockout: Optional[Dict[str, torch.Tensor]] = None
         self.expert_sel = nn.Parameter(torch.empty(E, d))  # gate W_S
         self.keys = nn.Parameter(torch.empty(E, d, De))  # W1
         self.values = nn.Parameter(torch.empty(E, De, d))  # W2
@@ -174,6 +195,9 @@ class SigmaMoE(nn.Module):
             state.add_aux("router_zloss", self.zloss * gate_zloss(z_BTE, state.valid))
         bias = getattr(self, "selection_bias", None)
         idx_BTK, gate_BTK = sigmoid_topk(z_BTE, self.k, self.training, self.expert_dropout, choice_bias=bias)
+        if self.knockout is not None:  # the knock-out analysis only
+            idx_BTK, gate_BTK = knock_out(z_BTE, idx_BTK, gate_BTK, self.knockout.get("mlp"), self.k, self.training,
+                                          self.expert_dropout, choice_bias=bias)
         if bias is not None and state.training and torch.is_grad_enabled() and not state.recomputing:
             self.count_selections(idx_BTK, state.valid)
         if state.record is not None:
@@ -241,6 +265,8 @@ class SwitchHeadAttention(nn.Module):
         self.n_rot, self.rope_base = cfg.n_rotate, cfg.rope_base
         self.expert_dropout, self.backend = cfg.expert_dropout, cfg.cvmm_backend
         self.zloss = getattr(cfg, "att_router_zloss", 0.0)  # router z-loss weight of the sel_v / sel_o gates
+        # {"att_v" / "att_o": bool mask broadcastable to [B, T, H, E]} of knocked-out experts; None = none
+        self.knockout: Optional[Dict[str, torch.Tensor]] = None
         self.q = nn.Linear(d, H * D, bias=False)
         self.k = nn.Linear(d, H * D, bias=False)
         self.v = nn.Parameter(torch.empty(H * E, d, D))  # expert (h, e) is row h*E + e
@@ -269,6 +295,9 @@ class SwitchHeadAttention(nn.Module):
         if self.zloss > 0:
             state.add_aux("att_router_zloss", self.zloss * gate_zloss(z_BTHE, state.valid))
         idx_BTHk, gate_BTHk = sigmoid_topk(z_BTHE, self.top_k, self.training, self.expert_dropout)
+        if self.knockout is not None:  # the knock-out analysis only
+            idx_BTHk, gate_BTHk = knock_out(z_BTHE, idx_BTHk, gate_BTHk, self.knockout.get(kind), self.top_k,
+                                            self.training, self.expert_dropout)
         # Global expert id h*E + e: each head owns its own bank.
         head_offset = torch.arange(self.n_heads, device=u_BTd.device)[:, None] * self.n_experts
         plan = make_plan((idx_BTHk + head_offset).view(B * T, self.n_heads * self.top_k),

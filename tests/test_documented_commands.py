@@ -237,6 +237,17 @@ REGISTRY = {
     'python tools/mutation.py --without tests/test_sampler_epochs.py': ("skip", MUTATION),
     'python tools/mutation.py --merge a/report.json b/report.json':
         ("covered", "tests/test_mutation.py::test_merge_combines_partial_runs_later_file_wins"),
+    # docs/analysis.md "Beyond the paper" (tests/analysis/test_expert_tools.py checks the numbers)
+    'python train.py train.save_interval=25 train.keep_every=25':
+        ("skip", "the default CPU training (minutes); tests/analysis/test_expert_tools.py checks train.keep_every"),
+    'python -m moeut.analysis sources checkpoint=runs/x': ("run", "max_tokens=256"),
+    'python -m moeut.analysis dynamics checkpoint=runs/x': ("run", "max_tokens=256"),
+    'python -m moeut.analysis knockout checkpoint=runs/x': ("run", "max_tokens=256 max_experts=8 kinds=[mlp]"),
+    'python -m moeut.analysis depth checkpoint=runs/x': ("run", "max_tokens=256"),
+    "python -m moeut.analysis sources checkpoint=runs/x 'sources=[books:data/books/valid.jsonl.gz,c4:data/c4_sample/valid.jsonl.gz]'":
+        ("run", "max_tokens=256"),
+    "python -m moeut.analysis knockout checkpoint=runs/x scope=unique max_experts=20 'groups=[mlp/0/3+17]'":
+        ("run", "max_tokens=256"),
     # docs/training.md
     'python train.py experiment=c4_moeut_44m data.path=/data/c4': ("skip", C4),
     'torchrun --standalone --nproc_per_node=8 train.py experiment=c4_moeut_1040m train.parallel=fsdp '

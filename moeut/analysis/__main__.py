@@ -18,6 +18,10 @@ SUBCOMMANDS: Dict[str, tuple] = {
     "compare": ("moeut.analysis.compare", "compute-matched comparisons: iso-parameter, iso-MAC, iso-step-time"),
     "curves": ("moeut.analysis.curves", "learning curves of several runs on one figure"),
     "cpu-result": ("moeut.analysis.cpu_result", "docs/results.md's tables and figures from the cpu_result sweep"),
+    "sources": ("moeut.analysis.sources", "expert specialisation by data source (NMI, usage relative to uniform)"),
+    "dynamics": ("moeut.analysis.dynamics", "expert usage, router saturation and dead experts at every checkpoint"),
+    "knockout": ("moeut.analysis.knockout", "validation loss change when one expert (or a group) is knocked out"),
+    "depth": ("moeut.analysis.depth", "perplexity with R' repetitions and the logit lens after every layer"),
 }
 
 

@@ -212,6 +212,8 @@ class TrainSchema:
     val_batch_size: Optional[int] = option(None, help="validation batch; null = the micro-batch size", lo=1)
     save_interval: int = option(10000, help="save a checkpoint every N steps", lo=1)
     keep_last: int = option(3, help="checkpoints kept", lo=1)
+    keep_every: Optional[int] = option(None, help="also keep every checkpoint whose step is a multiple of N "
+                                       "(a multiple of save_interval; null = only keep_last)", lo=1)
     routing_interval: int = option(500, help="log routing metrics every N steps (SPEC 4.4)", lo=1)
     routing_every: int = option(10, help="collect routing counts on every N-th step (SPEC 7.3)", lo=1)
     resume: str = option("auto", help="auto (newest valid checkpoint in the run dir) | never | <checkpoint path>")
@@ -493,6 +495,9 @@ def validate(tc: TrainConfig, world_size: int = 1) -> None:
     if local % mb:
         _fail("train.batch_size", f"global batch {t.batch_size} is not divisible by world size {world_size} "
                                   f"x train.micro_batch_size {mb}")
+    if t.keep_every is not None and t.keep_every % t.save_interval:
+        _fail("train.keep_every", f"must be a multiple of train.save_interval={t.save_interval} (checkpoints are "
+                                  f"written only there), got {t.keep_every}")
     if t.aux_loss_scope not in ("step", "micro_batch"):
         _fail("train.aux_loss_scope", f"{t.aux_loss_scope!r} is not one of step, micro_batch")
     check_device(t.device, "train.device")

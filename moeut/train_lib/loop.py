@@ -88,7 +88,7 @@ def train(tc: TrainConfig, run_dir: str, run_files: Optional[Dict[str, str]] = N
 
 def save_checkpoint(setup: RunSetup, tc: TrainConfig, run_dir: str, logger: RunLogger) -> Optional[str]:
     """Checkpoint the run at `setup.state.step` into <run_dir>/checkpoints/ (moeut.train_lib.
-    checkpoint; keeps train.keep_last). A collective under DDP and FSDP (every rank contributes
+    checkpoint; keeps train.keep_last and every train.keep_every-th step's). A collective under DDP and FSDP (every rank contributes
     its RNG and routing state, and under FSDP its shards of the weights and optimiser state,
     gathered to full tensors); only rank 0 writes and gets the path, the others None. Raises
     NonFiniteWeightsError on every rank, before anything is gathered or written, when the weights
@@ -110,7 +110,7 @@ def save_checkpoint(setup: RunSetup, tc: TrainConfig, run_dir: str, logger: RunL
     path = ckpt_lib.save_training_checkpoint(
         run_dir, state.step, state.model, tc.model, model_state=model_state, train_state=train_state,
         tokenizer=setup.tokenizer,
-        raw_config=tc.raw, keep_last=tc.train.keep_last, meta={"preset": tc.model_preset, "name": tc.name},
+        raw_config=tc.raw, keep_last=tc.train.keep_last, keep_every=tc.train.keep_every, meta={"preset": tc.model_preset, "name": tc.name},
         log=logger.message)
     logger.message(f"[ckpt] saved {path}")
     return path
