@@ -112,3 +112,9 @@ def c4_texts():
 def small_tokenizer(c4_texts):
     from moeut.data.tokenizer import train_tokenizer
     return train_tokenizer(c4_texts[:300], vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A token cache shared by one test module's training runs (a module may define its own)."""
+    return str(tmp_path_factory.mktemp("cache"))

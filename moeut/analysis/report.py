@@ -108,6 +108,7 @@ def write_report(out_dir: str, infos: List["FigureInfo"], meta: Dict[str, Any], 
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + e(run) +
             "</title></head><body style='font-family:sans-serif;max-width:1000px'>" + "\n".join(body) +
             "</body></html>")
+    page = sections.carry_sections(_read(html_path), page)
     with open(html_path, "w") as f:
-        f.write(sections.carry_sections(_read(html_path), page))
+        f.write(page)
     return md_path, html_path
