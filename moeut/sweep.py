@@ -26,7 +26,10 @@ Run directories. Each job runs in `<sweep dir>/<override dirname>`, where the di
 `set=[...]` overrides and `seed` are excluded), e.g. `main_table/experiment=c4_moeut_244m`. The name
 depends on what the job *is*, not on its position in the sweep, so a SLURM requeue, a re-launch of
 the whole sweep after a crash, or a sweep file that gained a job all land every job in its old
-directory, where train.py auto-resumes from the newest checkpoint.
+directory, where train.py auto-resumes from the newest checkpoint. A local launch (local=true)
+runs the jobs one at a time and skips every job whose run dir already holds a finished run
+(metrics.jsonl reaches train.steps, with its final validation), so re-running the same launch
+command after an interruption continues the sweep where it stopped.
 """
 from __future__ import annotations
 
@@ -183,6 +186,8 @@ class Job:
     hydra_overrides: List[str]    # sweep dir / subdir / launcher settings
     run_dir: Optional[str] = None
     resources: Dict[str, Any] = field(default_factory=dict)  # resolved SLURM settings (dry run)
+    steps: Optional[int] = None   # the job's train.steps (compose_jobs)
+    final_eval: bool = True       # the job's train.final_eval (compose_jobs)
 
 
 def hydra_overrides(sweep: SweepFile, grid: Grid, root: str, local: bool,
@@ -276,6 +281,8 @@ def compose_jobs(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False
                 launcher_cfg = cfg.hydra.launcher
                 job.resources = {k: OmegaConf.select(launcher_cfg, k, throw_on_resolution_failure=False)
                                  for k in RESOURCE_KEYS if k in launcher_cfg}
+                job.steps = OmegaConf.select(cfg, "train.steps", default=None)
+                job.final_eval = bool(OmegaConf.select(cfg, "train.final_eval", default=True))
                 # resolve the job's own config too, as run_job would (HydraConfig set for the
                 # ${hydra:...} resolver): a bad interpolation should fail now, not on the cluster
                 with open_dict(cfg):
@@ -320,11 +327,40 @@ def shown_command(cmd: Sequence[str]) -> str:
     return shlex.join(cmd)
 
 
+def job_finished(run_dir: os.PathLike, steps: Optional[int], final_eval: bool = True) -> bool:
+    """Whether the run in `run_dir` has finished its schedule: its metrics.jsonl has a record at
+    step `steps` (train.steps) -- with a `validation/...` key when `final_eval` (train.final_eval),
+    so a run killed during its final validation is not taken as finished. No metrics.jsonl, an
+    unknown `steps` (None) or an unreadable file: False (the job is run; train.py resumes it)."""
+    from .rundir import CorruptRunFile, TruncatedLineWarning, read_jsonl
+    import warnings
+    path = Path(run_dir) / "metrics.jsonl"
+    if steps is None or not path.is_file():
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TruncatedLineWarning)
+            records = read_jsonl(path).records
+    except (OSError, CorruptRunFile):
+        return False
+    return any(r.get("step") == steps and (not final_eval or any(str(k).startswith("validation/") for k in r))
+               for r in records)
+
+
+def job_command(job: Job, python: str = sys.executable) -> List[str]:
+    """`python train.py -m ...` for one job of a local launch: a one-job multirun with the job's
+    own overrides and its grid's hydra overrides, so it lands in the same run dir as in the grid's
+    multirun (`${hydra.job.override_dirname}`)."""
+    entry = ["train.py"] if clone_root() is not None else ["-m", "moeut.train"]
+    return [python, *entry, "-m", *job.overrides, *job.hydra_overrides]
+
+
 def launch(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
            launcher: Optional[str] = None, extra: Sequence[str] = (), detach: bool = False,
            repo_root: Optional[Path] = None, env: Optional[Dict[str, str]] = None,
            check: bool = True) -> int:
-    """Run every grid's multirun. Local: one grid after the other in the foreground. SLURM: all
+    """Run the sweep. Local: job by job in the foreground (`_launch_local_jobs`: a finished job is
+    skipped, an interrupted one resumes from its checkpoint). SLURM: every grid's multirun, all
     grids at once (the submitit launcher blocks until its jobs end), logs in the sweep dir; a
     failing grid's last log line is printed as `moeut.sweep: error: grid N failed ...`. The grids
     run in `repo_root` (default: the clone's root; for an installed wheel the working directory),
@@ -342,6 +378,8 @@ def launch(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
     run_env = dict(os.environ if env is None else env)
     # submitit writes the sbatch --signal line with this signal, and the job binds its handler to it
     run_env.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
+    if local and check:  # job by job: a finished job is skipped, an interrupted one resumes
+        return _launch_local_jobs(jobs, repo_root, run_env)
     procs = []
     for gi in range(len(sweep.grids)):
         cmd = grid_command(sweep, gi, root, local, launcher, extra, group)
@@ -367,6 +405,27 @@ def launch(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
                   f"(log: {sweep_dir / f'launch_grid{gi}.log'})", file=sys.stderr)
         rc = rc or code
     return rc
+
+
+def _launch_local_jobs(jobs: Sequence[Job], repo_root: Path, env: Dict[str, str]) -> int:
+    """Run the composed `jobs` one after another in the foreground (a local launch): a job whose
+    run dir holds a finished run (`job_finished`) is skipped with a line saying so; any other is
+    started, and train.py's train.resume=auto continues an interrupted one from its newest
+    checkpoint. Returns 0, or the first failing job's exit code (later jobs are not started)."""
+    for i, job in enumerate(jobs):
+        run_dir = Path(job.run_dir)
+        if not run_dir.is_absolute():
+            run_dir = repo_root / run_dir
+        if job_finished(run_dir, job.steps, job.final_eval):
+            print(f"job #{i} skipped: finished (step {job.steps} in {run_dir / 'metrics.jsonl'})", flush=True)
+            continue
+        cmd = job_command(job)
+        print(f"job #{i}: $ " + shown_command(cmd), flush=True)
+        rc = subprocess.run(cmd, cwd=repo_root, env=env).returncode
+        if rc != 0:
+            print(f"job #{i} failed with exit code {rc}", file=sys.stderr)
+            return rc
+    return 0
 
 
 def _last_line(path: Path) -> str:
@@ -416,7 +475,9 @@ def _print_jobs(sweep: SweepFile, jobs: Sequence[Job]) -> None:
         res = " ".join(f"{k}={v}" for k, v in job.resources.items() if v is not None)
         print(f"  #{i:<3d} grid {job.grid}  launcher={job.launcher}" + (f"  [{res}]" if res else ""))
         print(f"       overrides: {' '.join(job.overrides)}")
-        print(f"       run dir:   {job.run_dir}")
+        print(f"       run dir:   {job.run_dir}"
+              + ("   (finished: a local launch skips it)" if job.run_dir and job_finished(
+                  job.run_dir, job.steps, job.final_eval) else ""))
 
 
 SWEEP_ACTIONS = ("list", "dry-run", "launch")
