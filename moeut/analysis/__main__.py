@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 # subcommand -> (module, one-line description); the module's main() does the work
 SUBCOMMANDS: Dict[str, tuple] = {
+    "collapse": ("moeut.analysis.collapse", "probe the routing of a real run (gate logits, W_S, CE vs reg gradient); compare two lrs"),
     "lr-sweep": ("moeut.analysis.lr_sweep", "learning-rate stability table of sweeps/lr_stability.yaml (best lr, ratios, targets)"),
 }
 
