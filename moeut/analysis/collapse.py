@@ -37,7 +37,7 @@ import numpy as np
 from moeut.cli import option, typed_tool
 
 GATE_PARAMS = ("expert_sel", "sel_v", "sel_o")  # W_S of the σ-MoE MLP and of SwitchHead's V and O gates
-KIND_OF = {"expert_sel": "mlp", "sel_v": "att_v", "sel_o": "att_o"}
+APP = "moeut.analysis collapse"
 
 
 # ------------------------------------------------------------------------------------------
@@ -193,8 +193,14 @@ def _cos(a, b) -> float:
 # The probed run
 # ------------------------------------------------------------------------------------------
 
+def _arrays(rows: List[Dict[str, float]]) -> Dict[str, np.ndarray]:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return {k: np.array([r.get(k, np.nan) for r in rows], dtype=np.float64) for k in keys}
+
+
 def probed_run(tc, steps: int, split_every: int = 5, probes: bool = True,
-               log: Callable[[str], None] = print) -> Dict[str, np.ndarray]:
+               log: Callable[[str], None] = print,
+               on_progress: Optional[Callable[[Dict[str, np.ndarray]], None]] = None) -> Dict[str, np.ndarray]:
     """Train `steps` steps of the run `tc` (a TrainConfig) exactly as train.py's loop does (same
     start, data order, schedule over train.steps, clipping; no run dir is written: the start reads
     an empty temporary folder) and return per-step arrays: "step", "loss", "grad_norm", "lr", and
@@ -202,6 +208,7 @@ def probed_run(tc, steps: int, split_every: int = 5, probes: bool = True,
     update sizes ("<param>/norm", "/update", "/rel_update"), and every `split_every` steps (0: never)
     the gradient split ("<param>/g_ce", "/g_reg", "/g_total", "/cos_ce_reg", "/g_step" the real
     step's gradient norm, "/split_err" = ||g_ce + g_reg - g_step|| / ||g_step||; NaN elsewhere).
+    `on_progress` gets the arrays so far every 10 steps (to save a partial result).
     Raises ValueError when `steps` exceeds train.steps."""
     import torch
     from moeut.train_lib.config import micro_batch_size
@@ -280,8 +287,9 @@ def probed_run(tc, steps: int, split_every: int = 5, probes: bool = True,
         rows.append(row)
         if (step + 1) % 10 == 0:
             log(f"[collapse] step {step + 1}: loss {res.loss:.4f}, grad norm {res.grad_norm:.3f}")
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    return {k: np.array([r.get(k, np.nan) for r in rows], dtype=np.float64) for k in keys}
+            if on_progress is not None:
+                on_progress(_arrays(rows))
+    return _arrays(rows)
 
 
 def compare_with_recorded(arrays: Dict[str, np.ndarray], metrics_path: Path, interval: int) -> Dict[str, Any]:
@@ -423,7 +431,8 @@ def plot_runs(runs: List[Tuple[str, Dict[str, np.ndarray]]], stem: Path) -> List
 @dataclass
 class CollapseOptions:
     """Options of `python -m moeut.analysis collapse`."""
-    out: str = option("outputs/collapse", help="folder for the npz/json of a run, or the figure and table of runs=")
+    out: str = option("outputs/collapse", help="folder for the npz (rewritten every 10 steps) and json of a run, "
+                                               "or for the figure and table of runs=")
     experiment: str = option("cpu_result_moeut", help="the run's experiment (conf/experiment/)")
     lr: float = option(2e-3, lo=0, lo_open=True, help="optim.lr of the run")
     seed: int = option(0, help="train.seed of the run")
@@ -443,11 +452,15 @@ def _label(arr_path: str) -> str:
 
 def work(o: CollapseOptions) -> Dict[str, Any]:
     """Train and probe one run, or (runs=...) compare probed runs; writes under `out`."""
+    from moeut.cli import bad_input_exits
     out = Path(o.out)
     if o.runs:
-        for r in o.runs:
-            if not Path(r).is_file():
-                raise FileNotFoundError(f"runs: {r}: no such file")
+        with bad_input_exits(APP):  # bad input: one line, exit 1, nothing written
+            for r in o.runs:
+                if not Path(r).is_file():
+                    raise FileNotFoundError(f"runs: {r}: no such file")
+            if o.compare:
+                raise ValueError("compare: only for a training run, not with runs=")
         loaded = [(_label(r), dict(np.load(r))) for r in o.runs]
         lrs = [float(a["lr_peak"][0]) if "lr_peak" in a else float("nan") for _, a in loaded]
         written = plot_runs(loaded, out / "collapse")
@@ -474,12 +487,18 @@ def work(o: CollapseOptions) -> Dict[str, Any]:
         print("figure: " + ", ".join(written))
         return result
     overrides = [f"experiment={o.experiment}", f"optim.lr={o.lr}", f"train.seed={o.seed}", *o.overrides]
-    tc = compose_train_config(overrides)
-    arrays = probed_run(tc, o.steps, o.split_every)
-    arrays["lr_peak"] = np.array([o.lr])
+    with bad_input_exits(APP):
+        if o.compare and not Path(o.compare).is_file():
+            raise FileNotFoundError(f"compare={o.compare}: no such file")
+        tc = compose_train_config(overrides)
     stem = out / f"collapse_lr{o.lr:g}_s{o.seed}"
     out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(f"{stem}.npz", **arrays)
+
+    def save(arrays: Dict[str, np.ndarray]) -> None:  # also every 10 steps: a stopped run leaves its steps so far
+        np.savez_compressed(f"{stem}.npz", **arrays, lr_peak=np.array([o.lr]))
+
+    arrays = probed_run(tc, o.steps, o.split_every, on_progress=save)
+    save(arrays)
     info: Dict[str, Any] = {"overrides": overrides, "steps": o.steps}
     if o.compare:
         info["compare"] = compare_with_recorded(arrays, Path(o.compare), tc.train.log_interval)
@@ -494,7 +513,7 @@ def work(o: CollapseOptions) -> Dict[str, Any]:
     return info
 
 
-main = typed_tool("moeut.analysis collapse", CollapseOptions,
+main = typed_tool(APP, CollapseOptions,
                   summary="Train the real run with read-only probes on the routing (gate logits, selected gates, W_S "
                           "norms and updates, CE vs regulariser gradient) and compare runs at two learning rates.",
                   usage="python -m moeut.analysis collapse lr=2e-3 steps=150 out=DIR [compare=METRICS]  |  "

@@ -27,6 +27,7 @@ from moeut.cli import REQUIRED, option, typed_tool
 
 PAPER, OPTIONS, DENSE = "cpu_result_moeut", "cpu_result_moeut_options", "cpu_result_dense_params"
 LABELS = {PAPER: "MoEUT (paper)", OPTIONS: "MoEUT + best options", DENSE: "dense (param-matched)"}
+APP = "moeut.analysis lr-sweep"
 DENSE_TRAINS = 2.0  # dense "trains" at an lr when its val PPL is at most this factor above its best
 TARGET_RATIO = 0.85  # the issue's target: MoEUT+options best <= 0.85 x dense best, both seeds
 
@@ -270,10 +271,19 @@ class LrSweepOptions:
 def work(o: LrSweepOptions) -> Dict[str, Any]:
     """Adopt (when asked), then print the report; returns its numbers."""
     from moeut import sweep as sw
+    from moeut.cli import bad_input_exits
     sweep_dir = Path(o.dir)
+    with bad_input_exits(APP):  # bad input: one line, exit 1, nothing written
+        for opt, d in [("dir", sweep_dir), ("adopt", Path(o.adopt) if o.adopt else None),
+                       *[("extra_dirs", Path(x)) for x in o.extra_dirs]]:
+            if d is not None and not d.is_dir():
+                raise FileNotFoundError(f"{opt}={d}: no such directory")
+        sweep_file = sw.resolve_sweep_path(o.sweep) if o.adopt else None
     if o.adopt:
-        adopt(sw.resolve_sweep_path(o.sweep), sweep_dir.resolve(), Path(o.adopt))
-    text, numbers = report(collect([sweep_dir, *map(Path, o.extra_dirs)]), list(o.lrs), list(o.seeds), o.steps)
+        adopt(sweep_file, sweep_dir.resolve(), Path(o.adopt))
+    with bad_input_exits(APP):
+        runs = collect([sweep_dir, *map(Path, o.extra_dirs)])
+    text, numbers = report(runs, list(o.lrs), list(o.seeds), o.steps)
     print(text, end="")
     if o.out:
         Path(o.out).parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +294,7 @@ def work(o: LrSweepOptions) -> Dict[str, Any]:
     return numbers
 
 
-main = typed_tool("moeut.analysis lr-sweep", LrSweepOptions,
+main = typed_tool(APP, LrSweepOptions,
                   summary="The learning-rate stability table (sweeps/lr_stability.yaml): val PPL per model x lr x seed, "
                           "best lr and whether it is inside the grid, MoEUT/dense ratios, the issue's targets.",
                   usage="python -m moeut.analysis lr-sweep dir=SWEEP_DIR [adopt=docs/results_runs] [out=STEM]",
