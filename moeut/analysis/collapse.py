@@ -332,55 +332,77 @@ def _series(arr: Dict[str, np.ndarray], name: str) -> np.ndarray:
     return np.nanmean(np.stack([arr[c] for c in cols]), axis=0) if len(cols) > 1 else arr[cols[0]]
 
 
-QUANTITIES = [  # (series, label, expected ratio from the lr alone: update sizes scale with the lr)
-    ("mlp/z_std", "MLP gate logit std", 1.0), ("att_v/z_std", "att V gate logit std", 1.0),
-    ("att_o/z_std", "att O gate logit std", 1.0), ("mlp/z_mean", "MLP gate logit mean", 1.0),
-    ("mlp/z_max", "MLP gate logit max", 1.0), ("att_v/z_max", "att V gate logit max", 1.0),
-    ("mlp/gate_mean", "MLP selected gate mean", 1.0), ("att_v/gate_mean", "att V selected gate mean", 1.0),
-    ("att_o/gate_mean", "att O selected gate mean", 1.0),
-    ("mlp/usage", "MLP expert usage ppl / E", 1.0), ("att_v/usage", "att V usage ppl / E", 1.0),
-    ("att_o/usage", "att O usage ppl / E", 1.0),
-    ("expert_sel/norm", "MLP W_S norm", 1.0), ("sel_v/norm", "att W_S(V) norm", 1.0),
-    ("sel_o/norm", "att W_S(O) norm", 1.0), ("keys/norm", "MLP W1 norm", 1.0),
-    ("expert_sel/rel_update", "MLP W_S relative update", None), ("sel_v/rel_update", "att W_S(V) relative update", None),
-    ("expert_sel/g_reg", "MLP W_S reg gradient norm", 1.0), ("expert_sel/g_ce", "MLP W_S CE gradient norm", 1.0),
-    ("expert_sel/cos_ce_reg", "MLP W_S cos(CE grad, reg grad)", 1.0),
-    ("loss", "training loss", 1.0), ("grad_norm", "gradient norm (pre-clip)", 1.0),
+QUANTITIES = [  # (series, label, lr_scaled: update sizes scale with the lr alone, denominator series or None)
+    ("mlp/z_std", "MLP gate logit std", False, None), ("att_v/z_std", "att V gate logit std", False, None),
+    ("att_o/z_std", "att O gate logit std", False, None),
+    ("mlp/z_mean", "MLP gate logit mean (difference / std)", False, "mlp/z_std"),
+    ("att_v/z_mean", "att V gate logit mean (difference / std)", False, "att_v/z_std"),
+    ("mlp/z_max", "MLP gate logit max", False, None), ("att_v/z_max", "att V gate logit max", False, None),
+    ("att_o/z_max", "att O gate logit max", False, None),
+    ("mlp/gate_mean", "MLP selected gate mean", False, None), ("att_v/gate_mean", "att V selected gate mean", False, None),
+    ("att_o/gate_mean", "att O selected gate mean", False, None),
+    ("mlp/usage", "MLP expert usage ppl / E", False, None), ("mlp_g0/usage", "MLP usage ppl / E, group 0", False, None),
+    ("mlp_g1/usage", "MLP usage ppl / E, group 1", False, None),
+    ("att_v/usage", "att V usage ppl / E", False, None), ("att_o/usage", "att O usage ppl / E", False, None),
+    ("expert_sel/norm", "MLP W_S norm", False, None), ("sel_v/norm", "att W_S(V) norm", False, None),
+    ("sel_o/norm", "att W_S(O) norm", False, None), ("keys/norm", "MLP W1 norm", False, None),
+    ("values/norm", "MLP W2 norm", False, None),
+    ("expert_sel/rel_update", "MLP W_S relative update (/ lr ratio)", True, None),
+    ("sel_v/rel_update", "att W_S(V) relative update (/ lr ratio)", True, None),
+    ("keys/rel_update", "MLP W1 relative update (/ lr ratio)", True, None),
+    ("expert_sel/g_ce", "MLP W_S CE gradient norm", False, None),
+    ("expert_sel/g_reg", "MLP W_S reg gradient norm", False, None),
+    ("sel_v/g_reg", "att W_S(V) reg gradient norm", False, None),
+    ("expert_sel/cos_ce_reg", "MLP W_S cos(CE grad, reg grad) (absolute difference)", False, None),
+    ("loss", "training loss", False, None), ("grad_norm", "gradient norm (pre-clip)", False, None),
 ]
 
 
+def _at(series: np.ndarray, steps: np.ndarray, s: int) -> float:
+    """The last measured (non-NaN) value at or before step `s`; NaN if none."""
+    m = (steps <= s) & ~np.isnan(series)
+    return float(series[m][-1]) if m.any() else float("nan")
+
+
 def first_departure(lo: Dict[str, np.ndarray], hi: Dict[str, np.ndarray], threshold: float,
-                    lr_ratio: float, window: int = 3) -> List[Dict[str, Any]]:
+                    lr_ratio: float, window: int = 3, at: Sequence[int] = (5, 10, 20, 30, 60, 100, 150)
+                    ) -> List[Dict[str, Any]]:
     """For each of QUANTITIES: the first step from which the high-lr run's value differs from the
-    low-lr run's by more than `threshold` (relative to the low run's |value|, after dividing out
-    the ratio the lr alone explains for update sizes: `lr_ratio`) at `window` consecutive measured
-    steps; None if never. Sorted by that step (never last)."""
+    low-lr run's by more than `threshold` at `window` consecutive measured steps; None if never.
+    The difference is relative to the low run's |value| (or to its denominator series, e.g. the
+    logit std for the logit mean; absolute for a cosine), after dividing the high run's update
+    sizes by `lr_ratio` (what the lr alone explains). Each entry also has both runs' values at the
+    steps `at` (the last measured value at or before each). Sorted by that step (never last)."""
+    import warnings
     out = []
     steps = lo["step"]
-    for name, label, expected in QUANTITIES:
+    for name, label, lr_scaled, denom in QUANTITIES:
         try:
-            a, b = _series(lo, name), _series(hi, name)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (steps without a split)
+                a, b = _series(lo, name), _series(hi, name)
+                d = _series(lo, denom) if denom else None
         except KeyError:
             continue
         n = min(len(a), len(b))
         a, b = a[:n], b[:n]
-        scale = lr_ratio if expected is None else expected
-        if name.endswith("cos_ce_reg"):  # a cosine: absolute difference
+        if lr_scaled:
+            b = b / lr_ratio
+        if name.endswith("cos_ce_reg"):
             rel = np.abs(b - a)
         else:
-            rel = np.abs(b / scale - a) / np.maximum(np.abs(a), 1e-12)
-        ok = ~np.isnan(rel)
-        idx = np.flatnonzero(ok)
+            rel = np.abs(b - a) / np.maximum(np.abs(d[:n] if d is not None else a), 1e-12)
         hit, run = None, 0
-        for i in idx:
+        measured = np.flatnonzero(~np.isnan(rel))
+        for j, i in enumerate(measured):
             run = run + 1 if rel[i] > threshold else 0
             if run >= window:
-                hit = int(steps[idx[list(idx).index(i) - window + 1]])
+                hit = int(steps[measured[j - window + 1]])
                 break
-        at = [int(s) for s in (10, 30, 60, 100, 150) if s <= n]
+        last = int(steps[n - 1]) if n else 0
         out.append({"quantity": name, "label": label, "first_step": hit,
-                    "low": {s: float(a[s - 1]) for s in at}, "high": {s: float(b[s - 1]) for s in at},
-                    "lr_explains": scale})
+                    "low": {s: _at(a, steps[:n], s) for s in at if s <= last},
+                    "high": {s: _at(b * (lr_ratio if lr_scaled else 1), steps[:n], s) for s in at if s <= last}})
     return sorted(out, key=lambda r: (r["first_step"] is None, r["first_step"] or 0))
 
 
@@ -388,7 +410,9 @@ def plot_runs(runs: List[Tuple[str, Dict[str, np.ndarray]]], stem: Path) -> List
     """The comparison figure: 3 x 3 panels (loss; gate logit std and max; selected gate mean;
     expert usage; W_S norm; W_S relative update; reg vs CE gradient on W_S; their cosine), one
     colour per run, one line style per gate kind. Returns the written paths."""
+    import warnings
     from .style import figure, save
+    warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
     fig, axes = figure((13, 10), 3, 3)
     kinds = [("mlp", "-", "MLP"), ("att_v", "--", "att V"), ("att_o", ":", "att O")]
     pkinds = [("expert_sel", "-", "MLP"), ("sel_v", "--", "att V"), ("sel_o", ":", "att O")]
@@ -413,7 +437,9 @@ def plot_runs(runs: List[Tuple[str, Dict[str, np.ndarray]]], stem: Path) -> List
                 except KeyError:
                     continue
                 m = ~np.isnan(y)
-                ax.plot(x[m], y[m], color=colours[ci % 4], ls=ls, lw=1, label=f"{label} {kl}")
+                sparse = m.sum() < 0.5 * len(m)  # the gradient split: every split_every steps
+                ax.plot(x[m], y[m], color=colours[ci % 4], ls=ls, lw=1, label=f"{label} {kl}",
+                        marker="o" if sparse else None, ms=2)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         if stat in ("rel_update", "g_reg_over_ce"):
@@ -443,7 +469,7 @@ class CollapseOptions:
                                   help="more train.py overrides (default: the recorded runs' common ones)")
     compare: Optional[str] = option(None, help="a recorded run's metrics.jsonl to compare the losses with")
     runs: List[str] = option(default_factory=list, help="npz files of probed runs to compare (no training)")
-    threshold: float = option(0.25, lo=0, lo_open=True, help="relative difference that counts as 'moved'")
+    threshold: float = option(0.2, lo=0, lo_open=True, help="relative difference that counts as 'moved'")
 
 
 def _label(arr_path: str) -> str:
@@ -470,12 +496,14 @@ def work(o: CollapseOptions) -> Dict[str, Any]:
             lo_lab, lo, hi_lab, hi = lo[0], lo[1], hi[0], hi[1]
             ratio = max(lrs) / min(lrs)
             table = first_departure(lo, hi, o.threshold, ratio)
-            lines = [f"What moves first: {hi_lab} against {lo_lab} (first of 3 consecutive steps with a relative "
-                     f"difference > {o.threshold:g}; update sizes divided by the lr ratio {ratio:g} first)", "",
-                     "| quantity | first step | " + " | ".join(f"step {s}: low / high" for s in (10, 30, 60, 100, 150)) + " |",
-                     "|---|---|" + "---|" * 5]
+            at = sorted({s for r in table for s in r["low"]})
+            lines = [f"What moves first: {hi_lab} against {lo_lab} (first of 3 consecutive measured steps with a "
+                     f"relative difference > {o.threshold:g}; update sizes divided by the lr ratio {ratio:g} first). "
+                     f"Values: low lr / high lr at each step (the last measured at or before it).", "",
+                     "| quantity | first step | " + " | ".join(f"step {s}" for s in at) + " |",
+                     "|---|---|" + "---|" * len(at)]
             for r in table:
-                cells = [f"{r['low'][s]:.4g} / {r['high'][s]:.4g}" if s in r["low"] else "–" for s in (10, 30, 60, 100, 150)]
+                cells = [f"{r['low'][s]:.4g} / {r['high'][s]:.4g}" if s in r["low"] else "–" for s in at]
                 lines.append(f"| {r['label']} | {r['first_step'] if r['first_step'] is not None else 'never'} | "
                              + " | ".join(cells) + " |")
             text = "\n".join(lines) + "\n"

@@ -78,12 +78,18 @@ def test_gate_probe_statistics_by_hand():
 
 def test_first_departure_by_hand():
     steps = np.arange(1, 21, dtype=float)
-    lo = {"step": steps, "loss": np.full(20, 7.0), "mlp_g0/z_std": np.ones(20),
+    lo = {"step": steps, "loss": np.full(20, 7.0), "mlp_g0/z_std": np.ones(20), "mlp_g0/z_mean": np.zeros(20),
           "x.ffn.expert_sel/rel_update": np.full(20, 0.01)}
     hi = {"step": steps, "loss": np.full(20, 7.0), "mlp_g0/z_std": np.where(steps >= 8, 2.0, 1.0),
+          "mlp_g0/z_mean": np.where(steps >= 16, 0.5, 0.01),  # near zero: measured against the std (1)
           "x.ffn.expert_sel/rel_update": np.full(20, 0.02)}  # 2x: explained by the lr ratio alone
     hi["loss"][[3, 12, 13, 14]] = 9.0  # one isolated blip (step 4) then three in a row from step 13
-    table = {r["quantity"]: r["first_step"] for r in col.first_departure(lo, hi, 0.25, lr_ratio=2.0)}
+    rows = col.first_departure(lo, hi, 0.25, lr_ratio=2.0)
+    table = {r["quantity"]: r["first_step"] for r in rows}
     assert table["mlp/z_std"] == 8
+    assert table["mlp/z_mean"] == 16
     assert table["loss"] == 13
     assert table["expert_sel/rel_update"] is None
+    assert [r["quantity"] for r in rows][:3] == ["mlp/z_std", "loss", "mlp/z_mean"]  # sorted by first step
+    z = next(r for r in rows if r["quantity"] == "mlp/z_std")
+    assert z["low"][10] == 1.0 and z["high"][10] == 2.0 and 30 not in z["low"]
