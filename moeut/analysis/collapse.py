@@ -5,7 +5,7 @@ schedule and one torch thread, through moeut.train_lib: `validated_start` and `t
 steps run_loop takes) for `steps` steps with read-only probes, and records per step:
 
 - the selection-gate logits z of every σ-MoE gate (kind mlp / att_v / att_o, unique layer g, over
-  all R applications): mean, std, max, and the selected gates sigmoid(z) at the top-k (mean, min);
+  all R applications; recomputed from each module's inputs by a forward pre-hook): mean, std, max, and the selected gates sigmoid(z) at the top-k (mean, min);
   expert-usage perplexity / E of the step's selections (SPEC 1.5, 1.3);
 - the norm of every W_S (`expert_sel`, `sel_v`, `sel_o`) and of the expert weights, and each
   step's update size ||W_after - W_before|| (absolute and relative to ||W_before||);
@@ -76,8 +76,7 @@ def compose_train_config(overrides: Sequence[str]):
 # ------------------------------------------------------------------------------------------
 
 class GateProbe:
-    """Statistics of every gate application of one step, collected by wrapping
-    `ForwardState.add_gate_logits` (kind, g, z): per (kind, g) the count, sum and sum of squares
+    """Statistics of every gate application of one step (fed by `probe_gates`): per (kind, g) the count, sum and sum of squares
     of z, its max, the selected gates' sum and min, and the per-expert selection counts. Only the
     training forwards of `train_step` run inside the probe; k is the gate's top-k."""
 
@@ -129,22 +128,40 @@ class GateProbe:
 
 
 @contextlib.contextmanager
-def probe_gates(probe: GateProbe) -> Iterator[GateProbe]:
-    """Within the block, every ForwardState.add_gate_logits call also feeds `probe` (then calls
-    the original, unchanged)."""
-    from moeut.lm import ForwardState
-    original = ForwardState.add_gate_logits
+def probe_gates(model, probe: GateProbe) -> Iterator[GateProbe]:
+    """Within the block, every training forward of a σ-MoE MLP (moeut.model.SigmaMoE) or a
+    SwitchHead attention (SwitchHeadAttention) of `model` also feeds `probe` its gate logits
+    z = W_S u, recomputed from the module's inputs by a forward pre-hook (the same F.linear the
+    module runs; nothing the module computes is changed)."""
+    import torch
+    import torch.nn.functional as F
+    from moeut.model import SigmaMoE, SwitchHeadAttention
 
-    def add_gate_logits(self, kind, g, z_BTE):
-        if self.training:
-            probe.record(kind, g, z_BTE)
-        return original(self, kind, g, z_BTE)
+    def mlp_hook(mod, args):
+        if mod.training:
+            _, gate_in, g = args[:3]
+            with torch.no_grad():
+                probe.record("mlp", g, F.linear(gate_in, mod.expert_sel).float())
 
-    ForwardState.add_gate_logits = add_gate_logits
+    def att_hook(mod, args):
+        if mod.training:
+            qk_in, _, g = args[:3]
+            B, T, _ = qk_in.shape
+            with torch.no_grad():
+                for kind, w in (("att_v", mod.sel_v), ("att_o", mod.sel_o)):
+                    probe.record(kind, g, F.linear(qk_in, w).float().view(B, T, mod.n_heads, mod.n_experts))
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, SigmaMoE):
+            handles.append(m.register_forward_pre_hook(mlp_hook))
+        elif isinstance(m, SwitchHeadAttention):
+            handles.append(m.register_forward_pre_hook(att_hook))
     try:
         yield probe
     finally:
-        ForwardState.add_gate_logits = original
+        for h in handles:
+            h.remove()
 
 
 def gate_params(model) -> Dict[str, Any]:
@@ -253,7 +270,7 @@ def probed_run(tc, steps: int, split_every: int = 5, probes: bool = True,
                         step_grad[name] = step_grad.get(name, 0) + grad.detach().clone()
                     return hook
                 hooks = [p.register_hook(keep(n)) for n, p in gates.items()]
-        ctx = probe_gates(probe) if probes else contextlib.nullcontext()
+        ctx = probe_gates(model, probe) if probes else contextlib.nullcontext()
         try:
             with ctx:
                 res = train_step(state, model, window, lr, micro_batch_size=mb, autocast_dtype=setup.autocast_dtype,
