@@ -33,6 +33,7 @@ command after an interruption continues the sweep where it stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shlex
@@ -374,12 +375,14 @@ def launch(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
         repo_root = clone_root() or Path.cwd()
     sweep_dir = (repo_root / root / sweep.name) if not os.path.isabs(root) else Path(root) / sweep.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep.yaml").write_text(sweep.path.read_text(encoding="utf-8"), encoding="utf-8")
     run_env = dict(os.environ if env is None else env)
     # submitit writes the sbatch --signal line with this signal, and the job binds its handler to it
     run_env.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
     if local and check:  # job by job: a finished job is skipped, an interrupted one resumes
-        return _launch_local_jobs(jobs, repo_root, run_env)
+        with local_launch_lock(sweep_dir):  # refused before anything is written when another launch runs
+            (sweep_dir / "sweep.yaml").write_text(sweep.path.read_text(encoding="utf-8"), encoding="utf-8")
+            return _launch_local_jobs(jobs, repo_root, run_env)
+    (sweep_dir / "sweep.yaml").write_text(sweep.path.read_text(encoding="utf-8"), encoding="utf-8")
     procs = []
     for gi in range(len(sweep.grids)):
         cmd = grid_command(sweep, gi, root, local, launcher, extra, group)
@@ -405,6 +408,31 @@ def launch(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
                   f"(log: {sweep_dir / f'launch_grid{gi}.log'})", file=sys.stderr)
         rc = rc or code
     return rc
+
+
+@contextlib.contextmanager
+def local_launch_lock(sweep_dir: Path):
+    """Hold `<sweep_dir>/.local_launch.lock` (an exclusive flock) while a local launch runs, so a
+    second launch of the same sweep cannot train the same job into the same run dir at once.
+    Raises ValueError naming the lock file (and the holder's pid) when another launch holds it."""
+    import fcntl
+    path = Path(sweep_dir) / ".local_launch.lock"
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise ValueError(f"sweep dir {sweep_dir}: another local launch of this sweep is running (pid {holder}, "
+                             f"lock {path}); wait for it or stop it, then launch again") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        f.close()
 
 
 def _launch_local_jobs(jobs: Sequence[Job], repo_root: Path, env: Dict[str, str]) -> int:

@@ -84,3 +84,16 @@ def test_relaunch_skips_finished_and_resumes_interrupted_jobs(tmp_path):
     assert r.stdout.count("skipped: finished") == 2 and "$ " not in r.stdout
     for n in names:
         assert (root / "resume_me" / n / "metrics.jsonl").read_bytes() == before[n]
+
+
+def test_a_second_local_launch_of_the_same_sweep_is_refused(tmp_path):
+    (tmp_path / "resume_me.yaml").write_text(SWEEP)
+    sweep = sw.load_sweep(tmp_path / "resume_me.yaml")
+    sweep_dir = tmp_path / "sweeps" / "resume_me"
+    sweep_dir.mkdir(parents=True)
+    with sw.local_launch_lock(sweep_dir):  # a launch in progress
+        with pytest.raises(ValueError, match=r"another local launch of this sweep is running \(pid %d" % os.getpid()):
+            sw.launch(sweep, root=str(tmp_path / "sweeps"), local=True)
+    assert [p.name for p in sweep_dir.iterdir()] == [".local_launch.lock"]  # nothing written, no job started
+    with sw.local_launch_lock(sweep_dir):  # released: the next launch takes it
+        pass
