@@ -26,10 +26,14 @@ Run directories. Each job runs in `<sweep dir>/<override dirname>`, where the di
 `set=[...]` overrides and `seed` are excluded), e.g. `main_table/experiment=c4_moeut_244m`. The name
 depends on what the job *is*, not on its position in the sweep, so a SLURM requeue, a re-launch of
 the whole sweep after a crash, or a sweep file that gained a job all land every job in its old
-directory, where train.py auto-resumes from the newest checkpoint.
+directory, where train.py auto-resumes from the newest checkpoint. A local launch (local=true)
+runs the jobs one at a time and skips every job whose run dir already holds a finished run
+(metrics.jsonl reaches train.steps, with its final validation), so re-running the same launch
+command after an interruption continues the sweep where it stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shlex
@@ -181,6 +185,8 @@ class Job:
     hydra_overrides: List[str]    # sweep dir / subdir / launcher settings
     run_dir: Optional[str] = None
     resources: Dict[str, Any] = field(default_factory=dict)  # resolved SLURM settings (dry run)
+    steps: Optional[int] = None   # the job's train.steps (compose_jobs)
+    final_eval: bool = True       # the job's train.final_eval (compose_jobs)
 
 
 def hydra_overrides(sweep: SweepFile, grid: Grid, root: str, local: bool,
@@ -274,6 +280,8 @@ def compose_jobs(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False
                 launcher_cfg = cfg.hydra.launcher
                 job.resources = {k: OmegaConf.select(launcher_cfg, k, throw_on_resolution_failure=False)
                                  for k in RESOURCE_KEYS if k in launcher_cfg}
+                job.steps = OmegaConf.select(cfg, "train.steps", default=None)
+                job.final_eval = bool(OmegaConf.select(cfg, "train.final_eval", default=True))
                 # resolve the job's own config too, as run_job would (HydraConfig set for the
                 # ${hydra:...} resolver): a bad interpolation should fail now, not on the cluster
                 with open_dict(cfg):
@@ -318,11 +326,40 @@ def shown_command(cmd: Sequence[str]) -> str:
     return shlex.join(cmd)
 
 
+def job_finished(run_dir: os.PathLike, steps: Optional[int], final_eval: bool = True) -> bool:
+    """Whether the run in `run_dir` has finished its schedule: its metrics.jsonl has a record at
+    step `steps` (train.steps) -- with a `validation/...` key when `final_eval` (train.final_eval),
+    so a run killed during its final validation is not taken as finished. No metrics.jsonl, an
+    unknown `steps` (None) or an unreadable file: False (the job is run; train.py resumes it)."""
+    from .rundir import CorruptRunFile, TruncatedLineWarning, read_jsonl
+    import warnings
+    path = Path(run_dir) / "metrics.jsonl"
+    if steps is None or not path.is_file():
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TruncatedLineWarning)
+            records = read_jsonl(path).records
+    except (OSError, CorruptRunFile):
+        return False
+    return any(r.get("step") == steps and (not final_eval or any(str(k).startswith("validation/") for k in r))
+               for r in records)
+
+
+def job_command(job: Job, python: str = sys.executable) -> List[str]:
+    """`python train.py -m ...` for one job of a local launch: a one-job multirun with the job's
+    own overrides and its grid's hydra overrides, so it lands in the same run dir as in the grid's
+    multirun (`${hydra.job.override_dirname}`)."""
+    entry = ["train.py"] if clone_root() is not None else ["-m", "moeut.train"]
+    return [python, *entry, "-m", *job.overrides, *job.hydra_overrides]
+
+
 def launch(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
            launcher: Optional[str] = None, extra: Sequence[str] = (), detach: bool = False,
            repo_root: Optional[Path] = None, env: Optional[Dict[str, str]] = None,
            check: bool = True) -> int:
-    """Run every grid's multirun. Local: one grid after the other in the foreground. SLURM: all
+    """Run the sweep. Local: job by job in the foreground (`_launch_local_jobs`: a finished job is
+    skipped, an interrupted one resumes from its checkpoint). SLURM: every grid's multirun, all
     grids at once (the submitit launcher blocks until its jobs end), logs in the sweep dir; a
     failing grid's last log line is printed as `moeut.sweep: error: grid N failed ...`. The grids
     run in `repo_root` (default: the clone's root; for an installed wheel the working directory),
@@ -336,10 +373,14 @@ def launch(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
         repo_root = clone_root() or Path.cwd()
     sweep_dir = (repo_root / root / sweep.name) if not os.path.isabs(root) else Path(root) / sweep.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep.yaml").write_text(sweep.path.read_text(encoding="utf-8"), encoding="utf-8")
     run_env = dict(os.environ if env is None else env)
     # submitit writes the sbatch --signal line with this signal, and the job binds its handler to it
     run_env.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
+    if local and check:  # job by job: a finished job is skipped, an interrupted one resumes
+        with local_launch_lock(sweep_dir):  # refused before anything is written when another launch runs
+            (sweep_dir / "sweep.yaml").write_text(sweep.path.read_text(encoding="utf-8"), encoding="utf-8")
+            return _launch_local_jobs(jobs, repo_root, run_env)
+    (sweep_dir / "sweep.yaml").write_text(sweep.path.read_text(encoding="utf-8"), encoding="utf-8")
     procs = []
     for gi in range(len(sweep.grids)):
         cmd = grid_command(sweep, gi, root, local, launcher, extra, group)
@@ -365,6 +406,52 @@ def launch(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
                   f"(log: {sweep_dir / f'launch_grid{gi}.log'})", file=sys.stderr)
         rc = rc or code
     return rc
+
+
+@contextlib.contextmanager
+def local_launch_lock(sweep_dir: Path):
+    """Hold `<sweep_dir>/.local_launch.lock` (an exclusive flock) while a local launch runs, so a
+    second launch of the same sweep cannot train the same job into the same run dir at once.
+    Raises ValueError naming the lock file (and the holder's pid) when another launch holds it."""
+    import fcntl
+    path = Path(sweep_dir) / ".local_launch.lock"
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise ValueError(f"sweep dir {sweep_dir}: another local launch of this sweep is running (pid {holder}, "
+                             f"lock {path}); wait for it or stop it, then launch again") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
+def _launch_local_jobs(jobs: Sequence[Job], repo_root: Path, env: Dict[str, str]) -> int:
+    """Run the composed `jobs` one after another in the foreground (a local launch): a job whose
+    run dir holds a finished run (`job_finished`) is skipped with a line saying so; any other is
+    started, and train.py's train.resume=auto continues an interrupted one from its newest
+    checkpoint. Returns 0, or the first failing job's exit code (later jobs are not started)."""
+    for i, job in enumerate(jobs):
+        run_dir = Path(job.run_dir)
+        if not run_dir.is_absolute():
+            run_dir = repo_root / run_dir
+        if job_finished(run_dir, job.steps, job.final_eval):
+            print(f"job #{i} skipped: finished (step {job.steps} in {run_dir / 'metrics.jsonl'})", flush=True)
+            continue
+        cmd = job_command(job)
+        print(f"job #{i}: $ " + shown_command(cmd), flush=True)
+        rc = subprocess.run(cmd, cwd=repo_root, env=env).returncode
+        if rc != 0:
+            print(f"job #{i} failed with exit code {rc}", file=sys.stderr)
+            return rc
+    return 0
 
 
 def _last_line(path: Path) -> str:
@@ -414,7 +501,9 @@ def _print_jobs(sweep: SweepFile, jobs: Sequence[Job]) -> None:
         res = " ".join(f"{k}={v}" for k, v in job.resources.items() if v is not None)
         print(f"  #{i:<3d} grid {job.grid}  launcher={job.launcher}" + (f"  [{res}]" if res else ""))
         print(f"       overrides: {' '.join(job.overrides)}")
-        print(f"       run dir:   {job.run_dir}")
+        print(f"       run dir:   {job.run_dir}"
+              + ("   (finished: a local launch skips it)" if job.run_dir and job_finished(
+                  job.run_dir, job.steps, job.final_eval) else ""))
 
 
 SWEEP_ACTIONS = ("list", "dry-run", "launch")
@@ -431,7 +520,7 @@ class SweepOptions:
                                   "(an unknown name is refused with the available ones)")
     sweeps_dir: Optional[str] = option(None, help="where sweep names are looked up and what `list` shows; null = the "
                                        "repository's sweeps/ (installed: the package's copy)")
-    local: bool = option(False, help="Hydra's basic launcher: the jobs one after another on this machine (no SLURM)")
+    local: bool = option(False, help="jobs one after another on this machine (no SLURM); finished jobs skipped, interrupted ones resumed")
     launcher: Optional[str] = option(None, help="a conf/hydra/launcher/ preset for every grid (e.g. "
                                      "submitit_slurm_8gpu); null = each grid's own")
     root: str = option("${oc.env:MOEUT_SWEEP_ROOT,outputs/sweeps}",

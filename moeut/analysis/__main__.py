@@ -22,6 +22,8 @@ SUBCOMMANDS: Dict[str, tuple] = {
     "dynamics": ("moeut.analysis.dynamics", "expert usage, router saturation and dead experts at every checkpoint"),
     "knockout": ("moeut.analysis.knockout", "validation loss change when one expert (or a group) is knocked out"),
     "depth": ("moeut.analysis.depth", "perplexity with R' repetitions and the logit lens after every layer"),
+    "collapse": ("moeut.analysis.collapse", "probe the routing of a real run (gate logits, W_S, CE vs reg gradient); compare two lrs"),
+    "lr-sweep": ("moeut.analysis.lr_sweep", "learning-rate stability table of sweeps/lr_stability.yaml (best lr, ratios, targets)"),
 }
 
 
