@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/fetch_wheels.sh          # once, on a machine with internet (fills .whl/)
 #   bash benchmarks/gpu_suite.sh             # on the GPU machine (carry .whl/ along)
-#   bash benchmarks/gpu_suite.sh --dry-run   # CPU: the same steps at tiny sizes (CI: tests/test_gpu_suite.py)
+#   bash benchmarks/gpu_suite.sh --dry-run   # CPU: the same steps at tiny sizes (CI: tests/e2e/test_gpu_suite.py)
 #
 # Steps, each with its own time limit, each logged to $WORK/<step>.log; the suite goes on after a
 # failed step and exits non-zero at the end if any failed:
@@ -76,7 +76,7 @@ if [[ "$DRY" == 1 ]]; then
   export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=0
   DEV=cpu; PREC=fp32; PRESET=tiny; FP_ARGS="preset=tiny dtype=fp32 batch=2 seq_len=32 prefill=8"
   WARM_ARGS="preset=tiny dtype=fp32 batch=2 seq_len=32 prefill=8 steps=1 device=cpu"
-  PYTEST_TARGETS="tests/test_gpu_cuda.py tests/test_cvmm_triton.py"
+  PYTEST_TARGETS="tests/unit/kernels/test_gpu_cuda.py tests/unit/kernels/test_cvmm_triton.py"
   TRAIN_ARGS="model=tiny data.vocab_size=512 data.seq_len=32 data.valid_tokens=2048 data.tokenizer_chars=300000 train.device=cpu train.precision=fp32 train.steps=60 train.batch_size=4 train.save_interval=10 train.val_interval=30 train.log_interval=10 train.routing_interval=20"
   EVAL_ARGS="tasks=[perplexity,lambada,piqa] perplexity.path=$REPO/data/c4_sample/valid.jsonl.gz limit=4 device=cpu batch_size=4 pad_multiple=8"
   ANALYZE_ARGS="seq_len=32 max_tokens=2048 batch_size=8 device=cpu store_positions=256"

@@ -3,7 +3,7 @@
     python benchmarks/gpu_suite_report.py --work /tmp/gpu_suite.XXXX --doc docs/benchmarks.md
 
 Reads steps.tsv (step, status, seconds), the step logs, gpu_report.jsonl (figures printed by
-tests/test_gpu_cuda.py), the evaluation table and the benchmark sections the suite wrote.
+tests/unit/kernels/test_gpu_cuda.py), the evaluation table and the benchmark sections the suite wrote.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def build(work: str, total_seconds: int, dry_run: bool) -> str:
         out += ["", f"Compile footprint: {fp[0]}"]
     figures = [json.loads(ln) for ln in _read(os.path.join(work, "gpu_report.jsonl")).splitlines() if ln.strip()]
     if figures:
-        out += ["", "Figures from `pytest -m gpu` (tests/test_gpu_cuda.py):", ""]
+        out += ["", "Figures from `pytest -m gpu` (tests/unit/kernels/test_gpu_cuda.py):", ""]
         out += [f"- `{json.dumps(f)}`" for f in figures]
     summary = _lines(_read(os.path.join(work, "pytest_gpu.log")), r"(passed|failed|skipped|error)")
     if summary:

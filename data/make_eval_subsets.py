@@ -15,7 +15,7 @@ and every carried item equals the item at the same position of the full file:
   `hellaswag_val_full.txt.bz2`, decompressed (the only HellaSwag copy in shared/data).
 
 CBT has no copy anywhere in shared/data, so none is carried. data/eval/README.md lists the sha256
-each carried file gets; tests/test_eval_subsets.py checks them and the selection rule.
+each carried file gets; tests/unit/eval/test_eval_subsets.py checks them and the selection rule.
 """
 import argparse
 import bz2

@@ -10,7 +10,7 @@ records carry the mask as `valid`; `moeut.analysis.routing.RoutingStats` skips t
 or regulariser; their logits are unspecified. Only right padding is supported (each row 1...1 0...0):
 the models are causal, so a real position never attends to a later padded one, and absolute
 positions (RoPE) stay those of the unpadded sequence. A score therefore never depends on padding
-or on the other rows of the batch (tests/test_padding_invariance.py).
+or on the other rows of the batch (tests/unit/model/test_padding_invariance.py).
 """
 from __future__ import annotations
 

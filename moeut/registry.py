@@ -20,7 +20,7 @@ Users add their own architecture with `register_arch` and their own presets with
 Layer (tools/import_graph.py LAYERS): above the models, below data/eval/checkpoint and training.
 Imports the config classes from the model layer (moeut.model_config, moeut.baselines.dense / .sut,
 which import the model code); model classes are imported by `build_model` from their
-"module:Class" path. Nothing above the model layer is imported (tests/test_import_graph.py).
+"module:Class" path. Nothing above the model layer is imported (tests/unit/tools/test_import_graph.py).
 """
 from __future__ import annotations
 

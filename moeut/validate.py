@@ -9,7 +9,7 @@ A numeric field declares its range in its own metadata, next to its default:
 `check_ranges(obj, "train")` walks a dataclass instance (nested dataclasses too) and raises
 ValueError naming the option's dotted path (`train.batch_size: must be >= 1, got 0`). `None`
 passes (Optional options mean "default/off"). `numeric_fields(cls)` lists every numeric option
-of a schema, so a test can require that each one declares a range (tests/test_train_setup.py).
+of a schema, so a test can require that each one declares a range (tests/unit/train/test_train_setup.py).
 No Hydra, no torch: usable by every entry point (train, evaluate, analysis, sweep).
 """
 from __future__ import annotations

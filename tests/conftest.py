@@ -20,8 +20,18 @@ if "triton" not in _sys.modules and "TRITON_INTERPRET" not in _os.environ:
 # set it themselves (monkeypatch), and local-data code paths never contact the hub.
 for _key, _value in (("MPLBACKEND", "Agg"), ("WANDB_MODE", "disabled"), ("TOKENIZERS_PARALLELISM", "false")):
     _os.environ.setdefault(_key, _value)
+# The tests mirror the package (tests/unit/<area>/, tests/e2e/; fixtures in tests/assets/): the
+# support modules beside this file and the test modules of every folder import one another by module
+# name (`from test_train import tiny_cfg`), so every test folder is on the path, as pytest puts a
+# test's own folder there (module names are unique across folders).
+_TEST_DIRS = [_os.path.dirname(_os.path.abspath(__file__))]
+_TEST_DIRS += sorted(_os.path.join(r, d) for r, ds, _ in _os.walk(_TEST_DIRS[0]) for d in ds
+                     if d not in ("assets", "__pycache__") and not r.startswith(_os.path.join(_TEST_DIRS[0], "assets")))
+for _d in _TEST_DIRS:
+    if _d not in _sys.path:
+        _sys.path.insert(0, _d)
 # No test may reach the network (a hub call hangs or fails on an offline machine): a connection
-# to anything but this machine fails at once, naming the address (tests/test_no_network.py).
+# to anything but this machine fails at once, naming the address (tests/e2e/test_no_network.py).
 import ipaddress as _ipaddress
 import socket as _socket
 
@@ -54,27 +64,27 @@ import pytest
 import torch
 
 # Fixture locations, resolved so that the suite runs on a fresh clone. Small fixtures live in the
-# repository: golden vectors in tests/golden/, text in data/ (the embedded corpus, data/README.md).
+# repository: golden vectors in tests/assets/golden/, text in data/ (the embedded corpus, data/README.md).
 # Large optional ones (golden/v8000.pt, the zero-shot sets in data/eval, the full Gutenberg corpus)
 # are looked up in $MOEUT_SHARED (default: ../shared beside the checkout); tests that need them
 # skip with a reason naming the missing file.
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MOEUT_SHARED", REPO.parent / "shared"))
-REPO_GOLDEN = REPO / "tests" / "golden"
+REPO_GOLDEN = REPO / "tests" / "assets" / "golden"
 SHARED_GOLDEN = SHARED / "golden"
 GOLDEN = REPO_GOLDEN  # where the vendored golden files are
 EMBEDDED = REPO / "data"  # the embedded corpus
 C4 = EMBEDDED / "c4_sample"  # {train,valid}.jsonl.gz: the 980/20-document C4 sample
 BOOKS = EMBEDDED / "books"  # {train,valid}.jsonl.gz: the default corpus
-EVAL = SHARED / "data" / "eval"  # full zero-shot sets: optional (small subsets: data/eval, tests/test_eval_subsets.py)
+EVAL = SHARED / "data" / "eval"  # full zero-shot sets: optional (small subsets: data/eval, tests/unit/eval/test_eval_subsets.py)
 
-# Golden files the suite knows; the ones not in tests/golden/ are optional (too large to carry).
+# Golden files the suite knows; the ones not in tests/assets/golden/ are optional (too large to carry).
 GOLDEN_MODEL_FILES = ("tiny.pt", "small_g3.pt", "tiny_training_format.pt", "v8000.pt")
 OPTIONAL_GOLDEN = ("v8000.pt",)
 
 
 def golden_path(name: str) -> Optional[Path]:
-    """tests/golden/<name>, else $MOEUT_SHARED/golden/<name>, else None."""
+    """tests/assets/golden/<name>, else $MOEUT_SHARED/golden/<name>, else None."""
     for d in (REPO_GOLDEN, SHARED_GOLDEN):
         if (d / name).is_file():
             return d / name

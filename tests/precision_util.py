@@ -1,7 +1,7 @@
 """Gradient accuracy against a float64 reference of the same weights and batch (issue 13 item 2).
 
-Used by the GPU tests (tests/test_gpu_cuda.py) to compare the Triton and grouped_mm backends in
-bf16 autocast with the truth, and on CPU (tests/test_gpu_harness.py) to test the harness itself.
+Used by the GPU tests (tests/unit/kernels/test_gpu_cuda.py) to compare the Triton and grouped_mm backends in
+bf16 autocast with the truth, and on CPU (tests/unit/kernels/test_gpu_harness.py) to test the harness itself.
 """
 from __future__ import annotations
 

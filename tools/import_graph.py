@@ -2,7 +2,7 @@
 
     python tools/import_graph.py                 # cycles and layer violations
     python tools/import_graph.py --edges         # also every edge, with file:line and kind
-    python tools/import_graph.py --json          # machine-readable (tests/test_import_graph.py)
+    python tools/import_graph.py --json          # machine-readable (tests/unit/tools/test_import_graph.py)
     python tools/import_graph.py --package path/to/moeut
 
 Layers (`LAYERS`, bottom to top; docs/architecture.md draws them): a module may import modules of

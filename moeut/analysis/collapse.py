@@ -563,4 +563,4 @@ main = typed_tool(APP, CollapseOptions,
                           "norms and updates, CE vs regulariser gradient) and compare runs at two learning rates.",
                   usage="python -m moeut.analysis collapse lr=2e-3 steps=150 out=DIR [compare=METRICS]  |  "
                         "python -m moeut.analysis collapse runs=[A.npz,B.npz] out=DIR",
-                  notes="A probed run's losses equal an unprobed run's bit for bit (tests/analysis/test_collapse.py).")(work)
+                  notes="A probed run's losses equal an unprobed run's bit for bit (tests/unit/analysis/test_collapse.py).")(work)

@@ -1,6 +1,6 @@
 """NumPy statistics of the expert analyses beyond the paper (docs/analysis.md "Beyond the paper"):
 specialisation by source, usage entropy, router saturation. Pure functions of count arrays, so each
-has a closed form to test against (tests/analysis/test_expert_stats.py).
+has a closed form to test against (tests/unit/analysis/test_expert_stats.py).
 
 Counts are routing *slots*: a token that selects k experts adds 1 to each of its k experts.
 Sources are weighted equally (each source's counts are normalised by its own total first).

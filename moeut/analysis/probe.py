@@ -2,7 +2,7 @@
 layer (embed, each layer application, head; moeut.lm.LanguageModel.run_forward in eval mode), so that
 an analysis can change the depth (R' repetitions of the shared group), knock experts out at chosen
 layer applications, or read the residual stream after every application (the logit lens). With none
-of these it computes exactly what `model(input_ids)` does (tests/analysis/test_depth.py).
+of these it computes exactly what `model(input_ids)` does (tests/unit/analysis/test_expert_depth.py).
 
 Shapes: B batch, T time, d width, V vocabulary, E experts, H heads.
 """

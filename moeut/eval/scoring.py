@@ -8,7 +8,7 @@ Rules implemented here, for every task:
   `pad_multiple`; the paper's code used 128, which on BLiMP's 10-20-token sentences is ~10x the
   work for the same scores). Right padding is safe because the model is causal: a padded position
   can never influence an earlier one, and padded positions are never read back. A score does not
-  depend on the padding or on its batch-mates (tests/test_eval_scoring.py); the model is called
+  depend on the padding or on its batch-mates (tests/unit/eval/test_eval_scoring.py); the model is called
   in one place, `Scorer._forward`, which also receives the real length of every row.
 - All scored positions of a batch are gathered at once (one device-to-host copy per batch, not
   one per sequence).
@@ -140,7 +140,7 @@ class Scorer:
         """Indices of requests grouped into batches: all requests sorted by length, longest first
         (ties by index), `batch_size` per batch. Sorting single sequences rather than whole items
         keeps the padding per batch minimal; a score does not depend on its batch-mates, so the
-        paper's item grouping is not needed for parity (tests/test_eval_scoring.py checks it)."""
+        paper's item grouping is not needed for parity (tests/unit/eval/test_eval_scoring.py checks it)."""
         order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].ids), i))
         return [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
 

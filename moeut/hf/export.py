@@ -35,7 +35,7 @@ def export(checkpoint: str, out: str, *, dtype: Optional[str] = None) -> str:
 
     `checkpoint`: a run dir (its newest valid checkpoint) or a checkpoints/step_XXXXXXX dir.
     `dtype`: precision of the stored weights, "bf16" | "fp16" | "fp32" (None: fp32, as stored
-    natively). The exported model gives the native model's logits (tests/test_hf_export.py).
+    natively). The exported model gives the native model's logits (tests/unit/eval/test_hf_export.py).
     Raises ValueError `dtype: ...` for another dtype (before anything is written) and whatever
     moeut.checkpoint.load_model raises for a missing or invalid checkpoint."""
     if dtype is not None and dtype not in DTYPES:

@@ -4,7 +4,7 @@ look like an expert-routing collapse. It only warns; training goes on unchanged.
 Owns `CollapseAlarm`, fed every logged record (the train/ records and the routing metrics of
 moeut.analysis.routing, as written to metrics.jsonl), which returns the events to report. Three checks,
 each with a `train.alarm.*` threshold (defaults chosen on the CPU-scale runs of docs/results.md,
-where they fire on every collapsed run and on none of the healthy ones: tests/train/
+where they fire on every collapsed run and on none of the healthy ones: tests/unit/train/
 test_collapse_alarm.py):
 
     usage_rel_ppl   moe/g<g>/usage_rel_ppl (expert-usage perplexity / number of experts) below the

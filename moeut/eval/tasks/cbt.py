@@ -8,7 +8,7 @@ tab-separated: "21 <query with XXXXX>", the answer, an empty field, and the 10 c
 by "|". Empty tab fields are dropped, so the query line has three fields after the number.
 
 No copy of the CBT files could be obtained for this project: the loader is tested on items written
-by hand in this format (tests/test_eval_tasks.py), not on the real files.
+by hand in this format (tests/unit/eval/test_eval_tasks.py), not on the real files.
 
 Input construction (SPEC 6.2): context = the 20 story lines, each detokenised, joined with " ",
 then " " + the detokenised query text before XXXXX; option = candidate + the query text after

@@ -1,0 +1,117 @@
+"""moeut.analysis lr-sweep: the table, best learning rates, ratios and target verdicts of a
+hand-made sweep dir with a known answer; adopting recorded runs only when the config is the job's."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moeut.analysis import lr_sweep as lrs
+
+REPO = Path(__file__).resolve().parents[3]
+GRID = [5e-4, 1e-3, 2e-3, 4e-3]
+
+
+def fake_run(root: Path, exp: str, lr: float, seed: int, ppl=None, last_step=610, steps=610, name=None):
+    d = root / (name or f"experiment={exp},optim.lr={lr},train.seed={seed}")
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text(f"- experiment={exp}\n- optim.lr={lr}\n- train.seed={seed}\n")
+    (d / ".hydra" / "config.yaml").write_text(f"optim:\n  lr: {lr}\ntrain:\n  seed: {seed}\n  steps: {steps}\n")
+    recs = [{"step": s, "train/loss": 7.0} for s in range(10, last_step + 1, 10)]
+    if ppl is not None:
+        recs.append({"step": steps, "validation/val/perplexity": ppl})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return d
+
+
+# known table: dense best 1e-3 (inside) in both seeds; paper MoEUT best at 5e-4 (the low edge) in seed 0
+DENSE = {0: [230.0, 200.0, 215.0, 243.0], 1: [232.0, 205.0, 220.0, 250.0]}
+MOEUT = {0: [150.0, 160.0, 420.0, 1060.0], 1: [155.0, 150.0, 440.0, None]}  # seed 1 lr 4e-3: still running
+
+
+def make_sweep(root: Path) -> Path:
+    for seed in (0, 1):
+        for i, lr in enumerate(GRID):
+            fake_run(root, lrs.DENSE, lr, seed, DENSE[seed][i])
+            p = MOEUT[seed][i]
+            fake_run(root, lrs.PAPER, lr, seed, p, last_step=610 if p else 380)
+    (root / "sweep.yaml").write_text("name: x\n")  # not a run dir: ignored
+    (root / "stray").mkdir()
+    return root
+
+
+def test_report_on_a_hand_made_sweep(tmp_path):
+    runs = lrs.collect([make_sweep(tmp_path)])
+    assert len(runs) == 16
+    text, num = lrs.report(runs, GRID, [0, 1], 610)
+    assert num["best"][(lrs.DENSE, 0)] == (1e-3, "inside")
+    assert num["best"][(lrs.DENSE, 1)] == (1e-3, "inside")
+    assert num["best"][(lrs.PAPER, 0)] == (5e-4, "at the low edge")
+    assert num["best"][(lrs.PAPER, 1)] == (None, "not yet measured")  # 4e-3 unfinished
+    assert num["best"][(lrs.OPTIONS, 0)] == (None, "not yet measured")  # no runs at all
+    assert num["ratio_best"][(lrs.PAPER, 0)] == pytest.approx(150.0 / 200.0)
+    assert num["ratio_best"][(lrs.PAPER, 1)] is None
+    t = num["targets"]
+    assert t["every best lr inside the grid"].startswith("NOT met (MoEUT (paper) seed 0: at the low edge")
+    assert t["MoEUT + options no worse than dense wherever dense trains"] == "not yet measured"
+    assert t["MoEUT + options best <= 0.85 x dense best, every seed"] == "not yet measured"
+    assert "running/stopped at step 380" in text
+    assert "| MoEUT (paper) | 0 | 150.0 | 160.0 | 420.0 | 1060.0 | 0.0005 (at the low edge) | 150.0 |" in text
+    assert "| MoEUT (paper) | 0 | 0.652 | 0.800 | 1.953 | 4.362 | 0.750 |" in text  # 150/230, 160/200, ...
+
+
+def test_targets_met_and_not_met_for_the_options_model(tmp_path):
+    root = make_sweep(tmp_path)
+    opt = {0: [170.0, 160.0, 168.0, 240.0], 1: [175.0, 165.0, 170.0, 260.0]}  # best 1e-3: 160/200, 165/205
+    for seed in (0, 1):
+        for i, lr in enumerate(GRID):
+            fake_run(root, lrs.OPTIONS, lr, seed, opt[seed][i])
+    _, num = lrs.report(lrs.collect([root]), GRID, [0, 1], 610)
+    t = num["targets"]
+    assert t["MoEUT + options best <= 0.85 x dense best, every seed"] == "met"  # 0.80, 0.805
+    # seed 1 lr 4e-3: 260 > dense 250 while dense trains there (250 <= 2 x 205)
+    assert t["MoEUT + options no worse than dense wherever dense trains"] == "NOT met (lr 0.004 seed 1: 260.0 > 250.0)"
+
+
+def test_same_configuration_twice_is_refused(tmp_path):
+    fake_run(tmp_path / "a", lrs.DENSE, 1e-3, 0, 200.0)
+    fake_run(tmp_path / "b", lrs.DENSE, 1e-3, 0, 201.0)
+    with pytest.raises(ValueError, match="the same configuration"):
+        lrs.collect([tmp_path / "a", tmp_path / "b"])
+
+
+def test_cli_prints_the_table_and_rejects_a_missing_dir(tmp_path):
+    make_sweep(tmp_path / "s")
+    r = subprocess.run([sys.executable, "-m", "moeut.analysis", "lr-sweep", f"dir={tmp_path / 's'}",
+                        f"out={tmp_path / 'rep'}"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "not yet measured" in r.stdout and (tmp_path / "rep.md").read_text() == r.stdout
+    r = subprocess.run([sys.executable, "-m", "moeut.analysis", "lr-sweep", f"dir={tmp_path / 'nope'}"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == f"moeut.analysis lr-sweep: error: dir={tmp_path / 'nope'}: no such directory"
+
+
+def test_adopt_copies_only_runs_with_the_jobs_config(tmp_path):
+    sweep = tmp_path / "tiny_lr.yaml"
+    sweep.write_text("name: tiny_lr\nexpected_jobs: 2\ncommon: [experiment=cpu_tiny, train.threads=1]\n"
+                     "grids:\n  - overrides:\n      - optim.lr=3e-3,1e-3\n")
+    recorded = tmp_path / "recorded"
+    # the same configuration spelt differently (cpu_tiny's lr is 3e-3: no optim.lr override)
+    same = recorded / "experiment=cpu_tiny"
+    (same / ".hydra").mkdir(parents=True)
+    (same / ".hydra" / "overrides.yaml").write_text("- train.threads=1\n- experiment=cpu_tiny\n")
+    (same / "metrics.jsonl").write_text('{"step": 30, "validation/val/perplexity": 99.0}\n')
+    other = recorded / "other"  # another thread count: not the job's configuration
+    (other / ".hydra").mkdir(parents=True)
+    (other / ".hydra" / "overrides.yaml").write_text("- train.threads=2\n- experiment=cpu_tiny\n- optim.lr=1e-3\n")
+    (other / "metrics.jsonl").write_text('{"step": 30}\n')
+    sweep_dir = tmp_path / "out" / "tiny_lr"
+    done = lrs.adopt(sweep, sweep_dir, recorded, say=lambda m: None)
+    assert [(s.name, d.name) for s, d in done] == [("experiment=cpu_tiny", "optim.lr=0.003")]
+    dst = sweep_dir / "optim.lr=0.003"
+    assert (dst / "metrics.jsonl").read_text() == (same / "metrics.jsonl").read_text()
+    assert "experiment=cpu_tiny" in (dst / "ADOPTED.txt").read_text()
+    assert not (sweep_dir / "optim.lr=0.001").exists()
+    assert lrs.adopt(sweep, sweep_dir, recorded, say=lambda m: None) == []  # never overwrites
