@@ -38,9 +38,9 @@ which would count those steps twice.
 
 **Evaluation results** (the one rule; docs/evaluation.md, "Results files"): every
 `moeut.evaluate` run writes a new file, `results_<tag>.json` for a checkpoint's first evaluation
-and `results_<tag>.<k>.json` (k = 2, 3, ...) for later ones (`write_eval_results`); none is ever
+and `results_<tag>.<k>.json` (k = 2, 3, ...) for later ones (`moeut.results_files`); none is ever
 replaced. Readers that want "the run's evaluation" (`RunDir.latest_eval`: tables, summaries,
-compare) take the newest evaluated step and merge its evaluations per task (`merge_evals`): for
+compare) take the newest evaluated step and merge its evaluations per task (`results_files.merge_evals`): for
 each task the result of the newest evaluation (largest k) that scored it; a task skipped there
 keeps an earlier real result. Each merged task records its `results_file`, `n_items`, `limit` and
 `data` (full set or carried subset), so tables can say when cells differ in what they scored.
@@ -58,6 +58,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
+from .results_files import is_moeut_eval, merge_evals
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 # ------------------------------------------------------------------------------------------
@@ -69,8 +71,6 @@ REWOUND_METRICS_FILE = "metrics.rewound.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 EVAL_DIR = "eval"
 EVAL_RESULTS_GLOB = "results_*.json"      # moeut.evaluate's results files inside EVAL_DIR
-# results_<tag>.json (evaluation 1) / results_<tag>.<k>.json (evaluation k >= 2) of a checkpoint
-EVAL_RESULTS_RE = re.compile(r"^results_(?P<tag>.+?)(?:\.(?P<k>\d+))?\.json$")
 HYDRA_DIR = ".hydra"
 HYDRA_CONFIG_FILE = "config.yaml"         # in HYDRA_DIR: the job's (unresolved) config
 HYDRA_OVERRIDES_FILE = "overrides.yaml"   # in HYDRA_DIR: the command-line overrides
@@ -231,85 +231,6 @@ def find_runs(root: PathLike) -> List[Path]:
         if is_run:
             runs.append(Path(dirpath))
     return sorted(runs)
-
-
-# ------------------------------------------------------------------------------------------
-# Evaluation results formats
-# ------------------------------------------------------------------------------------------
-
-def is_moeut_eval(data: Any) -> bool:
-    """A results file written by `python -m moeut.evaluate` (moeut/eval/zeroshot.py)."""
-    return isinstance(data, dict) and isinstance(data.get("tasks"), dict) and "table_row" in data
-
-
-def is_lm_eval(data: Any) -> bool:
-    """An lm-evaluation-harness results file: {"results": {task: {"acc,none": v, ...}}, ...}."""
-    return (isinstance(data, dict) and isinstance(data.get("results"), dict)
-            and all(isinstance(v, dict) for v in data["results"].values()))
-
-
-def eval_index(path: PathLike) -> int:
-    """The evaluation number k of a results file: 1 for results_<tag>.json, k for
-    results_<tag>.<k>.json (0 for a name of another form)."""
-    m = EVAL_RESULTS_RE.match(Path(path).name)
-    return (int(m.group("k")) if m.group("k") else 1) if m else 0
-
-
-def write_eval_results(eval_dir: PathLike, tag: str, results: Dict[str, Any], default=None) -> Path:
-    """Write `results` (JSON, `default` as json.dump's) as a NEW file in `eval_dir`:
-    results_<tag>.json, or results_<tag>.<k>.json with the smallest free k >= 2 when earlier
-    evaluations of the same tag exist. Never replaces a file (created by a hard link from a
-    finished temporary file, so a reader never sees half a file). Returns its path."""
-    eval_dir = Path(eval_dir)
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    tmp = eval_dir / f".results_{tag}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1, default=default)
-    try:
-        k = 1
-        while True:
-            path = eval_dir / (f"results_{tag}.json" if k == 1 else f"results_{tag}.{k}.json")
-            try:
-                os.link(tmp, path)  # fails if the name exists: no evaluation is ever replaced
-                return path
-            except FileExistsError:
-                k += 1
-            except OSError:  # a file system without hard links: exclusive create, then the bytes
-                try:
-                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                except FileExistsError:
-                    k += 1
-                    continue
-                with os.fdopen(fd, "wb") as out:
-                    out.write(tmp.read_bytes())
-                return path
-    finally:
-        tmp.unlink()
-
-
-def merge_evals(files: List[Tuple[Path, Dict[str, Any]]]) -> Dict[str, Any]:
-    """One results dict from several `moeut.evaluate` results files of ONE checkpoint, by the
-    module's rule: the newest file's fields (checkpoint, step, n_params, val_perplexity, options,
-    ...), and per task the result of the newest evaluation (largest `eval_index`, then newest
-    mtime) that scored it, else the newest skip. Each task gets `results_file` (the file's name)
-    and, for a file written before they were recorded, `limit` (its options.limit); the dict gets
-    `evaluations` (the file names, oldest first). ValueError for an empty list."""
-    if not files:
-        raise ValueError("merge_evals: no results files")
-    files = sorted(files, key=lambda f: (eval_index(f[0]), f[0].stat().st_mtime if f[0].exists() else 0))
-    merged = {k: v for k, v in files[-1][1].items() if k not in ("tasks", "table_row", "files")}
-    tasks: Dict[str, Any] = {}
-    for p, data in files:
-        for name, t in (data.get("tasks") or {}).items():
-            if not isinstance(t, dict) or ("skipped" in t and name in tasks and "skipped" not in tasks[name]):
-                continue
-            t = {**t, "results_file": Path(p).name}
-            if "skipped" not in t:
-                t.setdefault("limit", (data.get("options") or {}).get("limit"))
-            tasks[name] = t
-    merged["tasks"] = tasks
-    merged["evaluations"] = [Path(p).name for p, _ in files]
-    return merged
 
 
 # ------------------------------------------------------------------------------------------

@@ -46,9 +46,10 @@ LAYERS: List[Tuple[str, List[str]]] = [
     ("registry", ["registry"]),  # architectures + presets, build_model
     # analysis.table / analysis.tables: the zero-shot table's format and the one table writer, which
     # every evaluation writes (eval.zeroshot); they import only base and io modules
-    ("io", ["data", "eval", "checkpoint", "compute", "official", "rundir", "provenance", "hf",
+    ("io", ["data", "eval", "checkpoint", "compute", "official", "rundir", "results_files", "provenance", "hf",
             "analysis.table", "analysis.tables"]),
-    ("top", ["", "train_lib", "analysis", "tools", "train", "evaluate", "prepare_data", "sweep"]),  # training, analysis, tools and the CLIs ("": the package facade)
+    ("top", ["", "train_lib", "analysis", "tools", "train", "evaluate", "prepare_data", "sweep",
+             "sweep_file"]),  # training, analysis, tools and the CLIs ("": the package facade)
 ]
 
 

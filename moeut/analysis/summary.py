@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
-from .. import rundir
+from .. import results_files, rundir
 from ..cli import REQUIRED, bad_input_exits, option, typed_tool
 from . import style, tables
 
@@ -159,9 +159,9 @@ def read_eval(run_dir: Path) -> Dict[str, Any]:
     run = rundir.RunDir(run_dir)
     files = run.eval_files()
     for p, data in files:
-        if rundir.is_moeut_eval(data):
+        if results_files.is_moeut_eval(data):
             continue  # the newest one is read below
-        elif rundir.is_lm_eval(data):
+        elif results_files.is_lm_eval(data):
             for task, metrics in data["results"].items():
                 for k, v in metrics.items():
                     name = str(k).split(",", 1)[0]

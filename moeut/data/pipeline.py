@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .prepare import (SPLITTER_VERSION, TokenCacheError, TokenManifest, check_token_cache, prepare_tokens,
-                      train_corpus_tokenizer)
+from .prepare import TokenCacheError, TokenManifest, check_token_cache, prepare_tokens
+from .tokenizer_training import SPLITTER_VERSION, train_corpus_tokenizer
 from .sources import Corpus, local_corpus, open_corpus
 from .tokenizer import Tokenizer
 

@@ -94,7 +94,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, *, append_sepa
     Sentences over SPM_MAX_SENTENCE_BYTES bytes are skipped, as SentencePiece's default does (the
     paper's tokenizer was trained that way on C4), but never silently: the skipped count and its
     share of the text bytes are warned about, naming `data.tokenizer_split_paragraphs` (which cuts
-    long documents into pieces that fit, see moeut.data.prepare.split_text_bytes). The counts are
+    long documents into pieces that fit, see moeut.data.tokenizer_training.split_text_bytes). The counts are
     in the returned tokenizer's `train_stats`.
 
     Raises TokenizerTrainingError when no sentence is left to train on, or when the corpus is too

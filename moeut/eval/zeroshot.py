@@ -18,8 +18,8 @@ from typing import Any, Dict, NamedTuple, Optional, Sequence
 
 import torch
 
-from ..rundir import (EVAL_DIR, EVAL_RESULTS_RE, RunDir, is_moeut_eval, merge_evals, read_json, run_dir_of,
-                      write_eval_results)
+from ..results_files import EVAL_RESULTS_RE, is_moeut_eval, merge_evals, write_eval_results
+from ..rundir import EVAL_DIR, RunDir, read_json, run_dir_of
 from .scoring import Scorer
 from .tasks import TaskDataMissing, resolve_tasks
 from .tasks.base import CARRIED, FULL, EvalOptions

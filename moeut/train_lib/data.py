@@ -15,7 +15,8 @@ from typing import Dict, Optional
 
 from ..data.dataset import TokenStream, WindowDataset
 from ..data.pipeline import tokenizer_cache_path
-from ..data.prepare import prepare_tokens, train_corpus_tokenizer
+from ..data.prepare import prepare_tokens
+from ..data.tokenizer_training import train_corpus_tokenizer
 from ..data.sources import Corpus, local_corpus, open_corpus
 from ..data.tokenizer import Tokenizer
 from .distributed import DistInfo, barrier

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from moeut.data.dataset import StreamSampler, TokenStream, WindowDataset, paper_valid_tokens
-from moeut.data.prepare import prepare_tokens, train_corpus_tokenizer
+from moeut.data.prepare import prepare_tokens
+from moeut.data.tokenizer_training import train_corpus_tokenizer
 from moeut.data.sources import (DataError, c4_corpus, list_local_files, local_corpus, open_corpus,
                                 read_documents, slimpajama_corpus)
 from moeut.data.tokenizer import DOC_SEPARATOR

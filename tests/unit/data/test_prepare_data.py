@@ -33,8 +33,9 @@ from hydra import compose, initialize_config_dir
 from moeut.data import prepare as prep
 from moeut.data.dataset import StreamSampler, TokenStream, WindowDataset
 from moeut.data.pipeline import PREPARE_COMMAND, check_prepared, ensure_prepared, run_corpora
-from moeut.data.prepare import (MAX_PIECE_BYTES, TokenCacheError, check_token_cache, prepare_tokens,
-                                split_text_bytes, tokenizer_sentences, train_corpus_tokenizer)
+from moeut.data.prepare import TokenCacheError, check_token_cache, prepare_tokens
+from moeut.data.tokenizer_training import (MAX_PIECE_BYTES, split_text_bytes, tokenizer_sentences,
+                                           train_corpus_tokenizer)
 from moeut.data.sources import DataError, c4_corpus, list_local_files, local_corpus, read_documents, FileRef
 from moeut.data.tokenizer import (DOC_SEPARATOR, SPM_MAX_SENTENCE_BYTES, TokenizerTrainingError,
                                   train_tokenizer)

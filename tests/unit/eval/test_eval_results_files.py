@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from eval_fakes import make_tiny_run
+from moeut import results_files as RF
 from moeut import rundir as R
 from moeut.analysis import table as T
 
@@ -105,12 +106,12 @@ def test_merge_rule_by_hand(tmp_path):
     ev = tmp_path / "run" / "eval"
     ev.mkdir(parents=True)
     (tmp_path / "run" / "metrics.jsonl").write_text("")
-    p1 = R.write_eval_results(ev, "step_0000010", _res(10, piqa={"accuracy": 0.5, "n_items": 100},
+    p1 = RF.write_eval_results(ev, "step_0000010", _res(10, piqa={"accuracy": 0.5, "n_items": 100},
                                                       cbt={"skipped": "no files"}))
-    p2 = R.write_eval_results(ev, "step_0000010", _res(10, piqa={"skipped": "gone"}, cbt={"accuracy": 0.3},
+    p2 = RF.write_eval_results(ev, "step_0000010", _res(10, piqa={"skipped": "gone"}, cbt={"accuracy": 0.3},
                                                       blimp={"accuracy": 0.7, "limit": 5}))
-    p3 = R.write_eval_results(ev, "step_0000010", _res(10, blimp={"accuracy": 0.8, "limit": None}))
-    R.write_eval_results(ev, "step_0000004", _res(4, lambada={"accuracy": 0.9}))
+    p3 = RF.write_eval_results(ev, "step_0000010", _res(10, blimp={"accuracy": 0.8, "limit": None}))
+    RF.write_eval_results(ev, "step_0000004", _res(4, lambada={"accuracy": 0.9}))
     assert [p.name for p in (p1, p2, p3)] == ["results_step_0000010.json", "results_step_0000010.2.json",
                                             "results_step_0000010.3.json"]
     assert json.loads(p1.read_text())["tasks"]["piqa"]["accuracy"] == 0.5  # untouched by later writes

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from moeut import results_files as RF
 from moeut import rundir as R
 from moeut.rundir import CorruptRunFile, RunDir, TruncatedLineWarning, read_jsonl, run_dir_of
 
@@ -287,7 +288,7 @@ def test_eval_files_and_latest_eval(tmp_path):
                                                                        "results_step_0000010.json"]
     path, data = rd.latest_eval()
     assert path.name == "results_step_0000010.json" and data["step"] == 10
-    assert R.is_lm_eval(rd.eval_files()[0][1]) and not R.is_moeut_eval(rd.eval_files()[0][1])
+    assert RF.is_lm_eval(rd.eval_files()[0][1]) and not RF.is_moeut_eval(rd.eval_files()[0][1])
     assert RunDir(_write(tmp_path / "noeval" / "metrics.jsonl", "").parent).latest_eval() is None
     _write(run / "eval" / "results_step_0000011.json", '{"step": 11,')
     with pytest.raises(CorruptRunFile, match=r"results_step_0000011\.json:1:\d+: not valid JSON"):
