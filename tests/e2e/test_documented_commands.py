@@ -210,6 +210,15 @@ REGISTRY = {
         ("covered", "tests/unit/analysis/test_cpu_result.py::test_results_page_is_the_report_of_its_run_logs"),
     'python -m moeut.sweep action=dry-run sweep=cpu_result': ("run", ""),
     'python -m moeut.sweep action=launch sweep=cpu_result local=true': ("skip", CPU_RESULT),
+    'python -m moeut.analysis collapse lr=1e-3 steps=150 split_every=10 out=DIR '
+    '"compare=\'docs/results_runs/experiment=cpu_result_moeut,optim.lr=0.001/metrics.jsonl\'"': ("skip", CPU_RESULT),
+    'python -m moeut.analysis collapse lr=2e-3 steps=150 split_every=10 out=DIR '
+    '"compare=\'docs/results_runs/experiment=cpu_result_moeut,train.steps=610/metrics.jsonl\'"': ("skip", CPU_RESULT),
+    'python -m moeut.analysis collapse "runs=[DIR/collapse_lr0.001_s0.npz,DIR/collapse_lr0.002_s0.npz]" out=docs/figures':
+        ("skip", CPU_RESULT),
+    'python -m moeut.sweep action=dry-run sweep=lr_stability local=true': ("run", ""),
+    'python -m moeut.sweep action=launch sweep=lr_stability local=true root=/work/runs/lr_stability': ("skip", CPU_RESULT),
+    'python -m moeut.analysis lr-sweep dir=/work/runs/lr_stability/lr_stability': ("skip", CPU_RESULT),
     # docs/sweeps.md
     'python -m moeut.sweep': ("run", ""),
     'python -m moeut.sweep action=dry-run sweep=g_ablation': ("run", ""),
