@@ -314,7 +314,7 @@ def iso_time_table(runs: List[Run], budget: Optional[float] = None) -> Tuple[str
              _fmt(ppl_at_time(r, b), "p")]
             for r in sorted(runs, key=lambda r: ppl_at_time(r, b) if math.isfinite(ppl_at_time(r, b)) else 1e30)]
     text = (f"## Iso-step-time (Du et al.: equal wall-clock = steps x step time)\n\nBudget: {b:.4g} s\n\n"
-            "Compare only step times measured on the same GPU type and software stack.\n\n"
+            "Compare only step times measured on the same hardware (GPU or CPU type) and software stack.\n\n"
             + tables.to_markdown(["run", "arch", "params", "step time (s)", "source", "val ppl at budget"], rows))
     return text, b
 

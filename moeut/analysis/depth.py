@@ -139,7 +139,8 @@ def analyse(es: EvalSet, opts: DepthOptions) -> Dict[str, object]:
     reps = sorted(set(opts.repeats)) or list(range(1, 2 * R + 1))
     ce_rep = np.array([[repeats_pass(es.model, w, opts.batch_size, es.device, rr) for rr in reps]
                        for w in es.windows.values()])  # [S, len(reps)]
-    print(f"[depth] R' = {reps}: perplexity {np.round(np.exp(ce_rep), 1).tolist()} ({time.time() - t0:.1f}s)",
+    per_source = "; ".join(f"{name} {np.round(np.exp(row), 1).tolist()}" for name, row in zip(es.windows, ce_rep))
+    print(f"[depth] R' = {reps}: perplexity per source: {per_source} ({time.time() - t0:.1f}s)",
           file=sys.stderr, flush=True)
     lens = {n: lens_pass(es.model, w, opts.batch_size, es.device) for n, w in es.windows.items()}
     order = sorted(es.model.execution_order())

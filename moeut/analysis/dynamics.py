@@ -141,7 +141,7 @@ def analyse(es: EvalSet, opts: DynamicsOptions, ckpts: List[str]) -> Dict[str, o
             rows.setdefault(key, []).append(v)
         steps.append(_step(c))
         used.append(c)
-        print(f"[dynamics] step {steps[-1]}: saturation (MLP) {np.round(st['saturation_mlp'], 3).tolist()} "
+        print(f"[dynamics] step {steps[-1]}: saturation (MLP) {np.round(np.asarray(st['saturation_mlp'], dtype=np.float64), 3).tolist()} "
               f"({time.time() - t0:.1f}s)", file=sys.stderr, flush=True)
     st = {k: np.stack(v) for k, v in rows.items()}
     steps = np.array(steps)

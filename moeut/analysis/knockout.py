@@ -295,7 +295,8 @@ def analyse(es: EvalSet, opts: KnockoutOptions) -> Dict[str, object]:
                    f"scope), base loss " + ", ".join(f"{n} {base[n]:.4f}" for n in names) + " nats/token. Numbers: "
                    "knockout/knockout.npz, knockout.json, knockout.csv.",
                    "Spearman correlation of usage and importance: " +
-                   ", ".join(f"{k} {v:.2f}" for k, v in corr.items()) + ". The ten most important single experts:"],
+                   ", ".join(f"{k} {v:.2f}" if v == v else f"{k} n/a (too few knock-outs)" for k, v in corr.items())
+                   + f". The {len(top)} most important single experts:"],
                   table, figs, run=es.run)
     print(f"[knockout] {len(targets)} knock-outs on {len(names)} sources in {time.time() - t0:.1f}s; wrote {out}",
           file=sys.stderr)

@@ -21,16 +21,28 @@ Each (metric, layer group) warns once per run: the fired set is part of the trai
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 HELP = {  # the options likely to help, named in the warning (docs/training.md "Routing stability")
-    "usage_rel_ppl": "optim.groups.router.lr_mult<1 or optim.groups.router.warmup, a longer optim.warmup, "
-                     "model.bias_balance_rate, or a lower optim.lr",
-    "dead_frac": "model.bias_balance_rate, optim.groups.router.lr_mult<1, or a lower optim.lr",
-    "ce_plateau": "check the moe/ usage metrics; a longer optim.warmup, optim.groups.router.lr_mult<1, "
-                  "or a lower optim.lr",
+    "usage_rel_ppl": ["optim.groups.router.lr_mult<1", "optim.groups.router.warmup", "a longer optim.warmup",
+                      "model.bias_balance_rate", "a lower optim.lr"],
+    "dead_frac": ["model.bias_balance_rate", "optim.groups.router.lr_mult<1", "a lower optim.lr"],
+    "ce_plateau": ["a longer optim.warmup", "optim.groups.router.lr_mult<1", "a lower optim.lr"],
 }
+# the option each suggestion sets, to tell the user which of them the run already uses
+_SUGGESTION_OPTION = re.compile(r"(optim\.groups\.router\.\w+|model\.\w+)")
+
+
+def suggestions(metric: str, in_use: Dict[str, Any]) -> str:
+    """The options likely to help with `metric`, less those the run already sets (`in_use`: option
+    -> its non-default value), which are named as already set."""
+    fresh = [h for h in HELP[metric] if (m := _SUGGESTION_OPTION.search(h)) is None or m.group(1) not in in_use]
+    used = [f"{k}={v}" for k, v in sorted(in_use.items()) if any(k in h for h in HELP[metric])]
+    text = ", ".join(fresh) if fresh else "a lower optim.lr"
+    if metric == "ce_plateau":
+        text = "check the moe/ usage metrics; " + text
+    return text + (f" (this run already sets {', '.join(used)})" if used else "")
 _GROUP_KEY = re.compile(r"^moe/(g\d+)/(usage_rel_ppl|dead_frac)$")
 
 
@@ -44,6 +56,7 @@ class AlarmEvent:
     value: float
     threshold: float
     option: str
+    in_use: Dict[str, Any] = field(default_factory=dict)  # routing-stability options the run already sets
 
     def message(self) -> str:
         """The train.log line: the metric, the layer group, the value and the options likely to help."""
@@ -54,7 +67,7 @@ class AlarmEvent:
                 "ce_plateau": f"training CE fell only {self.value:.3f} nats over the last steps "
                               f"(< {self.option}={self.threshold:g}): an early plateau"}[self.metric]
         return (f"[alarm] WARNING: step {self.step}: {what}; the expert routing may be collapsing. "
-                f"Likely to help: {HELP[self.metric]} (docs/training.md \"Routing stability\")")
+                f"Likely to help: {suggestions(self.metric, self.in_use)} (docs/training.md \"Routing stability\")")
 
     def record(self) -> Dict[str, float]:
         """The metrics.jsonl entry: {"alarm/<metric>/<where>": value}."""
@@ -65,8 +78,9 @@ class CollapseAlarm:
     """The alarm of one run. cfg: train.alarm (AlarmSchema); warmup: optim.warmup (steps);
     total_steps: train.steps. `check(step, record)` returns the new events of a logged record."""
 
-    def __init__(self, cfg, warmup: int, total_steps: int):
+    def __init__(self, cfg, warmup: int, total_steps: int, in_use: Optional[Dict[str, Any]] = None):
         self.cfg, self.warmup, self.total_steps = cfg, warmup, total_steps
+        self.in_use = dict(in_use or {})  # option -> value of the routing-stability options this run sets
         self.window = max(1, round(cfg.ce_plateau_window * total_steps))
         self.fired: set = set()
         self.ce: List[Tuple[int, float]] = []  # (step, train/ce) of the last `window` steps and one before
@@ -75,7 +89,8 @@ class CollapseAlarm:
         if (metric, where) in self.fired:
             return []
         self.fired.add((metric, where))
-        return [AlarmEvent(metric, where, step, value, getattr(self.cfg, option.rsplit(".", 1)[-1]), option)]
+        return [AlarmEvent(metric, where, step, value, getattr(self.cfg, option.rsplit(".", 1)[-1]), option,
+                           self.in_use)]
 
     def check(self, step: int, record: Dict[str, Any]) -> List[AlarmEvent]:
         """The events a logged record (metric name -> value, at optimiser step `step`) triggers,

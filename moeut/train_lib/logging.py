@@ -195,15 +195,16 @@ class RunLogger:
             elif self.progress == "lines":
                 log.info(f"[step {step}] {text}")
 
-    def message(self, text: str) -> None:
-        """Print a line on the console (above the progress bar) and append it to train.log."""
+    def message(self, text: str, level: int = logging.INFO) -> None:
+        """Print a line on the console (above the progress bar) and append it to train.log at
+        `level` (logging.INFO, or logging.WARNING for a warning)."""
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.write(text)
-            log_to_files(text)
+            log_to_files(text, level)
         else:
-            log.info(text)
+            log.log(level, text)
 
     def advance(self, n: int = 1) -> None:
         """Move the progress bar on by `n` steps."""

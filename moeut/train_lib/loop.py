@@ -122,7 +122,7 @@ def sound_alarm(state, step: int, record: Dict[str, Any], logger: RunLogger) -> 
     if state.alarm is None or not state.dist.is_main:
         return
     for event in state.alarm.check(step, record):
-        logger.message(event.message())
+        logger.message(event.message(), logging.WARNING)
         logger.log(step, event.record())
 
 

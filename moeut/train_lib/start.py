@@ -15,7 +15,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import yaml
 
@@ -182,7 +182,7 @@ def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable
     if routing is None:
         say(f"[train] {tc.model_preset} has no experts: no routing metrics (train.routing_interval unused)")
     state = TrainState(model, optimizer, scaler, sampler, dist, routing, seed=t_cfg.seed)
-    state.alarm = CollapseAlarm(t_cfg.alarm, o_cfg.warmup, t_cfg.steps)
+    state.alarm = CollapseAlarm(t_cfg.alarm, o_cfg.warmup, t_cfg.steps, in_use=stability_options_in_use(tc))
     if resume is not None:
         configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         state.load_state_dict(resume["train"], source=resume["path"])
@@ -195,3 +195,18 @@ def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable
         raise ValueError(f"train.steps: {t_cfg.steps} but the checkpoint {resume['path']} is at step {state.step}")
     return RunSetup(state=state, data=data, tokenizer=tok, n_params=n_params, autocast_dtype=autocast_dtype,
                     resumed=resume is not None, abandoned=list((resume or {}).get("abandoned", [])))
+
+
+def stability_options_in_use(tc) -> Dict[str, Any]:
+    """The routing-stability options this run sets away from their defaults (option -> value),
+    for the collapse alarm's advice (docs/training.md "Routing stability")."""
+    router = tc.optim.groups.router
+    used: Dict[str, Any] = {}
+    if router.lr_mult != 1.0:
+        used["optim.groups.router.lr_mult"] = router.lr_mult
+    if router.warmup:
+        used["optim.groups.router.warmup"] = router.warmup
+    for name in ("bias_balance_rate", "router_zloss", "att_router_zloss"):
+        if getattr(tc.model, name, 0.0):
+            used[f"model.{name}"] = getattr(tc.model, name)
+    return used

@@ -88,13 +88,17 @@ class LogWindow:
     tokens: int = 0  # tokens trained on since the last record
     seconds: float = 0.0  # wall time of this window before the current process started timing it
     nonfinite_run: int = 0  # non-finite losses in a row (train.max_nonfinite)
+    aux_sums: Dict[str, float] = field(default_factory=dict)  # "aux/<name>": each auxiliary loss's sum (part of reg)
     _t0: float = field(default_factory=time.perf_counter, repr=False, compare=False)
 
-    def add(self, loss: float, ce: float, reg: float) -> None:
-        """Add one finite step's global mean loss, cross-entropy and regulariser (nats/token)."""
+    def add(self, loss: float, ce: float, reg: float, aux: Optional[Dict[str, float]] = None) -> None:
+        """Add one finite step's global mean loss, cross-entropy and regulariser (nats/token), and
+        the auxiliary losses `aux` ("aux/<name>" -> value) that the regulariser includes."""
         self.loss_sum += loss
         self.ce_sum += ce
         self.reg_sum += reg
+        for name, value in (aux or {}).items():
+            self.aux_sums[name] = self.aux_sums.get(name, 0.0) + value
         self.n_finite += 1
 
     def start_clock(self) -> None:
@@ -111,6 +115,7 @@ class LogWindow:
         n = max(self.n_finite, 1)
         out = {"train/loss": self.loss_sum / n, "train/ce": self.ce_sum / n, "train/reg": self.reg_sum / n,
                "train/tokens_per_s": self.tokens / max(self.elapsed(), 1e-9)}
+        out.update({name: total / n for name, total in sorted(self.aux_sums.items())})
         run = self.nonfinite_run
         self.__init__()
         self.nonfinite_run = run  # a run of non-finite losses spans log records

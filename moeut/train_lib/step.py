@@ -173,6 +173,7 @@ def train_step(state: TrainState, fwd_model: torch.nn.Module, window_BT1: torch.
                                         grad_scale=n_micro * dist.world_size)
     extra = {"step_totals": totals} if totals is not None else {}
     loss_sum = torch.zeros(4, dtype=torch.float64, device=device)  # loss, ce, reg (local means), bad grads
+    aux_sum: Dict[str, torch.Tensor] = {}  # each auxiliary loss "aux/<name>" (local mean), logged beside train/reg
     routing_missing = False
     for k, w in enumerate(micro_batches):
         # DDP: all-reduce on the last micro-batch only; FSDP (no `no_sync`) reduce-scatters each
@@ -189,6 +190,9 @@ def train_step(state: TrainState, fwd_model: torch.nn.Module, window_BT1: torch.
             loss = (ce + out.reg_loss) / n_micro
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum[:3] += torch.stack([loss.detach(), ce.detach() / n_micro, out.reg_loss.detach() / n_micro]).double()
+        for name, value in (getattr(out, "reg_terms", None) or {}).items():
+            if name.startswith("aux/"):
+                aux_sum[name] = aux_sum.get(name, 0.0) + value.detach().double() / n_micro
         if collect_routing:
             if out.routing:
                 routing.update(out.routing)
@@ -205,9 +209,13 @@ def train_step(state: TrainState, fwd_model: torch.nn.Module, window_BT1: torch.
     # inf/NaN gradients with a finite loss (an overflow in a low-precision backward, a bad kernel):
     # flagged here, before any weight changes, and all-reduced with the loss (one collective).
     loss_sum[3] = (~torch.isfinite(grad_norm)).double()
+    aux_names = sorted(aux_sum)
+    aux_vec = torch.stack([aux_sum[n] for n in aux_names]).to(device) if aux_names else None
     if dist.enabled:  # global mean loss for logging / the skip decision on every rank
-        all_reduce_sum_([loss_sum])
+        all_reduce_sum_([loss_sum] + ([aux_vec] if aux_vec is not None else []))
         loss_sum[:3] /= dist.world_size
+        if aux_vec is not None:
+            aux_vec /= dist.world_size
     loss_val = loss_sum[0].item()
     window = state.window
     skipped = None if math.isfinite(loss_val) else "loss"
@@ -226,7 +234,8 @@ def train_step(state: TrainState, fwd_model: torch.nn.Module, window_BT1: torch.
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        window.add(loss_val, loss_sum[1].item(), loss_sum[2].item())
+        window.add(loss_val, loss_sum[1].item(), loss_sum[2].item(),
+                   {n: v for n, v in zip(aux_names, aux_vec.tolist())} if aux_vec is not None else None)
     balance_selection_biases(state.model, dist, apply=skipped is None)
     step = state.step
     tokens = window_BT1.shape[0] * dist.world_size * (window_BT1.shape[1] - 1)  # global batch x T

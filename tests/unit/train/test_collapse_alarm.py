@@ -111,7 +111,22 @@ def test_a_run_warns_in_train_log_and_metrics_once_across_a_resume(cache_dir, tm
     groups = sorted(re.search(r"layer group (g\d+)", ln).group(1) for ln in lines)
     assert groups and groups == sorted(set(groups)), lines  # one warning per layer group, not repeated
     assert all("train.alarm.usage_rel_ppl=1" in ln for ln in lines)
+    assert all(" WARNING " in ln.split("[alarm]")[0] for ln in lines), lines  # logged at level WARNING
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     events = [(r["step"], k) for r in recs for k in r if k.startswith("alarm/")]
     assert sorted(k for _, k in events) == sorted(f"alarm/usage_rel_ppl/{g}" for g in groups)
     assert all(s == 2 for s, _ in events)  # the first routing record after the warm-up
+
+
+def test_advice_leaves_out_the_options_the_run_already_sets():
+    """The warning names only options the run does not use yet, and says which it already sets."""
+    from moeut.train_lib.alarm import suggestions
+    plain = suggestions("usage_rel_ppl", {})
+    assert "optim.groups.router.lr_mult<1" in plain and "model.bias_balance_rate" in plain
+    used = suggestions("usage_rel_ppl", {"optim.groups.router.lr_mult": 0.5, "model.bias_balance_rate": 0.001})
+    assert "lr_mult<1" not in used.split(" (this run")[0] and "model.bias_balance_rate," not in used
+    assert used.endswith("(this run already sets model.bias_balance_rate=0.001, optim.groups.router.lr_mult=0.5)")
+    assert "optim.groups.router.warmup" in used and "a lower optim.lr" in used
+    alarm = CollapseAlarm(AlarmSchema(), warmup=0, total_steps=100, in_use={"model.bias_balance_rate": 0.001})
+    (event,) = [e for e in alarm.check(10, {"moe/g0/usage_rel_ppl": 0.1}) if e.metric == "usage_rel_ppl"]
+    assert "this run already sets model.bias_balance_rate=0.001" in event.message()

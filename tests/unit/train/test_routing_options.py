@@ -304,3 +304,26 @@ def test_all_options_under_two_gloo_processes_equal_the_full_batch_steps(tmp_pat
     want = _two_steps(tiny(**ALL_ON), [windows(), windows(4)], B)
     for r in range(2):
         _assert_close_states(torch.load(tmp_path / f"rank{r}.pt"), want)
+
+
+@pytest.mark.parametrize("mb", [1, 2])
+def test_router_zlosses_are_logged_as_aux_terms(mb):
+    """train/ records carry each auxiliary loss (aux/router_zloss, aux/att_router_zloss) as its
+    step mean: with the z-losses on, train/reg at the first step exceeds the same step's without
+    them by exactly the two logged terms (the forward is otherwise identical)."""
+    w = windows()
+    records = {}
+    for on in (False, True):
+        kw = dict(router_zloss=0.01, att_router_zloss=0.02) if on else {}
+        torch.manual_seed(0)
+        model = tiny(**kw)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        state = TrainState(model, opt, None, StreamSampler(96, B, "sequential", 0), DistInfo())
+        train_step(state, model, w, 0.0, micro_batch_size=mb, autocast_dtype=None, grad_clip=None)
+        records[on] = state.window.record()
+    off, on = records[False], records[True]
+    assert not any(k.startswith("aux/") for k in off)
+    assert on["aux/router_zloss"] > 0 and on["aux/att_router_zloss"] > 0
+    assert on["train/reg"] - off["train/reg"] == pytest.approx(on["aux/router_zloss"] + on["aux/att_router_zloss"],
+                                                               rel=1e-6)  # reg sums in fp32
+    assert on["train/ce"] == off["train/ce"]
