@@ -201,13 +201,18 @@ def report(runs: List[Run], grid: List[float], seeds: List[int], steps: int) -> 
 def _training_config(overrides: List[str]) -> Dict[str, Any]:
     """The composed training config (unresolved, as a plain dict) of train.py `overrides`, without
     logger.group (wandb grouping only)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
-    from moeut.cli import compose
+    from moeut.cli import CONF_DIR
     from moeut.train_lib.config import register_configs
 
     register_configs()
-    cfg = OmegaConf.to_container(compose("config", [o for o in overrides if not o.startswith("logger.group=")]),
-                                 resolve=False)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        composed = compose(config_name="config",
+                           overrides=[o for o in overrides if not o.startswith("logger.group=")])
+    cfg = OmegaConf.to_container(composed, resolve=False)
     cfg.get("logger", {}).pop("group", None)
     return cfg
 

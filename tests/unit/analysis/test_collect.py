@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-TESTS = Path(__file__).resolve().parents[3]
+TESTS = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(TESTS))
 from routing_fakes import FakeMoE, FakeMoEConfig, random_sets, record  # noqa: E402
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from routing_fakes import random_sets, record  # noqa: E402
 
 from moeut.analysis.routing import RoutingStats  # noqa: E402
