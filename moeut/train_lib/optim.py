@@ -25,6 +25,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..compute import total_params
+
 GROUPS = ("router", "norm", "embedding")  # the configurable groups (optim.groups.<name>); the rest is "other"
 ROUTER_PARAM_NAMES = ("expert_sel", "sel_v", "sel_o", "router", "centroids")
 
@@ -75,7 +77,7 @@ def build_optimizer(model: nn.Module, o_cfg) -> Tuple[torch.optim.Optimizer, str
     null), `lr_mult` and `warmup` (see `group_lr`)."""
     common = dict(lr=o_cfg.lr, betas=tuple(o_cfg.betas), eps=o_cfg.eps, weight_decay=o_cfg.weight_decay)
     if groups_at_default(o_cfg.groups):
-        n = sum(p.numel() for p in model.parameters())
+        n = total_params(model)
         return (torch.optim.AdamW(model.parameters(), **common),
                 f"[optim] AdamW, one parameter group ({n:,} parameters; optim.groups.* at their defaults)")
     names = param_group_name(model)

@@ -55,6 +55,6 @@ def test_registry_does_not_depend_on_import_order():
     # The symptom itself: this file collected alone has one param-count case per preset.
     repo = Path(__file__).resolve().parents[3]
     res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                          str(repo / "tests" / "test_presets.py")], capture_output=True, text=True, cwd=repo)
+                          str(Path(__file__).resolve())], capture_output=True, text=True, cwd=repo)
     cases = [line for line in res.stdout.splitlines() if "::test_param_count[" in line]
     assert len(cases) == len(PRESETS), res.stdout[-2000:]
