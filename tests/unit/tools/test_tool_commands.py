@@ -4,14 +4,14 @@ here), and bad input is exactly one line `<tool>: error: <message naming the opt
 status 1, nothing written."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
-import typing
 from pathlib import Path
 
 import pytest
+
+from test_tool_options import _dotted_fields  # noqa: E402  (one copy: the options test's)
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -22,15 +22,6 @@ def _run(argv, cwd):
     return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def _dotted_fields(schema, prefix=""):
-    out = []
-    hints = typing.get_type_hints(schema)
-    for f in dataclasses.fields(schema):
-        tp = hints[f.name]
-        if typing.get_origin(tp) is typing.Union:
-            tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        out += _dotted_fields(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else [f"{prefix}{f.name}"]
-    return out
 
 
 def _schema(tool):
