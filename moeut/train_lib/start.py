@@ -182,7 +182,7 @@ def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable
         say(f"[train] {tc.model_preset} has no experts: no routing metrics (train.routing_interval unused)")
     state = TrainState(model, optimizer, scaler, sampler, dist, routing, seed=t_cfg.seed)
     state.alarm = CollapseAlarm(t_cfg.alarm, o_cfg.warmup, t_cfg.steps, in_use=stability_options_in_use(tc))
-    if (line := alarm_off_line(t_cfg.alarm)) is not None:
+    for line in switched_off(tc):
         say(line)
     if resume is not None:
         configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -196,6 +196,20 @@ def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable
         raise ValueError(f"train.steps: {t_cfg.steps} but the checkpoint {resume['path']} is at step {state.step}")
     return RunSetup(state=state, data=data, tokenizer=tok, n_params=n_params, autocast_dtype=autocast_dtype,
                     resumed=resume is not None, abandoned=list((resume or {}).get("abandoned", [])))
+
+
+def switched_off(tc: TrainConfig) -> List[str]:
+    """One train.log line per safeguard that is on by default and this run switches off, naming the
+    option that did it: the collapse alarm (train.alarm.enabled), gradient clipping (optim.grad_clip)
+    and the validation at the end of training (train.final_eval)."""
+    lines = [line] if (line := alarm_off_line(tc.train.alarm)) is not None else []
+    if not tc.optim.grad_clip:
+        value = "null" if tc.optim.grad_clip is None else tc.optim.grad_clip
+        lines.append(f"[optim] optim.grad_clip={value}: gradient clipping is off (the gradient norm is still logged)")
+    if not tc.train.final_eval:
+        lines.append("[train] train.final_eval=false: no validation at the end of training (only every "
+                     f"train.val_interval={tc.train.val_interval} steps)")
+    return lines
 
 
 def stability_options_in_use(tc) -> Dict[str, Any]:

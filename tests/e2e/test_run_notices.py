@@ -1,7 +1,8 @@
 """What a training run says once at its start: a validation sample shorter than data.valid_tokens
 whose tail also misses a window is one warning (both numbers in it), the training stream is one
-warning (its window tail and the sampler's remainder), and a collapse alarm switched off by
-train.alarm.enabled=false is one train.log line naming the option."""
+warning (its window tail and the sampler's remainder), and each safeguard that is on by default and
+switched off (train.alarm.enabled=false, optim.grad_clip=null, train.final_eval=false) is one
+train.log line naming the option; a run that switches none off has none of these lines."""
 import warnings
 
 import pytest
@@ -17,7 +18,8 @@ def started(cache_dir, tmp_path_factory):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")  # a repeated warning would be shown, not deduplicated
         res = run(cache_dir, run_dir, "train.steps=4", "train.stop_at=1", f"data.valid_tokens={VALID_TOKENS}",
-                  "train.alarm.enabled=false", "train.final_eval=false", "train.val_interval=1000")
+                  "train.alarm.enabled=false", "optim.grad_clip=null", "train.final_eval=false",
+                  "train.val_interval=1000")
     return run_dir, [str(x.message) for x in w], res
 
 
@@ -39,13 +41,20 @@ def test_each_stream_is_warned_about_once(started):
     assert not any("do not fill a window" in m or "never sampled" in m for m in msgs if m not in data), msgs
 
 
-def test_switched_off_alarm_is_one_line_naming_the_option(started):
+OFF = ["[alarm] train.alarm.enabled=false: the collapse alarm is off",
+       "[optim] optim.grad_clip=null: gradient clipping is off",
+       "[train] train.final_eval=false: no validation at the end of training (only every train.val_interval=1000 steps)"]
+
+
+def test_switched_off_safeguards_are_one_line_each_naming_the_option(started):
     run_dir, _, _ = started
-    log = (run_dir / "train.log").read_text()
-    lines = [ln for ln in log.splitlines() if "[alarm]" in ln]
-    assert len(lines) == 1 and "train.alarm.enabled=false: the collapse alarm is off" in lines[0], lines
+    log = (run_dir / "train.log").read_text().splitlines()
+    for text in OFF:
+        assert sum(text in ln for ln in log) == 1, (text, log)
+    assert sum("[alarm]" in ln for ln in log) == 1
 
 
-def test_an_alarm_that_is_on_says_nothing(cache_dir, tmp_path):
-    run(cache_dir, tmp_path, "train.steps=4", "train.stop_at=1", "train.final_eval=false", "train.val_interval=1000")
-    assert "[alarm]" not in (tmp_path / "train.log").read_text()
+def test_a_run_that_switches_nothing_off_says_nothing(cache_dir, tmp_path):
+    run(cache_dir, tmp_path, "train.steps=2", "train.val_interval=1000")  # with the final validation
+    log = (tmp_path / "train.log").read_text()
+    assert not any(text.split(":")[0] in log for text in OFF), log
