@@ -109,7 +109,8 @@ def prepare_run_data(d, seq_len: int, train_tokens: int, tok: Tokenizer, dist: D
     train = WindowDataset(TokenStream(manifests["train"]), seq_len, limit_tokens=train_tokens,
                           limit_name="data.train_tokens", warn_short=bool(d.train_tokens), warn=False)
     valid = {name: WindowDataset(TokenStream(manifests[name]), seq_len, limit_tokens=d.valid_tokens,
-                                 limit_name=f"data.valid_tokens, validation set {name!r}")
+                                 limit_name=f"data.valid_tokens, validation set {name!r}",
+                                 warn=dist.is_main)  # every rank reads the same streams: one warning
              for name in valid_corpora}
     for name, ds in valid.items():
         if len(ds) == 0:
@@ -119,7 +120,7 @@ def prepare_run_data(d, seq_len: int, train_tokens: int, tok: Tokenizer, dist: D
 
 def train_sampler(data: RunData, d, batch_size: int, dist: DistInfo) -> StreamSampler:
     """The training sampler over `data.train` (`d`: the data options: sampler, shuffle_seed), and
-    one warning about the training stream: what its windows leave out (a short stream, a tail shorter
+    one warning (on the main rank) about the training stream: what its windows leave out (a short stream, a tail shorter
     than a window) and what the sampler leaves out (windows that do not fill one more per stream).
     Raises ValueError when the stream has fewer windows than one batch of `batch_size`."""
     import warnings
@@ -127,6 +128,6 @@ def train_sampler(data: RunData, d, batch_size: int, dist: DistInfo) -> StreamSa
     sampler = StreamSampler(len(data.train), batch_size, d.sampler, d.shuffle_seed, dist.rank, dist.world_size,
                             warn=False)
     notes = data.train.notes + sampler.notes
-    if notes:
+    if notes and dist.is_main:  # every rank reads the same stream: one warning per run
         warnings.warn(stream_warning(data.train.stream, notes), stacklevel=2)
     return sampler

@@ -61,6 +61,9 @@ def test_training_stream_and_its_sampler_are_one_warning():
     assert msgs == ["/cache/train: the last 7 of 999 tokens (the whole stream) do not fill a window of "
                     "data.seq_len=16 and are not used; 2 of 62 windows are never sampled: they do not fill one "
                     "more window for each of the train.batch_size=4 streams"]
+    # another rank of a data-parallel job reads the same stream: it samples its share, silently
+    other, msgs = caught(lambda: train_sampler(data, d, 4, DistInfo(rank=1, world_size=2)))
+    assert msgs == [] and other.notes == sampler.notes
 
 
 def test_a_sampler_alone_still_warns():
