@@ -270,7 +270,7 @@ def analyse(es: EvalSet, opts: KnockoutOptions) -> Dict[str, object]:
             usage_c[k] = usage_c[k] + rc[k]
     delta = np.stack(delta)  # [S, n_targets]
     # usage of a target: its experts' share of the layer's slots (mean over its applications; 1 for a branch)
-    usage = np.array([np.mean([usage_c[t.kind][l, es].sum() / usage_c[t.kind][l].sum() for l, es in t.experts.items()])
+    usage = np.array([np.mean([usage_c[t.kind][l, ids].sum() / usage_c[t.kind][l].sum() for l, ids in t.experts.items()])
                       for t in targets])
     out = os.path.join(es.out_dir, "knockout")
     names = es.names
