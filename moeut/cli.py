@@ -132,9 +132,12 @@ class _StripNewline:
     """Logging filter: a captured warning's text without its trailing newline."""
 
     def filter(self, record: Any) -> bool:
-        """Strip the newline of the warning text in `record.args` (always keeps the record)."""
+        """Strip the newline of the warning text, which Python >= 3.11 passes as `record.msg` and
+        older versions as `record.args[0]` (always keeps the record)."""
         if isinstance(record.args, tuple) and record.args and isinstance(record.args[0], str):
             record.args = (record.args[0].rstrip("\n"),) + record.args[1:]
+        elif not record.args and isinstance(record.msg, str):
+            record.msg = record.msg.rstrip("\n")
         return True
 
 

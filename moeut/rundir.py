@@ -335,16 +335,25 @@ class RunDir:
         """The run dir's folder name."""
         return self.path.name
 
+    @property
+    def short_name(self) -> str:
+        """The folder name, with its parent's in front when it is a time stamp or a number
+        (train.py's default `runs/<name>/<date_time>`, a SLURM job id, a multirun job number):
+        `cpu_result_moeut/2026-11-30_05-49-25`."""
+        if not _OPAQUE_LEAF.fullmatch(self.path.name):
+            return self.path.name
+        return f"{self.path.parent.name}/{self.path.name}"
+
     def label(self) -> str:
-        """The name plots and tables show for the run: the folder name when it says something
-        (a sweep job's `experiment=...,optim.lr=...`); when it is a time stamp or a number (train.py's
-        default `runs/<name>/<date_time>` or `<SLURM job id>`, a multirun job number), the parent
-        folder too and the job's command-line overrides:
-        `cpu_result_moeut/2026-11-30_05-49-25 (optim.lr=1e-3 train.seed=1)`."""
+        """The name tables show for the run: the folder name when it says something (a sweep
+        job's `experiment=...,optim.lr=...`); when it is a time stamp or a number, `short_name` and
+        the job's command-line overrides:
+        `cpu_result_moeut/2026-11-30_05-49-25 (optim.lr=1e-3 train.seed=1)`. (Figure legends of
+        several runs show only what differs between them: moeut.analysis.curves.legend_labels.)"""
         if not _OPAQUE_LEAF.fullmatch(self.path.name):
             return self.path.name
         overrides = " ".join(self.overrides())
-        return f"{self.path.parent.name}/{self.path.name}" + (f" ({overrides})" if overrides else "")
+        return self.short_name + (f" ({overrides})" if overrides else "")
 
     @property
     def metrics_path(self) -> Path:

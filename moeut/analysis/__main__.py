@@ -37,15 +37,20 @@ def usage() -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Dispatch to the subcommand named by argv[0]; an unknown or missing one prints the usage
-    and exits with status 1 (bad input)."""
+    """Dispatch to the subcommand named by argv[0]. `--help` (or `-h`, `help`) prints the usage on
+    stdout, exit status 0; a missing or unknown subcommand is bad input: one line on stderr naming
+    every subcommand and `--help`, exit status 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if argv and argv[0] in ("-h", "--help", "help"):
         print(usage())
-        raise SystemExit(0 if argv else 1)
+        raise SystemExit(0)
+    choices = f"one of: {', '.join(SUBCOMMANDS)} (python -m moeut.analysis --help describes each)"
+    if not argv:
+        print(f"moeut.analysis: error: no subcommand given; {choices}", file=sys.stderr)
+        raise SystemExit(1)
     name = argv[0]
     if name not in SUBCOMMANDS:
-        print(f"moeut.analysis: error: unknown subcommand '{name}' (one of: {', '.join(SUBCOMMANDS)})", file=sys.stderr)
+        print(f"moeut.analysis: error: unknown subcommand '{name}'; {choices}", file=sys.stderr)
         raise SystemExit(1)
     module = importlib.import_module(SUBCOMMANDS[name][0])
     sys.argv = [f"moeut.analysis {name}"] + argv[1:]

@@ -325,16 +325,20 @@ def iso_time_table(runs: List[Run], budget: Optional[float] = None) -> Tuple[str
 
 def plot_speed_accuracy(runs: List[Run], metric: str, stem: str) -> List[str]:
     """Three panels (step time vs `metric`; perplexity vs training MACs; perplexity vs wall
-    clock) written to `stem`.png and `stem`.pdf; returns the two paths."""
+    clock) written to `stem`.png and `stem`.pdf, each run labelled by what differs between the
+    runs (moeut.analysis.curves.legend_labels; the tables keep the full names); returns the two paths."""
     import matplotlib.ticker
 
+    from .curves import legend_labels
+
+    short = dict(zip((r.path for r in runs), legend_labels([r.path for r in runs])[0]))
     fig, axes = style.figure(figsize=(16, 4.6), ncols=3)
     ax = axes[0]
     for r in runs:
         y = r.metric(metric)
         if math.isfinite(r.step_time) and math.isfinite(y):
             ax.scatter(r.step_time, y, s=40)
-            ax.annotate(r.name, (r.step_time, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(short[r.path], (r.step_time, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("training step time (s)")
     ax.set_ylabel("validation perplexity" if metric == "val_ppl" else metric)
     ax.set_title("Speed vs quality (Du et al.)")
@@ -344,7 +348,7 @@ def plot_speed_accuracy(runs: List[Run], metric: str, stem: str) -> List[str]:
         for r in runs:
             pts = [(xfn(r, s), p) for s, p in r.val if math.isfinite(xfn(r, s)) and xfn(r, s) > 0]
             if pts:
-                ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", ms=3, label=r.name)
+                ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", ms=3, label=short[r.path])
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
         ax.set_xlabel(xlabel)

@@ -6,6 +6,9 @@ skipped with a warning naming file:line, any other damaged line is an error nami
         'labels=[MoEUT,"dense (param-matched)"]' out=docs/figures/cpu_results_curves
     python -m moeut.analysis curves --help       # every option
 
+Without `labels`, each curve is labelled by what differs between the runs (`legend_labels`): the
+command-line overrides not shared by every run, or the run dir's name when the overrides are the
+same; the command prints each label with its full run dir and the overrides every run shares.
 The figure is made and written by moeut.analysis.style.
 """
 from __future__ import annotations
@@ -20,6 +23,72 @@ from ..rundir import VAL_PPL_KEY, RunDir, read_metrics as _read_run_metrics
 from . import style
 
 EXTRA_VAL_KEY = "validation/c4/perplexity"  # the cpu_result sweep's second validation set (a C4 sample)
+SHORT_PATH = 24  # a path-valued override longer than this shows its last component in a legend
+
+
+def split_overrides(text: str) -> List[str]:
+    """The `key=value` items of a sweep job's folder name `experiment=x,optim.lr=0.001` (commas
+    inside brackets, braces or quotes belong to the value); [] when an item has no "=" (not such a name)."""
+    items, depth, quote, cur = [], 0, "", ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+            continue
+        cur += ch
+    items.append(cur)
+    return items if all("=" in it and not it.startswith("=") for it in items) else []
+
+
+def run_overrides(run: str) -> List[str]:
+    """The command-line overrides of a run, in order: its .hydra/overrides.yaml, else the items of
+    a sweep-job folder name (`split_overrides`), else []."""
+    rd = RunDir(run)
+    return rd.overrides() or split_overrides(rd.name)
+
+
+def _shorten(item: str) -> str:
+    """`key=value` with a long path value cut to its last component: `data.path=.../books`."""
+    key, _, value = item.partition("=")
+    if "/" in value.strip("/") and len(value) > SHORT_PATH:
+        return f"{key}=.../{value.rstrip('/').rsplit('/', 1)[-1]}"
+    return item
+
+
+def _unique(labels: List[str], fallback: List[str]) -> List[str]:
+    """`labels` with the entries that occur more than once followed by their `fallback` in brackets."""
+    return [f"{lab} ({fb})" if labels.count(lab) > 1 else lab for lab, fb in zip(labels, fallback)]
+
+
+def legend_labels(runs: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """(one legend label per run, the overrides every run shares). A label is what differs between
+    the runs: the run's overrides that not every run has (in its own order; long path values cut to
+    their last component), or, for a run with none of them, each differing key as `key=default`;
+    when no override differs (or there is one run), the run dir's name (`RunDir.short_name`, the
+    parent's too where names repeat). Labels that still repeat get the run dir's name in brackets."""
+    runs = list(runs)
+    names = [RunDir(r).short_name for r in runs]
+    if len(set(names)) < len(names):
+        names = [f"{RunDir(r).path.parent.name}/{RunDir(r).path.name}" for r in runs]
+    items = [run_overrides(r) for r in runs]
+    common = set(items[0]).intersection(*items[1:]) if items else set()
+    shared = [o for o in (items[0] if items else []) if o in common]
+    diffs = [[o for o in its if o not in common] for its in items]
+    if len(runs) < 2 or not any(diffs):
+        return _unique(names, [str(RunDir(r).path) for r in runs]), shared
+    keys = list(dict.fromkeys(o.partition("=")[0] for d in diffs for o in d))
+    full = [" ".join(d) if d else " ".join(f"{k}=default" for k in keys) for d in diffs]
+    short = [" ".join(_shorten(o) for o in d) if d else full[i] for i, d in enumerate(diffs)]
+    labels = short if len(set(short)) == len(set(full)) else full
+    return _unique(labels, names), shared
 
 
 def read_metrics(run_dir: str) -> List[Dict]:
@@ -64,7 +133,7 @@ def plot_curves(runs: Sequence[str], out: str, *, labels: Optional[Sequence[str]
     runs = list(runs)
     if not runs:
         raise ValueError("runs: required: runs=[RUN_DIR,...]")
-    labels = list(labels) if labels else [RunDir(r).label() for r in runs]
+    labels = list(labels) if labels else legend_labels(runs)[0]
     if len(labels) != len(runs):
         raise ValueError(f"labels: needs one label per run ({len(runs)}), got {len(labels)}")
     if len(val_names) != len(val_keys):
@@ -105,8 +174,8 @@ class CurvesOptions:
     runs: List[str] = option(REQUIRED, help="run dirs with metrics.jsonl (train/loss, train/tokens_seen); entries "
                              "with * ? [ are glob patterns")
     out: str = option(REQUIRED, help="output path without extension: OUT.png and OUT.pdf are written")
-    labels: Optional[List[str]] = option(None, help="one legend label per run; null = each run's name (a time-stamp "
-                                         "dir adds its parent and its overrides)")
+    labels: Optional[List[str]] = option(None, help="one legend label per run; null = what differs between the runs "
+                                         "(their differing overrides, else the run dirs' names)")
     val_keys: List[str] = option(default_factory=lambda: [VAL_PPL_KEY, EXTRA_VAL_KEY],
                                  help="metrics.jsonl keys, one validation panel each")
     val_names: List[str] = option(default_factory=lambda: ["held-out books", "C4 sample"],
@@ -122,6 +191,13 @@ def work(opts: CurvesOptions) -> List[str]:
         runs = path_list_option(opts.runs, "runs", "runs=[RUN_DIR,...]")
         paths = plot_curves(runs, opts.out, labels=opts.labels or None, val_keys=opts.val_keys,
                             val_names=opts.val_names, title=opts.title, smooth_k=opts.smooth)
+    if not opts.labels:
+        labels, shared = legend_labels(runs)
+        width = max(len(lab) for lab in labels)
+        for lab, run in zip(labels, runs):
+            print(f"{lab.ljust(width)}  {RunDir(run).path}")
+        if shared:
+            print(f"shared by every run: {' '.join(shared)}")
     print(f"wrote {paths[0]} and .pdf")
     return paths
 

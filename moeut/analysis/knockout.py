@@ -32,11 +32,15 @@ from .probe import run_layers, token_ce
 from .sources import KIND_NAMES, KINDS, expert_labels, route_counts
 
 
+WHAT = ("expert", "branch", "group")  # a single expert, every expert of a kind (`blocks`), a hand-given group
+
+
 @dataclass
 class Target:
     """One knock-out: `name`, expert `kind`, and the experts removed per layer application
-    (`experts`: l -> list of expert ids; attention expert (h, e) is h*E_att + e). `l`, `g`, `r`,
-    `expert` label single-expert knock-outs (-1 where not one)."""
+    (`experts`: l -> list of expert ids; attention expert (h, e) is h*E_att + e). `what` is one of
+    WHAT; `l`, `g`, `r` say where (layer application, unique layer, repetition; -1 = every
+    repetition, for scope=unique) and `expert` which single expert (-1 for a branch or a group)."""
 
     name: str
     kind: str
@@ -45,6 +49,18 @@ class Target:
     g: int = -1
     r: int = -1
     expert: int = -1
+    what: str = "expert"
+
+    def columns(self) -> List[str]:
+        """The CSV cells l, g, r, expert, the same for every kind of knock-out: "all" for every
+        repetition (l and r of scope=unique) and for a whole branch (expert), "e+e+..." for a group."""
+        experts = sorted({e for es in self.experts.values() for e in es})
+        which = {"expert": str(self.expert), "branch": "all", "group": "+".join(map(str, experts))}[self.what]
+        return ["all" if self.l < 0 else str(self.l), str(self.g), "all" if self.r < 0 else str(self.r), which]
+
+    def where(self) -> str:
+        """Where it is knocked out: "g0 r1" (a layer application) or "g0 (all r)" (scope=unique)."""
+        return label(self.g, self.r) if self.r >= 0 else f"g{self.g} (all r)"
 
 
 @dataclass
@@ -66,9 +82,9 @@ class KnockoutOptions(EvalOptions):
     batch_size: int = option(4, help="windows per forward and knock-out", lo=1)
 
 
-def parse_group(spec: str, model_cfg, n_layers: int) -> Target:
-    """Target of a `groups` entry kind/l/e+e+... Raises ValueError naming `groups` when malformed
-    or out of range."""
+def parse_group(spec: str, model_cfg, order: List[Tuple[int, int, int]]) -> Target:
+    """Target of a `groups` entry kind/l/e+e+..., at layer application l of the model's execution
+    `order` [(l, g, r)]. Raises ValueError naming `groups` when malformed or out of range."""
     parts = str(spec).split("/")
     if len(parts) != 3 or parts[0] not in KINDS:
         raise ValueError(f"groups: {spec!r} is not kind/l/e+e+... with kind one of {', '.join(KINDS)}")
@@ -79,11 +95,12 @@ def parse_group(spec: str, model_cfg, n_layers: int) -> Target:
         experts = sorted({int(e) for e in parts[2].split("+")})
     except ValueError:
         raise ValueError(f"groups: {spec!r}: layer and experts must be integers") from None
-    if not 0 <= l < n_layers:
-        raise ValueError(f"groups: {spec!r}: layer application {l} is not in 0..{n_layers - 1}")
+    if not 0 <= l < len(order):
+        raise ValueError(f"groups: {spec!r}: layer application {l} is not in 0..{len(order) - 1}")
     if not experts or experts[0] < 0 or experts[-1] >= n_exp:
         raise ValueError(f"groups: {spec!r}: experts must be in 0..{n_exp - 1}")
-    return Target(name=f"group {spec}", kind=kind, experts={l: experts})
+    _, g, r = next(x for x in order if x[0] == l)
+    return Target(name=f"group {spec}", kind=kind, experts={l: experts}, l=l, g=g, r=r, what="group")
 
 
 def build_targets(opts: KnockoutOptions, model: torch.nn.Module) -> Tuple[List[Target], int]:
@@ -113,9 +130,9 @@ def build_targets(opts: KnockoutOptions, model: torch.nn.Module) -> Tuple[List[T
     targets = list(singles)
     if opts.blocks:
         for kind in opts.kinds:
-            targets += [Target(f"{kind} {label(g, r)} all experts", kind, {l: list(range(n_exp[kind]))}, l, g, r)
-                        for l, g, r in order]
-    targets += [parse_group(s, cfg, len(order)) for s in opts.groups]
+            targets += [Target(f"{kind} {label(g, r)} all experts", kind, {l: list(range(n_exp[kind]))}, l, g, r,
+                               what="branch") for l, g, r in order]
+    targets += [parse_group(s, cfg, order) for s in opts.groups]
     if not targets:
         raise ValueError("kinds: nothing to knock out (kinds=[] and no groups)")
     return targets, n_candidates
@@ -210,8 +227,7 @@ def _figures(es: EvalSet, targets: List[Target], delta: np.ndarray, usage: np.nd
     save(fig, os.path.join(fig_dir, "knockout_vs_usage"), formats)
     out.append((f"figures/knockout_vs_usage.{formats[0]}", "Each expert's knock-out effect against how often it is selected."))
 
-    blocks = [(j, t) for j, t in enumerate(targets) if t.expert < 0 and t.l >= 0 and len(t.experts) == 1
-              and t.name.endswith("all experts")]
+    blocks = [(j, t) for j, t in enumerate(targets) if t.what == "branch"]
     if blocks:
         order = sorted(es.model.execution_order())
         fig, ax = figure((6.4, 3.8))
@@ -253,22 +269,19 @@ def analyse(es: EvalSet, opts: KnockoutOptions) -> Dict[str, object]:
         for k in KINDS:
             usage_c[k] = usage_c[k] + rc[k]
     delta = np.stack(delta)  # [S, n_targets]
-    # usage of a single-expert target: its share of the layer's slots (mean over its applications)
-    usage = np.full(len(targets), np.nan)
-    for j, t in enumerate(targets):
-        if t.expert >= 0:
-            c = usage_c[t.kind]
-            usage[j] = np.mean([c[l, t.expert] / c[l].sum() for l in t.experts])
+    # usage of a target: its experts' share of the layer's slots (mean over its applications; 1 for a branch)
+    usage = np.array([np.mean([usage_c[t.kind][l, ids].sum() / usage_c[t.kind][l].sum() for l, ids in t.experts.items()])
+                      for t in targets])
     out = os.path.join(es.out_dir, "knockout")
     names = es.names
     save_npz(os.path.join(out, "knockout.npz"), sources=np.array(names), target=np.array([t.name for t in targets]),
              kind=np.array([t.kind for t in targets]), l=np.array([t.l for t in targets]),
              g=np.array([t.g for t in targets]), r=np.array([t.r for t in targets]),
-             expert=np.array([t.expert for t in targets]), delta=delta, usage=usage,
-             base=np.array([base[n] for n in names]))
-    save_csv(os.path.join(out, "knockout.csv"), ["target", "kind", "l", "g", "r", "expert", "usage"] +
+             expert=np.array([t.expert for t in targets]), what=np.array([t.what for t in targets]), delta=delta,
+             usage=usage, base=np.array([base[n] for n in names]))
+    save_csv(os.path.join(out, "knockout.csv"), ["target", "what", "kind", "l", "g", "r", "expert", "usage"] +
              [f"delta_{n}" for n in names] + ["delta_mean"],
-             [[t.name, t.kind, t.l, t.g, t.r, t.expert, f"{usage[j]:.5f}"] + [f"{delta[s, j]:.6f}" for s in
+             [[t.name, t.what, t.kind, *t.columns(), f"{usage[j]:.5f}"] + [f"{delta[s, j]:.6f}" for s in
               range(len(names))] + [f"{delta[:, j].mean():.6f}"] for j, t in enumerate(targets)])
     mean = delta.mean(0)
     single = [j for j, t in enumerate(targets) if t.expert >= 0]
@@ -287,16 +300,20 @@ def analyse(es: EvalSet, opts: KnockoutOptions) -> Dict[str, object]:
                "options": options_record(opts), "seconds": round(time.time() - t0, 1)}
     save_json(os.path.join(out, "knockout.json"), summary)
     figs = _figures(es, targets, delta, usage, os.path.join(es.out_dir, "figures"), opts.formats, opts.scope)
-    table = (["knock-out", "usage %"] + [f"Δ loss {n}" for n in names],
-             [[targets[j].name, f"{usage[j] * 100:.2f}"] + [f"{delta[s, j]:+.4f}" for s in range(len(names))]
-              for j in top])
+    groups = [j for j, t in enumerate(targets) if t.what == "group"]
+    branches = [j for j, t in enumerate(targets) if t.what == "branch"]
+    table = (["knock-out", "what", "layer application", "usage %"] + [f"Δ loss {n}" for n in names],
+             [[targets[j].name, targets[j].what, targets[j].where(), f"{usage[j] * 100:.2f}"]
+              + [f"{delta[s, j]:+.4f}" for s in range(len(names))] for j in top + groups + branches])
     write_section(es.out_dir, "knockout", "Causal knock-out of experts",
                   [f"Checkpoint {es.loaded.path} (step {summary['step']}), {len(targets)} knock-outs ({opts.scope} "
                    f"scope), base loss " + ", ".join(f"{n} {base[n]:.4f}" for n in names) + " nats/token. Numbers: "
                    "knockout/knockout.npz, knockout.json, knockout.csv.",
                    "Spearman correlation of usage and importance: " +
                    ", ".join(f"{k} {v:.2f}" if v == v else f"{k} n/a (too few knock-outs)" for k, v in corr.items())
-                   + f". The {len(top)} most important single experts:"],
+                   + f". The table lists the {len(top)} most important single experts, then every group ({len(groups)}) "
+                   f"and branch ({len(branches)}) knock-out; usage = the knocked-out experts' share of the layer's "
+                   "routing slots:"],
                   table, figs, run=es.run)
     print(f"[knockout] {len(targets)} knock-outs on {len(names)} sources in {time.time() - t0:.1f}s; wrote {out}",
           file=sys.stderr)

@@ -60,14 +60,24 @@ class TokenStream:
         return out
 
 
+def stream_warning(stream: TokenStream, notes: Sequence[str]) -> str:
+    """The one warning text about a token stream: its cache path, then every note (what the
+    windows or the sampler leave out of it), joined by "; "."""
+    return f"{stream.manifest.path}: " + "; ".join(notes)
+
+
 class WindowDataset:
     """Non-overlapping windows of T inputs + 1 target token. `limit_tokens` caps the stream used
     (the paper's train limit / validation budget); `limit_name` says where that limit comes from
-    (an option, or the train budget), named when the stream holds fewer tokens than it (no warning
-    with `warn_short=False`: a default budget whose shortfall the caller reports in its own terms)."""
+    (an option, or the train budget), named when the stream holds fewer tokens than it (not with
+    `warn_short=False`: a default budget whose shortfall the caller reports in its own terms).
+
+    What the stream loses (fewer tokens than the limit; a tail shorter than a window) is collected
+    in `notes` and warned about in one warning naming the stream's file; `warn=False` leaves the
+    warning to the caller, which adds its own notes on the same stream (one warning per stream)."""
 
     def __init__(self, stream: TokenStream, seq_len: int, limit_tokens: Optional[int] = None,
-                 limit_name: str = "the token limit", warn_short: bool = True):
+                 limit_name: str = "the token limit", warn_short: bool = True, warn: bool = True):
         self.stream = stream
         self.seq_len = seq_len
         usable = len(stream) if limit_tokens is None else min(len(stream), limit_tokens + 1)
@@ -75,17 +85,18 @@ class WindowDataset:
         self.n_windows = max(0, (usable - 1) // seq_len)
         # Predicted tokens inside the limit that no window covers (fewer than T): reported, not hidden.
         self.unused_tokens = max(0, usable - 1 - self.n_windows * seq_len)
+        self.notes: List[str] = []
         if warn_short and limit_tokens is not None and len(stream) < limit_tokens + 1 and self.n_windows:
-            import warnings
-            warnings.warn(f"{stream.manifest.path}: holds {len(stream):,} tokens, fewer than the {limit_tokens + 1:,} "
-                          f"asked for ({limit_name}); using all of them", stacklevel=2)
+            self.notes.append(f"holds {len(stream):,} tokens, fewer than the {limit_tokens + 1:,} asked for "
+                              f"({limit_name}); using all of them")
         if self.unused_tokens and self.n_windows:
-            import warnings
             limit = ("the whole stream" if limit_tokens is None or len(stream) <= limit_tokens
                      else f"the limit of {limit_tokens:,}")
-            warnings.warn(f"{stream.manifest.path}: the last {self.unused_tokens} of {usable - 1:,} tokens "
-                          f"({limit}) do not fill a window of data.seq_len={seq_len} and are not used",
-                          stacklevel=2)
+            self.notes.append(f"the last {self.unused_tokens} of {usable - 1:,} tokens ({limit}) do not fill a "
+                              f"window of data.seq_len={seq_len} and are not used")
+        if warn and self.notes:
+            import warnings
+            warnings.warn(stream_warning(stream, self.notes), stacklevel=2)
 
     def __len__(self) -> int:
         return self.n_windows
@@ -117,7 +128,7 @@ class StreamSampler:
     """
 
     def __init__(self, n_windows: int, batch_size: int, mode: str = "sequential", seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, warn: bool = True):
         if mode not in SAMPLERS:
             raise ValueError(f"data.sampler: {mode!r} is not one of {SAMPLERS}")
         if batch_size % world_size:
@@ -128,10 +139,13 @@ class StreamSampler:
                              f"use more data or a smaller batch")
         self.n_windows, self.batch_size, self.mode, self.seed = n_windows, batch_size, mode, seed
         self.unused_windows = n_windows - self.n_per_stream * batch_size
+        self.notes: List[str] = []  # what the sampler leaves out; warned about unless warn=False
         if self.unused_windows:  # the paper's sampler gives each of the B streams N div B windows
+            self.notes.append(f"{self.unused_windows} of {n_windows} windows are never sampled: they do not fill "
+                              f"one more window for each of the train.batch_size={batch_size} streams")
+        if warn and self.notes:
             import warnings
-            warnings.warn(f"{self.unused_windows} of {n_windows} windows are never sampled: they do not fill "
-                          f"one more window for each of the train.batch_size={batch_size} streams", stacklevel=2)
+            warnings.warn("; ".join(self.notes), stacklevel=2)
         self.rank, self.world_size = rank, world_size
         self.position = 0  # global step position p
         self._perm_epoch, self._perm = -1, None

@@ -46,6 +46,15 @@ def suggestions(metric: str, in_use: Dict[str, Any]) -> str:
 _GROUP_KEY = re.compile(r"^moe/(g\d+)/(usage_rel_ppl|dead_frac)$")
 
 
+def off_line(cfg) -> Optional[str]:
+    """The train.log line of a run whose alarm is switched off (cfg: train.alarm), naming the option
+    that did it; None when the alarm is on."""
+    if cfg.enabled:
+        return None
+    return ("[alarm] train.alarm.enabled=false: the collapse alarm is off; a routing collapse or an early "
+            "CE plateau is not warned about (docs/training.md \"Collapse alarm\")")
+
+
 @dataclass
 class AlarmEvent:
     """One alarm: `metric` (usage_rel_ppl, dead_frac, ce_plateau), `where` (a layer group "g<g>",

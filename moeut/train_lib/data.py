@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from ..data.dataset import TokenStream, WindowDataset
+from ..data.dataset import StreamSampler, TokenStream, WindowDataset, stream_warning
 from ..data.pipeline import tokenizer_cache_path
 from ..data.prepare import prepare_tokens
 from ..data.tokenizer_training import train_corpus_tokenizer
@@ -105,12 +105,29 @@ def prepare_run_data(d, seq_len: int, train_tokens: int, tok: Tokenizer, dist: D
             manifests[name] = prepare_tokens(c, tok, d.cache_dir, valid_budget, log=quiet)
     # An explicit data.train_tokens the stream cannot fill is worth a warning; the default budget's
     # 100-step margin is not: whether data repeats is reported by the start (steps per epoch < train.steps).
+    # The training stream's notes are warned about by `train_sampler`, with the sampler's, in one warning.
     train = WindowDataset(TokenStream(manifests["train"]), seq_len, limit_tokens=train_tokens,
-                          limit_name="data.train_tokens", warn_short=bool(d.train_tokens))
+                          limit_name="data.train_tokens", warn_short=bool(d.train_tokens), warn=False)
     valid = {name: WindowDataset(TokenStream(manifests[name]), seq_len, limit_tokens=d.valid_tokens,
-                                 limit_name=f"data.valid_tokens, validation set {name!r}")
+                                 limit_name=f"data.valid_tokens, validation set {name!r}",
+                                 warn=dist.is_main)  # every rank reads the same streams: one warning
              for name in valid_corpora}
     for name, ds in valid.items():
         if len(ds) == 0:
             raise ValueError(f"data: validation set {name!r} has fewer than {seq_len + 1} tokens")
     return RunData(tok, train, valid)
+
+
+def train_sampler(data: RunData, d, batch_size: int, dist: DistInfo) -> StreamSampler:
+    """The training sampler over `data.train` (`d`: the data options: sampler, shuffle_seed), and
+    one warning (on the main rank) about the training stream: what its windows leave out (a short stream, a tail shorter
+    than a window) and what the sampler leaves out (windows that do not fill one more per stream).
+    Raises ValueError when the stream has fewer windows than one batch of `batch_size`."""
+    import warnings
+
+    sampler = StreamSampler(len(data.train), batch_size, d.sampler, d.shuffle_seed, dist.rank, dist.world_size,
+                            warn=False)
+    notes = data.train.notes + sampler.notes
+    if notes and dist.is_main:  # every rank reads the same stream: one warning per run
+        warnings.warn(stream_warning(data.train.stream, notes), stacklevel=2)
+    return sampler

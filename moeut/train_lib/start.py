@@ -24,7 +24,6 @@ import torch
 from moeut import checkpoint as ckpt_lib
 from moeut.checkpoint import load_state_dict_strict, resolve_checkpoint
 from moeut.compute import total_params
-from moeut.data.dataset import StreamSampler
 from moeut.data.tokenizer import Tokenizer
 from moeut.registry import build_model
 from moeut.rundir import METRICS_FILE, TruncatedLineWarning, read_jsonl
@@ -32,10 +31,10 @@ from moeut.wrappers import unwrap_model
 from .schedule import lr_at
 
 from .config import TrainConfig
-from .data import RunData, prepare_run_data, resolve_tokenizer
+from .data import RunData, prepare_run_data, resolve_tokenizer, train_sampler
 from .distributed import DistInfo
 from .fsdp import shard_model
-from .alarm import CollapseAlarm
+from .alarm import CollapseAlarm, off_line as alarm_off_line
 from .metrics import make_routing_stats
 from .optim import build_optimizer, reapply_group_settings
 from .precision import pick_precision
@@ -162,7 +161,7 @@ def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable
     T, B = d_cfg.seq_len, t_cfg.batch_size
     train_tokens = d_cfg.train_tokens or (t_cfg.steps + 100) * B * T  # SPEC 5.4 train limit
     data = prepare_run_data(d_cfg, T, train_tokens, tok, dist, log=say)
-    sampler = StreamSampler(len(data.train), B, d_cfg.sampler, d_cfg.shuffle_seed, dist.rank, dist.world_size)
+    sampler = train_sampler(data, d_cfg, B, dist)  # one warning about what the training stream loses
     if sampler.steps_per_epoch < t_cfg.steps:
         say(f"[data] WARNING: {len(data.train)} windows give {sampler.steps_per_epoch} steps per epoch "
             f"< train.steps={t_cfg.steps}: data will repeat")
@@ -183,6 +182,8 @@ def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable
         say(f"[train] {tc.model_preset} has no experts: no routing metrics (train.routing_interval unused)")
     state = TrainState(model, optimizer, scaler, sampler, dist, routing, seed=t_cfg.seed)
     state.alarm = CollapseAlarm(t_cfg.alarm, o_cfg.warmup, t_cfg.steps, in_use=stability_options_in_use(tc))
+    for line in switched_off(tc):
+        say(line)
     if resume is not None:
         configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         state.load_state_dict(resume["train"], source=resume["path"])
@@ -195,6 +196,20 @@ def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable
         raise ValueError(f"train.steps: {t_cfg.steps} but the checkpoint {resume['path']} is at step {state.step}")
     return RunSetup(state=state, data=data, tokenizer=tok, n_params=n_params, autocast_dtype=autocast_dtype,
                     resumed=resume is not None, abandoned=list((resume or {}).get("abandoned", [])))
+
+
+def switched_off(tc: TrainConfig) -> List[str]:
+    """One train.log line per safeguard that is on by default and this run switches off, naming the
+    option that did it: the collapse alarm (train.alarm.enabled), gradient clipping (optim.grad_clip)
+    and the validation at the end of training (train.final_eval)."""
+    lines = [line] if (line := alarm_off_line(tc.train.alarm)) is not None else []
+    if not tc.optim.grad_clip:
+        value = "null" if tc.optim.grad_clip is None else tc.optim.grad_clip
+        lines.append(f"[optim] optim.grad_clip={value}: gradient clipping is off (the gradient norm is still logged)")
+    if not tc.train.final_eval:
+        lines.append("[train] train.final_eval=false: no validation at the end of training (only every "
+                     f"train.val_interval={tc.train.val_interval} steps)")
+    return lines
 
 
 def stability_options_in_use(tc) -> Dict[str, Any]:

@@ -65,6 +65,21 @@ def test_install_warning_format_sets_the_one_formatter():
         # logging.captureWarnings (train.py) logs the same line, without a blank line after it
         rec = logging.LogRecord("py.warnings", logging.WARNING, own, 5, "%s", ("mytool: warning: m\n",), None)
         assert logging.getLogger("py.warnings").filter(rec) and rec.getMessage() == "mytool: warning: m"
+        # and through logging.captureWarnings itself (which passes the text as the record's msg)
+        import io
+        buf = io.StringIO()
+        handler = logging.StreamHandler(buf)
+        logging.getLogger("py.warnings").addHandler(handler)
+        logging.captureWarnings(True)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                logging.captureWarnings(True)  # catch_warnings restored showwarning: capture again inside it
+                warnings.warn_explicit("data.y: short", UserWarning, own, 6)
+        finally:
+            logging.captureWarnings(False)
+            logging.getLogger("py.warnings").removeHandler(handler)
+        assert buf.getvalue() == "mytool: warning: data.y: short\n"
     finally:
         warnings.formatwarning = old
 
