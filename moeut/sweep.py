@@ -258,9 +258,9 @@ def job_command(job: Job, python: str = sys.executable) -> List[str]:
 def launch(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
            launcher: Optional[str] = None, extra: Sequence[str] = (), detach: bool = False,
            repo_root: Optional[Path] = None, env: Optional[Dict[str, str]] = None,
-           check: bool = True) -> int:
-    """Run the sweep. Local: job by job in the foreground (`_launch_local_jobs`: a finished job is
-    skipped, an interrupted one resumes from its checkpoint). SLURM: every grid's multirun, all
+           check: bool = True, workers: int = 1) -> int:
+    """Run the sweep. Local: job by job in the foreground, or `workers` jobs at a time
+    (`_launch_local_jobs`: a finished job is skipped, an interrupted one resumes from its checkpoint). SLURM: every grid's multirun, all
     grids at once (the submitit launcher blocks until its jobs end), logs in the sweep dir; a
     failing grid's last log line is printed as `moeut.sweep: error: grid N failed ...`. The grids
     run in `repo_root` (default: the clone's root; for an installed wheel the working directory),
@@ -280,7 +280,7 @@ def launch(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
     if local and check:  # job by job: a finished job is skipped, an interrupted one resumes
         with local_launch_lock(sweep_dir):  # refused before anything is written when another launch runs
             (sweep_dir / "sweep.yaml").write_text(sweep.path.read_text(encoding="utf-8"), encoding="utf-8")
-            return _launch_local_jobs(jobs, repo_root, run_env)
+            return _launch_local_jobs(jobs, repo_root, run_env, workers, log_dir=sweep_dir)
     (sweep_dir / "sweep.yaml").write_text(sweep.path.read_text(encoding="utf-8"), encoding="utf-8")
     procs = []
     for gi in range(len(sweep.grids)):
@@ -334,25 +334,56 @@ def local_launch_lock(sweep_dir: Path):
         f.close()
 
 
-def _launch_local_jobs(jobs: Sequence[Job], repo_root: Path, env: Dict[str, str]) -> int:
-    """Run the composed `jobs` one after another in the foreground (a local launch): a job whose
-    run dir holds a finished run (`job_finished`) is skipped with a line saying so; any other is
-    started, and train.py's train.resume=auto continues an interrupted one from its newest
-    checkpoint. Returns 0, or the first failing job's exit code (later jobs are not started)."""
+def _launch_local_jobs(jobs: Sequence[Job], repo_root: Path, env: Dict[str, str], workers: int = 1,
+                       log_dir: Optional[Path] = None, python: str = sys.executable) -> int:
+    """Run the composed `jobs` on this machine (a local launch), at most `workers` at a time: a job
+    whose run dir holds a finished run (`job_finished`) is skipped with a line saying so; any other is
+    started, and train.py's train.resume=auto continues an interrupted one from its newest checkpoint.
+    With one worker a job's output goes to the console; with several, each job's to
+    `<log_dir>/job<i>.log` (appended), named when it starts. After a failure no new job starts (the
+    running ones finish). Returns 0, or the first failing job's exit code."""
+    import time
+    todo = []
     for i, job in enumerate(jobs):
         run_dir = Path(job.run_dir)
         if not run_dir.is_absolute():
             run_dir = repo_root / run_dir
         if job_finished(run_dir, job.steps, job.final_eval):
             print(f"job #{i} skipped: finished (step {job.steps} in {run_dir / 'metrics.jsonl'})", flush=True)
-            continue
-        cmd = job_command(job)
-        print(f"job #{i}: $ " + shown_command(cmd), flush=True)
-        rc = subprocess.run(cmd, cwd=repo_root, env=env).returncode
+        else:
+            todo.append((i, job))
+    rc, running = 0, []  # running: [(index, Popen, log file or None)]
+    while todo or running:
+        while todo and len(running) < workers and rc == 0:
+            i, job = todo.pop(0)
+            cmd = job_command(job, python)
+            if workers == 1:
+                print(f"job #{i}: $ " + shown_command(cmd), flush=True)
+                running.append((i, subprocess.Popen(cmd, cwd=repo_root, env=env), None))
+                continue
+            log_path = Path(log_dir or repo_root) / f"job{i}.log"
+            log = open(log_path, "ab")
+            print(f"job #{i}: $ " + shown_command(cmd) + f"   (output: {log_path})", flush=True)
+            running.append((i, subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT), log))
         if rc != 0:
-            print(f"job #{i} failed with exit code {rc}", file=sys.stderr)
-            return rc
-    return 0
+            todo = []  # a job failed: start nothing new, let the running ones end
+        if not running:
+            break
+        time.sleep(0.2 if workers > 1 else 0)
+        for entry in list(running):
+            i, proc, log = entry
+            code = proc.wait() if workers == 1 else proc.poll()
+            if code is None:
+                continue
+            running.remove(entry)
+            if log is not None:
+                log.close()
+            if code != 0:
+                print(f"job #{i} failed with exit code {code}", file=sys.stderr, flush=True)
+                rc = rc or code
+            elif workers > 1:
+                print(f"job #{i} finished", flush=True)
+    return rc
 
 
 def _last_line(path: Path) -> str:
@@ -422,6 +453,8 @@ class SweepOptions:
     sweeps_dir: Optional[str] = option(None, help="where sweep names are looked up and what `list` shows; null = the "
                                        "repository's sweeps/ (installed: the package's copy)")
     local: bool = option(False, help="jobs one after another on this machine (no SLURM); finished jobs skipped, interrupted ones resumed")
+    workers: int = option(1, lo=1, help="local launch: this many jobs at a time (each its own process; give each "
+                          "its share of the cores with train.threads), each job's output in <sweep dir>/job<i>.log")
     launcher: Optional[str] = option(None, help="a conf/hydra/launcher/ preset for every grid (e.g. "
                                      "submitit_slurm_8gpu); null = each grid's own")
     root: str = option("${oc.env:MOEUT_SWEEP_ROOT,outputs/sweeps}",
@@ -497,7 +530,9 @@ def run(o: SweepOptions) -> int:
             print(f"grid {gi} command:\n  " + shown_command(grid_command(sweep, gi, root, o.local, o.launcher,
                                                                            extra, group)))
         return 0
-    return launch(sweep, root, o.local, o.launcher, extra, o.detach)
+    if o.workers > 1 and not o.local:
+        raise ValueError(f"workers={o.workers}: only for a local launch (local=true); a SLURM launch runs every job at once")
+    return launch(sweep, root, o.local, o.launcher, extra, o.detach, workers=o.workers)
 
 
 def _main(o: SweepOptions) -> None:

@@ -19,11 +19,11 @@ import json
 import math
 import shutil
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from moeut.cli import REQUIRED, option, typed_tool
+from moeut.cli import option, typed_tool
 
 PAPER, OPTIONS, DENSE = "cpu_result_moeut", "cpu_result_moeut_options", "cpu_result_dense_params"
 LABELS = {PAPER: "MoEUT (paper)", OPTIONS: "MoEUT + best options", DENSE: "dense (param-matched)"}
@@ -195,6 +195,73 @@ def report(runs: List[Run], grid: List[float], seeds: List[int], steps: int) -> 
 
 
 # ------------------------------------------------------------------------------------------
+# Early routing: the first steps of any runs (screens stopped early included)
+# ------------------------------------------------------------------------------------------
+
+EARLY_WINDOW = 30  # training CE is averaged over the logged steps in (s - 30, s]
+
+
+def early_run_dirs(paths: List[Path]) -> List[Path]:
+    """The run dirs `paths` name: a path holding metrics.jsonl is one; any other folder gives each of
+    its sub-folders that holds one (sorted). Raises FileNotFoundError naming a missing path or a
+    folder with no run in it."""
+    out: List[Path] = []
+    for p in paths:
+        if not p.is_dir():
+            raise FileNotFoundError(f"early: {p}: no such directory")
+        if (p / "metrics.jsonl").is_file():
+            out.append(p)
+            continue
+        subs = sorted(d for d in p.iterdir() if (d / "metrics.jsonl").is_file())
+        if not subs:
+            raise FileNotFoundError(f"early: {p}: no metrics.jsonl in it or in its sub-folders")
+        out += subs
+    return out
+
+
+def early_rows(run_dir: Path, steps: List[int]) -> Dict[int, Dict[str, Optional[float]]]:
+    """Per step s of `steps`: "ce" = mean train/ce over the records in (s - EARLY_WINDOW, s] (None
+    unless every 10-step record of that window is there), and at step s itself the MLP expert-usage
+    perplexity / E of each unique layer ("g0", "g1", ...: moe/g<i>/usage_rel_ppl) and the dead-expert
+    fraction over all layers (moe/dead_frac_all); None where the run has no such record."""
+    from moeut.rundir import TruncatedLineWarning, read_jsonl
+    by_step: Dict[int, Dict[str, Any]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TruncatedLineWarning)
+        for rec in read_jsonl(run_dir / "metrics.jsonl").records:
+            by_step.setdefault(int(rec.get("step", 0)), {}).update(rec)
+    out = {}
+    for s in steps:
+        window = [by_step[t]["train/ce"] for t in range(s - EARLY_WINDOW + 10, s + 1, 10)
+                  if "train/ce" in by_step.get(t, {})]
+        rec = by_step.get(s, {})
+        row: Dict[str, Optional[float]] = {"ce": sum(window) / len(window) if len(window) == EARLY_WINDOW // 10 else None,
+                                            "dead": rec.get("moe/dead_frac_all")}
+        for k, v in rec.items():
+            if k.startswith("moe/g") and k.endswith("/usage_rel_ppl"):
+                row[k.split("/")[1]] = v
+        out[s] = row
+    return out
+
+
+def early_report(run_dirs: List[Path], steps: List[int]) -> str:
+    """The markdown table of `early_rows` for every run dir (one row each, labelled by its folder
+    name), one column group per step: CE (30-step mean), MLP usage ppl / E per unique layer, dead %."""
+    rows = {d: early_rows(d, steps) for d in run_dirs}
+    groups = sorted({k for r in rows.values() for row in r.values() for k in row if k.startswith("g")},
+                    key=lambda g: int(g[1:]))
+    f = lambda x, spec: "–" if x is None else format(x, spec)  # noqa: E731
+    head = "| run | " + " | ".join(f"step {s}: CE, usage/E {' '.join(groups)}, dead" for s in steps) + " |"
+    lines = [f"### Early routing (CE: mean over the {EARLY_WINDOW} steps up to each step; MLP expert-usage "
+             "perplexity / E per unique layer; dead-expert fraction)", "", head, "|---|" + "---|" * len(steps)]
+    for d, r in rows.items():
+        cells = [f"{f(r[s]['ce'], '.3f')}, {' '.join(f(r[s].get(g), '.2f') for g in groups)}, {f(r[s]['dead'], '.2f')}"
+                 for s in steps]
+        lines.append(f"| {d.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------
 # Adopting recorded runs whose configuration is the job's
 # ------------------------------------------------------------------------------------------
 
@@ -262,7 +329,8 @@ def adopt(sweep_file: Path, sweep_dir: Path, recorded: Path, say=print) -> List[
 @dataclass
 class LrSweepOptions:
     """Options of `python -m moeut.analysis lr-sweep`."""
-    dir: str = option(REQUIRED, help="the sweep dir (e.g. /work/runs/lr_stability/lr_stability)")
+    dir: Optional[str] = option(None, help="the sweep dir (e.g. /work/runs/lr_stability/lr_stability); needed "
+                                "unless `early` is given")
     extra_dirs: List[str] = option(default_factory=list, help="more folders of run dirs to read")
     lrs: List[float] = option(default_factory=lambda: [5e-4, 1e-3, 2e-3, 4e-3], lo=0, lo_open=True,
                               help="the learning-rate grid")
@@ -271,14 +339,33 @@ class LrSweepOptions:
     adopt: Optional[str] = option(None, help="first copy recorded runs with the same config from this folder")
     sweep: str = option("lr_stability", help="the sweep file (name in sweeps/ or path) adopt matches against")
     out: Optional[str] = option(None, help="also write the report (markdown) and numbers (json) to <out>.md/.json")
+    early: List[str] = option(default_factory=list, help="also tabulate the first steps of these runs (run dirs, or "
+                              "folders of run dirs; runs stopped early with train.stop_at included): CE, MLP "
+                              "expert usage per unique layer, dead experts")
+    early_steps: List[int] = option(default_factory=lambda: [20, 40, 60, 100, 150], lo=10,
+                                    help="the steps of the early table (multiples of 10, the logging interval)")
 
 
 def work(o: LrSweepOptions) -> Dict[str, Any]:
     """Adopt (when asked), then print the report; returns its numbers."""
     from moeut import sweep as sw
     from moeut.cli import bad_input_exits
-    sweep_dir = Path(o.dir)
     with bad_input_exits(APP):  # bad input: one line, exit 1, nothing written
+        if o.dir is None and not o.early:
+            raise ValueError("dir: required (the sweep dir), unless early=[...] names runs to tabulate")
+        bad = [s for s in o.early_steps if s % 10]
+        if bad:
+            raise ValueError(f"early_steps: {bad} not multiples of 10 (metrics are logged every 10 steps)")
+        early_dirs = early_run_dirs([Path(x) for x in o.early])
+    if o.dir is None:
+        text = early_report(early_dirs, list(o.early_steps))
+        print(text, end="")
+        if o.out:
+            Path(o.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(f"{o.out}.md").write_text(text)
+        return {"early": text}
+    sweep_dir = Path(o.dir)
+    with bad_input_exits(APP):
         for opt, d in [("dir", sweep_dir), ("adopt", Path(o.adopt) if o.adopt else None),
                        *[("extra_dirs", Path(x)) for x in o.extra_dirs]]:
             if d is not None and not d.is_dir():
@@ -289,6 +376,8 @@ def work(o: LrSweepOptions) -> Dict[str, Any]:
     with bad_input_exits(APP):
         runs = collect([sweep_dir, *map(Path, o.extra_dirs)])
     text, numbers = report(runs, list(o.lrs), list(o.seeds), o.steps)
+    if early_dirs:
+        text += "\n" + early_report(early_dirs, list(o.early_steps))
     print(text, end="")
     if o.out:
         Path(o.out).parent.mkdir(parents=True, exist_ok=True)
@@ -302,5 +391,5 @@ def work(o: LrSweepOptions) -> Dict[str, Any]:
 main = typed_tool(APP, LrSweepOptions,
                   summary="The learning-rate stability table (sweeps/lr_stability.yaml): val PPL per model x lr x seed, "
                           "best lr and whether it is inside the grid, MoEUT/dense ratios, the issue's targets.",
-                  usage="python -m moeut.analysis lr-sweep dir=SWEEP_DIR [adopt=docs/results_runs] [out=STEM]",
+                  usage="python -m moeut.analysis lr-sweep dir=SWEEP_DIR [adopt=docs/results_runs] [out=STEM] [early=[RUN_DIR,...]]",
                   notes="A run that has not reached train.steps never enters a best or a ratio.")(work)

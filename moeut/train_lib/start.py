@@ -15,7 +15,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -106,6 +106,25 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
                       "ignored")
 
 
+def model_config_diff(stored: Dict[str, Any], now: Dict[str, Any], config_cls: type) -> Tuple[List[str], List[str]]:
+    """(differing keys, keys the checkpoint predates) between a checkpoint's stored model config and
+    the run's (both `dataclasses.asdict` as JSON). A key absent from `stored` whose value in `now` is
+    `config_cls`'s field default is not a difference: that option was added after the checkpoint was
+    written, and every option's default is the behaviour from before it existed (docs/architecture.md,
+    "New options and old checkpoints"). Any other mismatch, including a new option set away from
+    its default, is a difference."""
+    defaults = {}
+    for f in dataclasses.fields(config_cls):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            defaults[f.name] = f.default_factory()  # type: ignore[misc]
+    defaults = json.loads(json.dumps(defaults, default=str))
+    predates = sorted(k for k in now if k not in stored and k in defaults and now[k] == defaults[k])
+    diff = sorted(k for k in set(stored) | set(now) if k not in predates and stored.get(k) != now.get(k))
+    return diff, predates
+
+
 def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable[[str], None]) -> RunSetup:
     """Everything a start needs, checked against each other; reads the run dir, never writes it.
 
@@ -133,7 +152,10 @@ def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable
     say(f"[model] {tc.model_preset} ({type(model).__name__}): {n_params:,} parameters")
     if resume is not None:
         stored, now = resume["model_config"], json.loads(json.dumps(dataclasses.asdict(tc.model)))
-        diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+        diff, predates = model_config_diff(stored, now, type(tc.model))
+        if predates and not diff:
+            say(f"[resume] checkpoint {resume['path']} predates " + ", ".join(f"model.{k}" for k in predates)
+                + "; resuming with " + ", ".join(f"model.{k}={now[k]!r}" for k in predates) + " (their defaults)")
         config_diff = (f"train.resume: checkpoint {resume['path']} has a different model config: "
                        + ", ".join(f"model.{k}={stored.get(k)!r} (now {now.get(k)!r})" for k in diff))
         try:

@@ -97,3 +97,65 @@ def test_a_second_local_launch_of_the_same_sweep_is_refused(tmp_path):
     assert [p.name for p in sweep_dir.iterdir()] == [".local_launch.lock"]  # nothing written, no job started
     with sw.local_launch_lock(sweep_dir):  # released: the next launch takes it
         pass
+
+
+# A fake job: marks itself started, then waits (up to 30 s) until every name in `wait_for` has started;
+# exit 3 if one never does, exit `code` otherwise.
+_FAKE = """import os, sys, time, pathlib
+d, me, code, wait_for = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+(d / (me + '.started')).write_text('')
+t0 = time.time()
+while not all((d / (w + '.started')).exists() for w in wait_for):
+    if time.time() - t0 > float(os.environ.get('FAKE_WAIT', '30')):
+        sys.exit(3)
+    time.sleep(0.05)
+(d / (me + '.done')).write_text('')
+sys.exit(code)
+"""
+
+
+def _fake_jobs(tmp_path, monkeypatch, specs):
+    """Jobs whose command is _FAKE with (name, exit code, names to wait for) each."""
+    script = tmp_path / "fake_job.py"
+    script.write_text(_FAKE)
+    jobs = [sw.Job(grid=0, launcher="basic", overrides=[f"name={n}"], hydra_overrides=[],
+                   run_dir=str(tmp_path / "runs" / n)) for n, _, _ in specs]
+    by_name = {n: (c, w) for n, c, w in specs}
+
+    def command(job, python=sys.executable):
+        n = job.overrides[0].split("=", 1)[1]
+        return [python, str(script), str(tmp_path), n, str(by_name[n][0]), *by_name[n][1]]
+    monkeypatch.setattr(sw, "job_command", command)
+    return jobs
+
+
+def test_local_workers_run_jobs_at_the_same_time(tmp_path, monkeypatch, capsys):
+    # a and b each wait for the other to start: they finish only when both run at once
+    jobs = _fake_jobs(tmp_path, monkeypatch, [("a", 0, ["b"]), ("b", 0, ["a"]), ("c", 0, [])])
+    assert sw._launch_local_jobs(jobs, tmp_path, dict(os.environ), workers=2, log_dir=tmp_path) == 0
+    assert all((tmp_path / f"{n}.done").exists() for n in "abc")
+    out = capsys.readouterr().out
+    assert out.count(f"(output: {tmp_path}") == 3 and "job #2 finished" in out
+    # one worker: a waits for b, which never starts -> a fails, and nothing after it starts
+    for f in tmp_path.glob("*.started"):
+        f.unlink()
+    jobs = _fake_jobs(tmp_path, monkeypatch, [("a", 0, ["b"]), ("b", 0, ["a"])])
+    monkeypatch.setenv("FAKE_WAIT", "2")  # a gives up on b after 2 s
+    assert sw._launch_local_jobs(jobs, tmp_path, dict(os.environ), workers=1) == 3
+    assert not (tmp_path / "b.started").exists()
+
+
+def test_local_workers_stop_starting_jobs_after_a_failure(tmp_path, monkeypatch, capsys):
+    # a fails at once; b (already running, waits for a) still finishes; c is never started
+    jobs = _fake_jobs(tmp_path, monkeypatch, [("a", 7, []), ("b", 0, ["a"]), ("c", 0, [])])
+    assert sw._launch_local_jobs(jobs, tmp_path, dict(os.environ), workers=2, log_dir=tmp_path) == 7
+    assert (tmp_path / "b.done").exists() and not (tmp_path / "c.started").exists()
+    assert "job #0 failed with exit code 7" in capsys.readouterr().err
+
+
+def test_workers_needs_a_local_launch(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "moeut.sweep", "action=launch", "sweep=cpu_smoke", "workers=2",
+                        f"root={tmp_path}"], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("moeut.sweep: error: workers=2: only for a local launch")
+    assert not any(tmp_path.iterdir())  # nothing written

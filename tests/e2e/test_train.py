@@ -84,7 +84,14 @@ def test_exact_resume(cache_dir, tmp_path):
     full = run(cache_dir, tmp_path / "full", "train.steps=12", *GENERAL)
     part = run(cache_dir, tmp_path / "split", "train.steps=12", "train.stop_at=5", *GENERAL)
     assert part["step"] == 5 and part["losses"] == full["losses"][:5]
+    # as if written before two model options existed: the resume takes their defaults and says so
+    cfg_file = next((tmp_path / "split" / "checkpoints").glob("step_*")) / "model_config.json"
+    stored = json.loads(cfg_file.read_text())
+    assert stored.pop("router_zloss") == 0.0 and stored.pop("bias_balance_rate") == 0.0
+    cfg_file.write_text(json.dumps(stored))
     rest = run(cache_dir, tmp_path / "split", "train.steps=12", *GENERAL)
+    assert ("predates model.bias_balance_rate, model.router_zloss; resuming with model.bias_balance_rate=0.0, "
+            "model.router_zloss=0.0") in (tmp_path / "split" / "train.log").read_text()
     assert rest["step"] == 12 and len(rest["losses"]) == 7
     assert rest["losses"] == full["losses"][5:]  # bit-exact in fp32 on CPU
     want = logged(tmp_path / "full")

@@ -115,3 +115,33 @@ def test_adopt_copies_only_runs_with_the_jobs_config(tmp_path):
     assert "experiment=cpu_tiny" in (dst / "ADOPTED.txt").read_text()
     assert not (sweep_dir / "optim.lr=0.001").exists()
     assert lrs.adopt(sweep, sweep_dir, recorded, say=lambda m: None) == []  # never overwrites
+
+
+def test_early_table_by_hand(tmp_path, capsys):
+    """The early-routing table of a run stopped at step 40 and a reference run, against hand-computed
+    numbers: CE is the mean of the three records up to the step; usage and dead fractions are the step's."""
+    a = tmp_path / "screens" / "a"
+    a.mkdir(parents=True)
+    recs = [{"step": s, "train/ce": ce} for s, ce in [(10, 8.0), (20, 7.0), (30, 6.5), (40, 6.0)]]
+    recs += [{"step": 20, "moe/g0/usage_rel_ppl": 0.8, "moe/g1/usage_rel_ppl": 0.55, "moe/dead_frac_all": 0.0},
+             {"step": 40, "moe/g0/usage_rel_ppl": 0.9, "moe/g1/usage_rel_ppl": 0.75, "moe/dead_frac_all": 0.125}]
+    (a / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ref = fake_run(tmp_path / "recorded", lrs.PAPER, 1e-3, 0, 160.0, last_step=60, steps=60)  # train/loss only
+    dirs = lrs.early_run_dirs([tmp_path / "screens", ref])
+    assert dirs == [a, ref]
+    rows = lrs.early_rows(a, [20, 40, 60])
+    assert rows[20] == {"ce": None, "dead": 0.0, "g0": 0.8, "g1": 0.55}  # only 2 of the 3 window records
+    assert rows[40]["ce"] == pytest.approx((7.0 + 6.5 + 6.0) / 3) and rows[40]["dead"] == 0.125
+    assert rows[60] == {"ce": None, "dead": None}  # the run stopped at 40
+    text = lrs.early_report(dirs, [20, 40])
+    assert "| a | –, 0.80 0.55, 0.00 | 6.500, 0.90 0.75, 0.12 |" in text
+    assert f"| {ref.name} | –, – –, – | –, – –, – |" in text
+    r = subprocess.run([sys.executable, "-m", "moeut.analysis", "lr-sweep", f"early=[{tmp_path / 'screens'}]",
+                        "early_steps=[40]"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and "| a | 6.500, 0.90 0.75, 0.12 |" in r.stdout, r.stderr
+    for opts, msg in [(dict(early=[str(a)], early_steps=[45]), "early_steps: [45] not multiples of 10"),
+                      (dict(early=[str(tmp_path / "nope")]), f"early: {tmp_path / 'nope'}: no such directory"),
+                      (dict(lrs=[1e-3]), "dir: required")]:  # bad input: one line naming the option, exit 1
+        with pytest.raises(SystemExit) as e:
+            lrs.work(lrs.LrSweepOptions(**opts))
+        assert e.value.code == 1 and msg in capsys.readouterr().err.strip().splitlines()[-1]

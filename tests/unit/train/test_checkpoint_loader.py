@@ -305,3 +305,19 @@ def _restored(cfg, ckpt, restore_model):
     model = build_model(cfg)
     restore_model(ckpt, model)
     return model
+
+
+def test_model_config_diff_accepts_only_new_options_at_their_default():
+    """A checkpoint that predates an option matches when the run leaves it at its default; set away
+    from the default, or any other changed option, it is a difference (hand-written configs)."""
+    import dataclasses
+    from moeut.model_config import MoEUTConfig
+    from moeut.train_lib.start import model_config_diff
+    now = json.loads(json.dumps(dataclasses.asdict(get_preset("tiny"))))
+    old = {k: v for k, v in now.items() if k not in ("router_zloss", "bias_balance_rate")}
+    assert model_config_diff(old, now, MoEUTConfig) == ([], ["bias_balance_rate", "router_zloss"])
+    assert model_config_diff(now, now, MoEUTConfig) == ([], [])
+    assert model_config_diff(old, dict(now, router_zloss=1e-3), MoEUTConfig) == (["router_zloss"], ["bias_balance_rate"])
+    assert model_config_diff(dict(old, d_model=now["d_model"] + 1), now, MoEUTConfig)[0] == ["d_model"]
+    # a key only the checkpoint has (an option since removed) is a difference too
+    assert model_config_diff(dict(now, gone=1), now, MoEUTConfig) == (["gone"], [])
