@@ -66,8 +66,9 @@ _OUTPUTS = {}
 
 def tool_output(tool: str, *args: str):
     """`<tool> <args>` as `_run` starts it, run once per session in its own empty working directory
-    (several tests read the same `--help` / `--cfg job` output: tests/unit/tools/test_tool_commands.py,
-    tests/unit/model/test_configs.py); returns (CompletedProcess, names the run left in that directory)."""
+    (several tests read the same `--help` / `--cfg job` / error output: tests/unit/tools/test_tool_commands.py,
+    tests/unit/model/test_configs.py, tests/unit/analysis/test_routing_command.py); returns
+    (CompletedProcess, names the run left in that directory)."""
     key = (tool, *args)
     if key not in _OUTPUTS:
         cwd = Path(tempfile.mkdtemp(prefix="moeut_cli_"))
