@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,25 @@ def _run(tool: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
                HYDRA_FULL_ERROR="1", COLUMNS="100")
     return subprocess.run([sys.executable, *argv, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
+
+
+_OUTPUTS = {}
+
+
+def tool_output(tool: str, *args: str):
+    """`<tool> <args>` as `_run` starts it, run once per session in its own empty working directory
+    (several tests read the same `--help` / `--cfg job` / error output: tests/unit/tools/test_tool_commands.py,
+    tests/unit/model/test_configs.py, tests/unit/analysis/test_routing_command.py); returns
+    (CompletedProcess, names the run left in that directory)."""
+    key = (tool, *args)
+    if key not in _OUTPUTS:
+        cwd = Path(tempfile.mkdtemp(prefix="moeut_cli_"))
+        try:
+            res = _run(tool, *args, cwd=cwd)
+            _OUTPUTS[key] = (res, sorted(p.name for p in cwd.iterdir()))
+        finally:
+            shutil.rmtree(cwd, ignore_errors=True)
+    return _OUTPUTS[key]
 
 
 def _module_path(argv0: list) -> str:
@@ -97,15 +118,20 @@ def test_every_package_tool_has_a_console_script():
 
 
 @pytest.mark.parametrize("tool", list(TOOLS))
-def test_help_lists_every_option(tool, tmp_path):
-    res = _run(tool, "--cfg", "job", cwd=tmp_path)
+def test_help_lists_every_option(tool):
+    """Also the documented `python train.py --cfg job` and `python -m <tool> --help` commands
+    (tests/e2e/test_documented_commands.py: exit 0, no traceback)."""
+    res, left = tool_output(tool, "--cfg", "job")
     assert res.returncode == 0, f"{tool} --cfg job:\n{res.stdout[-2000:]}{res.stderr[-3000:]}"
+    assert "Traceback" not in res.stderr, f"{tool} --cfg job:\n{res.stderr[-3000:]}"
+    assert left == [], f"{tool}: --cfg job left files in the working directory"
     dump = res.stdout
     options = list(yaml.safe_load(dump) or {})
     assert options, f"{tool}: empty config"
 
-    res = _run(tool, "--help", cwd=tmp_path)
+    res, left = tool_output(tool, "--help")
     assert res.returncode == 0, f"{tool} --help:\n{res.stderr[-3000:]}"
+    assert "Traceback" not in res.stderr, f"{tool} --help:\n{res.stderr[-3000:]}"
     # e.g. runpy's "'moeut.eval.table' found in sys.modules after import of package 'moeut.eval'"
     assert "RuntimeWarning" not in res.stderr, f"{tool} --help warns:\n{res.stderr[-3000:]}"
     text = res.stdout
@@ -113,11 +139,11 @@ def test_help_lists_every_option(tool, tmp_path):
     listing = text.replace(dump, "")  # the $CONFIG dump names every key: not a listing
     missing = [k for k in options if not re.search(rf"^[ \t]*[-*]?[ \t]*{re.escape(k)}\b", listing, re.M)]
     assert not missing, f"{tool} --help does not list option(s) {missing}:\n{listing}"
-    assert list(tmp_path.iterdir()) == [], f"{tool}: --help/--cfg left files in the working directory"
+    assert left == [], f"{tool}: --help left files in the working directory"
 
 
 @pytest.mark.parametrize("tool, args, message", [
-    ("moeut.sweep", ["action=go"], "action: must be one of list | dry-run | launch, got 'go'"),
+    # (moeut.sweep action=go: tests/unit/tools/test_tool_commands.py checks its exact one-line error)
     ("moeut.hf.export", ["out=x"], "checkpoint: required"),
     ("moeut.tools.footprint", ["batch=many"], "batch: Value 'many' of type 'str' could not be converted to Integer"),
     ("moeut.tools.warmup", ["decode=maybe"], "decode: Value 'maybe' is not a valid bool"),
@@ -145,7 +171,7 @@ def test_bad_option_fails_naming_it_and_writes_nothing(tool, args, message, tmp_
     ("moeut.analysis routing", [], "checkpoint: required"),
     ("moeut.analysis routing", ["checkpoint=nope", "precision=bfloat16"], "precision: must be one of fp32 | bf16 | fp16"),
     ("moeut.analysis routing", ["checkpoint=nope", "device=gpu"], "device: must be auto | cpu | cuda | cuda:N"),
-    ("moeut.prepare_data", ["prepare.workers=-1"], "prepare.workers: must be >= 0"),
+    # (moeut.prepare_data prepare.workers=-1: tests/unit/tools/test_tool_commands.py, exact line)
     ("moeut.analysis summary", ["dir=.", "plots=maybe"], "plots: Value 'maybe' is not a valid bool"),
     ("moeut.analysis summary", ["dir=nope"], "sweep dir nope does not exist"),
     ("moeut.analysis compare", ["runs=[x]", "plot=maybe"], "plot: Value 'maybe' is not a valid bool"),
@@ -162,11 +188,15 @@ def test_bad_option_fails_naming_it_and_writes_nothing(tool, args, message, tmp_
 def test_bad_input_is_one_line_exit_1(tool, args, message, tmp_path):
     if "train.resume=ckpt" in args:
         (tmp_path / "ckpt").mkdir()  # exists, holds no checkpoint
-    before = sorted(p.name for p in tmp_path.iterdir())
-    res = _run(tool, *args, cwd=tmp_path)
+        before = sorted(p.name for p in tmp_path.iterdir())
+        res = _run(tool, *args, cwd=tmp_path)
+        left = sorted(p.name for p in tmp_path.iterdir())
+    else:  # an empty working directory: the one run of this command line (other tests read it too)
+        before = []
+        res, left = tool_output(tool, *args)
     name = tool[:-3] if tool.startswith("analysis/") else tool
     name = name.split("/")[-1]
     assert res.returncode == 1, (res.returncode, res.stderr[-3000:])
     assert f"{name}: error: " in res.stderr and message in res.stderr, res.stderr[-3000:]
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run dir, output or log file
+    assert left == before  # no run dir, output or log file

@@ -120,10 +120,10 @@ REGISTRY = {
     'python train.py': ("run", SMALL_TRAIN),  # also the module fixture: the run dir the others use
     'moeut-train': ("skip", CONSOLE),
     'python -m pytest -q': ("skip", SUITE),
-    'python -m moeut.sweep --help': ("run", ""),
+    'python -m moeut.sweep --help': ("covered", "tests/e2e/test_cli_help.py::test_help_lists_every_option"),
     'python train.py --help': ("covered", "tests/e2e/test_cli_help.py::test_help_lists_every_option"),
     'python -m moeut.evaluate --help': ("covered", "tests/unit/tools/test_tool_commands.py::test_help_lists_every_schema_option"),
-    'python train.py --cfg job': ("run", ""),
+    'python train.py --cfg job': ("covered", "tests/e2e/test_cli_help.py::test_help_lists_every_option"),
     'python -m moeut.eval.harness_cli run --model moeut --model_args checkpoint=runs/<run> --tasks piqa,arc_easy':
         ("skip", HUB),
     'python -m moeut.hf.export checkpoint=runs/<run> out=exports/<run>': ("run", ""),
@@ -135,7 +135,7 @@ REGISTRY = {
         ("skip", GPU),
     'python -m moeut.analysis routing checkpoint=runs/x reuse_stats=true figures.dpi=200': ("run", ""),
     'python -m moeut.analysis routing checkpoint=runs/x execute_notebooks=true': ("run", SMALL_ANALYZE),
-    'python -m moeut.analysis routing --help': ("run", ""),
+    'python -m moeut.analysis routing --help': ("covered", "tests/e2e/test_cli_help.py::test_help_lists_every_option"),
     'python -m moeut.analysis routing checkpoint=runs/x reuse_stats=true execute_notebooks=true':
         ("covered", "tests/e2e/test_notebooks.py::test_documented_notebook_commands_run"),
     'MOEUT_RUN_DIR=runs/x jupytext --execute --to ipynb -o runs/x/analysis/expert_usage.ipynb analysis/expert_usage.py':
@@ -150,7 +150,7 @@ REGISTRY = {
         ("run", ""),  # the three placeholders become the one fixture run
     "python -m moeut.analysis compare 'runs=[runs/*]' out=compare measure=true device=cuda dtype=bf16 batch_size=64":
         ("skip", GPU),
-    'python -m moeut.analysis compare --help': ("run", ""),
+    'python -m moeut.analysis compare --help': ("covered", "tests/e2e/test_cli_help.py::test_help_lists_every_option"),
     'python -m moeut.analysis compare runs=[runs/A,runs/B] out=cmp':
         ("covered", "tests/unit/train/test_rundir.py::test_cli_compare_plot_table_end_to_end"),
     'python tools/import_graph.py': ("run", ""),

@@ -59,18 +59,40 @@ def route(tmp_path_factory):
     return root / "run", out, tok, root / "tasks"
 
 
-@pytest.fixture()
-def offline(tmp_path, monkeypatch):
-    """No network: hub and datasets offline, datasets' cache in tmp (set here, whatever the shell says)."""
+def _go_offline(monkeypatch, cache: Path):
+    """No network: hub and datasets offline, datasets' cache in `cache` (set here, whatever the shell says)."""
     for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(k, "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
     import datasets
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache", raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache, raising=False)
     import huggingface_hub.constants as hc
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True, raising=False)
+
+
+@pytest.fixture()
+def offline(tmp_path, monkeypatch):
+    _go_offline(monkeypatch, tmp_path / "hf_cache")
+
+
+COMMON = dict(tasks=[TASK], log_samples=True, bootstrap_iters=0, batch_size=1, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def adapter_eval(route, tmp_path_factory):
+    """(lm-eval TaskManager of the local task, lm-eval's results for our adapter `moeut` on the
+    source checkpoint): the reference both the in-process and the command-line hf route are held
+    to, computed once (a TaskManager indexes all of lm-eval's tasks: seconds of CPU)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    run, _, _, tasks = route
+    with pytest.MonkeyPatch.context() as mp:
+        _go_offline(mp, tmp_path_factory.mktemp("hf_cache"))
+        tm = TaskManager(include_path=str(tasks))
+        ours = simple_evaluate(model="moeut", model_args=f"checkpoint={run}", task_manager=tm, **COMMON)
+    return tm, ours
 
 
 def _per_item(res):
@@ -81,9 +103,8 @@ def _per_item(res):
     return out
 
 
-def test_lm_eval_hf_model_scores_the_export_as_our_adapter(route, offline):
+def test_lm_eval_hf_model_scores_the_export_as_our_adapter(route, adapter_eval, offline):
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
     run, out, tok, tasks = route
     items = [json.loads(l) for l in ITEMS.read_text().splitlines()]
     # Same requests for both: lm-eval encodes context + continuation jointly and splits, the adapter
@@ -92,10 +113,9 @@ def test_lm_eval_hf_model_scores_the_export_as_our_adapter(route, offline):
         ctx = f"Question: {d['question']}\nAnswer:"
         for c in d["choices"]:
             assert tok.encode(ctx + " " + c) == tok.encode(ctx) + tok.encode(" " + c), (ctx, c)
-    tm = TaskManager(include_path=str(tasks))
-    common = dict(tasks=[TASK], task_manager=tm, log_samples=True, bootstrap_iters=0, batch_size=1, device="cpu")
-    hf = simple_evaluate(model="hf", model_args=f"pretrained={out},trust_remote_code=True,dtype=float32", **common)
-    ours = simple_evaluate(model="moeut", model_args=f"checkpoint={run}", **common)
+    tm, ours = adapter_eval
+    hf = simple_evaluate(model="hf", model_args=f"pretrained={out},trust_remote_code=True,dtype=float32",
+                         task_manager=tm, **COMMON)
     a, b = _per_item(hf), _per_item(ours)
     assert len(a) == len(b) == 12
     assert [x[0] for x in a] == [x[0] for x in b]  # the same choice on every item
@@ -133,7 +153,7 @@ def test_pyproject_eval_extra_installs_the_hf_route():
 
 
 @pytest.mark.slow
-def test_lm_eval_cli_hf_route_as_documented(route, tmp_path, offline):
+def test_lm_eval_cli_hf_route_as_documented(route, adapter_eval, tmp_path, offline):
     """docs/evaluation.md's command, `lm-eval run --model hf --model_args pretrained=<export>,
     trust_remote_code=True,dtype=float32 --tasks ... --device cpu`, in a subprocess (offline, a
     local task via --include_path): its accuracy equals the adapter's on the same items."""
@@ -152,11 +172,7 @@ def test_lm_eval_cli_hf_route_as_documented(route, tmp_path, offline):
                        capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(next((tmp_path / "res").rglob("results_*.json")).read_text())
-    ours = MoEUTHarnessLM(checkpoint=str(run), device="cpu")
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-    ref = simple_evaluate(model=ours, tasks=[TASK], task_manager=TaskManager(include_path=str(tasks)),
-                          bootstrap_iters=0)
+    ref = adapter_eval[1]  # the adapter on the checkpoint, the same items (shared with the test above)
     assert res["results"][TASK]["acc,none"] == ref["results"][TASK]["acc,none"]
 
 

@@ -191,8 +191,8 @@ def test_routing_bad_data_path_is_one_line_and_writes_nothing(tiny_run, tmp_path
 
 
 def test_routing_requires_checkpoint():
-    res = subprocess.run(CMD, cwd=REPO, capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    from test_cli_help import tool_output  # the one run of `python -m moeut.analysis routing` (no options)
+    res = tool_output("moeut.analysis routing")[0]
     assert res.returncode == 1, res.stderr[-3000:]
     assert "moeut.analysis routing: error: checkpoint: required" in res.stderr and "Traceback" not in res.stderr
 

@@ -116,19 +116,28 @@ def test_custom_op_opcheck():
                            False, "grouped_mm"))
 
 
+def _compile_in_process(monkeypatch):
+    """Inductor compiles its C++ kernels in this process instead of a worker pool: the same generated
+    code, without the pool's processes (each imports torch: seconds of CPU on a 2-core machine)."""
+    import torch._inductor.config as inductor_config
+    monkeypatch.setattr(inductor_config, "compile_threads", 1)
+
+
 @pytest.mark.slow
 def test_compile_inductor_matches_eager_logits_loss(monkeypatch):
     """The default inductor backend (C++ codegen on CPU; 15 s-1.5 min on 2 cores), loss on the
     logits only: every gradient through the expert path matches eager."""
     monkeypatch.setattr(sys.modules[__name__], "REG_WEIGHT", 0.0)
+    _compile_in_process(monkeypatch)
     eager, got = _eager_and_compiled("auto", "inductor")
     _assert_match(eager, got, grad_atol=1e-6)
 
 
 @pytest.mark.slow
-def test_compile_inductor_matches_eager_with_reg_loss():
+def test_compile_inductor_matches_eager_with_reg_loss(monkeypatch):
     """Regression: torch 2.13's inductor miscompiled the gradient of a logsumexp over stacked
     logsumexps (the regulariser's marginal over repetitions); the model now writes it out with a
     detached max shift (moeut.model.entropy_reg_term)."""
+    _compile_in_process(monkeypatch)
     eager, got = _eager_and_compiled("auto", "inductor")
     _assert_match(eager, got, grad_atol=1e-6)

@@ -189,9 +189,13 @@ def test_paper_data_configs_keep_the_papers_tokenizer_settings():
 def _cfg_job(*overrides):
     import subprocess
     import yaml
-    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
-    p = subprocess.run([sys.executable, str(REPO / "train.py"), "--cfg", "job", *overrides], cwd=str(REPO),
-                       capture_output=True, text=True, env=env, timeout=300)
+    if not overrides:  # the plain `train.py --cfg job`: tests/e2e/test_cli_help.py runs it once for both
+        from test_cli_help import tool_output
+        p = tool_output("train.py", "--cfg", "job")[0]
+    else:
+        env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+        p = subprocess.run([sys.executable, str(REPO / "train.py"), "--cfg", "job", *overrides], cwd=str(REPO),
+                           capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     return yaml.safe_load(p.stdout)
 

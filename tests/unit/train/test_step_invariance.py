@@ -160,7 +160,9 @@ def test_unknown_scope_is_refused():
 
 # ---- 2 gloo processes under DDP -----------------------------------------------------------
 
-def _ddp_worker(rank, world, port, out_dir, families, mb):
+def _ddp_worker(rank, world, port, out_dir, families, mbs):
+    """Each family's step on this rank's part of the batch, for each micro-batch size of `mbs`
+    (a fresh model and DDP wrapper per case): {(family, mb): (grads, loss)} in rank<r>.pt."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -168,10 +170,11 @@ def _ddp_worker(rank, world, port, out_dir, families, mb):
         dist = DistInfo(rank=rank, local_rank=rank, world_size=world)
         local = windows()[rank * (B // world):(rank + 1) * (B // world)]
         result = {}
-        for family in families:
-            model = build(family)
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
-            result[family] = step_grads(model, local, mb, dist=dist, fwd_model=ddp)
+        for mb in mbs:
+            for family in families:
+                model = build(family)
+                ddp = torch.nn.parallel.DistributedDataParallel(model)
+                result[family, mb] = step_grads(model, local, mb, dist=dist, fwd_model=ddp)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -187,12 +190,13 @@ def _free_port():
 @pytest.mark.slow
 def test_two_gloo_processes_equal_the_full_batch_step(tmp_path):
     families = sorted(FAMILIES)
-    for mb in (4, 2):  # one and two micro-batches per rank
-        mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), families, mb), nprocs=2, join=True)
-        ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-        for family in families:
-            want, want_loss = full_batch_grads(build(family))
+    mbs = (4, 2)  # one and two micro-batches per rank, both in one pair of processes (one start-up)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), families, mbs), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for family in families:
+        want, want_loss = full_batch_grads(build(family))
+        for mb in mbs:
             for r in range(2):
-                got, loss = ranks[r][family]
+                got, loss = ranks[r][family, mb]
                 assert max_rel_diff(got, want) < TOL, (family, mb, r)
                 assert loss == pytest.approx(want_loss, rel=TOL, abs=1e-9)
