@@ -217,7 +217,13 @@ REGISTRY = {
     'python -m moeut.analysis collapse "runs=[DIR/collapse_lr0.001_s0.npz,DIR/collapse_lr0.002_s0.npz]" out=docs/figures':
         ("skip", CPU_RESULT),
     'python -m moeut.sweep action=dry-run sweep=lr_stability local=true': ("run", ""),
-    'python -m moeut.sweep action=launch sweep=lr_stability local=true root=/work/runs/lr_stability': ("skip", CPU_RESULT),
+    'python -m moeut.sweep action=launch sweep=lr_stability local=true root=/work/runs/lr_stability workers=2': ("skip", CPU_RESULT),
+    'python -m moeut.analysis lr-sweep "early=[\'docs/results_runs/experiment=cpu_result_moeut,optim.lr=0.001\','
+    '\'docs/results_runs/experiment=cpu_result_moeut,train.steps=610\',\'docs/results_runs/experiment=cpu_result_moeut,'
+    'optim.lr=0.004\',\'docs/results_runs/experiment=cpu_result_dense_params,train.steps=610\','
+    '\'docs/results_runs/experiment=cpu_result_dense_params,optim.lr=0.004\',docs/results_runs/screens]" '
+    '"early_steps=[40,60,100]"':
+        ("covered", "tests/unit/analysis/test_lr_sweep.py::test_results_page_screens_table_is_the_documented_commands_output"),
     'python -m moeut.analysis lr-sweep dir=/work/runs/lr_stability/lr_stability': ("skip", CPU_RESULT),
     # docs/sweeps.md
     'python -m moeut.sweep': ("run", ""),

@@ -145,3 +145,19 @@ def test_early_table_by_hand(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             lrs.work(lrs.LrSweepOptions(**opts))
         assert e.value.code == 1 and msg in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_results_page_screens_table_is_the_documented_commands_output():
+    """docs/results.md's screens block is exactly what its documented `lr-sweep early=...` command
+    prints for the run logs kept in docs/results_runs/ (the table the options were chosen from)."""
+    import re
+    import shlex
+    page = (REPO / "docs" / "results.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- screens:start -->\n(.*?)<!-- screens:end -->", page, re.S).group(1)
+    command = next(line.strip() for line in page.splitlines()
+                   if line.strip().startswith("python -m moeut.analysis lr-sweep \"early="))
+    argv = shlex.split(command)
+    r = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == block
+    assert "| warm75_zloss1e-2_lr4e-3 |" in block  # the chosen option set's screen is in it

@@ -76,7 +76,7 @@ def test_hand_computed_events_each_once_and_not_again_after_a_resume():
     assert alarm.check(10, {"moe/g0/usage_rel_ppl": 0.1, "moe/g0/dead_frac": 0.5}) == []  # in the warm-up
     ev = alarm.check(12, {"moe/g0/usage_rel_ppl": 0.69, "moe/g1/usage_rel_ppl": 0.7, "moe/g1/dead_frac": 0.1})
     assert [(e.metric, e.where, e.value) for e in ev] == [("usage_rel_ppl", "g0", 0.69), ("dead_frac", "g1", 0.1)]
-    assert "train.alarm.usage_rel_ppl=0.7" in ev[0].message() and "optim.groups.router.lr_mult" in ev[0].message()
+    assert "train.alarm.usage_rel_ppl=0.7" in ev[0].message() and "model.router_zloss=1e-2" in ev[0].message()
     assert "layer group g0" in ev[0].message() and "layer group g1" in ev[1].message()
     assert ev[0].record() == {"alarm/usage_rel_ppl/g0": 0.69}
     assert alarm.check(13, {"moe/g0/usage_rel_ppl": 0.2}) == []  # once per metric and group
@@ -122,11 +122,13 @@ def test_advice_leaves_out_the_options_the_run_already_sets():
     """The warning names only options the run does not use yet, and says which it already sets."""
     from moeut.train_lib.alarm import suggestions
     plain = suggestions("usage_rel_ppl", {})
-    assert "optim.groups.router.lr_mult<1" in plain and "model.bias_balance_rate" in plain
-    used = suggestions("usage_rel_ppl", {"optim.groups.router.lr_mult": 0.5, "model.bias_balance_rate": 0.001})
-    assert "lr_mult<1" not in used.split(" (this run")[0] and "model.bias_balance_rate," not in used
-    assert used.endswith("(this run already sets model.bias_balance_rate=0.001, optim.groups.router.lr_mult=0.5)")
-    assert "optim.groups.router.warmup" in used and "a lower optim.lr" in used
-    alarm = CollapseAlarm(AlarmSchema(), warmup=0, total_steps=100, in_use={"model.bias_balance_rate": 0.001})
+    assert plain == "model.router_zloss=1e-2, model.att_router_zloss=1e-2, a longer optim.warmup, a lower optim.lr"
+    used = suggestions("usage_rel_ppl", {"model.router_zloss": 0.01, "optim.groups.router.lr_mult": 0.5})
+    assert used == ("model.att_router_zloss=1e-2, a longer optim.warmup, a lower optim.lr "
+                    "(this run already sets model.router_zloss=0.01)")  # lr_mult is not advice: not named
+    dead = suggestions("dead_frac", {"model.bias_balance_rate": 0.001})
+    assert dead == ("model.router_zloss=1e-2, a longer optim.warmup, a lower optim.lr "
+                    "(this run already sets model.bias_balance_rate=0.001)")
+    alarm = CollapseAlarm(AlarmSchema(), warmup=0, total_steps=100, in_use={"model.router_zloss": 0.01})
     (event,) = [e for e in alarm.check(10, {"moe/g0/usage_rel_ppl": 0.1}) if e.metric == "usage_rel_ppl"]
-    assert "this run already sets model.bias_balance_rate=0.001" in event.message()
+    assert "this run already sets model.router_zloss=0.01" in event.message()
