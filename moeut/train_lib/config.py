@@ -334,9 +334,14 @@ def register_configs() -> None:
     also `override /model: <preset>` in an experiment): the model schema with `preset` set.
     Idempotent; presets and architectures registered before a call are included. Called when
     this module is imported, and again by train.py and moeut.sweep before they compose conf/."""
-    global ModelSchema
-    ModelSchema = model_schema()
+    global ModelSchema, _registered
+    from ..registry import ARCHS
     cs = ConfigStore.instance()
+    signature = (tuple(PRESETS), tuple((k, a.config_cls) for k, a in ARCHS.items()))
+    stored = cs.repo.get("model", {})
+    if signature == _registered and all(f"{n}.yaml" in stored for n in PRESETS) and "base_config.yaml" in cs.repo:
+        return  # nothing new since the last call (storing ~60 preset nodes costs ~1 s per start)
+    ModelSchema = model_schema()
     cs.store(name="base_config", node=TrainConfigSchema)
     for name in PRESETS:
         cs.store(group="model", name=name, node=ModelSchema(preset=name))
@@ -347,8 +352,10 @@ def register_configs() -> None:
     # conf/config.yaml: `override hydra/help: train`
     from ..cli import help_node
     cs.store(group="hydra/help", name="train", node=help_node("train.py", train_help("train.py")))
+    _registered = signature
 
 
+_registered: Optional[tuple] = None  # the (presets, architectures) the ConfigStore holds now
 register_configs()
 
 

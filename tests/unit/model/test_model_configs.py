@@ -115,8 +115,15 @@ def test_a_preset_registered_before_register_configs_is_selectable(monkeypatch):
         TC.register_configs()
         cfg = _compose(["model=my_tiny", "model.d_model=32"])
         assert TC.build_model_config(cfg.model) == R.get_preset("tiny", ff_k=2, d_model=32)
+        node = repo["my_tiny.yaml"]
+        TC.register_configs()  # nothing new: the stored entries are kept, not stored again
+        assert repo["my_tiny.yaml"] is node
+        R.register_preset("my_tiny2", R.get_preset("tiny", ff_k=3))
+        TC.register_configs()  # a preset registered since the last call: stored
+        assert TC.build_model_config(_compose(["model=my_tiny2"]).model) == R.get_preset("tiny", ff_k=3)
     finally:
         repo.pop("my_tiny.yaml", None)
+        repo.pop("my_tiny2.yaml", None)
 
 
 def test_model_options_are_range_checked_with_the_config_classes_ranges():
