@@ -121,7 +121,15 @@ def with_resolve(argv: List[str]) -> List[str]:
 
 def main() -> None:
     """The command line (`moeut-train`, `python -m moeut.train`, the clone's train.py): the Hydra
-    app `hydra_main` with `--resolve` added to a `--cfg` request (`with_resolve`)."""
+    app `hydra_main` with `--resolve` added to a `--cfg` request (`with_resolve`). `--help` / `-h`
+    prints the generated help (the `hydra/help` node's text) without Hydra, whose help would first
+    load every option of all ~85 config groups (about 10 s of CPU) for a template that does not show them."""
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        from hydra.core.config_store import ConfigStore
+        import string
+        template = ConfigStore.instance().repo["hydra"]["help"]["train.yaml"].node.template  # "\\${" read as "${"
+        print(string.Template(template).substitute())  # "$$" -> "$", as Hydra's help does
+        return
     sys.argv = with_resolve(sys.argv)
     hydra_main()
 

@@ -200,3 +200,17 @@ def test_bad_input_is_one_line_exit_1(tool, args, message, tmp_path):
     assert f"{name}: error: " in res.stderr and message in res.stderr, res.stderr[-3000:]
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
     assert left == before  # no run dir, output or log file
+
+
+def test_train_help_shortcut_prints_what_hydras_help_would():
+    """train.py --help prints the hydra/help node's template through string.Template, as Hydra's
+    own help does, without Hydra (moeut.train.main): exact when the template has no `$NAME`
+    placeholder for Hydra to fill (every `$` of the generated text is doubled)."""
+    import string
+    from hydra.core.config_store import ConfigStore
+    import moeut.train  # noqa: F401 - registers the help node
+    template = ConfigStore.instance().repo["hydra"]["help"]["train.yaml"].node.template
+    assert string.Template(template).get_identifiers() == []
+    text = string.Template(template).substitute()
+    assert text.startswith("Train a language model") and "router_zloss (>= 0)" in text
+    assert "$$" not in text and "${" in text  # Hydra's "$$" and OmegaConf's "\\${" escapes are undone
