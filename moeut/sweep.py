@@ -278,9 +278,9 @@ def launch(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
     # submitit writes the sbatch --signal line with this signal, and the job binds its handler to it
     run_env.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
     if local and check:  # job by job: a finished job is skipped, an interrupted one resumes
-        with local_launch_lock(sweep_dir):  # refused before anything is written when another launch runs
+        with local_launch_lock(sweep_dir) as lock:  # refused before anything is written when another launch runs
             (sweep_dir / "sweep.yaml").write_text(sweep.path.read_text(encoding="utf-8"), encoding="utf-8")
-            return _launch_local_jobs(jobs, repo_root, run_env, workers, log_dir=sweep_dir)
+            return _launch_local_jobs(jobs, repo_root, run_env, workers, log_dir=sweep_dir, lock_fd=lock.fileno())
     (sweep_dir / "sweep.yaml").write_text(sweep.path.read_text(encoding="utf-8"), encoding="utf-8")
     procs = []
     for gi in range(len(sweep.grids)):
@@ -323,67 +323,107 @@ def local_launch_lock(sweep_dir: Path):
         except OSError:
             f.seek(0)
             holder = f.read().strip() or "?"
-            raise ValueError(f"sweep dir {sweep_dir}: another local launch of this sweep is running (pid {holder}, "
-                             f"lock {path}); wait for it or stop it, then launch again") from None
+            raise ValueError(f"sweep dir {sweep_dir}: another local launch of this sweep, or a job it started, is "
+                             f"running (launch pid {holder}, lock {path}); wait for it or stop it, then launch again") from None
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
-        yield
+        yield f
     finally:
         f.close()
 
 
 def _launch_local_jobs(jobs: Sequence[Job], repo_root: Path, env: Dict[str, str], workers: int = 1,
-                       log_dir: Optional[Path] = None, python: str = sys.executable) -> int:
+                       log_dir: Optional[Path] = None, python: str = sys.executable,
+                       lock_fd: Optional[int] = None) -> int:
     """Run the composed `jobs` on this machine (a local launch), at most `workers` at a time: a job
     whose run dir holds a finished run (`job_finished`) is skipped with a line saying so; any other is
     started, and train.py's train.resume=auto continues an interrupted one from its newest checkpoint.
     With one worker a job's output goes to the console; with several, each job's to
-    `<log_dir>/job<i>.log` (appended), named when it starts. After a failure no new job starts (the
-    running ones finish). Returns 0, or the first failing job's exit code."""
+    `<log_dir>/job<i>.log` (appended), named when it starts. A job that exits 0 before its schedule's
+    end (train.stop_at, a stop signal) is reported as stopped, not finished, and the launch ends with
+    a count. SIGTERM or SIGINT to the launcher is passed on to the running jobs as SIGTERM (each
+    saves a checkpoint and exits) and the launch waits for them, starts nothing new and returns
+    128 + the signal number. After a failing job no new job starts (the running ones finish). Each
+    job inherits `lock_fd` (the launch lock's file), so the lock stays held while any job started
+    here runs, even if the launcher itself is killed. Returns 0, the first failing job's exit code,
+    or 128 + signal."""
+    import signal
     import time
     todo = []
     for i, job in enumerate(jobs):
-        run_dir = Path(job.run_dir)
-        if not run_dir.is_absolute():
-            run_dir = repo_root / run_dir
+        run_dir = _abs_run_dir(job, repo_root)
         if job_finished(run_dir, job.steps, job.final_eval):
             print(f"job #{i} skipped: finished (step {job.steps} in {run_dir / 'metrics.jsonl'})", flush=True)
         else:
             todo.append((i, job))
-    rc, running = 0, []  # running: [(index, Popen, log file or None)]
-    while todo or running:
-        while todo and len(running) < workers and rc == 0:
-            i, job = todo.pop(0)
-            cmd = job_command(job, python)
-            if workers == 1:
-                print(f"job #{i}: $ " + shown_command(cmd), flush=True)
-                running.append((i, subprocess.Popen(cmd, cwd=repo_root, env=env), None))
-                continue
-            log_path = Path(log_dir or repo_root) / f"job{i}.log"
-            log = open(log_path, "ab")
-            print(f"job #{i}: $ " + shown_command(cmd) + f"   (output: {log_path})", flush=True)
-            running.append((i, subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-        if rc != 0:
-            todo = []  # a job failed: start nothing new, let the running ones end
-        if not running:
-            break
-        time.sleep(0.2 if workers > 1 else 0)
-        for entry in list(running):
-            i, proc, log = entry
-            code = proc.wait() if workers == 1 else proc.poll()
-            if code is None:
-                continue
-            running.remove(entry)
-            if log is not None:
-                log.close()
-            if code != 0:
-                print(f"job #{i} failed with exit code {code}", file=sys.stderr, flush=True)
-                rc = rc or code
-            elif workers > 1:
-                print(f"job #{i} finished", flush=True)
+    rc, running, stopped, finished = 0, [], [], 0  # running: [(index, job, Popen, log file or None)]
+    got: Dict[str, Optional[int]] = {"sig": None}
+
+    def on_signal(signum, frame):  # stop: the jobs save their checkpoints, the launch waits for them
+        if got["sig"] is None:
+            print(f"moeut.sweep: {signal.Signals(signum).name} received: stopping the running jobs "
+                  f"(each saves a checkpoint); launch again to resume", file=sys.stderr, flush=True)
+        got["sig"] = signum
+        for _, _, proc, _ in running:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while todo or running:
+            while todo and len(running) < workers and rc == 0 and got["sig"] is None:
+                i, job = todo.pop(0)
+                cmd = job_command(job, python)
+                log = None
+                if workers > 1:
+                    log_path = Path(log_dir or repo_root) / f"job{i}.log"
+                    log = open(log_path, "ab")
+                    print(f"job #{i}: $ " + shown_command(cmd) + f"   (output: {log_path})", flush=True)
+                else:
+                    print(f"job #{i}: $ " + shown_command(cmd), flush=True)
+                # own process group: a Ctrl-C at the terminal reaches the launcher only, which passes it on once
+                running.append((i, job, subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=log,
+                                                         stderr=subprocess.STDOUT if log else None,
+                                                         start_new_session=True,
+                                                         pass_fds=(lock_fd,) if lock_fd is not None else ()), log))
+            if not running:
+                break
+            time.sleep(0.2)
+            for entry in list(running):
+                i, job, proc, log = entry
+                code = proc.poll()
+                if code is None:
+                    continue
+                running.remove(entry)
+                if log is not None:
+                    log.close()
+                if code != 0:
+                    print(f"job #{i} failed with exit code {code}", file=sys.stderr, flush=True)
+                    rc = rc or code
+                elif job_finished(_abs_run_dir(job, repo_root), job.steps, job.final_eval):
+                    finished += 1
+                    print(f"job #{i} finished", flush=True)
+                else:
+                    stopped.append(i)
+                    print(f"job #{i} stopped before the end of its schedule (train.steps={job.steps}; "
+                          f"train.stop_at or a signal): launch again to resume it", flush=True)
+    finally:
+        for s_, h in old.items():
+            signal.signal(s_, h)
+    left = len(todo)
+    print(f"moeut.sweep: {finished} job(s) finished, {len(stopped)} stopped early"
+          + (f" (#{', #'.join(map(str, stopped))})" if stopped else "")
+          + (f", {left} not started" if left else ""), flush=True)
+    if got["sig"] is not None:
+        return 128 + got["sig"]
     return rc
+
+
+def _abs_run_dir(job: Job, repo_root: Path) -> Path:
+    """The job's run dir, relative ones taken against `repo_root`."""
+    run_dir = Path(job.run_dir)
+    return run_dir if run_dir.is_absolute() else repo_root / run_dir
 
 
 def _last_line(path: Path) -> str:

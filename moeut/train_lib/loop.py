@@ -5,7 +5,8 @@ commit of the run dir (tokenizer.model, .hydra/ files, train.log, metrics.jsonl)
 -> final validation and checkpoint. The loop decides, from the step and train.steps only, when
 to log a train/ record, routing metrics, validation and a checkpoint, so an interrupted run
 (train.stop_at, a signal, a crash) logs exactly what an uninterrupted one logs; it handles
-SIGTERM / SIGUSR1 / SIGUSR2 (finish the step, save, hand the signal on). One step's arithmetic
+SIGTERM / SIGUSR1 / SIGUSR2 (finish the step, save, hand the signal on) and Ctrl-C (SIGINT: finish
+the step, save, return; a second Ctrl-C stops at once). One step's arithmetic
 is step.py's, validation is evaluate.py's, the run state is state.py's.
 """
 from __future__ import annotations
@@ -231,9 +232,11 @@ def run_loop(tc: TrainConfig, run_dir: str, dist: DistInfo, setup: RunSetup,
                 "validation": {}, "checkpoint": None, "run_dir": run_dir}
     stop_signal: Dict[str, Optional[int]] = {"sig": None}
 
-    def on_signal(signum, frame):  # SLURM pre-emption / time limit: finish the step, save, exit
+    def on_signal(signum, frame):  # SLURM pre-emption / time limit / Ctrl-C: finish the step, save, exit
+        if signum == signal.SIGINT and stop_signal["sig"] is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
         stop_signal["sig"] = signum
-    old_handlers = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+    old_handlers = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS + (signal.SIGINT,)}
     window.start_clock()
     try:
         while state.step < stop:
@@ -278,7 +281,9 @@ def run_loop(tc: TrainConfig, run_dir: str, dist: DistInfo, setup: RunSetup,
                 val_res = validation(step)
             if any_rank(stop_signal["sig"] is not None, device):
                 status = "preempted"
-                logger.message(f"[train] signal received: saving at step {step} and exiting")
+                name = signal.Signals(stop_signal["sig"]).name if stop_signal["sig"] is not None else "on another rank"
+                logger.message(f"[train] signal received ({name}): saving at step {step} and exiting"
+                               + ("; a second Ctrl-C stops without saving" if name == "SIGINT" else ""))
                 break
             if step % t_cfg.save_interval == 0 and step < stop:
                 ckpt_path = save_checkpoint(setup, tc, run_dir, logger)
@@ -307,7 +312,7 @@ def run_loop(tc: TrainConfig, run_dir: str, dist: DistInfo, setup: RunSetup,
         # Under submitit, the handler we replaced requeues the job (respecting max_num_timeout):
         # call it now that the checkpoint is safe. Plain runs had SIG_DFL (not callable): no-op.
         prev = old_handlers.get(stop_signal["sig"])
-        if callable(prev):
+        if callable(prev) and stop_signal["sig"] != signal.SIGINT:  # Ctrl-C: saved, so no KeyboardInterrupt
             prev(stop_signal["sig"], None)
     return {"status": status, "step": state.step, "tokens_seen": state.tokens_seen, "losses": losses,
             "validation": val_res, "checkpoint": ckpt_path, "run_dir": run_dir}

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,39 +93,49 @@ def test_a_second_local_launch_of_the_same_sweep_is_refused(tmp_path):
     sweep_dir = tmp_path / "sweeps" / "resume_me"
     sweep_dir.mkdir(parents=True)
     with sw.local_launch_lock(sweep_dir):  # a launch in progress
-        with pytest.raises(ValueError, match=r"another local launch of this sweep is running \(pid %d" % os.getpid()):
+        with pytest.raises(ValueError, match=r"another local launch of this sweep, or a job it started, is running \(launch pid %d" % os.getpid()):
             sw.launch(sweep, root=str(tmp_path / "sweeps"), local=True)
     assert [p.name for p in sweep_dir.iterdir()] == [".local_launch.lock"]  # nothing written, no job started
     with sw.local_launch_lock(sweep_dir):  # released: the next launch takes it
         pass
 
 
-# A fake job: marks itself started, then waits (up to 30 s) until every name in `wait_for` has started;
-# exit 3 if one never does, exit `code` otherwise.
-_FAKE = """import os, sys, time, pathlib
-d, me, code, wait_for = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+# A fake job: marks itself started, then waits (up to FAKE_WAIT s, default 30) until every name in
+# `wait_for` has started, then writes its run dir's metrics.jsonl (finished) unless told to stop early;
+# on SIGTERM it writes <name>.term and exits 0 (a stop: no metrics, as a saved-and-stopped run).
+_FAKE = """import os, sys, time, pathlib, signal, json
+d, me, code, run_dir, early, wait_for = (pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]),
+                                         pathlib.Path(sys.argv[4]), sys.argv[5] == "early", sys.argv[6:])
+def on_term(signum, frame):
+    (d / (me + '.term')).write_text('')
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
 (d / (me + '.started')).write_text('')
 t0 = time.time()
 while not all((d / (w + '.started')).exists() for w in wait_for):
     if time.time() - t0 > float(os.environ.get('FAKE_WAIT', '30')):
         sys.exit(3)
     time.sleep(0.05)
+if code == 0 and not early:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / 'metrics.jsonl').write_text(json.dumps({"step": 1}) + "\\n")
 (d / (me + '.done')).write_text('')
 sys.exit(code)
 """
 
 
 def _fake_jobs(tmp_path, monkeypatch, specs):
-    """Jobs whose command is _FAKE with (name, exit code, names to wait for) each."""
+    """Jobs whose command is _FAKE with (name, exit code, names to wait for[, "early"]) each."""
     script = tmp_path / "fake_job.py"
     script.write_text(_FAKE)
-    jobs = [sw.Job(grid=0, launcher="basic", overrides=[f"name={n}"], hydra_overrides=[],
-                   run_dir=str(tmp_path / "runs" / n)) for n, _, _ in specs]
-    by_name = {n: (c, w) for n, c, w in specs}
+    jobs = [sw.Job(grid=0, launcher="basic", overrides=[f"name={spec[0]}"], hydra_overrides=[],
+                   run_dir=str(tmp_path / "runs" / spec[0]), steps=1, final_eval=False) for spec in specs]
+    by_name = {spec[0]: spec for spec in specs}
 
     def command(job, python=sys.executable):
         n = job.overrides[0].split("=", 1)[1]
-        return [python, str(script), str(tmp_path), n, str(by_name[n][0]), *by_name[n][1]]
+        _, code, wait_for, *rest = by_name[n]
+        return [python, str(script), str(tmp_path), n, str(code), job.run_dir, "early" if rest else "-", *wait_for]
     monkeypatch.setattr(sw, "job_command", command)
     return jobs
 
@@ -136,9 +147,12 @@ def test_local_workers_run_jobs_at_the_same_time(tmp_path, monkeypatch, capsys):
     assert all((tmp_path / f"{n}.done").exists() for n in "abc")
     out = capsys.readouterr().out
     assert out.count(f"(output: {tmp_path}") == 3 and "job #2 finished" in out
+    assert out.strip().splitlines()[-1] == "moeut.sweep: 3 job(s) finished, 0 stopped early"
     # one worker: a waits for b, which never starts -> a fails, and nothing after it starts
+    import shutil
     for f in tmp_path.glob("*.started"):
         f.unlink()
+    shutil.rmtree(tmp_path / "runs")  # not finished any more
     jobs = _fake_jobs(tmp_path, monkeypatch, [("a", 0, ["b"]), ("b", 0, ["a"])])
     monkeypatch.setenv("FAKE_WAIT", "2")  # a gives up on b after 2 s
     assert sw._launch_local_jobs(jobs, tmp_path, dict(os.environ), workers=1) == 3
@@ -151,6 +165,56 @@ def test_local_workers_stop_starting_jobs_after_a_failure(tmp_path, monkeypatch,
     assert sw._launch_local_jobs(jobs, tmp_path, dict(os.environ), workers=2, log_dir=tmp_path) == 7
     assert (tmp_path / "b.done").exists() and not (tmp_path / "c.started").exists()
     assert "job #0 failed with exit code 7" in capsys.readouterr().err
+
+
+def test_a_job_that_exits_before_its_schedule_ends_is_stopped_not_finished(tmp_path, monkeypatch, capsys):
+    jobs = _fake_jobs(tmp_path, monkeypatch, [("a", 0, [], "early"), ("b", 0, [])])
+    assert sw._launch_local_jobs(jobs, tmp_path, dict(os.environ), workers=1) == 0
+    out = capsys.readouterr().out
+    assert "job #0 stopped before the end of its schedule" in out and "job #1 finished" in out
+    assert out.strip().splitlines()[-1] == "moeut.sweep: 1 job(s) finished, 1 stopped early (#0)"
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_launcher_stops_its_jobs_and_starts_no_more(tmp_path, monkeypatch, capsys, sig):
+    import signal
+    import threading
+    # a and b run until stopped (each waits for a job that never starts); c must never start
+    jobs = _fake_jobs(tmp_path, monkeypatch, [("a", 0, ["never"]), ("b", 0, ["never"]), ("c", 0, [])])
+    signum = getattr(signal, sig)
+
+    def send():  # once both jobs run, signal the launcher (this process)
+        t0 = time.time()
+        while not ((tmp_path / "a.started").exists() and (tmp_path / "b.started").exists()) and time.time() - t0 < 30:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signum)
+    threading.Thread(target=send, daemon=True).start()
+    before = signal.getsignal(signum)
+    rc = sw._launch_local_jobs(jobs, tmp_path, dict(os.environ), workers=2, log_dir=tmp_path)
+    assert rc == 128 + signum
+    assert (tmp_path / "a.term").exists() and (tmp_path / "b.term").exists()  # each job got SIGTERM
+    assert not (tmp_path / "c.started").exists()
+    captured = capsys.readouterr()
+    assert f"moeut.sweep: {sig} received: stopping the running jobs" in captured.err
+    assert captured.out.strip().splitlines()[-1] == "moeut.sweep: 0 job(s) finished, 2 stopped early (#0, #1), 1 not started"
+    assert signal.getsignal(signum) is before  # the launcher's handler is removed again
+
+
+def test_the_launch_lock_stays_held_while_a_job_runs(tmp_path):
+    """A job inherits the lock's file: while it runs, even with its launcher gone, a launch is refused."""
+    sweep_dir = tmp_path / "s"
+    sweep_dir.mkdir()
+    with sw.local_launch_lock(sweep_dir) as lock:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], pass_fds=(lock.fileno(),))
+    try:  # the launcher's own handle is closed now; the job still holds the lock
+        with pytest.raises(ValueError, match="or a job it started, is running"):
+            with sw.local_launch_lock(sweep_dir):
+                pass
+    finally:
+        child.kill()
+        child.wait()
+    with sw.local_launch_lock(sweep_dir):  # the job ended: free again
+        pass
 
 
 def test_workers_needs_a_local_launch(tmp_path):
