@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,23 +81,56 @@ def read_run(run_dir: Path) -> Optional[Run]:
     return Run(run_dir, exp, lr, seed, steps, last, ppl)
 
 
-def collect(dirs: List[Path]) -> List[Run]:
-    """Every run directly under each of `dirs` (sorted). Raises FileNotFoundError naming a missing
-    dir and ValueError when two runs share (experiment, lr, seed, steps)."""
+# Overrides that identify a run in the table (experiment, lr, seed, schedule length) or change
+# nothing it measures (threads, logging cadence, wandb grouping, an early stop, Hydra's own).
+KEY_OVERRIDES = {"experiment", "optim.lr", "train.seed", "train.steps"}
+NEUTRAL_OVERRIDES = {"train.threads", "train.routing_interval", "train.routing_every", "train.log_interval",
+                     "logger.group", "logger.name", "train.stop_at", "train.resume"}
+
+
+def other_overrides(run_dir: Path) -> List[str]:
+    """The overrides of `run_dir` beyond those that identify it in the table or change nothing it
+    measures (KEY_OVERRIDES, NEUTRAL_OVERRIDES, hydra.*): e.g. `model.router_zloss=0.01`. A run
+    with any is another configuration than its experiment's and is left out of the table."""
+    out = []
+    for o in _overrides(run_dir):
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key in KEY_OVERRIDES or key in NEUTRAL_OVERRIDES or key.startswith("hydra") or "=" not in o:
+            continue
+        out.append(o)
+    return out
+
+
+def collect(dirs: List[Path], say=print) -> List[Run]:
+    """Every run directly under each of `dirs` (sorted). A run with overrides beyond its
+    experiment's (`other_overrides`) is left out with a line naming them. Raises FileNotFoundError
+    naming a missing dir or a dir with no run in it, and ValueError naming both run dirs when two
+    runs share (experiment, lr, seed, steps)."""
     runs: List[Run] = []
     seen: Dict[Tuple, Path] = {}
     for d in dirs:
         if not d.is_dir():
             raise FileNotFoundError(f"dir={d}: no such directory")
+        found = 0
         for sub in sorted(p for p in d.iterdir() if p.is_dir()):
             run = read_run(sub)
             if run is None:
                 continue
+            found += 1
+            extra = other_overrides(sub)
+            if extra:
+                say(f"left out {sub}: overrides beyond experiment={run.experiment}: {' '.join(extra)} "
+                    "(another configuration than the table's rows)")
+                continue
             key = (run.experiment, run.lr, run.seed, run.steps)
             if key in seen:
-                raise ValueError(f"{sub} and {seen[key]}: the same configuration {key} twice")
+                raise ValueError(f"{sub} and {seen[key]}: the same configuration twice (experiment={run.experiment}, "
+                                 f"optim.lr={run.lr:g}, train.seed={run.seed}, train.steps={run.steps})")
             seen[key] = sub
             runs.append(run)
+        if not found:
+            raise FileNotFoundError(f"dir={d}: no training run dirs in it (sub-folders with .hydra/config.yaml and an "
+                                    f"experiment= override); is it the sweep dir <root>/<sweep name>?")
     return runs
 
 
@@ -342,8 +376,8 @@ class LrSweepOptions:
     early: List[str] = option(default_factory=list, help="also tabulate the first steps of these runs (run dirs, or "
                               "folders of run dirs; runs stopped early with train.stop_at included): CE, MLP "
                               "expert usage per unique layer, dead experts")
-    early_steps: List[int] = option(default_factory=lambda: [20, 40, 60, 100, 150], lo=10,
-                                    help="the steps of the early table (multiples of 10, the logging interval)")
+    early_steps: List[int] = option(default_factory=lambda: [40, 60, 100, 150], lo=30,
+                                    help="the steps of the early table (multiples of 10, the logging interval; from 30, the CE window)")
 
 
 def work(o: LrSweepOptions) -> Dict[str, Any]:
@@ -356,6 +390,8 @@ def work(o: LrSweepOptions) -> Dict[str, Any]:
         bad = [s for s in o.early_steps if s % 10]
         if bad:
             raise ValueError(f"early_steps: {bad} not multiples of 10 (metrics are logged every 10 steps)")
+        if o.early and not o.early_steps:
+            raise ValueError("early_steps: empty; give at least one step, e.g. early_steps=[40,60,100]")
         early_dirs = early_run_dirs([Path(x) for x in o.early])
     if o.dir is None:
         text = early_report(early_dirs, list(o.early_steps))
@@ -363,6 +399,8 @@ def work(o: LrSweepOptions) -> Dict[str, Any]:
         if o.out:
             Path(o.out).parent.mkdir(parents=True, exist_ok=True)
             Path(f"{o.out}.md").write_text(text)
+            Path(f"{o.out}.json").write_text(json.dumps(
+                {d.name: {str(k): v for k, v in early_rows(d, list(o.early_steps)).items()} for d in early_dirs}, indent=1))
         return {"early": text}
     sweep_dir = Path(o.dir)
     with bad_input_exits(APP):
@@ -371,10 +409,10 @@ def work(o: LrSweepOptions) -> Dict[str, Any]:
             if d is not None and not d.is_dir():
                 raise FileNotFoundError(f"{opt}={d}: no such directory")
         sweep_file = sw.resolve_sweep_path(o.sweep) if o.adopt else None
-    if o.adopt:
-        adopt(sweep_file, sweep_dir.resolve(), Path(o.adopt))
     with bad_input_exits(APP):
-        runs = collect([sweep_dir, *map(Path, o.extra_dirs)])
+        if o.adopt:
+            adopt(sweep_file, sweep_dir.resolve(), Path(o.adopt))
+        runs = collect([sweep_dir, *map(Path, o.extra_dirs)], say=lambda m: print(m, file=sys.stderr))
     text, numbers = report(runs, list(o.lrs), list(o.seeds), o.steps)
     if early_dirs:
         text += "\n" + early_report(early_dirs, list(o.early_steps))

@@ -161,3 +161,31 @@ def test_results_page_screens_table_is_the_documented_commands_output():
     assert r.returncode == 0, r.stderr
     assert r.stdout == block
     assert "| warm75_zloss1e-2_lr4e-3 |" in block  # the chosen option set's screen is in it
+
+
+def test_runs_of_another_configuration_are_left_out_and_an_empty_dir_is_refused(tmp_path, capsys):
+    """A run whose overrides go beyond its experiment's (here a z-loss) is not counted as that
+    experiment's row; a folder without run dirs (e.g. the launch root instead of the sweep dir) is an
+    error, not an empty table; adopt's refusals are one line too."""
+    root = tmp_path / "sweep"
+    fake_run(root, lrs.PAPER, 2e-3, 0, 420.0)
+    other = fake_run(root, lrs.PAPER, 2e-3, 0, 180.0, name="zloss")
+    (other / ".hydra" / "overrides.yaml").write_text(
+        "- experiment=cpu_result_moeut\n- optim.lr=0.002\n- train.seed=0\n- train.threads=1\n- model.router_zloss=0.01\n")
+    said = []
+    runs = lrs.collect([root], say=said.append)
+    assert [r.path.name for r in runs] == ["experiment=cpu_result_moeut,optim.lr=0.002,train.seed=0"]
+    assert len(said) == 1 and said[0].startswith(f"left out {other}: overrides beyond experiment=cpu_result_moeut: "
+                                                 "model.router_zloss=0.01")
+    _, num = lrs.report(runs, GRID, [0], 610)
+    assert num["ppl"][(lrs.PAPER, 2e-3, 0)] == 420.0  # not the z-loss run's 180
+    for opts, msg in [(dict(dir=str(tmp_path)), f"dir={tmp_path}: no training run dirs in it"),
+                      (dict(dir=str(root), adopt=str(root), sweep="lr_stability"),
+                       "the sweep dir of"),  # adopt into a dir not named after the sweep
+                      (dict(early=[str(root)], early_steps=[]), "early_steps: empty")]:
+        with pytest.raises(SystemExit) as e:
+            lrs.work(lrs.LrSweepOptions(**opts))
+        assert e.value.code == 1 and msg in capsys.readouterr().err.strip().splitlines()[-1]
+    # the early table alone writes the json its --help promises
+    lrs.work(lrs.LrSweepOptions(early=[str(root)], early_steps=[40], out=str(tmp_path / "e")))
+    assert json.loads((tmp_path / "e.json").read_text())["zloss"]["40"]["ce"] is None
