@@ -35,13 +35,15 @@ HELP = {  # the options likely to help, named in the warning: what removed the c
 _SUGGESTION_OPTION = re.compile(r"(optim\.groups\.router\.\w+|model\.\w+)")
 
 
-def suggestions(metric: str, in_use: Dict[str, Any]) -> str:
+def suggestions(metric: str, in_use: Dict[str, Any], sigma_moe: bool = True) -> str:
     """The options likely to help with `metric`, less those the run already sets (`in_use`: option
-    -> its non-default value), which are named as already set."""
-    fresh = [h for h in HELP[metric] if (m := _SUGGESTION_OPTION.search(h)) is None or m.group(1) not in in_use]
+    -> its non-default value), which are named as already set. Without σ-MoE layers (`sigma_moe`
+    False: a dense model or another router) the σ-MoE options (`model.*`) are not named."""
+    fresh = [h for h in HELP[metric] if ((m := _SUGGESTION_OPTION.search(h)) is None or m.group(1) not in in_use)
+             and (sigma_moe or not h.startswith("model."))]
     used = [f"{k}={v}" for k, v in sorted(in_use.items()) if any(k in h for h in HELP[metric])]
     text = ", ".join(fresh) if fresh else "a lower optim.lr"
-    if metric == "ce_plateau":
+    if metric == "ce_plateau" and sigma_moe:
         text = "check the moe/ usage metrics; " + text
     return text + (f" (this run already sets {', '.join(used)})" if used else "")
 _GROUP_KEY = re.compile(r"^moe/(g\d+)/(usage_rel_ppl|dead_frac)$")
@@ -67,6 +69,7 @@ class AlarmEvent:
     threshold: float
     option: str
     in_use: Dict[str, Any] = field(default_factory=dict)  # routing-stability options the run already sets
+    sigma_moe: bool = True  # the model has σ-MoE layers (else: no routing wording, no σ-MoE options)
 
     def message(self) -> str:
         """The train.log line: the metric, the layer group, the value and the options likely to help."""
@@ -76,8 +79,10 @@ class AlarmEvent:
                              f"(>= {self.option}={self.threshold:g})",
                 "ce_plateau": f"training CE fell only {self.value:.3f} nats over the last steps "
                               f"(< {self.option}={self.threshold:g}): an early plateau"}[self.metric]
-        return (f"[alarm] WARNING: step {self.step}: {what}; the expert routing may be collapsing. "
-                f"Likely to help: {suggestions(self.metric, self.in_use)} (docs/training.md \"Routing stability\")")
+        cause = "the expert routing may be collapsing" if self.sigma_moe else "the learning rate may be too high"
+        return (f"[alarm] WARNING: step {self.step}: {what}; {cause}. "
+                f"Likely to help: {suggestions(self.metric, self.in_use, self.sigma_moe)} "
+                f"(docs/training.md \"Routing stability\")")
 
     def record(self) -> Dict[str, float]:
         """The metrics.jsonl entry: {"alarm/<metric>/<where>": value}."""
@@ -88,8 +93,9 @@ class CollapseAlarm:
     """The alarm of one run. cfg: train.alarm (AlarmSchema); warmup: optim.warmup (steps);
     total_steps: train.steps. `check(step, record)` returns the new events of a logged record."""
 
-    def __init__(self, cfg, warmup: int, total_steps: int, in_use: Optional[Dict[str, Any]] = None):
-        self.cfg, self.warmup, self.total_steps = cfg, warmup, total_steps
+    def __init__(self, cfg, warmup: int, total_steps: int, in_use: Optional[Dict[str, Any]] = None,
+                 sigma_moe: bool = True):
+        self.cfg, self.warmup, self.total_steps, self.sigma_moe = cfg, warmup, total_steps, sigma_moe
         self.in_use = dict(in_use or {})  # option -> value of the routing-stability options this run sets
         self.window = max(1, round(cfg.ce_plateau_window * total_steps))
         self.fired: set = set()
@@ -100,7 +106,7 @@ class CollapseAlarm:
             return []
         self.fired.add((metric, where))
         return [AlarmEvent(metric, where, step, value, getattr(self.cfg, option.rsplit(".", 1)[-1]), option,
-                           self.in_use)]
+                           self.in_use, self.sigma_moe)]
 
     def check(self, step: int, record: Dict[str, Any]) -> List[AlarmEvent]:
         """The events a logged record (metric name -> value, at optimiser step `step`) triggers,

@@ -125,6 +125,13 @@ def model_config_diff(stored: Dict[str, Any], now: Dict[str, Any], config_cls: t
     return diff, predates
 
 
+def _describe_change(key: str, stored: Dict[str, Any], now: Dict[str, Any]) -> str:
+    """`model.<key>=<checkpoint's value> (now <run's value>)`, saying "absent" for a key the
+    checkpoint predates and "not an option now" for one the run's config lacks."""
+    was = repr(stored[key]) if key in stored else "absent (an older checkpoint)"
+    return f"model.{key}={was} " + (f"(now {now[key]!r})" if key in now else "(not an option now)")
+
+
 def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable[[str], None]) -> RunSetup:
     """Everything a start needs, checked against each other; reads the run dir, never writes it.
 
@@ -155,9 +162,10 @@ def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable
         diff, predates = model_config_diff(stored, now, type(tc.model))
         if predates and not diff:
             say(f"[resume] checkpoint {resume['path']} predates " + ", ".join(f"model.{k}" for k in predates)
-                + "; resuming with " + ", ".join(f"model.{k}={now[k]!r}" for k in predates) + " (their defaults)")
+                + "; resuming with " + ", ".join(f"model.{k}={now[k]!r}" for k in predates)
+                + (" (its default)" if len(predates) == 1 else " (their defaults)"))
         config_diff = (f"train.resume: checkpoint {resume['path']} has a different model config: "
-                       + ", ".join(f"model.{k}={stored.get(k)!r} (now {now.get(k)!r})" for k in diff))
+                       + ", ".join(_describe_change(k, stored, now) for k in diff))
         try:
             ckpt_lib.restore_model(resume, model)  # names mismatching keys for another architecture
         except ValueError as e:
@@ -203,7 +211,12 @@ def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable
     if routing is None:
         say(f"[train] {tc.model_preset} has no experts: no routing metrics (train.routing_interval unused)")
     state = TrainState(model, optimizer, scaler, sampler, dist, routing, seed=t_cfg.seed)
-    state.alarm = CollapseAlarm(t_cfg.alarm, o_cfg.warmup, t_cfg.steps, in_use=stability_options_in_use(tc))
+    in_use = stability_options_in_use(tc)
+    state.alarm = CollapseAlarm(t_cfg.alarm, o_cfg.warmup, t_cfg.steps, in_use=in_use,
+                                sigma_moe=getattr(tc.model, "mlp_type", None) == "sigma_moe")
+    if in_use:  # off by default: a run that sets any says so once, beside the config dump
+        say("[train] routing-stability options: " + ", ".join(f"{k}={v}" for k, v in in_use.items())
+            + " (docs/training.md \"Routing stability\")")
     for line in switched_off(tc):
         say(line)
     if resume is not None:

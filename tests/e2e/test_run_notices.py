@@ -2,7 +2,8 @@
 whose tail also misses a window is one warning (both numbers in it), the training stream is one
 warning (its window tail and the sampler's remainder), and each safeguard that is on by default and
 switched off (train.alarm.enabled=false, optim.grad_clip=null, train.final_eval=false) is one
-train.log line naming the option; a run that switches none off has none of these lines."""
+train.log line naming the option, and so are the routing-stability options a run sets (off by
+default); a run that switches none off and sets none has none of these lines."""
 import warnings
 
 import pytest
@@ -19,7 +20,7 @@ def started(cache_dir, tmp_path_factory):
         warnings.simplefilter("always")  # a repeated warning would be shown, not deduplicated
         res = run(cache_dir, run_dir, "train.steps=4", "train.stop_at=1", f"data.valid_tokens={VALID_TOKENS}",
                   "train.alarm.enabled=false", "optim.grad_clip=null", "train.final_eval=false",
-                  "train.val_interval=1000")
+                  "train.val_interval=1000", "model.router_zloss=1e-3", "optim.groups.router.warmup=3")
     return run_dir, [str(x.message) for x in w], res
 
 
@@ -43,7 +44,9 @@ def test_each_stream_is_warned_about_once(started):
 
 OFF = ["[alarm] train.alarm.enabled=false: the collapse alarm is off",
        "[optim] optim.grad_clip=null: gradient clipping is off",
-       "[train] train.final_eval=false: no validation at the end of training (only every train.val_interval=1000 steps)"]
+       "[train] train.final_eval=false: no validation at the end of training (only every train.val_interval=1000 steps)",
+       "[train] routing-stability options: optim.groups.router.warmup=3, model.router_zloss=0.001 "
+       "(docs/training.md \"Routing stability\")"]
 
 
 def test_switched_off_safeguards_are_one_line_each_naming_the_option(started):

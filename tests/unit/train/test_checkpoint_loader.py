@@ -321,3 +321,11 @@ def test_model_config_diff_accepts_only_new_options_at_their_default():
     assert model_config_diff(dict(old, d_model=now["d_model"] + 1), now, MoEUTConfig)[0] == ["d_model"]
     # a key only the checkpoint has (an option since removed) is a difference too
     assert model_config_diff(dict(now, gone=1), now, MoEUTConfig) == (["gone"], [])
+
+
+def test_a_refused_resume_names_an_absent_option_as_absent():
+    from moeut.train_lib.start import _describe_change
+    assert _describe_change("router_zloss", {}, {"router_zloss": 0.01}) == \
+        "model.router_zloss=absent (an older checkpoint) (now 0.01)"
+    assert _describe_change("d_model", {"d_model": 64}, {"d_model": 65}) == "model.d_model=64 (now 65)"
+    assert _describe_change("gone", {"gone": 1}, {}) == "model.gone=1 (not an option now)"

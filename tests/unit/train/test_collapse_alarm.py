@@ -132,3 +132,20 @@ def test_advice_leaves_out_the_options_the_run_already_sets():
     alarm = CollapseAlarm(AlarmSchema(), warmup=0, total_steps=100, in_use={"model.router_zloss": 0.01})
     (event,) = [e for e in alarm.check(10, {"moe/g0/usage_rel_ppl": 0.1}) if e.metric == "usage_rel_ppl"]
     assert "this run already sets model.router_zloss=0.01" in event.message()
+
+
+def test_without_sigma_moe_the_advice_names_no_expert_options():
+    """A dense model (or another router) gets no σ-MoE options and no routing wording: a CE plateau
+    there is a learning-rate matter (hand-written expected lines)."""
+    from moeut.train_lib.alarm import suggestions
+    assert suggestions("ce_plateau", {}, sigma_moe=False) == "a longer optim.warmup, a lower optim.lr"
+    assert suggestions("ce_plateau", {}) == ("check the moe/ usage metrics; a longer optim.warmup, "
+                                             "model.router_zloss=1e-2, a lower optim.lr")
+    alarm = CollapseAlarm(AlarmSchema(), warmup=0, total_steps=100, sigma_moe=False)
+    events = []
+    for step, ce in [(2, 7.0), (4, 6.99), (6, 6.98), (8, 6.97), (10, 6.96), (12, 6.95)]:
+        events += alarm.check(step, {"train/ce": ce})
+    (event,) = events
+    assert event.metric == "ce_plateau"
+    assert "the learning rate may be too high. Likely to help: a longer optim.warmup, a lower optim.lr (" in event.message()
+    assert "expert" not in event.message() and "model." not in event.message()
