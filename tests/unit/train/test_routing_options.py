@@ -7,7 +7,6 @@ import copy
 import dataclasses
 import os
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch

@@ -10,7 +10,6 @@ Capacity-limited Switch/GShard families run with a capacity factor that cannot d
 definition, on the group (the micro-batch); that is routing, not an auxiliary term."""
 import copy
 import dataclasses
-import math
 import os
 import warnings
 

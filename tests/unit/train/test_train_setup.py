@@ -5,8 +5,6 @@ round-trips, and a broken baselines import is not swallowed."""
 import dataclasses
 import math
 import re
-import sys
-import warnings
 from pathlib import Path
 
 import pytest
