@@ -409,6 +409,15 @@ def build_model_config(model_node: Any):
         raise ValueError(f"model: {e}") from e
 
 
+def _shared_data_hint(path: str) -> str:
+    """For a missing file of the shared text corpora (data=gutenberg, the cpu_result experiments):
+    where they are looked for and how to point there; '' for any other path."""
+    if os.sep + os.path.join("shared", "data", "text") + os.sep not in path or os.environ.get("MOEUT_DATA"):
+        return ""
+    return (" (this data config reads $MOEUT_DATA, else ../shared/data/text beside the clone: set "
+            "MOEUT_DATA=<dir holding gutenberg/ and c4/>; data/README.md says where the corpora come from)")
+
+
 def _fail(key: str, msg: str) -> None:
     raise ValueError(f"{key}: {msg}")
 
@@ -471,12 +480,12 @@ def validate(tc: TrainConfig, world_size: int = 1) -> None:
     if d.source in ("local", "thestack") and not d.path:
         _fail("data.path", f"required for data.source={d.source}")
     if d.path and d.source == "local" and not os.path.exists(os.path.expanduser(d.path)):
-        _fail("data.path", f"does not exist: {d.path}")
+        _fail("data.path", f"does not exist: {d.path}{_shared_data_hint(d.path)}")
     if d.valid_path and not os.path.exists(os.path.expanduser(d.valid_path)):
-        _fail("data.valid_path", f"does not exist: {d.valid_path}")
+        _fail("data.valid_path", f"does not exist: {d.valid_path}{_shared_data_hint(d.valid_path)}")
     for k, p in d.extra_valid.items():
         if not os.path.exists(os.path.expanduser(p)):
-            _fail(f"data.extra_valid.{k}", f"does not exist: {p}")
+            _fail(f"data.extra_valid.{k}", f"does not exist: {p}{_shared_data_hint(p)}")
     if d.tokenizer_path and not os.path.isfile(os.path.expanduser(d.tokenizer_path)):
         _fail("data.tokenizer_path", f"not a file: {d.tokenizer_path}")
     if d.sampler not in SAMPLERS:

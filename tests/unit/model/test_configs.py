@@ -101,7 +101,7 @@ def test_training_config_errors_name_the_key(tmp_path):
         to_typed(compose_cfg(["train.micro_batch_size=3"]), world_size=2)
     with pytest.raises(ValueError, match=r"train.batch_size: global batch 16 is not divisible by the world size 3"):
         to_typed(compose_cfg([]), world_size=3)
-    with pytest.raises(ValueError, match=r"data.path: does not exist: /nonexistent/corpus"):
+    with pytest.raises(ValueError, match=r"data.path: does not exist: /nonexistent/corpus$"):
         to_typed(compose_cfg(["data.path=/nonexistent/corpus"]))
     with pytest.raises(ValueError, match=r"data.path: required for data.source=local"):
         to_typed(compose_cfg(["data=local", "data.path=null"]))
@@ -214,3 +214,16 @@ def test_cfg_job_shows_the_presets_real_values():
                 assert v == want.get(k), (preset, k, v, want.get(k))  # None: not a field of this architecture
         assert printed["d_model"] == want["d_model"] is not None
         assert dataclasses.asdict(build_model_config(compose_cfg(list(overrides)).model)) == want
+
+
+def test_a_missing_shared_corpus_says_where_it_is_looked_for(monkeypatch, tmp_path):
+    """data=gutenberg without ../shared or $MOEUT_DATA: the error names the option, the path and
+    $MOEUT_DATA; with $MOEUT_DATA set (pointing nowhere) only the path, which then says it all."""
+    monkeypatch.delenv("MOEUT_DATA", raising=False)
+    missing = str(tmp_path / "shared" / "data" / "text" / "gutenberg" / "train.jsonl.gz")
+    with pytest.raises(ValueError, match=r"^data.path: does not exist: .*train.jsonl.gz \(this data config reads "
+                                         r"\$MOEUT_DATA, else ../shared/data/text beside the clone: set MOEUT_DATA="):
+        to_typed(compose_cfg(["data=gutenberg", f"data.path={missing}"]))
+    monkeypatch.setenv("MOEUT_DATA", str(tmp_path / "elsewhere"))
+    with pytest.raises(ValueError, match=r"^data.path: does not exist: .*train.jsonl.gz$"):
+        to_typed(compose_cfg(["data=gutenberg", f"data.path={missing}"]))
