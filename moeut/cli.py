@@ -169,6 +169,12 @@ def hydra_error_line(err: BaseException) -> str:
     cause = err.__cause__ or err.__context__
     if m and cause is not None:
         return f"{m.group(1)}: {str(cause).splitlines()[0]}"
+    m = re.search(r"no viable alternative at input '(.*?)'", text)
+    if m and "=" in m.group(1):  # an unquoted value holding '=' (a run dir like experiment=x,optim.lr=y)
+        arg = next((a for a in sys.argv[1:] if m.group(1) in a), "")
+        key = arg.split("=", 1)[0] if "=" in arg else "a value"
+        return (f"{key}: cannot parse {m.group(1)!r}...: quote every value that holds '=' or ',', e.g. "
+                f"\"{key if '=' in arg else 'key'}=['/runs/experiment=x,optim.lr=0.001',/runs/y]\" (Hydra's override grammar)")
     skip = ("full_key:", "object_type=", "reference_type=", "Config search path", "provider=")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(skip)]
     out: List[str] = []

@@ -379,6 +379,8 @@ def _launch_local_jobs(jobs: Sequence[Job], repo_root: Path, env: Dict[str, str]
                 if workers > 1:
                     log_path = Path(log_dir or repo_root) / f"job{i}.log"
                     log = open(log_path, "ab")
+                    log.write(f"=== moeut.sweep local launch, {time.strftime('%Y-%m-%d %H:%M:%S')}: job #{i} ===\n".encode())
+                    log.flush()  # appended across launches: each launch's output starts with this line
                     print(f"job #{i}: $ " + shown_command(cmd) + f"   (output: {log_path})", flush=True)
                 else:
                     print(f"job #{i}: $ " + shown_command(cmd), flush=True)

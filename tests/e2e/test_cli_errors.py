@@ -368,3 +368,17 @@ def test_one_line_hydra_errors_lets_the_tools_own_errors_through():
     with pytest.raises(ValidationError, match="inside the tool"):
         wrapped()
     assert cli.one_line_hydra_errors("t")(lambda cfg: cfg * 2)(21) == 42  # a composed config passes through
+
+
+def test_an_unquoted_value_holding_equals_is_named_with_the_quoting_rule(monkeypatch):
+    """A run dir like `.../model=tiny` unquoted in a list breaks Hydra's override grammar: the line
+    names the option and says to quote (the parser's real exception, hand-written expected line)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from moeut.cli import hydra_error_line
+    arg = "runs=[/tmp/x/model=tiny,/tmp/y]"
+    monkeypatch.setattr(sys, "argv", ["curves", arg])
+    with pytest.raises(Exception) as e:
+        OverridesParser.create().parse_overrides([arg])
+    assert hydra_error_line(e.value) == (
+        "runs: cannot parse '[/tmp/x/model='...: quote every value that holds '=' or ',', e.g. "
+        "\"runs=['/runs/experiment=x,optim.lr=0.001',/runs/y]\" (Hydra's override grammar)")

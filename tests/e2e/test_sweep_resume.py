@@ -148,6 +148,7 @@ def test_local_workers_run_jobs_at_the_same_time(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.count(f"(output: {tmp_path}") == 3 and "job #2 finished" in out
     assert out.strip().splitlines()[-1] == "moeut.sweep: 3 job(s) finished, 0 stopped early"
+    assert (tmp_path / "job2.log").read_text().startswith("=== moeut.sweep local launch, ")
     # one worker: a waits for b, which never starts -> a fails, and nothing after it starts
     import shutil
     for f in tmp_path.glob("*.started"):
