@@ -55,6 +55,9 @@ def run_overrides(run: str) -> List[str]:
     return rd.overrides() or split_overrides(rd.name)
 
 
+LABEL_WIDTH = 40  # legend labels wrap at this many characters
+
+
 def _shorten(item: str) -> str:
     """`key=value` with a long path value cut to its last component: `data.path=.../books`."""
     key, _, value = item.partition("=")
@@ -148,7 +151,9 @@ def plot_curves(runs: Sequence[str], out: str, *, labels: Optional[Sequence[str]
     n_val = len(val_keys)
     fig, axes = style.figure(figsize=(5.2 * (1 + n_val), 4.2), ncols=1 + n_val)
     axes = np.atleast_1d(axes)
+    import textwrap
     for (rows, tr), label in zip(data, labels):
+        label = textwrap.fill(label, LABEL_WIDTH)  # a long label wraps instead of squashing the panels
         y = smooth(tr[:, 1], smooth_k)
         axes[0].plot(tr[len(tr) - len(y):, 0] / 1e6, y, label=label)
         for ax, key in zip(axes[1:], val_keys):
@@ -157,12 +162,16 @@ def plot_curves(runs: Sequence[str], out: str, *, labels: Optional[Sequence[str]
                 ax.plot(val[:, 0] / 1e6, val[:, 1], marker="o", label=label)
     axes[0].set(title=f"training loss (moving average of {smooth_k} logs)", xlabel="tokens seen (M)",
                 ylabel="CE + regulariser")
-    for ax, name in zip(axes[1:], val_names):
+    for ax, name, key in zip(axes[1:], val_names, val_keys):
         ax.set(title=f"validation perplexity: {name}", xlabel="tokens seen (M)", ylabel="perplexity")
-        ax.set_yscale("log")
+        if ax.lines:
+            ax.set_yscale("log")
+        else:  # no run logged this key: say so instead of an empty panel with an empty legend
+            ax.text(0.5, 0.5, f"no run logged\n{key}", ha="center", va="center", transform=ax.transAxes)
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     return style.save(fig, out, formats=("png", "pdf"), dpi=130)

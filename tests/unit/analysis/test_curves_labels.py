@@ -112,3 +112,28 @@ def test_compare_plot_labels_points_and_lines_by_what_differs(tmp_path):
     assert [t.get_text() for t in axes[0].texts] == ["optim.lr=0.001", "optim.lr=0.004"]
     for ax in axes[1:]:
         assert [t.get_text() for t in ax.get_legend().get_texts()] == ["optim.lr=0.001", "optim.lr=0.004"]
+
+
+def test_long_labels_wrap_and_a_panel_without_data_says_so(tmp_path):
+    """A label longer than LABEL_WIDTH is wrapped in the legend (same words); a validation key no run
+    logged gets a text instead of an empty panel and an empty legend."""
+    import matplotlib.figure
+    from moeut.analysis.curves import LABEL_WIDTH
+    long = ["train.alarm.enabled=false", "optim.grad_clip=null", "train.final_eval=false", "model.router_zloss=0.001"]
+    a = make_run(tmp_path / "a", overrides=long)
+    b = make_run(tmp_path / "b", overrides=["model.router_zloss=0.01"])
+    captured = []
+    orig = matplotlib.figure.Figure.savefig
+    try:
+        matplotlib.figure.Figure.savefig = lambda fig, *x, **k: captured.append(fig)
+        plot_curves([a, b], str(tmp_path / "g"), smooth_k=1, val_keys=["validation/val/perplexity", "validation/nope"],
+                    val_names=["books", "nothing"])
+    finally:
+        matplotlib.figure.Figure.savefig = orig
+    train_ax, val_ax, empty_ax = captured[0].axes
+    texts = [t.get_text() for t in train_ax.get_legend().get_texts()]
+    assert texts[0].split() == " ".join(long).split() and all(len(x) <= LABEL_WIDTH for x in texts[0].splitlines())
+    assert len(texts[0].splitlines()) > 1
+    assert empty_ax.get_legend() is None and not empty_ax.lines
+    assert [t.get_text() for t in empty_ax.texts] == ["no run logged\nvalidation/nope"]
+    assert val_ax.get_legend() is not None
