@@ -276,7 +276,7 @@ def load_model(path: PathLike, map_location: Union[str, torch.device] = "cpu",
 def _load_model_from(ckpt: str, map_location, expected_vocab_size: Optional[int]) -> LoadedModel:
     cfg_path = os.path.join(ckpt, "model_config.json")
     try:
-        cfg = config_from_dict(read_checkpoint_file(cfg_path))
+        cfg = config_from_dict(read_checkpoint_file(cfg_path), source=cfg_path)
     except CheckpointError:
         raise
     except (TypeError, ValueError) as e:

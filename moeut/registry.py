@@ -27,7 +27,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import typing
-from typing import Any, Dict, NamedTuple, Tuple
+import warnings
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -135,9 +136,11 @@ def config_fields() -> Dict[str, Tuple[Any, dataclasses.Field]]:
     return {name: (tp, f) for name, (tp, f, _) in sorted(out.items())}
 
 
-def config_from_dict(d: Dict[str, Any]):
+def config_from_dict(d: Dict[str, Any], source: Optional[str] = None):
     """Rebuild a model config from `dataclasses.asdict(cfg)` (as stored in a checkpoint's
     model_config.json); "arch" selects the class ("moeut" when absent, the oldest checkpoints).
+    Options absent from `d` (added after it was written) take their defaults; with `source` (the
+    file `d` came from) one warning names them (docs/architecture.md "New options and old checkpoints").
     Raises ValueError naming an unknown arch or the unknown fields, and the config's own
     ValueError (naming the field) for a bad value."""
     d = dict(d)
@@ -149,7 +152,12 @@ def config_from_dict(d: Dict[str, Any]):
     unknown = sorted(set(d) - names)
     if unknown:
         raise ValueError(f"model config for arch {arch!r}: unknown fields {unknown}")
-    return cls(**d)
+    cfg = cls(**d)
+    filled = sorted(names - set(d) - {"arch"})
+    if source is not None and filled:
+        warnings.warn(f"{source} predates " + ", ".join(f"model.{k}" for k in filled) + "; loaded with "
+                      + ", ".join(f"model.{k}={getattr(cfg, k)!r}" for k in filled) + " (their defaults)")
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------

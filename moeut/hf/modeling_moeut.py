@@ -81,7 +81,7 @@ class MoEUTForCausalLM(PreTrainedModel, GenerationMixin):
         from moeut.registry import build_model, config_from_dict
         if not config.moeut_config:
             raise ValueError("MoEUTHFConfig.moeut_config is empty: not a MoEUT export")
-        self.model = build_model(config_from_dict(config.moeut_config))
+        self.model = build_model(config_from_dict(config.moeut_config, source="the export's config.json (moeut_config)"))
         self.post_init()
 
     def _init_weights(self, module):

@@ -329,3 +329,31 @@ def test_a_refused_resume_names_an_absent_option_as_absent():
         "model.router_zloss=absent (an older checkpoint) (now 0.01)"
     assert _describe_change("d_model", {"d_model": 64}, {"d_model": 65}) == "model.d_model=64 (now 65)"
     assert _describe_change("gone", {"gone": 1}, {}) == "model.gone=1 (not an option now)"
+
+
+def test_load_model_names_options_a_checkpoint_predates(tmp_path, tokenizer):
+    """A finished checkpoint written before two options existed loads with their defaults (the same
+    weights, the same logits) and one warning naming both options, their values and the file; a
+    checkpoint with every option loads silently."""
+    from moeut.checkpoint import save_training_checkpoint
+    cfg = get_preset("tiny", vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    ckpt = save_training_checkpoint(str(tmp_path / "run"), 1, model, cfg, train_state={"tokens_seen": 0},
+                                    tokenizer=tokenizer, raw_config={})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model(ckpt)
+    cfg_file = Path(ckpt) / "model_config.json"
+    stored = json.loads(cfg_file.read_text())
+    assert stored.pop("router_zloss") == 0.0 and stored.pop("bias_balance_rate") == 0.0
+    cfg_file.write_text(json.dumps(stored))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_model(ckpt)
+    said = [str(w.message) for w in caught]
+    assert said == [f"{cfg_file} predates model.bias_balance_rate, model.router_zloss; loaded with "
+                    "model.bias_balance_rate=0.0, model.router_zloss=0.0 (their defaults)"]
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(tokens).logits, model(tokens).logits)
