@@ -35,12 +35,16 @@ HELP = {  # the options likely to help, named in the warning: what removed the c
 _SUGGESTION_OPTION = re.compile(r"(optim\.groups\.router\.\w+|model\.\w+)")
 
 
-def suggestions(metric: str, in_use: Dict[str, Any], sigma_moe: bool = True) -> str:
+def suggestions(metric: str, in_use: Dict[str, Any], sigma_moe: bool = True,
+                current: Optional[Dict[str, Any]] = None) -> str:
     """The options likely to help with `metric`, less those the run already sets (`in_use`: option
     -> its non-default value), which are named as already set. Without σ-MoE layers (`sigma_moe`
-    False: a dense model or another router) the σ-MoE options (`model.*`) are not named."""
+    False: a dense model or another router) the σ-MoE options (`model.*`) are not named. `current`
+    (e.g. {"optim.warmup": 75, "optim.lr": 4e-3}) adds the run's value to "a longer/lower <option>"."""
     fresh = [h for h in HELP[metric] if ((m := _SUGGESTION_OPTION.search(h)) is None or m.group(1) not in in_use)
              and (sigma_moe or not h.startswith("model."))]
+    fresh = [h + (f" (now {current[h.split()[-1]]:g})" if current and h.split()[-1] in current
+                  and h.split()[0] == "a" else "") for h in fresh]
     used = [f"{k}={v}" for k, v in sorted(in_use.items()) if any(k in h for h in HELP[metric])]
     text = ", ".join(fresh) if fresh else "a lower optim.lr"
     if metric == "ce_plateau" and sigma_moe:
@@ -70,6 +74,7 @@ class AlarmEvent:
     option: str
     in_use: Dict[str, Any] = field(default_factory=dict)  # routing-stability options the run already sets
     sigma_moe: bool = True  # the model has σ-MoE layers (else: no routing wording, no σ-MoE options)
+    current: Dict[str, Any] = field(default_factory=dict)  # optim.warmup / optim.lr now, named beside "a longer/lower"
 
     def message(self) -> str:
         """The train.log line: the metric, the layer group, the value and the options likely to help."""
@@ -81,7 +86,7 @@ class AlarmEvent:
                               f"(< {self.option}={self.threshold:g}): an early plateau"}[self.metric]
         cause = "the expert routing may be collapsing" if self.sigma_moe else "the learning rate may be too high"
         return (f"[alarm] WARNING: step {self.step}: {what}; {cause}. "
-                f"Likely to help: {suggestions(self.metric, self.in_use, self.sigma_moe)} "
+                f"Likely to help: {suggestions(self.metric, self.in_use, self.sigma_moe, self.current)} "
                 f"(docs/training.md \"Routing stability\")")
 
     def record(self) -> Dict[str, float]:
@@ -91,11 +96,13 @@ class AlarmEvent:
 
 class CollapseAlarm:
     """The alarm of one run. cfg: train.alarm (AlarmSchema); warmup: optim.warmup (steps);
-    total_steps: train.steps. `check(step, record)` returns the new events of a logged record."""
+    total_steps: train.steps; lr: optim.lr (named in the advice). `check(step, record)` returns the
+    new events of a logged record."""
 
     def __init__(self, cfg, warmup: int, total_steps: int, in_use: Optional[Dict[str, Any]] = None,
-                 sigma_moe: bool = True):
+                 sigma_moe: bool = True, lr: Optional[float] = None):
         self.cfg, self.warmup, self.total_steps, self.sigma_moe = cfg, warmup, total_steps, sigma_moe
+        self.current = {"optim.warmup": warmup, **({"optim.lr": lr} if lr is not None else {})}
         self.in_use = dict(in_use or {})  # option -> value of the routing-stability options this run sets
         self.window = max(1, round(cfg.ce_plateau_window * total_steps))
         self.fired: set = set()
@@ -106,7 +113,7 @@ class CollapseAlarm:
             return []
         self.fired.add((metric, where))
         return [AlarmEvent(metric, where, step, value, getattr(self.cfg, option.rsplit(".", 1)[-1]), option,
-                           self.in_use, self.sigma_moe)]
+                           self.in_use, self.sigma_moe, self.current)]
 
     def check(self, step: int, record: Dict[str, Any]) -> List[AlarmEvent]:
         """The events a logged record (metric name -> value, at optimiser step `step`) triggers,

@@ -213,7 +213,7 @@ def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable
     state = TrainState(model, optimizer, scaler, sampler, dist, routing, seed=t_cfg.seed)
     in_use = stability_options_in_use(tc)
     state.alarm = CollapseAlarm(t_cfg.alarm, o_cfg.warmup, t_cfg.steps, in_use=in_use,
-                                sigma_moe=getattr(tc.model, "mlp_type", None) == "sigma_moe")
+                                sigma_moe=getattr(tc.model, "mlp_type", None) == "sigma_moe", lr=o_cfg.lr)
     if in_use:  # off by default: a run that sets any says so once, beside the config dump
         say("[train] routing-stability options: " + ", ".join(f"{k}={v}" for k, v in in_use.items())
             + " (docs/training.md \"Routing stability\")")

@@ -134,6 +134,19 @@ def test_advice_leaves_out_the_options_the_run_already_sets():
     assert "this run already sets model.router_zloss=0.01" in event.message()
 
 
+def test_advice_names_the_runs_warmup_and_lr():
+    """'a longer optim.warmup' / 'a lower optim.lr' carry the run's values, so a run that already
+    warms up for 75 steps is not told to warm up as if it had none (hand-written expected line)."""
+    from moeut.train_lib.alarm import suggestions
+    assert suggestions("dead_frac", {"model.router_zloss": 0.01}, current={"optim.warmup": 75, "optim.lr": 4e-3}) == (
+        "a longer optim.warmup (now 75), model.bias_balance_rate, a lower optim.lr (now 0.004) "
+        "(this run already sets model.router_zloss=0.01)")
+    alarm = CollapseAlarm(AlarmSchema(), warmup=75, total_steps=600, lr=2e-3)
+    (event,) = [e for e in alarm.check(80, {"moe/g1/dead_frac": 0.5})]
+    assert "model.router_zloss=1e-2, a longer optim.warmup (now 75), model.bias_balance_rate, " \
+           "a lower optim.lr (now 0.002) (docs/" in event.message()
+
+
 def test_without_sigma_moe_the_advice_names_no_expert_options():
     """A dense model (or another router) gets no σ-MoE options and no routing wording: a CE plateau
     there is a learning-rate matter (hand-written expected lines)."""
@@ -147,5 +160,6 @@ def test_without_sigma_moe_the_advice_names_no_expert_options():
         events += alarm.check(step, {"train/ce": ce})
     (event,) = events
     assert event.metric == "ce_plateau"
-    assert "the learning rate may be too high. Likely to help: a longer optim.warmup, a lower optim.lr (" in event.message()
+    assert ("the learning rate may be too high. Likely to help: a longer optim.warmup (now 0), a lower optim.lr "
+            "(docs/") in event.message()
     assert "expert" not in event.message() and "model." not in event.message()
