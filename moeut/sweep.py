@@ -104,12 +104,24 @@ def hydra_overrides(sweep: SweepFile, grid: Grid, root: str, local: bool,
 
 
 def task_overrides(sweep: SweepFile, grid: Grid, extra: Sequence[str], group: bool = True) -> List[str]:
-    """The overrides a grid's train.py jobs see: common + grid + non-hydra `extra` ones, plus
+    """The overrides a grid's train.py jobs see: common + grid + non-hydra `extra` ones (an `extra`
+    key replaces the same key of common/grid: `replaced_by_set` names them), plus
     `<wandb_group_key>=<sweep name>` when `group` and no override sets that key already."""
-    ov = [*sweep.common, *grid.overrides, *[o for o in extra if not _key(o).startswith("hydra")]]
+    task_extra = [o for o in extra if not _key(o).startswith("hydra")]
+    set_keys = {_key(o) for o in task_extra}
+    ov = [*[o for o in [*sweep.common, *grid.overrides] if _key(o) not in set_keys], *task_extra]
     if group and sweep.wandb_group_key and not any(_key(o) == sweep.wandb_group_key for o in ov):
         ov.append(f"{sweep.wandb_group_key}={sweep.name}")
     return ov
+
+
+def replaced_by_set(sweep: SweepFile, extra: Sequence[str]) -> List[str]:
+    """One line per sweep-file override (common or a grid's) that a `set` entry replaces."""
+    by_key = {_key(o): o for o in extra}
+    lines = []
+    for where, overrides in [("common", sweep.common)] + [(f"grid {gi}", g.overrides) for gi, g in enumerate(sweep.grids)]:
+        lines += [f"set: {by_key[_key(o)]} replaces {where}'s {o} of {sweep.path}" for o in overrides if _key(o) in by_key]
+    return lines
 
 
 def plan(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
@@ -564,6 +576,8 @@ def run(o: SweepOptions) -> int:
         raise ValueError(f"sweep: required for action={o.action}: pass sweep=<name or file>; "
                          f"available: {', '.join(names) if names else '(none)'}")
     sweep = load_sweep(resolve_sweep_path(o.sweep, sweeps_dir))
+    for line in replaced_by_set(sweep, extra):
+        print(line, flush=True)
     if o.action == "dry-run":
         jobs = compose_jobs(sweep, root, o.local, o.launcher, extra)
         _print_jobs(sweep, jobs)

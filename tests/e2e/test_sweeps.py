@@ -311,6 +311,19 @@ def test_dry_run_cli_prints_every_job(tmp_path, capsys):
     assert "partition=mypart" in out and "tasks_per_node=8" in out
 
 
+def test_set_replaces_the_sweep_files_value_and_says_so(tmp_path, capsys):
+    """`set` overriding a key of the sweep file's `common` (cpu_smoke: train.steps=10) replaces it: the
+    grid command carries the key once, with set's value, every job composes to it, and one line names
+    what was replaced."""
+    assert sw.run(_opts(["action=dry-run", "sweep=cpu_smoke", f"root={tmp_path}", 'set=["train.steps=7"]'])) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"set: train.steps=7 replaces common's train.steps=10 of {REPO / 'sweeps' / 'cpu_smoke.yaml'}"
+    command = out.split("grid 0 command:")[1]
+    assert command.count("train.steps=") == 1 and " train.steps=7 " in command
+    jobs = sw.compose_jobs(sw.load_sweep(REPO / "sweeps" / "cpu_smoke.yaml"), str(tmp_path), extra=["train.steps=7"])
+    assert [j.steps for j in jobs] == [7, 7]
+
+
 def test_cli_errors_name_the_option(tmp_path):
     """Bad options of `python -m moeut.sweep` fail naming the option; an unknown sweep name lists
     the available ones (read from sweeps/, not a hand list)."""
