@@ -360,6 +360,8 @@ class RoutingStats:
 
         moe/g{g}/usage_rel_ppl        exp(H(u))/N_E of the member's counts over all repetitions
         moe/g{g}/dead_frac            experts never selected by member g
+        moe/g{g}/selections_per_expert  member g's selections (tokens x K, all repetitions) / N_E: how
+                                      many draws the two above rest on [ours]
         moe/g{g}/universal_score      mean of the R x R histogram-intersection matrix (>= 1/R)
         moe/g{g}/universal_score_offdiag_max   mean_l max_{o != l} M[l, o] (only if R > 1)
         moe/g{g}/sel_overlap_l{l}     mean |S_l ∩ S_(l-G)| / K, same member's previous application
@@ -378,6 +380,7 @@ class RoutingStats:
                 per_expert = mlp[g].sum(0)
                 out[f"moe/g{g}/usage_rel_ppl"] = float(A.relative_perplexity(per_expert))
                 out[f"moe/g{g}/dead_frac"] = float(A.dead_fraction(per_expert))
+                out[f"moe/g{g}/selections_per_expert"] = float(per_expert.sum() / per_expert.size)
                 used = mlp[g].sum(1) > 0  # repetitions that were seen
                 m = A.histogram_intersection(mlp[g][used])
                 out[f"moe/g{g}/universal_score"] = A.universal_score(m)

@@ -11,6 +11,9 @@ test_collapse_alarm.py):
                     threshold after the warm-up (optim.warmup): the tokens concentrate on few experts
     dead_frac       moe/g<g>/dead_frac (fraction of experts never selected) at or above the threshold
                     after the warm-up
+    (both only over routing windows with at least min_selections selections per expert,
+    moe/g<g>/selections_per_expert: with fewer, uniform routing looks collapsed by chance -- at 1.7
+    per expert, a fifth of the experts go unselected -- and the first such window is noted once)
     ce_plateau      train/ce fell by less than ce_plateau_drop nats over the last ce_plateau_window x
                     train.steps steps, looked at from the end of the warm-up to ce_plateau_until x
                     train.steps (an early plateau; late in a schedule a flat CE is normal)
@@ -106,6 +109,7 @@ class CollapseAlarm:
         self.in_use = dict(in_use or {})  # option -> value of the routing-stability options this run sets
         self.window = max(1, round(cfg.ce_plateau_window * total_steps))
         self.fired: set = set()
+        self.notes: List[str] = []  # train.log lines that are not warnings (pop_notes)
         self.ce: List[Tuple[int, float]] = []  # (step, train/ce) of the last `window` steps and one before
 
     def _event(self, metric: str, where: str, step: int, value: float, option: str) -> List[AlarmEvent]:
@@ -127,6 +131,8 @@ class CollapseAlarm:
             if m is None or not isinstance(value, (int, float)) or not after_warmup:
                 continue
             where, metric = m.groups()
+            if self._too_few(step, where, record.get(f"moe/{where}/selections_per_expert")):
+                continue
             if metric == "usage_rel_ppl" and value < self.cfg.usage_rel_ppl:
                 events += self._event(metric, where, step, value, "train.alarm.usage_rel_ppl")
             if metric == "dead_frac" and value >= self.cfg.dead_frac:
@@ -135,6 +141,23 @@ class CollapseAlarm:
         if isinstance(ce, (int, float)):
             events += self._check_ce(step, float(ce))
         return events
+
+    def _too_few(self, step: int, where: str, per_expert: Any) -> bool:
+        """Whether layer group `where`'s window has too few selections per expert to judge (noted once)."""
+        if not isinstance(per_expert, (int, float)) or per_expert >= self.cfg.min_selections:
+            return False
+        if ("few_selections", where) not in self.fired:
+            self.fired.add(("few_selections", where))
+            self.notes.append(f"[alarm] step {step}: the routing window of layer group {where} holds {per_expert:.1f} "
+                              f"selections per expert (< train.alarm.min_selections={self.cfg.min_selections:g}): "
+                              "its usage and dead-expert checks skip such windows (a longer train.routing_interval "
+                              "or a smaller train.routing_every collects more)")
+        return True
+
+    def pop_notes(self) -> List[str]:
+        """The notes since the last call (train.log lines at INFO), in order."""
+        notes, self.notes = self.notes, []
+        return notes
 
     def _check_ce(self, step: int, ce: float) -> List[AlarmEvent]:
         self.ce.append((step, ce))

@@ -185,6 +185,8 @@ class AlarmSchema:
     enabled: bool = option(True, help="warn on a routing collapse (it only warns)")
     usage_rel_ppl: float = option(0.7, help="warn below this sigma-MoE expert-usage perplexity / N_E", lo=0, hi=1)
     dead_frac: float = option(0.1, help="warn at this fraction of dead experts", lo=0, hi=1)
+    min_selections: float = option(10.0, help="check usage and dead experts only over routing windows with at "
+                                   "least this many selections per expert (fewer look collapsed by chance)", lo=0)
     ce_plateau_drop: float = option(0.2, help="CE plateau: warn when CE fell less than this (nats) ...", lo=0)
     ce_plateau_window: float = option(0.08, help="... over this fraction of train.steps ...", lo=0, hi=1, lo_open=True)
     ce_plateau_until: float = option(0.25, help="... checked up to this fraction of train.steps", lo=0, hi=1)

@@ -125,6 +125,8 @@ def sound_alarm(state, step: int, record: Dict[str, Any], logger: RunLogger) -> 
     for event in state.alarm.check(step, record):
         logger.message(event.message(), logging.WARNING)
         logger.log(step, event.record())
+    for note in state.alarm.pop_notes():
+        logger.message(note)
 
 
 def log_routing(state, step: int, run_dir: str, logger: RunLogger) -> None:

@@ -123,6 +123,7 @@ def test_random_routing_matches_naive_loops():
         gmax = np.mean([gates[g, r][b, t].max() for r in range(R) for b in range(B) for t in range(T)])
         assert m[f"moe/g{g}/min_sel_score"] == pytest.approx(gmin, rel=1e-6)
         assert m[f"moe/g{g}/max_sel_score"] == pytest.approx(gmax, rel=1e-6)
+        assert m[f"moe/g{g}/selections_per_expert"] == B * T * K * R / NE  # every token selects K, R times
         # attention relative perplexity: mean over heads of exp(H)/E of the per-head usage.
         per_head = c["att_v_counts"][g].sum(0)
         ppl = []

@@ -163,3 +163,27 @@ def test_without_sigma_moe_the_advice_names_no_expert_options():
     assert ("the learning rate may be too high. Likely to help: a longer optim.warmup (now 0), a lower optim.lr "
             "(docs/") in event.message()
     assert "expert" not in event.message() and "model." not in event.message()
+
+
+def test_windows_with_too_few_selections_are_noted_not_judged():
+    """Uniform routing over 1.7 selections per expert leaves e^-1.7 = 18 % of the experts unselected
+    by chance: such a window is not judged. It is noted once per layer group (not a warning, nothing
+    in metrics.jsonl); a window with enough selections is judged as before; a record without the
+    count (older runs) is judged as before."""
+    alarm = CollapseAlarm(AlarmSchema(), warmup=0, total_steps=100)
+    few = {"moe/g0/usage_rel_ppl": 0.69, "moe/g0/dead_frac": 0.18, "moe/g0/selections_per_expert": 1.7}
+    assert alarm.check(10, few) == [] and alarm.check(20, few) == []
+    assert alarm.pop_notes() == [
+        "[alarm] step 10: the routing window of layer group g0 holds 1.7 selections per expert "
+        "(< train.alarm.min_selections=10): its usage and dead-expert checks skip such windows "
+        "(a longer train.routing_interval or a smaller train.routing_every collects more)"]
+    assert alarm.pop_notes() == []
+    enough = {**few, "moe/g0/selections_per_expert": 10.0}
+    assert sorted(e.metric for e in alarm.check(30, enough)) == ["dead_frac", "usage_rel_ppl"]
+    legacy = CollapseAlarm(AlarmSchema(), warmup=0, total_steps=100)
+    assert sorted(e.metric for e in legacy.check(10, {k: v for k, v in few.items() if "selections" not in k})) == \
+        ["dead_frac", "usage_rel_ppl"]
+    # a resumed run does not repeat the note
+    resumed = CollapseAlarm(AlarmSchema(), warmup=0, total_steps=100)
+    resumed.load_state_dict(alarm.state_dict())
+    assert resumed.check(40, few) == [] and resumed.pop_notes() == []
