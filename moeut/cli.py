@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Type
 
@@ -233,10 +234,13 @@ def raised_in(err: BaseException, *functions: str) -> bool:
 
 
 
-def path_list_option(value: Any, key: str, required_hint: str) -> List[str]:
+def path_list_option(value: Any, key: str, required_hint: str,
+                     keep: Optional[Callable[[str], bool]] = None, kept: str = "") -> List[str]:
     """A list-of-paths option (`key=PATH` or `key=[PATH,...]`) as a list of paths: an entry with
-    glob characters (`*`, `?`, `[`) expands to its matches, sorted. Raises ValueError naming `key`
-    for a pattern that matches nothing, or when the list is empty (the message then ends with
+    glob characters (`*`, `?`, `[`) expands to its matches, sorted. With `keep`, a pattern's matches
+    that fail it (e.g. the summary files written beside run dirs) are left out with one warning
+    naming them and `kept` (what the option takes). Raises ValueError naming `key` for a pattern
+    that matches nothing (kept), or when the list is empty (the message then ends with
     `required_hint`)."""
     import glob
     items = [value] if isinstance(value, str) else list(value or [])
@@ -246,7 +250,14 @@ def path_list_option(value: Any, key: str, required_hint: str) -> List[str]:
             hits = sorted(glob.glob(item))
             if not hits:
                 raise ValueError(f"{key}: pattern {item!r} matches nothing")
-            out += hits
+            left_out = [h for h in hits if keep is not None and not keep(h)]
+            named = ", ".join(left_out[:5]) + (" ..." if len(left_out) > 5 else "")
+            if len(left_out) == len(hits):
+                raise ValueError(f"{key}: pattern {item!r} matches no {kept}, only {named}")
+            if left_out:
+                warnings.warn(f"{key}: pattern {item!r} also matches {len(left_out)} path(s) that are not "
+                              f"{kept}, left out: {named}")
+            out += [h for h in hits if h not in left_out]
         else:
             out.append(item)
     if not out:

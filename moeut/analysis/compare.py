@@ -456,7 +456,8 @@ def expand_runs(runs: Any) -> List[str]:
     (`*`, `?`, `[`) expands to its matches, sorted. Raises ValueError naming an empty option or a
     pattern matching nothing."""
     from ..cli import path_list_option
-    return path_list_option(runs, "runs", "runs=[RUN_DIR,...] (run dirs or glob patterns)")
+    return path_list_option(runs, "runs", "runs=[RUN_DIR,...] (run dirs or glob patterns)", keep=os.path.isdir,
+                            kept="run dirs")
 
 
 @dataclass

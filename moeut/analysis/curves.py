@@ -13,6 +13,7 @@ The figure is made and written by moeut.analysis.style.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -197,7 +198,7 @@ def work(opts: CurvesOptions) -> List[str]:
     """The command's work: draw the figure and print where it went; returns the written paths.
     Bad input is one line naming the option or run, exit status 1."""
     with bad_input_exits("moeut.analysis curves"):
-        runs = path_list_option(opts.runs, "runs", "runs=[RUN_DIR,...]")
+        runs = path_list_option(opts.runs, "runs", "runs=[RUN_DIR,...]", keep=os.path.isdir, kept="run dirs")
         paths = plot_curves(runs, opts.out, labels=opts.labels or None, val_keys=opts.val_keys,
                             val_names=opts.val_names, title=opts.title, smooth_k=opts.smooth)
     if not opts.labels:

@@ -196,7 +196,9 @@ def expand_results(results: Any) -> List[str]:
     (`*`, `?`, `[`) expands to its matches, sorted. Raises ValueError naming an empty option or a
     pattern that matches nothing."""
     from ..cli import path_list_option
-    return path_list_option(results, "results", "results=[FILE.json,...] (moeut.evaluate results files)")
+    return path_list_option(results, "results", "results=[FILE.json,...] (moeut.evaluate results files)",
+                            keep=lambda p: os.path.isdir(p) or p.endswith(".json"),
+                            kept="run dirs or .json results files")
 
 
 def combine(paths: Sequence[str], out: Optional[str] = None) -> str:

@@ -366,6 +366,16 @@ def test_cli_compare_plot_table_end_to_end(tmp_path):
     assert [x["final_val_ppl"] for x in summary["runs"]] == [60.0] and summary["runs"][0]["steps"] == 2
     r = _cli("compare", f"runs=[{tmp_path}/nothing*]", cwd=work)
     assert r.returncode == 1 and "runs: pattern" in r.stderr and "matches nothing" in r.stderr
+    # the files `summary` writes beside run dirs are not runs: left out with one line naming them
+    (tmp_path / "runs" / "summary.csv").write_text("x\n")
+    (tmp_path / "runs" / "ppl_vs_params.png").write_bytes(b"\x89PNG")
+    r = _cli("compare", f"runs=[{tmp_path}/runs/*]", f"out={tmp_path}/cmp2", "seq_len=32", "plot=false", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads((tmp_path / "cmp2" / "summary.json").read_text())["runs"][0]["path"]] == [str(run)]
+    assert (f"warning: runs: pattern '{tmp_path}/runs/*' also matches 2 path(s) that are not run dirs, left out: "
+            f"{tmp_path}/runs/ppl_vs_params.png, {tmp_path}/runs/summary.csv") in r.stderr
+    r = _cli("curves", f"runs=[{tmp_path}/runs/*.*]", f"out={tmp_path}/fig/none", cwd=work)
+    assert r.returncode == 1 and f"runs: pattern '{tmp_path}/runs/*.*' matches no run dirs, only " in r.stderr
 
     r = _cli("curves", f"runs=[{run}]", f"out={tmp_path}/fig/curves", "val_keys=[validation/val/perplexity]",
              "val_names=[held-out]", cwd=work)
