@@ -137,11 +137,14 @@ def plan(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False,
     return jobs
 
 
-def check_expected(sweep: SweepFile, jobs: Sequence[Job]) -> None:
-    """Raise ValueError naming the file when the sweep's `expected_jobs` differs from len(jobs)."""
+def check_expected(sweep: SweepFile, jobs: Sequence[Job], extra: Sequence[str] = ()) -> None:
+    """Raise ValueError naming the file when the sweep's `expected_jobs` differs from len(jobs), and
+    the `set` overrides (`extra`) that replaced a value of the file, the likely cause, when any did."""
     if sweep.expected_jobs is not None and len(jobs) != sweep.expected_jobs:
+        replaced = [line.split(" of ", 1)[0] for line in replaced_by_set(sweep, extra)]
+        cause = f" ({'; '.join(replaced)})" if replaced else ""
         raise ValueError(f"sweep file {sweep.path}: expands to {len(jobs)} jobs but "
-                         f"expected_jobs is {sweep.expected_jobs}")
+                         f"expected_jobs is {sweep.expected_jobs}{cause}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -212,7 +215,7 @@ def compose_jobs(sweep: SweepFile, root: str = DEFAULT_ROOT, local: bool = False
                                  f"dir {job.run_dir}; make their grid overrides differ")
             seen[job.run_dir] = i
     GlobalHydra.instance().clear()
-    check_expected(sweep, jobs)
+    check_expected(sweep, jobs, extra)
     return jobs
 
 
@@ -568,6 +571,9 @@ def run(o: SweepOptions) -> int:
         if "=" not in item and not item.startswith("~"):
             raise ValueError(f"set: {item!r} is not a Hydra override (key=value); quote each entry: "
                              "'set=[\"train.steps=1000\"]'")
+    for key in sorted({_key(i) for i in extra}):
+        if len(same := [i for i in extra if _key(i) == key]) > 1:
+            raise ValueError(f"set: {key} is given {len(same)} times ({', '.join(same)}); give it once")
     root = str(o.root or DEFAULT_ROOT)
     if o.action == "list":
         return _list(sweeps_dir)

@@ -322,6 +322,12 @@ def test_set_replaces_the_sweep_files_value_and_says_so(tmp_path, capsys):
     assert command.count("train.steps=") == 1 and " train.steps=7 " in command
     jobs = sw.compose_jobs(sw.load_sweep(REPO / "sweeps" / "cpu_smoke.yaml"), str(tmp_path), extra=["train.steps=7"])
     assert [j.steps for j in jobs] == [7, 7]
+    # a key given twice is refused, not resolved silently; a set value that collapses a grid is named
+    with pytest.raises(ValueError, match=r"^set: train\.steps is given 2 times \(train\.steps=7, train\.steps=8\); give it once$"):
+        sw.run(_opts(["action=dry-run", "sweep=cpu_smoke", 'set=["train.steps=7","train.steps=8"]']))
+    with pytest.raises(ValueError, match=r"expands to 1 jobs but expected_jobs is 2 \(set: model=dense_tiny "
+                                         r"replaces grid 0's model=tiny,dense_tiny\)$"):
+        sw.run(_opts(["action=dry-run", "sweep=cpu_smoke", f"root={tmp_path}", 'set=["model=dense_tiny"]']))
 
 
 def test_cli_errors_name_the_option(tmp_path):
