@@ -3,8 +3,8 @@
 Reads every run dir under `dir` (and any `extra_dirs`), each identified by its composed config
 (.hydra/config.yaml: optim.lr, train.seed, train.steps) and its `experiment=` override, and prints
 validation perplexity per model x lr x seed, each model's best lr and whether it lies inside the
-grid, the MoEUT / dense ratios per lr and at each model's best, and whether the targets of the
-learning-rate issue are met (docs/results.md, "Learning-rate stability"). A run that has not
+grid, the MoEUT / dense ratios per lr and at each model's best, and whether its targets are met
+(docs/results.md, "Learning-rate stability sweep"). A run that has not
 reached train.steps is listed with the last step it reached and never enters a best or a ratio;
 a configuration with no run reads "not yet measured".
 
@@ -30,7 +30,7 @@ PAPER, OPTIONS, DENSE = "cpu_result_moeut", "cpu_result_moeut_options", "cpu_res
 LABELS = {PAPER: "MoEUT (paper)", OPTIONS: "MoEUT + best options", DENSE: "dense (param-matched)"}
 APP = "moeut.analysis lr-sweep"
 DENSE_TRAINS = 2.0  # dense "trains" at an lr when its val PPL is at most this factor above its best
-TARGET_RATIO = 0.85  # the issue's target: MoEUT+options best <= 0.85 x dense best, both seeds
+TARGET_RATIO = 0.85  # the sweep's target (docs/results.md): MoEUT+options best <= 0.85 x dense best, both seeds
 
 
 @dataclass
@@ -195,7 +195,7 @@ def report(runs: List[Run], grid: List[float], seeds: List[int], steps: int) -> 
             ratio_best[(m, s)] = rb
             lines.append(f"| {LABELS[m]} | {s} | " + " | ".join(cells) + " | "
                          + (f"{rb:.3f}" if rb is not None else "not yet measured") + " |")
-    # --- the issue's targets ---------------------------------------------------------------
+    # --- the targets -----------------------------------------------------------------------
     targets: Dict[str, str] = {}
     verdicts = [best[(m, s)][1] for m in (PAPER, OPTIONS, DENSE) for s in seeds]
     if all(v == "inside" for v in verdicts):
@@ -363,7 +363,7 @@ def adopt(sweep_file: Path, sweep_dir: Path, recorded: Path, say=print) -> List[
 @dataclass
 class LrSweepOptions:
     """Options of `python -m moeut.analysis lr-sweep`."""
-    dir: Optional[str] = option(None, help="the sweep dir (e.g. /work/runs/lr_stability/lr_stability); needed "
+    dir: Optional[str] = option(None, help="the sweep dir (e.g. outputs/sweeps/lr_stability); needed "
                                 "unless `early` is given")
     extra_dirs: List[str] = option(default_factory=list, help="more folders of run dirs to read")
     lrs: List[float] = option(default_factory=lambda: [5e-4, 1e-3, 2e-3, 4e-3], lo=0, lo_open=True,
@@ -428,6 +428,6 @@ def work(o: LrSweepOptions) -> Dict[str, Any]:
 
 main = typed_tool(APP, LrSweepOptions,
                   summary="The learning-rate stability table (sweeps/lr_stability.yaml): val PPL per model x lr x seed, "
-                          "best lr and whether it is inside the grid, MoEUT/dense ratios, the issue's targets.",
+                          "best lr and whether it is inside the grid, MoEUT/dense ratios, whether the targets are met.",
                   usage="python -m moeut.analysis lr-sweep dir=SWEEP_DIR [adopt=docs/results_runs] [out=STEM] [early=[RUN_DIR,...]]",
                   notes="A run that has not reached train.steps never enters a best or a ratio.")(work)

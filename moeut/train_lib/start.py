@@ -91,7 +91,7 @@ def warn_schedule_change(tc: TrainConfig, ckpt_path: str, step: int, say: Callab
         return
     say(f"[train] WARNING train.steps: {old} in the checkpoint {ckpt_path}, now {new}: the LR schedule "
         f"(optim.schedule={o.schedule}) is re-computed over the new total, so the LR at step {step} jumps "
-        f"from {lr_old:.4g} to {lr_new:.4g} (docs/training.md, \"Resuming\")")
+        f"from {lr_old:.4g} to {lr_new:.4g} (docs/training.md, \"Run directory, checkpoints, resume\")")
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
