@@ -307,15 +307,15 @@ def check_device(value: Any, name: str = "device") -> str:
     return value
 
 
-def _type_label(tp: Any) -> str:
+def type_label(tp: Any) -> str:
     """INT / FLOAT / BOOL / STR / PATH-like label of a field's annotation (Optional stripped)."""
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _type_label(args[0]) if len(args) == 1 else "VALUE"
+        return type_label(args[0]) if len(args) == 1 else "VALUE"
     if origin in (list, List, tuple):
         (item,) = typing.get_args(tp)[:1] or (Any,)
-        return f"[{_type_label(item)},...]"
+        return f"[{type_label(item)},...]"
     if origin in (dict, Dict):
         return "{KEY:VALUE}"
     return {int: "INT", float: "FLOAT", bool: "BOOL", str: "STR"}.get(tp, "VALUE")
@@ -370,7 +370,7 @@ def schema_options(schema: type, prefix: str = "") -> List[Tuple[str, str, Optio
             extra.append(rng.describe())
         if extra:
             text = f"{text} ({'; '.join(extra)})"
-        rows.append((name, _type_label(tp), _default_text(f), text))
+        rows.append((name, type_label(tp), _default_text(f), text))
     return rows
 
 

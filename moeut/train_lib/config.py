@@ -20,6 +20,7 @@ preset's class does not have is refused by `build_model_config`, naming it.
 from __future__ import annotations
 
 import dataclasses
+import typing
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -85,6 +86,51 @@ def model_schema() -> type:
 
 
 ModelSchema = model_schema()  # the built-in architectures' (register_configs rebuilds it for later ones)
+
+# What each model field means, for `train.py --help` (the model configs keep their comments; the
+# model never imports this module). A test checks every built-in architecture's field is here.
+MODEL_FIELD_HELP = {
+    "d_model": "residual width d_model",
+    "n_layers": "layers (MoEUT: applications of the shared group, L = G x R; SUT: maximum ACT steps)",
+    "group_size": "G, unique layers of the shared group (MoEUT; dense: layer sharing, n_layers = no sharing)",
+    "n_heads": "attention heads per layer",
+    "d_head": "width of one attention head",
+    "d_ff": "dense MLP width (dense baselines; MoE transformer: its non-MoE layers)",
+    "vocab_size": "tokenizer vocabulary size V",
+    "ff_n_experts": "N_E, MLP experts per layer",
+    "ff_k": "K, MLP experts each token selects",
+    "ff_expert_size": "width of one MLP expert",
+    "att_n_experts": "SwitchHead: value/output experts per head (SUT: MoA attention experts)",
+    "att_k": "attention experts each token selects per head",
+    "att_expert_size": "SUT: width of one MoA expert (heads per expert x d_head)",
+    "entropy_reg": "gamma, weight of the sigma-MoE gate's entropy regulariser (SPEC 1.7)",
+    "att_entropy_reg": "delta, weight of the entropy regulariser of the SwitchHead V and O gates",
+    "norm_init": "rescale W_v/W_o at init as the paper's runs >= 126M do (SPEC 1.6)",
+    "mlp_gate_renorm": "renormalise W_S like the official slim code (the training code does not)",
+    "ln_placement": "peri (paper) | pre | post: where layer norms sit (SPEC 1.2)",
+    "layer_order": "abab (paper) | aabb: order of attention and MLP blocks in a group",
+    "rope_base": "RoPE frequency base",
+    "rotate_fraction": "fraction of each head's dimensions RoPE rotates",
+    "dropout": "dropout on both branch outputs (0 in every paper run)",
+    "expert_dropout": "probability of masking a sigma-MoE gate before the top-k (training only)",
+    "mlp_type": "sigma_moe (paper) | switch | deepseek: the MoE MLP",
+    "moe_n_shared": "DeepSeekMoE: always-on shared experts",
+    "moe_balance_weight": "Switch/DeepSeekMoE expert-level balance loss weight",
+    "moe_zloss_weight": "Switch router z-loss weight (softmax routers)",
+    "moe_capacity_factor": "Switch expert capacity factor (0 = dropless)",
+    "moe_device_groups": "DeepSeekMoE device-level balance: expert groups (SPEC 8.5)",
+    "moe_device_balance_weight": "DeepSeekMoE device-level balance loss weight (0 = off)",
+    "moe_every": "MoE transformer: every n-th MLP is a MoE",
+    "cvmm_backend": "expert matmul backend: auto | triton | grouped_mm | torch_loop | ... (docs/kernels.md)",
+    "router_zloss": "sigmoid router z-loss weight on the sigma-MoE gate (0 = off; docs/training.md \"Routing stability\")",
+    "att_router_zloss": "sigmoid router z-loss weight on the SwitchHead V and O gates (0 = off)",
+    "bias_balance_rate": "auxiliary-loss-free bias balancing update rate (0 = off; docs/training.md \"Routing stability\")",
+    "mim_weight": "SUT: mutual-information maximisation loss weight",
+    "act_weight": "SUT: ACT (halting) loss weight",
+    "halt_threshold": "SUT: a position halts when its remaining mass < 1 - threshold",
+    "sample_topk": "SUT: experts sampled instead of taken top-k in training (0 = none)",
+    "max_relative_positions": "SUT: relative-position window of the attention",
+}
 
 
 @dataclass
@@ -301,7 +347,7 @@ def train_help(app: str, usage: str = TRAIN_USAGE, summary: str = TRAIN_SUMMARY,
     (moeut.registry.PRESETS), every option of the data/optim/train/logger schemas with its help,
     default and range, the model fields (ModelSchema), and `extra`'s options under `extra_prefix`
     (moeut.prepare_data's `prepare.*`)."""
-    from ..cli import EXIT_STATUS_LINE, format_options, schema_options
+    from ..cli import EXIT_STATUS_LINE, type_label, format_options, schema_options
 
     lines = [summary.strip(), "", f"Usage: {usage}", "",
              "Config groups (group=option; the experiment overlay sets model, data and training together):"]
@@ -315,15 +361,18 @@ def train_help(app: str, usage: str = TRAIN_USAGE, summary: str = TRAIN_SUMMARY,
         rows += schema_options(extra, extra_prefix)
     lines += ["", "Options (key=value; a [default] is the schema's: the group files and the experiment set their own, "
               "`--cfg job` prints the composed values):", *format_options(rows)]
+    hints = typing.get_type_hints(ModelSchema)
     fields = []
     for f in dataclasses.fields(ModelSchema):
         if f.name in ("preset", "overrides"):
             continue
         rng = field_range(f)
-        fields.append(f"{f.name} ({rng.describe()})" if rng is not None else f.name)
+        text = MODEL_FIELD_HELP.get(f.name, "a field of an architecture registered later")
+        fields.append((f"model.{f.name}", type_label(hints[f.name]), "the preset's",
+                       text + (f" ({rng.describe()})" if rng is not None else "")))
     lines += ["", "Model fields (model.<field>=VALUE, SPEC 1; each defaults to the preset's value, null keeps it; "
-              "model.overrides.<field>=VALUE for a field of an architecture registered later):"]
-    lines += _wrapped("  ", fields)
+              "model.overrides.<field>=VALUE for a field of an architecture registered later):",
+              *format_options(fields)]
     lines += ["", EXIT_STATUS_LINE,
               f"Hydra's own flags: --cfg job (the resolved config), --hydra-help{', -m (multirun)' if multirun else ''}. ({app})"]
     return "\n".join(lines)

@@ -212,5 +212,19 @@ def test_train_help_shortcut_prints_what_hydras_help_would():
     template = ConfigStore.instance().repo["hydra"]["help"]["train.yaml"].node.template
     assert string.Template(template).get_identifiers() == []
     text = string.Template(template).substitute()
-    assert text.startswith("Train a language model") and "router_zloss (>= 0)" in text
+    assert text.startswith("Train a language model")
+    assert "  model.router_zloss=FLOAT " in text and "sigmoid router z-loss weight on the sigma-MoE gate" in text
     assert "$$" not in text and "${" in text  # Hydra's "$$" and OmegaConf's "\\${" escapes are undone
+
+
+def test_every_model_field_has_its_meaning_in_the_help():
+    """train.py --help gives each model field a meaning: every field of the built-in architectures
+    has an entry in MODEL_FIELD_HELP (a new field without one fails here), and no entry is stale."""
+    import dataclasses
+    from moeut.train_lib.config import MODEL_FIELD_HELP, ModelSchema, train_help
+    names = {f.name for f in dataclasses.fields(ModelSchema)} - {"preset", "overrides"}
+    assert names == set(MODEL_FIELD_HELP)
+    lines = train_help("train.py").splitlines()
+    for name in names:
+        (line,) = [ln for ln in lines if ln.startswith(f"  model.{name}=")]
+        assert MODEL_FIELD_HELP[name] in line and line.endswith("[default: the preset's]")
