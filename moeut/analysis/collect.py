@@ -106,7 +106,7 @@ def collect(model: torch.nn.Module, model_cfg, windows: np.ndarray, *, batch_siz
         raise ValueError(f"precision={precision} needs a CUDA device (set device=cuda or precision=fp32)")
     model = model.to(dev).eval()
     n = len(windows)
-    t0 = time.time()
+    t0 = last = time.time()
     with torch.no_grad():
         for i in range(0, n, batch_size):
             w = torch.from_numpy(windows[i:i + batch_size]).to(dev)  # [b, T+1]
@@ -117,9 +117,10 @@ def collect(model: torch.nn.Module, model_cfg, windows: np.ndarray, *, batch_siz
                                                    y.reshape(-1), reduction="sum")
             acc.add(x, out.routing)
             acc.add_loss(float(ce), y.numel())
-            if progress:
-                done = min(i + batch_size, n)
-                print(f"[analysis] {done}/{n} windows, {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
+            done = min(i + batch_size, n)
+            if progress and (done == n or time.time() - last >= 10):  # a line every 10 s and at the end
+                last = time.time()
+                print(f"[analysis] {done}/{n} windows, {last - t0:.1f}s", file=sys.stderr, flush=True)
     arrays = acc.arrays()
     ce = acc.loss_sum / max(acc.loss_count, 1)
     meta = dict(dims, n_windows=n, seq_len=int(windows.shape[1] - 1), n_tokens=int(acc.n_positions),
