@@ -289,8 +289,8 @@ def early_report(run_dirs: List[Path], steps: List[int]) -> str:
     lines = [f"### Early routing (CE: mean over the {EARLY_WINDOW} steps up to each step; MLP expert-usage "
              "perplexity / E per unique layer; dead-expert fraction)", "", head, "|---|" + "---|" * len(steps)]
     for d, r in rows.items():
-        cells = [f"{f(r[s]['ce'], '.3f')}, {' '.join(f(r[s].get(g), '.2f') for g in groups)}, {f(r[s]['dead'], '.2f')}"
-                 for s in steps]
+        cells = [f"{f(r[s]['ce'], '.3f')}, {' '.join(f(r[s].get(g), '.2f') for g in groups) or '–'}, "
+                 f"{f(r[s]['dead'], '.2f')}" for s in steps]
         lines.append(f"| {d.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

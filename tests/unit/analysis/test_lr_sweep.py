@@ -136,6 +136,8 @@ def test_early_table_by_hand(tmp_path, capsys):
     text = lrs.early_report(dirs, [20, 40])
     assert "| a | –, 0.80 0.55, 0.00 | 6.500, 0.90 0.75, 0.12 |" in text
     assert f"| {ref.name} | –, – –, – | –, – –, – |" in text
+    # a run without routing records alone in the table: one dash for the usage, not an empty cell
+    assert f"| {ref.name} | –, –, – |" in lrs.early_report([ref], [20])
     r = subprocess.run([sys.executable, "-m", "moeut.analysis", "lr-sweep", f"early=[{tmp_path / 'screens'}]",
                         "early_steps=[40]"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0 and "| a | 6.500, 0.90 0.75, 0.12 |" in r.stdout, r.stderr
