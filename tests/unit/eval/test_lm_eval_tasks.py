@@ -179,7 +179,8 @@ def test_help_example_runs_as_written(model, tok, tmp_path):
     --limit made 3: the moeut_* tasks are found, it runs offline, and its acc equals moeut.evaluate's
     with length_normalize=false."""
     save_checkpoint(tmp_path / "run" / "checkpoints", 1, model, model.config, tokenizer=tok)
-    example = re.search(r"example\s+(python -m .*?--limit \d+)", " ".join(WRAPPER_HELP.split())).group(1)
+    help_text = " ".join(WRAPPER_HELP.replace("\\\n", " ").split())  # the shell continuation joined
+    example = re.search(r"example\s+(python -m .*?--limit \d+)", help_text).group(1)
     argv = example.replace("runs/<run>", str(tmp_path / "run")).split()
     argv[-1] = "3"
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "c"),
