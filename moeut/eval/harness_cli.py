@@ -40,8 +40,8 @@ moeut.eval.harness_cli: lm-evaluation-harness's command line (its help follows),
   --model moeut   MoEUT / baseline checkpoints (moeut.eval.harness.MoEUTHarnessLM). Model args
                   (--model_args k=v,...): checkpoint=<run dir or checkpoints/step_XXXXXXX> (required),
                   tokenizer_path= (default: the checkpoint's), device=, batch_size= (16),
-                  dtype= (auto: bf16 autocast on CUDA, fp32 on CPU), max_length= (1024 tokens),
-                  pad_multiple= (1), max_gen_toks= (256), progress= (false)
+                  dtype= (auto | fp32 | bf16 | fp16; auto: bf16 autocast on CUDA, fp32 on CPU),
+                  max_length= (1024 tokens), pad_multiple= (1), max_gen_toks= (256), progress= (false)
   device default  lm-eval's is cuda:0; with no --device (nor device= in --model_args), or with
                   --device auto, the wrapper passes cuda when torch sees a GPU, else cpu
   local tasks     {tasks}:
@@ -170,8 +170,9 @@ def main() -> None:
     """`python -m moeut.eval.harness_cli ...` (also the `moeut-lm-eval` script): register the
     "moeut" model with lm-eval, add the device default and the `moeut_*` task directory, and run
     lm-eval's CLI on sys.argv; `--help` prints `wrapper_help()` first.
-    A CUDA device without a GPU, and an error building the model from `--model_args` (e.g. a
-    missing checkpoint), are one line `moeut.eval.harness_cli: error: ...`, exit 1. When stderr
+    A CUDA device without a GPU, an error building the model from `--model_args` (e.g. a
+    missing checkpoint) and a `moeut_*` task without its files (`--metadata` data_dir) or with a bad
+    `--metadata` limit are one line `moeut.eval.harness_cli: error: ...`, exit 1. When stderr
     is not a terminal, lm-eval's progress bars are off (TQDM_DISABLE=1 unless set)."""
     from ..cli import INPUT_ERRORS, bad_input_exits, exit_bad_input, raised_in
     with bad_input_exits("moeut.eval.harness_cli"):  # also: no HF progress frames in a log file
@@ -185,8 +186,8 @@ def main() -> None:
     sys.argv = [sys.argv[0]] + with_task_dir(with_default_device(sys.argv[1:]))
     try:
         cli_evaluate()
-    except INPUT_ERRORS as err:  # the model could not be built from --model_args: bad input
-        if raised_in(err, "create_from_arg_string", "create_from_arg_obj"):
+    except INPUT_ERRORS as err:  # the model (--model_args) or a moeut_* task's data (--metadata): bad input
+        if raised_in(err, "create_from_arg_string", "create_from_arg_obj", "task_dataset"):
             exit_bad_input("moeut.eval.harness_cli", err)
         raise
 

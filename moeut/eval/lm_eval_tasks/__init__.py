@@ -42,17 +42,22 @@ def item_docs(task: str, data_dir: str = "", limit: Optional[int] = None) -> tup
     return docs, origin
 
 
-def dataset(task: str, data_dir: str = "", limit: Any = None, **unused):
+def task_dataset(task: str, data_dir: str = "", limit: Any = None, **unused):
     """A `datasets.DatasetDict` with one split, `validation`, of `item_docs(task, ...)`; says on
     stderr which files it read (full sets or the carried subset). `limit` may be a string (lm-eval's
     `--metadata` JSON); other keys (lm-eval's own metadata, e.g. `version`) are ignored. Raises
-    ValueError naming `limit` for a value that is not a positive integer."""
+    ValueError naming the task and `--metadata` `limit` or `data_dir` for a limit that is not a
+    positive integer, task files that are missing or malformed."""
     import datasets
+    where = f"moeut_{task} (--metadata limit={limit!r}, data_dir={data_dir!r})"
     if isinstance(limit, str):
         if not limit.strip().isdigit():
-            raise ValueError(f"limit: must be a positive integer, got {limit!r}")
+            raise ValueError(f"{where}: limit must be a positive integer")
         limit = int(limit)
-    docs, origin = item_docs(task, str(data_dir or ""), limit)
+    try:
+        docs, origin = item_docs(task, str(data_dir or ""), limit)
+    except (ValueError, FileNotFoundError) as err:  # a bad limit, missing or malformed task files
+        raise ValueError(f"{where}: {err}") from None
     print(f"moeut lm-eval task {task}: {len(docs)} items, {origin['data']} ({origin['data_from']})",
           file=sys.stderr)
     return datasets.DatasetDict({"validation": datasets.Dataset.from_list(docs)})
@@ -60,22 +65,22 @@ def dataset(task: str, data_dir: str = "", limit: Any = None, **unused):
 
 def arc_easy(**kwargs) -> Any:
     """`custom_dataset` of `moeut_arc_easy`: ARC-Easy's 4-option questions (SPEC 6.2)."""
-    return dataset("arc_easy", **kwargs)
+    return task_dataset("arc_easy", **kwargs)
 
 
 def piqa(**kwargs) -> Any:
     """`custom_dataset` of `moeut_piqa`: PIQA validation with its labels file (SPEC 6.2)."""
-    return dataset("piqa", **kwargs)
+    return task_dataset("piqa", **kwargs)
 
 
 def hellaswag(**kwargs) -> Any:
     """`custom_dataset` of `moeut_hellaswag`: HellaSwag validation, preprocessed as ours (SPEC 6.2)."""
-    return dataset("hellaswag", **kwargs)
+    return task_dataset("hellaswag", **kwargs)
 
 
 def blimp(**kwargs) -> Any:
     """`custom_dataset` of `moeut_blimp`: BLiMP's pairs, `limit` per paradigm (SPEC 6.2)."""
-    return dataset("blimp", **kwargs)
+    return task_dataset("blimp", **kwargs)
 
 
 def task_names() -> List[str]:

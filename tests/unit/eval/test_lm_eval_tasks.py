@@ -19,7 +19,7 @@ from moeut.checkpoint import save_checkpoint  # noqa: E402
 from moeut.eval import EvalOptions, evaluate_model, get_task  # noqa: E402
 from moeut.eval.harness import MoEUTHarnessLM  # noqa: E402
 from moeut.eval.harness_cli import WRAPPER_HELP, wrapper_help, with_task_dir  # noqa: E402
-from moeut.eval.lm_eval_tasks import TASK_DIR, TASKS, dataset, item_docs  # noqa: E402
+from moeut.eval.lm_eval_tasks import TASK_DIR, TASKS, item_docs, task_dataset  # noqa: E402
 from moeut.eval.tasks.base import CARRIED, carried_data_dir  # noqa: E402
 from moeut.registry import build_model, get_preset  # noqa: E402
 
@@ -131,12 +131,16 @@ def test_dataset_limit_from_metadata(capsys, monkeypatch):
     """`--metadata '{"limit": N}'` arrives as an int or a string; anything else is a ValueError
     naming `limit`; lm-eval's own metadata keys are ignored."""
     monkeypatch.setenv("MOEUT_SHARED", "/nonexistent")
-    d = dataset("piqa", limit="2", version=1.0)
+    d = task_dataset("piqa", limit="2", version=1.0)
     assert len(d["validation"]) == 2
     assert "moeut lm-eval task piqa: 2 items, carried subset" in capsys.readouterr().err
     for bad in ("two", "-1", 0):
-        with pytest.raises(ValueError, match="limit"):
-            dataset("piqa", limit=bad)
+        with pytest.raises(ValueError, match="moeut_piqa .*limit"):
+            task_dataset("piqa", limit=bad)
+    with pytest.raises(ValueError, match="moeut_piqa .*data_dir='/nonexistent/eval'.*valid.jsonl"):
+        task_dataset("piqa", data_dir="/nonexistent/eval")
+    d = task_dataset("piqa", data_dir=str(carried_data_dir()), limit=1)
+    assert len(d["validation"]) == 1 and "1 items, carried subset" in capsys.readouterr().err
 
 
 def test_with_task_dir():
@@ -176,21 +180,34 @@ def test_help_names_what_the_wrapper_adds():
 @pytest.mark.slow
 def test_help_example_runs_as_written(model, tok, tmp_path):
     """The example of `--help` (no --include_path, no --device) on a saved tiny checkpoint, its
-    --limit made 3: the moeut_* tasks are found, it runs offline, and its acc equals moeut.evaluate's
-    with length_normalize=false."""
+    --limit made 3 and more of the named model args added: the moeut_* tasks are found, it runs
+    offline on the device the wrapper picks, and its acc equals moeut.evaluate's with
+    length_normalize=false. The same command with `--metadata` naming a data_dir without the task
+    files: one error line, exit 1."""
     save_checkpoint(tmp_path / "run" / "checkpoints", 1, model, model.config, tokenizer=tok)
     help_text = " ".join(WRAPPER_HELP.replace("\\\n", " ").split())  # the shell continuation joined
     example = re.search(r"example\s+(python -m .*?--limit \d+)", help_text).group(1)
     argv = example.replace("runs/<run>", str(tmp_path / "run")).split()
     argv[-1] = "3"
+    k = argv.index("--model_args") + 1
+    argv[k] += ",batch_size=2,dtype=fp32,pad_multiple=8,max_length=512"  # more of the named args: same scores
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "c"),
                PYTHONPATH=str(REPO))
     p = subprocess.run([sys.executable, *argv[1:], "--output_path", str(tmp_path / "res")], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
+    if not torch.cuda.is_available():
+        assert "no --device given; using cpu" in p.stderr
+    assert "moeut lm-eval task arc_easy: 3 items" in p.stderr
     (res_file,) = (tmp_path / "res").rglob("results_*.json")
     res = json.loads(res_file.read_text())["results"]
     ours = evaluate_model(model, tok, ["arc_easy", "piqa"], EvalOptions(limit=3, length_normalize=False),
                           device="cpu", progress=False)
     assert res["moeut_arc_easy"]["acc,none"] == pytest.approx(ours["arc_easy"]["accuracy"])
     assert res["moeut_piqa"]["acc,none"] == pytest.approx(ours["piqa"]["accuracy"])
+    # task files missing under --metadata data_dir: one line naming the task, the option and the file
+    p = subprocess.run([sys.executable, *argv[1:], "--metadata", '{"data_dir": "/nonexistent/eval"}'], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert re.match(r"moeut\.eval\.harness_cli: error: moeut_(arc_easy|piqa) \(--metadata limit=None, "
+                    r"data_dir='/nonexistent/eval'\): .*/nonexistent/eval/", p.stderr.strip().splitlines()[-1])
