@@ -13,7 +13,8 @@ another that every tool of the package has a console script in pyproject.toml (`
 tests/e2e/test_wheel.py runs them from an installed wheel); analysis/*.py are clone-only scripts.
 
 The exception is moeut.eval.harness_cli: it passes its argv to lm-eval's own CLI (its docstring
-and docs/evaluation.md say why); its --help is lm-eval's.
+and docs/evaluation.md say why); its --help is lm-eval's, after a block naming what the wrapper
+adds (tests/unit/eval/test_lm_eval_tasks.py).
 """
 from __future__ import annotations
 

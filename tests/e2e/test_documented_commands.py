@@ -108,6 +108,7 @@ MUTATION = ("a mutation pass: minutes to hours of test runs per mutant (tools/mu
             "tests/unit/tools/test_mutation.py tests the driver)")
 HUB = ("lm-eval's tasks load their data from the Hugging Face hub; tests/unit/eval/test_harness.py and "
        "tests/e2e/test_hf_lm_eval.py run the adapter and the export under lm-eval offline")
+LM_EVAL_SMALL = "--limit 2"  # lm-eval's: the first 2 documents of each task
 CONSOLE = ("the console script installed by `pip install` (not on PATH in a clone); the same entry as "
            "`python train.py`, mapping checked by tests/e2e/test_cli_help.py::test_every_package_tool_has_a_console_script")
 
@@ -124,8 +125,8 @@ REGISTRY = {
     'python train.py --help': ("covered", "tests/e2e/test_cli_help.py::test_help_lists_every_option"),
     'python -m moeut.evaluate --help': ("covered", "tests/unit/tools/test_tool_commands.py::test_help_lists_every_schema_option"),
     'python train.py --cfg job': ("covered", "tests/e2e/test_cli_help.py::test_help_lists_every_option"),
-    'python -m moeut.eval.harness_cli run --model moeut --model_args checkpoint=runs/<run> --tasks piqa,arc_easy':
-        ("skip", HUB),
+    'python -m moeut.eval.harness_cli run --model moeut --model_args checkpoint=runs/<run> --tasks moeut_arc_easy,moeut_piqa':
+        ("run", LM_EVAL_SMALL),
     'python -m moeut.hf.export checkpoint=runs/<run> out=exports/<run>': ("run", ""),
     'python -m moeut.analysis routing checkpoint=runs/<run>': ("run", SMALL_ANALYZE),
     'python -m moeut.tools.footprint preset=moeut_44m dtype=bf16': ("run", ""),
@@ -166,11 +167,17 @@ REGISTRY = {
     'perplexity.context_length=1024 perplexity.stride=512': ("run", "limit=2"),
     "python -m moeut.analysis table 'results=[runs/*/*]' out=paper_table": ("run", ""),
     'python -m moeut.evaluate checkpoint=<run>': ("run", "limit=2"),
+    'python -m moeut.eval.harness_cli run --model moeut --model_args checkpoint=runs/c4_moeut_44m '
+    '--tasks moeut_arc_easy,moeut_piqa,moeut_hellaswag,moeut_blimp': ("run", LM_EVAL_SMALL),
     'python -m moeut.eval.harness_cli run --model moeut --model_args checkpoint=runs/c4_moeut_44m,batch_size=32 '
     '--tasks lambada_openai,piqa,arc_easy,hellaswag,blimp': ("skip", HUB),
     'pip install -e ".[eval]"': ("skip", "pip install: needs the package index"),
+    'python -m moeut.eval.harness_cli --help':
+        ("covered", "tests/unit/eval/test_lm_eval_tasks.py::test_help_names_what_the_wrapper_adds"),
     'python -m moeut.hf.export checkpoint=runs/c4_moeut_44m out=exports/c4_moeut_44m': ("run", ""),
     'python -m moeut.hf.export checkpoint=runs/c4_moeut_44m out=exports/c4_moeut_44m_bf16 dtype=bf16': ("run", ""),
+    'lm-eval run --model hf --model_args pretrained=exports/c4_moeut_44m,trust_remote_code=True,dtype=float32 '
+    '--include_path moeut/eval/lm_eval_tasks --tasks moeut_arc_easy,moeut_piqa --device cpu': ("run", LM_EVAL_SMALL),
     'lm-eval run --model hf --model_args pretrained=exports/c4_moeut_44m,trust_remote_code=True,dtype=float32 '
     '--tasks piqa,arc_easy --device cpu': ("skip", HUB),
     # docs/kernels.md
@@ -387,7 +394,8 @@ def _run_cases() -> list:
         if kind == "run" and cmd != "python train.py":
             cases.setdefault(_prepared(cmd, extra, "RUN"), []).append(cmd)
     order = sorted(cases, key=lambda c: (c.startswith("python train.py experiment="),  # a second run last
-                                         "reuse_stats" in c or "execute_notebooks" in c, "moeut.analysis table" in c))
+                                         "reuse_stats" in c or "execute_notebooks" in c, "moeut.analysis table" in c,
+                                         c.startswith("lm-eval ")))  # reads what the export commands wrote
     return [pytest.param(cases[c][0], id=" == ".join(cases[c])) for c in order]
 
 

@@ -17,6 +17,7 @@ from moeut.checkpoint import save_checkpoint  # noqa: E402
 from moeut.data.tokenizer import train_tokenizer  # noqa: E402
 from moeut.eval.harness import MoEUTHarnessLM  # noqa: E402  (registers lm-eval's model "moeut")
 from moeut.hf.export import export  # noqa: E402
+from moeut.eval.lm_eval_tasks import TASK_DIR  # noqa: E402
 from moeut.registry import build_model, get_preset  # noqa: E402
 
 ITEMS = Path(__file__).resolve().parents[1] / "assets" / "lm_eval_mc_items.jsonl"  # 12 hand-written items
@@ -90,7 +91,8 @@ def adapter_eval(route, tmp_path_factory):
     run, _, _, tasks = route
     with pytest.MonkeyPatch.context() as mp:
         _go_offline(mp, tmp_path_factory.mktemp("hf_cache"))
-        tm = TaskManager(include_path=str(tasks))
+        # this module's task and the package's offline moeut_* tasks (their `limit` items each)
+        tm = TaskManager(include_path=[str(tasks), str(TASK_DIR)], metadata={"limit": 4})
         ours = simple_evaluate(model="moeut", model_args=f"checkpoint={run}", task_manager=tm, **COMMON)
     return tm, ours
 
@@ -122,6 +124,31 @@ def test_lm_eval_hf_model_scores_the_export_as_our_adapter(route, adapter_eval, 
     for (_, la), (_, lb) in zip(a, b):  # the same log-likelihoods (lm-eval: fp32 log-softmax; ours: fp64)
         assert la == pytest.approx(lb, abs=2e-5)
     assert hf["results"][TASK]["acc,none"] == ours["results"][TASK]["acc,none"]
+
+
+def test_lm_eval_hf_model_on_the_offline_moeut_tasks(route, adapter_eval, offline):
+    """docs/evaluation.md's offline hf route: lm-eval's `hf` model on the export, on the carried
+    `moeut_arc_easy` and `moeut_piqa` tasks (4 items each), gives the adapter's log-likelihoods and
+    choices (their joint and separate encodings agree on these items, checked)."""
+    from lm_eval import simple_evaluate
+    run, out, tok, _ = route
+    tm, _ = adapter_eval
+    names = ["moeut_arc_easy", "moeut_piqa"]
+    kw = dict(COMMON, tasks=names)
+    hf = simple_evaluate(model="hf", model_args=f"pretrained={out},trust_remote_code=True,dtype=float32",
+                         task_manager=tm, **kw)
+    ours = simple_evaluate(model="moeut", model_args=f"checkpoint={run}", task_manager=tm, **kw)
+    for name in names:
+        a = sorted(hf["samples"][name], key=lambda s: s["doc_id"])
+        b = sorted(ours["samples"][name], key=lambda s: s["doc_id"])
+        assert len(a) == len(b) == 4
+        for sa, sb in zip(a, b):
+            for ctx, cont in sb["arguments"]:
+                assert tok.encode(ctx + cont) == tok.encode(ctx) + tok.encode(cont), (ctx, cont)
+            assert sa["acc"] == sb["acc"]
+            assert [float(r[0]) for r in sa["filtered_resps"]] == pytest.approx(
+                [float(r[0]) for r in sb["filtered_resps"]], rel=1e-6, abs=2e-5)  # lm-eval: fp32 log-softmax
+        assert hf["results"][name]["acc,none"] == ours["results"][name]["acc,none"]
 
 
 def test_lm_eval_hf_generate_until_equals_our_adapter(route, offline):
