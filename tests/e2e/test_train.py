@@ -352,7 +352,7 @@ def test_ddp_interrupted_run_logs_what_uninterrupted_logs(cache_dir, tmp_path):
     """Issue 14.1: 2 gloo processes with dropout, expert dropout and the shuffled sampler. Each
     rank draws its own dropout masks; the checkpoint keeps every rank's RNG streams and routing
     accumulators, so stop at 4 + resume logs exactly the uninterrupted run's metrics."""
-    run(cache_dir, tmp_path / "warm", "train.steps=2")  # tokenizer + shards cached for the subprocesses
+    run(cache_dir, tmp_path / "warm", "train.steps=8")  # tokenizer + shards of this budget for the subprocesses
     common = ("train.steps=8", "model.dropout=0.1", "model.expert_dropout=0.2", "data.sampler=shuffled",
               "train.log_interval=3", "train.routing_interval=6", "train.val_interval=4")
 
