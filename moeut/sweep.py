@@ -116,11 +116,12 @@ def task_overrides(sweep: SweepFile, grid: Grid, extra: Sequence[str], group: bo
 
 
 def replaced_by_set(sweep: SweepFile, extra: Sequence[str]) -> List[str]:
-    """One line per sweep-file override (common or a grid's) that a `set` entry replaces."""
+    """One phrase per sweep-file override (common or a grid's) that a `set` entry replaces:
+    "set: <set override> replaces <where>'s <file override>"."""
     by_key = {_key(o): o for o in extra}
     lines = []
     for where, overrides in [("common", sweep.common)] + [(f"grid {gi}", g.overrides) for gi, g in enumerate(sweep.grids)]:
-        lines += [f"set: {by_key[_key(o)]} replaces {where}'s {o} of {sweep.path}" for o in overrides if _key(o) in by_key]
+        lines += [f"set: {by_key[_key(o)]} replaces {where}'s {o}" for o in overrides if _key(o) in by_key]
     return lines
 
 
@@ -141,7 +142,7 @@ def check_expected(sweep: SweepFile, jobs: Sequence[Job], extra: Sequence[str] =
     """Raise ValueError naming the file when the sweep's `expected_jobs` differs from len(jobs), and
     the `set` overrides (`extra`) that replaced a value of the file, the likely cause, when any did."""
     if sweep.expected_jobs is not None and len(jobs) != sweep.expected_jobs:
-        replaced = [line.split(" of ", 1)[0] for line in replaced_by_set(sweep, extra)]
+        replaced = replaced_by_set(sweep, extra)
         cause = f" ({'; '.join(replaced)})" if replaced else ""
         raise ValueError(f"sweep file {sweep.path}: expands to {len(jobs)} jobs but "
                          f"expected_jobs is {sweep.expected_jobs}{cause}")
@@ -583,7 +584,7 @@ def run(o: SweepOptions) -> int:
                          f"available: {', '.join(names) if names else '(none)'}")
     sweep = load_sweep(resolve_sweep_path(o.sweep, sweeps_dir))
     for line in replaced_by_set(sweep, extra):
-        print(line, flush=True)
+        print(f"{line} of {sweep.path}", flush=True)
     if o.action == "dry-run":
         jobs = compose_jobs(sweep, root, o.local, o.launcher, extra)
         _print_jobs(sweep, jobs)
