@@ -550,7 +550,9 @@ def typed_tool(app: str, schema: type, *, summary: str, usage: str, notes: str =
         @functools.wraps(work)
         def main() -> Any:
             import hydra
+            import warnings
 
+            previous_format = warnings.formatwarning  # called in-process (a notebook): give it back
             setup_tool_output(app)
             name = _register(app, schema, summary, usage, notes)
             result: Dict[str, Any] = {}
@@ -562,7 +564,10 @@ def typed_tool(app: str, schema: type, *, summary: str, usage: str, notes: str =
                     opts = _checked(cfg, schema, app)
                 result["value"] = work(opts)
 
-            _hydra_main()
+            try:
+                _hydra_main()
+            finally:
+                warnings.formatwarning = previous_format
             return result.get("value")
         main.__doc__ = f"`{usage}`: {summary.strip().splitlines()[0]}"
         return main

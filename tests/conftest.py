@@ -111,6 +111,17 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _tool_warning_format_per_test():
+    """A tool's entry point run in-process (`main()` of a tool) sets this process's warning format
+    to name that tool (moeut.cli.install_warning_format); restore Python's after each test, so a
+    later test's warnings are not printed as that tool's."""
+    import warnings
+    before = warnings.formatwarning
+    yield
+    warnings.formatwarning = before
+
+
 @pytest.fixture(scope="session")
 def c4_texts():
     path = C4 / "train.jsonl.gz"

@@ -8,6 +8,7 @@ logs and writes files.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import subprocess
 from dataclasses import dataclass
@@ -135,6 +136,8 @@ def any_rank(flag: bool, device: Optional[torch.device] = None) -> bool:
 
 
 def cleanup() -> None:
-    """Destroy the process group, if any (end of training)."""
+    """Destroy the process group, if any (end of training); free DDP wrappers before calling it
+    (docs/architecture.md, "Process-group teardown")."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # a freed DDP wrapper in a reference cycle would otherwise keep the group past its destruction
         dist.destroy_process_group()

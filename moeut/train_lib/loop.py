@@ -308,6 +308,7 @@ def run_loop(tc: TrainConfig, run_dir: str, dist: DistInfo, setup: RunSetup,
         for s, h in old_handlers.items():
             signal.signal(s, h)
         logger.close()
+    fwd_model = None  # free DDP's Reducer while the process group lives (architecture.md, "Process-group teardown")
     barrier()
     cleanup()
     if status == "preempted":

@@ -1,7 +1,6 @@
 """End to end: a tiny checkpoint evaluated on every task with limit=20 through the Hydra config
 (moeut.evaluate.EvaluateOptions), producing the results JSON and the paper-layout table; bad inputs."""
 import csv
-import os
 import json
 import shutil
 import subprocess

@@ -7,8 +7,6 @@ checkpoint as the model that trained."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from moeut.checkpoint import find_checkpoints, load_model
 from moeut.train_lib.config import to_typed
 from moeut.train_lib.fsdp import mixed_precision_policy
 from moeut.train_lib.loop import train
+from test_train import torchrun as run_torchrun
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, SPLIT = 10, 5
@@ -48,10 +47,9 @@ def torchrun(cache_dir, run_dir, *overrides):
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("MOEUT_DATA", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           "experiment=cpu_tiny", f"data.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", "print_config=false",
-           "logger.progress=none", "train.threads=1", *COMMON, *overrides]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    p = run_torchrun(["train.py", "experiment=cpu_tiny", f"data.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}",
+                      "print_config=false", "logger.progress=none", "train.threads=1", *COMMON, *overrides],
+                     env, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout + p.stderr
 

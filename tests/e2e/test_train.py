@@ -299,6 +299,25 @@ def _subprocess_env(cache_dir):
     return env
 
 
+def torchrun(args, env, timeout):
+    """`python -m torch.distributed.run --standalone --nproc_per_node=2 *args` from the repository root.
+    On timeout torchrun gets SIGTERM, which it passes to every rank's process group, so no hung rank
+    outlives the test; the test then fails with the output so far."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"torchrun timed out after {timeout} s: {' '.join(args)}\n{out[-3000:]}{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _cli(cache_dir, run_dir, *overrides):
     return ["experiment=cpu_tiny", f"data.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", "print_config=false",
             "logger.progress=lines", "train.threads=1", *overrides]
@@ -339,13 +358,27 @@ def test_ddp_two_processes_equal_one_process(cache_dir, tmp_path):
     """torchrun with 2 gloo processes x 4 sequences == 1 process x 8 sequences (same global batch)."""
     single = run(cache_dir, tmp_path / "single", "train.steps=4")
     run_dir = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *_cli(cache_dir, run_dir, "train.steps=4", "train.log_interval=1")]
-    p = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(cache_dir), capture_output=True, text=True, timeout=300)
+    p = torchrun(["train.py", *_cli(cache_dir, run_dir, "train.steps=4", "train.log_interval=1")],
+                 _subprocess_env(cache_dir), timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     ddp_losses = [r["train/loss"] for r in metrics(run_dir) if "train/loss" in r]
     assert ddp_losses == pytest.approx(single["losses"], rel=1e-5)
     assert len(find_checkpoints(str(run_dir))) == 1  # only rank 0 writes
+
+
+def test_ddp_run_ends_when_gloo_workers_are_starved(cache_dir, tmp_path):
+    """The end of a 2-process gloo run whose gloo worker threads run only while the main thread
+    blocks (tests/e2e/starved_gloo_train.py): freeing DDP after destroy_process_group hung or
+    aborted there about every other run; the run must exit 0, three times in a row
+    (docs/architecture.md, "Process-group teardown")."""
+    run(cache_dir, tmp_path / "warm", "train.steps=2")  # tokenizer + shards of this budget for the subprocesses
+    for i in range(3):
+        run_dir = tmp_path / f"ddp{i}"
+        p = torchrun(["tests/e2e/starved_gloo_train.py", *_cli(cache_dir, run_dir, "train.steps=2")],
+                     _subprocess_env(cache_dir), timeout=150)
+        assert p.returncode == 0, f"run {i}: " + p.stdout[-3000:] + p.stderr[-3000:]
+        assert "terminate called" not in p.stderr
+        assert len(find_checkpoints(str(run_dir))) == 1
 
 
 def test_ddp_interrupted_run_logs_what_uninterrupted_logs(cache_dir, tmp_path):
@@ -356,19 +389,17 @@ def test_ddp_interrupted_run_logs_what_uninterrupted_logs(cache_dir, tmp_path):
     common = ("train.steps=8", "model.dropout=0.1", "model.expert_dropout=0.2", "data.sampler=shuffled",
               "train.log_interval=3", "train.routing_interval=6", "train.val_interval=4")
 
-    def torchrun(run_dir, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-               *_cli(cache_dir, run_dir, *common, *extra)]
-        p = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(cache_dir), capture_output=True, text=True,
-                           timeout=300)
+    def ddp_run(run_dir, *extra):
+        p = torchrun(["train.py", *_cli(cache_dir, run_dir, *common, *extra)], _subprocess_env(cache_dir),
+                     timeout=300)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
-    torchrun(tmp_path / "full")
-    torchrun(tmp_path / "split", "train.stop_at=4")
+    ddp_run(tmp_path / "full")
+    ddp_run(tmp_path / "split", "train.stop_at=4")
     state = torch.load(find_checkpoints(str(tmp_path / "split"))[-1] + "/train_state.pt", weights_only=False)
     assert len(state["ranks"]) == 2  # one RNG state per rank
     assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])
-    torchrun(tmp_path / "split")
+    ddp_run(tmp_path / "split")
     want = logged(tmp_path / "full")
     assert [r["step"] for r in want if "train/loss" in r] == [3, 6, 8]
     assert logged(tmp_path / "split") == want

@@ -3,7 +3,6 @@ equal `moeut.evaluate` on the same checkpoint, each zero-shot point is logged on
 resume (and training is unchanged by it), the profile covers exactly the asked steps, the
 provenance matches git, and the summary/compare tables show the commit."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from moeut import provenance
 from moeut.cli import typed_options
 from moeut.evaluate import EvaluateOptions, run as evaluate_run
 from moeut.rundir import RunDir
-from test_train import GENERAL, REPO, _cli, _subprocess_env, logged, metrics, run, tiny_cfg
+from test_train import GENERAL, REPO, _cli, _subprocess_env, logged, metrics, run, tiny_cfg, torchrun
 
 ZS = ("train.zeroshot.interval=2", "train.zeroshot.tasks=[lambada,piqa]", "train.zeroshot.limit=4",
       "train.save_interval=100", "train.keep_last=10")
@@ -85,8 +84,7 @@ def test_zeroshot_under_two_gloo_processes(cache_dir, tmp_path):
     run(cache_dir, tmp_path / "warm", "train.steps=4")  # tokenizer + shards (of this budget) for the subprocesses
     run_dir = tmp_path / "ddp"
     cli = _cli(cache_dir, run_dir, "train.steps=4", "train.log_interval=1", *ZS)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *cli]
-    p = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(cache_dir), capture_output=True, text=True, timeout=600)
+    p = torchrun(["train.py", *cli], _subprocess_env(cache_dir), timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert [r["step"] for r in zs_records(run_dir)] == [2, 4]
     assert sorted(f.name for f in (run_dir / "eval").glob("results_*.json")) == [

@@ -109,3 +109,22 @@ def test_help_text_lists_every_option_once():
     text = help_text("t", "Sum.", S, "python t")
     assert text.count("a=INT") == 1 and text.count("b=STR") == 1
     assert "first (>= 0) [default: 1]" in text and "second (one of x | y) [default: x]" in text
+
+
+def test_warning_format_names_the_tool_only_while_it_runs(tmp_path):
+    """Inside `main()` a warning is one line naming the tool; once `main()` returns (a tool called
+    in-process, from a notebook) the process's warning format is what it was before."""
+    script = tmp_path / "inproc.py"
+    script.write_text(TOOL.replace('print("RESULT"', 'import warnings; warnings.warn("during"); print("RESULT"')
+                      .replace('if __name__ == "__main__":\n    main()\n',
+                               'import sys, warnings\n'
+                               'before = warnings.formatwarning("after", UserWarning, "x.py", 1, "src")\n'
+                               'sys.argv = ["demo.py", "dir=x"]\n'
+                               'main()\n'
+                               'print("SAME" if warnings.formatwarning("after", UserWarning, "x.py", 1, "src") == before else "CHANGED")\n'))
+    import os
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr
+    assert "RESULT Schema x" in r.stdout and r.stdout.strip().endswith("SAME")
+    assert r.stderr.startswith("demo.tool: warning: UserWarning: during (")  # another file's warning

@@ -18,7 +18,7 @@ from moeut.data.dataset import StreamSampler
 from moeut.model import SigmaMoE, SwitchHeadAttention, gate_zloss, sigmoid_topk
 from moeut.registry import build_model
 from moeut.train_lib.config import OptimGroupSchema, OptimGroupsSchema, OptimSchema
-from moeut.train_lib.distributed import DistInfo
+from moeut.train_lib.distributed import DistInfo, cleanup
 from moeut.train_lib.optim import build_optimizer, param_group_name
 from moeut.train_lib.schedule import set_lr
 from moeut.train_lib.state import TrainState
@@ -280,8 +280,9 @@ def _ddp_worker(rank, world, port, out_dir):
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         local = [w[rank * (B // world):(rank + 1) * (B // world)] for w in (windows(), windows(4))]
         torch.save(_two_steps(model, local, 2, dist=dist, fwd_model=ddp), os.path.join(out_dir, f"rank{rank}.pt"))
+        ddp = None  # before the process group goes (docs/architecture.md, "Process-group teardown")
     finally:
-        torch.distributed.destroy_process_group()
+        cleanup()
 
 
 def _assert_close_states(got, want):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from model_families import FAMILIES, V, is_capacity_limited, family_config
 from moeut.data.dataset import StreamSampler
 from moeut.registry import build_model
-from moeut.train_lib.distributed import DistInfo
+from moeut.train_lib.distributed import DistInfo, cleanup
 from moeut.train_lib.state import TrainState
 from moeut.train_lib.step import train_step
 
@@ -175,8 +175,9 @@ def _ddp_worker(rank, world, port, out_dir, families, mbs):
                 ddp = torch.nn.parallel.DistributedDataParallel(model)
                 result[family, mb] = step_grads(model, local, mb, dist=dist, fwd_model=ddp)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        ddp = None  # before the process group goes (docs/architecture.md, "Process-group teardown")
     finally:
-        torch.distributed.destroy_process_group()
+        cleanup()
 
 
 def _free_port():
