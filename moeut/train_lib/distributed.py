@@ -11,6 +11,8 @@ import datetime
 import gc
 import os
 import subprocess
+import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -136,8 +138,14 @@ def any_rank(flag: bool, device: Optional[torch.device] = None) -> bool:
 
 
 def cleanup() -> None:
-    """Destroy the process group, if any (end of training); free DDP wrappers before calling it
-    (docs/architecture.md, "Process-group teardown")."""
+    """Destroy the process group, if any (end of training); free the run's model wrappers before
+    calling it (docs/architecture.md, "Process-group teardown")."""
     if dist.is_available() and dist.is_initialized():
         gc.collect()  # a freed DDP wrapper in a reference cycle would otherwise keep the group past its destruction
+        group = weakref.ref(dist.group.WORLD)
         dist.destroy_process_group()
+        gc.collect()
+        if group() is not None:
+            # Still held (torch's fully_shard keeps it): its gloo workers live on into interpreter
+            # shutdown, so give them the CPU to drop their last work while they can take the GIL.
+            time.sleep(0.2)

@@ -11,13 +11,14 @@ is step.py's, validation is evaluate.py's, the run state is state.py's.
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
 import signal
 import traceback
 import warnings
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -81,10 +82,16 @@ def train(tc: TrainConfig, run_dir: str, run_files: Optional[Dict[str, str]] = N
                 ckpt_lib.set_aside_checkpoint(c, f"unreadable, and newer than the resumed step {setup.state.step}",
                                               say)
         try:
-            return run_loop(tc, run_dir, dist, setup, say)
+            result, requeue = run_loop(tc, run_dir, dist, setup, say)
         except Exception:  # the console gets the traceback from the caller; train.log gets it here
             log_to_files(f"[train] stopped by an error:\n{traceback.format_exc()}", logging.ERROR)
             raise
+    setup = None  # nothing of the run may hold the process group when it goes (architecture.md, "Process-group teardown")
+    barrier()
+    cleanup()
+    if requeue is not None:
+        requeue()
+    return result
 
 
 def save_checkpoint(setup: RunSetup, tc: TrainConfig, run_dir: str, logger: RunLogger) -> Optional[str]:
@@ -150,15 +157,16 @@ def log_routing(state, step: int, run_dir: str, logger: RunLogger) -> None:
 
 
 def run_loop(tc: TrainConfig, run_dir: str, dist: DistInfo, setup: RunSetup,
-             say: Callable[[str], None]) -> Dict[str, Any]:
-    """The loop of a committed run (after `validated_start` and the commit); see `train` for the
-    result. Steps from `setup.state.step` to train.stop_at (or train.steps); logs train/ every
+             say: Callable[[str], None]) -> Tuple[Dict[str, Any], Optional[Callable[[], None]]]:
+    """The loop of a committed run (after `validated_start` and the commit): `train`'s result and,
+    after a stop signal, the replaced signal handler to call once the process group is gone (None
+    otherwise). Steps from `setup.state.step` to train.stop_at (or train.steps); logs train/ every
     train.log_interval steps and at train.steps, routing metrics every train.routing_interval,
     validation every train.val_interval (and at the end when train.final_eval), checkpoints every
     train.save_interval and at the end, zero-shot scores every train.zeroshot.interval (zeroshot.py),
     a profile of steps train.profile.start..end (profile.py). A stop signal ends the run after the
-    current step with a checkpoint and status "preempted"; the replaced signal handler (submitit's requeue) is then
-    called. Raises NonFiniteLossError after train.max_nonfinite non-finite losses in a row."""
+    current step with a checkpoint and status "preempted"; `train` then calls the replaced signal
+    handler (submitit's requeue). Raises NonFiniteLossError after train.max_nonfinite non-finite losses in a row."""
     t_cfg, o_cfg, d_cfg = tc.train, tc.optim, tc.data
     device = dist.device
     state, data = setup.state, setup.data
@@ -308,14 +316,12 @@ def run_loop(tc: TrainConfig, run_dir: str, dist: DistInfo, setup: RunSetup,
         for s, h in old_handlers.items():
             signal.signal(s, h)
         logger.close()
-    fwd_model = None  # free DDP's Reducer while the process group lives (architecture.md, "Process-group teardown")
-    barrier()
-    cleanup()
+    requeue = None
     if status == "preempted":
         # Under submitit, the handler we replaced requeues the job (respecting max_num_timeout):
-        # call it now that the checkpoint is safe. Plain runs had SIG_DFL (not callable): no-op.
-        prev = old_handlers.get(stop_signal["sig"])
-        if callable(prev) and stop_signal["sig"] != signal.SIGINT:  # Ctrl-C: saved, so no KeyboardInterrupt
-            prev(stop_signal["sig"], None)
+        # train() calls it once the checkpoint is safe. Plain runs had SIG_DFL (not callable): none.
+        prev, sig = old_handlers.get(stop_signal["sig"]), stop_signal["sig"]
+        if callable(prev) and sig != signal.SIGINT:  # Ctrl-C: saved, so no KeyboardInterrupt
+            requeue = functools.partial(prev, sig, None)
     return {"status": status, "step": state.step, "tokens_seen": state.tokens_seen, "losses": losses,
-            "validation": val_res, "checkpoint": ckpt_path, "run_dir": run_dir}
+            "validation": val_res, "checkpoint": ckpt_path, "run_dir": run_dir}, requeue

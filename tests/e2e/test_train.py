@@ -367,15 +367,17 @@ def test_ddp_two_processes_equal_one_process(cache_dir, tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setscheduler"), reason="needs Linux scheduling policies")
-def test_ddp_run_ends_when_gloo_workers_are_starved(cache_dir, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_run_ends_when_gloo_workers_are_starved(cache_dir, tmp_path, parallel):
     """The end of a 2-process gloo run whose gloo worker threads run only while the main thread
-    blocks (tests/e2e/starved_gloo_train.py): freeing DDP after destroy_process_group hung or
-    aborted there about every other run; the run must exit 0, three times in a row
+    blocks (tests/e2e/starved_gloo_train.py): freeing DDP after destroy_process_group hung there
+    every time; the run must exit 0, three times in a row, under DDP and FSDP2
     (docs/architecture.md, "Process-group teardown")."""
     run(cache_dir, tmp_path / "warm", "train.steps=2")  # tokenizer + shards of this budget for the subprocesses
     for i in range(3):
-        run_dir = tmp_path / f"ddp{i}"
-        p = torchrun(["tests/e2e/starved_gloo_train.py", *_cli(cache_dir, run_dir, "train.steps=2")],
+        run_dir = tmp_path / f"run{i}"
+        p = torchrun(["tests/e2e/starved_gloo_train.py",
+                      *_cli(cache_dir, run_dir, "train.steps=2", f"train.parallel={parallel}")],
                      _subprocess_env(cache_dir), timeout=150)
         assert p.returncode == 0, f"run {i}: " + p.stdout[-3000:] + p.stderr[-3000:]
         assert "terminate called" not in p.stderr
