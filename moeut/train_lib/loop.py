@@ -239,7 +239,7 @@ def run_loop(tc: TrainConfig, run_dir: str, dist: DistInfo, setup: RunSetup,
                        f"(train.steps={t_cfg.steps}, train.stop_at={t_cfg.stop_at})")
         logger.close()
         return {"status": "finished", "step": state.step, "tokens_seen": state.tokens_seen, "losses": [],
-                "validation": {}, "checkpoint": None, "run_dir": run_dir}
+                "validation": {}, "checkpoint": None, "run_dir": run_dir}, None
     stop_signal: Dict[str, Optional[int]] = {"sig": None}
 
     def on_signal(signum, frame):  # SLURM pre-emption / time limit / Ctrl-C: finish the step, save, exit
