@@ -77,8 +77,9 @@ def train(tc: TrainConfig, run_dir: str, run_files: Optional[Dict[str, str]] = N
         step, stop = setup.state.step, t_cfg.stop_at or t_cfg.steps
         idle = step >= stop and not zeroshot_pending(tc, run_dir, step, dist)
         if idle:
+            stop_at = "null" if t_cfg.stop_at is None else t_cfg.stop_at
             say(f"[train] nothing to do: the run is at step {step} (train.steps={t_cfg.steps}, "
-                f"train.stop_at={t_cfg.stop_at}); nothing written into {run_dir}")
+                f"train.stop_at={stop_at}); nothing written into {run_dir}")
     if idle:
         result: Dict[str, Any] = {"status": "finished", "step": step, "tokens_seen": setup.state.tokens_seen,
                                   "losses": [], "validation": {}, "checkpoint": None, "run_dir": run_dir}

@@ -148,3 +148,32 @@ def test_nothing_to_do_start_writes_nothing(cache_dir, tmp_path, caplog):
     assert res["step"] == 4 and res["losses"] == []
     assert tree(tmp_path) == before
     assert (tmp_path / ".hydra" / "overrides.yaml").read_text() == files[".hydra/overrides.yaml"]
+
+
+def test_reapply_sets_every_restored_param_group_key_once_per_option():
+    """Two param groups (router, other) restored from a state with other betas, router warm-up and
+    amsgrad: every configured value is set again, one warning per option (not per group), naming
+    optim.betas, optim.groups.router.warmup and amsgrad (no option: the code's value); lr is left
+    to the schedule."""
+    from moeut.train_lib.optim import reapply_group_settings
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+
+    def make(betas, warmup, amsgrad, lr):
+        return torch.optim.AdamW([{"params": [a], "name": "router", "lr_mult": 1.0, "warmup": warmup},
+                                  {"params": [b], "name": "other", "lr_mult": 1.0, "warmup": 0}],
+                                 lr=lr, betas=betas, amsgrad=amsgrad)
+    saved = make((0.9, 0.999), 10, True, 0.5).state_dict()
+    opt = make((0.5, 0.6), 0, False, 0.1)
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    opt.load_state_dict(saved)
+    said = []
+    reapply_group_settings(opt, configured, said.append)
+    tail = "(the new value applies from the resumed step)"
+    assert said == [  # in the order of the group's keys
+        f"optim.groups.router.warmup: the checkpoint's optimiser was trained with 10, now 0 {tail}",
+        f"optim.betas: the checkpoint's optimiser was trained with [0.9, 0.999], now [0.5, 0.6] {tail}",
+        f"AdamW amsgrad (set by the code, not an option): the checkpoint's optimiser was trained with True, "
+        f"now False {tail}"]
+    for g, cfg in zip(opt.param_groups, configured):
+        assert {k: v for k, v in g.items() if k not in ("params", "lr")} == {k: v for k, v in cfg.items() if k != "lr"}
+        assert g["lr"] == 0.5  # the checkpoint's; train_step sets the schedule's before every step
