@@ -177,3 +177,20 @@ def test_reapply_sets_every_restored_param_group_key_once_per_option():
     for g, cfg in zip(opt.param_groups, configured):
         assert {k: v for k, v in g.items() if k not in ("params", "lr")} == {k: v for k, v in cfg.items() if k != "lr"}
         assert g["lr"] == 0.5  # the checkpoint's; train_step sets the schedule's before every step
+
+
+@pytest.mark.slow
+def test_nothing_to_do_under_two_processes_writes_nothing(cache_dir, tmp_path):
+    """The same command again under torchrun (2 gloo processes, through train.py): every rank
+    takes the no-op path, the processes exit 0 and the run dir's sha256 tree is unchanged."""
+    from test_train import _cli, _subprocess_env, torchrun
+    run(cache_dir, tmp_path / "warm", "train.steps=2")  # tokenizer + shards of this budget for the subprocesses
+    run_dir = tmp_path / "ddp"
+    args = ["train.py", *_cli(cache_dir, run_dir, "train.steps=2")]
+    p = torchrun(args, _subprocess_env(cache_dir), timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    before = tree(run_dir)
+    p = torchrun(args + ["optim.lr=1e-3"], _subprocess_env(cache_dir), timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "nothing to do: the run is at step 2" in p.stdout + p.stderr
+    assert tree(run_dir) == before
