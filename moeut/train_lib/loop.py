@@ -51,7 +51,8 @@ def train(tc: TrainConfig, run_dir: str, run_files: Optional[Dict[str, str]] = N
     `run_files` ({relative path: text}, e.g. Hydra's .hydra/ files) are written with the
     tokenizer once the start is validated. Until then nothing in `run_dir` is created or changed,
     so a refused start (ValueError naming the option) leaves an existing run byte-for-byte as it
-    was. Under torchrun / srun every rank calls this; only rank 0 writes.
+    was; so does a start with nothing to do (the run is at train.stop_at or train.steps and owes
+    no zero-shot point), which says so and returns. Under torchrun / srun every rank calls this; only rank 0 writes.
     Returns {"status": "finished" | "preempted", "step", "tokens_seen", "losses" (global mean loss
     of each step this call ran), "validation" (the last validation record), "checkpoint" (path of
     the last checkpoint written, rank 0), "run_dir"}. Raises ValueError on a refused start and
@@ -71,27 +72,53 @@ def train(tc: TrainConfig, run_dir: str, run_files: Optional[Dict[str, str]] = N
         setup = validated_start(tc, run_dir, dist, say)
         if dist.is_main and tc.print_config:  # only for a started run: a refused one is its error line
             say(OmegaConf.to_yaml(tc.raw))
-    if dist.is_main:  # --- commit: the first write into the run dir ----------------------------
-        ckpt_lib.commit_run_dir(run_dir, setup.tokenizer, dict(run_files or {}))
-        from moeut.provenance import record_provenance
-        record_provenance(run_dir, step=setup.state.step, log=say)
-    barrier()
-    with run_log_file(run_dir, enabled=dist.is_main, held=held):
-        if dist.is_main:  # newer than the resumed step, unreadable: an abandoned timeline (RunSetup)
-            for c in setup.abandoned:
-                ckpt_lib.set_aside_checkpoint(c, f"unreadable, and newer than the resumed step {setup.state.step}",
-                                              say)
-        try:
-            result, requeue = run_loop(tc, run_dir, dist, setup, say)
-        except Exception:  # the console gets the traceback from the caller; train.log gets it here
-            log_to_files(f"[train] stopped by an error:\n{traceback.format_exc()}", logging.ERROR)
-            raise
+        # A start with nothing to do (the run is at train.stop_at / train.steps and owes no zero-shot
+        # point) writes nothing: the run dir keeps the files of the runs that trained it.
+        step, stop = setup.state.step, t_cfg.stop_at or t_cfg.steps
+        idle = step >= stop and not zeroshot_pending(tc, run_dir, step, dist)
+        if idle:
+            stop_at = "null" if t_cfg.stop_at is None else t_cfg.stop_at
+            say(f"[train] nothing to do: the run is at step {step} (train.steps={t_cfg.steps}, "
+                f"train.stop_at={stop_at}); nothing written into {run_dir}")
+    if idle:
+        result: Dict[str, Any] = {"status": "finished", "step": step, "tokens_seen": setup.state.tokens_seen,
+                                  "losses": [], "validation": {}, "checkpoint": None, "run_dir": run_dir}
+        requeue = None
+    else:
+        if dist.is_main:  # --- commit: the first write into the run dir ----------------------------
+            ckpt_lib.commit_run_dir(run_dir, setup.tokenizer, dict(run_files or {}))
+            from moeut.provenance import record_provenance
+            record_provenance(run_dir, step=setup.state.step, log=say)
+        barrier()
+        with run_log_file(run_dir, enabled=dist.is_main, held=held):
+            if dist.is_main:  # newer than the resumed step, unreadable: an abandoned timeline (RunSetup)
+                for c in setup.abandoned:
+                    ckpt_lib.set_aside_checkpoint(c, f"unreadable, and newer than the resumed step {setup.state.step}",
+                                                  say)
+            try:
+                result, requeue = run_loop(tc, run_dir, dist, setup, say)
+            except Exception:  # the console gets the traceback from the caller; train.log gets it here
+                log_to_files(f"[train] stopped by an error:\n{traceback.format_exc()}", logging.ERROR)
+                raise
     setup = None  # nothing of the run may hold the process group when it goes (architecture.md, "Process-group teardown")
     barrier()
     cleanup()
     if requeue is not None:
         requeue()
     return result
+
+
+def zeroshot_pending(tc: TrainConfig, run_dir: str, step: int, dist: DistInfo) -> bool:
+    """Whether the zero-shot point of `step` (train.zeroshot.interval divides it) is owed: its
+    checkpoint was saved but metrics.jsonl has no zeroshot/ record of it (the previous invocation
+    stopped in between, e.g. a signal). Rank 0 reads metrics.jsonl; every rank gets its answer."""
+    zs = tc.train.zeroshot
+    if not (zs.interval and step > 0 and step % zs.interval == 0):
+        return False
+    from moeut.rundir import read_metrics
+    path = os.path.join(run_dir, "metrics.jsonl")
+    missing = dist.is_main and step not in logged_zeroshot_steps(read_metrics(path) if os.path.exists(path) else [])
+    return bool(broadcast_object(missing))
 
 
 def save_checkpoint(setup: RunSetup, tc: TrainConfig, run_dir: str, logger: RunLogger) -> Optional[str]:
@@ -213,13 +240,8 @@ def run_loop(tc: TrainConfig, run_dir: str, dist: DistInfo, setup: RunSetup,
 
     # A zero-shot point due at the resumed step and not in metrics.jsonl (the previous invocation
     # stopped between that checkpoint and its evaluation, e.g. a signal): evaluate it now.
-    if zeroshot_due(state.step):
-        from moeut.rundir import read_metrics
-        missing = dist.is_main and state.step not in logged_zeroshot_steps(
-            read_metrics(os.path.join(run_dir, "metrics.jsonl")) if os.path.exists(
-                os.path.join(run_dir, "metrics.jsonl")) else [])
-        if broadcast_object(missing):
-            zeroshot(state.step)
+    if zeroshot_pending(tc, run_dir, state.step, dist):
+        zeroshot(state.step)
     profiler = StepProfiler(t_cfg.profile.start, t_cfg.profile.end, run_dir, device, enabled=dist.is_main,
                             log=logger.message)
 

@@ -16,7 +16,8 @@ and `group_lr` (the learning rate of a group at a step, which `schedule.set_lr` 
 Sources: a separate router optimiser group (e.g. marin-community/marin issue #5478); no weight decay
 on non-matmul weights (nanoGPT's configure_optimizers); the router warm-up is ours (docs/results.md).
 Per-group settings are stored in each param group's dict (`name`, `lr_mult`, `warmup`), so they
-are saved with the optimiser's state in checkpoints.
+are saved with the optimiser's state in checkpoints; a resume sets every configured param-group
+value again and names each one that changed (`reapply_group_settings`).
 """
 from __future__ import annotations
 
@@ -111,19 +112,54 @@ def group_lr(lr: float, group: dict, step: Optional[int]) -> float:
     return out
 
 
+# Param-group keys a resume does not set back to the configured value: "params" (the tensors) and
+# "lr" (set before every step from the schedule, train_lib.schedule.set_lr; a changed optim.lr is
+# reported with the other changed options, train_lib.start.resume_config_changes).
+NOT_REAPPLIED = ("params", "lr")
+# The options behind the param-group keys the run's config sets (the others, e.g. amsgrad or fused,
+# are fixed by build_optimizer and torch's defaults, not options).
+KEY_OPTION = {"betas": "optim.betas", "eps": "optim.eps", "weight_decay": "optim.weight_decay"}
+
+
+def _same(a, b) -> bool:
+    """Equal param-group values, a tuple equal to the list with the same items (betas)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
+def _show(v) -> str:
+    """A param-group value as the option is written: a tuple as a list, None as null."""
+    if isinstance(v, tuple):
+        v = list(v)
+    return "null" if v is None else repr(v)
+
+
 def reapply_group_settings(optimizer: torch.optim.Optimizer, configured: List[dict], warn) -> None:
-    """After loading a checkpoint's optimiser state (which carries the saved groups' settings),
-    set the configured weight_decay / lr_mult / warmup of every group again and call
-    `warn(message)` naming optim.groups.<group>.<option> for each one that changed. configured:
-    the freshly built optimiser's param_groups settings (without params), in the same order."""
+    """After loading a checkpoint's optimiser state, which restores every saved param-group
+    hyperparameter (betas, eps, weight_decay, lr_mult, warmup, amsgrad, ...), set each group's
+    configured value again, so that the optimiser runs what the run's config records, and call
+    `warn(message)` once per changed option naming it and both values: optim.betas, optim.eps,
+    optim.weight_decay, optim.groups.<group>.<key>, or for a key no option sets (amsgrad, foreach,
+    fused, ...) the optimiser's key. `lr` is not set here (see NOT_REAPPLIED). configured: the
+    freshly built optimiser's param_groups without params, in the same order (the group split
+    itself is checked by TrainState.load_state_dict)."""
+    said = set()
     for now, cfg in zip(optimizer.param_groups, configured):
         name = cfg.get("name")
-        for key in ("weight_decay", "lr_mult", "warmup"):
-            if key not in cfg:
+        for key, value in cfg.items():
+            if key in NOT_REAPPLIED or key == "name" or (key in now and _same(now[key], value)):
                 continue
-            if now.get(key) != cfg[key]:
-                option = f"optim.groups.{name}.{key}" if name in GROUPS else (
-                    "optim.weight_decay" if key == "weight_decay" else f"optim.groups.{name}.{key}")
-                warn(f"{option}: the checkpoint's optimiser was trained with {now.get(key)!r}, now {cfg[key]!r} "
-                     f"(the new value applies from the resumed step)")
-                now[key] = cfg[key]
+            if key in ("lr_mult", "warmup") or (key == "weight_decay" and name in GROUPS):
+                option = f"optim.groups.{name}.{key}"
+            elif key in KEY_OPTION:
+                option = KEY_OPTION[key]
+            else:
+                option = f"AdamW {key} (set by the code, not an option)"
+            old = _show(now[key]) if key in now else "absent (an older checkpoint)"
+            msg = (f"{option}: the checkpoint's optimiser was trained with {old}, now {_show(value)} "
+                   f"(the new value applies from the resumed step)")
+            if msg not in said:  # one line per option, not per param group
+                said.add(msg)
+                warn(msg)
+            now[key] = value

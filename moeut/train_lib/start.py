@@ -71,16 +71,27 @@ def check_metrics_history(run_dir: str) -> None:
         read_jsonl(path)
 
 
-def warn_schedule_change(tc: TrainConfig, ckpt_path: str, step: int, say: Callable[[str], None]) -> None:
+def checkpoint_run_config(ckpt_path: str) -> Optional[Dict[str, Any]]:
+    """The resolved run config saved with a training checkpoint (<ckpt_path>/config.yaml, the
+    `TrainConfig.raw` of the run that wrote it) as a dict, or None when the file is missing or
+    not a YAML mapping (an older or damaged checkpoint: nothing can then be compared)."""
+    try:
+        with open(os.path.join(ckpt_path, "config.yaml")) as f:
+            stored = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
+def warn_schedule_change(tc: TrainConfig, stored: Optional[Dict[str, Any]], ckpt_path: str, step: int,
+                         say: Callable[[str], None]) -> None:
     """A resume with another train.steps than the checkpoint's run re-computes the LR schedule
     over the new total (it is a closed form of step and train.steps, SPEC 4.2), so the LR jumps at
     the resumed step: say so once, naming train.steps old -> new and the LR before/after. The old
-    value comes from the checkpoint's config.yaml; without one nothing can be compared."""
-    try:
-        with open(os.path.join(ckpt_path, "config.yaml")) as f:
-            old = (yaml.safe_load(f) or {}).get("train", {}).get("steps")
-    except (OSError, yaml.YAMLError, AttributeError):
-        return
+    value comes from `stored`, the checkpoint's config.yaml (`checkpoint_run_config`); without
+    one nothing can be compared."""
+    train_old = (stored or {}).get("train")
+    old = train_old.get("steps") if isinstance(train_old, dict) else None
     new = tc.train.steps
     if not isinstance(old, int) or old == new:
         return
@@ -92,6 +103,95 @@ def warn_schedule_change(tc: TrainConfig, ckpt_path: str, step: int, say: Callab
     say(f"[train] WARNING train.steps: {old} in the checkpoint {ckpt_path}, now {new}: the LR schedule "
         f"(optim.schedule={o.schedule}) is re-computed over the new total, so the LR at step {step} jumps "
         f"from {lr_old:.4g} to {lr_new:.4g} (docs/training.md, \"Run directory, checkpoints, resume\")")
+
+
+# Options (dotted keys and everything under them) whose change on resume gets no "[resume]" line:
+# NO_TRAINING_EFFECT: cadence, logging, evaluation, file places and tokenizer-training options (a
+# resume reuses the run's tokenizer.model): none of them changes the numbers of training.
+NO_TRAINING_EFFECT = (
+    "train.stop_at", "train.log_interval", "train.val_interval", "train.val_batch_size", "train.save_interval",
+    "train.keep_last", "train.keep_every", "train.routing_interval", "train.routing_every", "train.resume",
+    "train.threads", "train.dist_timeout_min", "train.final_eval", "train.max_nonfinite", "train.zeroshot",
+    "train.profile", "train.alarm", "data.valid_path", "data.valid_tokens", "data.extra_valid", "data.cache_dir",
+    "data.num_workers", "data.tokenizer_files", "data.tokenizer_docs", "data.tokenizer_chars",
+    "data.tokenizer_split_paragraphs", "data.tokenizer_byte_fallback", "logger", "name", "print_config")
+# OWN_MESSAGE: options a resume already warns about or refuses on its own (said once, there): model.*
+# and data.vocab_size (refused), train.steps (warn_schedule_change), the optimiser's param-group
+# settings (optim.reapply_group_settings), train.init_from (ignored, said), data.tokenizer_path
+# (another tokenizer is refused).
+OWN_MESSAGE = ("model", "data.vocab_size", "train.steps", "optim.betas", "optim.eps", "optim.weight_decay",
+               "optim.groups", "train.init_from", "data.tokenizer_path")
+
+
+def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    """{dotted key: value} of the leaves of nested dicts (a list is a leaf)."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _schema_defaults() -> Dict[str, Any]:
+    """{dotted key: schema default} of every option of the data/optim/train/logger schemas and the
+    top-level ones (config.TrainConfigSchema; model.* is compared by `model_config_diff`)."""
+    from .config import TrainConfigSchema
+
+    def walk(cls: type, prefix: str) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            if f.default is not dataclasses.MISSING:
+                out[key] = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                value = f.default_factory()  # type: ignore[misc]
+                if dataclasses.is_dataclass(value):
+                    out.update(walk(type(value), key + "."))
+                else:
+                    out[key] = value
+        return out
+    return walk(TrainConfigSchema, "")
+
+
+def _under(key: str, prefixes: Tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _show(v: Any) -> str:
+    """A config value as it is written on the command line (null, true/false, 0.001, [0.5, 0.6])."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def resume_config_changes(stored: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
+    """One "[resume] <option>: the checkpoint's run used <old>, now <new>" line per option that
+    differs between the checkpoint's run config `stored` (its config.yaml) and this run's `now`
+    (`TrainConfig.raw`), both nested dicts, in key order; options in NO_TRAINING_EFFECT or
+    OWN_MESSAGE are left out. An option the checkpoint predates is a change only when set away
+    from its schema default (docs/architecture.md, "New options and old checkpoints")."""
+    old, new = _flatten(stored), _flatten(now)
+    defaults = _schema_defaults()
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if _under(key, NO_TRAINING_EFFECT) or _under(key, OWN_MESSAGE):
+            continue
+        if key not in old:
+            if key in defaults and new[key] == defaults[key]:
+                continue
+            lines.append(f"[resume] {key}: the checkpoint's run predates this option, now {_show(new[key])}")
+        elif key not in new:
+            lines.append(f"[resume] {key}: the checkpoint's run used {_show(old[key])}; not an option now")
+        elif old[key] != new[key]:
+            lines.append(f"[resume] {key}: the checkpoint's run used {_show(old[key])}, now {_show(new[key])}")
+    return lines
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
@@ -141,7 +241,9 @@ def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable
     Raises ValueError naming the option (or the checkpoint file) on any mismatch: a different
     model config or architecture than the checkpoint's (the changed model.* options first), a
     tokenizer that is not the run's, data.vocab_size against the tokenizer, optimiser state that
-    does not fit, train.steps below the checkpoint's step."""
+    does not fit, train.steps below the checkpoint's step. A resume sets the configured optimiser
+    hyperparameters on the restored param groups (`reapply_group_settings`) and says one line per
+    option changed since the checkpoint (`warn_schedule_change`, `resume_config_changes`)."""
     t_cfg, o_cfg, d_cfg = tc.train, tc.optim, tc.data
     device = dist.device
     # --- checkpoint to resume and the metrics history it rewinds (read only) ---------------
@@ -223,12 +325,18 @@ def validated_start(tc: TrainConfig, run_dir: str, dist: DistInfo, say: Callable
         configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         state.load_state_dict(resume["train"], source=resume["path"])
         reapply_group_settings(optimizer, configured, lambda msg: say(f"[optim] WARNING: {msg}"))
+        if state.step > t_cfg.steps:
+            raise ValueError(f"train.steps: {t_cfg.steps} but the checkpoint {resume['path']} is at step {state.step}")
         say(f"[ckpt] resumed from {resume['path']} at step {state.step}")
-        warn_schedule_change(tc, resume["path"], state.step, say)
+        stored = checkpoint_run_config(resume["path"])
+        warn_schedule_change(tc, stored, resume["path"], state.step, say)
+        if stored is None:
+            say(f"[resume] WARNING: {resume['path']} has no readable config.yaml: the options changed since that "
+                "checkpoint cannot be named")
+        for line in resume_config_changes(stored or {}, tc.raw) if stored is not None else []:
+            say(line)
     else:
         seed_all(t_cfg.seed + 1 + dist.rank)  # dropout streams differ per rank
-    if state.step > t_cfg.steps:
-        raise ValueError(f"train.steps: {t_cfg.steps} but the checkpoint {resume['path']} is at step {state.step}")
     return RunSetup(state=state, data=data, tokenizer=tok, n_params=n_params, autocast_dtype=autocast_dtype,
                     resumed=resume is not None, abandoned=list((resume or {}).get("abandoned", [])))
 
