@@ -5,7 +5,6 @@ References: an uninterrupted run whose optimiser hyperparameters are switched by
 resume step (bit-exact in fp32 on CPU), the closed-form LR schedule, the run dir's sha256 tree."""
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -140,7 +139,7 @@ def test_nothing_to_do_start_writes_nothing(cache_dir, tmp_path, caplog):
     res = run(cache_dir, tmp_path, "train.steps=4", "train.stop_at=2", "optim.lr=1e-3", run_files=other)
     assert res["step"] == 2 and res["losses"] == [] and res["checkpoint"] is None
     assert tree(tmp_path) == before
-    assert any(f"nothing to do: the run is at step 2" in r.getMessage() and "nothing written" in r.getMessage()
+    assert any("nothing to do: the run is at step 2" in r.getMessage() and "nothing written" in r.getMessage()
                for r in caplog.records)
     run(cache_dir, tmp_path, "train.steps=4", run_files=files)  # finishes the run
     before = tree(tmp_path)
