@@ -56,7 +56,8 @@ def git_state(root: Optional[Path] = None) -> Dict[str, Any]:
     except FileNotFoundError:
         return {"error": "git is not installed"}
     except subprocess.CalledProcessError as e:
-        return {"error": f"{root}: not a git checkout ({(e.stderr or '').strip().splitlines()[:1]})"}
+        first = (e.stderr or "").strip().splitlines()[:1]
+        return {"error": f"{root}: not a git checkout" + (f" ({first[0]})" if first else "")}
     return {"commit": commit, "dirty": bool(status), "status": status, "diff": diff}
 
 

@@ -173,7 +173,8 @@ class TrainState:
             return
         warnings.warn(f"train.resume: {source} was written by {len(ranks)} process(es), this run has {W}: "
                       f"the per-rank dropout streams cannot be restored (each rank is re-seeded from "
-                      f"train.seed, the step and its rank), so the losses differ from an uninterrupted run")
+                      f"train.seed, the step and its rank), so with dropout or expert dropout the losses "
+                      f"differ from an uninterrupted run")
         seed_all(self.seed + 1 + r + 1_000_003 * self.step)
         # Routing counts are only ever used summed over ranks: put the saved sum on rank 0.
         if self.routing is not None and all(s.get("routing") is not None for s in ranks):

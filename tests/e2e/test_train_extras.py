@@ -187,3 +187,10 @@ def test_failed_zeroshot_evaluation_warns_and_training_goes_on(cache_dir, tmp_pa
     assert res["status"] == "finished" and res["losses"] == plain["losses"] and not zs_records(tmp_path / "run")
     log = (tmp_path / "run" / "train.log").read_text()
     assert "train.zeroshot: step 2 not evaluated: lambada: no task data" in log and "step 4 not evaluated" in log
+
+
+def test_git_state_outside_a_checkout_says_why_in_plain_words(tmp_path):
+    """Not a git checkout: the reason is git's own first line, not a Python list."""
+    err = provenance.git_state(tmp_path)["error"]
+    assert err.startswith(f"{tmp_path}: not a git checkout (fatal: not a git repository")
+    assert "['" not in err
