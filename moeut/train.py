@@ -89,6 +89,7 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
             world_size = env_rank_info()[2]
             tc = to_typed(cfg, world_size)  # fails here, naming the key, on a bad value
             check_device_available(tc.train.device, "train.device")  # a GPU this machine lacks: before any work
+            check_out_dir(tc.data.cache_dir, "data.cache_dir")  # the token caches are written there
             ensure_prepared(tc, world_size, run_dir)  # DDP: no inline tokenising
         files = {".hydra/config.yaml": OmegaConf.to_yaml(cfg), **hydra_run_files()}
         try:

@@ -45,7 +45,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..cli import REQUIRED, bad_input_exits, option, typed_tool
+from ..cli import REQUIRED, bad_input_exits, check_device_available, check_out_dir, option, typed_tool
 from . import style, tables
 
 STEP_TIME_KEYS = ("perf/step_time", "train/step_time", "step_time")
