@@ -126,7 +126,9 @@ def main() -> None:
     """The command line (`moeut-train`, `python -m moeut.train`, the clone's train.py): the Hydra
     app `hydra_main` with `--resolve` added to a `--cfg` request (`with_resolve`). `--help` / `-h`
     prints the generated help (the `hydra/help` node's text) without Hydra, whose help would first
-    load every option of all ~85 config groups (about 10 s of CPU) for a template that does not show them."""
+    load every option of all ~85 config groups (about 10 s of CPU) for a template that does not show them.
+    A run dir that Hydra cannot create because a file is in the way is one line `<prog>: error:
+    hydra.run.dir: <file> is a file, not a directory`, exit status 1 (moeut.cli.check_out_dir)."""
     if any(a in ("--help", "-h") for a in sys.argv[1:]):
         from hydra.core.config_store import ConfigStore
         import string
@@ -139,10 +141,11 @@ def main() -> None:
     except (FileExistsError, NotADirectoryError) as err:
         if raised_in(err, "hydra_main"):  # the training's own: keeps its traceback
             raise
-        # Hydra's mkdir of the run dir (hydra.run.dir, or the default runs/<name>/<time>) met a file:
-        # one line naming the option and the file, before anything was written
+        # Hydra's mkdir of the run dir (hydra.run.dir, or the default runs/<name>/<time>; a multirun's
+        # hydra.sweep.dir) met a file: one line naming the option and the file, before anything was written
+        multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
         try:
-            check_out_dir(err.filename or "", "hydra.run.dir")
+            check_out_dir(err.filename or "", "hydra.sweep.dir" if multirun else "hydra.run.dir")
         except ValueError as bad:
             exit_bad_input(prog(), bad)
         raise
