@@ -247,10 +247,23 @@ def _train(args, cwd):
     (["hydra.run.dir={f}/run"], "hydra.run.dir: {f} is a file, not a directory"),
     (["train.device=cuda", "hydra.run.dir={a}/r1"], "train.device: cuda requested but CUDA is not available"),
     (["train.init_from={f}", "hydra.run.dir={a}/r2"], "train.init_from: {f} is a file, not a run or checkpoint directory"),
+    (["data.cache_dir={f}", "hydra.run.dir={a}/r3"], "data.cache_dir: {f} is a file, not a directory"),
 ])
 def test_train_refuses_before_any_work(area, args, message):
     f = str(area / "afile")
     before = snapshot(area)
     code, err = _train([x.format(f=f, a=area) for x in args], area)
     assert (code, err) == (1, ["train.py: error: " + message.format(f=f)])
+    assert snapshot(area) == before
+
+
+def test_prepare_data_refuses_a_cache_dir_that_is_a_file(area):
+    f = str(area / "afile")
+    before = snapshot(area)
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR",)}
+    env.update(PYTHONPATH=str(REPO), WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "moeut.prepare_data", "experiment=cpu_tiny", f"data.cache_dir={f}/c"],
+                       cwd=area, env=env, capture_output=True, text=True, timeout=300)
+    assert (r.returncode, [ln for ln in r.stderr.splitlines() if ln.strip()]) == \
+        (1, [f"moeut.prepare_data: error: data.cache_dir: {f} is a file, not a directory"])
     assert snapshot(area) == before
