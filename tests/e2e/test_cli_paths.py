@@ -267,3 +267,33 @@ def test_prepare_data_refuses_a_cache_dir_that_is_a_file(area):
     assert (r.returncode, [ln for ln in r.stderr.splitlines() if ln.strip()]) == \
         (1, [f"moeut.prepare_data: error: data.cache_dir: {f} is a file, not a directory"])
     assert snapshot(area) == before
+
+
+def test_default_output_dirs_under_the_run_dir(tmp_path, capsys, monkeypatch):
+    """The defaults out_dir = <run dir>/eval (moeut.evaluate) and <run dir>/analysis (routing, the
+    expert analyses) are checked too, once the checkpoint names the run dir: one line, before the
+    evaluation or analysis pass, nothing written."""
+    from moeut.checkpoint import save_checkpoint
+    from moeut.data.tokenizer import train_tokenizer
+    from moeut.registry import build_model, get_preset
+    words = "the cat sat on a mat and the dog ran over the old tree by a river".split()
+    tok = train_tokenizer([" ".join(words[i:] + words[:i]) for i in range(len(words))] * 4, vocab_size=60,
+                          hard_vocab_limit=False)
+    cfg = get_preset("tiny", vocab_size=tok.vocab_size)
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoints", 1, build_model(cfg), cfg, tokenizer=tok, meta={})
+    (run / "eval").write_text("a file where the results folder goes\n")
+    (run / "analysis").write_text("a file where the analysis folder goes\n")
+    lam = tmp_path / "lambada.jsonl"
+    lam.write_text('{"text": "the cat sat on a mat"}\n')
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    for module, app, argv, folder in [
+            ("moeut.evaluate", "moeut.evaluate", [f"checkpoint={run}", "tasks=[lambada]", f"paths.lambada={lam}",
+                                                  "device=cpu"], "eval"),
+            ("moeut.analysis.routing_command", "moeut.analysis routing", [f"checkpoint={run}", "device=cpu"],
+             "analysis"),
+            ("moeut.analysis.sources", "moeut.analysis sources", [f"checkpoint={run}", "device=cpu"], "analysis")]:
+        code, err = run_tool(module, argv, capsys, app)
+        assert (code, err) == (1, [f"{app}: error: out_dir: {run / folder} is a file, not a directory"]), app
+        assert snapshot(tmp_path) == before, app
