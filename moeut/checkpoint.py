@@ -182,17 +182,33 @@ def find_checkpoints(run_dir: PathLike) -> List[str]:
     return [p for _, p in sorted(found)]
 
 
+def _looks_like_checkpoint(path: str) -> bool:
+    """Whether directory `path` is one checkpoint: a `step_*` dir, or one holding model.pt,
+    meta.json or model_config.json."""
+    return bool(_STEP_RE.match(os.path.basename(os.path.normpath(path)))) or any(
+        os.path.exists(os.path.join(path, n)) for n in ("model_config.json", "meta.json", "model.pt"))
+
+
+def check_checkpoint_path(path: PathLike, option: str = "checkpoint") -> None:
+    """Check, reading nothing, that `path` can name a checkpoint: an existing run or checkpoint
+    directory, or a file inside a checkpoint. Raises ValueError `<option>: <path> is a file, not a
+    run or checkpoint directory` / FileNotFoundError `... <option>=<path> does not exist ...`."""
+    _candidates(os.fspath(path), option)
+
+
 def _candidates(path: str, option: str) -> Tuple[List[str], bool]:
     """(checkpoint dirs to try, newest first; whether the user named one exact checkpoint)."""
     if not path or path == "???":
         raise ValueError(f"{option}: required: a run dir or a checkpoints/step_XXXXXXX dir ({option}=<path>)")
     if os.path.isfile(path):  # a file of a checkpoint (model.pt, meta.json, ...): exactly that checkpoint
-        return [os.path.dirname(os.path.abspath(path))], True
+        parent = os.path.dirname(os.path.abspath(path))
+        if not _looks_like_checkpoint(parent):  # any other file: say so, naming the option and the path given
+            raise ValueError(f"{option}: {path} is a file, not a run or checkpoint directory")
+        return [parent], True
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no valid checkpoint: {option}={path} does not exist (give a run dir or a "
                                 f"checkpoints/step_XXXXXXX dir)")
-    if _STEP_RE.match(os.path.basename(os.path.normpath(path))) or any(
-            os.path.exists(os.path.join(path, n)) for n in ("model_config.json", "meta.json", "model.pt")):
+    if _looks_like_checkpoint(path):
         return [path], True
     return list(reversed(find_checkpoints(path))), False
 

@@ -19,7 +19,9 @@ Bad input (raised while composing, validating and checking inputs, before any wo
 `setup_tool_output(<tool>)`, called at every tool's entry point, makes warnings one line
 `<tool>: warning: <message>` and keeps third-party progress bars out of log files. One spelling
 per concept: precision `PRECISIONS` (fp32 | bf16 | fp16, plus `auto` where it means "pick by
-device"), device `auto | cpu | cuda | cuda:N` (`check_device`). No torch import.
+device"), device `auto | cpu | cuda | cuda:N` (`check_device`; `check_device_available` also refuses a GPU
+the machine lacks). Output paths are checked before any work (`check_out_dir`, `check_out_file`:
+`<option>: <path> is a file, not a directory`). No torch import at module level.
 """
 from __future__ import annotations
 
@@ -305,6 +307,63 @@ def check_device(value: Any, name: str = "device") -> str:
     if not isinstance(value, str) or not _DEVICE.fullmatch(value):
         raise ValueError(f"{name}: must be auto | cpu | cuda | cuda:N, got {value!r}")
     return value
+
+
+def check_device_available(value: Any, name: str = "device") -> str:
+    """`value` (`check_device`'s spelling) if this machine can run on it; raises ValueError
+    `<name>: <value> requested but CUDA is not available` for cuda / cuda:N without a GPU, and
+    `<name>: cuda:N requested but this machine has K CUDA device(s)` for an index it lacks. The one
+    device check of every tool that takes a device, run before any work (imports torch)."""
+    check_device(value, name)
+    if not value.startswith("cuda"):
+        return value
+    import torch
+    if not torch.cuda.is_available():
+        raise ValueError(f"{name}: {value} requested but CUDA is not available")
+    if ":" in value and int(value.split(":")[1]) >= torch.cuda.device_count():
+        raise ValueError(f"{name}: {value} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return value
+
+
+def _blocking_file(path: str) -> Optional[str]:
+    """The first existing path among `path` and its parents that is not a directory (what makes
+    creating `path` as a directory fail), or None."""
+    p = Path(os.path.abspath(os.path.expanduser(path)))
+    for q in (p, *p.parents):
+        if q.exists() or q.is_symlink():
+            return None if q.is_dir() else str(q)
+    return None
+
+
+def check_out_dir(path: Any, name: str) -> Any:
+    """`path` if it can be an output directory (an existing directory, or creatable: its first
+    existing ancestor is a directory); None passes. Raises ValueError `<name>: <path> is a file, not
+    a directory` (the blocking path as named: `path` itself or the parent that is a file), so that a
+    tool refuses before any work rather than failing when it writes. No writes."""
+    if path is None or path == "":
+        return path
+    blocking = _blocking_file(str(path))
+    if blocking is not None:
+        shown = str(path) if os.path.abspath(os.path.expanduser(str(path))) == blocking else blocking
+        raise ValueError(f"{name}: {shown} is a file, not a directory")
+    return path
+
+
+def check_out_file(path: Any, name: str, prefix: bool = False) -> Any:
+    """`path` if a file can be written there: its parent directory exists or can be created
+    (`check_out_dir`); a plain output file (`prefix=False`) must not be an existing directory.
+    With `prefix=True` `path` is a name prefix (OUT.png, OUT_x.md): only its parent is checked.
+    None passes. Raises ValueError naming `name` and the path (`... is a file, not a directory` /
+    `... is a directory, not a file`). No writes."""
+    if path is None or path == "":
+        return path
+    full = os.path.abspath(os.path.expanduser(str(path)))
+    if not prefix and os.path.isdir(full):
+        raise ValueError(f"{name}: {path} is a directory, not a file")
+    blocking = _blocking_file(os.path.dirname(full))
+    if blocking is not None:
+        raise ValueError(f"{name}: {blocking} is a file, not a directory")
+    return path
 
 
 def type_label(tp: Any) -> str:

@@ -22,7 +22,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from .cli import DEVICE_HELP, PRECISIONS, REQUIRED, check_device, option, typed_tool
+from .checkpoint import check_checkpoint_path
+from .cli import DEVICE_HELP, PRECISIONS, REQUIRED, check_device_available, check_out_dir, option, typed_tool
 from .eval.tasks import resolve_tasks
 from .eval.tasks.base import EvalOptions
 from .eval.zeroshot import evaluate_checkpoint
@@ -80,10 +81,12 @@ class EvaluateOptions:
 
 
 def check(o: EvaluateOptions) -> None:
-    """The checks of `o` beyond ranges and choices, before any work: the device's spelling, the
-    task names, the data_dir and checkpoint paths exist. Raises ValueError / FileNotFoundError
+    """The checks of `o` beyond ranges and choices, before any work: the device (spelling, and a GPU
+    when it names cuda), out_dir can be a directory, the task names, the data_dir and checkpoint
+    paths exist (a checkpoint file only inside a checkpoint). Raises ValueError / FileNotFoundError
     naming the option."""
-    check_device(o.device, "device")
+    check_device_available(o.device, "device")
+    check_out_dir(o.out_dir, "out_dir")
     if o.data_dir and o.source != "hf" and not os.path.isdir(o.data_dir):
         raise FileNotFoundError(f"data_dir={o.data_dir}: no such directory (it should hold the task "
                                 "folders lambada/, blimp/, piqa/, ...; see docs/evaluation.md)")
@@ -91,6 +94,7 @@ def check(o: EvaluateOptions) -> None:
     if not os.path.exists(o.checkpoint):
         raise FileNotFoundError(f"checkpoint={o.checkpoint}: no such file or directory "
                                 "(no valid checkpoint found; pass a run dir or a checkpoints/step_XXXXXXX dir)")
+    check_checkpoint_path(o.checkpoint, "checkpoint")  # a file that is not inside a checkpoint
 
 
 def run(o: EvaluateOptions) -> Dict[str, Any]:

@@ -19,7 +19,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .cli import CONF_DIR, bad_input_exits, check_options, help_node, one_line_hydra_errors, option
+from .cli import CONF_DIR, bad_input_exits, check_options, check_out_dir, help_node, one_line_hydra_errors, option
 from .data.pipeline import check_prepared, prepare_run_data_caches
 from .data.sources import DataError
 from .data.tokenizer import TokenizerTrainingError
@@ -90,10 +90,11 @@ def available_cores() -> int:
 def validated_options(cfg: DictConfig):
     """The `prepare` options and the typed training config (config.to_typed) of a composed
     prepare_data config, as (PrepareOptions, TrainConfig). Raises ValueError naming the key for a
-    bad value (e.g. `prepare.workers: must be >= 0`)."""
+    bad value (e.g. `prepare.workers: must be >= 0`) or a data.cache_dir that a file blocks."""
     opts = OmegaConf.to_object(cfg.prepare)
     check_options(opts, "prepare")
     tc = to_typed(cfg)  # train.py's validation (the extra `prepare` node is ignored there)
+    check_out_dir(tc.data.cache_dir, "data.cache_dir")
     return opts, tc
 
 

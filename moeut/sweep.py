@@ -585,6 +585,8 @@ def run(o: SweepOptions) -> int:
     sweep = load_sweep(resolve_sweep_path(o.sweep, sweeps_dir))
     for line in replaced_by_set(sweep, extra):
         print(f"{line} of {sweep.path}", flush=True)
+    from .cli import check_out_dir
+    check_out_dir(root, "root")  # the sweep dirs go under it: a file there is refused before any job
     if o.action == "dry-run":
         jobs = compose_jobs(sweep, root, o.local, o.launcher, extra)
         _print_jobs(sweep, jobs)

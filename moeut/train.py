@@ -37,7 +37,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .cli import CONF_DIR, INPUT_ERRORS, bad_input_exits, exit_bad_input, raised_in, setup_tool_output, one_line_hydra_errors
+from .cli import (CONF_DIR, INPUT_ERRORS, bad_input_exits, check_device_available, check_out_dir, exit_bad_input,
+                  raised_in, setup_tool_output, one_line_hydra_errors)
 from .data.pipeline import ensure_prepared
 from .train_lib.config import register_configs, to_typed
 from .train_lib.distributed import env_rank_info
@@ -87,6 +88,8 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
         with bad_input_exits(prog()):
             world_size = env_rank_info()[2]
             tc = to_typed(cfg, world_size)  # fails here, naming the key, on a bad value
+            check_device_available(tc.train.device, "train.device")  # a GPU this machine lacks: before any work
+            check_out_dir(tc.data.cache_dir, "data.cache_dir")  # the token caches are written there
             ensure_prepared(tc, world_size, run_dir)  # DDP: no inline tokenising
         files = {".hydra/config.yaml": OmegaConf.to_yaml(cfg), **hydra_run_files()}
         try:
@@ -123,7 +126,9 @@ def main() -> None:
     """The command line (`moeut-train`, `python -m moeut.train`, the clone's train.py): the Hydra
     app `hydra_main` with `--resolve` added to a `--cfg` request (`with_resolve`). `--help` / `-h`
     prints the generated help (the `hydra/help` node's text) without Hydra, whose help would first
-    load every option of all ~85 config groups (about 10 s of CPU) for a template that does not show them."""
+    load every option of all ~85 config groups (about 10 s of CPU) for a template that does not show them.
+    A run dir that Hydra cannot create because a file is in the way is one line `<prog>: error:
+    hydra.run.dir: <file> is a file, not a directory`, exit status 1 (moeut.cli.check_out_dir)."""
     if any(a in ("--help", "-h") for a in sys.argv[1:]):
         from hydra.core.config_store import ConfigStore
         import string
@@ -131,7 +136,19 @@ def main() -> None:
         print(string.Template(template).substitute())  # "$$" -> "$", as Hydra's help does
         return
     sys.argv = with_resolve(sys.argv)
-    hydra_main()
+    try:
+        hydra_main()
+    except (FileExistsError, NotADirectoryError) as err:
+        if raised_in(err, "hydra_main"):  # the training's own: keeps its traceback
+            raise
+        # Hydra's mkdir of the run dir (hydra.run.dir, or the default runs/<name>/<time>; a multirun's
+        # hydra.sweep.dir) met a file: one line naming the option and the file, before anything was written
+        multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
+        try:
+            check_out_dir(err.filename or "", "hydra.sweep.dir" if multirun else "hydra.run.dir")
+        except ValueError as bad:
+            exit_bad_input(prog(), bad)
+        raise
 
 
 if __name__ == "__main__":

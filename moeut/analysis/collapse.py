@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from moeut.cli import option, typed_tool
+from moeut.cli import check_out_dir, option, typed_tool
 
 from .collapse_probes import GATE_PARAMS, GateProbe, cosine, gate_params, probe_gates, split_gradients
 
@@ -363,6 +363,7 @@ def work(o: CollapseOptions) -> Dict[str, Any]:
     out = Path(o.out)
     if o.runs:
         with bad_input_exits(APP):  # bad input: one line, exit 1, nothing written
+            check_out_dir(o.out, "out")
             for r in o.runs:
                 if not Path(r).is_file():
                     raise FileNotFoundError(f"runs: {r}: no such file")
@@ -397,6 +398,7 @@ def work(o: CollapseOptions) -> Dict[str, Any]:
         return result
     overrides = [f"experiment={o.experiment}", f"optim.lr={o.lr}", f"train.seed={o.seed}", *o.overrides]
     with bad_input_exits(APP):
+        check_out_dir(o.out, "out")
         if o.compare and not Path(o.compare).is_file():
             raise FileNotFoundError(f"compare={o.compare}: no such file")
         tc = compose_train_config(overrides)

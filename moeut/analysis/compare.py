@@ -45,7 +45,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..cli import REQUIRED, bad_input_exits, option, typed_tool
+from ..cli import REQUIRED, bad_input_exits, check_device_available, check_out_dir, option, typed_tool
 from . import style, tables
 
 STEP_TIME_KEYS = ("perf/step_time", "train/step_time", "step_time")
@@ -493,6 +493,9 @@ def work(opts: CompareOptions) -> Dict[str, Any]:
         measure = {"batch_size": opts.batch_size, "device": opts.device, "dtype": opts.dtype,
                    "n_warmup": opts.warmup, "n_iters": opts.iters}
     with bad_input_exits("moeut.analysis compare"):
+        check_out_dir(opts.out, "out")
+        if opts.measure:  # a GPU this machine lacks: one line, before any run is read
+            check_device_available(opts.device, "device")
         res = compare(expand_runs(opts.runs), opts.out, seq_len=opts.seq_len, param_tol=opts.param_tol,
                       metric=opts.metric, val_key=opts.val_key, mac_budget=opts.mac_budget,
                       time_budget=opts.time_budget, plot=opts.plot, measure=measure)

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from ..cli import bad_input_exits, option, typed_tool
+from ..cli import bad_input_exits, check_out_file, option, typed_tool
 from ..rundir import RunDir, val_ppl_curve
 from . import style, tables
 
@@ -377,8 +377,9 @@ def splice(doc: str, text: str, when: str) -> None:
 class CpuResultOptions:
     """Options of `python -m moeut.analysis cpu-result`."""
     root: str = option("outputs/sweeps/cpu_result", help="the sweep directory: one job dir (experiment=...,...) per run")
-    out: str = option("docs/figures/cpu_result", help="figure path prefix: OUT_budget.png, OUT_stall.png and "
-                      "OUT_runs.png")
+    out: Optional[str] = option(None, help="figure path prefix: OUT_budget.png, OUT_stall.png and OUT_runs.png; "
+                                "null = <root>/figures/cpu_result (docs/figures/ is regenerated only when named: "
+                                "out=docs/figures/cpu_result)")
     doc: Optional[str] = option(None, help="also replace the block between <!-- report:start --> and "
                                 "<!-- report:end --> in this markdown file (docs/results.md) with the tables; "
                                 "null = print only")
@@ -391,7 +392,11 @@ def work(opts: CpuResultOptions) -> str:
     with bad_input_exits("moeut.analysis cpu-result"):
         if opts.doc is not None and not os.path.isfile(opts.doc):
             raise FileNotFoundError(f"doc: {opts.doc} is not a file")
-        text = report(opts.root, opts.out)
+        if not os.path.isdir(opts.root):
+            raise FileNotFoundError(f"root: {opts.root} is not a directory")
+        out = opts.out if opts.out else os.path.join(opts.root, "figures", "cpu_result")
+        check_out_file(out, "out", prefix=True)
+        text = report(opts.root, out)
         print(text)
         if opts.doc is not None:
             splice(opts.doc, text, datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))

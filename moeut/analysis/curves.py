@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..cli import REQUIRED, bad_input_exits, option, path_list_option, typed_tool
+from ..cli import REQUIRED, bad_input_exits, check_out_file, option, path_list_option, typed_tool
 from ..rundir import VAL_PPL_KEY, RunDir, read_metrics as _read_run_metrics
 from . import style
 
@@ -198,6 +198,7 @@ def work(opts: CurvesOptions) -> List[str]:
     """The command's work: draw the figure and print where it went; returns the written paths.
     Bad input is one line naming the option or run, exit status 1."""
     with bad_input_exits("moeut.analysis curves"):
+        check_out_file(opts.out, "out", prefix=True)
         runs = path_list_option(opts.runs, "runs", "runs=[RUN_DIR,...]", keep=os.path.isdir, kept="run dirs")
         paths = plot_curves(runs, opts.out, labels=opts.labels or None, val_keys=opts.val_keys,
                             val_names=opts.val_names, title=opts.title, smooth_k=opts.smooth)

@@ -19,12 +19,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..cli import option
+from ..cli import check_device_available, check_out_dir, option
 from ..paths import data_dir
 
 from .collect import resolve_seq_len, validation_windows
 
-DEVICE_RE = r"^(auto|cpu|cuda|cuda:\d+)$"
 
 
 def default_sources() -> List[str]:
@@ -79,13 +78,9 @@ class EvalOptions:
 def resolve_device(device: str) -> torch.device:
     """torch.device of `device` (auto = cuda when available, else cpu). Raises ValueError naming
     `device` for another spelling or a CUDA device this machine lacks."""
-    import re
-    if not re.match(DEVICE_RE, device):
-        raise ValueError(f"device: must be auto | cpu | cuda | cuda:N, got {device!r}")
+    check_device_available(device, "device")  # the one check of every tool (moeut.cli)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: {device} requested but CUDA is not available")
     return torch.device(device)
 
 
@@ -131,6 +126,7 @@ def open_evalset(opts: EvalOptions, checkpoint: Optional[str] = None) -> EvalSet
     from ..rundir import run_dir_of
 
     dev = resolve_device(opts.device)
+    check_out_dir(opts.out_dir, "out_dir")
     if not opts.formats:
         raise ValueError("formats: empty, so no figure would be written; e.g. formats=[png]")
     srcs = parse_sources(opts.sources or default_sources())
@@ -139,6 +135,7 @@ def open_evalset(opts: EvalOptions, checkpoint: Optional[str] = None) -> EvalSet
     if loaded.tokenizer is None:
         raise ValueError(f"checkpoint: {loaded.path} has no tokenizer.model")
     run_dir = run_dir_of(loaded.path)
+    check_out_dir(opts.out_dir or os.path.join(run_dir, "analysis"), "out_dir")  # the default too
     T = resolve_seq_len(opts.seq_len, run_dir, loaded.path)
     windows: Dict[str, np.ndarray] = {}
     for name, path in srcs:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from moeut.cli import option, typed_tool
+from moeut.cli import check_out_file, option, typed_tool
 
 PAPER, OPTIONS, DENSE = "cpu_result_moeut", "cpu_result_moeut_options", "cpu_result_dense_params"
 LABELS = {PAPER: "MoEUT (paper)", OPTIONS: "MoEUT + best options", DENSE: "dense (param-matched)"}
@@ -385,6 +385,7 @@ def work(o: LrSweepOptions) -> Dict[str, Any]:
     from moeut import sweep as sw
     from moeut.cli import bad_input_exits
     with bad_input_exits(APP):  # bad input: one line, exit 1, nothing written
+        check_out_file(o.out, "out", prefix=True)
         if o.dir is None and not o.early:
             raise ValueError("dir: required (the sweep dir), unless early=[...] names runs to tabulate")
         bad = [s for s in o.early_steps if s % 10]

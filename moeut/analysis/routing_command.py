@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from ..cli import REQUIRED, check_options, option, typed_tool
+from ..cli import REQUIRED, check_device_available, check_options, check_out_dir, option, typed_tool
 from ..rundir import RunDir, run_dir_of
 from . import stats as A
 from .collect import (DEFAULT_DATA, STATS_FILE, collect, find_run_config, model_dims, resolve_seq_len, save_stats,
@@ -94,9 +93,8 @@ class AnalysisInputs:
 
 def resolve_device(device: str) -> str:
     """`auto` -> cuda when available, else cpu; cpu, cuda and cuda:N as given. Raises ValueError
-    naming `device` for any other spelling."""
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise ValueError(f"device: must be auto | cpu | cuda | cuda:N, got {device!r}")
+    naming `device` for any other spelling or a GPU this machine lacks (moeut.cli.check_device_available)."""
+    check_device_available(device, "device")
     if device == "auto":
         import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,7 +103,8 @@ def resolve_device(device: str) -> str:
 
 def check_inputs(cfg: RoutingOptions) -> AnalysisInputs:
     """Every check of the options and inputs of `run_analysis`, before any work or write: option
-    ranges and choices (named), the checkpoint (loaded), the tokenizer, the validation text and
+    ranges and choices (named), the device (a GPU when it names cuda), out_dir can be a directory,
+    the notebooks exist (execute_notebooks=true), the checkpoint (loaded), the tokenizer, the validation text and
     that it holds one window of seq_len + 1 tokens. Raises ValueError / FileNotFoundError (or the
     package's named subclasses: CheckpointError, CorruptRunFile, DataError) naming the option,
     file or line."""
@@ -116,6 +115,10 @@ def check_inputs(cfg: RoutingOptions) -> AnalysisInputs:
     resolve_device(cfg.device)
     if not os.path.exists(cfg.checkpoint):
         raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: no such file or directory")
+    check_out_dir(cfg.out_dir, "out_dir")
+    if cfg.execute_notebooks:  # from an installed wheel: refused here, before anything is drawn
+        from .notebooks import notebook_sources
+        notebook_sources()
     if not cfg.figures.formats:
         raise ValueError("figures.formats: empty, so no figure (and no report) would be written; "
                          "e.g. figures.formats=[png]")
@@ -129,6 +132,7 @@ def check_inputs(cfg: RoutingOptions) -> AnalysisInputs:
         ckpt = loaded.path
     run_dir = run_dir_of(ckpt)
     out_dir = os.path.abspath(cfg.out_dir) if cfg.out_dir else os.path.join(run_dir, "analysis")
+    check_out_dir(out_dir, "out_dir")  # the default <run dir>/analysis too
     inp = AnalysisInputs(ckpt=ckpt, run_dir=run_dir, out_dir=out_dir, stats_path=os.path.join(out_dir, STATS_FILE),
                          run=cfg.run_name or os.path.basename(run_dir))
     if cfg.reuse_stats and os.path.isfile(inp.stats_path):

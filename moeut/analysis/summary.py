@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from .. import results_files, rundir
-from ..cli import REQUIRED, bad_input_exits, option, typed_tool
+from ..cli import REQUIRED, bad_input_exits, check_out_dir, option, typed_tool
 from . import style, tables
 
 # columns shown first in the table, in this order; every other gathered key follows, sorted
@@ -416,6 +416,7 @@ def work(opts: SummaryOptions) -> Dict[str, Any]:
     `write_summary`'s result. A missing dir, a dir without runs or a damaged run-dir file is one
     line naming it, exit status 1."""
     with bad_input_exits("moeut.analysis summary"):
+        check_out_dir(opts.out, "out")
         res = write_summary(opts.dir, opts.out, opts.metric, plots=opts.plots)
     print(res["markdown"], end="")
     print(f"\n{len(res['rows'])} run(s); wrote " + ", ".join(str(p) for p in res["files"].values()))

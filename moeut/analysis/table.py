@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..cli import REQUIRED, bad_input_exits, option, typed_tool
+from ..cli import REQUIRED, bad_input_exits, check_out_file, option, typed_tool
 from ..rundir import RunDir, read_json
 from . import tables
 
@@ -243,6 +243,7 @@ def work(opts: TableOptions) -> str:
     """The command's work: print (and with `out`, write) the table of `opts.results`; returns
     the printed text. Raises ValueError/FileNotFoundError (one line, exit 1)."""
     with bad_input_exits("moeut.analysis table"):
+        check_out_file(opts.out, "out", prefix=True)
         text = combine(expand_results(opts.results), opts.out)
     print(text, end="")
     return text

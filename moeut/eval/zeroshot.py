@@ -163,7 +163,9 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
     (all its evaluations in the output dir, merged per task: moeut.rundir's rule); returns the
     results dict, plus "files" (the paths written), "merged" (the merged results the table shows)
     and "data_line" (`data_line`).
-    Task data are loaded before the model: NoTaskData when no task has any (nothing written)."""
+    Task data are loaded before the model: NoTaskData when no task has any (nothing written); an
+    output dir (`out_dir`, default <run dir>/eval) that a file blocks is a ValueError naming out_dir
+    before the evaluation."""
     from ..checkpoint import load_model, resolve_checkpoint
     from ..compute import total_params
     from ..data.tokenizer import Tokenizer
@@ -191,6 +193,8 @@ def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str] = DEFAULT_TASKS,
     # The run dir's files are read before the evaluation: a damaged one is an error (naming
     # file:line) that costs no evaluation work.
     run_dir = run_dir_of(ckpt_dir)
+    from ..cli import check_out_dir
+    check_out_dir(out_dir or os.path.join(run_dir, EVAL_DIR), "out_dir")  # the default <run dir>/eval too
     step = loaded.meta.get("step")
     dataset = dataset or dataset_name_of(ckpt_dir)
     val_perplexity = read_val_perplexity(run_dir, step)

@@ -25,7 +25,8 @@ from typing import Optional
 
 import torch
 
-from ..cli import PRECISIONS, REQUIRED, option, typed_tool
+from ..checkpoint import check_checkpoint_path
+from ..cli import PRECISIONS, REQUIRED, check_out_dir, option, typed_tool
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -96,10 +97,14 @@ class HFExportOptions:
 
 
 def check_checkpoint(opts: HFExportOptions) -> None:
-    """Raise FileNotFoundError `checkpoint=...` when the checkpoint path does not exist."""
+    """The checks before any work: raises FileNotFoundError `checkpoint=...` when the checkpoint
+    path does not exist, ValueError `checkpoint: <path> is a file, not a run or checkpoint
+    directory` for a file outside a checkpoint, ValueError `out: <path> is a file, not a directory`."""
     if not os.path.exists(opts.checkpoint):
         raise FileNotFoundError(f"checkpoint={opts.checkpoint}: no such file or directory "
                                 "(pass a run dir or a checkpoints/step_XXXXXXX dir)")
+    check_checkpoint_path(opts.checkpoint, "checkpoint")
+    check_out_dir(opts.out, "out")
 
 
 def run(opts: HFExportOptions) -> str:

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..cli import bad_input_exits, option, typed_tool
+from ..cli import bad_input_exits, check_out_file, option, typed_tool
 
 # The shapes of the golden files (shared/golden/README.md; official constructor arguments).
 GOLDEN_CONFIGS = {
@@ -344,9 +344,11 @@ def preset_names(value: Any) -> List[str]:
 
 def check(a: FootprintOptions) -> List[str]:
     """The cross-option checks the schema cannot express; returns the preset names. Raises
-    ValueError naming `preset` (see preset_names) or `steps` (an empty list)."""
+    ValueError naming `preset` (see preset_names), `steps` (an empty list) or `json` (a directory,
+    or under a file)."""
     if not a.steps:
         raise ValueError(f"steps: expected a non-empty list of {list(STEPS)}, got []")
+    check_out_file(a.json, "json")
     return preset_names(a.preset)
 
 

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from ..cli import bad_input_exits, option, typed_tool
+from ..cli import bad_input_exits, check_device_available, option, typed_tool
 from .footprint import DTYPES, model_config
 
 
@@ -116,10 +116,11 @@ def check(a: WarmupOptions) -> None:
     dev = a.device
     if not re.fullmatch(r"cpu|cuda(:\d+)?", dev):
         raise ValueError(f"device: expected cuda, cuda:N or cpu, got {dev!r}")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={dev}: torch sees no CUDA GPU, so there is nothing to compile or autotune (the "
-                         f"Triton kernels run on GPUs only); device=cpu runs a dry run of the PyTorch "
-                         f"implementation, which compiles nothing")
+    try:
+        check_device_available(dev, "device")  # the one device check of every tool (moeut.cli)
+    except ValueError as e:
+        raise ValueError(f"{e}: nothing to compile or autotune (the Triton kernels run on GPUs only); "
+                         f"device=cpu runs a dry run of the PyTorch implementation, which compiles nothing") from None
 
 
 def run(a: WarmupOptions) -> dict:

@@ -71,13 +71,13 @@ def env_rank_info() -> tuple:
 def pick_device(spec: str, local_rank: int) -> torch.device:
     """train.device -> a torch device: "auto" is CUDA when available, else CPU; a bare "cuda" is
     the GPU of this node-local rank (and made current). Raises ValueError naming train.device
-    when CUDA is asked for but not available."""
+    when CUDA is asked for but not available (moeut.cli.check_device_available)."""
+    from ..cli import check_device_available
+    check_device_available(spec, "train.device")
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(spec)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("train.device: CUDA requested but not available")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)

@@ -209,7 +209,7 @@ def test_kernels_warmup_without_gpu(tmp_path):
     r = _run(["-m", "moeut.tools.warmup"], tmp_path, TRITON_CACHE_DIR=str(tmp_path / "triton"))
     assert r.returncode == 1 and r.stdout == ""
     assert _lines(r.stderr) == [
-        "moeut.tools.warmup: error: device=cuda: torch sees no CUDA GPU, so there is nothing to "
+        "moeut.tools.warmup: error: device: cuda requested but CUDA is not available: nothing to "
         "compile or autotune (the Triton kernels run on GPUs only); device=cpu runs a dry run of the PyTorch "
         "implementation, which compiles nothing"]
     assert list(tmp_path.iterdir()) == []
