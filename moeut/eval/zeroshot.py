@@ -8,7 +8,6 @@ paper-layout table of every evaluation of that checkpoint merged per task
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
