@@ -9,28 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from moeut.train_lib import loop
-from moeut.train_lib.config import to_typed
 from moeut.train_lib.loop import train
 from moeut.train_lib.schedule import lr_at
 from moeut.train_lib.start import resume_config_changes
+from test_train import tiny_cfg
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
-
-
-def tiny_cfg(cache_dir, *overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=cpu_tiny", "name=test", "print_config=false",
-                                           f"data.cache_dir={cache_dir}", "train.log_interval=1",
-                                           "logger.progress=none", "train.threads=1", *overrides])
-    return to_typed(cfg)
 
 
 def run(cache_dir, run_dir, *overrides, run_files=None):
